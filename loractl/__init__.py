@@ -1,0 +1,44 @@
+"""loractl: LoRA adapters as versioned artifacts.
+
+The public API is imported lazily so that `loractl --help` and header-only commands
+never pay for `import torch` (1.7 s) when they do not touch tensor data.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Adapter": "adapter",
+    "AdapterMeta": "adapter",
+    "LoraModule": "adapter",
+    "scale_from_alpha": "adapter_math",
+    "LoractlError": "errors",
+    "Checkpoint": "checkpoint",
+    "load_adapter": "formats",
+    "save_adapter": "formats",
+    "detect_format": "formats",
+    "describe_adapter": "formats",
+    "inspect_adapter": "inspection",
+    "validate_adapter": "validation",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, AdapterMeta, LoraModule
+    from .adapter_math import scale_from_alpha
+    from .checkpoint import Checkpoint
+    from .errors import LoractlError
+    from .formats import describe_adapter, detect_format, load_adapter, save_adapter
+    from .inspection import inspect_adapter
+    from .validation import validate_adapter
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'loractl' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,5 @@
+"""`python -m loractl`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Model checkpoints: one safetensors file or a sharded set with an index, read lazily.
+
+Names, dtypes and shapes come from the headers alone; tensor data is fetched one tensor
+at a time, so nothing here ever holds a whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from .errors import FormatError, InputNotFoundError
+from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class Checkpoint:
+    """A read-only view of a checkpoint; use as a context manager to close file handles."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.headers: dict[Path, SafetensorsHeader] = {}
+        self._where: dict[str, Path] = {}
+        self._files: dict[Path, BinaryIO] = {}
+        for shard in _shard_files(self.path):
+            header = read_header(shard)
+            self.headers[shard] = header
+            for name in header.tensors:
+                if name in self._where:
+                    raise FormatError(f"tensor {name!r} appears in two shards", path=shard)
+                self._where[name] = shard
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self._where[name]].tensors[name]
+
+    def shard_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a fresh copy, never a view of the file)."""
+        from .tensor_bytes import read_tensor
+
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        return read_tensor(self._file(shard), header.data_start + info.offsets[0], info.dtype, info.shape)
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        f = self._file(shard)
+        f.seek(header.data_start + info.offsets[0])
+        return f.read(info.nbytes)
+
+    def fingerprint(self, names: list[str]) -> str:
+        """sha256 over the named tensors (name, dtype, shape, bytes) in sorted order."""
+        h = hashlib.sha256()
+        for name in sorted(names):
+            info = self.info(name)
+            h.update(f"{name}:{info.dtype}:{list(info.shape)}:".encode())
+            h.update(self.raw_bytes(name))
+        return "sha256:" + h.hexdigest()
+
+    def other_files(self) -> list[Path]:
+        """Non-weight files beside the weights (config, tokenizer, ...), for copying along."""
+        if not self.path.is_dir():
+            return []
+        weights = set(self.headers) | {self.path / INDEX_NAME}
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
+
+    def _file(self, shard: Path) -> BinaryIO:
+        if shard not in self._files:
+            self._files[shard] = shard.open("rb")
+        return self._files[shard]
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise InputNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        return [path]
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _shards_from_index(index)
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates
+    raise FormatError(
+        f"no {SINGLE_NAME} or {INDEX_NAME} in the directory",
+        path=path,
+        hint="point at a safetensors checkpoint (loractl never unpickles .bin checkpoints)",
+    )
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"malformed index ({e.__class__.__name__}: {str(e)[:60]})", path=index) from None
+    out = []
+    for name in shards:
+        shard = (index.parent / name).resolve()
+        if not shard.is_relative_to(index.parent.resolve()):
+            raise FormatError(f"shard {name!r} points outside the checkpoint directory", path=index)
+        if not shard.is_file():
+            raise FormatError(f"shard {name!r} listed in the index is missing", path=index)
+        out.append(index.parent / name)
+    return out

@@ -1,0 +1,74 @@
+"""The `loractl` command line: a lazy click group and the one place errors are rendered.
+
+Command modules are imported only when their command runs (or `--help` lists them), and
+none imports torch at module level, so `loractl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from .. import __version__
+
+# command name → module under loractl.cli exposing `command`
+COMMANDS = {
+    "inspect": "inspect_cmd",
+    "validate": "validate_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f".{COMMANDS[name]}", __name__)
+        return module.command  # type: ignore[no-any-return]
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loractl")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (or set LORACTL_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """loractl: LoRA adapters as versioned artifacts.
+
+    \b
+    Examples:
+      loractl inspect fixtures/adapters/tiny-qv
+      loractl validate fixtures/adapters/* --format github
+    """
+    ctx.obj = {"debug": debug or os.environ.get("LORACTL_DEBUG") == "1"}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the CLI and turn `LoractlError`s into `error:`/`hint:` lines."""
+    from ..errors import LoractlError
+
+    try:
+        return cli.main(args=argv, prog_name="loractl", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except LoractlError as e:
+        if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)

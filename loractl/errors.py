@@ -1,0 +1,63 @@
+"""One error hierarchy: every failure a user can cause is a `LoractlError`.
+
+Each error carries a message (what and where), an optional hint (what next) and the
+exit code the CLI uses. Anything else that escapes is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LoractlError(Exception):
+    """Base class; `exit_code` 1 = failed operation, 2 = usage error."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, path: str | Path | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class UsageError(LoractlError):
+    """The command line or arguments are inconsistent."""
+
+    exit_code = 2
+
+
+class InputNotFoundError(UsageError):
+    """A path given on the command line does not exist."""
+
+
+class OutputExistsError(UsageError):
+    """The output path exists and `--force` was not given."""
+
+
+class FormatError(LoractlError):
+    """A file is unreadable, truncated, or not in the format it claims."""
+
+
+class UnknownFormatError(FormatError):
+    """No registered format recognises the file."""
+
+
+class PickleRefusedError(FormatError):
+    """A pickle file was found and `--allow-pickle` was not given."""
+
+
+class AdapterError(LoractlError):
+    """The adapter's tensors or config are inconsistent (A without B, rank mismatch, ...)."""
+
+
+class ShapeMismatchError(LoractlError):
+    """An adapter does not fit the base checkpoint it is applied to."""
+
+
+class IntegrityError(LoractlError):
+    """A recorded hash does not match the data."""
+
+
+class NumericError(LoractlError):
+    """NaN or Inf where finite numbers are required."""

@@ -1,0 +1,71 @@
+"""The format registry: each format module offers `detect`, `describe`, `read` and `write`.
+
+Adding a format is one module and one line in `FORMATS`; detection tries them in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from ..errors import InputNotFoundError, UnknownFormatError, UsageError
+from ..info import AdapterInfo
+from ..safetensors_header import is_safetensors, read_header
+from . import peft
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+
+FORMATS: dict[str, ModuleType] = {"peft": peft}
+
+
+def detect_format(path: str | Path) -> str:
+    """The name of the first format that recognises `path`; `UnknownFormatError` with sample keys otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    for name, module in FORMATS.items():
+        if module.detect(path):
+            return name
+    raise UnknownFormatError(_unknown_message(path), path=path, hint=f"known formats: {', '.join(FORMATS)}")
+
+
+def describe_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> AdapterInfo:
+    """Describe an adapter from its headers and config (no tensor data)."""
+    return _module(path, format).describe(Path(path), allow_pickle=allow_pickle)  # type: ignore[no-any-return]
+
+
+def load_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter in any registered format into the canonical model."""
+    return _module(path, format).read(Path(path), allow_pickle=allow_pickle)  # type: ignore[no-any-return]
+
+
+def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", force: bool = False) -> Path:
+    """Write `adapter` atomically in `format`; the record (hash, lineage) goes into the metadata."""
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    return FORMATS[format].write(adapter, Path(path), force=force)  # type: ignore[no-any-return]
+
+
+def _module(path: str | Path, format: str | None) -> ModuleType:
+    if format is None:
+        return FORMATS[detect_format(path)]
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    if not Path(path).exists():
+        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    return FORMATS[format]
+
+
+def _unknown_message(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir())[:5]
+        return f"not a LoRA adapter this version knows (files: {', '.join(files) or 'none'})"
+    if is_safetensors(path):
+        try:
+            keys = list(read_header(path).tensors)[:5]
+        except Exception:  # noqa: BLE001 - the sniff is best effort; the header error comes later
+            keys = []
+        return f"not a LoRA adapter this version knows (keys: {', '.join(keys) or 'none'})"
+    return "not a LoRA adapter file (not safetensors, and no adapter_config.json beside it)"

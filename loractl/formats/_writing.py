@@ -1,0 +1,91 @@
+"""The PEFT writer's translation from the canonical adapter to keys and config."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .. import lineage
+from ..adapter import Adapter
+from ..errors import AdapterError
+from .peft_config import exact_alpha, json_number, most_common
+
+PREFIX = "base_model.model."
+# Config keys loractl derives from the tensors; everything else in a source config passes through.
+_DERIVED = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+    "fan_in_fan_out", "target_modules", "modules_to_save", "base_model_name_or_path", "revision",
+    "task_type", "peft_type", "layers_to_transform", "layers_pattern", "exclude_modules",
+}  # fmt: skip
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Every tensor under its PEFT key."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in adapter.modules.items():
+        base = PREFIX + name
+        if m.kind == "embedding":
+            out[base + ".lora_embedding_A"], out[base + ".lora_embedding_B"] = m.A, m.B
+        else:
+            out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = m.A, m.B
+        if m.magnitude is not None:
+            out[base + ".lora_magnitude_vector"] = m.magnitude
+        if any(x.bias is not None for x in adapter.modules.values()):
+            out[base + ".lora_B.bias"] = m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.B.dtype)
+    for key, t in adapter.full_tensors.items():
+        module, _, leaf = key.rpartition(".")
+        out[PREFIX + (f"{module}.base_layer.{leaf}" if module in adapter.modules else key)] = t
+    return out
+
+
+def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
+    """adapter_config.json for `adapter`, and the exact scales its alphas cannot express."""
+    mods = adapter.modules
+    dora = {m.magnitude is not None for m in mods.values()}
+    if len(dora) > 1:
+        raise AdapterError("PEFT cannot hold DoRA and plain LoRA modules in one adapter", hint="merge or split them first")
+    rslora = bool(mods) and all(m.scale_rule == "alpha/sqrt(r)" for m in mods.values())
+    alphas, inexact = {}, {}
+    for name, m in mods.items():
+        alpha = exact_alpha(m.scale, m.rank, rslora, m.alpha)
+        if alpha is None:
+            alpha, inexact[name] = m.scale * (m.rank**0.5 if rslora else m.rank), m.scale
+        alphas[name] = alpha
+    r = most_common([m.rank for m in mods.values()], 8)
+    lora_alpha = most_common(list(alphas.values()), 8)
+    source = dict(adapter.meta.extra.get("config") or {})
+    config = {k: v for k, v in source.items() if k not in _DERIVED}
+    config.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=json_number(lora_alpha),
+        rank_pattern={re.escape(n): m.rank for n, m in mods.items() if m.rank != r},
+        alpha_pattern={re.escape(n): json_number(a) for n, a in alphas.items() if a != lora_alpha},
+        use_rslora=rslora,
+        use_dora=dora == {True},
+        lora_bias=any(m.bias is not None for m in mods.values()),
+        fan_in_fan_out=any(m.fan_in_fan_out for m in mods.values()),
+        target_modules=sorted(mods),
+        modules_to_save=sorted({k.rpartition(".")[0] for k in adapter.full_tensors if k.rpartition(".")[0] not in mods})
+        or None,
+        base_model_name_or_path=adapter.meta.base_model,
+        revision=adapter.meta.base_revision,
+        task_type=adapter.meta.task_type,
+    )
+    config.setdefault("bias", "none")
+    config.setdefault("inference_mode", True)
+    return config, inexact
+
+
+def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
+    """The metadata record written with the file."""
+    return lineage.Record(
+        content_hash=adapter.content_hash(),
+        lineage=adapter.lineage,
+        base_model=adapter.meta.base_model,
+        base_revision=adapter.meta.base_revision,
+        base_fingerprint=adapter.meta.base_fingerprint,
+        scales=scales,
+    )

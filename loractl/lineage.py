@@ -1,0 +1,74 @@
+"""Provenance stored in the safetensors `__metadata__` as one JSON string.
+
+PEFT and safetensors ignore metadata keys they do not know, so a PEFT-format file that
+carries loractl's record stays loadable by PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+
+METADATA_KEY = "loractl"
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """What loractl writes next to the tensors: identity, history, exact scales."""
+
+    content_hash: str | None = None
+    lineage: tuple[dict[str, Any], ...] = ()
+    base_model: str | None = None
+    base_revision: str | None = None
+    base_fingerprint: str | None = None
+    scales: dict[str, float] = field(default_factory=dict)  # exact scales the config's alphas cannot express
+
+
+def new_entry(op: str, params: dict[str, Any], parents: list[str], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One lineage step: operation, parameters, parents' content hashes, time, loractl version."""
+    entry: dict[str, Any] = {
+        "op": op,
+        "params": params,
+        "parents": parents,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loractl_version": __version__,
+    }
+    if metrics:
+        entry["metrics"] = metrics
+    return entry
+
+
+def encode(record: Record) -> str:
+    """The metadata value: compact, key-sorted JSON (deterministic bytes)."""
+    doc: dict[str, Any] = {"version": RECORD_VERSION, "content_hash": record.content_hash, "lineage": list(record.lineage)}
+    base = {"model": record.base_model, "revision": record.base_revision, "fingerprint": record.base_fingerprint}
+    if any(base.values()):
+        doc["base"] = {k: v for k, v in base.items() if v}
+    if record.scales:
+        doc["scales"] = record.scales
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def decode(metadata: dict[str, str]) -> Record | None:
+    """The record in a header's metadata, or None when loractl did not write the file (or it is mangled)."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        base = doc.get("base") or {}
+        return Record(
+            content_hash=doc.get("content_hash"),
+            lineage=tuple(e for e in doc.get("lineage", []) if isinstance(e, dict)),
+            base_model=base.get("model"),
+            base_revision=base.get("revision"),
+            base_fingerprint=base.get("fingerprint"),
+            scales={str(k): float(v) for k, v in (doc.get("scales") or {}).items()},
+        )
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
