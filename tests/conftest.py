@@ -1,0 +1,31 @@
+"""Shared test fixtures: the shipped fixtures, the real files other tools wrote, tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+REAL_ADAPTERS = ROOT.parent / "shared" / "real-adapters"
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture
+def real_adapters() -> Path:
+    """`../shared/real-adapters` beside the checkout; tests using it skip when it is absent."""
+    if not REAL_ADAPTERS.is_dir():
+        pytest.skip("../shared/real-adapters is not present")
+    return REAL_ADAPTERS

@@ -1,0 +1,42 @@
+"""Builders for tests: random canonical adapters and tiny base checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.safetensors_writer import save_tensors
+
+
+def random_module(out: int, inp: int, rank: int, *, alpha: float | None = None, dtype: torch.dtype = torch.float32,
+                  seed: int = 0, **kw: object) -> LoraModule:
+    """A module with random non-zero A and B; scale alpha/r (alpha defaults to 2r)."""
+    g = torch.Generator().manual_seed(seed)
+    alpha = float(2 * rank) if alpha is None else alpha
+    return LoraModule(
+        A=torch.randn(rank, inp, generator=g).to(dtype),
+        B=torch.randn(out, rank, generator=g).to(dtype),
+        scale=alpha / rank,
+        alpha=alpha,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def tiny_base(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A single-file base checkpoint with random weights of the given names and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(path / "model.safetensors", {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()})
+    return path
+
+
+def qv_adapter(layers: int = 2, hidden: int = 16, rank: int = 4) -> Adapter:
+    """A q/v adapter for a base of `layers` layers with hidden size `hidden`."""
+    modules = {
+        f"model.layers.{i}.self_attn.{p}": random_module(hidden, hidden, rank, seed=10 * i + j)
+        for i in range(layers)
+        for j, p in enumerate(("q_proj", "v_proj"))
+    }
+    return Adapter(modules=modules, meta=AdapterMeta(base_model="tiny"))
