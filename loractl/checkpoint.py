@@ -138,3 +138,11 @@ def _shards_from_index(index: Path) -> list[Path]:
             raise FormatError(f"shard {name!r} listed in the index is missing", path=index)
         out.append(index.parent / name)
     return out
+
+
+def touched_weight_names(modules: list[str] | dict[str, object], ckpt: Checkpoint) -> list[str]:
+    """The base tensors an adapter's modules apply to (`<module>.weight`), as far as the base has them.
+
+    This set defines the base fingerprint, so merge, extract, train and validate agree on it.
+    """
+    return sorted(f"{m}.weight" for m in modules if f"{m}.weight" in ckpt)

@@ -1,0 +1,39 @@
+"""`loractl validate`: CI-friendly checks of many adapter files."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ._output import emit_json, progress, stdout
+
+
+@click.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--base", type=click.Path(exists=True), default=None, help="Base checkpoint to check targets and shapes against.")
+@click.option("--format", "output", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
+              help="Report style; github prints workflow annotations.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--strict", is_flag=True, help="Warnings fail too.")
+@click.option("--from", "format", default=None, help="Input format (default: detected).")
+@click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (loaded with weights_only=True).")
+def command(paths: tuple[str, ...], base: str | None, output: str, as_json: bool, strict: bool, format: str | None,
+            allow_pickle: bool) -> None:
+    """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
+
+    Exit 0 when clean, 1 when something fails (warnings only with --strict), 2 on usage errors.
+
+    \b
+    Examples:
+      loractl validate fixtures/adapters/*
+      loractl validate adapter/ --base fixtures/tiny-llama --format github --strict
+    """
+    from ..validation import validate_adapter
+
+    reports = [validate_adapter(p, base=base, format=format, allow_pickle=allow_pickle)
+               for p in progress(paths, len(paths), "validating")]
+    from ._validate_render import render
+
+    render(reports, "json" if as_json else output, strict, stdout)
+    sys.exit(1 if any(r.failed(strict) for r in reports) else 0)

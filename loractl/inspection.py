@@ -1,0 +1,103 @@
+"""`inspect`: what an adapter is, from headers alone or (with stats) from its data.
+
+Without stats nothing imports torch: the header and config carry every reported field,
+and the content hash shown is the one loractl recorded when it wrote the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .formats import describe_adapter
+from .info import AdapterInfo
+from .patterns import summarize
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """Data-derived figures of one module (float64)."""
+
+    delta_norm: float  # ‖scale·B·A‖_F
+    nonfinite: int  # NaN/Inf values across the module's tensors
+
+
+@dataclass(frozen=True)
+class PatternRow:
+    """Modules sharing a path pattern, rank and scale."""
+
+    pattern: str
+    rank: int
+    alpha: float | None
+    scale: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The report of `inspect_adapter`."""
+
+    info: AdapterInfo
+    patterns: list[PatternRow]
+    recorded_hash: str | None
+    computed_hash: str | None = None
+    stats: dict[str, ModuleStats] | None = None
+    full_nonfinite: int = 0
+
+    @property
+    def hash_ok(self) -> bool | None:
+        """None when there is nothing to compare."""
+        if self.computed_hash is None or self.recorded_hash is None:
+            return None
+        return self.computed_hash == self.recorded_hash
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready document (the `--json` output)."""
+        info = self.info
+        doc: dict[str, Any] = {
+            "path": str(info.path),
+            "format": info.format,
+            "base_model": info.base_model,
+            "base_revision": info.base_revision,
+            "task_type": info.task_type,
+            "modules": len(info.modules),
+            "ranks": sorted({m.rank for m in info.modules.values()}),
+            "patterns": [vars(p) for p in self.patterns],
+            "rslora": any(m.scale_rule == "alpha/sqrt(r)" for m in info.modules.values()),
+            "dora": any(m.dora for m in info.modules.values()),
+            "lora_bias": any(m.bias for m in info.modules.values()),
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in info.modules.values()),
+            "kinds": sorted({m.kind for m in info.modules.values()}),
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in info.modules}),
+            "full_tensors": {k: list(t.shape) for k, t in info.full_tensors.items()},
+            "parameters": info.num_parameters,
+            "dtypes": info.dtypes,
+            "file_size": info.file_size,
+            "content_hash": {"recorded": self.recorded_hash, "computed": self.computed_hash, "ok": self.hash_ok},
+            "base_fingerprint": info.record.base_fingerprint if info.record else None,
+            "lineage": list(info.record.lineage) if info.record else [],
+            "findings": [vars(f) for f in info.findings],
+        }
+        if self.stats is not None:
+            doc["stats"] = {k: vars(v) for k, v in self.stats.items()}
+            doc["full_tensors_nonfinite"] = self.full_nonfinite
+        return doc
+
+
+def inspect_adapter(
+    path: str | Path, *, stats: bool = False, format: str | None = None, allow_pickle: bool = False
+) -> Inspection:
+    """Describe an adapter; with `stats`, also read its data for ‖ΔW‖, NaN/Inf counts and the content hash."""
+    info = describe_adapter(path, format=format, allow_pickle=allow_pickle)
+    attrs = {name: (m.rank, m.alpha, m.scale) for name, m in info.modules.items()}
+    rows = [PatternRow(p, a[0], a[1], a[2], n) for p, a, n in summarize(attrs)]  # type: ignore[index]
+    recorded = info.record.content_hash if info.record else None
+    if not stats:
+        return Inspection(info, rows, recorded)
+    from .formats import load_adapter
+    from .stats import full_nonfinite, module_stats
+
+    adapter = load_adapter(path, format=format, allow_pickle=allow_pickle)
+    per_module = {name: ModuleStats(*module_stats(m)) for name, m in adapter.modules.items()}
+    return Inspection(info, rows, recorded, adapter.content_hash(), per_module, full_nonfinite(adapter))

@@ -1,0 +1,65 @@
+"""Compact summaries of module paths: `model.layers.{0..31}.self_attn.{q,v}_proj`.
+
+Thousands of modules collapse into a few lines when they share everything but layer
+indices and a projection name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Hashable
+
+_NUM = re.compile(r"^\d+$")
+
+
+def summarize(modules: dict[str, Hashable]) -> list[tuple[str, Hashable, int]]:
+    """Group paths with equal attributes into patterns: (pattern, attrs, number of modules), sorted."""
+    numbers: dict[tuple[str, Hashable], set[tuple[int, ...]]] = {}
+    for path, attrs in modules.items():
+        parts = path.split(".")
+        template = ".".join("#" if _NUM.match(p) else p for p in parts)
+        numbers.setdefault((template, attrs), set()).add(tuple(int(p) for p in parts if _NUM.match(p)))
+    leaves: dict[tuple[str, frozenset[tuple[int, ...]], Hashable], list[str]] = {}
+    for (template, attrs), nums in numbers.items():
+        head, _, leaf = template.rpartition(".")
+        leaves.setdefault((head, frozenset(nums), attrs), []).append(leaf)
+    rows = []
+    for (head, nums, attrs), names in leaves.items():
+        filled = _fill(head, nums)
+        rows.append(((filled + "." if filled else "") + _alternatives(sorted(names)), attrs, len(nums) * len(names)))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def _fill(template: str, numbers: frozenset[tuple[int, ...]]) -> str:
+    """Replace each '#' by the range of values at that position (exact when the set is a product)."""
+    columns = [sorted(set(c)) for c in zip(*numbers)] if numbers else []
+    product = len(numbers) == len(list(itertools.product(*columns))) if columns else True
+    parts, i = template.split("."), 0
+    out = []
+    for p in parts:
+        if p == "#":
+            out.append(_ranges(columns[i]) if product else "*")
+            i += 1
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{{{values[0]}..{values[-1]}}}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _alternatives(leaves: list[str]) -> str:
+    """['q_proj', 'v_proj'] → '{q,v}_proj'."""
+    if len(leaves) == 1:
+        return leaves[0]
+    prefix = os.path.commonprefix(leaves)
+    suffix = os.path.commonprefix([s[len(prefix) :][::-1] for s in leaves])[::-1]
+    middles = [s[len(prefix) : len(s) - len(suffix)] for s in leaves]
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"

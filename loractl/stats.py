@@ -1,0 +1,33 @@
+"""Data-derived figures of adapter modules, computed from the factors (never forming ΔW)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .adapter import Adapter, LoraModule
+
+
+def delta_norm(m: LoraModule) -> float:
+    """‖scale·B·A‖_F via the rank×rank Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), in float64."""
+    a = m.A.detach().flatten(1).double()
+    b = m.B.detach().flatten(1).double()
+    squared = torch.sum((b.T @ b) * (a @ a.T)).item()
+    return abs(m.scale) * math.sqrt(max(squared, 0.0))
+
+
+def nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf values (0 for integer tensors)."""
+    return int((~torch.isfinite(t)).sum().item()) if t.is_floating_point() else 0
+
+
+def module_stats(m: LoraModule) -> tuple[float, int]:
+    """(‖ΔW‖_F, NaN/Inf count) of one module."""
+    bad = sum(nonfinite(t) for t in m.tensors().values())
+    return (delta_norm(m) if bad == 0 else math.nan), bad
+
+
+def full_nonfinite(adapter: Adapter) -> int:
+    """NaN/Inf values across an adapter's full tensors."""
+    return sum(nonfinite(t) for t in adapter.full_tensors.values())

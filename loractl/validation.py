@@ -1,0 +1,131 @@
+"""`validate`: every problem in an adapter, found in one pass, as findings with codes.
+
+Structure comes from the header and config (no torch); data checks (NaN/Inf, the content
+hash) read each tensor once; `base` checks targets and shapes against a base checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LoractlError
+from .findings import Finding, error, warning
+from .formats import describe_adapter
+from .info import AdapterInfo
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Findings for one adapter path."""
+
+    path: str
+    format: str | None
+    findings: list[Finding] = field(default_factory=list)
+    content_hash: str | None = None
+
+    def failed(self, strict: bool = False) -> bool:
+        """Errors fail; warnings fail only when `strict`."""
+        return any(f.severity == "error" or strict for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "content_hash": self.content_hash,
+            "findings": [vars(f) for f in self.findings],
+        }
+
+
+def validate_adapter(
+    path: str | Path, *, base: str | Path | None = None, format: str | None = None, allow_pickle: bool = False
+) -> ValidationReport:
+    """Check one adapter; unreadable files become an `unreadable` finding, never an exception."""
+    try:
+        info = describe_adapter(path, format=format, allow_pickle=allow_pickle)
+    except LoractlError as e:
+        return ValidationReport(str(path), None, [error("unreadable", str(e))])
+    findings = list(info.findings) + _shape_findings(info)
+    content_hash = None
+    try:
+        ok = not any(f.severity == "error" for f in findings)
+        data, content_hash = _data_findings(info, ok, allow_pickle)
+        findings += data
+        if base is not None:
+            findings += _base_findings(info, Path(base))
+    except LoractlError as e:
+        findings.append(error("unreadable", str(e)))
+    return ValidationReport(str(path), info.format, [_located(f, info) for f in findings], content_hash)
+
+
+def _located(f: Finding, info: AdapterInfo) -> Finding:
+    return Finding(f.code, f.severity, f.message, f.module, str(info.files[-1]))
+
+
+def _shape_findings(info: AdapterInfo) -> list[Finding]:
+    out = []
+    for name, m in info.modules.items():
+        if m.kind != "conv" and m.rank > min(m.in_features, m.out_features):
+            out.append(warning("rank-too-high", f"rank {m.rank} exceeds min(in, out) = {min(m.in_features, m.out_features)}", name))
+    module_dtypes = {d for m in info.modules.values() for d in m.dtypes.values()}
+    if len(module_dtypes) > 1:
+        out.append(warning("dtype-mix", f"LoRA tensors mix dtypes {', '.join(sorted(module_dtypes))}"))
+    return out
+
+
+def _data_findings(info: AdapterInfo, structural_ok: bool, allow_pickle: bool) -> tuple[list[Finding], str | None]:
+    """NaN/Inf in every tensor of the file, then (when the structure is sound) the content hash."""
+    from .formats import load_adapter
+
+    out = [error("nonfinite", f"tensor {key!r} has {bad} NaN/Inf values") for key, bad in _nonfinite_tensors(info.files[-1])]
+    if not structural_ok:
+        return out, None
+    computed = load_adapter(info.path, format=info.format, allow_pickle=allow_pickle).content_hash()
+    recorded = info.record.content_hash if info.record else None
+    if recorded and recorded != computed:
+        out.append(error("hash-mismatch", f"content hash {computed[:19]}… differs from the recorded {recorded[:19]}…: "
+                         "the tensors changed after loractl wrote them"))
+    return out, computed
+
+
+def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
+    """(key, count) for every tensor with NaN/Inf values, reading one tensor at a time."""
+    from .checkpoint import Checkpoint
+    from .stats import nonfinite
+
+    if weights.suffix != ".safetensors":
+        return []  # pickles are scanned through the loaded adapter's hash path only
+    with Checkpoint(weights) as ckpt:
+        return [(key, bad) for key in ckpt.names if (bad := nonfinite(ckpt.get(key)))]
+
+
+def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
+    from .checkpoint import Checkpoint, touched_weight_names
+
+    with Checkpoint(base) as ckpt:
+        out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]
+        for key, t in info.full_tensors.items():
+            if key in ckpt and tuple(ckpt.info(key).shape) != tuple(t.shape):
+                out.append(error("base-shape", f"full tensor {key!r} is {list(t.shape)} but the base has {list(ckpt.info(key).shape)}"))
+        recorded = info.record.base_fingerprint if info.record else None
+        if recorded and not any(f.severity == "error" for f in out):
+            actual = ckpt.fingerprint(touched_weight_names(info.modules, ckpt))
+            if actual != recorded:
+                out.append(error("base-fingerprint", f"the adapter was made for another base (fingerprint {recorded[:19]}…, this base {actual[:19]}…)"))
+    return out
+
+
+def _module_vs_base(name: str, m: Any, ckpt: Any) -> Finding | None:
+    key = f"{name}.weight"
+    if key not in ckpt:
+        if name == "lm_head" and "model.embed_tokens.weight" in ckpt:
+            return warning("base-tied", "the base ties lm_head to the embeddings; merging unties them", name)
+        return error("base-missing", f"the base has no tensor {key!r}", name)
+    expected: tuple[int, ...] = (m.out_features, m.in_features, *m.kernel)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        expected = (m.in_features, m.out_features)
+    actual = tuple(ckpt.info(key).shape)
+    if actual != expected:
+        return error("base-shape", f"the adapter expects a weight of shape {list(expected)} but the base has {list(actual)}", name)
+    return None
