@@ -55,7 +55,9 @@ class LoraModule:
     def check(self, module: str) -> None:
         """Raise `AdapterError` unless A and B fit together."""
         if self.A.ndim < 2 or self.B.ndim < 2:
-            raise AdapterError(f"module {module!r}: A {tuple(self.A.shape)} and B {tuple(self.B.shape)} must be 2-D or more")
+            raise AdapterError(
+                f"module {module!r}: A {tuple(self.A.shape)} and B {tuple(self.B.shape)} must be 2-D or more"
+            )
         if self.B.shape[1] != self.A.shape[0]:
             raise AdapterError(
                 f"module {module!r}: rank mismatch, A is {tuple(self.A.shape)} but B is {tuple(self.B.shape)}",
@@ -64,9 +66,9 @@ class LoraModule:
         if not math.isfinite(self.scale):
             raise AdapterError(f"module {module!r}: scale {self.scale} is not finite")
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW in float32, in the layout of the base weight (transposed for Conv1D and embeddings)."""
-        a, b = self.A.float(), self.B.float()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW in `dtype` (float32 default), in the base weight's layout (transposed for Conv1D and embeddings)."""
+        a, b = self.A.to(dtype), self.B.to(dtype)
         if self.kind == "conv":
             delta = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
         else:

@@ -5,6 +5,7 @@ Adding a format is one module and one line in `FORMATS`; detection tries them in
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -13,10 +14,12 @@ from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
 from . import peft
+from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
 
+# Detection order matters (FORMATS.md §11.2): the first format whose `detect` says yes wins.
 FORMATS: dict[str, ModuleType] = {"peft": peft}
 
 
@@ -31,21 +34,47 @@ def detect_format(path: str | Path) -> str:
     raise UnknownFormatError(_unknown_message(path), path=path, hint=f"known formats: {', '.join(FORMATS)}")
 
 
-def describe_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> AdapterInfo:
+def describe_adapter(
+    path: str | Path, *, format: str | None = None, allow_pickle: bool = False, options: ReadOptions | None = None
+) -> AdapterInfo:
     """Describe an adapter from its headers and config (no tensor data)."""
-    return _module(path, format).describe(Path(path), allow_pickle=allow_pickle)  # type: ignore[no-any-return]
+    opts = _read_options(options, allow_pickle)
+    return _module(path, format).describe(Path(path), opts)  # type: ignore[no-any-return]
 
 
-def load_adapter(path: str | Path, *, format: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load_adapter(
+    path: str | Path, *, format: str | None = None, allow_pickle: bool = False, options: ReadOptions | None = None
+) -> Adapter:
     """Read an adapter in any registered format into the canonical model."""
-    return _module(path, format).read(Path(path), allow_pickle=allow_pickle)  # type: ignore[no-any-return]
+    opts = _read_options(options, allow_pickle)
+    return _module(path, format).read(Path(path), opts)  # type: ignore[no-any-return]
 
 
-def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", force: bool = False) -> Path:
+def save_adapter(
+    adapter: Adapter,
+    path: str | Path,
+    *,
+    format: str = "peft",
+    force: bool = False,
+    options: WriteOptions | None = None,
+) -> Path:
     """Write `adapter` atomically in `format`; the record (hash, lineage) goes into the metadata."""
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    return FORMATS[format].write(adapter, Path(path), force=force)  # type: ignore[no-any-return]
+    opts = options or WriteOptions()
+    return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
+
+
+def format_holds(format: str) -> frozenset[Feature]:
+    """What `format` can store (its `HOLDS`); everything when the module does not say."""
+    holds: frozenset[Feature] = getattr(FORMATS[format], "HOLDS", ALL_FEATURES)
+    return holds
+
+
+def _read_options(options: ReadOptions | None, allow_pickle: bool) -> ReadOptions:
+    if options is None:
+        return ReadOptions(allow_pickle=allow_pickle)
+    return replace(options, allow_pickle=True) if allow_pickle else options
 
 
 def _module(path: str | Path, format: str | None) -> ModuleType:
@@ -65,7 +94,7 @@ def _unknown_message(path: Path) -> str:
     if is_safetensors(path):
         try:
             keys = list(read_header(path).tensors)[:5]
-        except Exception:  # noqa: BLE001 - the sniff is best effort; the header error comes later
+        except Exception:
             keys = []
         return f"not a LoRA adapter this version knows (keys: {', '.join(keys) or 'none'})"
     return "not a LoRA adapter file (not safetensors, and no adapter_config.json beside it)"

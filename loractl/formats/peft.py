@@ -18,7 +18,8 @@ from ..errors import FormatError, PickleRefusedError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
 from ..safetensors_header import read_header
-from .peft_config import exact_alpha, is_saved_module, json_number, module_alpha_rank, most_common
+from .options import ReadOptions, WriteOptions
+from .peft_config import is_saved_module, module_alpha_rank
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,7 @@ ROLE_SUFFIXES = {
     ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",
 }
+_DEFAULT = ReadOptions()
 _LORA_LIKE = re.compile(r"\.(lora_|hada_|lokr_|oft_|boft_|ia3_)")
 
 
@@ -54,11 +56,11 @@ def detect(path: Path) -> bool:
     return isinstance(doc, dict) and ("peft_type" in doc or "lora_alpha" in doc or "r" in doc)
 
 
-def describe(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
+def describe(path: Path, options: ReadOptions = _DEFAULT) -> AdapterInfo:
     """Parse config and header; tensor data is not read (except for legacy pickles)."""
     root = _root(path)
     config = _read_config(root / CONFIG_NAME)
-    weights = _weights_file(root, allow_pickle)
+    weights = _weights_file(root, options.allow_pickle)
     if weights.suffix == ".safetensors":
         header = read_header(weights)
         entries = {k: (t.dtype, t.shape) for k, t in header.tensors.items()}
@@ -69,11 +71,11 @@ def describe(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
     return _layout(root, config, entries, record, (root / CONFIG_NAME, weights))
 
 
-def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
+def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
     """Load the adapter; raises `AdapterError` on the first structural error."""
     from ._reading import adapter_from_info
 
-    info = describe(path, allow_pickle=allow_pickle)
+    info = describe(path, options)
     weights = info.files[1]
     if weights.suffix == ".safetensors":
         from ..checkpoint import Checkpoint
@@ -84,7 +86,7 @@ def read(path: Path, *, allow_pickle: bool = False) -> Adapter:
     return adapter_from_info(info, tensors.__getitem__)
 
 
-def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
+def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write `path/adapter_config.json` and `path/adapter_model.safetensors` atomically."""
     from ..atomic import atomic_output
     from ._writing import peft_config, peft_tensors, record_for
@@ -170,7 +172,9 @@ def _layout(
         if role:
             roles.setdefault(module, {})[role] = key
         elif _LORA_LIKE.search(name):
-            findings.append(warning("unknown-key", f"tensor {key!r} is not a LoRA factor loractl knows; kept as a full tensor"))
+            findings.append(
+                warning("unknown-key", f"tensor {key!r} is not a LoRA factor loractl knows; kept as a full tensor")
+            )
             full[name] = FullTensorInfo(key, dtype, shape)
         else:
             full[name.replace(".base_layer.", ".")] = FullTensorInfo(key, dtype, shape)
@@ -249,7 +253,9 @@ def _module_info(
     )
 
 
-def _config_findings(config: dict[str, Any], modules: dict[str, ModuleInfo], full: dict[str, FullTensorInfo]) -> list[Finding]:
+def _config_findings(
+    config: dict[str, Any], modules: dict[str, ModuleInfo], full: dict[str, FullTensorInfo]
+) -> list[Finding]:
     out = []
     dora = [m for m, i in modules.items() if i.dora]
     if config.get("use_dora") and len(dora) < len(modules):
