@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -140,7 +141,7 @@ def _shards_from_index(index: Path) -> list[Path]:
     return out
 
 
-def touched_weight_names(modules: list[str] | dict[str, object], ckpt: Checkpoint) -> list[str]:
+def touched_weight_names(modules: Iterable[str], ckpt: Checkpoint) -> list[str]:
     """The base tensors an adapter's modules apply to (`<module>.weight`), as far as the base has them.
 
     This set defines the base fingerprint, so merge, extract, train and validate agree on it.

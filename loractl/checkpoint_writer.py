@@ -78,6 +78,9 @@ def write_sharded(
             raise
         writer.close()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / n for n in names]

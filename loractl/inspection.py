@@ -91,7 +91,7 @@ def inspect_adapter(
     """Describe an adapter; with `stats`, also read its data for ‖ΔW‖, NaN/Inf counts and the content hash."""
     info = describe_adapter(path, format=format, allow_pickle=allow_pickle)
     attrs = {name: (m.rank, m.alpha, m.scale) for name, m in info.modules.items()}
-    rows = [PatternRow(p, a[0], a[1], a[2], n) for p, a, n in summarize(attrs)]  # type: ignore[index]
+    rows = [PatternRow(p, *a, n) for p, a, n in summarize(attrs)]
     recorded = info.record.content_hash if info.record else None
     if not stats:
         return Inspection(info, rows, recorded)

@@ -29,7 +29,9 @@ class Record:
     scales: dict[str, float] = field(default_factory=dict)  # exact scales the config's alphas cannot express
 
 
-def new_entry(op: str, params: dict[str, Any], parents: list[str], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_entry(
+    op: str, params: dict[str, Any], parents: list[str], metrics: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One lineage step: operation, parameters, parents' content hashes, time, loractl version."""
     entry: dict[str, Any] = {
         "op": op,
@@ -45,7 +47,11 @@ def new_entry(op: str, params: dict[str, Any], parents: list[str], metrics: dict
 
 def encode(record: Record) -> str:
     """The metadata value: compact, key-sorted JSON (deterministic bytes)."""
-    doc: dict[str, Any] = {"version": RECORD_VERSION, "content_hash": record.content_hash, "lineage": list(record.lineage)}
+    doc: dict[str, Any] = {
+        "version": RECORD_VERSION,
+        "content_hash": record.content_hash,
+        "lineage": list(record.lineage),
+    }
     base = {"model": record.base_model, "revision": record.base_revision, "fingerprint": record.base_fingerprint}
     if any(base.values()):
         doc["base"] = {k: v for k, v in base.items() if v}

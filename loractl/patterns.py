@@ -9,22 +9,24 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
 
 _NUM = re.compile(r"^\d+$")
+K = TypeVar("K", bound=Hashable)
 
 
-def summarize(modules: dict[str, Hashable]) -> list[tuple[str, Hashable, int]]:
+def summarize(modules: Mapping[str, K]) -> list[tuple[str, K, int]]:
     """Group paths with equal attributes into patterns: (pattern, attrs, number of modules), sorted."""
-    numbers: dict[tuple[str, Hashable], set[tuple[int, ...]]] = {}
+    numbers: dict[tuple[str, K], set[tuple[int, ...]]] = {}
     for path, attrs in modules.items():
         parts = path.split(".")
         template = ".".join("#" if _NUM.match(p) else p for p in parts)
         numbers.setdefault((template, attrs), set()).add(tuple(int(p) for p in parts if _NUM.match(p)))
-    leaves: dict[tuple[str, frozenset[tuple[int, ...]], Hashable], list[str]] = {}
-    for (template, attrs), nums in numbers.items():
+    leaves: dict[tuple[str, frozenset[tuple[int, ...]], K], list[str]] = {}
+    for (template, attrs), found in numbers.items():
         head, _, leaf = template.rpartition(".")
-        leaves.setdefault((head, frozenset(nums), attrs), []).append(leaf)
+        leaves.setdefault((head, frozenset(found), attrs), []).append(leaf)
     rows = []
     for (head, nums, attrs), names in leaves.items():
         filled = _fill(head, nums)
@@ -34,7 +36,7 @@ def summarize(modules: dict[str, Hashable]) -> list[tuple[str, Hashable, int]]:
 
 def _fill(template: str, numbers: frozenset[tuple[int, ...]]) -> str:
     """Replace each '#' by the range of values at that position (exact when the set is a product)."""
-    columns = [sorted(set(c)) for c in zip(*numbers)] if numbers else []
+    columns = [sorted(set(c)) for c in zip(*numbers, strict=True)] if numbers else []
     product = len(numbers) == len(list(itertools.product(*columns))) if columns else True
     parts, i = template.split("."), 0
     out = []

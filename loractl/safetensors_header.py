@@ -73,7 +73,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             if n > MAX_HEADER_BYTES:
                 raise FormatError(f"header length {n} exceeds the cap of {MAX_HEADER_BYTES} bytes", path=path)
             if 8 + n > file_size:
-                raise FormatError(f"header length {n} runs past the end of the file ({file_size} bytes): truncated", path=path)
+                raise FormatError(
+                    f"header length {n} runs past the end of the file ({file_size} bytes): truncated", path=path
+                )
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"cannot read file: {e.strerror}", path=path) from e

@@ -93,7 +93,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """Write a whole dict of tensors to one safetensors file (not atomic by itself)."""
     from .tensor_bytes import dtype_code
 
-    writer = StreamWriter(path, [TensorSpec(k, dtype_code(t.dtype), tuple(t.shape)) for k, t in tensors.items()], metadata)
+    writer = StreamWriter(
+        path, [TensorSpec(k, dtype_code(t.dtype), tuple(t.shape)) for k, t in tensors.items()], metadata
+    )
     try:
         for spec in writer.order:
             writer.write(spec.name, tensors[spec.name])

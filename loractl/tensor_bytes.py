@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import IO
 
 import torch
 
@@ -37,15 +37,17 @@ def tensor_to_bytes(tensor: torch.Tensor, code: str) -> memoryview:
     if tensor.dtype != torch_dtype(code):
         raise LoractlError(f"internal: tensor is {tensor.dtype}, header says {code}")
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    if not flat.numel():
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def read_tensor(f: BinaryIO, offset: int, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+def read_tensor(f: IO[bytes], offset: int, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Read one tensor's bytes at `offset` straight into a new tensor (one copy, no mmap)."""
     tensor = torch.empty(shape, dtype=torch_dtype(code))
     if tensor.numel():
-        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         f.seek(offset)
-        if f.readinto(buf) != len(buf):
+        if f.readinto(buf) != len(buf):  # type: ignore[attr-defined]
             raise LoractlError(f"unexpected end of file reading {len(buf)} bytes at offset {offset}")
     return tensor

@@ -67,7 +67,11 @@ def _shape_findings(info: AdapterInfo) -> list[Finding]:
     out = []
     for name, m in info.modules.items():
         if m.kind != "conv" and m.rank > min(m.in_features, m.out_features):
-            out.append(warning("rank-too-high", f"rank {m.rank} exceeds min(in, out) = {min(m.in_features, m.out_features)}", name))
+            out.append(
+                warning(
+                    "rank-too-high", f"rank {m.rank} exceeds min(in, out) = {min(m.in_features, m.out_features)}", name
+                )
+            )
     module_dtypes = {d for m in info.modules.values() for d in m.dtypes.values()}
     if len(module_dtypes) > 1:
         out.append(warning("dtype-mix", f"LoRA tensors mix dtypes {', '.join(sorted(module_dtypes))}"))
@@ -78,14 +82,22 @@ def _data_findings(info: AdapterInfo, structural_ok: bool, allow_pickle: bool) -
     """NaN/Inf in every tensor of the file, then (when the structure is sound) the content hash."""
     from .formats import load_adapter
 
-    out = [error("nonfinite", f"tensor {key!r} has {bad} NaN/Inf values") for key, bad in _nonfinite_tensors(info.files[-1])]
+    out = [
+        error("nonfinite", f"tensor {key!r} has {bad} NaN/Inf values")
+        for key, bad in _nonfinite_tensors(info.files[-1])
+    ]
     if not structural_ok:
         return out, None
     computed = load_adapter(info.path, format=info.format, allow_pickle=allow_pickle).content_hash()
     recorded = info.record.content_hash if info.record else None
     if recorded and recorded != computed:
-        out.append(error("hash-mismatch", f"content hash {computed[:19]}… differs from the recorded {recorded[:19]}…: "
-                         "the tensors changed after loractl wrote them"))
+        out.append(
+            error(
+                "hash-mismatch",
+                f"content hash {computed[:19]}… differs from the recorded {recorded[:19]}…: "
+                "the tensors changed after loractl wrote them",
+            )
+        )
     return out, computed
 
 
@@ -107,12 +119,22 @@ def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
         out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]
         for key, t in info.full_tensors.items():
             if key in ckpt and tuple(ckpt.info(key).shape) != tuple(t.shape):
-                out.append(error("base-shape", f"full tensor {key!r} is {list(t.shape)} but the base has {list(ckpt.info(key).shape)}"))
+                out.append(
+                    error(
+                        "base-shape",
+                        f"full tensor {key!r} is {list(t.shape)} but the base has {list(ckpt.info(key).shape)}",
+                    )
+                )
         recorded = info.record.base_fingerprint if info.record else None
         if recorded and not any(f.severity == "error" for f in out):
             actual = ckpt.fingerprint(touched_weight_names(info.modules, ckpt))
             if actual != recorded:
-                out.append(error("base-fingerprint", f"the adapter was made for another base (fingerprint {recorded[:19]}…, this base {actual[:19]}…)"))
+                out.append(
+                    error(
+                        "base-fingerprint",
+                        f"the adapter was made for another base (fingerprint {recorded[:19]}…, this base {actual[:19]}…)",
+                    )
+                )
     return out
 
 
@@ -127,5 +149,9 @@ def _module_vs_base(name: str, m: Any, ckpt: Any) -> Finding | None:
         expected = (m.in_features, m.out_features)
     actual = tuple(ckpt.info(key).shape)
     if actual != expected:
-        return error("base-shape", f"the adapter expects a weight of shape {list(expected)} but the base has {list(actual)}", name)
+        return error(
+            "base-shape",
+            f"the adapter expects a weight of shape {list(expected)} but the base has {list(actual)}",
+            name,
+        )
     return None

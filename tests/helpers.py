@@ -10,8 +10,16 @@ from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.safetensors_writer import save_tensors
 
 
-def random_module(out: int, inp: int, rank: int, *, alpha: float | None = None, dtype: torch.dtype = torch.float32,
-                  seed: int = 0, **kw: object) -> LoraModule:
+def random_module(
+    out: int,
+    inp: int,
+    rank: int,
+    *,
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **kw: object,
+) -> LoraModule:
     """A module with random non-zero A and B; scale alpha/r (alpha defaults to 2r)."""
     g = torch.Generator().manual_seed(seed)
     alpha = float(2 * rank) if alpha is None else alpha
@@ -24,7 +32,9 @@ def random_module(out: int, inp: int, rank: int, *, alpha: float | None = None, 
     )
 
 
-def tiny_base(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def tiny_base(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
     """A single-file base checkpoint with random weights of the given names and shapes."""
     g = torch.Generator().manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)

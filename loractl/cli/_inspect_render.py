@@ -43,7 +43,9 @@ def render(report: Inspection, console: Console) -> None:
     console.print(head)
     patterns = Table("modules", "rank", "alpha", "scale", "count", title="modules by pattern", title_justify="left")
     for p in report.patterns:
-        patterns.add_row(p.pattern, str(p.rank), f"{p.alpha:g}" if p.alpha is not None else "-", f"{p.scale:.6g}", str(p.count))
+        patterns.add_row(
+            p.pattern, str(p.rank), f"{p.alpha:g}" if p.alpha is not None else "-", f"{p.scale:.6g}", str(p.count)
+        )
     console.print(patterns)
     if report.stats is not None:
         stats = Table("module", "‖ΔW‖_F", "NaN/Inf", title="per-module statistics", title_justify="left")
@@ -52,7 +54,9 @@ def render(report: Inspection, console: Console) -> None:
         console.print(stats)
     for entry in doc["lineage"]:
         parents = ", ".join(p[:19] for p in entry.get("parents", []))
-        console.print(f"lineage: {entry.get('time', '?')} {entry.get('op')} {entry.get('params', {})} from {parents or '-'}")
+        console.print(
+            f"lineage: {entry.get('time', '?')} {entry.get('op')} {entry.get('params', {})} from {parents or '-'}"
+        )
     for f in report.info.findings:
         console.print(f"[yellow]{f.severity}[/] [{f.code}] {f.render()}", highlight=False)
 

@@ -10,13 +10,20 @@ from ._output import emit_json
 
 def render(reports: list[ValidationReport], style: str, strict: bool, console: Console) -> None:
     if style == "json":
-        emit_json({"ok": not any(r.failed(strict) for r in reports), "strict": strict,
-                   "reports": [r.to_dict() for r in reports]})
+        emit_json(
+            {
+                "ok": not any(r.failed(strict) for r in reports),
+                "strict": strict,
+                "reports": [r.to_dict() for r in reports],
+            }
+        )
     elif style == "github":
         for r in reports:
             for f in r.findings:
                 level = "error" if f.severity == "error" or strict else "warning"
-                print(f"::{level} file={_escape(f.path or r.path, True)},title=loractl {f.code}::{_escape(f.render(), False)}")
+                print(
+                    f"::{level} file={_escape(f.path or r.path, True)},title=loractl {f.code}::{_escape(f.render(), False)}"
+                )
     else:
         for r in reports:
             mark = "[red]FAIL[/]" if r.failed(strict) else "[green]ok[/]"

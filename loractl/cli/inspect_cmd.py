@@ -10,7 +10,11 @@ from ._output import emit_json, stdout
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-@click.option("--stats", is_flag=True, help="Read the tensor data: verify the content hash, add per-module ‖ΔW‖ and NaN/Inf counts.")
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Read the tensor data: verify the content hash, add per-module ‖ΔW‖ and NaN/Inf counts.",
+)
 @click.option("--from", "format", default=None, help="Input format (default: detected).")
 @click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (loaded with weights_only=True).")
 def command(path: str, as_json: bool, stats: bool, format: str | None, allow_pickle: bool) -> None:

@@ -6,20 +6,35 @@ import sys
 
 import click
 
-from ._output import emit_json, progress, stdout
+from ._output import progress, stdout
 
 
 @click.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--base", type=click.Path(exists=True), default=None, help="Base checkpoint to check targets and shapes against.")
-@click.option("--format", "output", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
-              help="Report style; github prints workflow annotations.")
+@click.option(
+    "--base", type=click.Path(exists=True), default=None, help="Base checkpoint to check targets and shapes against."
+)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+    help="Report style; github prints workflow annotations.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
 @click.option("--from", "format", default=None, help="Input format (default: detected).")
 @click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (loaded with weights_only=True).")
-def command(paths: tuple[str, ...], base: str | None, output: str, as_json: bool, strict: bool, format: str | None,
-            allow_pickle: bool) -> None:
+def command(
+    paths: tuple[str, ...],
+    base: str | None,
+    output: str,
+    as_json: bool,
+    strict: bool,
+    format: str | None,
+    allow_pickle: bool,
+) -> None:
     """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
 
     Exit 0 when clean, 1 when something fails (warnings only with --strict), 2 on usage errors.
@@ -31,8 +46,10 @@ def command(paths: tuple[str, ...], base: str | None, output: str, as_json: bool
     """
     from ..validation import validate_adapter
 
-    reports = [validate_adapter(p, base=base, format=format, allow_pickle=allow_pickle)
-               for p in progress(paths, len(paths), "validating")]
+    reports = [
+        validate_adapter(p, base=base, format=format, allow_pickle=allow_pickle)
+        for p in progress(paths, len(paths), "validating")
+    ]
     from ._validate_render import render
 
     render(reports, "json" if as_json else output, strict, stdout)

@@ -42,10 +42,12 @@ def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     """adapter_config.json for `adapter`, and the exact scales its alphas cannot express."""
-    mods = adapter.modules
+    mods = dict(sorted(adapter.modules.items()))  # sorted: ties in most_common must not depend on dict order
     dora = {m.magnitude is not None for m in mods.values()}
     if len(dora) > 1:
-        raise AdapterError("PEFT cannot hold DoRA and plain LoRA modules in one adapter", hint="merge or split them first")
+        raise AdapterError(
+            "PEFT cannot hold DoRA and plain LoRA modules in one adapter", hint="merge or split them first"
+        )
     rslora = bool(mods) and all(m.scale_rule == "alpha/sqrt(r)" for m in mods.values())
     alphas, inexact = {}, {}
     for name, m in mods.items():
