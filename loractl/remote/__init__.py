@@ -1,0 +1,46 @@
+"""Registries of versioned adapters: push, pull and list versions on the Hub or a `file://` directory.
+
+push(adapter, "owner/name", tag="v1")            one version = one commit (+ an immutable tag)
+pull("owner/name@v1", out)                        resolve → download → verify → write atomically
+versions("file:///srv/registry/owner/name")       commits, tags, content hashes
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Commit, Refs, Remote, RemoteFile, Snapshot
+from .errors import (
+    AuthError,
+    ConflictError,
+    OfflineError,
+    RemoteError,
+    RemoteFileNotFoundError,
+    RemoteURIError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    TagExistsError,
+    TransientError,
+    UnsafePathError,
+)
+from .ops import ORIGIN_FILE, PullResult, PushResult, Version, VersionList, pull, push, read_origin, versions
+from .uri import RemoteURI, parse_uri
+
+__all__ = [
+    "ORIGIN_FILE", "AuthError", "Commit", "ConflictError", "OfflineError", "PullResult", "PushResult", "Refs",
+    "Remote", "RemoteError", "RemoteFile", "RemoteFileNotFoundError", "RemoteURI", "RemoteURIError",
+    "RepoNotFoundError", "RevisionNotFoundError", "Snapshot", "TagExistsError", "TransientError", "UnsafePathError",
+    "Version", "VersionList", "open_remote", "parse_uri", "pull", "push", "read_origin", "versions",
+]  # fmt: skip
+
+
+def open_remote(uri: RemoteURI, *, endpoint: str | None = None, token: str | None = None) -> Remote:
+    """The registry a parsed REPO names; `endpoint`/`token` apply to the Hub only."""
+    if uri.scheme == "file":
+        from .local import LocalRemote
+
+        assert uri.root is not None
+        return LocalRemote(Path(uri.root), uri.repo_id)
+    from .hf import HubRemote
+
+    return HubRemote(uri.repo_id, endpoint=endpoint, token=token)
