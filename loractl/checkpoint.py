@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import FormatError, InputNotFoundError
 from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
@@ -86,9 +86,7 @@ class Checkpoint:
         """sha256 over the named tensors (name, dtype, shape, bytes) in sorted order."""
         h = hashlib.sha256()
         for name in sorted(names):
-            info = self.info(name)
-            h.update(f"{name}:{info.dtype}:{list(info.shape)}:".encode())
-            h.update(self.raw_bytes(name))
+            feed_fingerprint(h, name, self.info(name), self.raw_bytes(name))
         return "sha256:" + h.hexdigest()
 
     def other_files(self) -> list[Path]:
@@ -139,6 +137,12 @@ def _shards_from_index(index: Path) -> list[Path]:
             raise FormatError(f"shard {name!r} listed in the index is missing", path=index)
         out.append(index.parent / name)
     return out
+
+
+def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryview) -> None:
+    """Add one tensor to a fingerprint hash; callers that read tensors anyway hash them in the same pass."""
+    h.update(f"{name}:{info.dtype}:{list(info.shape)}:".encode())
+    h.update(data)
 
 
 def touched_weight_names(modules: Iterable[str], ckpt: Checkpoint) -> list[str]:
