@@ -27,6 +27,9 @@ class Record:
     base_revision: str | None = None
     base_fingerprint: str | None = None
     scales: dict[str, float] = field(default_factory=dict)  # exact scales the config's alphas cannot express
+    # Per-module facts a PEFT config holds only once for all modules:
+    fan_in_fan_out: dict[str, bool] = field(default_factory=dict)  # orientation where it differs from the config's
+    padded_bias: tuple[str, ...] = ()  # modules whose lora_B.bias is zero padding (PEFT wants every module or none)
 
 
 def new_entry(
@@ -57,6 +60,10 @@ def encode(record: Record) -> str:
         doc["base"] = {k: v for k, v in base.items() if v}
     if record.scales:
         doc["scales"] = record.scales
+    if record.fan_in_fan_out:
+        doc["fan_in_fan_out"] = record.fan_in_fan_out
+    if record.padded_bias:
+        doc["padded_bias"] = sorted(record.padded_bias)
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
@@ -75,6 +82,8 @@ def decode(metadata: dict[str, str]) -> Record | None:
             base_revision=base.get("revision"),
             base_fingerprint=base.get("fingerprint"),
             scales={str(k): float(v) for k, v in (doc.get("scales") or {}).items()},
+            fan_in_fan_out={str(k): bool(v) for k, v in (doc.get("fan_in_fan_out") or {}).items()},
+            padded_bias=tuple(str(m) for m in doc.get("padded_bias") or ()),
         )
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None

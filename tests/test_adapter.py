@@ -99,7 +99,10 @@ def test_content_hash_of_a_view_equals_its_contiguous_copy() -> None:
     transposed_view = m.A.T.contiguous().T  # same values, non-contiguous storage
     assert not transposed_view.is_contiguous()
     a = Adapter(modules={"x": m})
-    assert dataclasses.replace(a, modules={"x": dataclasses.replace(m, A=transposed_view)}).content_hash() == a.content_hash()
+    assert (
+        dataclasses.replace(a, modules={"x": dataclasses.replace(m, A=transposed_view)}).content_hash()
+        == a.content_hash()
+    )
 
 
 def test_with_lineage_returns_a_copy() -> None:

@@ -32,7 +32,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
             out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = m.A, m.B
         if m.magnitude is not None:
             out[base + ".lora_magnitude_vector"] = m.magnitude
-        if any(x.bias is not None for x in adapter.modules.values()):
+        if _has_bias(adapter):
             out[base + ".lora_B.bias"] = m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.B.dtype)
     for key, t in adapter.full_tensors.items():
         module, _, leaf = key.rpartition(".")
@@ -67,8 +67,8 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
         alpha_pattern={re.escape(n): json_number(a) for n, a in alphas.items() if a != lora_alpha},
         use_rslora=rslora,
         use_dora=dora == {True},
-        lora_bias=any(m.bias is not None for m in mods.values()),
-        fan_in_fan_out=any(m.fan_in_fan_out for m in mods.values()),
+        lora_bias=_has_bias(adapter),
+        fan_in_fan_out=_fan_in_fan_out(adapter),
         target_modules=sorted(mods),
         modules_to_save=sorted({k.rpartition(".")[0] for k in adapter.full_tensors if k.rpartition(".")[0] not in mods})
         or None,
@@ -82,7 +82,8 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
 
 
 def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
-    """The metadata record written with the file."""
+    """The metadata record written with the file, with the per-module facts the config cannot say."""
+    implied = {n: _fan_in_fan_out(adapter) and m.kind == "linear" for n, m in adapter.modules.items()}
     return lineage.Record(
         content_hash=adapter.content_hash(),
         lineage=adapter.lineage,
@@ -90,4 +91,20 @@ def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
         base_revision=adapter.meta.base_revision,
         base_fingerprint=adapter.meta.base_fingerprint,
         scales=scales,
+        fan_in_fan_out={
+            n: m.fan_in_fan_out for n, m in sorted(adapter.modules.items()) if m.fan_in_fan_out != implied[n]
+        },
+        padded_bias=tuple(sorted(n for n, m in adapter.modules.items() if m.bias is None))
+        if _has_bias(adapter)
+        else (),
     )
+
+
+def _has_bias(adapter: Adapter) -> bool:
+    """PEFT's lora_bias is all or nothing: when any module has a bias, every module gets one (zeros)."""
+    return any(m.bias is not None for m in adapter.modules.values())
+
+
+def _fan_in_fan_out(adapter: Adapter) -> bool:
+    """The config's one flag; modules that differ are listed in the record (PEFT itself decides by layer type)."""
+    return any(m.fan_in_fan_out for m in adapter.modules.values())

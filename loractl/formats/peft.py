@@ -214,6 +214,8 @@ def _module_info(
     record: lineage.Record | None,
     findings: list[Finding],
 ) -> ModuleInfo | None:
+    if record and module in record.padded_bias:
+        keys = {role: key for role, key in keys.items() if role != "bias"}
     for role, other in (("A", "B"), ("B", "A")):
         if role in keys and other not in keys:
             findings.append(error(f"missing-{other.lower()}", f"lora_{role} has no matching lora_{other}", module))
@@ -246,11 +248,17 @@ def _module_info(
         scale=scale,
         alpha=alpha,
         scale_rule="alpha/sqrt(r)" if rslora else "alpha/r",
-        fan_in_fan_out=bool(config.get("fan_in_fan_out")) and not embedding and len(a) == 2,
+        fan_in_fan_out=_fan_in_fan_out(module, config, record, not embedding and len(a) == 2),
         keys=keys,
         shapes=shapes,
         dtypes={role: entries[k][0] for role, k in keys.items()},
     )
+
+
+def _fan_in_fan_out(module: str, config: dict[str, Any], record: lineage.Record | None, linear: bool) -> bool:
+    """The config's one flag applies to linear modules; loractl's record names the modules that differ."""
+    implied = bool(config.get("fan_in_fan_out")) and linear
+    return record.fan_in_fan_out.get(module, implied) if record else implied
 
 
 def _config_findings(
