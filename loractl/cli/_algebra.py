@@ -1,0 +1,83 @@
+"""What combine, resize and rescale share on the command line: output options, saving, the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ._output import emit_json, stdout, warn
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..ops.resize import AlgebraResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def output_options(func: F) -> F:
+    """-o/--output, --to, --force, --json, --from, --allow-pickle."""
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path."),
+        click.option("--to", "to_format", default=None, help="Output format (default: the input's)."),
+        click.option("--force", is_flag=True, help="Replace the output if it exists."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document."),
+        click.option("--from", "from_format", default=None, help="Input format (default: detected)."),
+        click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (weights_only=True)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load_inputs(
+    paths: list[str], output: str, force: bool, from_format: str | None, allow_pickle: bool
+) -> list[Adapter]:
+    """Check the output first (distinct from the inputs, absent unless --force), then load the inputs."""
+    from ..atomic import ensure_distinct
+    from ..errors import OutputExistsError
+    from ..formats import load_adapter
+
+    ensure_distinct(output, list(paths))
+    if Path(output).exists() and not force:
+        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+    return [load_adapter(p, format=from_format, allow_pickle=allow_pickle) for p in paths]
+
+
+def save_and_report(result: AlgebraResult, output: str, to_format: str | None, force: bool, as_json: bool) -> None:
+    """Write the result in the input's format (or `to_format`) and print the per-module report."""
+    from ..formats import FORMATS, save_adapter
+
+    source = result.adapter.meta.source_format
+    fmt = to_format or (source if source in FORMATS else "peft")
+    save_adapter(result.adapter, output, format=fmt, force=force)
+    for message in result.warnings:
+        warn(message)
+    rows = [vars(r) for r in result.report]
+    if as_json:
+        emit_json(
+            {
+                "output": output,
+                "format": fmt,
+                "content_hash": result.adapter.content_hash(),
+                "modules": rows,
+                "warnings": list(result.warnings),
+            }
+        )
+        return
+    _render(rows, output, fmt)
+
+
+def _render(rows: list[dict[str, Any]], output: str, fmt: str) -> None:
+    from rich.table import Table
+
+    table = Table("module", "rank in", "rank out", "rel. error", box=None)
+    for r in rows:
+        table.add_row(r["module"], str(r["rank_in"]), str(r["rank_out"]), f"{r['rel_error']:.3g}")
+    stdout.print(table)
+    worst = max((r["rel_error"] for r in rows), default=0.0)
+    ranks = sorted({r["rank_out"] for r in rows})
+    span = f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0] if ranks else 0)
+    stdout.print(f"wrote {output} ({fmt}, {len(rows)} modules, rank {span}, max rel. error {worst:.3g})")

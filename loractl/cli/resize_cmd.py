@@ -1,0 +1,52 @@
+"""`loractl resize`: optimal per-module truncation from the factors, fixed or dynamic rank."""
+
+from __future__ import annotations
+
+import click
+
+from ._algebra import load_inputs, output_options, save_and_report
+
+
+@click.command("resize")
+@click.argument("adapter", type=click.Path())
+@click.option("--rank", type=int, default=None, help="Keep this rank (modules below it are kept as they are).")
+@click.option("--energy", type=float, default=None, help="Keep the smallest rank with this share of ‖ΔW‖²_F.")
+@click.option("--fro", type=float, default=None, help="kohya sv_fro: keep this share of ‖ΔW‖_F (= --energy F²).")
+@click.option("--ratio", type=float, default=None, help="kohya sv_ratio: keep σ > σ_max / RATIO.")
+@click.option("--cumulative", type=float, default=None, help="kohya sv_cumulative: keep this share of Σσ.")
+@click.option("--max-rank", type=int, default=None, help="Upper bound for the dynamic rules.")
+@output_options
+def command(
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    fro: float | None,
+    ratio: float | None,
+    cumulative: float | None,
+    max_rank: int | None,
+    output: str,
+    to_format: str | None,
+    force: bool,
+    as_json: bool,
+    from_format: str | None,
+    allow_pickle: bool,
+) -> None:
+    """Shrink every module of ADAPTER to a lower rank, optimally, reporting rank and error per module.
+
+    \b
+    Examples:
+      loractl resize my-adapter -o my-adapter-r8 --rank 8
+      loractl resize my-adapter -o small --energy 0.99 --max-rank 32 --json
+    """
+    from ..errors import UsageError
+    from ..ops.lowrank import RankRule
+    from ..ops.resize import resize
+
+    if fro is not None and energy is not None:
+        raise UsageError("give --energy or --fro, not both", hint="--fro F is --energy F²")
+    rule = RankRule(
+        rank=rank, energy=fro**2 if fro is not None else energy, ratio=ratio, cumulative=cumulative, max_rank=max_rank
+    )
+    rule.check()
+    (source,) = load_inputs([adapter], output, force, from_format, allow_pickle)
+    save_and_report(resize(source, rule), output, to_format, force, as_json)
