@@ -20,6 +20,9 @@ from .. import __version__
 COMMANDS = {
     "inspect": "inspect_cmd",
     "validate": "validate_cmd",
+    "combine": "combine_cmd",
+    "resize": "resize_cmd",
+    "rescale": "rescale_cmd",
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
 import torch
 
 from .. import lineage
@@ -29,9 +30,9 @@ from .lowrank import (
     matrices,
     rebuild,
     to_factor_layout,
+    truncate,
     truncate_dense,
 )
-from .lowrank import truncate as truncate_svd
 from .resize import AlgebraResult, ModuleReport
 
 METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare", "dare_ties")
@@ -105,7 +106,7 @@ def _svd_cut(
     """The merged ΔW truncated by `rule`: factored for svd, dense for the trimming methods."""
     if options.method == "svd":
         b, a = _stacked(present)
-        return truncate_svd(factored_svd([b], [a]), rule)
+        return truncate(factored_svd([b], [a]), rule)
     like = present[0][1]
     deltas = [m.delta_weight() for _, m in present]  # base layout, as PEFT's get_delta_weight
     weights = torch.tensor([w for w, _ in present], dtype=torch.float32)
