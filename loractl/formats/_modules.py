@@ -1,0 +1,72 @@
+"""Shared by the single-file readers (kohya, diffusers, mlx): keys grouped by module → `ModuleInfo`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from .. import lineage
+from ..findings import Finding, error
+from ..info import ModuleInfo
+
+Shape = tuple[int, ...]
+
+
+def module_info(
+    module: str,
+    keys: dict[str, str],
+    entries: dict[str, tuple[str, Shape]],
+    scale_of: Callable[[int], tuple[float, float | None, str]],
+    findings: list[Finding],
+    kind: str | None = None,
+) -> ModuleInfo | None:
+    """Check one module's A/B (canonical shapes) and describe it; problems become findings.
+
+    Args:
+        keys: role ("A", "B", "magnitude", "bias") → tensor key.
+        entries: tensor key → (dtype code, canonical shape), i.e. after any transpose the format needs.
+        scale_of: rank → (scale, alpha as written, scale rule).
+        kind: "embedding" when the format says so; otherwise conv for 4-D factors, else linear.
+    """
+    for role, other in (("A", "B"), ("B", "A")):
+        if role in keys and other not in keys:
+            findings.append(error(f"missing-{other.lower()}", f"{role} factor without its {other} factor", module))
+            return None
+    if "A" not in keys:
+        findings.append(error("missing-a", "DoRA magnitude or bias without LoRA factors", module))
+        return None
+    shapes = {role: entries[k][1] for role, k in keys.items()}
+    a, b = shapes["A"], shapes["B"]
+    if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] == 0:
+        findings.append(error("rank-mismatch", f"A is {list(a)} but B is {list(b)}: ranks differ", module))
+        return None
+    for role in ("magnitude", "bias"):
+        if role in shapes and shapes[role] != (b[0],):
+            findings.append(error(f"{role}-shape", f"{role} is {list(shapes[role])}, expected [{b[0]}]", module))
+            return None
+    scale, alpha, rule = scale_of(a[0])
+    return ModuleInfo(
+        kind=kind or ("conv" if len(a) > 2 else "linear"),
+        rank=a[0],
+        in_features=a[1],
+        out_features=b[0],
+        scale=scale,
+        alpha=alpha,
+        scale_rule=rule,
+        fan_in_fan_out=False,
+        keys=keys,
+        shapes=shapes,
+        dtypes={role: entries[k][0] for role, k in keys.items()},
+    )
+
+
+def exact_scales(modules: dict[str, ModuleInfo], record: lineage.Record | None) -> dict[str, ModuleInfo]:
+    """Prefer the exact scales loractl recorded where a stored alpha or scale rounded them."""
+    if record is None or not record.scales:
+        return modules
+    out = dict(modules)
+    for name, info in modules.items():
+        exact = record.scales.get(name)
+        if exact is not None and abs(exact - info.scale) <= 1e-6 * abs(info.scale):
+            out[name] = replace(info, scale=exact)
+    return out

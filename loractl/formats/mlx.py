@@ -1,0 +1,289 @@
+"""mlx-lm adapters: `adapters.safetensors` + `adapter_config.json`, and old mlx-examples `.npz` (FORMATS.md §4).
+
+Factors are stored transposed: `lora_a` is Aᵀ (in, r), `lora_b` is Bᵀ (r, out); DoRA adds
+`m` (out,). The scale is one absolute multiplier, `lora_parameters.scale`; the `alpha` key
+old configs carry was never used by mlx-lm and is ignored. Files without a config (old
+`.npz`, a bare `adapters.safetensors`) store no scale: `--scale` is required for them.
+Written: one global rank (smaller ranks zero-padded) and one global scale (per-module
+ratios folded into B), as mlx-lm's loader requires; both folds are exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import lineage
+from ..errors import AdapterError, FormatError, UsageError
+from ..findings import Finding, error, warning
+from ..info import AdapterInfo
+from ..safetensors_header import is_safetensors, read_header
+from ._modules import exact_scales, module_info
+from .options import Feature, ReadOptions, WriteOptions
+from .peft_config import most_common
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, LoraModule
+
+NAME = "mlx"
+HOLDS: frozenset[Feature] = frozenset({"dora", "embedding"})
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapters.safetensors"
+LEAVES = {"lora_a": "A", "lora_b": "B", "m": "magnitude"}
+EMBEDDINGS = {"embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding"}  # LoRAEmbedding modules
+_CONFIG_MARKERS = ("lora_parameters", "fine_tune_type", "lora_layers", "num_layers")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def detect(path: Path) -> bool:
+    """An mlx-lm adapter directory, an `.npz` of `*.lora_a/b`, or a bare safetensors of them."""
+    config = _config(path)
+    if config is not None:
+        return any(k in config for k in _CONFIG_MARKERS)
+    if not path.is_file():
+        return False
+    try:
+        keys = list(_entries(path))
+    except (FormatError, ValueError, OSError):
+        return False
+    return bool(keys) and all(k.rpartition(".")[2] in LEAVES for k in keys) and any(k.endswith(".lora_a") for k in keys)
+
+
+def describe(path: Path, options: ReadOptions) -> AdapterInfo:
+    """Group keys into modules (shapes un-transposed) and take the scale from the config or `--scale`."""
+    config = _config(path) or {}
+    weights = _weights(path)
+    entries = _entries(weights)
+    params = config.get("lora_parameters") or {}
+    findings: list[Finding] = []
+    scale = _scale(config, options, weights, findings)
+    groups: dict[str, dict[str, str]] = {}
+    for key in entries:
+        module, _, leaf = key.rpartition(".")
+        if leaf not in LEAVES:
+            raise FormatError(f"tensor {key!r} is not an mlx LoRA leaf (lora_a, lora_b, m)", path=weights)
+        groups.setdefault(module, {})[LEAVES[leaf]] = key
+    modules = {}
+    for module, keys in sorted(groups.items()):
+        kind = "embedding" if module.rpartition(".")[2] in EMBEDDINGS else None
+        canonical = {k: (entries[k][0], _canonical_shape(k, entries[k][1], weights)) for k in keys.values()}
+        info = module_info(module, keys, canonical, lambda r: (scale, None, "absolute"), findings, kind)
+        if info is None:
+            continue
+        if "rank" in params and params["rank"] != info.rank:
+            findings.append(
+                error("config-rank", f"config says rank {params['rank']}, tensors have {info.rank}", module)
+            )
+        modules[module] = info
+    record = lineage.decode(_metadata(weights))
+    files = (weights, _root(path) / CONFIG_NAME) if config else (weights,)
+    return AdapterInfo(
+        path=_root(path) if config else weights,
+        format=NAME,
+        files=files,
+        modules=exact_scales(modules, record),
+        full_tensors={},
+        base_model=config.get("model") if isinstance(config.get("model"), str) else None,
+        record=record,
+        config=config,
+        findings=tuple(findings),
+    )
+
+
+def read(path: Path, options: ReadOptions) -> Adapter:
+    """Load the adapter, transposing `lora_a`/`lora_b` back to A (r, in) / B (out, r)."""
+    from dataclasses import replace
+
+    from ._reading import adapter_from_info
+
+    info = describe(path, options)
+    raw = _load(info.files[0])
+
+    def get(key: str) -> torch.Tensor:
+        t = raw[key]
+        return t.T.contiguous() if key.endswith((".lora_a", ".lora_b")) else t
+
+    adapter = adapter_from_info(info, get)
+    return replace(adapter, meta=replace(adapter.meta, extra={"mlx_config": info.config} if info.config else {}))
+
+
+def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
+    """Write `path/adapters.safetensors` (one rank, one scale) and `path/adapter_config.json`."""
+    from ..atomic import atomic_output
+    from ..safetensors_writer import save_tensors
+    from ._writing import record_for
+
+    folded = fold(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, m in folded.modules.items():
+        tensors[f"{module}.lora_a"], tensors[f"{module}.lora_b"] = m.A.T.contiguous(), m.B.T.contiguous()
+        if m.magnitude is not None:
+            tensors[f"{module}.m"] = m.magnitude
+    metadata = {lineage.METADATA_KEY: lineage.encode(record_for(folded, {}))}
+    config = _config_for(folded, adapter, options or WriteOptions())
+    with atomic_output(path, force=force) as tmp:
+        tmp.mkdir()
+        save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def fold(adapter: Adapter) -> Adapter:
+    """The adapter as mlx-lm holds it: every module at the largest rank and the most common scale.
+
+    Zero-padding ranks is exact; folding s/s_global into B rounds once in B's dtype.
+    """
+    from dataclasses import replace
+
+    _refuse_unheld(adapter)
+    mods = adapter.modules
+    rank = max((m.rank for m in mods.values()), default=8)
+    scale = most_common([m.scale for m in mods.values()], 20.0)
+    out = {name: _fold_module(m, rank, scale) for name, m in mods.items()}
+    return replace(adapter, modules=out)
+
+
+def _fold_module(m: LoraModule, rank: int, scale: float) -> LoraModule:
+    from dataclasses import replace
+
+    import torch
+
+    pad = rank - m.rank
+    a = torch.cat([m.A, m.A.new_zeros(pad, *m.A.shape[1:])]) if pad else m.A
+    b = m.B if m.scale == scale else (m.B.double() * (m.scale / scale)).to(m.B.dtype)
+    b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b
+    return replace(m, A=a, B=b, scale=scale, alpha=None, scale_rule="absolute")
+
+
+def _refuse_unheld(adapter: Adapter) -> None:
+    for module, m in adapter.modules.items():
+        if m.kind == "conv" or m.bias is not None or m.fan_in_fan_out:
+            raise AdapterError(f"module {module!r}: mlx adapters cannot hold conv LoRA, lora bias or fan_in_fan_out")
+    if len({m.magnitude is None for m in adapter.modules.values()}) > 1:
+        raise AdapterError("mlx adapters are all DoRA or all LoRA, not a mix", hint="split the adapter first")
+    if adapter.full_tensors:
+        raise AdapterError("mlx adapters cannot hold full tensors", hint="use 'loractl convert'")
+
+
+def _config_for(folded: Adapter, source: Adapter, options: WriteOptions) -> dict[str, Any]:
+    """adapter_config.json: the source mlx config's training fields, with the adapter's own numbers."""
+    mods = folded.modules
+    first = next(iter(mods.values()), None)
+    config = dict(source.meta.extra.get("mlx_config") or {})
+    params = {k: v for k, v in (config.get("lora_parameters") or {}).items() if k not in ("alpha", "rank", "scale")}
+    params |= {"rank": first.rank if first else 8, "scale": first.scale if first else 20.0}
+    params.setdefault("dropout", 0.0)
+    params["keys"] = sorted({_LAYER.split(m)[-1] if _LAYER.search(m) else m for m in mods})
+    config["lora_parameters"] = params
+    dora = first is not None and first.magnitude is not None
+    config["fine_tune_type"] = "dora" if dora else "lora"
+    config["num_layers"] = _num_layers(list(mods), options.base, config.get("num_layers"))
+    if source.meta.base_model and "model" not in config:
+        config["model"] = source.meta.base_model
+    return config
+
+
+def _num_layers(modules: list[str], base: Path | None, previous: Any) -> int:
+    """mlx-lm adapts the last N blocks: N = layers − first adapted layer (with a base), else as before, else all."""
+    indices = [int(m.group(1)) for m in map(_LAYER.search, modules) if m]
+    total = _base_layers(base) if base is not None else None
+    if total is not None and indices:
+        return total - min(indices)
+    return previous if isinstance(previous, int) else -1
+
+
+def _base_layers(base: Path) -> int | None:
+    config = (base if base.is_dir() else base.parent) / "config.json"
+    try:
+        doc = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    n = doc.get("num_hidden_layers", doc.get("n_layer"))
+    return n if isinstance(n, int) else None
+
+
+def _scale(config: dict[str, Any], options: ReadOptions, weights: Path, findings: list[Finding]) -> float:
+    params = config.get("lora_parameters") or {}
+    if config.get("fine_tune_type") == "full":
+        raise FormatError("mlx full fine-tune weights are not an adapter", path=weights)
+    if "alpha" in params:
+        findings.append(
+            warning("dead-alpha", f"lora_parameters.alpha ({params['alpha']}) is ignored by mlx-lm; scale is used")
+        )
+    if "scale" in params:
+        if options.scale is not None and float(options.scale) != float(params["scale"]):
+            raise UsageError(f"--scale {options.scale} contradicts the config's scale {params['scale']}")
+        return float(params["scale"])
+    if options.scale is None:
+        raise UsageError(
+            f"{weights.name} stores no scale (old mlx-examples files keep it in the training script)",
+            hint="pass --scale S (mlx-examples' default was 20.0; mlx-lm's was 10.0 until mid-2025)",
+        )
+    return float(options.scale)
+
+
+def _canonical_shape(key: str, shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    if key.endswith(".m"):
+        return shape
+    if len(shape) != 2:
+        raise FormatError(f"tensor {key!r} is {list(shape)}: MoE SwitchLinear adapters are not supported", path=path)
+    return shape[::-1]
+
+
+def _root(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _config(path: Path) -> dict[str, Any] | None:
+    """The mlx adapter_config.json beside `path`, if it is one."""
+    file = _root(path) / CONFIG_NAME
+    if not file.is_file() or (path.is_file() and path.suffix == ".npz"):
+        return None
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and any(k in doc for k in _CONFIG_MARKERS) else None
+
+
+def _weights(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if (path / WEIGHTS_NAME).is_file():
+        return path / WEIGHTS_NAME
+    raise FormatError(f"no {WEIGHTS_NAME} beside {CONFIG_NAME}", path=path)
+
+
+def _entries(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key → (dtype code, stored shape), from the safetensors header or the npz member headers."""
+    if is_safetensors(path):
+        return {k: (t.dtype, t.shape) for k, t in read_header(path).tensors.items()}
+    if path.suffix != ".npz":
+        raise FormatError("neither safetensors nor .npz", path=path)
+    from ..tensor_bytes import dtype_code
+
+    return {k: (dtype_code(t.dtype), tuple(t.shape)) for k, t in _load(path).items()}
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".npz":
+        import numpy as np
+        import torch
+
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
+        except (OSError, ValueError) as e:
+            raise FormatError(f"cannot read npz ({str(e)[:80]})", path=path) from None
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint(path) as ckpt:
+        return {k: ckpt.get(k) for k in ckpt.names}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    return read_header(path).metadata if is_safetensors(path) else {}
