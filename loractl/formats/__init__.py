@@ -13,14 +13,19 @@ from typing import TYPE_CHECKING
 from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
-from . import peft
+from . import diffusers, kohya, mlx, peft
 from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
 
 # Detection order matters (FORMATS.md §11.2): the first format whose `detect` says yes wins.
-FORMATS: dict[str, ModuleType] = {"peft": peft}
+FORMATS: dict[str, ModuleType] = {
+    "peft": peft,
+    "mlx": mlx,
+    "diffusers": diffusers,
+    "kohya": kohya,
+}
 
 
 def detect_format(path: str | Path) -> str:
