@@ -1,0 +1,359 @@
+"""Plan a merge from headers alone: which base tensor every adapter module updates, and every mismatch.
+
+Nothing here reads tensor data, so `--dry-run` on a 70B base answers in milliseconds, and a merge
+that cannot succeed fails, listing all its problems at once, before it writes a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ..checkpoint import Checkpoint, touched_weight_names
+from ..checkpoint_writer import parse_size
+from ..errors import ShapeMismatchError, UsageError
+from ..findings import Finding, error
+from ..info import AdapterInfo, ModuleInfo
+
+Role = Literal["lora", "dora", "bias", "full"]
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+DTYPE_NAMES = {
+    "float32": "F32", "fp32": "F32", "f32": "F32",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
+}  # fmt: skip
+CONFIG_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Input embeddings an untied `lm_head` can take its starting weight from.
+_EMBEDDING = re.compile(r"(^|.*\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared)\.weight$")
+_HEAD = re.compile(r"(^|.*\.)(lm_head|embed_out)\.weight$")
+# Weight files that must not travel to the output: they would hold the unmerged weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One change to one output tensor: adapter `adapter`'s `module` (or full tensor) applied as `role`."""
+
+    adapter: int
+    module: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where it starts from, what it becomes, and what changes it."""
+
+    name: str
+    source: str | None  # the base tensor read; None when a full tensor from an adapter supplies it
+    dtype: str
+    shape: tuple[int, ...]
+    updates: tuple[Update, ...] = ()
+
+    @property
+    def action(self) -> str:
+        """copy (bit-exact unless --dtype), merge (low-rank updates), replace (a full tensor), untie."""
+        if self.source is not None and self.source != self.name:
+            return "untie"
+        if any(u.role != "full" for u in self.updates):
+            return "merge"
+        return "replace" if self.updates else "copy"
+
+    @property
+    def nbytes(self) -> int:
+        from ..safetensors_header import DTYPE_SIZES
+
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """One adapter of the merge, described from its headers, with its weight."""
+
+    path: Path
+    weight: float
+    info: AdapterInfo
+    fingerprint_names: tuple[str, ...]  # the base tensors its fingerprint covers
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided from headers; `problems` lists every mismatch found."""
+
+    base: Path
+    adapters: tuple[AdapterPlan, ...]
+    tensors: tuple[TensorPlan, ...]
+    problems: tuple[Finding, ...]
+    max_shard_bytes: int
+    dtype: str | None
+    files: tuple[Path, ...]  # non-weight files copied to the output
+    skipped_files: tuple[Path, ...]  # weight-like files that are not copied (they would hold stale weights)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def untied(self) -> list[str]:
+        return [t.name for t in self.tensors if t.action == "untie"]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def count(self, action: str) -> int:
+        return sum(t.action == action for t in self.tensors)
+
+    def check(self) -> None:
+        """Raise `MergePlanError` listing every problem, if there is any."""
+        if self.problems:
+            raise MergePlanError(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": str(self.base),
+            "adapters": [
+                {"path": str(a.path), "format": a.info.format, "weight": a.weight, "modules": len(a.info.modules)}
+                for a in self.adapters
+            ],
+            "dtype": self.dtype,
+            "max_shard_bytes": self.max_shard_bytes,
+            "total_bytes": self.total_bytes,
+            "counts": {a: self.count(a) for a in ("merge", "replace", "untie", "copy")},
+            "untied": self.untied,
+            "config_updates": self.config_updates,
+            "files": [p.name for p in self.files],
+            "skipped_files": [p.name for p in self.skipped_files],
+            "tensors": [_tensor_json(t) for t in self.tensors if t.action != "copy"],
+            "problems": [{"code": p.code, "adapter": p.path, "module": p.module, "message": p.message} for p in self.problems],
+        }
+
+
+class MergePlanError(ShapeMismatchError):
+    """The adapters do not fit the base; carries the plan with every problem."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        lines = [f"  {p.path}: {p.render()}" for p in plan.problems]
+        n = len(plan.problems)
+        super().__init__(
+            f"the merge plan has {n} problem{'s' * (n != 1)}; nothing was written:\n" + "\n".join(lines),
+            hint="the adapters must be made for this base; see 'loractl merge --dry-run' and 'loractl inspect ADAPTER'",
+        )
+
+
+def plan_merge(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = None,
+) -> MergePlan:
+    """Match every adapter module and full tensor to a base tensor, from headers only.
+
+    Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in
+    `MergePlan.problems` (call `check()` to raise them all at once).
+    """
+    from ..formats import describe_adapter
+    from ..formats.options import ReadOptions
+
+    base = Path(base)
+    weights = _weights(adapters, weights)
+    code = _dtype_code(dtype)
+    with Checkpoint(base) as ckpt:
+        config = _read_config(ckpt)
+        planner = _Planner(ckpt, config, code)
+        plans = []
+        for i, (path, weight) in enumerate(zip(adapters, weights, strict=True)):
+            info = describe_adapter(path, options=ReadOptions(base=base))
+            planner.add_adapter(i, info, weight)
+            names = tuple(touched_weight_names(info.modules, ckpt))
+            plans.append(AdapterPlan(Path(path), weight, info, names))
+        tensors = planner.tensors()
+        files = ckpt.other_files()
+        return MergePlan(
+            base=base,
+            adapters=tuple(plans),
+            tensors=tensors,
+            problems=tuple(planner.problems),
+            max_shard_bytes=_shard_bytes(ckpt, max_shard_size),
+            dtype=code,
+            files=tuple(p for p in files if not p.name.endswith(_WEIGHT_SUFFIXES)),
+            skipped_files=tuple(p for p in files if p.name.endswith(_WEIGHT_SUFFIXES)),
+            config_updates=_config_updates(config, code, any(t.action == "untie" for t in tensors)),
+        )
+
+
+class _Planner:
+    """Collects updates per output tensor and problems, adapter by adapter."""
+
+    def __init__(self, ckpt: Checkpoint, config: dict[str, Any] | None, dtype: str | None) -> None:
+        self.ckpt, self.config, self.dtype = ckpt, config, dtype
+        self.updates: dict[str, list[Update]] = {}
+        self.untied: dict[str, TensorPlan] = {}  # output name → plan of a tensor the base stores tied
+        self.problems: list[Finding] = []
+
+    def add_adapter(self, i: int, info: AdapterInfo, weight: float) -> None:
+        where = str(info.path)
+        self.problems += [replace(f, path=where) for f in info.errors]
+        for module, m in info.modules.items():
+            for f in self._module(i, module, m, weight):
+                self.problems.append(replace(f, path=where))
+        for name, t in info.full_tensors.items():
+            f = self._full(i, name, t.shape)
+            if f is not None:
+                self.problems.append(replace(f, path=where))
+
+    def _module(self, i: int, module: str, m: ModuleInfo, weight: float) -> list[Finding]:
+        target, expected = f"{module}.weight", _stored_shape(m)
+        source = self._source(target, expected)
+        if source is None:
+            hint = " (an untied lm_head needs config.json with tie_word_embeddings)" if _HEAD.match(target) else ""
+            return [error("not-in-base", f"the base has no tensor {target!r}{hint}", module)]
+        actual = self.ckpt.info(source)
+        if actual.shape != expected:
+            return [error("shape-mismatch", _shape_message(m, source, actual.shape), module)]
+        if actual.dtype not in FLOAT_DTYPES:
+            return [error("base-dtype", f"base tensor {source!r} is {actual.dtype}, not floating point", module)]
+        out: list[Finding] = []
+        if m.dora and weight != 1.0:
+            out.append(error("dora-weight", f"DoRA magnitudes cannot be weighted (weight {weight})", module))
+        if m.dora and math.prod(m.shapes["magnitude"]) != m.out_features:
+            out.append(error("magnitude-shape", f"DoRA magnitude is {list(m.shapes['magnitude'])}", module))
+        self._add(target, source, Update(i, module, "dora" if m.dora else "lora"))
+        if m.bias:
+            out += self._bias(i, module, m)
+        return out
+
+    def _bias(self, i: int, module: str, m: ModuleInfo) -> list[Finding]:
+        target = f"{module}.bias"
+        if target not in self.ckpt:
+            return [error("bias-not-in-base", f"the adapter has lora_B.bias but the base has no {target!r}", module)]
+        if self.ckpt.info(target).shape != (m.out_features,):
+            shape = list(self.ckpt.info(target).shape)
+            return [error("shape-mismatch", f"lora_B.bias is [{m.out_features}] but base {target!r} is {shape}", module)]
+        self._add(target, target, Update(i, module, "bias"))
+        return []
+
+    def _full(self, i: int, name: str, shape: tuple[int, ...]) -> Finding | None:
+        source = self._source(name, shape)
+        if source is None:
+            return error("not-in-base", f"full tensor {name!r} has no counterpart in the base")
+        if self.ckpt.info(source).shape != shape:
+            have = list(self.ckpt.info(source).shape)
+            return error("shape-mismatch", f"full tensor {name!r} is {list(shape)} but the base has {have}")
+        if any(u.role == "full" for u in self.updates.get(name, [])):
+            return error("full-conflict", f"two adapters replace {name!r}")
+        self._add(name, source, Update(i, name, "full"))
+        return None
+
+    def _source(self, target: str, shape: tuple[int, ...]) -> str | None:
+        """The base tensor `target` starts from: itself, or the input embedding a tied head shares."""
+        if target in self.ckpt:
+            return target
+        if not (_HEAD.match(target) and self._tied()):
+            return None
+        found = [n for n in self.ckpt.names if _EMBEDDING.match(n) and self.ckpt.info(n).shape == shape]
+        return found[0] if len(found) == 1 else None
+
+    def _tied(self) -> bool:
+        # transformers' default for a config without the key is tied; no config.json: trust the missing head
+        return self.config is None or bool(self.config.get("tie_word_embeddings", True))
+
+    def _add(self, target: str, source: str, update: Update) -> None:
+        self.updates.setdefault(target, []).append(update)
+        if target not in self.ckpt and target not in self.untied:
+            info = self.ckpt.info(source)
+            self.untied[target] = TensorPlan(target, source, self._out_dtype(info.dtype), info.shape)
+
+    def _out_dtype(self, dtype: str) -> str:
+        return self.dtype if self.dtype and dtype in FLOAT_DTYPES else dtype
+
+    def tensors(self) -> tuple[TensorPlan, ...]:
+        """Base tensors in base order, then untied heads; full replacements first in each update list."""
+        out = []
+        for name in [*self.ckpt.names, *sorted(self.untied)]:
+            info = self.ckpt.info(name) if name in self.ckpt else None
+            plan = self.untied[name] if info is None else TensorPlan(name, name, self._out_dtype(info.dtype), info.shape)
+            ups = sorted(self.updates.get(name, []), key=lambda u: u.role != "full")
+            out.append(replace(plan, updates=tuple(ups)))
+        return tuple(out)
+
+
+def _stored_shape(m: ModuleInfo) -> tuple[int, ...]:
+    """The shape the base stores the module's weight in (see `loractl.adapter` for the layouts)."""
+    if m.kind == "conv":
+        return (m.out_features, m.in_features, *m.kernel)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        return (m.in_features, m.out_features)
+    return (m.out_features, m.in_features)
+
+
+def _shape_message(m: ModuleInfo, source: str, actual: tuple[int, ...]) -> str:
+    a, b = tuple(m.shapes["A"]), tuple(m.shapes["B"])
+    layout = " (fan_in_fan_out: stored as in × out)" if m.fan_in_fan_out else ""
+    return f"adapter A {a} and B {b} make a {m.kind} ΔW of {_stored_shape(m)}{layout}, but base {source!r} is {actual}"
+
+
+def _tensor_json(t: TensorPlan) -> dict[str, Any]:
+    updates = [{"adapter": u.adapter, "module": u.module, "role": u.role} for u in t.updates]
+    return {"name": t.name, "action": t.action, "source": t.source, "dtype": t.dtype, "shape": list(t.shape), "updates": updates}
+
+
+def _weights(adapters: Sequence[str | Path], weights: Sequence[float] | None) -> list[float]:
+    if not adapters:
+        raise UsageError("no adapter to merge", hint="give at least one ADAPTER after BASE")
+    if not weights:
+        return [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(
+            f"{len(weights)} weights for {len(adapters)} adapters",
+            hint="give --weight once per adapter, in the same order, or not at all (every weight 1)",
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"weights must be finite, got {list(weights)}")
+    return [float(w) for w in weights]
+
+
+def _dtype_code(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    code = DTYPE_NAMES.get(dtype.lower()) or (dtype.upper() if dtype.upper() in CONFIG_DTYPE_NAMES else None)
+    if code is None:
+        raise UsageError(f"unknown dtype {dtype!r}", hint="choose float32, bfloat16 or float16")
+    return code
+
+
+def _shard_bytes(ckpt: Checkpoint, max_shard_size: str | int | None) -> int:
+    """The requested limit, or the base's largest shard (so the output shards like the input)."""
+    if max_shard_size is not None:
+        return parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    sizes = [sum(t.nbytes for t in h.tensors.values()) for h in ckpt.headers.values()]
+    return max([*sizes, 1])
+
+
+def _read_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    path = ckpt.directory / "config.json"
+    if not ckpt.path.is_dir() or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return None  # copied as it is; nothing to learn from it
+    return doc if isinstance(doc, dict) else None
+
+
+def _config_updates(config: dict[str, Any] | None, dtype: str | None, untie: bool) -> dict[str, Any]:
+    """Keys of config.json the merge changes: tie_word_embeddings when a head is untied, the dtype."""
+    if config is None:
+        return {}
+    out: dict[str, Any] = {}
+    if untie:
+        out["tie_word_embeddings"] = False
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config and config[key] != CONFIG_DTYPE_NAMES[dtype]:
+                out[key] = CONFIG_DTYPE_NAMES[dtype]
+    return out
