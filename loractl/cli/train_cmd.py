@@ -1,0 +1,150 @@
+"""`loractl train`: flags → `TrainConfig` → `loractl.train.train_adapter`, with a progress bar."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+import click
+
+from ._output import emit_json, stderr, stdout
+
+_SUFFIXES = re.compile(r"[\w.]+(,[\w.]+)*")
+
+
+def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
+    """`q_proj,v_proj` → suffixes; `all-linear` and anything else (a regex) stay a string."""
+    if value is None or value == "all-linear" or not _SUFFIXES.fullmatch(value):
+        return value
+    return tuple(value.split(","))
+
+
+@click.command("train", context_settings={"show_default": False})
+@click.option(
+    "--base", required=True, help="Base model: a transformers directory (config.json + safetensors + tokenizer)."
+)
+@click.option("--data", required=True, type=click.Path(), help="Training JSONL: text, prompt+completion, or messages.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
+@click.option("--eval-data", type=click.Path(), help="Held-out JSONL for eval loss.")
+@click.option("--rank", type=int, help="LoRA rank r [8].")
+@click.option("--alpha", type=float, help="LoRA alpha; scale = alpha/r [16].")
+@click.option("--targets", help="Suffixes (q_proj,v_proj), all-linear, or a regex over module paths [q_proj,v_proj].")
+@click.option("--exclude", help="Suffixes or a regex of modules to leave out.")
+@click.option("--rslora", is_flag=True, default=None, help="Scale alpha/sqrt(r) (rsLoRA).")
+@click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
+@click.option("--init", type=click.Choice(["kaiming", "gaussian"]), help="Initialization of A [kaiming].")
+@click.option("--steps", type=int, help="Optimizer steps [100].")
+@click.option("--epochs", type=float, help="Passes over the data (instead of --steps).")
+@click.option("--lr", type=float, help="Peak learning rate [2e-4].")
+@click.option("--warmup", type=int, help="Linear warmup steps [0].")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR schedule [cosine].")
+@click.option("--batch-size", type=int, help="Examples per micro-batch per process [8].")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
+@click.option("--max-len", type=int, help="Truncate examples to this many tokens [512].")
+@click.option("--packing", is_flag=True, default=None, help="Pack short examples into rows of --max-len.")
+@click.option("--grad-checkpointing", is_flag=True, default=None, help="Recompute activations in backward.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
+@click.option("--seed", type=int, help="Seed for A's init, data order and dropout [0].")
+@click.option("--save-every", type=int, help="Checkpoint every N steps into OUTPUT.train/checkpoints [0: never].")
+@click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
+@click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
+@click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
+@click.option("--nproc", type=int, help="Launch N processes with torchrun (DDP).")
+@click.option("--force", is_flag=True, help="Replace an existing output and its checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@click.pass_context
+def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data: str | None, resume: str | None,
+            config_file: str | None, nproc: int | None, force: bool, as_json: bool, **settings: Any) -> None:  # fmt: skip
+    """Train a LoRA adapter on a transformers base and save it in PEFT format.
+
+    \b
+    Examples:
+      loractl train --base fixtures/tiny-llama --data fixtures/data/train.jsonl -o out --lr 1e-2 --steps 60
+      loractl train --base BASE --data chat.jsonl -o out --targets all-linear --rank 16 --nproc 2
+    """
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from ..train.distributed import launch
+
+        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :])))
+    from ..train import train_adapter
+    from ..train.config import load_config
+
+    settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]))
+    config = load_config(config_file, settings)
+    with _Progress() as progress:
+        summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
+                                callbacks=[progress])  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        _report(summary, as_json)
+    if summary.result.interrupted:
+        ctx.exit(130)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _report(summary: Any, as_json: bool) -> None:
+    r = summary.result
+    doc = {"output": str(summary.output) if summary.output else None, "steps": r.steps, "tokens": r.tokens,
+           "train_loss": r.train_loss, "eval_loss": r.eval_loss, "seconds": round(r.seconds, 2),
+           "trainable": summary.injection.trainable, "total": summary.injection.total,
+           "modules": len(summary.injection.modules), "examples": summary.examples, "dropped": summary.dropped,
+           "content_hash": summary.content_hash, "run_dir": str(summary.run_dir), "interrupted": r.interrupted,
+           "checkpoint": str(r.checkpoint) if r.checkpoint else None}  # fmt: skip
+    if as_json:
+        emit_json(doc)
+    elif r.interrupted:
+        stderr.print(f"interrupted at step {r.steps}; resume with --resume {r.checkpoint}", highlight=False)
+    else:
+        losses = f"train loss {r.train_loss:.4f}" + (
+            f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""
+        )
+        stdout.print(f"wrote {summary.output}: {r.steps} steps, {losses}, {r.seconds:.1f} s", highlight=False)
+
+
+class _Progress:
+    """A Callback (duck-typed, so this module needs no torch): trainable count, then a progress bar."""
+
+    def __enter__(self) -> _Progress:
+        self.bar: Any = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        stderr.print(f"trainable parameters: {info['trainable']:,} of {info['total']:,} ({100 * info['ratio']:.2f}%)",
+                     highlight=False)  # fmt: skip
+        if stderr.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                       TimeRemainingColumn())  # fmt: skip
+            self.bar = Progress(*columns, console=stderr, transient=True)
+            self.task = self.bar.add_task("train", total=info["steps"], completed=info["start_step"], stats="")
+            self.bar.start()
+
+    def on_step(self, metrics: dict[str, Any]) -> bool | None:
+        if self.bar is not None:
+            stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
+            self.bar.update(self.task, completed=metrics["step"], stats=stats)
+        return None
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        stderr.print(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f}", highlight=False)
+
+    def on_save(self, path: Any, step: int) -> None:
+        return None

@@ -1,0 +1,61 @@
+"""From a model with `LoraLinear` layers to the canonical `Adapter` (and from an adapter back)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..checkpoint import feed_fingerprint
+from ..safetensors_header import TensorInfo
+from ..tensor_bytes import dtype_code
+from .lora_layers import LoraLinear
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DistributedDataParallel (or FSDP) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every `LoraLinear` by its module path (the base layer's own path)."""
+    return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoraLinear)}
+
+
+def extract_adapter(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
+    """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
+    layers = lora_layers(model)
+    modules = {
+        name: LoraModule(
+            A=layer.lora_A.detach().to("cpu", copy=True),
+            B=layer.lora_B.detach().to("cpu", copy=True),
+            scale=layer.scale,
+            alpha=layer.alpha,
+            scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
+            fan_in_fan_out=layer.fan_in_fan_out,
+        )
+        for name, layer in layers.items()
+    }
+    meta = AdapterMeta(base_model=base_model, base_fingerprint=base_fingerprint(model), task_type=task_type)
+    return Adapter(modules=modules, meta=meta)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the adapted base weights, byte-compatible with `Checkpoint.fingerprint`.
+
+    The weight of module `m` is hashed under the name `m.weight`, as a checkpoint stores it, so a
+    fingerprint taken here equals the one `validate --base` computes from the files.
+    """
+    h = hashlib.sha256()
+    for name, layer in sorted(lora_layers(model).items()):
+        weight = layer.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        raw = weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        feed_fingerprint(
+            h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw
+        )
+    return "sha256:" + h.hexdigest()

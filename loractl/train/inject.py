@@ -1,0 +1,109 @@
+"""Put `LoraLinear` layers into any `nn.Module` by target names, and freeze everything else.
+
+Targets (as PEFT reads `target_modules`): a list of name suffixes (`q_proj` matches
+`model.layers.0.self_attn.q_proj`), a regex matched against the whole module path, or
+`all-linear` (every linear layer but the output head). A pattern that matches nothing is an
+error, so a typo never trains an adapter with a missing target.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .config import Targets, TrainConfig
+from .lora_layers import LoraLinear, is_adaptable
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What `inject` did: the adapted module paths and the parameter counts after freezing."""
+
+    modules: tuple[str, ...]
+    trainable: int
+    total: int
+
+    @property
+    def ratio(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+
+def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
+    """Wrap the targeted layers of `model` in place; only LoRA factors require grad afterwards.
+
+    A is drawn from a generator seeded with `config.seed`, so the same config gives the same start.
+    """
+    config = config or TrainConfig()
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise UsageError("the model already has LoRA layers", hint="inject into a fresh copy of the base")
+    chosen = select_modules(model, config.targets, config.exclude)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoraLinear(getattr(parent, leaf), config.rank, config.alpha, rslora=config.rslora,
+                           dropout=config.dropout, init=config.init, generator=generator)  # fmt: skip
+        setattr(parent, leaf, layer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Injection(tuple(chosen), trainable, sum(p.numel() for p in model.parameters()))
+
+
+def select_modules(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[str]:
+    """Paths of the adaptable layers `targets` names, minus `exclude`, in model order."""
+    candidates = [name for name, m in model.named_modules() if name and is_adaptable(m)]
+    if targets == ALL_LINEAR:
+        head = _output_head(model)
+        chosen = [n for n in candidates if n != head]
+    else:
+        chosen = _match(candidates, targets, required=True)
+    if exclude is not None:
+        dropped = set(_match(chosen, exclude, required=False))
+        chosen = [n for n in chosen if n not in dropped]
+    if not chosen:
+        raise UsageError(f"targets {_show(targets)} leave no layer to adapt", hint=_available(candidates))
+    return chosen
+
+
+def _match(names: list[str], pattern: Targets, *, required: bool) -> list[str]:
+    if isinstance(pattern, str):
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"target pattern {pattern!r} is not a valid regex: {e}") from None
+        matched = [n for n in names if regex.fullmatch(n)]
+        if required and not matched:
+            raise UsageError(f"target pattern {pattern!r} matches no linear layer", hint=_available(names))
+        return matched
+    hits: set[str] = set()
+    for suffix in pattern:
+        found = {n for n in names if n == suffix or n.endswith("." + suffix)}
+        if required and not found:
+            raise UsageError(f"target {suffix!r} matches no linear layer", hint=_available(names))
+        hits |= found
+    return [n for n in names if n in hits]
+
+
+def _output_head(model: nn.Module) -> str | None:
+    """The output projection's path (transformers' `get_output_embeddings`, else a leaf named lm_head)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or (head is None and name.rpartition(".")[2] == "lm_head"):
+            return str(name)
+    return None
+
+
+def _available(names: list[str]) -> str:
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    return f"linear layers in this model end in: {', '.join(leaves[:12]) or 'none'}"
+
+
+def _show(targets: Targets) -> str:
+    return repr(targets) if isinstance(targets, str) else ",".join(targets)

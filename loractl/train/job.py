@@ -1,0 +1,126 @@
+"""`train_adapter`: base directory + JSONL files → a trained PEFT-format adapter with lineage.
+
+Everything a user can get wrong (paths, config, data, targets) is checked before the first
+step. Checkpoints and `metrics.jsonl` go to `OUTPUT.train/` beside the adapter.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..atomic import ensure_distinct
+from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageError
+from ..lineage import new_entry
+from . import distributed
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .export import extract_adapter
+from .inject import Injection, inject
+from .loop import Hooks, MetricsLog, TrainResult, train
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What `train_adapter` produced; `output` is None when the run was interrupted."""
+
+    output: Path | None
+    run_dir: Path
+    result: TrainResult
+    injection: Injection
+    examples: int
+    dropped: int
+    content_hash: str | None
+
+
+def train_adapter(
+    base: str | Path,
+    data: str | Path,
+    output: str | Path,
+    config: TrainConfig,
+    *,
+    eval_data: str | Path | None = None,
+    resume: str | Path | None = None,
+    force: bool = False,
+    callbacks: Sequence[Hooks] = (),
+) -> TrainSummary:
+    """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`."""
+    config.check()
+    output, run_dir = Path(output), Path(f"{output}.train")
+    inputs: list[str | Path] = [data, *([eval_data] if eval_data else [])]
+    ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
+    _check_outputs(output, run_dir, force=force, resuming=resume is not None)
+    world = distributed.setup()
+    model, tokenizer = load_base(base)
+    train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
+    eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
+    injection = inject(model, config)
+    model.to(world.device)
+    if force and resume is None and world.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    distributed.barrier(world)
+    result = train(model, train_set.examples, config, eval_data=eval_set.examples if eval_set else None,
+                   pad_id=tokenizer.pad_token_id or 0, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
+                   checkpoint_dir=run_dir / "checkpoints", resume=Path(resume) if resume else None, world=world)  # fmt: skip
+    summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
+    if result.interrupted:
+        return summary
+    adapter = extract_adapter(model, base_model=str(base), task_type="CAUSAL_LM")
+    adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
+    if world.is_main:
+        from ..formats import save_adapter
+
+        save_adapter(adapter, output, force=force or resume is not None)
+    distributed.barrier(world)
+    return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, adapter.content_hash())
+
+
+def load_base(base: str | Path) -> tuple[nn.Module, Any]:
+    """A transformers causal LM (float32) and its tokenizer, from a directory or a Hub id."""
+    path = Path(base)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"base directory {path} has no config.json",
+                         hint="point --base at a transformers model directory (config.json, safetensors, tokenizer)")  # fmt: skip
+    if not path.exists() and not _HUB_ID.fullmatch(str(base)):
+        raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise LoractlError(f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
+                           hint="a base is a transformers causal LM directory with its tokenizer") from None  # fmt: skip
+    return model, tokenizer
+
+
+def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) -> None:
+    if output.exists() and not (force or resuming):
+        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+    if (run_dir / "checkpoints").exists() and not (force or resuming):
+        raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run",
+                                hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force")  # fmt: skip
+
+
+def _lineage(base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None,
+             result: TrainResult) -> dict[str, Any]:  # fmt: skip
+    params = {"base": str(base), **config.to_dict()}
+    metrics = {
+        "steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+        "data_sha256": train_set.sha256, "eval_data_sha256": eval_set.sha256 if eval_set else None,
+        "examples": len(train_set), "seconds": round(result.seconds, 3),
+    }  # fmt: skip
+    return new_entry("train", params, parents=[], metrics=metrics)
