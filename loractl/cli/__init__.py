@@ -23,6 +23,7 @@ COMMANDS = {
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",
+    "train": "train_cmd",
 }
 
 
