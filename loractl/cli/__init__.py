@@ -20,6 +20,7 @@ from .. import __version__
 COMMANDS = {
     "inspect": "inspect_cmd",
     "validate": "validate_cmd",
+    "merge": "merge_cmd",
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",

@@ -242,7 +242,9 @@ class _Stream:
             d = module_delta(module, weight)
             norm = frobenius_norm(start) if norm is None else norm
             rel = delta_norm(d) / norm if norm > 0 else None
-            self.modules.append(ModuleReport(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel))
+            self.modules.append(
+                ModuleReport(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
+            )
             out.append(d)
         return out
 

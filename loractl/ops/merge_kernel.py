@@ -113,7 +113,7 @@ def frobenius_norm(t: torch.Tensor) -> float:
     rows = t.reshape(t.shape[0] if t.ndim else 1, -1)
     block = max(1, BLOCK_ELEMENTS // max(rows.shape[1], 1))
     total = 0.0
-    for chunk in rows.split(block):
+    for chunk in torch.split(rows, block):
         total += float(torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32).double().square().sum())
     return math.sqrt(total)
 
@@ -127,7 +127,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or t.numel() == 0:
         return True
     if t.dtype not in _NATIVE:  # float8: no isfinite kernel
-        return all(bool(torch.isfinite(c.float()).all()) for c in t.reshape(-1).split(BLOCK_ELEMENTS))
+        return all(bool(torch.isfinite(c.float()).all()) for c in torch.split(t.reshape(-1), BLOCK_ELEMENTS))
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 

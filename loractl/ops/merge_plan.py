@@ -126,7 +126,9 @@ class MergePlan:
             "files": [p.name for p in self.files],
             "skipped_files": [p.name for p in self.skipped_files],
             "tensors": [_tensor_json(t) for t in self.tensors if t.action != "copy"],
-            "problems": [{"code": p.code, "adapter": p.path, "module": p.module, "message": p.message} for p in self.problems],
+            "problems": [
+                {"code": p.code, "adapter": p.path, "module": p.module, "message": p.message} for p in self.problems
+            ],
         }
 
 
@@ -202,9 +204,9 @@ class _Planner:
             for f in self._module(i, module, m, weight):
                 self.problems.append(replace(f, path=where))
         for name, t in info.full_tensors.items():
-            f = self._full(i, name, t.shape)
-            if f is not None:
-                self.problems.append(replace(f, path=where))
+            problem = self._full(i, name, t.shape)
+            if problem is not None:
+                self.problems.append(replace(problem, path=where))
 
     def _module(self, i: int, module: str, m: ModuleInfo, weight: float) -> list[Finding]:
         target, expected = f"{module}.weight", _stored_shape(m)
@@ -233,7 +235,9 @@ class _Planner:
             return [error("bias-not-in-base", f"the adapter has lora_B.bias but the base has no {target!r}", module)]
         if self.ckpt.info(target).shape != (m.out_features,):
             shape = list(self.ckpt.info(target).shape)
-            return [error("shape-mismatch", f"lora_B.bias is [{m.out_features}] but base {target!r} is {shape}", module)]
+            return [
+                error("shape-mismatch", f"lora_B.bias is [{m.out_features}] but base {target!r} is {shape}", module)
+            ]
         self._add(target, target, Update(i, module, "bias"))
         return []
 
@@ -276,7 +280,9 @@ class _Planner:
         out = []
         for name in [*self.ckpt.names, *sorted(self.untied)]:
             info = self.ckpt.info(name) if name in self.ckpt else None
-            plan = self.untied[name] if info is None else TensorPlan(name, name, self._out_dtype(info.dtype), info.shape)
+            plan = (
+                self.untied[name] if info is None else TensorPlan(name, name, self._out_dtype(info.dtype), info.shape)
+            )
             ups = sorted(self.updates.get(name, []), key=lambda u: u.role != "full")
             out.append(replace(plan, updates=tuple(ups)))
         return tuple(out)
@@ -299,7 +305,14 @@ def _shape_message(m: ModuleInfo, source: str, actual: tuple[int, ...]) -> str:
 
 def _tensor_json(t: TensorPlan) -> dict[str, Any]:
     updates = [{"adapter": u.adapter, "module": u.module, "role": u.role} for u in t.updates]
-    return {"name": t.name, "action": t.action, "source": t.source, "dtype": t.dtype, "shape": list(t.shape), "updates": updates}
+    return {
+        "name": t.name,
+        "action": t.action,
+        "source": t.source,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "updates": updates,
+    }
 
 
 def _weights(adapters: Sequence[str | Path], weights: Sequence[float] | None) -> list[float]:

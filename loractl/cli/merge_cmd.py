@@ -1,0 +1,148 @@
+"""`loractl merge`: adapters into a base checkpoint, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import click
+
+from ._output import emit_json, stderr, stdout
+
+if TYPE_CHECKING:
+    from ..ops.merge import MergeProgress, MergeReport
+    from ..ops.merge_plan import MergePlan
+
+TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Output directory (required unless --dry-run).")
+@click.option(
+    "--weight", "weights", type=float, multiple=True, help="One per adapter, in order (default 1; negative subtracts)."
+)
+@click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
+@click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
+@click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def command(
+    base: str,
+    adapters: tuple[str, ...],
+    output: str | None,
+    weights: tuple[float, ...],
+    dtype: str | None,
+    max_shard_size: str | None,
+    dry_run: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Merge ADAPTERS into the BASE checkpoint: W' = W + Σ weight·scale·B·A, one tensor at a time.
+
+    \b
+    Examples:
+      loractl merge fixtures/tiny-llama fixtures/adapters/tiny-qv -o merged
+      loractl merge base a b --weight 1 --weight -0.5 -o merged --dtype bfloat16
+      loractl merge base a --dry-run --json
+    """
+    from ..errors import UsageError
+    from ..ops.merge import execute_merge
+    from ..ops.merge_plan import plan_merge
+
+    plan = plan_merge(base, list(adapters), weights=weights or None, dtype=dtype, max_shard_size=max_shard_size)
+    if dry_run:
+        _show_plan(plan, as_json)
+        if plan.problems:
+            raise click.exceptions.Exit(1)
+        return
+    if output is None:
+        raise UsageError("missing -o/--output", hint="name the output directory, or pass --dry-run")
+    with _progress() as progress:
+        report = execute_merge(plan, output, force=force, progress=progress)
+    emit_json(report.to_json()) if as_json else _show_report(report)
+
+
+def _show_plan(plan: MergePlan, as_json: bool) -> None:
+    if as_json:
+        emit_json(plan.to_json())
+        return
+    from rich.table import Table
+
+    table = Table("tensor", "action", "from", "shape", "dtype", "updates", title=f"merge plan for {plan.base}")
+    for t in plan.tensors:
+        if t.action != "copy":
+            updates = ", ".join(f"{u.role}#{u.adapter}" for u in t.updates)
+            from_ = "adapter" if t.source is None else ("" if t.source == t.name else t.source)
+            table.add_row(t.name, t.action, from_, str(list(t.shape)), t.dtype, updates)
+    stdout.print(table)
+    stdout.print(_summary(plan), highlight=False)
+    for p in plan.problems:
+        stderr.print(f"[red]problem:[/] {p.path}: {p.render()}", highlight=False)
+
+
+def _summary(plan: MergePlan) -> str:
+    counts = ", ".join(f"{plan.count(a)} {a}" for a in ("merge", "replace", "untie", "copy"))
+    lines = [f"{len(plan.tensors)} tensors ({counts}), {plan.total_bytes / 1e9:.3f} GB"]
+    lines += [
+        f"untie: {n} written from the shared embedding; config.json gets tie_word_embeddings=false" for n in plan.untied
+    ]
+    if plan.skipped_files:
+        lines.append("not copied (weights of another format): " + ", ".join(p.name for p in plan.skipped_files))
+    return "\n".join(lines)
+
+
+def _show_report(report: MergeReport) -> None:
+    from rich.table import Table
+
+    mods = report.modules
+    if len(mods) <= TABLE_ROWS:
+        table = Table("adapter", "module", "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
+        for m in mods:
+            rel = "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}"
+            table.add_row(str(m.adapter), m.module, m.role, f"{m.weight:g}", f"{m.scale:g}", str(m.rank), rel)
+        stdout.print(table)
+    else:
+        rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
+        if rels:
+            stdout.print(
+                f"‖ΔW‖/‖W‖ over {len(rels)} modules: min {rels[0]:.3e}, median {rels[len(rels) // 2]:.3e}, "
+                f"max {rels[-1]:.3e} (all in --json)",
+                highlight=False,
+            )
+    stdout.print(_summary(report.plan), highlight=False)
+    stdout.print(
+        f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
+        highlight=False,
+    )
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[MergeProgress], None] | None]:
+    """A bar over bytes (with the tensor count) on a terminal; nothing otherwise."""
+    if not stderr.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("merging", total=None)
+
+        def update(p: MergeProgress) -> None:
+            bar.update(
+                task,
+                completed=p.bytes_done,
+                total=p.bytes_total,
+                description=f"merging {p.tensors_done}/{p.tensors_total} tensors",
+            )
+
+        yield update
