@@ -1,0 +1,86 @@
+"""Bare state dicts (torchtune native, loralib): a safetensors file or a torch pickle.
+
+Pickles are only ever loaded with `torch.load(weights_only=True)`, and only when the user
+passed `--allow-pickle`. Detection must not unpickle at all: `pickle_strings` walks the
+opcodes of a torch zip checkpoint's `data.pkl` with `pickletools`, which executes nothing,
+and returns the string constants, among them every key of the state dict.
+"""
+
+from __future__ import annotations
+
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FormatError, PickleRefusedError
+from ..safetensors_header import is_safetensors, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+_MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds names and storage ids only; anything bigger is not a checkpoint
+
+
+def sniff_keys(path: Path) -> list[str] | None:
+    """Tensor keys of a safetensors file, or candidate keys (string constants) of a torch zip pickle."""
+    if not path.is_file():
+        return None
+    if is_safetensors(path):
+        try:
+            return list(read_header(path).tensors)
+        except FormatError:
+            return None
+    return pickle_strings(path)
+
+
+def pickle_strings(path: Path) -> list[str] | None:
+    """The string constants of a torch zip checkpoint's pickle, without unpickling it; None if not one."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as z:
+            member = next((i for i in z.infolist() if i.filename.endswith("data.pkl")), None)
+            if member is None or member.file_size > _MAX_PICKLE_BYTES:
+                return None
+            data = z.read(member)
+        return [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
+    except (OSError, zipfile.BadZipFile, ValueError, pickle.PickleError, EOFError):
+        return None
+
+
+def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a state dict file, and the non-tensor values beside them (e.g. a stored alpha).
+
+    A pickle holding `{"model_state_dict": {...}, ...}` (microsoft/LoRA's NLG scripts) is unwrapped.
+    """
+    if is_safetensors(path):
+        from ..checkpoint import Checkpoint
+
+        with Checkpoint(path) as ckpt:
+            return {name: ckpt.get(name) for name in ckpt.names}, {}
+    obj = _load_pickle(path, allow_pickle)
+    import torch
+
+    if not isinstance(obj, dict):
+        raise FormatError("pickle does not hold a dict", path=path)
+    nested = obj.get("model_state_dict")
+    extras = {str(k): v for k, v in obj.items() if not isinstance(v, (torch.Tensor, dict))}
+    state = nested if isinstance(nested, dict) else obj
+    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}, extras
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> Any:
+    if not allow_pickle:
+        raise PickleRefusedError(
+            "the file is a torch pickle; loractl does not unpickle by default",
+            path=path,
+            hint="pass --allow-pickle if you trust the file (it is loaded with weights_only=True)",
+        )
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise FormatError(f"cannot load pickle safely ({str(e).splitlines()[0][:120]})", path=path) from None
