@@ -24,6 +24,7 @@ COMMANDS = {
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",
+    "convert": "convert_cmd",
     "train": "train_cmd",
 }
 

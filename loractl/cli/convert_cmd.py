@@ -1,0 +1,75 @@
+"""`loractl convert`: any adapter format to any other, verified by reading the output back."""
+
+from __future__ import annotations
+
+import click
+
+from ._output import emit_json, stdout, warn
+
+
+@click.command("convert")
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
+@click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, mlx, gguf, ...")
+@click.option("--from", "source_format", default=None, metavar="FORMAT", help="Input format (default: detected).")
+@click.option("--base", type=click.Path(exists=True), help="Base checkpoint: resolves kohya names, gives head counts.")
+@click.option(
+    "--alpha", type=float, help="Alpha for formats that do not store one (loralib), or the target's global alpha."
+)
+@click.option("--scale", type=float, help="Scale for files that do not store one (old mlx-examples .npz).")
+@click.option(
+    "--strict", is_flag=True, help="Refuse if the target cannot hold something (DoRA, bias, full tensors...)."
+)
+@click.option("--no-verify", is_flag=True, help="Skip reading the output back and comparing ΔW.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle inputs (loaded with weights_only=True).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+def command(
+    adapter: str,
+    output: str,
+    to: str,
+    source_format: str | None,
+    base: str | None,
+    alpha: float | None,
+    scale: float | None,
+    strict: bool,
+    no_verify: bool,
+    allow_pickle: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Convert ADAPTER to another format; every module's scale·B·A is checked after writing.
+
+    \b
+    Examples:
+      loractl convert my-lora.safetensors -o my-lora-peft --to peft --base sd15/unet
+      loractl convert fixtures/adapters/tiny-qv -o tiny.safetensors --to kohya
+      loractl convert mlx-adapters/ -o peft-adapter --to peft
+      loractl convert adapters.npz -o peft-adapter --to peft --scale 20
+    """
+    from ..ops.convert import convert
+
+    report = convert(
+        adapter,
+        output,
+        to=to,
+        source_format=source_format,
+        base=base,
+        alpha=alpha,
+        scale=scale,
+        strict=strict,
+        verify_output=not no_verify,
+        allow_pickle=allow_pickle,
+        force=force,
+    )
+    for note in (*report.warnings, *(f"lost: {x}" for x in report.lost), *(f"folded: {x}" for x in report.folded)):
+        warn(note)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    check = f"max relative ΔW error {report.max_error:.2e}" if report.verified else "not verified (--no-verify)"
+    stdout.print(
+        f"{report.source} ({report.source_format}) → {report.output} ({report.target_format}): "
+        f"{report.modules} modules, {check}",
+        highlight=False,
+    )

@@ -1,0 +1,174 @@
+"""Convert an adapter between formats through the canonical model, and prove ΔW survived.
+
+read (any format) → plan (what the target holds, folds exactly, or loses) → write into a
+temporary path → read it back → compare every module's scale·B·A with the source in
+float64 → rename into place. A failed check leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .. import lineage
+from ..adapter import Adapter, LoraModule
+from ..atomic import atomic_output, ensure_distinct
+from ..errors import AdapterError, NumericError, UsageError
+from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
+from ..formats.options import Feature, ReadOptions, WriteOptions
+from .convert_verify import Verification, verify
+
+# What a target lacking a feature does with it: dropped and named (lost), or folded exactly.
+_LOSSES: dict[Feature, str] = {
+    "dora": "DoRA magnitudes",
+    "bias": "lora_B biases",
+    "embedding": "embedding LoRA modules",
+    "conv": "conv LoRA modules",
+    "fan_in_fan_out": "the fan_in_fan_out (GPT-2 Conv1D) flag",
+    "full_tensors": "full tensors",
+}
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """The adapter as the target will hold it, and what it took to get there."""
+
+    adapter: Adapter
+    folded: tuple[str, ...]  # exact rewrites (per-module scales into B, ranks zero-padded, rsLoRA into alpha)
+    lost: tuple[str, ...]  # what the target cannot hold and is dropped
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What `convert` did: formats, modules, folds, losses and the verification figures."""
+
+    source: Path
+    output: Path
+    source_format: str
+    target_format: str
+    modules: int
+    folded: tuple[str, ...]
+    lost: tuple[str, ...]
+    verified: bool
+    max_error: float | None
+    worst_module: str | None
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    to: str,
+    source_format: str | None = None,
+    base: str | Path | None = None,
+    alpha: float | None = None,
+    scale: float | None = None,
+    strict: bool = False,
+    verify_output: bool = True,
+    allow_pickle: bool = False,
+    force: bool = False,
+) -> ConvertReport:
+    """Convert `source` to format `to` at `output`.
+
+    Raises:
+        UsageError: unknown format, output equal to the input, a missing --base/--alpha/--scale.
+        AdapterError: `strict` and the target would lose something, or nothing is left to write.
+        NumericError: the read-back ΔW differs from the source's beyond tolerance (nothing written).
+    """
+    source, output = Path(source), Path(output)
+    if to not in FORMATS:
+        raise UsageError(f"unknown target format {to!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    ensure_distinct(output, [source])
+    base_path = Path(base) if base is not None else None
+    read_options = ReadOptions(allow_pickle=allow_pickle, base=base_path, alpha=alpha, scale=scale)
+    adapter = load_adapter(source, format=source_format, options=read_options)
+    src_format = source_format or detect_format(source)
+    plan = plan_conversion(adapter, to)
+    if strict and plan.lost:
+        raise AdapterError(
+            f"converting to {to} loses {'; '.join(plan.lost)}",
+            hint="drop --strict to convert anyway (the losses are listed), or choose a format that holds them",
+        )
+    params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "strict": strict}
+    entry = lineage.new_entry("convert", params, [adapter.content_hash()], {"folded": plan.folded, "lost": plan.lost})
+    target = plan.adapter.with_lineage(entry)
+    with atomic_output(output, force=force) as tmp:
+        save_adapter(target, tmp, format=to, options=WriteOptions(base=base_path, alpha=alpha))
+        check = _verify(target, tmp, to, base_path, alpha) if verify_output else None
+    return ConvertReport(
+        source=source,
+        output=output,
+        source_format=src_format,
+        target_format=to,
+        modules=len(target.modules),
+        folded=plan.folded,
+        lost=plan.lost,
+        verified=check is not None,
+        max_error=check.max_error if check else None,
+        worst_module=check.worst if check else None,
+        warnings=adapter.warnings,
+    )
+
+
+def plan_conversion(adapter: Adapter, to: str) -> ConversionPlan:
+    """Drop what format `to` cannot hold (listed as lost) and list what its writer folds exactly."""
+    holds = format_holds(to)
+    mods = adapter.modules
+    lost = [f"{_LOSSES[f]} ({_count(adapter, f)})" for f in _LOSSES if f not in holds and _count(adapter, f)]
+    modules = {n: _strip(m, holds) for n, m in mods.items() if _kind_held(m, holds)}
+    if mods and not modules:
+        raise AdapterError(f"{to} can hold none of the adapter's {len(mods)} modules", hint="choose another format")
+    folded = []
+    if "module_scale" not in holds and len({m.scale for m in modules.values()}) > 1:
+        folded.append("per-module scales folded into B against one global scale")
+    if "module_rank" not in holds and len({m.rank for m in modules.values()}) > 1:
+        folded.append("ranks zero-padded to the largest")
+    if "rslora" not in holds and any(m.scale_rule == "alpha/sqrt(r)" for m in modules.values()):
+        folded.append("rsLoRA's alpha/√r folded into the stored alpha or scale")
+    full = adapter.full_tensors if "full_tensors" in holds else {}
+    return ConversionPlan(replace(adapter, modules=modules, full_tensors=full), tuple(folded), tuple(lost))
+
+
+def _kind_held(m: LoraModule, holds: frozenset[Feature]) -> bool:
+    return m.kind == "linear" or m.kind in holds
+
+
+def _strip(m: LoraModule, holds: frozenset[Feature]) -> LoraModule:
+    """The module without the parts the target cannot hold."""
+    return replace(
+        m,
+        magnitude=m.magnitude if "dora" in holds else None,
+        bias=m.bias if "bias" in holds else None,
+        fan_in_fan_out=m.fan_in_fan_out and "fan_in_fan_out" in holds,
+    )
+
+
+def _count(adapter: Adapter, feature: Feature) -> int:
+    mods = adapter.modules.values()
+    counts = {
+        "dora": sum(m.magnitude is not None for m in mods),
+        "bias": sum(m.bias is not None for m in mods),
+        "embedding": sum(m.kind == "embedding" for m in mods),
+        "conv": sum(m.kind == "conv" for m in mods),
+        "fan_in_fan_out": sum(m.fan_in_fan_out for m in mods),
+        "full_tensors": len(adapter.full_tensors),
+    }
+    return counts.get(feature, 0)
+
+
+def _verify(target: Adapter, written: Path, to: str, base: Path | None, alpha: float | None) -> Verification:
+    """Read the written output back and compare it with what was meant to be written."""
+    back = load_adapter(written, format=to, options=ReadOptions(allow_pickle=True, base=base, alpha=alpha))
+    check = verify(target, back)
+    if check.problems:
+        more = f" (and {len(check.problems) - 1} more)" if len(check.problems) > 1 else ""
+        raise NumericError(
+            f"verification failed, nothing written: {check.problems[0]}{more}",
+            hint="this is a loractl bug; please report it with the input file (--no-verify writes anyway)",
+        )
+    return check
