@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
-from . import diffusers, gguf, kohya, mlx, peft
+from . import diffusers, gguf, kohya, loralib, mlx, peft, torchtune
 from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 # Detection order matters (FORMATS.md §11.2): the first format whose `detect` says yes wins.
 FORMATS: dict[str, ModuleType] = {
     "gguf": gguf,  # magic bytes first: GGUF adapters, and GGUF models / legacy ggla files refused clearly
+    "torchtune": torchtune,  # before peft: its output dir has a PEFT-style adapter_config.json beside the .pt
     "peft": peft,
     "mlx": mlx,
     "diffusers": diffusers,
     "kohya": kohya,
+    "loralib": loralib,  # bare *.lora_A keys: last, the loosest pattern
 }
 
 
