@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": "inspect_cmd",
     "validate": "validate_cmd",
     "merge": "merge_cmd",
+    "extract": "extract_cmd",
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",

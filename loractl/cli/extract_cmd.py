@@ -1,0 +1,104 @@
+"""`loractl extract`: an adapter from a fine-tuned checkpoint, with a per-module report of what was lost."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from ._output import emit_json, progress, stdout, warn
+
+if TYPE_CHECKING:
+    from ..ops.extract_plan import ExtractPlan
+    from ..ops.extract_report import ExtractReport
+
+
+@click.command("extract")
+@click.argument("base", type=click.Path())
+@click.argument("finetuned", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path.")
+@click.option("--rank", type=int, default=None, help="The same rank for every module.")
+@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²_F.")
+@click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy chooses.")
+@click.option(
+    "--targets", multiple=True, help="Module pattern to factor (regex on the path or a dotted suffix; repeatable)."
+)
+@click.option("--save-full", multiple=True, help="Module pattern whose tensors are stored whole (modules_to_save).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: alpha = rank, so scale 1).")
+@click.option("--dtype", default="float32", show_default=True, help="Factor dtype: float32, bfloat16 or float16.")
+@click.option("--format", "--to", "format", default="peft", show_default=True, help="Output format.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--dry-run", is_flag=True, help="Show the plan from the headers; read no tensor data, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def command(
+    base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_rank: int | None,
+    targets: tuple[str, ...], save_full: tuple[str, ...], alpha: float | None, dtype: str, format: str,
+    force: bool, dry_run: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Extract a LoRA adapter from BASE and FINETUNED checkpoints by truncated SVD of W_ft − W0.
+
+    Every tensor that is not factored (norms, biases, embeddings unless targeted) is listed;
+    --save-full keeps such tensors whole so the adapter reproduces them.
+
+    \b
+    Examples:
+      loractl extract llama-7b llama-7b-chat -o chat-lora --rank 64
+      loractl extract base ft -o lora --energy 0.9 --max-rank 128 --save-full 'norm' --json
+    """
+    from ..ops import extract as ops
+
+    config = ops.ExtractConfig(
+        rank=rank, energy=energy, max_rank=max_rank, targets=targets, save_full=save_full, alpha=alpha, dtype=dtype
+    )
+    if dry_run:
+        plan = ops.dry_run(base, finetuned, config)
+        return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
+    report = ops.extract(base, finetuned, output, config, format=format, force=force,
+                         track=lambda items, n: progress(items, n, "extracting"))  # fmt: skip
+    for message in report.warnings:
+        warn(message)
+    return emit_json(report.to_dict()) if as_json else _render(report)
+
+
+def _render(report: ExtractReport) -> None:
+    from rich.table import Table
+
+    table = Table(title="extracted modules")
+    for column in ("module", "shape", "rank", "rel error", "energy", "‖ΔW‖/‖W0‖", "svd"):
+        table.add_column(column, justify="left" if column in ("module", "shape") else "right")
+    for m in report.modules:
+        shape = "×".join(map(str, m.shape))
+        table.add_row(
+            m.module, shape, str(m.rank), f"{m.rel_error:.2e}", f"{m.energy:.4f}", f"{m.delta_ratio:.2e}", m.method
+        )
+    stdout.print(table)
+    lost = report.not_extracted()
+    for n in lost:
+        stdout.print(f"[yellow]not extracted[/] {n.name}: {n.reason}", highlight=False)
+    t = report.totals()
+    stdout.print(
+        f"{t['modules']} modules, rel error {t['rel_error']:.2e}, energy {t['energy']:.4f}; "
+        f"{t['saved_full']} saved full, {t['identical']} identical, {t['not_extracted']} changed but not extracted"
+        + (" (pass --save-full to keep them)" if lost else ""),
+        highlight=False,
+    )
+
+
+def _plan_rows(plan: ExtractPlan) -> dict[str, object]:
+    rows = [
+        {"name": e.name, "action": e.action, "kind": e.kind, "shape": list(e.shape), "reason": e.reason}
+        for e in plan.entries
+    ]
+    return {"entries": rows, "warnings": list(plan.warnings)}
+
+
+def _render_plan(plan: ExtractPlan) -> None:
+    from rich.table import Table
+
+    table = Table(title="extract plan (from headers)")
+    for column in ("tensor", "shape", "action", "reason"):
+        table.add_column(column)
+    for e in plan.entries:
+        action = f"{e.action} ({e.kind})" if e.action == "lowrank" else e.action
+        table.add_row(e.name, "×".join(map(str, e.shape)), action, e.reason)
+    stdout.print(table)

@@ -1,0 +1,248 @@
+"""Extract a LoRA adapter from a fine-tuned checkpoint: truncated SVD of ΔW = W_ft − W0.
+
+Plan from headers (`extract_plan`), then stream: one pair of tensors in memory at a time,
+read once, factored (`linalg`), hashed for the fingerprints in the same pass. Everything
+that is not factored is listed in the report, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..atomic import ensure_distinct
+from ..checkpoint import Checkpoint, feed_fingerprint
+from ..errors import LoractlError, NumericError, OutputExistsError, UsageError
+from ..lineage import new_entry
+from ..tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
+from . import linalg
+from .extract_plan import ExtractPlan, PlanEntry, plan_extract
+from .extract_report import ExtractReport, ModuleReport, TensorNote
+
+Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
+DTYPES = {"F32": "F32", "float32": "F32", "fp32": "F32", "BF16": "BF16", "bfloat16": "BF16", "bf16": "BF16",
+          "F16": "F16", "float16": "F16", "fp16": "F16"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Every extraction parameter with its default; exactly one of `rank` and `energy`.
+
+    Attributes:
+        rank: the same rank for every module.
+        energy: per module, the smallest rank keeping this fraction of ‖ΔW‖²_F (0 < energy ≤ 1).
+        max_rank: cap on the energy-chosen rank.
+        targets: module patterns to factor (PEFT's suffix-regex rule); default every 2-D or conv
+            weight except embeddings and output heads.
+        save_full: module patterns whose tensors are stored whole (PEFT's modules_to_save).
+        alpha: the adapter's alpha; default alpha = rank, so scale = 1.
+        dtype: the factors' dtype (safetensors code or torch name).
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+    targets: tuple[str, ...] = ()
+    save_full: tuple[str, ...] = ()
+    alpha: float | None = None
+    dtype: str = "F32"
+
+    def check(self) -> None:
+        """Raise `UsageError` on inconsistent parameters."""
+        if (self.rank is None) == (self.energy is None):
+            raise UsageError("give exactly one of --rank and --energy")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank {self.rank} must be at least 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise UsageError(f"--energy {self.energy} must be in (0, 1]", hint="e.g. --energy 0.9 keeps 90% of ‖ΔW‖²")
+        if self.max_rank is not None and (self.energy is None or self.max_rank < 1):
+            raise UsageError("--max-rank needs --energy and must be at least 1")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UsageError(f"--alpha {self.alpha} must be a positive number")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}", hint="choose float32, bfloat16 or float16")
+
+    def params(self) -> dict[str, Any]:
+        return {**asdict(self), "targets": list(self.targets), "save_full": list(self.save_full)}
+
+
+@dataclass(frozen=True)
+class Extraction:
+    adapter: Adapter
+    report: ExtractReport
+
+
+def extract(
+    base: str | Path,
+    finetuned: str | Path,
+    output: str | Path,
+    config: ExtractConfig,
+    *,
+    format: str = "peft",
+    force: bool = False,
+    track: Track | None = None,
+) -> ExtractReport:
+    """Extract an adapter and write it to `output` atomically; nothing is written on any error."""
+    from ..formats import FORMATS, save_adapter
+
+    ensure_distinct(output, [base, finetuned])
+    if Path(output).exists() and not force:
+        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    result = extract_adapter(base, finetuned, config, track=track)
+    if not result.adapter.modules and not result.adapter.full_tensors:
+        raise LoractlError("nothing to extract: no targeted weight differs", hint="see the report with --dry-run")
+    save_adapter(result.adapter, output, format=format, force=force)
+    return result.report
+
+
+def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
+    """The plan alone, from headers (no tensor data is read)."""
+    config.check()
+    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+        return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+
+
+def extract_adapter(
+    base: str | Path, finetuned: str | Path, config: ExtractConfig, *, track: Track | None = None
+) -> Extraction:
+    """The adapter and its report, in memory (the factors are small; the checkpoints are streamed)."""
+    config.check()
+    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+        plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+        run = _Run(b, f, config)
+        for entry in (track or (lambda items, _: items))(plan.entries, len(plan.entries)):
+            run.step(entry)
+        report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings)
+        params = {**config.params(), "base": run.identity(b, run.base_all), "finetuned": run.identity(f, run.ft_all)}
+        meta = AdapterMeta(
+            base_model=str(base),
+            base_fingerprint="sha256:" + run.base_touched.hexdigest(),
+            task_type=_task_type(b),
+        )
+    adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
+    return Extraction(adapter.with_lineage(new_entry("extract", params, [], report.to_dict())), report)
+
+
+class _Run:
+    """The streaming pass: what has been extracted so far, and the fingerprints being hashed."""
+
+    def __init__(self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig) -> None:
+        self.base, self.ft, self.config = base, ft, config
+        self.modules: dict[str, LoraModule] = {}
+        self.full: dict[str, torch.Tensor] = {}
+        self.reports: list[ModuleReport] = []
+        self.notes: list[TensorNote] = []
+        self.base_all, self.ft_all, self.base_touched = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+
+    def step(self, entry: PlanEntry) -> None:
+        if entry.action == "lowrank":
+            self._lowrank(entry)
+            return
+        w0, w1 = self._read(entry.name)
+        _check_finite(entry.name, w0, w1)
+        if entry.action == "full":
+            self.full[entry.name] = w1
+            self.notes.append(TensorNote(entry.name, "saved-full", entry.reason))
+        else:
+            same = w0.shape == w1.shape and _equal(w0, w1)
+            self.notes.append(TensorNote(entry.name, "identical" if same else "not-extracted", entry.reason))
+
+    def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both tensors, hashed into the whole-checkpoint fingerprints on the way."""
+        w0, w1 = self.base.get(name), self.ft.get(name)
+        feed_fingerprint(self.base_all, name, self.base.info(name), _bytes(w0))
+        feed_fingerprint(self.ft_all, name, self.ft.info(name), _bytes(w1))
+        return w0, w1
+
+    def _lowrank(self, entry: PlanEntry) -> None:
+        """ΔW in float32, in place over W_ft when it is float32 already: peak ≈ W0 + W_ft + ΔW."""
+        w0, w1 = self._read(entry.name)
+        delta = w1.to(torch.float32).sub_(w0)
+        if not bool(torch.isfinite(delta).all()):
+            _check_finite(entry.name, w0, w1)  # w1 may be ΔW itself: then it is non-finite only if W_ft was
+            raise NumericError(
+                f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
+            )
+        base_sq, delta_sq = linalg.frobenius_sq(w0), linalg.frobenius_sq(delta)
+        if delta_sq == 0.0:
+            self.notes.append(TensorNote(entry.name, "identical", "ΔW = 0"))
+            return
+        feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
+        del w0, w1
+        m = delta.T if entry.kind == "embedding" else delta.reshape(entry.matrix_shape)
+        self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq)
+        self.reports.append(report)
+
+    def identity(self, ckpt: Checkpoint, h: Any) -> dict[str, str]:
+        return {"path": str(ckpt.path), "fingerprint": "sha256:" + h.hexdigest()}
+
+
+def factor(
+    m: torch.Tensor, entry: PlanEntry, config: ExtractConfig, delta_sq: float, base_sq: float
+) -> tuple[LoraModule, ModuleReport]:
+    """Factor one ΔW matrix m (d, k) into a LoraModule laid out for `entry.kind`, and report the loss."""
+    if config.rank is not None:
+        t = linalg.truncated_svd(m, config.rank)
+    else:
+        t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
+    alpha = float(t.rank) if config.alpha is None else config.alpha
+    scale = alpha / t.rank
+    dtype = torch_dtype(DTYPES[config.dtype])
+    b, a = (x.to(dtype) for x in linalg.balanced_factors(t, scale))
+    residual = linalg.residual_sq(m, b.float(), a.float(), scale)
+    if entry.kind == "conv":
+        b, a = b.reshape(*b.shape, *[1] * (len(entry.shape) - 2)), a.reshape(t.rank, *entry.shape[1:])
+    module = LoraModule(A=a.contiguous(), B=b.contiguous(), scale=scale, alpha=alpha, kind=entry.kind)
+    report = ModuleReport(
+        module=entry.module,
+        shape=entry.shape,
+        rank=t.rank,
+        rel_error=linalg.relative(residual, delta_sq),
+        energy=min(t.energy() / delta_sq, 1.0),
+        delta_ratio=linalg.relative(delta_sq, base_sq),
+        method=t.method,
+        delta_sq=delta_sq,
+        residual_sq=residual,
+    )
+    return module, report
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return tensor_to_bytes(t, dtype_code(t.dtype))
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical when the dtypes agree; equal values otherwise (a bf16 base, a float32 fine-tune)."""
+    if a.dtype == b.dtype:
+        return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return bool(torch.equal(a.to(torch.float64), b.to(torch.float64)))
+
+
+def _check_finite(name: str, w0: torch.Tensor, w1: torch.Tensor) -> None:
+    """Raise `NumericError` naming the checkpoint that holds NaN or Inf."""
+    for which, t in (("base", w0), ("fine-tuned", w1)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NumericError(
+                f"tensor {name!r} holds NaN or Inf in the {which} checkpoint",
+                hint="the checkpoint is damaged or diverged",
+            )
+
+
+def _task_type(base: Checkpoint) -> str | None:
+    """CAUSAL_LM when the base's config.json names a *ForCausalLM architecture (PEFT then builds the right wrapper)."""
+    config = base.directory / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
