@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -56,7 +57,7 @@ def command(
     if dry_run:
         _show_plan(plan, as_json)
         if plan.problems:
-            raise click.exceptions.Exit(1)
+            sys.exit(1)  # the plan is shown; its problems are the result
         return
     if output is None:
         raise UsageError("missing -o/--output", hint="name the output directory, or pass --dry-run")
