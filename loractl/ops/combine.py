@@ -225,15 +225,20 @@ def _check_options(options: CombineOptions) -> None:
 
 
 def _check_bases(metas: list[AdapterMeta], allow_mismatch: bool) -> None:
-    for field in ("base_fingerprint", "base_model"):
-        values = {getattr(m, field) for m in metas} - {None}
-        if len(values) > 1 and not (allow_mismatch and field == "base_model"):
-            raise AdapterError(
-                f"the adapters were made for different bases ({field}: {', '.join(sorted(values))})",
-                hint="combine adapters of one base; pass --allow-base-mismatch if the names differ for the same base"
-                if field == "base_model"
-                else "their base fingerprints differ: these bases have different weights",
-            )
+    """Refuse different base fingerprints, or base names whose last path part differs (a Hub id and a local
+    copy of it, `org/model` and `/data/model`, count as one base; shapes are checked module by module)."""
+    fingerprints = {m.base_fingerprint for m in metas} - {None}
+    if len(fingerprints) > 1:
+        raise AdapterError(
+            f"the adapters were made for different bases (fingerprints {', '.join(sorted(fingerprints))})",
+            hint="their base weights differ; combine adapters of one base",
+        )
+    names = {m.base_model for m in metas} - {None}
+    if len({n.rstrip("/").rsplit("/", 1)[-1] for n in names}) > 1 and not allow_mismatch:
+        raise AdapterError(
+            f"the adapters were made for different bases ({', '.join(sorted(names))})",
+            hint="combine adapters of one base; pass --allow-base-mismatch if these names are one base",
+        )
 
 
 def _check_linear_in_delta(adapter: Adapter, method: str) -> None:
