@@ -52,6 +52,7 @@ class Fault:
     action: str
     status: int
     times: int
+    code: str | None = None
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 class FakeHub:
-    """The server plus its storage root and knobs (see the module docstring)."""
+    """The server plus its storage root and knobs (see the module docstring and `fail`)."""
 
     def __init__(self, root: Path, *, upload_mode: str = "regular") -> None:
         self.root = root
@@ -74,10 +75,11 @@ class FakeHub:
         self.tokens = {"tok-alice": "alice", "tok-bob": "bob"}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
+        self.connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -88,17 +90,37 @@ class FakeHub:
     def store(self, repo_id: str) -> RepoStore:
         return RepoStore(self.root / repo_id)
 
-    def fail(self, method: str, pattern: str, *, status: int = 500, action: str = "status", times: int = 1) -> None:
-        """Inject a fault into the next `times` requests whose path matches `pattern`."""
+    def fail(
+        self,
+        method: str,
+        pattern: str,
+        *,
+        status: int = 500,
+        action: str = "status",
+        times: int = 1,
+        code: str | None = None,
+    ) -> None:
+        """Inject a fault into the next `times` requests whose path matches `pattern`.
+
+        Actions: "status" answers `status` (with `X-Error-Code: code`) without doing anything;
+        "lost" does the work, then answers `status` (a response lost after a commit landed);
+        "cut" sends half the body and drops the connection; "corrupt" flips the first byte.
+        """
         with self._lock:
-            self.faults.append(Fault(method, re.compile(pattern), action, status, times))
+            self.faults.append(Fault(method, re.compile(pattern), action, status, times, code))
 
     def count(self, method: str, pattern: str) -> int:
         return sum(1 for m, p in self.requests if m == method and re.search(pattern, p))
 
     def stop(self) -> None:
+        """Stop listening and drop open keep-alive connections: the registry is gone."""
         self.server.shutdown()
         self.server.server_close()
+        for conn in list(self.connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -148,6 +170,11 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def setup(self) -> None:
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fake.connections.add(self.connection)
+
+        def finish(self) -> None:
+            self.fake.connections.discard(self.connection)
+            super().finish()
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -175,8 +202,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             fault = self.fake.take_fault(method, url.path)
             try:
                 if fault is not None and fault.action == "status":
-                    raise HubError(fault.status, f"injected {fault.status}")
+                    raise HubError(fault.status, f"injected {fault.status}", fault.code)
                 reply = self._route(method, url.path)
+                if fault is not None and fault.action == "lost":
+                    raise HubError(fault.status, f"injected {fault.status} after the work was done", fault.code)
             except HubError as e:
                 headers = {"X-Error-Message": e.message, **e.headers}
                 if e.code:

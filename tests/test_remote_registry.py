@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from fakehub import Registry, loopback_only, registry  # noqa: F401 - pytest fixtures
 
 from loractl.errors import OutputExistsError
 from loractl.formats import describe_adapter, load_adapter
@@ -27,6 +27,11 @@ from loractl.remote import (
 )
 from loractl.remote.ops import _open  # the registry object, to pause a pusher between reading and committing
 from loractl.remote.uri import parse_uri
+
+if TYPE_CHECKING:
+    from fakehub import Registry
+
+pytest_plugins = ("fakehub",)  # the `registry` and `hub` fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 V1 = ROOT / "fixtures" / "adapters" / "tiny-qv"
