@@ -5,14 +5,31 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 T = TypeVar("T")
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+
+class _LazyConsole:
+    """A rich Console created on first use: importing rich costs ~40 ms that `--help` and `--json` skip."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._to_stderr, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+stdout: Console = _LazyConsole(to_stderr=False)  # type: ignore[assignment]
+stderr: Console = _LazyConsole(to_stderr=True)  # type: ignore[assignment]
 
 
 def emit_json(doc: Any) -> None:

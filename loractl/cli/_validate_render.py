@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from ..validation import ValidationReport
 from ._output import emit_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def render(reports: list[ValidationReport], style: str, strict: bool, console: Console) -> None:
