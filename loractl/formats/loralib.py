@@ -94,7 +94,7 @@ class _Parsed:
         alpha = options.alpha if options.alpha is not None else extras.get(ALPHA_KEY)
         if not isinstance(alpha, (int, float)):
             raise UsageError(
-                "loralib checkpoints do not store lora_alpha",
+                "loralib checkpoints do not store lora_alpha: pass --alpha",
                 path=path,
                 hint="pass --alpha with the training script's --lora_alpha (e.g. 16 for the RoBERTa GLUE scripts)",
             )
@@ -173,7 +173,7 @@ class _Parsed:
         width = self.base.out_features(module, in_features)
         if width is None:
             raise UsageError(
-                f"module {module!r} is a loralib MergedLinear ({groups} LoRA groups in a fused layer)",
+                f"module {module!r} is a loralib MergedLinear ({groups} LoRA groups in a fused layer): pass --base",
                 path=self.path,
                 hint="pass --base (the base checkpoint) so its fused layer's width tells the slices apart",
             )

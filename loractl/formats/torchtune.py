@@ -133,7 +133,7 @@ def _parse(path: Path, options: ReadOptions) -> tuple[AdapterInfo, dict[str, tor
     alpha = options.alpha if options.alpha is not None else config.get("lora_alpha")
     if alpha is None:
         raise UsageError(
-            "torchtune native checkpoints do not store lora_alpha",
+            "torchtune native checkpoints do not store lora_alpha: pass --alpha",
             path=file,
             hint="pass --alpha with the recipe's lora_alpha (or keep adapter_config.json beside the .pt)",
         )
