@@ -316,3 +316,59 @@ def test_cli_table_json_and_errors(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "error: --rank 99 exceeds module" in bad.stderr and "hint: " in bad.stderr
+
+
+# --- against PEFT: the extracted adapter loads over the base and reproduces the fine-tuned model ---
+
+
+def llama_pair(tmp_path: Path, fixtures_dir: Path, low_rank: bool) -> tuple[Path, Path]:
+    """The tiny Llama fixture and a 'fine-tuned' copy: ΔW on every layer's linear weights, a changed final norm."""
+    base = fixtures_dir / "tiny-llama"
+    g = torch.Generator().manual_seed(7)
+    with Checkpoint(base) as ckpt:
+        tensors = {n: ckpt.get(n) for n in ckpt.names}
+    for name, w in tensors.items():
+        if ".layers." in name and w.ndim == 2:
+            d = torch.randn(w.shape[0], 4, generator=g) @ torch.randn(4, w.shape[1], generator=g) if low_rank else None
+            tensors[name] = w + 0.02 * (d if d is not None else torch.randn(w.shape, generator=g))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_tensors(ft / "model.safetensors", tensors)
+    (ft / "config.json").write_text((base / "config.json").read_text())
+    return base, ft
+
+
+def logits_gap(base: Path, ft: Path, adapter: Path) -> float:
+    """max |logits(PEFT(base, adapter)) − logits(fine-tuned)| on a fixed batch."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = LlamaForCausalLM.from_pretrained(ft).eval()(ids).logits
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
+        return float((model(ids).logits - want).abs().max())
+
+
+def test_peft_loads_extracted_adapter_and_matches_finetuned(tmp_path: Path, fixtures_dir: Path) -> None:
+    base, ft = llama_pair(tmp_path, fixtures_dir, low_rank=True)
+    report = extract(base, ft, tmp_path / "a", ExtractConfig(rank=4, save_full=("norm",)))
+    assert report.totals()["modules"] == 14 and report.totals()["not_extracted"] == 0
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert logits_gap(base, ft, tmp_path / "a") < 1e-4
+    extract(base, ft, tmp_path / "b", ExtractConfig(rank=4))  # the final norm is reported, not reproduced
+    assert logits_gap(base, ft, tmp_path / "b") > 1e-2
+
+
+def test_peft_outputs_approach_finetuned_as_rank_grows(tmp_path: Path, fixtures_dir: Path) -> None:
+    base, ft = llama_pair(tmp_path, fixtures_dir, low_rank=False)
+    gaps = []
+    for max_rank in (2, 8, 24, None):
+        out = tmp_path / f"r{max_rank}"
+        report = extract(base, ft, out, ExtractConfig(energy=1.0, max_rank=max_rank, save_full=("norm",)))
+        gaps.append(logits_gap(base, ft, out))
+        if max_rank is None:
+            assert report.totals()["energy"] >= 1 - 1e-6 and report.totals()["rel_error"] < 1e-3  # ENERGY_TOL
+    assert gaps[0] > gaps[1] > gaps[2] > 1e3 * gaps[3]  # energy 1.0 may drop directions under 1e-6 of ‖ΔW‖²
+    assert gaps[3] < 1e-3  # logits are up to ~9 here
