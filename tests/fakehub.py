@@ -13,6 +13,7 @@ download cut mid-body, or same-size corrupted bytes), `requests` (every method a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -117,10 +118,8 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
         for conn in list(self.connections):
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:

@@ -27,6 +27,9 @@ COMMANDS = {
     "rescale": "rescale_cmd",
     "convert": "convert_cmd",
     "train": "train_cmd",
+    "push": "push_cmd",
+    "pull": "pull_cmd",
+    "versions": "versions_cmd",
 }
 
 

@@ -1,0 +1,41 @@
+"""`loractl pull`: fetch one version of an adapter, verified, into a new directory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from ._hub import quiet_hub_progress, registry_options, short
+from ._output import emit_json, stdout
+
+
+@click.command("pull")
+@click.argument("repo")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@registry_options
+def command(repo: str, out: str, force: bool, endpoint: str | None, token: str | None, as_json: bool) -> None:
+    """Pull REPO[@REV] into OUT: REV (branch, tag, short or full sha; default main) is resolved first.
+
+    Every file is checked against the registry's hashes and the adapter against its own content
+    hash before OUT appears; OUT/.loractl-origin.json records the resolved commit. A commit pulled
+    once can be pulled again offline.
+
+    \b
+    Examples:
+      loractl pull alice/my-lora@v1 -o my-lora-v1
+      loractl pull file:///srv/registry/alice/my-lora@3f2a9c1 -o /tmp/lora
+    """
+    from ..remote import pull
+
+    with quiet_hub_progress():
+        result = pull(repo, out, force=force, endpoint=endpoint, token=token)
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+        return
+    stdout.print(
+        f"pulled {result.url}@{result.revision} = {short(result.sha)} into {result.out} "
+        f"(content {result.content_hash[:19]}…, verified)",
+        highlight=False,
+    )

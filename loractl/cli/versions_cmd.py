@@ -1,0 +1,43 @@
+"""`loractl versions`: the commits and tags of an adapter repository."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from ._hub import quiet_hub_progress, registry_options, short
+from ._output import emit_json, stdout
+
+
+@click.command("versions")
+@click.argument("repo")
+@click.option("--branch", default=None, help="Branch whose history to list (default: REPO's @REV or main).")
+@registry_options
+def command(repo: str, branch: str | None, endpoint: str | None, token: str | None, as_json: bool) -> None:
+    """List REPO's versions: commits (sha, date, message), tags, and each version's content hash.
+
+    \b
+    Examples:
+      loractl versions alice/my-lora
+      loractl versions file:///srv/registry/alice/my-lora --json
+    """
+    from rich.table import Table
+
+    from ..remote import versions
+
+    with quiet_hub_progress():
+        listing = versions(repo, branch=branch, endpoint=endpoint, token=token)
+    if as_json:
+        emit_json(dataclasses.asdict(listing))
+        return
+    table = Table(title=f"{listing.url} ({listing.branch})", title_justify="left")
+    for column in ("commit", "date", "tags", "content hash", "message"):
+        table.add_column(column)
+    for v in listing.versions:
+        date = v.date.strftime("%Y-%m-%d %H:%M") if v.date else "-"
+        table.add_row(short(v.sha), date, ", ".join(v.tags), v.content_hash[:19] if v.content_hash else "-", v.title)
+    stdout.print(table)
+    elsewhere = {t: s for t, s in listing.tags.items() if s not in {v.sha for v in listing.versions}}
+    for tag, sha in sorted(elsewhere.items()):
+        stdout.print(f"tag {tag} → {short(sha)} (not on {listing.branch})", highlight=False)
