@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from loractl.errors import OutputExistsError
+from loractl.errors import IntegrityError, OutputExistsError
 from loractl.formats import describe_adapter, load_adapter
 from loractl.remote import (
     ORIGIN_FILE,
@@ -177,3 +177,13 @@ def test_pull_refuses_an_existing_output(registry: Registry, tmp_path: Path) -> 
         pull(registry.uri(REPO), tmp_path / "out", **registry.auth)
     pull(registry.uri(REPO), tmp_path / "out", force=True, **registry.auth)
     _same_files(tmp_path / "out", V1)
+
+
+def test_content_hash_mismatch_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """Files intact, but the card claims another adapter: loractl's own content-hash check refuses it."""
+    pushed = push(V1, registry.uri(REPO), create=True, **registry.auth)
+    card = (registry.store(REPO).blob(registry.store(REPO).files(pushed.sha)["README.md"].sha256 or "")).read_text()
+    registry.store(REPO).plant("main", "README.md", card.replace(pushed.content_hash, "sha256:" + "0" * 64).encode())
+    with pytest.raises(IntegrityError, match="recorded in its card"):
+        pull(registry.uri(REPO), tmp_path / "out", **registry.auth)
+    assert not (tmp_path / "out").exists()
