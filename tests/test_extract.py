@@ -372,3 +372,21 @@ def test_peft_outputs_approach_finetuned_as_rank_grows(tmp_path: Path, fixtures_
             assert report.totals()["energy"] >= 1 - 1e-6 and report.totals()["rel_error"] < 1e-3  # ENERGY_TOL
     assert gaps[0] > gaps[1] > gaps[2] > 1e3 * gaps[3]  # energy 1.0 may drop directions under 1e-6 of ‖ΔW‖²
     assert gaps[3] < 1e-3  # logits are up to ~9 here
+
+
+@pytest.mark.parametrize(
+    ("fixture", "config"), [("tiny-qv", ExtractConfig(rank=8)), ("tiny-patterns", ExtractConfig(energy=1.0))]
+)
+def test_extract_undoes_merge(tmp_path: Path, fixtures_dir: Path, fixture: str, config: ExtractConfig) -> None:
+    """extract(base, merge(base, a), rank ≥ r) gives back every ΔW of a (and, by energy, its ranks)."""
+    from loractl.ops.merge import merge
+
+    base, source = fixtures_dir / "tiny-llama", fixtures_dir / "adapters" / fixture
+    merge(base, [source], tmp_path / "merged")
+    adapter = loractl.load_adapter(source)
+    result = extract_adapter(base, tmp_path / "merged", config)
+    assert set(result.adapter.modules) == set(adapter.modules)
+    for name, m in adapter.modules.items():
+        assert rel(result.adapter.modules[name].delta_weight(), m.delta_weight()) <= 1e-5, name
+        if config.energy is not None:
+            assert result.adapter.modules[name].rank == m.rank
