@@ -309,13 +309,18 @@ def _check_inputs(params: list[nn.Parameter], data: Sequence[Example], config: T
 
 def _prepare(model: nn.Module, config: TrainConfig) -> None:
     model.train()
-    if config.grad_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise UsageError(
-                "this model has no gradient_checkpointing_enable()", hint="train without --grad-checkpointing"
-            )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not config.grad_checkpointing:
+        return
+    new, old = (
+        getattr(model, "activation_checkpointing_enable", None),
+        getattr(model, "gradient_checkpointing_enable", None),
+    )
+    if callable(new):  # transformers >= 5
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif callable(old):
+        old(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise UsageError("this model has no gradient checkpointing switch", hint="train without --grad-checkpointing")
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,225 @@
+"""The loop: learning, exact resume, accumulation, determinism, precision, Ctrl-C, schedules."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from loractl.errors import UsageError
+from loractl.train import Callback, Example, TrainConfig, evaluate, extract_adapter, inject, train
+from loractl.train.loop import lr_at
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models train 10x faster on one thread than on two cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ToyLM(nn.Module):
+    """A causal toy language model: embedding, a linear layer, a running mean over positions, a head."""
+
+    def __init__(self, vocab: int = 24, dim: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, dim), nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.emb(input_ids)))
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1).view(1, -1, 1)
+        return self.head(h)  # type: ignore[no-any-return]
+
+
+def toy_data(n: int = 7) -> list[Example]:
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, 24, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g) for _ in range(n)]
+    return [Example(tuple(r.tolist()), tuple(r.tolist())) for r in rows]
+
+
+def factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{k}.{role}": t for k, m in extract_adapter(model).modules.items() for role, t in m.tensors().items()}
+
+
+def run(config: TrainConfig, **kw: Any) -> tuple[nn.Module, Any]:
+    model = ToyLM()
+    inject(model, config)
+    return model, train(model, toy_data(), config, **kw)
+
+
+class Losses(Callback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.losses: list[float] = []
+        self.stop_at = stop_at
+
+    def on_step(self, metrics: dict[str, Any]) -> bool | None:
+        self.losses.append(metrics["loss"])
+        return metrics["step"] == self.stop_at
+
+
+TOY = TrainConfig(targets=("proj", "head"), rank=4, lr=5e-2, steps=8, batch_size=2, dropout=0.1, warmup=2)
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    straight, _ = run(TOY)
+    ckpts = tmp_path / "ckpt"
+    _, first = run(TOY, checkpoint_dir=ckpts, callbacks=[Losses(stop_at=4)])
+    assert first.interrupted and first.steps == 4 and first.checkpoint == ckpts / "step-000004"
+    resumed, second = run(TOY, checkpoint_dir=ckpts, resume=ckpts)
+    assert second.steps == 8 and not second.interrupted
+    a, b = factors(straight), factors(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    run(TOY, checkpoint_dir=tmp_path, callbacks=[Losses(stop_at=2)])
+    with pytest.raises(UsageError, match=re.escape("lr 0.05 → 0.1")):
+        run(replace(TOY, lr=0.1), resume=tmp_path)
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter() -> None:
+    a, b = factors(run(TOY)[0]), factors(run(TOY)[0])
+    c = factors(run(replace(TOY, seed=1))[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["proj.A"], c["proj.A"])
+
+
+def test_gradient_accumulation_equals_a_bigger_batch() -> None:
+    base = replace(TOY, dropout=0.0, batch_size=4)
+    a = factors(run(base)[0])
+    b = factors(run(replace(base, batch_size=2, grad_accum=2))[0])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train(precision: str) -> None:
+    losses = Losses()
+    run(replace(TOY, precision=precision, dropout=0.0), callbacks=[losses])
+    assert all(torch.isfinite(torch.tensor(losses.losses))) and losses.losses[-1] < losses.losses[0]
+
+
+def test_ctrl_c_checkpoints_and_stops(tmp_path: Path) -> None:
+    class Interrupt(Callback):
+        def on_step(self, metrics: dict[str, Any]) -> bool | None:
+            if metrics["step"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    _, result = run(TOY, checkpoint_dir=tmp_path, callbacks=[Interrupt()])
+    assert result.interrupted and result.steps == 3 and (tmp_path / "step-000003" / "state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_metrics_and_epochs() -> None:
+    config = replace(TOY, steps=None, epochs=2.0)
+    assert config.total_steps(len(toy_data()), world_size=1) == 7  # ceil(2 * 7 / 2)
+    losses = Losses()
+    _, result = run(config, callbacks=[losses])
+    assert result.steps == 7 and len(losses.losses) == 7 and result.tokens > 0
+
+
+def test_untrainable_model_is_refused() -> None:
+    with pytest.raises(UsageError, match="no trainable parameters"):
+        train(ToyLM().requires_grad_(False), toy_data(), TOY)
+
+
+def test_schedules() -> None:
+    cfg = TrainConfig(lr=1.0, warmup=2, steps=12)
+    assert [lr_at(s, 12, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, 12, cfg) == 1.0 and lr_at(7, 12, cfg) == pytest.approx(0.5)
+    linear = TrainConfig(lr=1.0, schedule="linear", steps=10)
+    assert lr_at(5, 10, linear) == 0.5
+    assert lr_at(9, 10, TrainConfig(lr=1.0, schedule="constant")) == 1.0
+
+
+# --- the tiny Llama: learning and PEFT interop ---------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[nn.Module, Any]:
+    from loractl.train.job import load_base
+
+    return load_base(FIXTURES / "tiny-llama")
+
+
+def test_overfits_a_repeated_sentence(llama: tuple[nn.Module, Any]) -> None:
+    from loractl.train.data import tokenize
+
+    model, tok = copy.deepcopy(llama[0]), llama[1]
+    ex = tokenize({"text": "LoRA adapts a frozen weight."}, tok)
+    config = TrainConfig(targets="all-linear", lr=1e-2, steps=20, batch_size=1, schedule="constant", max_grad_norm=None)
+    inject(model, config)
+    losses = Losses()
+    train(model, [ex], config, callbacks=[losses])
+    assert losses.losses[-1] < 0.1 * losses.losses[0]
+
+
+def test_eval_loss_falls_on_held_back_data(llama: tuple[nn.Module, Any]) -> None:
+    from loractl.train.data import load_dataset
+
+    model, tok = copy.deepcopy(llama[0]), llama[1]
+    train_set = load_dataset(FIXTURES / "data" / "train.jsonl", tok, 64).examples
+    eval_set = load_dataset(FIXTURES / "data" / "eval.jsonl", tok, 64).examples
+    config = TrainConfig(targets="all-linear", lr=1e-2, steps=8, batch_size=2)
+    inject(model, config)
+    before = evaluate(model, eval_set, config)
+    result = train(model, train_set, config, eval_data=eval_set)
+    assert result.eval_loss is not None and result.eval_loss < 0.85 * before
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path, llama: tuple[nn.Module, Any]) -> None:
+    peft = pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    from loractl import save_adapter
+    from loractl.checkpoint import Checkpoint
+
+    model, tok = copy.deepcopy(llama[0]), llama[1]
+    config = TrainConfig(targets=r".*\.(q_proj|o_proj|down_proj)", rank=4, alpha=8, rslora=True, lr=1e-2, steps=3,
+                         batch_size=1)  # fmt: skip
+    inject(model, config)
+    ids = torch.tensor([tok.encode("The quick brown fox")])
+    train(model, [Example(tuple(ids[0].tolist()), tuple(ids[0].tolist()))], config)
+    adapter = extract_adapter(model, base_model="tiny-llama", task_type="CAUSAL_LM")
+    with Checkpoint(FIXTURES / "tiny-llama") as ckpt:
+        assert adapter.meta.base_fingerprint == ckpt.fingerprint([f"{m}.weight" for m in adapter.modules])
+    save_adapter(adapter, tmp_path / "out")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama")
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "out").eval()
+    with safe_open(tmp_path / "out" / "adapter_model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    expected = {k.replace(".default", "") for k in peft.get_peft_model_state_dict(peft_model)}
+    assert saved == expected  # no missing and no unexpected keys
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fresh.base_model(ids).last_hidden_state, llama[0].model(ids).last_hidden_state)
+
+
+def test_gradient_checkpointing_gives_the_same_step(llama: tuple[nn.Module, Any]) -> None:
+    ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))
+    out = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(llama[0])
+        config = TrainConfig(grad_checkpointing=checkpointing, steps=2, batch_size=1, lr=1e-2)
+        inject(model, config)
+        train(model, [ex], config)
+        out.append(factors(model))
+    for k in out[0]:
+        torch.testing.assert_close(out[0][k], out[1][k], rtol=1e-5, atol=1e-6)
