@@ -2,27 +2,36 @@
 
 A crash, a full disk or an exception leaves the final path untouched (absent, or the old
 content when `force` replaces it); the temporary is removed on failure and ignored by
-everything else (its name starts with '.' and contains `TMP_MARKER`).
+everything else (its name starts with '.' and contains `TMP_MARKER`). Temporaries carry
+the writer's pid (`.<name>.loractl-tmp-<pid>-<hex>`), so a process killed with SIGKILL
+leaves nothing the next write to the same path cannot clean up (`_clean_stale`).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError, UsageError
+from .errors import OutputExistsError, OutputWriteError, UsageError
 
 TMP_MARKER = ".loractl-tmp-"
+_STALE = re.compile(re.escape(TMP_MARKER) + r"(\d+)-(old-)?[0-9a-f]+$")
+# errno values that mean "no room": a full disk, a quota, or the RLIMIT_FSIZE file-size limit.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 @contextmanager
 def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path to fill (file or directory); rename it to `final` on success."""
     final = Path(final)
+    _clean_stale(final)
     if final.exists() and not force:
         raise OutputExistsError(f"output {final} already exists", hint="choose another path or pass --force")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +40,13 @@ def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         _replace(tmp, final)
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        raise OutputWriteError(
+            f"no room to write {final} ({e.strerror}); nothing was written",
+            hint="free disk space, or raise the file-size limit (ulimit -f), then run again",
+        ) from e
     finally:
         _remove(tmp)
 
@@ -46,12 +62,41 @@ def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:
 
 def _replace(tmp: Path, final: Path) -> None:
     if final.is_dir() and not final.is_symlink():
-        old = final.parent / f".{final.name}{TMP_MARKER}old-{secrets.token_hex(4)}"
+        old = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-old-{secrets.token_hex(4)}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove the temporaries a killed writer of `final` left; its pid must be dead.
+
+    A kill between the two renames of `_replace` leaves the old directory aside and nothing
+    at `final`: it is put back, so `final` holds the old content as if the run never started.
+    """
+    pattern = f".{glob.escape(final.name)}{TMP_MARKER}*"
+    for leftover in sorted(final.parent.glob(pattern)):
+        m = _STALE.search(leftover.name)
+        if m is None or _alive(int(m[1])):
+            continue
+        if m[2] and not final.exists() and not final.is_symlink():
+            os.replace(leftover, final)
+        else:
+            _remove(leftover)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def _fsync_tree(path: Path) -> None:

@@ -35,6 +35,10 @@ class OutputExistsError(UsageError):
     """The output path exists and `--force` was not given."""
 
 
+class OutputWriteError(LoractlError):
+    """The output could not be written (a full disk, a quota, a file-size limit); nothing was left behind."""
+
+
 class FormatError(LoractlError):
     """A file is unreadable, truncated, or not in the format it claims."""
 

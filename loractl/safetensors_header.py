@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,13 @@ from typing import Any
 
 from .errors import FormatError
 
+# Caps a hostile header meets before any work proportional to what it declares.
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 8
+MAX_DEPTH = 4  # a real header nests 3 deep: {name: {"shape": [...]}}; metadata is {str: str}
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -83,6 +88,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
 
 
 def _parse(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+    _check_shape_of_json(path, raw)
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -98,6 +104,26 @@ def _parse(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     tensors = {name: _entry(path, name, v) for name, v in doc.items()}
     _check_layout(path, tensors, file_size - data_start)
     return SafetensorsHeader(path, tensors, metadata, data_start, file_size)
+
+
+def _check_shape_of_json(path: Path, raw: bytes) -> None:
+    """Caps on nesting depth and entry count, checked on the raw bytes before `json.loads` builds anything.
+
+    Strings are dropped and only brackets kept (C-speed passes); every pass then deletes the
+    innermost bracket pairs, so pairs left after `MAX_DEPTH` passes nest deeper than the cap.
+    """
+    brackets = _STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    entries = brackets.count(b"{") - 1  # one object per tensor (and one for __metadata__)
+    if entries > MAX_TENSORS + 1:
+        raise FormatError(f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path)
+    for _ in range(MAX_DEPTH):
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    if b"[]" in brackets or b"{}" in brackets:
+        raise FormatError(
+            f"header nests deeper than the cap of {MAX_DEPTH} levels",
+            path=path,
+            hint="a safetensors header is {name: {dtype, shape, data_offsets}} plus string metadata",
+        )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -146,7 +172,8 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
         end = info.offsets[1]
     if end > data_size:
         raise FormatError(
-            f"tensor data ends at byte {end} but the file holds only {data_size} data bytes: truncated", path=path
+            f"tensors declare {end} data bytes but the file holds only {data_size}: truncated, or the header lies",
+            path=path,
         )
     if end < data_size:
         raise FormatError(f"{data_size - end} trailing bytes after the last tensor", path=path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI and turn `LoractlError`s into `error:`/`hint:` lines."""
     from ..errors import LoractlError
 
+    # A file-size limit (ulimit -f) then fails the write with EFBIG, which `atomic_output` turns
+    # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return cli.main(args=argv, prog_name="loractl", standalone_mode=False)
     except click.exceptions.Exit as e:

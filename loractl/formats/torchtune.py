@@ -82,7 +82,6 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write the directory `path` with `adapter_model.pt` and torchtune's `adapter_config.json`."""
-    import torch
 
     from ..atomic import atomic_output
     from ._global_alpha import common_alpha, fold_to_alpha, max_rank
@@ -103,9 +102,20 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     }
     with atomic_output(path, force=force) as tmp:
         tmp.mkdir()
-        torch.save(state, tmp / WEIGHTS_NAME)
+        (tmp / WEIGHTS_NAME).write_bytes(_pickled(state))
         (tmp / CONFIG_NAME).write_text(json.dumps(config) + "\n")
     return path
+
+
+def _pickled(state: dict[str, torch.Tensor]) -> bytes:
+    """torch.save's bytes, written by the caller: a full disk then raises OSError (ENOSPC/EFBIG), not an opaque RuntimeError."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def hf_module(native: str) -> str:
