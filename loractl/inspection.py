@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import describe_adapter
+from .formats.options import ReadOptions
 from .info import AdapterInfo
 from .patterns import summarize
 
@@ -44,6 +45,7 @@ class Inspection:
     computed_hash: str | None = None
     stats: dict[str, ModuleStats] | None = None
     full_nonfinite: int = 0
+    origin: dict[str, Any] | None = None  # where `pull` got it from (remote, resolved commit, content hash)
 
     @property
     def hash_ok(self) -> bool | None:
@@ -69,7 +71,7 @@ class Inspection:
             "lora_bias": any(m.bias for m in info.modules.values()),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in info.modules.values()),
             "kinds": sorted({m.kind for m in info.modules.values()}),
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in info.modules}),
+            "target_modules": sorted({_leaf(name) for name in info.modules}),
             "full_tensors": {k: list(t.shape) for k, t in info.full_tensors.items()},
             "parameters": info.num_parameters,
             "dtypes": info.dtypes,
@@ -78,6 +80,7 @@ class Inspection:
             "base_fingerprint": info.record.base_fingerprint if info.record else None,
             "lineage": list(info.record.lineage) if info.record else [],
             "findings": [vars(f) for f in info.findings],
+            "origin": self.origin,
         }
         if self.stats is not None:
             doc["stats"] = {k: vars(v) for k, v in self.stats.items()}
@@ -86,18 +89,35 @@ class Inspection:
 
 
 def inspect_adapter(
-    path: str | Path, *, stats: bool = False, format: str | None = None, allow_pickle: bool = False
+    path: str | Path,
+    *,
+    stats: bool = False,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    options: ReadOptions | None = None,
 ) -> Inspection:
-    """Describe an adapter; with `stats`, also read its data for ‖ΔW‖, NaN/Inf counts and the content hash."""
-    info = describe_adapter(path, format=format, allow_pickle=allow_pickle)
+    """Describe an adapter; with `stats`, also read its data for ‖ΔW‖, NaN/Inf counts and the content hash.
+
+    `options` carries what some formats need to be read (`--base`, `--alpha`, `--scale`).
+    """
+    info = describe_adapter(path, format=format, allow_pickle=allow_pickle, options=options)
     attrs = {name: (m.rank, m.alpha, m.scale) for name, m in info.modules.items()}
     rows = [PatternRow(p, *a, n) for p, a, n in summarize(attrs)]
     recorded = info.record.content_hash if info.record else None
+    from .remote.ops import read_origin
+
+    origin = read_origin(info.path)
     if not stats:
-        return Inspection(info, rows, recorded)
+        return Inspection(info, rows, recorded, origin=origin)
     from .formats import load_adapter
     from .stats import full_nonfinite, module_stats
 
-    adapter = load_adapter(path, format=format, allow_pickle=allow_pickle)
+    adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, options=options)
     per_module = {name: ModuleStats(*module_stats(m)) for name, m in adapter.modules.items()}
-    return Inspection(info, rows, recorded, adapter.content_hash(), per_module, full_nonfinite(adapter))
+    computed = adapter.content_hash()
+    return Inspection(info, rows, recorded, computed, per_module, full_nonfinite(adapter), origin)
+
+
+def _leaf(module: str) -> str:
+    """The module's last named part: `q_proj`, or `to_out` for `...to_out.0`."""
+    return next((p for p in reversed(module.split(".")) if not p.isdigit()), module)

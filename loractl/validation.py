@@ -6,13 +6,14 @@ hash) read each tensor once; `base` checks targets and shapes against a base che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import LoractlError
 from .findings import Finding, error, warning
 from .formats import describe_adapter
+from .formats.options import ReadOptions
 from .info import AdapterInfo
 
 
@@ -39,18 +40,29 @@ class ValidationReport:
 
 
 def validate_adapter(
-    path: str | Path, *, base: str | Path | None = None, format: str | None = None, allow_pickle: bool = False
+    path: str | Path,
+    *,
+    base: str | Path | None = None,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    options: ReadOptions | None = None,
 ) -> ValidationReport:
-    """Check one adapter; unreadable files become an `unreadable` finding, never an exception."""
+    """Check one adapter; unreadable files become an `unreadable` finding, never an exception.
+
+    `base` is checked against and also helps readers that need it (kohya names, GGUF head counts).
+    """
+    options = replace(options or ReadOptions(), allow_pickle=allow_pickle or bool(options and options.allow_pickle))
+    if base is not None and options.base is None:
+        options = replace(options, base=Path(base))
     try:
-        info = describe_adapter(path, format=format, allow_pickle=allow_pickle)
+        info = describe_adapter(path, format=format, options=options)
     except LoractlError as e:
         return ValidationReport(str(path), None, [error("unreadable", str(e))])
     findings = list(info.findings) + _shape_findings(info)
     content_hash = None
     try:
         ok = not any(f.severity == "error" for f in findings)
-        data, content_hash = _data_findings(info, ok, allow_pickle)
+        data, content_hash = _data_findings(info, ok, options)
         findings += data
         if base is not None:
             findings += _base_findings(info, Path(base))
@@ -78,7 +90,7 @@ def _shape_findings(info: AdapterInfo) -> list[Finding]:
     return out
 
 
-def _data_findings(info: AdapterInfo, structural_ok: bool, allow_pickle: bool) -> tuple[list[Finding], str | None]:
+def _data_findings(info: AdapterInfo, structural_ok: bool, options: ReadOptions) -> tuple[list[Finding], str | None]:
     """NaN/Inf in every tensor of the file, then (when the structure is sound) the content hash."""
     from .formats import load_adapter
 
@@ -88,7 +100,7 @@ def _data_findings(info: AdapterInfo, structural_ok: bool, allow_pickle: bool) -
     ]
     if not structural_ok:
         return out, None
-    computed = load_adapter(info.path, format=info.format, allow_pickle=allow_pickle).content_hash()
+    computed = load_adapter(info.path, format=info.format, options=options).content_hash()
     recorded = info.record.content_hash if info.record else None
     if recorded and recorded != computed:
         out.append(

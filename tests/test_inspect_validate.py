@@ -211,3 +211,16 @@ def test_unknown_file_is_refused_with_sample_keys(tmp_path: Path) -> None:
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     out = run("--debug", "inspect", str(tmp_path / "missing"))
     assert out.returncode == 2 and "Traceback" in out.stderr
+
+
+def test_inspect_shows_where_a_pulled_adapter_came_from(tmp_path: Path) -> None:
+    from loractl.remote import pull, push
+
+    loractl.save_adapter(qv_adapter(), tmp_path / "a")
+    repo = f"file://{tmp_path}/registry/alice/lora"
+    pushed = push(tmp_path / "a", repo, tag="v1", create=True)
+    pull(repo + "@v1", tmp_path / "pulled")
+    report = loractl.inspect_adapter(tmp_path / "pulled")
+    assert report.origin is not None and report.origin["commit"] == pushed.commit
+    out = CliRunner().invoke(cli, ["inspect", str(tmp_path / "pulled")])
+    assert "origin" in out.output and "(pulled)" in out.output and "changed" not in out.output

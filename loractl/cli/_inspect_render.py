@@ -36,6 +36,8 @@ def render(report: Inspection, console: Console) -> None:
         ("file size", _size(doc["file_size"])),
         ("content hash", _hash_line(report)),
     ]
+    if report.origin:
+        rows.append(("origin", _origin_line(report)))
     if doc["base_fingerprint"]:
         rows.append(("base fingerprint", doc["base_fingerprint"]))
     for key, value in rows:
@@ -67,3 +69,12 @@ def _hash_line(report: Inspection) -> str:
     if report.hash_ok is False:
         return f"{report.computed_hash} [red]MISMATCH[/] (recorded {report.recorded_hash})"
     return f"{report.computed_hash} ({'verified' if report.hash_ok else 'computed'})"
+
+
+def _origin_line(report: Inspection) -> str:
+    o = report.origin or {}
+    line = f"{o.get('source', '?')}@{o.get('revision', '?')} = {str(o.get('commit', '?'))[:12]} (pulled)"
+    current = report.computed_hash or report.recorded_hash
+    if o.get("content_hash") and current and o["content_hash"] != current:
+        line += " [red]changed since the pull[/]"
+    return line

@@ -5,19 +5,25 @@ from __future__ import annotations
 import click
 
 from ._output import emit_json, stdout
+from ._read_options import read_options, to_read_options
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-@click.option(
-    "--stats",
-    is_flag=True,
-    help="Read the tensor data: verify the content hash, add per-module ‖ΔW‖ and NaN/Inf counts.",
-)
-@click.option("--from", "format", default=None, help="Input format (default: detected).")
-@click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (loaded with weights_only=True).")
-def command(path: str, as_json: bool, stats: bool, format: str | None, allow_pickle: bool) -> None:
+@click.option("--stats", is_flag=True, help="Read the data: verify the content hash, add ‖ΔW‖ and NaN/Inf counts.")
+@click.option("--base", type=click.Path(exists=True), default=None, help="Base checkpoint, for formats that need it.")
+@read_options
+def command(
+    path: str,
+    as_json: bool,
+    stats: bool,
+    base: str | None,
+    source_format: str | None,
+    alpha: float | None,
+    scale: float | None,
+    allow_pickle: bool,
+) -> None:
     """Show an adapter's format, ranks, scales, targets, size, hash and lineage.
 
     Without --stats only headers and config are read (fast on multi-GB files).
@@ -29,7 +35,8 @@ def command(path: str, as_json: bool, stats: bool, format: str | None, allow_pic
     """
     from ..inspection import inspect_adapter
 
-    report = inspect_adapter(path, stats=stats, format=format, allow_pickle=allow_pickle)
+    options = to_read_options(base, alpha, scale, allow_pickle)
+    report = inspect_adapter(path, stats=stats, format=source_format, options=options)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from ._output import progress, stdout
+from ._read_options import read_options, to_read_options
 
 
 @click.command("validate")
@@ -24,15 +25,16 @@ from ._output import progress, stdout
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
-@click.option("--from", "format", default=None, help="Input format (default: detected).")
-@click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (loaded with weights_only=True).")
+@read_options
 def command(
     paths: tuple[str, ...],
     base: str | None,
     output: str,
     as_json: bool,
     strict: bool,
-    format: str | None,
+    source_format: str | None,
+    alpha: float | None,
+    scale: float | None,
     allow_pickle: bool,
 ) -> None:
     """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
@@ -46,8 +48,9 @@ def command(
     """
     from ..validation import validate_adapter
 
+    options = to_read_options(base, alpha, scale, allow_pickle)
     reports = [
-        validate_adapter(p, base=base, format=format, allow_pickle=allow_pickle)
+        validate_adapter(p, base=base, format=source_format, options=options)
         for p in progress(paths, len(paths), "validating")
     ]
     from ._validate_render import render
