@@ -27,6 +27,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import load_peft_weights, set_peft_model_state_dict  # noqa: E402
 
 PREFIX = "base_model.model."
 
@@ -91,7 +92,7 @@ CASES = {
     "lora_bias": Case(
         _llama(attention_bias=True),
         TOKENS,
-        dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]),
+        dict(r=4, lora_alpha=8, lora_bias=True, bias="lora_only", target_modules=["q_proj", "v_proj"]),
     ),
     "modules_to_save": Case(
         _llama(), TOKENS, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
@@ -167,6 +168,11 @@ def test_delta_weights_match_peft(trained: dict[str, Any], name: str) -> None:
 
 
 def test_full_tensors_match_peft(trained: dict[str, Any]) -> None:
+    _, _, model, path = trained["lora_bias"]  # bias="lora_only": the base layers' biases travel as full tensors
+    biases = load_adapter(path).full_tensors
+    assert len(biases) == 4
+    for key, t in biases.items():
+        assert torch.equal(t, model.base_model.model.get_parameter(key)), key
     _, _, model, path = trained["modules_to_save"]
     head = load_adapter(path).full_tensors
     assert list(head) == ["lm_head.weight"]
@@ -185,9 +191,10 @@ def _load_in_peft(base: nn.Module, path: Path) -> Any:
         model = PeftModel.from_pretrained(_fresh(base), path)
     missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
     assert not missing, missing
-    result = model.load_adapter(path, adapter_name="again")  # returns what from_pretrained only warns about
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    model.set_adapter("default")
+    # Load the same weights again, as from_pretrained did, to see what it only warns about.
+    result = set_peft_model_state_dict(model, load_peft_weights(str(path), device="cpu"))
+    assert result.unexpected_keys == []
+    assert [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k] == []
     return model.eval()
 
 
@@ -235,8 +242,9 @@ def test_real_gpt2_adapter_reads_as_documented(real_adapters: Path, tmp_path: Pa
 def _gpt2_768() -> nn.Module:
     """GPT-2 small's attention and head dims (what the adapter touches) with a tiny vocabulary and MLP."""
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=768, n_layer=12, n_head=12, n_inner=8, num_labels=6, pad_token_id=0
-    )
+        vocab_size=64, n_positions=16, n_embd=768, n_layer=12, n_head=12, n_inner=8, num_labels=6,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
     return transformers.GPT2ForSequenceClassification(config)
 
 
