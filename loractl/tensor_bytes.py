@@ -13,6 +13,8 @@ _CODES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+# The header reader accepts U16/U32/U64; torch has them from 2.3 on (bit-exact copies, few ops).
+_CODES.update({f"U{bits}": getattr(torch, f"uint{bits}") for bits in (16, 32, 64) if hasattr(torch, f"uint{bits}")})
 _BY_DTYPE = {v: k for k, v in _CODES.items()}
 
 

@@ -21,7 +21,8 @@ from loractl.safetensors_writer import StreamWriter, TensorSpec, save_tensors
 from loractl.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]  # fmt: skip
+          torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.float8_e4m3fn,
+          torch.float8_e5m2]  # fmt: skip
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -102,6 +103,7 @@ def test_stream_writer_refuses_the_wrong_tensor_and_an_early_close(tmp_path: Pat
 
 
 def test_dtype_codes_cover_the_header_reader() -> None:
+    assert {dtype_code(d) for d in DTYPES} == set(DTYPE_SIZES)  # every dtype a header may name can be read
     for dtype in DTYPES:
         code = dtype_code(dtype)
         assert torch_dtype(code) == dtype and DTYPE_SIZES[code] == torch.empty(0, dtype=dtype).element_size()
