@@ -28,6 +28,7 @@ from .extract_plan import ExtractPlan, PlanEntry, plan_extract
 from .extract_report import ExtractReport, ModuleReport, TensorNote
 
 Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
+Observe = Callable[[str, torch.Tensor], None]  # (module, ΔW as the (d, k) matrix factored): e.g. to plot spectra
 DTYPES = {"F32": "F32", "float32": "F32", "fp32": "F32", "BF16": "BF16", "bfloat16": "BF16", "bf16": "BF16",
           "F16": "F16", "float16": "F16", "fp16": "F16"}  # fmt: skip
 
@@ -89,6 +90,7 @@ def extract(
     format: str = "peft",
     force: bool = False,
     track: Track | None = None,
+    observe: Observe | None = None,
 ) -> ExtractReport:
     """Extract an adapter and write it to `output` atomically; nothing is written on any error."""
     from ..formats import FORMATS, save_adapter
@@ -98,7 +100,7 @@ def extract(
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    result = extract_adapter(base, finetuned, config, track=track)
+    result = extract_adapter(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError("nothing to extract: no targeted weight differs", hint="see the report with --dry-run")
     save_adapter(result.adapter, output, format=format, force=force)
@@ -113,13 +115,21 @@ def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> E
 
 
 def extract_adapter(
-    base: str | Path, finetuned: str | Path, config: ExtractConfig, *, track: Track | None = None
+    base: str | Path,
+    finetuned: str | Path,
+    config: ExtractConfig,
+    *,
+    track: Track | None = None,
+    observe: Observe | None = None,
 ) -> Extraction:
-    """The adapter and its report, in memory (the factors are small; the checkpoints are streamed)."""
+    """The adapter and its report, in memory (the factors are small; the checkpoints are streamed).
+
+    `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
+    """
     config.check()
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
-        run = _Run(b, f, config)
+        run = _Run(b, f, config, observe)
         for entry in (track or (lambda items, _: items))(plan.entries, len(plan.entries)):
             run.step(entry)
         report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings)
@@ -136,8 +146,8 @@ def extract_adapter(
 class _Run:
     """The streaming pass: what has been extracted so far, and the fingerprints being hashed."""
 
-    def __init__(self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig) -> None:
-        self.base, self.ft, self.config = base, ft, config
+    def __init__(self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig, observe: Observe | None) -> None:
+        self.base, self.ft, self.config, self.observe = base, ft, config, observe
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, torch.Tensor] = {}
         self.reports: list[ModuleReport] = []
@@ -180,6 +190,8 @@ class _Run:
         feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
         del w0, w1
         m = delta.T if entry.kind == "embedding" else delta.reshape(entry.matrix_shape)
+        if self.observe is not None:
+            self.observe(entry.module, m)
         self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq)
         self.reports.append(report)
 
