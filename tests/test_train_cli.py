@@ -1,0 +1,137 @@
+"""`loractl train` through the CLI: the fixture job, config files, and clear errors before any step."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import loractl
+from loractl.cli import cli, main
+from loractl.cli.train_cmd import parse_targets
+
+pytest.importorskip("transformers")
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+BASE, DATA = str(FIXTURES / "tiny-llama"), str(FIXTURES / "data" / "train.jsonl")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models train 10x faster on one thread than on two cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fixture_job_writes_a_peft_adapter_with_lineage(tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    args = ["train", "--base", BASE, "--data", DATA, "--eval-data", str(FIXTURES / "data" / "eval.jsonl"), "-o",
+            str(out), "--steps", "6", "--lr", "1e-2", "--batch-size", "4", "--save-every", "3", "--json"]  # fmt: skip
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    doc = json.loads(run.stdout)
+    assert doc["steps"] == 6 and doc["eval_loss"] is not None and doc["trainable"] == 3584
+    adapter = loractl.load_adapter(out)
+    assert adapter.content_hash() == doc["content_hash"] and set(adapter.modules) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    }
+    entry = adapter.lineage[-1]
+    assert entry["op"] == "train" and entry["params"]["rank"] == 8 and entry["metrics"]["steps"] == 6
+    assert entry["metrics"]["data_sha256"].startswith("sha256:") and adapter.meta.base_fingerprint
+    metrics = [json.loads(line) for line in (tmp_path / "adapter.train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "adapter.train" / "checkpoints").iterdir()) == [
+        "step-000003",
+        "step-000006",
+    ]
+    assert "trainable parameters: 3,584 of 110,400" in run.stderr
+
+
+def test_resume_through_the_cli_gives_the_same_adapter(tmp_path: Path) -> None:
+    common = ["--base", BASE, "--data", DATA, "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--json"]
+    straight = CliRunner().invoke(cli, ["train", *common, "-o", str(tmp_path / "a")])
+    first = CliRunner().invoke(cli, ["train", *common, "-o", str(tmp_path / "b"), "--save-every", "2"])
+    assert straight.exit_code == 0 and first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(cli, ["train", *common, "-o", str(tmp_path / "b"), "--save-every", "2", "--resume",
+                                       str(tmp_path / "b.train" / "checkpoints" / "step-000002")])  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["content_hash"] == json.loads(straight.stdout)["content_hash"]
+
+
+def test_config_file_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"rank": 2, "targets": ["o_proj"], "steps": 1, "lr": 0.5}))
+    run = CliRunner().invoke(cli, ["train", "--base", BASE, "--data", DATA, "-o", str(tmp_path / "o"),
+                                   "--config", str(config), "--lr", "1e-3", "--batch-size", "2"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    adapter = loractl.load_adapter(tmp_path / "o")
+    assert {m.rank for m in adapter.modules.values()} == {2} and all(n.endswith("o_proj") for n in adapter.modules)
+    assert adapter.lineage[-1]["params"]["lr"] == 1e-3
+
+
+def test_parse_targets() -> None:
+    assert parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+    assert parse_targets("all-linear") == "all-linear"
+    assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+
+
+def _lines(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("empty", 2, "no training examples"),
+        ("not-json", 1, "line 2 is not valid JSON"),
+        ("no-match", 2, "target 'qq_proj' matches no linear layer"),
+        ("no-config", 2, "has no config.json"),
+        ("rank-0", 2, "rank must be positive"),
+        ("existing", 2, "already exists"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int,
+                                         message: str) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    base, data, extra = BASE, DATA, []
+    if case == "empty":
+        data = _lines(tmp_path, "\n")
+    elif case == "not-json":
+        data = _lines(tmp_path, '{"text": "fine"}\n{"text": oops\n')
+    elif case == "no-match":
+        extra = ["--targets", "q_proj,qq_proj"]
+    elif case == "no-config":
+        (tmp_path / "empty-base").mkdir()
+        base = str(tmp_path / "empty-base")
+    elif case == "rank-0":
+        extra = ["--rank", "0"]
+    else:
+        out.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--base", base, "--data", data, "-o", str(out), "--steps", "50", *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code and message in err and "error:" in err, err
+    assert not (tmp_path / "out.train").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_nproc_2_matches_one_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    common = ["--base", BASE, "--data", DATA, "--steps", "3", "--lr", "1e-2", "--json"]
+    two = subprocess.run([sys.executable, "-m", "loractl", "train", *common, "--batch-size", "2", "--nproc", "2",
+                          "-o", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = CliRunner().invoke(cli, ["train", *common, "--batch-size", "4", "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a, b = loractl.load_adapter(tmp_path / "one"), loractl.load_adapter(tmp_path / "two")
+    for name, m in a.modules.items():
+        torch.testing.assert_close(b.modules[name].B, m.B, rtol=1e-4, atol=1e-6)
