@@ -346,3 +346,16 @@ def test_mixed_bias_and_orientation_round_trip_and_pad_for_peft(tmp_path: Path) 
     back = load_adapter(tmp_path / "out")
     assert back.modules[v].bias is None and not back.modules[v].fan_in_fan_out
     assert_same_adapter(back, mixed)
+
+
+def test_keys_without_the_peft_prefix_read_the_same(fixtures_dir: Path, tmp_path: Path) -> None:
+    """transformers' own PEFT integration saves `model.layers...` without `base_model.model.`."""
+    from safetensors.torch import load_file, save_file
+
+    root = _copy(fixtures_dir, tmp_path, "tiny-dora")
+    want = load_adapter(root)
+    tensors = load_file(root / "adapter_model.safetensors")
+    save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, root / "adapter_model.safetensors")
+    got = load_adapter(root)
+    assert_same_adapter(got, want)
+    assert got.warnings == ()
