@@ -215,7 +215,7 @@ class _Stream:
         import torch
 
         from ..tensor_bytes import torch_dtype
-        from .merge_kernel import add_deltas_into
+        from .merge_kernel import add_deltas_into, bias_delta, module_delta
 
         dtype = torch_dtype(t.dtype)
         full = next((u for u in t.updates if u.role == "full"), None)
@@ -224,29 +224,21 @@ class _Stream:
         lowrank = [u for u in t.updates if u.role != "full"]
         if not lowrank:
             return start.to(dtype)
-        deltas = self._deltas(t, lowrank, start)
-        out = start if start.dtype == dtype and full is None else torch.empty(t.shape, dtype=dtype)
-        add_deltas_into(out, start, deltas)
-        return out
-
-    def _deltas(self, t: TensorPlan, updates: list[Update], start: torch.Tensor) -> list[Delta]:
-        from .merge_kernel import bias_delta, delta_norm, frobenius_norm, module_delta
-
-        norm: float | None = None
-        out = []
-        for u in updates:
+        deltas = []
+        for u in lowrank:
             module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
-            if u.role == "bias":
-                out.append(bias_delta(module, weight))
-                continue
-            d = module_delta(module, weight)
-            norm = frobenius_norm(start) if norm is None else norm
-            rel = delta_norm(d) / norm if norm > 0 else None
-            self.modules.append(
-                ModuleReport(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
-            )
-            out.append(d)
+            deltas.append(bias_delta(module, weight) if u.role == "bias" else module_delta(module, weight))
+        out = start if start.dtype == dtype and full is None else torch.empty(t.shape, dtype=dtype)
+        norm = add_deltas_into(out, start, deltas)
+        self.modules += [self._report(t, u, d, norm) for u, d in zip(lowrank, deltas, strict=True) if u.role != "bias"]
         return out
+
+    def _report(self, t: TensorPlan, u: Update, d: Delta, norm: float) -> ModuleReport:
+        from .merge_kernel import delta_norm
+
+        module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
+        rel = delta_norm(d) / norm if norm > 0 else None
+        return ModuleReport(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
 
 
 def _recorded(a: Any) -> str | None:

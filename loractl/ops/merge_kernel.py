@@ -59,11 +59,14 @@ def bias_delta(module: LoraModule, weight: float) -> Delta:
     return Delta(module.bias.float().reshape(-1, 1), torch.ones(1, 1), weight * module.scale)
 
 
-def add_deltas_into(out: torch.Tensor, weight: torch.Tensor, deltas: Sequence[Delta]) -> None:
-    """Write `weight` + every delta, in order, into `out` (which may be `weight` itself).
+def add_deltas_into(out: torch.Tensor, weight: torch.Tensor, deltas: Sequence[Delta]) -> float:
+    """Write `weight` + every delta, in order, into `out` (which may be `weight` itself); return ‖weight‖_F.
 
     DoRA norms are taken of the starting weight plus that adapter's own ΔW, as PEFT's merge does.
     A DoRA update normalising stored columns needs every row at once: then the block is the whole tensor.
+    ‖weight‖_F comes from the float32 blocks while they are in cache: float32 norms of single rows
+    (exact to float32 rounding; one float32 reduction over a whole weight is off by up to 1%,
+    PERF.md) summed in float64.
     """
     rows = weight.shape[0] if weight.ndim else 1
     src, dst = weight.reshape(rows, -1), out.view(rows, -1)
@@ -72,14 +75,17 @@ def add_deltas_into(out: torch.Tensor, weight: torch.Tensor, deltas: Sequence[De
     block = rows if any(d.per_column for d in dora) else max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
     buf = torch.empty(block, cols, dtype=torch.float32)
     start_buf = torch.empty_like(buf) if dora else None
+    squares = 0.0
     for start in range(0, rows, block):
         stop = min(start + block, rows)
         cur = buf[: stop - start]
         cur.copy_(src[start:stop])
+        squares += float(torch.linalg.vector_norm(cur, dim=1).double().square().sum())
         first = None if start_buf is None else start_buf[: stop - start].copy_(cur)
         for d in deltas:
             _apply(cur, first, d, start, stop)
         dst[start:stop].copy_(cur)
+    return math.sqrt(squares)
 
 
 def _apply(cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, stop: int) -> None:
@@ -99,23 +105,6 @@ def delta_norm(d: Delta) -> float:
     left, right = d.left.double(), d.right.double()
     gram = float(((left.T @ left) * (right @ right.T)).sum())
     return abs(d.factor) * math.sqrt(max(gram, 0.0))
-
-
-def frobenius_norm(t: torch.Tensor) -> float:
-    """‖t‖_F: float32 norms of rows (a few thousand elements each), summed in float64.
-
-    One float32 reduction over a whole weight is off by up to 1% (PERF.md); per-row ones are exact
-    to float32 rounding, and the float64 sum keeps them so. Rows go in blocks, so no float32 copy
-    of the whole tensor is ever made.
-    """
-    if t.numel() == 0:
-        return 0.0
-    rows = t.reshape(t.shape[0] if t.ndim else 1, -1)
-    block = max(1, BLOCK_ELEMENTS // max(rows.shape[1], 1))
-    total = 0.0
-    for chunk in torch.split(rows, block):
-        total += float(torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32).double().square().sum())
-    return math.sqrt(total)
 
 
 def all_finite(t: torch.Tensor) -> bool:
