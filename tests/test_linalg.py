@@ -130,3 +130,17 @@ def test_frobenius_is_accumulated_in_float64() -> None:
     reference = float(m.double().square().sum())
     assert linalg.frobenius_sq(m) == pytest.approx(reference, rel=1e-12)
     assert linalg.residual_sq(m, torch.zeros(3000, 1), torch.zeros(1, 1000)) == pytest.approx(reference, rel=1e-12)
+
+
+def test_power_iterations_continue_on_a_flat_spectrum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gaussian matrix (Marchenko–Pastur, the hardest case for a sketch) needs more than 2 iterations."""
+    m = torch.randn(600, 500, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(m.double())
+    adaptive = linalg.truncated_svd(m, 32, method="randomized")
+    assert adaptive.iterations > linalg.POWER_ITERS
+    assert error(m, adaptive) <= 1.01 * optimal_error(s, 32)
+    monkeypatch.setattr(linalg, "MAX_POWER_ITERS", linalg.POWER_ITERS)
+    fixed = linalg.truncated_svd(m, 32, method="randomized")
+    assert fixed.iterations == linalg.POWER_ITERS and error(m, fixed) > error(m, adaptive)
+    decaying, _ = known("decaying", 400, 320)
+    assert linalg.truncated_svd(decaying, 8, method="randomized").iterations <= 3

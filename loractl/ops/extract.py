@@ -204,7 +204,7 @@ def factor(
 ) -> tuple[LoraModule, ModuleReport]:
     """Factor one ΔW matrix m (d, k) into a LoraModule laid out for `entry.kind`, and report the loss."""
     if config.rank is not None:
-        t = linalg.truncated_svd(m, config.rank)
+        t = linalg.truncated_svd(m, config.rank, total=delta_sq)
     else:
         t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
     alpha = float(t.rank) if config.alpha is None else config.alpha

@@ -20,7 +20,9 @@ import torch
 Method = Literal["auto", "exact", "randomized"]
 
 MIN_OVERSAMPLE = 10  # extra sketch columns: without any the error reached 1.04× the optimum
-POWER_ITERS = 2  # each costs two passes over ΔW; see `oversample_for` for the trade-off
+POWER_ITERS = 2  # the minimum; each costs two passes over ΔW
+MAX_POWER_ITERS = 8
+POWER_TOL = 0.005  # stop once an iteration adds less than 0.5% of the remaining error² to the kept energy
 EXACT_MAX_DIM = 256  # at or below this min(d, k) an exact thin SVD is cheap anyway
 ENERGY_TOL = 1e-6  # energy 1.0 means "numerically exact", not "every rounding-error direction"
 FIRST_GUESS = 32  # first sketch rank when choosing the rank by energy; doubled until enough
@@ -37,12 +39,14 @@ class Truncation:
         S: (r,) singular values, float32.
         Vh: (r, k) orthonormal rows.
         method: which algorithm produced it.
+        iterations: power iterations the randomized method ran.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
     method: Literal["exact", "randomized"]
+    iterations: int = 0
 
     @property
     def rank(self) -> int:
@@ -50,7 +54,7 @@ class Truncation:
 
     def head(self, rank: int) -> Truncation:
         """The leading `rank` triplets."""
-        return Truncation(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.method)
+        return Truncation(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.method, self.iterations)
 
     def energy(self) -> float:
         """Σ S² in float64: the part of ‖M‖²_F this truncation keeps."""
@@ -87,34 +91,50 @@ def truncated_svd(
     oversample: int | None = None,
     power_iters: int = POWER_ITERS,
     seed: int = SEED,
+    total: float | None = None,
 ) -> Truncation:
     """The best rank-`rank` approximation of the 2-D float32 matrix `m` (d, k).
 
     `auto` picks the randomized range finder unless `use_exact` says the thin SVD is as cheap;
-    `oversample` defaults to `oversample_for(rank)`.
+    `oversample` defaults to `oversample_for(rank)`; `total` is ‖m‖²_F if the caller has it.
     """
     if not 1 <= rank <= min(m.shape):
         raise ValueError(f"rank {rank} outside 1..{min(m.shape)} for a {tuple(m.shape)} matrix")
     if method == "exact" or (method == "auto" and use_exact((m.shape[0], m.shape[1]), rank)):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return Truncation(u, s, vh, "exact").head(rank)
-    return _randomized(m, rank, oversample_for(rank) if oversample is None else oversample, power_iters, seed)
+    width = oversample_for(rank) if oversample is None else oversample
+    return _randomized(m, rank, width, power_iters, seed, frobenius_sq(m) if total is None else total)
 
 
-def _randomized(m: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int) -> Truncation:
+def _randomized(m: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int, total: float) -> Truncation:
     """Halko–Martinsson–Tropp range finder, re-orthonormalized after every product.
 
     Without the QR between power iterations the sketch's columns collapse onto the top
-    singular vector in float32 and the smaller kept directions are lost.
+    singular vector in float32. Iterations go on past `power_iters` while the energy the
+    sketch keeps still grows by more than `POWER_TOL` of the remaining error (slowly
+    decaying spectra), up to `MAX_POWER_ITERS`; Z = Mᵀ Q doubles as the final projection.
     """
     width = min(rank + oversample, min(m.shape))
     g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(m.shape[1], width, generator=g, dtype=m.dtype)
-    q = _orth(m @ omega)
-    for _ in range(power_iters):
-        q = _orth(m @ _orth(m.T @ q))
-    u_small, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (width, k): small
-    return Truncation(q @ u_small, s, vh, "randomized").head(rank)
+    q = _orth(m @ torch.randn(m.shape[1], width, generator=g, dtype=m.dtype))
+    z = m.T @ q  # (k, width) = (Qᵀ M)ᵀ
+    kept, converged, done = _kept(z, rank), True, 0
+    while done < power_iters or (not converged and done < MAX_POWER_ITERS):
+        q = _orth(m @ _orth(z))
+        z = m.T @ q
+        new = _kept(z, rank)
+        gain, kept = new - kept, new
+        converged = gain <= POWER_TOL * max(total - kept, 0.0) + ENERGY_TOL * total
+        done += 1
+    u_small, s, vh = torch.linalg.svd(z.T, full_matrices=False)  # (width, k): small
+    return Truncation(q @ u_small, s, vh, "randomized", done).head(rank)
+
+
+def _kept(z: torch.Tensor, rank: int) -> float:
+    """Σ of the top `rank` σ² of z (k, width), from its width × width Gram matrix in float64."""
+    zd = z.double()
+    return float(torch.linalg.eigvalsh(zd.T @ zd)[-rank:].clamp(min=0).sum())
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
@@ -137,7 +157,7 @@ def svd_by_energy(
     while True:
         if use_exact((m.shape[0], m.shape[1]), guess):
             guess = cap  # the exact SVD yields the whole spectrum at once
-        t = truncated_svd(m, guess)
+        t = truncated_svd(m, guess, total=total)
         kept = torch.cumsum(t.S.double().square(), 0)
         if kept[-1] >= target or guess == cap:
             reached = int(torch.searchsorted(kept, torch.tensor([target], dtype=torch.float64))[0])
