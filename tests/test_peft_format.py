@@ -51,18 +51,19 @@ def adapters(draw: st.DrawFn) -> Adapter:
 def _module(draw: st.DrawFn, name: str, dtype: torch.dtype, gen: torch.Generator, dora: bool) -> LoraModule:
     """rsLoRA, bias and Conv1D orientation vary per module: PEFT's config says each once, loractl's record the rest."""
     rslora, bias, fan_in = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
-    rank, inp, out = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    rank, inp, out = draw(st.sampled_from([1, 2, 3, 4, 5, 7])), draw(st.integers(1, 6)), draw(st.integers(1, 6))
     kind = "conv" if name.endswith("conv") else "embedding" if name.endswith("embed") else "linear"
     kernel = draw(st.sampled_from([(1, 1), (3, 3), (1, 3)])) if kind == "conv" else ()
     a = torch.randn(rank, inp, *kernel, generator=gen).to(dtype)
     b = torch.randn(out, rank, *((1,) * len(kernel)), generator=gen).to(dtype)
     a.view(-1)[0] = -0.0  # signed zeros must survive too
     alpha = draw(st.one_of(st.sampled_from(AWKWARD_ALPHAS), st.floats(1e-4, 1e4), st.none()))
-    scale = (
-        scale_from_alpha(alpha, rank, rslora)
-        if alpha is not None
-        else draw(st.floats(1e-6, 1e6, allow_subnormal=False))  # a scale no alpha may express
-    )
+    if alpha is not None:
+        scale = scale_from_alpha(alpha, rank, rslora)
+    else:  # a scale set directly (rescale, combine): a few ulps off an alpha's, often not alpha/r for any alpha
+        scale = draw(st.floats(1e-6, 1e6, allow_subnormal=False))
+        for _ in range(draw(st.integers(0, 3))):
+            scale = math.nextafter(scale, math.inf)
     return LoraModule(
         A=a,
         B=b,
