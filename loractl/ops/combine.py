@@ -227,13 +227,13 @@ def _check_options(options: CombineOptions) -> None:
 def _check_bases(metas: list[AdapterMeta], allow_mismatch: bool) -> None:
     """Refuse different base fingerprints, or base names whose last path part differs (a Hub id and a local
     copy of it, `org/model` and `/data/model`, count as one base; shapes are checked module by module)."""
-    fingerprints = {m.base_fingerprint for m in metas} - {None}
+    fingerprints = {m.base_fingerprint for m in metas if m.base_fingerprint}
     if len(fingerprints) > 1:
         raise AdapterError(
             f"the adapters were made for different bases (fingerprints {', '.join(sorted(fingerprints))})",
             hint="their base weights differ; combine adapters of one base",
         )
-    names = {m.base_model for m in metas} - {None}
+    names = {m.base_model for m in metas if m.base_model}
     if len({n.rstrip("/").rsplit("/", 1)[-1] for n in names}) > 1 and not allow_mismatch:
         raise AdapterError(
             f"the adapters were made for different bases ({', '.join(sorted(names))})",
