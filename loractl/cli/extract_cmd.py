@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--dry-run", is_flag=True, help="Show the plan from the headers; read no tensor data, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw ΔW's singular-value spectra to this PNG."
+)
 def command(
     base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_rank: int | None,
     targets: tuple[str, ...], save_full: tuple[str, ...], alpha: float | None, dtype: str, format: str,
-    force: bool, dry_run: bool, as_json: bool,
+    force: bool, dry_run: bool, as_json: bool, plot: str | None,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from BASE and FINETUNED checkpoints by truncated SVD of W_ft − W0.
 
@@ -44,8 +47,10 @@ def command(
     Examples:
       loractl extract llama-7b llama-7b-chat -o chat-lora --rank 64
       loractl extract base ft -o lora --energy 0.9 --max-rank 128 --save-full 'norm' --json
+      loractl extract base ft -o lora --rank 16 --plot spectra.png
     """
     from ..ops import extract as ops
+    from ..plots import SpectrumRecorder, check_plot, plot_spectra
 
     config = ops.ExtractConfig(
         rank=rank, energy=energy, max_rank=max_rank, targets=targets, save_full=save_full, alpha=alpha, dtype=dtype
@@ -53,8 +58,14 @@ def command(
     if dry_run:
         plan = ops.dry_run(base, finetuned, config)
         return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
+    spectra = SpectrumRecorder(2 * (rank or max_rank or 0)) if plot else None
+    if plot:
+        check_plot(plot, [base, finetuned, output])
     report = ops.extract(base, finetuned, output, config, format=format, force=force,
-                         track=lambda items, n: progress(items, n, "extracting"))  # fmt: skip
+                         track=lambda items, n: progress(items, n, "extracting"),
+                         observe=spectra.observe if spectra else None)  # fmt: skip
+    if plot and spectra:
+        plot_spectra(spectra, report, plot, inputs=[base, finetuned, output])
     for message in report.warnings:
         warn(message)
     return emit_json(report.to_dict()) if as_json else _render(report)

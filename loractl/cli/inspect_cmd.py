@@ -13,12 +13,19 @@ from ._read_options import read_options, to_read_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--stats", is_flag=True, help="Read the data: verify the content hash, add ‖ΔW‖ and NaN/Inf counts.")
 @click.option("--base", type=click.Path(exists=True), default=None, help="Base checkpoint, for formats that need it.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw rank and ‖ΔW‖ heatmaps to this PNG (implies --stats).",
+)
 @read_options
 def command(
     path: str,
     as_json: bool,
     stats: bool,
     base: str | None,
+    plot: str | None,
     source_format: str | None,
     alpha: float | None,
     scale: float | None,
@@ -32,11 +39,20 @@ def command(
     Examples:
       loractl inspect fixtures/adapters/tiny-qv
       loractl inspect my-adapter/ --stats --json
+      loractl inspect fixtures/adapters/tiny-patterns --plot layers.png
     """
     from ..inspection import inspect_adapter
 
     options = to_read_options(base, alpha, scale, allow_pickle)
-    report = inspect_adapter(path, stats=stats, format=source_format, options=options)
+    if plot:
+        from ..plots import check_plot
+
+        check_plot(plot, [path])
+    report = inspect_adapter(path, stats=stats or bool(plot), format=source_format, options=options)
+    if plot:
+        from ..plots import plot_inspection
+
+        plot_inspection(report, plot)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -1,0 +1,208 @@
+"""Pictures for what people would rather see than read (matplotlib: the optional extra `plot`).
+
+- `plot_inspection`: an adapter's rank and ‖ΔW‖_F as heatmaps, layer × module type, so an
+  uneven fine-tune (one layer doing all the work, a module type left at zero) shows at a glance.
+- `SpectrumRecorder` + `plot_spectra`: the singular values of each ΔW that `extract` factors,
+  per module type, with the chosen rank and the energy kept marked, so the rank the fine-tune
+  needs can be read off the knee of the curves.
+
+Figures are drawn on a bare `matplotlib.figure.Figure` (no pyplot, no global state, no GUI
+backend) and written atomically; an existing picture is replaced, as `savefig` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .atomic import atomic_output, ensure_distinct
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+    from .inspection import Inspection
+    from .ops.extract_report import ExtractReport
+
+_NUM = re.compile(r"^\d+$")
+DPI = 100
+ANNOTATE_MAX_CELLS = 300  # beyond this the numbers in the cells become unreadable
+SPECTRUM_MIN = 64  # singular values recorded per module at least (or all, for smaller matrices)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Module paths laid out as rows (layers: the path's numbers) × columns (module types: the rest)."""
+
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    cells: dict[str, tuple[int, int]]  # module path → (row, column)
+
+
+def grid(modules: Iterable[str]) -> Grid:
+    """`model.layers.3.self_attn.q_proj` → row `3`, column `self_attn.q_proj`; no number → row `-`."""
+    placed = {}
+    for path in modules:
+        parts = path.split(".")
+        numbers = [p for p in parts if _NUM.match(p)]
+        first = next((i for i, p in enumerate(parts) if _NUM.match(p)), len(parts))
+        rest = [p for p in parts[first:] if not _NUM.match(p)] or parts[:first]
+        placed[path] = (".".join(numbers) or "-", ".".join(rest))
+    rows = sorted({r for r, _ in placed.values()}, key=_layer_key)
+    columns = sorted({c for _, c in placed.values()})
+    cells = {p: (rows.index(r), columns.index(c)) for p, (r, c) in placed.items()}
+    return Grid(tuple(rows), tuple(columns), cells)
+
+
+def _layer_key(row: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in row.split(".")) if row != "-" else (-1,)
+
+
+def plot_inspection(report: Inspection, path: str | Path) -> Path:
+    """Write rank and ‖ΔW‖_F heatmaps (layer × module type) of an inspected adapter as a PNG.
+
+    Raises:
+        UsageError: the report has no stats (inspect with stats=True), or matplotlib is missing.
+    """
+    if report.stats is None:
+        raise UsageError("the ‖ΔW‖ heatmap needs the adapter's data", hint="inspect with stats=True (--stats)")
+    check_plot(path, [report.info.path, *report.info.files])
+    modules = report.info.modules
+    layout = grid(modules)
+    ranks = _matrix(layout, {n: float(m.rank) for n, m in modules.items()})
+    norms = _matrix(layout, {n: s.delta_norm for n, s in report.stats.items()})
+    fig = _figure(width=2 * (2.2 + 0.55 * len(layout.columns)), height=2.4 + 0.32 * len(layout.rows))
+    for axis, values, title, fmt in zip(
+        fig.subplots(1, 2), (ranks, norms), ("rank", "‖ΔW‖_F"), ("{:.0f}", "{:.2g}"), strict=True
+    ):
+        _heatmap(fig, axis, layout, values, title, fmt)
+    fig.suptitle(f"{report.info.path.name}: {len(modules)} modules ({report.info.format})")
+    return _save(fig, path)
+
+
+def _matrix(layout: Grid, values: dict[str, float]) -> list[list[float]]:
+    out = [[math.nan] * len(layout.columns) for _ in layout.rows]
+    for name, value in values.items():
+        r, c = layout.cells[name]
+        out[r][c] = value
+    return out
+
+
+def _heatmap(fig: Figure, axis: Any, layout: Grid, values: list[list[float]], title: str, fmt: str) -> None:
+    image = axis.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_title(title)
+    axis.set_xticks(range(len(layout.columns)), layout.columns, rotation=35, ha="right", fontsize=8)
+    axis.set_yticks(range(len(layout.rows)), layout.rows, fontsize=8)
+    axis.set_ylabel("layer")
+    fig.colorbar(image, ax=axis, shrink=0.8)
+    if len(layout.rows) * len(layout.columns) > ANNOTATE_MAX_CELLS:
+        return
+    for r, row in enumerate(values):
+        for c, v in enumerate(row):
+            if not math.isnan(v):
+                bright = image.norm(v) > 0.6  # viridis turns yellow: dark text reads better there
+                axis.text(
+                    c, r, fmt.format(v), ha="center", va="center", fontsize=7, color="black" if bright else "white"
+                )
+
+
+@dataclass
+class SpectrumRecorder:
+    """Keeps the leading singular values of each ΔW; pass `observe` to `extract(..., observe=)`.
+
+    `limit` values per module (at least `SPECTRUM_MIN`, all of a smaller matrix) are enough to show
+    the knee and the chosen rank; computing them costs about one more truncated SVD per module.
+    """
+
+    limit: int = SPECTRUM_MIN
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def observe(self, module: str, m: torch.Tensor) -> None:
+        from .ops import linalg
+
+        k = min(max(self.limit, SPECTRUM_MIN), *m.shape)
+        self.values[module] = linalg.truncated_svd(m, k).S.double().tolist()
+
+
+def plot_spectra(
+    spectra: SpectrumRecorder, report: ExtractReport, path: str | Path, *, inputs: Sequence[str | Path] = ()
+) -> Path:
+    """Write the singular-value spectra of ΔW per module type, with each module's chosen rank marked.
+
+    Each panel holds one line per layer (σᵢ on a log scale), a dot at the rank kept, and on the
+    right axis the share of ‖ΔW‖²_F kept by the first i values for the whole module type.
+    `inputs` are paths the picture must not replace (the checkpoints, the adapter written).
+    """
+    check_plot(path, inputs)
+    reports = {m.module: m for m in report.modules if m.module in spectra.values}
+    if not reports:
+        raise UsageError("no extracted module to plot", hint="the plot needs at least one factored module")
+    layout = grid(reports)
+    fig = _figure(width=4.2 * min(3, len(layout.columns)), height=3.2 * math.ceil(len(layout.columns) / 3))
+    axes = fig.subplots(math.ceil(len(layout.columns) / 3), min(3, len(layout.columns)), squeeze=False).ravel()
+    for c, column in enumerate(layout.columns):
+        names = sorted((n for n, (_, col) in layout.cells.items() if col == c), key=lambda n: layout.cells[n][0])
+        _spectrum_panel(axes[c], column, [(spectra.values[n], reports[n]) for n in names], len(layout.rows))
+    for axis in axes[len(layout.columns) :]:
+        axis.set_visible(False)
+    totals = report.totals()
+    fig.suptitle(f"ΔW spectra: {totals['modules']} modules, energy kept {totals['energy']:.2%}")
+    return _save(fig, path)
+
+
+def _spectrum_panel(axis: Any, title: str, modules: Sequence[tuple[list[float], Any]], layers: int) -> None:
+    from matplotlib import colormaps
+
+    colors = colormaps["viridis"]
+    kept = [0.0] * max(len(s) for s, _ in modules)
+    for i, (sigma, rep) in enumerate(modules):
+        color = colors(i / max(layers - 1, 1))
+        shown = [(k + 1, s) for k, s in enumerate(sigma) if s > 0]
+        axis.plot([k for k, _ in shown], [s for _, s in shown], color=color, linewidth=1)
+        if rep.rank <= len(sigma) and sigma[rep.rank - 1] > 0:
+            axis.plot([rep.rank], [sigma[rep.rank - 1]], "o", color=color, markersize=4)
+        for k, s in enumerate(sigma):
+            kept[k] += s * s
+    axis.set_yscale("log")
+    axis.set_xlabel("singular value index i")
+    axis.set_ylabel("σᵢ")
+    delta = sum(rep.delta_sq for _, rep in modules)
+    energy = sum(rep.energy * rep.delta_sq for _, rep in modules) / delta if delta else 1.0
+    ranks = sorted({rep.rank for _, rep in modules})
+    if len(ranks) == 1:
+        axis.axvline(ranks[0], color="gray", linestyle="--", linewidth=1)
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    axis.set_title(f"{title}\nrank {rank_text}, energy kept {energy:.2%}", fontsize=9)
+    share = axis.twinx()
+    curve = [min(c / delta, 1.0) if delta else 1.0 for c in itertools.accumulate(kept)]
+    share.plot(range(1, len(curve) + 1), curve, color="tab:red", linestyle=":", linewidth=1.2)
+    share.axhline(energy, color="tab:red", linewidth=0.6, alpha=0.5)
+    share.set_ylim(0, 1.02)
+    share.set_ylabel("energy kept (cumulative)", color="tab:red", fontsize=8)
+
+
+def check_plot(path: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Raise `UsageError` when matplotlib is missing or `path` would replace an input: call it before long work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise UsageError("--plot needs matplotlib, which is not installed", hint="pip install 'loractl[plot]'") from e
+    ensure_distinct(path, list(inputs))
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(min(width, 24.0), min(height, 24.0)), dpi=DPI, layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

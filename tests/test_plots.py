@@ -1,0 +1,117 @@
+"""`inspect --plot` and `extract --plot`: the layout, the recorded spectra, and the pictures written."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loractl.cli import main
+from loractl.plots import SpectrumRecorder, grid
+
+mpimg = pytest.importorskip("matplotlib.image")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The CLI as a user runs it (error rendering included): exit code, stdout, stderr."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_picture(path: Path, min_size: tuple[int, int]) -> None:
+    """A PNG at least `min_size` (width, height) pixels, with drawn content: many colours, not one flat field."""
+    image = mpimg.imread(path)
+    height, width = image.shape[:2]
+    assert width >= min_size[0] and height >= min_size[1], (width, height)
+    rgb = (image[..., :3] * 255).round().reshape(-1, 3)
+    colours = {tuple(p) for p in rgb[:: max(1, len(rgb) // 20000)].tolist()}
+    assert len(colours) > 50, len(colours)
+    background = (rgb == 255).all(axis=1).mean()
+    assert 0.2 < background < 0.97, background  # neither blank nor a solid block
+
+
+def test_grid_places_layers_in_rows_and_module_types_in_columns() -> None:
+    names = [f"model.layers.{i}.{t}" for i in (10, 2, 0) for t in ("self_attn.q_proj", "mlp.up_proj")]
+    layout = grid([*names, "lm_head"])
+    assert layout.rows == ("-", "0", "2", "10")  # numeric order, not text order
+    assert layout.columns == ("lm_head", "mlp.up_proj", "self_attn.q_proj")
+    assert layout.cells["model.layers.10.mlp.up_proj"] == (3, 1)
+    assert layout.cells["lm_head"] == (0, 0)
+    unet = grid(["down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"])
+    assert unet.rows == ("0.1.0",) and unet.columns == ("attentions.transformer_blocks.attn1.to_q",)
+
+
+def test_inspect_plot_writes_a_heatmap(capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "layers.png"
+    code, out, err = run(capsys, "inspect", str(fixtures_dir / "adapters" / "tiny-patterns"), "--plot", str(png))
+    assert code == 0, err
+    assert "‖ΔW‖" in out  # --plot implies --stats: the table shows the norms it drew
+    assert_picture(png, (800, 250))
+    image = mpimg.imread(png)
+    assert image.shape[1] > 2 * image.shape[0]  # two side-by-side panels, 7 module types by 2 layers
+
+
+def test_recorder_sees_each_delta_and_its_spectrum(fixtures_dir: Path, tmp_path: Path) -> None:
+    from loractl import load_adapter
+    from loractl.ops.extract import ExtractConfig, extract
+    from loractl.ops.merge import merge
+
+    adapter_dir = fixtures_dir / "adapters" / "tiny-qv"
+    merge(fixtures_dir / "tiny-llama", [adapter_dir], tmp_path / "ft")
+    spectra = SpectrumRecorder()
+    extract(
+        fixtures_dir / "tiny-llama", tmp_path / "ft", tmp_path / "lora", ExtractConfig(rank=2), observe=spectra.observe
+    )
+    adapter = load_adapter(adapter_dir)
+    assert set(spectra.values) == set(adapter.modules)
+    for name, m in adapter.modules.items():
+        reference = torch.linalg.svdvals(m.delta_weight().double())  # the dense ΔW, independently
+        got = torch.tensor(spectra.values[name], dtype=torch.float64)
+        assert len(got) == min(m.delta_weight().shape)  # small matrices: the whole spectrum
+        assert torch.allclose(got[: m.rank], reference[: m.rank], rtol=1e-3), name
+        assert float(got[m.rank :].max()) < 1e-4 * float(got[0])  # a rank-r ΔW has r non-zero values
+
+
+def test_extract_plot_writes_spectra(capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path) -> None:
+    from loractl.ops.merge import merge
+
+    merge(fixtures_dir / "tiny-llama", [fixtures_dir / "adapters" / "tiny-qv"], tmp_path / "ft")
+    png = tmp_path / "spectra.png"
+    args = ["extract", str(fixtures_dir / "tiny-llama"), str(tmp_path / "ft"), "-o", str(tmp_path / "lora")]
+    code, _, err = run(capsys, *args, "--energy", "0.9", "--plot", str(png))
+    assert code == 0, err
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert_picture(png, (600, 250))
+
+
+def test_plot_refuses_to_replace_an_input(
+    capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "adapter"
+    target.mkdir()
+    for f in (fixtures_dir / "adapters" / "tiny-qv").iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    before = (target / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(capsys, "inspect", str(target), "--plot", str(target / "adapter_model.safetensors"))
+    assert code == 2 and "would overwrite the input" in err
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(
+    capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    code, _, err = run(capsys, "inspect", str(fixtures_dir / "adapters" / "tiny-qv"), "--plot", str(tmp_path / "p.png"))
+    assert code == 2
+    assert err.splitlines() == [
+        "error: --plot needs matplotlib, which is not installed",
+        "hint: pip install 'loractl[plot]'",
+    ]
+    assert not (tmp_path / "p.png").exists()
