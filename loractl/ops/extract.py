@@ -102,7 +102,10 @@ def extract(
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
     result = extract_adapter(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:
-        raise LoractlError("nothing to extract: no targeted weight differs", hint="see the report with --dry-run")
+        raise LoractlError(
+            "nothing to extract: no targeted weight differs between the checkpoints",
+            hint="check the paths and --targets; --dry-run lists what each tensor would become",
+        )
     save_adapter(result.adapter, output, format=format, force=force)
     return result.report
 
