@@ -50,7 +50,6 @@ def command(
       loractl merge base a --dry-run --json
     """
     from ..errors import UsageError
-    from ..ops.merge import execute_merge
     from ..ops.merge_plan import plan_merge
 
     plan = plan_merge(base, list(adapters), weights=weights or None, dtype=dtype, max_shard_size=max_shard_size)
@@ -61,6 +60,8 @@ def command(
         return
     if output is None:
         raise UsageError("missing -o/--output", hint="name the output directory, or pass --dry-run")
+    from ..ops.merge import execute_merge  # torch: only now that tensors are touched
+
     with _progress() as progress:
         report = execute_merge(plan, output, force=force, progress=progress)
     emit_json(report.to_json()) if as_json else _show_report(report)

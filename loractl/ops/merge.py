@@ -22,6 +22,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint_writer import write_sharded
 from ..errors import IntegrityError, LoractlError, NumericError
 from ..safetensors_writer import TensorSpec
+from .merge_io import Buffer, ReusingReader
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
 
 if TYPE_CHECKING:
@@ -155,11 +156,15 @@ def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProg
     tmp.mkdir()
     options = ReadOptions(base=plan.base)
     adapters = [load_adapter(a.path, format=a.info.format, options=options) for a in plan.adapters]
-    with Checkpoint(plan.base) as ckpt, ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool:
+    with (
+        Checkpoint(plan.base) as ckpt,
+        ReusingReader(ckpt) as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool,
+    ):
         prints = pool.submit(_fingerprints, plan)
         if any(_recorded(a) for a in plan.adapters):
             _check_fingerprints(plan, prints)  # before a byte is written
-        stream = _Stream(plan, ckpt, adapters, progress)
+        stream = _Stream(plan, reader, adapters, progress)
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
         shards = write_sharded(tmp, specs, stream.produce, plan.max_shard_bytes, {"format": "pt"}, stream.written)
         fingerprints = _check_fingerprints(plan, prints)
@@ -182,11 +187,12 @@ class _Stream:
     def __init__(
         self,
         plan: MergePlan,
-        ckpt: Checkpoint,
+        reader: ReusingReader,
         adapters: list[Adapter],
         progress: Callable[[MergeProgress], None] | None,
     ) -> None:
-        self.plan, self.ckpt, self.adapters, self.progress = plan, ckpt, adapters, progress
+        self.plan, self.reader, self.adapters, self.progress = plan, reader, adapters, progress
+        self.scratch = Buffer()  # merged tensors are computed here; the writer takes each before the next
         self.by_name = {t.name: t for t in plan.tensors}
         self.modules: list[ModuleReport] = []
         self.tensors_done = self.bytes_done = 0
@@ -212,15 +218,13 @@ class _Stream:
             self.progress(MergeProgress(name, self.tensors_done, total, self.bytes_done, self.plan.total_bytes))
 
     def _compute(self, t: TensorPlan) -> torch.Tensor:
-        import torch
-
         from ..tensor_bytes import torch_dtype
         from .merge_kernel import add_deltas_into, bias_delta, module_delta
 
         dtype = torch_dtype(t.dtype)
         full = next((u for u in t.updates if u.role == "full"), None)
         assert t.source is not None or full is not None
-        start = self.adapters[full.adapter].full_tensors[full.module] if full else self.ckpt.get(str(t.source))
+        start = self.adapters[full.adapter].full_tensors[full.module] if full else self.reader.read(str(t.source))
         lowrank = [u for u in t.updates if u.role != "full"]
         if not lowrank:
             return start.to(dtype)
@@ -228,7 +232,7 @@ class _Stream:
         for u in lowrank:
             module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
             deltas.append(bias_delta(module, weight) if u.role == "bias" else module_delta(module, weight))
-        out = start if start.dtype == dtype and full is None else torch.empty(t.shape, dtype=dtype)
+        out = self.scratch.view(t.dtype, t.shape)
         norm = add_deltas_into(out, start, deltas)
         self.modules += [self._report(t, u, d, norm) for u, d in zip(lowrank, deltas, strict=True) if u.role != "bias"]
         return out
