@@ -223,3 +223,31 @@ def test_gradient_checkpointing_gives_the_same_step(llama: tuple[nn.Module, Any]
         out.append(factors(model))
     for k in out[0]:
         torch.testing.assert_close(out[0][k], out[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, Any], monkeypatch: Any) -> None:
+    import torch.nn.functional as F
+
+    from loractl.train import loss as loss_module
+    from loractl.train.data import collate
+
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)  # several chunks, one of them partial
+    model = copy.deepcopy(llama[0])
+    inject(model, TrainConfig(targets="all-linear"))
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+    batch = collate([Example(tuple(range(3, 20)), (-100,) * 5 + tuple(range(8, 20))), Example((5, 6, 7), (5, 6, 7))], 0)
+    fused = loss_module.CausalLMLoss(model)
+    assert fused.head is model.lm_head
+    ours = fused(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    ours.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()
+    reference = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

@@ -20,7 +20,6 @@ from types import FrameType
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
@@ -29,6 +28,7 @@ from .config import TrainConfig
 from .data import IGNORE, Example, collate
 from .distributed import World
 from .export import unwrap
+from .loss import CausalLMLoss
 
 
 class Hooks(Protocol):
@@ -111,7 +111,6 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     _check_inputs(params, data, config, checkpoint_dir, resume)
     _prepare(model, config)
-    net = distributed.wrap(model, world)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=_fused(world))
     scaler = torch.amp.GradScaler(_device_type(world), enabled=config.precision == "fp16")
     torch.manual_seed(config.seed + world.rank)  # dropout draws; a resume restores the exact state
@@ -121,7 +120,7 @@ def train(
     order = BatchOrder(len(data), config, world)
     total = config.total_steps(len(data), world.size)
     hooks = callbacks if world.is_main else ()
-    forward = _Forward(net, config, world)
+    forward = _Forward(model, config, world)
     trainable = sum(p.numel() for p in params)
     everything = sum(p.numel() for p in model.parameters())
     for hook in hooks:
@@ -178,7 +177,7 @@ def evaluate(model: nn.Module, data: Sequence[Example], config: TrainConfig | No
     """Mean cross-entropy per label token over `data`, without dropout or gradients."""
     config = config or TrainConfig()
     world = world or distributed.setup()
-    forward = _Forward(unwrap(model), config, world)
+    forward = _Forward(unwrap(model), config, world, ddp=False)
     was_training = model.training
     model.eval()
     mine = list(data)[world.rank :: world.size]
@@ -233,26 +232,23 @@ class BatchOrder:
 
 
 class _Forward:
-    """Model call and summed token cross-entropy, with autocast and transformers' extras."""
+    """The loss module (DDP-wrapped across ranks) called under the configured autocast."""
 
-    def __init__(self, net: nn.Module, config: TrainConfig, world: World) -> None:
-        self.net, self.device = net, torch.device(world.device)
-        self.extra = {"use_cache": False} if hasattr(getattr(unwrap(net), "config", None), "use_cache") else {}
+    def __init__(self, model: nn.Module, config: TrainConfig, world: World, *, ddp: bool = True) -> None:
+        loss = CausalLMLoss(model)
+        self.net, self.device = distributed.wrap(loss, world) if ddp else loss, torch.device(world.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.autocast: AbstractContextManager[Any] = (
             torch.autocast(_device_type(world), dtype=dtype) if dtype is not None else nullcontext()
         )
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(self.device), **self.extra}
-        if not bool(batch["attention_mask"].all()):  # no mask lets attention take its causal fast path
-            kwargs["attention_mask"] = batch["attention_mask"].to(self.device)
-        with self.autocast:
-            out = self.net(**kwargs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        # Shift the labels, not the logits: no copy of the (batch, seq, vocab) tensor.
-        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).to(self.device)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        mask = batch["attention_mask"]
+        with self.autocast:  # no mask when nothing is padded: attention takes its causal fast path
+            loss: torch.Tensor = self.net(input_ids=batch["input_ids"].to(self.device),
+                                          labels=batch["labels"].to(self.device),
+                                          attention_mask=None if bool(mask.all()) else mask.to(self.device))  # fmt: skip
+        return loss
 
 
 def _optimizer_step(forward: _Forward, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
