@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 _NUM = re.compile(r"^\d+$")
 DPI = 100
 ANNOTATE_MAX_CELLS = 300  # beyond this the numbers in the cells become unreadable
+LEGEND_MAX_LAYERS = 6  # more lines than this are read by colour (early layers dark, late ones yellow)
 SPECTRUM_MIN = 64  # singular values recorded per module at least (or all, for smaller matrices)
 
 
@@ -148,7 +149,8 @@ def plot_spectra(
     axes = fig.subplots(math.ceil(len(layout.columns) / 3), min(3, len(layout.columns)), squeeze=False).ravel()
     for c, column in enumerate(layout.columns):
         names = sorted((n for n, (_, col) in layout.cells.items() if col == c), key=lambda n: layout.cells[n][0])
-        _spectrum_panel(axes[c], column, [(spectra.values[n], reports[n]) for n in names], len(layout.rows))
+        panel = [(spectra.values[n], reports[n], layout.rows[layout.cells[n][0]]) for n in names]
+        _spectrum_panel(axes[c], column, panel, len(layout.rows))
     for axis in axes[len(layout.columns) :]:
         axis.set_visible(False)
     totals = report.totals()
@@ -156,15 +158,15 @@ def plot_spectra(
     return _save(fig, path)
 
 
-def _spectrum_panel(axis: Any, title: str, modules: Sequence[tuple[list[float], Any]], layers: int) -> None:
+def _spectrum_panel(axis: Any, title: str, modules: Sequence[tuple[list[float], Any, str]], layers: int) -> None:
     from matplotlib import colormaps
 
     colors = colormaps["viridis"]
-    kept = [0.0] * max(len(s) for s, _ in modules)
-    for i, (sigma, rep) in enumerate(modules):
+    kept = [0.0] * max(len(s) for s, _, _ in modules)
+    for i, (sigma, rep, layer) in enumerate(modules):
         color = colors(i / max(layers - 1, 1))
         shown = [(k + 1, s) for k, s in enumerate(sigma) if s > 0]
-        axis.plot([k for k, _ in shown], [s for _, s in shown], color=color, linewidth=1)
+        axis.plot([k for k, _ in shown], [s for _, s in shown], color=color, linewidth=1, label=f"layer {layer}")
         if rep.rank <= len(sigma) and sigma[rep.rank - 1] > 0:
             axis.plot([rep.rank], [sigma[rep.rank - 1]], "o", color=color, markersize=4)
         for k, s in enumerate(sigma):
@@ -172,9 +174,11 @@ def _spectrum_panel(axis: Any, title: str, modules: Sequence[tuple[list[float], 
     axis.set_yscale("log")
     axis.set_xlabel("singular value index i")
     axis.set_ylabel("σᵢ")
-    delta = sum(rep.delta_sq for _, rep in modules)
-    energy = sum(rep.energy * rep.delta_sq for _, rep in modules) / delta if delta else 1.0
-    ranks = sorted({rep.rank for _, rep in modules})
+    if len(modules) <= LEGEND_MAX_LAYERS:
+        axis.legend(fontsize=7, loc="lower left")
+    delta = sum(rep.delta_sq for _, rep, _ in modules)
+    energy = sum(rep.energy * rep.delta_sq for _, rep, _ in modules) / delta if delta else 1.0
+    ranks = sorted({rep.rank for _, rep, _ in modules})
     if len(ranks) == 1:
         axis.axvline(ranks[0], color="gray", linestyle="--", linewidth=1)
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
