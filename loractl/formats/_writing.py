@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -82,8 +83,7 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
 
 
 def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
-    """The metadata record written with the file, with the per-module facts the config cannot say."""
-    implied = {n: _fan_in_fan_out(adapter) and m.kind == "linear" for n, m in adapter.modules.items()}
+    """The metadata record written with the file."""
     return lineage.Record(
         content_hash=adapter.content_hash(),
         lineage=adapter.lineage,
@@ -91,12 +91,19 @@ def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
         base_revision=adapter.meta.base_revision,
         base_fingerprint=adapter.meta.base_fingerprint,
         scales=scales,
+    )
+
+
+def peft_record(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
+    """`record_for` plus the per-module facts a PEFT config says only once (Conv1D flag, lora_bias)."""
+    implied = {n: _fan_in_fan_out(adapter) and m.kind == "linear" for n, m in adapter.modules.items()}
+    padded = sorted(n for n, m in adapter.modules.items() if m.bias is None) if _has_bias(adapter) else []
+    return replace(
+        record_for(adapter, scales),
         fan_in_fan_out={
             n: m.fan_in_fan_out for n, m in sorted(adapter.modules.items()) if m.fan_in_fan_out != implied[n]
         },
-        padded_bias=tuple(sorted(n for n, m in adapter.modules.items() if m.bias is None))
-        if _has_bias(adapter)
-        else (),
+        padded_bias=tuple(padded),
     )
 
 
