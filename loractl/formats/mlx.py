@@ -11,7 +11,9 @@ ratios folded into B), as mlx-lm's loader requires; both folds are exact up to r
 from __future__ import annotations
 
 import json
+import math
 import re
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from ..findings import Finding, error, warning
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
 from ._modules import exact_scales, module_info
+from ._values import finite_number
 from .options import Feature, ReadOptions, WriteOptions
 from .peft_config import most_common
 
@@ -200,7 +203,9 @@ def _base_layers(base: Path) -> int | None:
     config = (base if base.is_dir() else base.parent) / "config.json"
     try:
         doc = json.loads(config.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
         return None
     n = doc.get("num_hidden_layers", doc.get("n_layer"))
     return n if isinstance(n, int) else None
@@ -208,6 +213,8 @@ def _base_layers(base: Path) -> int | None:
 
 def _scale(config: dict[str, Any], options: ReadOptions, weights: Path, findings: list[Finding]) -> float:
     params = config.get("lora_parameters") or {}
+    if not isinstance(params, dict):
+        raise FormatError("lora_parameters is not a JSON object", path=weights)
     if config.get("fine_tune_type") == "full":
         raise FormatError("mlx full fine-tune weights are not an adapter", path=weights)
     if "alpha" in params:
@@ -215,9 +222,10 @@ def _scale(config: dict[str, Any], options: ReadOptions, weights: Path, findings
             warning("dead-alpha", f"lora_parameters.alpha ({params['alpha']}) is ignored by mlx-lm; scale is used")
         )
     if "scale" in params:
-        if options.scale is not None and float(options.scale) != float(params["scale"]):
+        scale = finite_number(params["scale"], "lora_parameters.scale", weights)
+        if options.scale is not None and float(options.scale) != scale:
             raise UsageError(f"--scale {options.scale} contradicts the config's scale {params['scale']}")
-        return float(params["scale"])
+        return scale
     if options.scale is None:
         raise UsageError(
             f"{weights.name} stores no scale (old mlx-examples files keep it in the training script)",
@@ -245,7 +253,7 @@ def _config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) and any(k in doc for k in _CONFIG_MARKERS) else None
 
@@ -275,14 +283,33 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         import torch
 
         try:
+            _check_npz_sizes(path)
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise FormatError(f"cannot read npz ({str(e)[:80]})", path=path) from None
     from ..checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
         return {k: ckpt.get(k) for k in ckpt.names}
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Each `.npy` member must hold the bytes its header declares, so no shape makes numpy allocate more than the file."""
+    import numpy as np
+
+    with zipfile.ZipFile(path) as z:
+        for member in z.infolist():
+            with z.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > member.file_size:
+                    raise FormatError(
+                        f"npz member {member.filename!r} declares {shape} ({declared} bytes) but holds {member.file_size}",
+                        path=path,
+                    )
 
 
 def _metadata(path: Path) -> dict[str, str]:
