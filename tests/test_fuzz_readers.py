@@ -411,7 +411,7 @@ def _huge_npz(out: Path) -> Path:
     with zipfile.ZipFile(out) as z:
         member = z.namelist()[0]
         data = z.read(member)
-    data = data.replace(b"(4, 4)", b"(65536, 65536)".ljust(len(b"(4, 4)")), 1) if False else _npy_shape(data)
+    data = _npy_shape(data)
     with zipfile.ZipFile(out, "w") as z:
         z.writestr(member, data)
     return out
