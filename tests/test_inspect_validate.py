@@ -221,6 +221,6 @@ def test_inspect_shows_where_a_pulled_adapter_came_from(tmp_path: Path) -> None:
     pushed = push(tmp_path / "a", repo, tag="v1", create=True)
     pull(repo + "@v1", tmp_path / "pulled")
     report = loractl.inspect_adapter(tmp_path / "pulled")
-    assert report.origin is not None and report.origin["commit"] == pushed.commit
+    assert report.origin is not None and report.origin["commit"] == pushed.sha
     out = CliRunner().invoke(cli, ["inspect", str(tmp_path / "pulled")])
     assert "origin" in out.output and "(pulled)" in out.output and "changed" not in out.output
