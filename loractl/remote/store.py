@@ -71,7 +71,11 @@ class RepoStore:
 
     def require(self) -> None:
         if not self.exists():
-            raise RepoNotFoundError(f"repository {self.path.parent.name}/{self.path.name} not found", path=self.path)
+            raise RepoNotFoundError(
+                f"repository {self.path.parent.name}/{self.path.name} not found",
+                path=self.path,
+                hint="check the path; push with --create to make it",
+            )
 
     # -- blobs --------------------------------------------------------------------------------
     def blob(self, sha256: str) -> Path:
@@ -107,7 +111,10 @@ class RepoStore:
             found = [p.stem for p in (self.path / "commits").glob(f"{revision}*.json")]
             if len(found) == 1:
                 return found[0]
-        raise RevisionNotFoundError(f"no branch, tag or commit {revision!r} in {self.name}")
+        raise RevisionNotFoundError(
+            f"no branch, tag or commit {revision!r} in {self.name}",
+            hint=f"list them with 'loractl versions file://{self.path}'",
+        )
 
     def create_branch(self, name: str, sha: str) -> None:
         check_ref_name(name)
