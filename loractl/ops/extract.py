@@ -59,9 +59,12 @@ class ExtractConfig:
     def check(self) -> None:
         """Raise `UsageError` on inconsistent parameters."""
         if (self.rank is None) == (self.energy is None):
-            raise UsageError("give exactly one of --rank and --energy")
+            raise UsageError(
+                "give exactly one of --rank and --energy",
+                hint="e.g. --rank 16 for the same rank everywhere, or --energy 0.9 to choose it per module",
+            )
         if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank {self.rank} must be at least 1")
+            raise UsageError(f"--rank {self.rank} must be at least 1", hint="e.g. --rank 16, or --energy 0.9")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise UsageError(f"--energy {self.energy} must be in (0, 1]", hint="e.g. --energy 0.9 keeps 90% of ‖ΔW‖²")
         if self.max_rank is not None and (self.energy is None or self.max_rank < 1):

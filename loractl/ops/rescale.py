@@ -25,7 +25,10 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
     value = scale if scale is not None else alpha
     assert value is not None
     if not math.isfinite(value) or value == 0:
-        raise UsageError(f"{'scale' if scale is not None else 'alpha'} must be finite and non-zero, got {value}")
+        raise UsageError(
+            f"{'scale' if scale is not None else 'alpha'} must be finite and non-zero, got {value}",
+            hint="--scale 0.5 halves ΔW, --scale -1 negates it; to drop an adapter, do not apply it",
+        )
     adapter.check()
     if scale is not None:
         modules = {name: _scaled(name, m, scale) for name, m in adapter.modules.items()}
