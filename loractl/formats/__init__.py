@@ -39,7 +39,14 @@ def detect_format(path: str | Path) -> str:
     for name, module in FORMATS.items():
         if module.detect(path):
             return name
-    raise UnknownFormatError(_unknown_message(path), path=path, hint=f"known formats: {', '.join(FORMATS)}")
+    raise UnknownFormatError(_unknown_message(path), path=path, hint=_unknown_hint(path))
+
+
+def _unknown_hint(path: Path) -> str:
+    """What to do next: a model checkpoint is an input of `extract`, anything else may need `--from`."""
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "adapter_config.json").exists():
+        return "this is a model checkpoint, not an adapter: 'loractl extract BASE FINETUNED' makes an adapter from two"
+    return f"if it is an adapter, name its format with --from (one of: {', '.join(FORMATS)})"
 
 
 def describe_adapter(
