@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run
 
-from loractl.cli import main
 from loractl.plots import SpectrumRecorder, grid
 
 mpimg = pytest.importorskip("matplotlib.image")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """The CLI as a user runs it (error rendering included): exit code, stdout, stderr."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_picture(path: Path, min_size: tuple[int, int]) -> None:

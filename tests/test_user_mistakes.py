@@ -1,0 +1,130 @@
+"""The mistakes a new user makes first, tried the way they would make them.
+
+Each must end in an `error:` line saying what is wrong, a `hint:` line saying what to do next,
+the exit code of its kind (2 usage, 1 failed operation), no traceback, and nothing written.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from cli_runner import run
+from helpers import qv_adapter
+
+from loractl import save_adapter
+
+if TYPE_CHECKING:
+    from fakehub import FakeHub
+
+pytest_plugins = ("fakehub",)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "fixtures" / "tiny-llama"
+QV = ROOT / "fixtures" / "adapters" / "tiny-qv"
+
+
+def assert_told(err: str, code: int, expected_code: int, what: str, next_step: str) -> None:
+    """`error: …what…` first, `hint: …next_step…` last, the exit code, and no traceback."""
+    lines = err.strip().splitlines()
+    assert code == expected_code, err
+    assert lines[0].startswith("error: ") and what in lines[0], err
+    assert lines[-1].startswith("hint: ") and next_step in lines[-1], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch directory as the working directory, so relative outputs land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# (arguments, exit code, what the error says, what the hint says); {work} is the scratch directory
+MISTAKES = {
+    "a misspelt path": (["inspect", "fixtures/adapters/tiny-qvv"], 2, "does not exist", "check the path"),
+    "a model checkpoint where an adapter goes": (["inspect", str(BASE)], 1, "not a LoRA adapter", "loractl extract"),
+    "a file in no adapter format": (
+        ["inspect", str(ROOT / "fixtures" / "data" / "train.jsonl")], 1, "not a LoRA adapter", "--from",
+    ),
+    "a misspelt --from": (["inspect", str(QV), "--from", "kohyaa"], 2, "unknown format 'kohyaa'", "kohya"),
+    "GGUF without --base": (["convert", str(QV), "-o", "a.gguf", "--to", "gguf"], 2, "base model", "--base"),
+    "an unknown --to format": (
+        ["convert", str(QV), "-o", "out", "--to", "safetensors"], 2, "unknown target format", "peft",
+    ),
+    "extract without --rank or --energy": (["extract", str(BASE), str(BASE), "-o", "x"], 2, "--rank", "--energy 0.9"),
+    "a zero rank": (["resize", str(QV), "-o", "small", "--rank", "0"], 2, "at least 1", "rank ≥ 1"),
+    "a negative rank": (["extract", str(BASE), str(BASE), "-o", "x", "--rank", "-4"], 2, "at least 1", "--rank 16"),
+    "a zero scale": (["rescale", str(QV), "-o", "x", "--scale", "0"], 2, "non-zero", "--scale 0.5"),
+    "an output that exists": (["convert", str(QV), "-o", "{work}", "--to", "kohya"], 2, "already exists", "--force"),
+    "the output over the input": (["convert", str(QV), "-o", str(QV), "--to", "kohya"], 2, "overwrite the input", ""),
+    "training on a missing file": (
+        ["train", "--base", str(BASE), "--data", "data.jsonl", "-o", "x"], 2, "does not exist", "check the path",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_mistake_is_explained(mistake: str, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args, expected_code, what, next_step = MISTAKES[mistake]
+    before = sorted(work.iterdir())
+    code, out, err = run(capsys, *(a.format(work=work) for a in args))
+    assert_told(err, code, expected_code, what, next_step)
+    assert out == ""
+    assert sorted(work.iterdir()) == before  # nothing written, not even a temporary
+
+
+def test_rank_too_high_for_extract(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "extract", str(BASE), str(BASE), "-o", "x", "--rank", "100")
+    assert_told(err, code, 2, "--rank 100 exceeds", "--energy")
+    assert not (work / "x").exists()
+
+
+def test_pickle_needs_allow_pickle(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    (work / "old").mkdir()
+    (work / "old" / "adapter_config.json").write_text((QV / "adapter_config.json").read_text())
+    torch.save(load_file(QV / "adapter_model.safetensors"), work / "old" / "adapter_model.bin")
+    code, _, err = run(capsys, "inspect", "old", "--stats")
+    assert_told(err, code, 1, "pickle", "--allow-pickle")
+    code, out, err = run(capsys, "inspect", "old", "--stats", "--allow-pickle")
+    assert code == 0 and "peft" in out, err
+
+
+def test_merge_with_an_adapter_for_another_base(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_adapter(qv_adapter(hidden=16), work / "other", format="peft")  # q/v of a 16-wide model
+    code, _, err = run(capsys, "merge", str(BASE), "other", "-o", "merged")
+    assert_told(err, code, 1, "problems; nothing was written", "made for this base")
+    assert "(16, 16), but base 'model.layers.0.self_attn.q_proj.weight' is (64, 64)" in err  # every mismatch listed
+    assert not (work / "merged").exists()
+
+
+def test_push_to_the_hub_without_a_token(
+    hub: FakeHub, work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run(capsys, "push", str(QV), "alice/my-lora", "--create", "--endpoint", hub.endpoint)
+    assert_told(err, code, 1, "", "HF_TOKEN")
+
+
+def test_file_registry_mistakes(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = f"file://{work}/registry/me/lora"
+    code, _, err = run(capsys, "push", str(QV), repo)
+    assert_told(err, code, 1, "not found", "--create")
+    assert run(capsys, "push", str(QV), repo, "--create", "--tag", "v1")[0] == 0
+    code, _, err = run(capsys, "pull", f"{repo}@v2", "-o", "pulled")
+    assert_told(err, code, 1, "'v2'", "loractl versions")
+    assert not (work / "pulled").exists()
+
+
+def test_a_real_process_prints_no_traceback(work: Path) -> None:
+    """The installed entry point, not just `main`: one error line, one hint, exit 2."""
+    out = subprocess.run(
+        [sys.executable, "-m", "loractl", "inspect", "missing-adapter"], capture_output=True, text=True, cwd=work
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["error: missing-adapter does not exist", "hint: check the path"]
