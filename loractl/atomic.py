@@ -4,13 +4,12 @@ A crash, a full disk or an exception leaves the final path untouched (absent, or
 content when `force` replaces it); the temporary is removed on failure and ignored by
 everything else (its name starts with '.' and contains `TMP_MARKER`). Temporaries carry
 the writer's pid (`.<name>.loractl-tmp-<pid>-<hex>`), so a process killed with SIGKILL
-leaves nothing the next write to the same path cannot clean up (`_clean_stale`).
+leaves nothing the next write into the same directory cannot clean up (`_clean_stale`).
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import re
 import secrets
@@ -71,18 +70,20 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 def _clean_stale(final: Path) -> None:
-    """Remove the temporaries a killed writer of `final` left; its pid must be dead.
+    """Remove the temporaries killed writers left beside `final` (any output there: their pids are dead).
 
-    A kill between the two renames of `_replace` leaves the old directory aside and nothing
-    at `final`: it is put back, so `final` holds the old content as if the run never started.
+    A kill between the two renames of `_replace` leaves the old directory aside and nothing at
+    its final path: it is put back, so that path holds the old content as if the run never started.
     """
-    pattern = f".{glob.escape(final.name)}{TMP_MARKER}*"
-    for leftover in sorted(final.parent.glob(pattern)):
+    if not final.parent.is_dir():
+        return
+    for leftover in sorted(final.parent.glob(f".*{TMP_MARKER}*")):
         m = _STALE.search(leftover.name)
         if m is None or _alive(int(m[1])):
             continue
-        if m[2] and not final.exists() and not final.is_symlink():
-            os.replace(leftover, final)
+        origin = final.parent / leftover.name[1 : leftover.name.index(TMP_MARKER)]
+        if m[2] and not origin.exists() and not origin.is_symlink():
+            os.replace(leftover, origin)
         else:
             _remove(leftover)
 
