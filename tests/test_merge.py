@@ -426,6 +426,24 @@ def test_cli_merge_json_report(base: Path, tmp_path: Path) -> None:
     assert code == 0 and "no NaN/Inf" in out and "‖ΔW‖/‖W‖" in out
 
 
-def test_cli_module_does_not_import_torch() -> None:
-    code = "import sys, loractl.cli.merge_cmd; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+def test_cli_module_and_dry_run_do_not_import_torch(fixtures_dir: Path) -> None:
+    adapter = fixtures_dir / "adapters" / "tiny-qv"
+    code = (
+        "import sys; from loractl.cli import main\n"
+        f"try: main(['merge', {str(fixtures_dir / 'tiny-llama')!r}, {str(adapter)!r}, '--dry-run', '--json'])\n"
+        "except SystemExit as e: assert not e.code\n"
+        "sys.exit('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["merge"] == 4
+
+
+def test_merging_into_a_merge_keeps_its_record(base: Path, tmp_path: Path) -> None:
+    a = save(Adapter(modules={"lin": random_module(6, 5, 2)}), tmp_path / "a")
+    b = save(Adapter(modules={"emb": emb_module(1)}), tmp_path / "b")
+    merge(base, [a], tmp_path / "one")
+    merge(tmp_path / "one", [b], tmp_path / "two")
+    record = json.loads((tmp_path / "two" / RECORD_NAME).read_text())
+    first = json.loads((tmp_path / "one" / RECORD_NAME).read_text())
+    assert record["base_record"] == first and record["modules"][0]["module"] == "emb"

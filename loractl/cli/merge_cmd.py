@@ -64,7 +64,10 @@ def command(
 
     with _progress() as progress:
         report = execute_merge(plan, output, force=force, progress=progress)
-    emit_json(report.to_json()) if as_json else _show_report(report)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        _show_report(report)
 
 
 def _show_plan(plan: MergePlan, as_json: bool) -> None:

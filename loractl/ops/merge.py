@@ -23,6 +23,7 @@ from ..checkpoint_writer import write_sharded
 from ..errors import IntegrityError, LoractlError, NumericError
 from ..safetensors_writer import TensorSpec
 from .merge_io import Buffer, ReusingReader
+from .merge_kernel import kernel_threads
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProg
     options = ReadOptions(base=plan.base)
     adapters = [load_adapter(a.path, format=a.info.format, options=options) for a in plan.adapters]
     with (
+        kernel_threads(),
         Checkpoint(plan.base) as ckpt,
         ReusingReader(ckpt) as reader,
         ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool,
