@@ -280,7 +280,10 @@ def test_a_kill_between_the_swap_renames_keeps_the_old_directory(inputs: dict[st
     _assert_next_run_succeeds(scenario, out, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["merge", "extract", "convert", "pull"])
+@pytest.mark.parametrize(
+    "name",
+    ["merge", "convert", pytest.param("extract", marks=pytest.mark.slow), pytest.param("pull", marks=pytest.mark.slow)],
+)
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing(name: str, inputs: dict[str, Path], tmp_path: Path) -> None:
     scenario = _scenarios(inputs)[name]
     out = tmp_path / "work" / scenario.output_name

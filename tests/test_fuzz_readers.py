@@ -348,14 +348,14 @@ def test_seeds_are_valid_adapters(seeds: list[Seed]) -> None:
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_reader_survives_hostile_files(seeds: list[Seed], fmt: str, data: st.DataObject) -> None:
     """Each reader, forced onto mutated files of its own format."""
     _run_example(data.draw(mutated([s for s in seeds if s.format == fmt])), lambda s: s.format)
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(data=st.data())
 def test_detection_survives_hostile_files(seeds: list[Seed], data: st.DataObject) -> None:
     """Format detection, then the detected reader, on mutated files of every format."""
