@@ -74,9 +74,17 @@ def _show_plan(plan: MergePlan, as_json: bool) -> None:
     if as_json:
         emit_json(plan.to_json())
         return
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("tensor", "action", "from", "shape", "dtype", "updates", title=f"merge plan for {plan.base}")
+    table = Table(
+        Column("tensor", overflow="fold"),
+        "action",
+        "from",
+        "shape",
+        "dtype",
+        "updates",
+        title=f"merge plan for {plan.base}",
+    )
     for t in plan.tensors:
         if t.action != "copy":
             updates = ", ".join(f"{u.role}#{u.adapter}" for u in t.updates)
@@ -100,11 +108,11 @@ def _summary(plan: MergePlan) -> str:
 
 
 def _show_report(report: MergeReport) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
 
     mods = report.modules
     if len(mods) <= TABLE_ROWS:
-        table = Table("adapter", "module", "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
+        table = Table("adapter", Column("module", overflow="fold"), "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
         for m in mods:
             rel = "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}"
             table.add_row(str(m.adapter), m.module, m.role, f"{m.weight:g}", f"{m.scale:g}", str(m.rank), rel)
@@ -130,6 +138,7 @@ def _progress() -> Iterator[Callable[[MergeProgress], None] | None]:
     if not stderr.is_terminal:
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     columns = (
@@ -139,7 +148,8 @@ def _progress() -> Iterator[Callable[[MergeProgress], None] | None]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    # a real Console: rich's Progress uses it as a context manager, which _output's lazy proxy is not
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("merging", total=None)
 
         def update(p: MergeProgress) -> None:
