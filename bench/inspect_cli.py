@@ -1,6 +1,6 @@
 """Whole-process time of `loractl --help` and `loractl inspect` against loading the tensors and PEFT's path.
 
-Usage: python bench/inspect.py [--size-mb 480] [--repeat 5]
+Usage: python bench/inspect_cli.py [--size-mb 480] [--repeat 5]
 Builds a PEFT-format adapter of about --size-mb (rank 64 on Llama-7B shapes, trimmed to size) in a
 temporary directory, then times each variant as a fresh process, interleaved, and prints medians and
 ratios as a Markdown table. This script itself never imports torch (so its children start clean).
