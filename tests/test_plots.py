@@ -12,6 +12,7 @@ from cli_runner import run
 from loractl.plots import SpectrumRecorder, grid
 
 mpimg = pytest.importorskip("matplotlib.image")
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def assert_picture(path: Path, min_size: tuple[int, int]) -> None:
@@ -47,17 +48,23 @@ def test_inspect_plot_writes_a_heatmap(capsys: pytest.CaptureFixture[str], fixtu
     assert image.shape[1] > 2 * image.shape[0]  # two side-by-side panels, 7 module types by 2 layers
 
 
-def test_recorder_sees_each_delta_and_its_spectrum(fixtures_dir: Path, tmp_path: Path) -> None:
-    from loractl import load_adapter
-    from loractl.ops.extract import ExtractConfig, extract
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with tiny-qv merged in: a fine-tune whose ΔW is known exactly."""
     from loractl.ops.merge import merge
 
+    out = tmp_path_factory.mktemp("ft") / "ft"
+    merge(FIXTURES / "tiny-llama", [FIXTURES / "adapters" / "tiny-qv"], out)
+    return out
+
+
+def test_recorder_sees_each_delta_and_its_spectrum(fixtures_dir: Path, finetuned: Path, tmp_path: Path) -> None:
+    from loractl import load_adapter
+    from loractl.ops.extract import ExtractConfig, extract
+
     adapter_dir = fixtures_dir / "adapters" / "tiny-qv"
-    merge(fixtures_dir / "tiny-llama", [adapter_dir], tmp_path / "ft")
     spectra = SpectrumRecorder()
-    extract(
-        fixtures_dir / "tiny-llama", tmp_path / "ft", tmp_path / "lora", ExtractConfig(rank=2), observe=spectra.observe
-    )
+    extract(fixtures_dir / "tiny-llama", finetuned, tmp_path / "lora", ExtractConfig(rank=2), observe=spectra.observe)
     adapter = load_adapter(adapter_dir)
     assert set(spectra.values) == set(adapter.modules)
     for name, m in adapter.modules.items():
@@ -68,12 +75,11 @@ def test_recorder_sees_each_delta_and_its_spectrum(fixtures_dir: Path, tmp_path:
         assert float(got[m.rank :].max()) < 1e-4 * float(got[0])  # a rank-r ΔW has r non-zero values
 
 
-def test_extract_plot_writes_spectra(capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path) -> None:
-    from loractl.ops.merge import merge
-
-    merge(fixtures_dir / "tiny-llama", [fixtures_dir / "adapters" / "tiny-qv"], tmp_path / "ft")
+def test_extract_plot_writes_spectra(
+    capsys: pytest.CaptureFixture[str], fixtures_dir: Path, finetuned: Path, tmp_path: Path
+) -> None:
     png = tmp_path / "spectra.png"
-    args = ["extract", str(fixtures_dir / "tiny-llama"), str(tmp_path / "ft"), "-o", str(tmp_path / "lora")]
+    args = ["extract", str(fixtures_dir / "tiny-llama"), str(finetuned), "-o", str(tmp_path / "lora")]
     code, _, err = run(capsys, *args, "--energy", "0.9", "--plot", str(png))
     assert code == 0, err
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
