@@ -5,12 +5,14 @@ Adding a format is one module and one line in `FORMATS`; detection tries them in
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ..errors import InputNotFoundError, UnknownFormatError, UsageError
+from ..findings import error
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
 from . import diffusers, gguf, kohya, loralib, mlx, peft, torchtune
@@ -54,7 +56,8 @@ def describe_adapter(
 ) -> AdapterInfo:
     """Describe an adapter from its headers and config (no tensor data)."""
     opts = _read_options(options, allow_pickle)
-    return _module(path, format).describe(Path(path), opts)  # type: ignore[no-any-return]
+    info: AdapterInfo = _module(path, format).describe(Path(path), opts)
+    return _with_unusable_modules(info)
 
 
 def load_adapter(
@@ -62,7 +65,9 @@ def load_adapter(
 ) -> Adapter:
     """Read an adapter in any registered format into the canonical model."""
     opts = _read_options(options, allow_pickle)
-    return _module(path, format).read(Path(path), opts)  # type: ignore[no-any-return]
+    adapter: Adapter = _module(path, format).read(Path(path), opts)
+    adapter.check()  # the reader boundary: whatever the file said, A and B fit and every scale is finite
+    return adapter
 
 
 def save_adapter(
@@ -84,6 +89,16 @@ def format_holds(format: str) -> frozenset[Feature]:
     """What `format` can store (its `HOLDS`); everything when the module does not say."""
     holds: frozenset[Feature] = getattr(FORMATS[format], "HOLDS", ALL_FEATURES)
     return holds
+
+
+def _with_unusable_modules(info: AdapterInfo) -> AdapterInfo:
+    """Add an error finding for every module a hostile file left with rank < 1 or a non-finite scale."""
+    bad = [
+        error("bad-scale", f"rank {m.rank}, scale {m.scale}: not a usable LoRA module", name)
+        for name, m in info.modules.items()
+        if m.rank < 1 or not math.isfinite(m.scale)
+    ]
+    return replace(info, findings=(*info.findings, *bad)) if bad else info
 
 
 def _read_options(options: ReadOptions | None, allow_pickle: bool) -> ReadOptions:

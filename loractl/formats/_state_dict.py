@@ -82,5 +82,17 @@ def _load_pickle(path: Path, allow_pickle: bool) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise FormatError(f"cannot load pickle safely ({str(e).splitlines()[0][:120]})", path=path) from None
+    except Exception as e:  # torch's weights-only unpickler on a hostile file: any failure is the file's
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise FormatError(f"cannot load pickle safely ({first})", path=path) from None
+
+
+def save_pickle(path: Path, obj: Any) -> None:
+    """`torch.save` through bytes written here: a full disk raises OSError (ENOSPC/EFBIG), not an opaque RuntimeError."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getvalue())

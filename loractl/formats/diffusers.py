@@ -25,6 +25,7 @@ from ..findings import Finding, error
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
 from ._modules import exact_scales, module_info
+from ._values import parse_json, scalar_alpha
 from .options import Feature, ReadOptions, WriteOptions
 from .peft_config import module_alpha_rank
 
@@ -162,10 +163,9 @@ def _configs(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
-    try:
-        flat = json.loads(raw)
-    except ValueError:
-        raise FormatError(f"{METADATA_KEY} is not valid JSON", path=path) from None
+    flat = parse_json(raw, METADATA_KEY, path)
+    if not isinstance(flat, dict):
+        raise FormatError(f"{METADATA_KEY} is not a JSON object", path=path)
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
@@ -181,7 +181,7 @@ def _alphas(path: Path, groups: dict[str, dict[str, str]]) -> dict[str, float]:
     from ..checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
-        return {m: float(ckpt.get(k).item()) for m, k in keys.items()}
+        return {m: scalar_alpha(ckpt.get(k), k, path) for m, k in keys.items()}
 
 
 def _scale_rule(module: str, configs: dict[str, dict[str, Any]], alpha: float | None, findings: list[Finding]) -> Any:

@@ -11,7 +11,6 @@ tensors (mergekit) are full tensors; any other tensor is an error, as in llama.c
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from ..errors import FormatError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
 from . import gguf_names
+from ._values import finite_number, parse_json
 from .options import Feature, ReadOptions, WriteOptions
 from .rope import RopeHeads, base_config, is_rope_module, meta_to_hf
 
@@ -91,9 +91,9 @@ class _Layout:
         self.path, self.options = path, options
         self.reader = _open(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.fields = {name: f.contents() for name, f in self.reader.fields.items() if not name.startswith("GGUF.")}
+        self.fields = _fields(self.reader, path)
         self.arch = str(self.fields.get("general.architecture", ""))
-        self.alpha = float(self.fields.get("adapter.lora.alpha", 0.0))
+        self.alpha = finite_number(self.fields.get("adapter.lora.alpha", 0.0), "adapter.lora.alpha", path)
         self.findings: list[Finding] = []
         self.module_of: dict[str, str] = {}
         self.info = self._describe()
@@ -160,7 +160,9 @@ class _Layout:
         config = base_config(self.options.base)
         tmap = gguf_names.name_map(self.arch, gguf_names.block_count(stems, config))
         recorded = self.fields.get(MODULES_KEY)
-        recorded_map = json.loads(recorded) if isinstance(recorded, str) else {}
+        recorded_map = parse_json(recorded, MODULES_KEY, self.path) if isinstance(recorded, str) else {}
+        if not isinstance(recorded_map, dict):
+            raise FormatError(f"{MODULES_KEY} is not a JSON object", path=self.path)
         names, warnings = gguf_names.from_gguf(tmap, stems, _base_names(self.options.base), recorded_map)
         self.findings += [Finding("guessed-names", "warning", w) for w in warnings]
         return names
@@ -210,20 +212,27 @@ def _open(path: Path) -> GGUFReader:
     gguf = gguf_names.require_gguf()
     try:
         reader: GGUFReader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise FormatError(f"not a readable GGUF file ({str(e)[:120]})", path=path) from None
-    kind = reader.fields.get("general.type")
-    value = kind.contents() if kind is not None else "model"
+    except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
+        raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+    fields = _fields(reader, path)
+    value = fields.get("general.type", "model")
     if value != "adapter":
         raise FormatError(
             f"GGUF file of type {value!r}, not an adapter",
             path=path,
             hint="this is a model file; loractl reads GGUF LoRA adapters (general.type = adapter)",
         )
-    adapter_type = reader.fields.get("adapter.type")
-    if adapter_type is not None and adapter_type.contents() != "lora":
-        raise FormatError(f"GGUF adapter of type {adapter_type.contents()!r}, not lora", path=path)
+    if fields.get("adapter.type", "lora") != "lora":
+        raise FormatError(f"GGUF adapter of type {fields['adapter.type']!r}, not lora", path=path)
     return reader
+
+
+def _fields(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """The KV pairs' values; gguf-py decodes them lazily, so undecodable strings surface here."""
+    try:
+        return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    except (ValueError, IndexError, TypeError) as e:
+        raise FormatError(f"unreadable GGUF metadata ({type(e).__name__}: {str(e)[:120]})", path=path) from None
 
 
 def _to_torch(t: ReaderTensor) -> torch.Tensor:
@@ -256,8 +265,11 @@ def _base_names(base: Path | None) -> list[str] | None:
 
 
 def _magic(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read(4)
+    try:
+        with path.open("rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
 
 
 def _str(value: Any) -> str | None:

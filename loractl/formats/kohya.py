@@ -20,6 +20,7 @@ from ..info import AdapterInfo, ModuleInfo
 from ..safetensors_header import TensorInfo, is_safetensors, read_header
 from . import kohya_names
 from ._modules import exact_scales, module_info
+from ._values import scalar_alpha
 from .options import Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
@@ -53,14 +54,14 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
 
     header = read_header(path)
     groups = _group_keys(path, list(header.tensors))
-    recorded = json.loads(header.metadata.get(NAMES_KEY, "{}"))
+    recorded = _recorded_names(header.metadata)
     paths = kohya_names.resolve(groups, base=options.base, recorded=recorded)
     record = lineage.decode(header.metadata)
     findings: list[Finding] = []
     modules = {}
     with Checkpoint(path) as ckpt:
         for name, keys in groups.items():
-            alpha = float(ckpt.get(keys["alpha"]).item()) if "alpha" in keys else None
+            alpha = scalar_alpha(ckpt.get(keys["alpha"]), keys["alpha"], path) if "alpha" in keys else None
             info = _module_info(paths[name], keys, header.tensors, alpha, findings)
             if info is not None:
                 modules[paths[name]] = info
@@ -117,6 +118,16 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     with atomic_output(path, force=force) as tmp:
         save_tensors(tmp, tensors, metadata)
     return path
+
+
+def _recorded_names(metadata: dict[str, str]) -> dict[str, str]:
+    """loractl's {kohya name: module path} record; a mangled one counts as absent (names are then resolved)."""
+    try:
+        doc = json.loads(metadata.get(NAMES_KEY, "{}"))
+    except (ValueError, RecursionError):
+        return {}
+    ok = isinstance(doc, dict) and all(isinstance(v, str) for v in doc.values())
+    return doc if ok else {}
 
 
 def _group_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:

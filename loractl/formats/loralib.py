@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
-from ._state_dict import load_entries, sniff_keys
+from ._state_dict import load_entries, save_pickle, sniff_keys
+from ._values import finite_number
 from .options import Feature, ReadOptions, WriteOptions
 from .rope import base_config
 
@@ -61,7 +62,6 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write one pickle `{"model_state_dict": {...}, "lora_alpha": α, "lora_r": r}` (one alpha, one rank)."""
-    import torch
 
     from ..atomic import atomic_output
     from ._global_alpha import common_alpha, fold_to_alpha, max_rank
@@ -81,7 +81,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
         state[f"{name}.lora_A"], state[f"{name}.lora_B"] = m.A.contiguous(), m.B.contiguous()
     state.update(sorted(stored.full_tensors.items()))
     with atomic_output(path, force=force) as tmp:
-        torch.save({"model_state_dict": state, ALPHA_KEY: float(alpha), RANK_KEY: rank}, tmp)
+        save_pickle(tmp, {"model_state_dict": state, ALPHA_KEY: float(alpha), RANK_KEY: rank})
     return path
 
 
@@ -98,7 +98,7 @@ class _Parsed:
                 path=path,
                 hint="pass --alpha with the training script's --lora_alpha (e.g. 16 for the RoBERTa GLUE scripts)",
             )
-        self.alpha = float(alpha)
+        self.alpha = finite_number(alpha, "lora_alpha", path)
         self.base = _Base(options.base)
         self.findings: list[Finding] = []
         self.merged: dict[str, list[bool]] = {}  # B key → enable_lora

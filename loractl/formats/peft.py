@@ -18,8 +18,9 @@ from ..errors import FormatError, PickleRefusedError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
 from ..safetensors_header import read_header
+from ._values import load_json
 from .options import ReadOptions, WriteOptions
-from .peft_config import is_saved_module, module_alpha_rank
+from .peft_config import check_config, is_saved_module, module_alpha_rank
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,7 @@ def detect(path: Path) -> bool:
         return False
     try:
         doc = json.loads(config.read_text())
-    except (ValueError, OSError):
+    except (ValueError, OSError, RecursionError):
         return True  # claims to be PEFT; `describe` reports the broken config
     return isinstance(doc, dict) and ("peft_type" in doc or "lora_alpha" in doc or "r" in doc)
 
@@ -107,17 +108,13 @@ def _root(path: Path) -> Path:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise FormatError(f"config is not valid JSON ({e})", path=path) from None
-    except OSError as e:
-        raise FormatError(f"cannot read config: {e.strerror}", path=path) from None
+    doc = load_json(path)
     if not isinstance(doc, dict):
         raise FormatError("config is not a JSON object", path=path)
     peft_type = doc.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise FormatError(f"PEFT type {peft_type} is not LoRA", path=path, hint="loractl handles LoRA adapters only")
+    check_config(doc, path)
     return doc
 
 
@@ -136,17 +133,20 @@ def _weights_file(root: Path, allow_pickle: bool) -> Path:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
 
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise FormatError(f"cannot load pickle safely ({str(e).splitlines()[0][:120]})", path=path) from None
+    except Exception as e:  # torch's weights-only unpickler on a hostile file: any failure is the file's
+        raise FormatError(f"cannot load pickle safely ({_first_line(e)})", path=path) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FormatError("pickle does not hold a dict of tensors", path=path)
     return {str(k): v for k, v in obj.items()}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 def _code(t: torch.Tensor) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ..adapter_math import scale_from_alpha
+from ..errors import FormatError
+from ._values import finite_number, positive_int
 
 # Heads PEFT adds to modules_to_save by task type, although the config says null.
 IMPLICIT_HEADS = {
@@ -19,6 +22,27 @@ IMPLICIT_HEADS = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+
+
+def check_config(config: dict[str, Any], path: Path) -> None:
+    """Refuse values PEFT's LoRA semantics cannot use (NaN alphas, ranks < 1, bad patterns), naming the field."""
+    positive_int(config.get("r", 8), "r", path)
+    finite_number(config.get("lora_alpha", 8), "lora_alpha", path)
+    for key, check in (("rank_pattern", positive_int), ("alpha_pattern", finite_number)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise FormatError(f"{key} must map module patterns to values", path=path)
+        for pattern, value in patterns.items():
+            check(value, f"{key}[{pattern!r}]", path)
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise FormatError(f"{key} key {pattern!r} is not a regular expression", path=path) from None
+    for key in ("modules_to_save", "base_model_name_or_path", "revision", "task_type"):
+        value = config.get(key)
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value) if key == "modules_to_save" else True
+        if value is not None and not (ok if key == "modules_to_save" else isinstance(value, str)):
+            raise FormatError(f"{key} has the wrong type ({type(value).__name__})", path=path)
 
 
 def pattern_value(patterns: dict[str, Any], module: str) -> Any | None:

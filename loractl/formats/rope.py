@@ -10,12 +10,12 @@ permutation is exact.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
+from ._values import load_json
 
 if TYPE_CHECKING:
     import torch
@@ -73,10 +73,7 @@ def base_config(base: Path | None) -> dict[str, Any] | None:
     path = (base if base.is_dir() else base.parent) / CONFIG_NAME
     if not path.is_file():
         raise UsageError(f"no {CONFIG_NAME} in the base {base}", hint="pass the base model's directory as --base")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise FormatError(f"config is not valid JSON ({e})", path=path) from None
+    doc = load_json(path)
     if not isinstance(doc, dict):
         raise FormatError("config is not a JSON object", path=path)
     return doc

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AdapterError, FormatError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
-from ._state_dict import load_entries, sniff_keys
+from ._state_dict import load_entries, save_pickle, sniff_keys
+from ._values import finite_number, load_json
 from .options import Feature, ReadOptions, WriteOptions
 from .peft_config import json_number
 from .rope import RopeHeads, base_config, hf_to_meta, is_rope_module, meta_to_hf
@@ -102,20 +103,9 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     }
     with atomic_output(path, force=force) as tmp:
         tmp.mkdir()
-        (tmp / WEIGHTS_NAME).write_bytes(_pickled(state))
+        save_pickle(tmp / WEIGHTS_NAME, state)
         (tmp / CONFIG_NAME).write_text(json.dumps(config) + "\n")
     return path
-
-
-def _pickled(state: dict[str, torch.Tensor]) -> bytes:
-    """torch.save's bytes, written by the caller: a full disk then raises OSError (ENOSPC/EFBIG), not an opaque RuntimeError."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 def hf_module(native: str) -> str:
@@ -157,7 +147,7 @@ def _parse(path: Path, options: ReadOptions) -> tuple[AdapterInfo, dict[str, tor
             findings.append(error("unknown-key", f"tensor {key!r} is not a torchtune LoRA tensor"))
     modules = {}
     for module, keys in sorted(groups.items()):
-        found = _module_info(module, keys, tensors, float(alpha), findings)
+        found = _module_info(module, keys, tensors, finite_number(alpha, "lora_alpha", file), findings)
         if found:
             modules[module] = found
     info = AdapterInfo(
@@ -211,10 +201,7 @@ def _native_file(root: Path) -> Path | None:
 def _config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise FormatError(f"config is not valid JSON ({e})", path=path) from None
+    doc = load_json(path)
     return doc if isinstance(doc, dict) else {}
 
 

@@ -1,0 +1,58 @@
+"""Values read from files strangers wrote: JSON documents and the numbers in them, checked at the edge.
+
+Readers call these instead of `json.loads` / `float()` / `int()` on file contents, so a hostile
+config (NaN alphas, ranks of -1 or "x", 100,000 nested brackets, bytes that are not UTF-8)
+ends as a `FormatError` naming the file and the field, never as a ValueError deep in an op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+
+MAX_JSON_BYTES = 16 << 20  # configs and metadata records are kilobytes
+
+
+def load_json(path: Path) -> Any:
+    """The JSON document in `path`; `FormatError` if unreadable, too big, not UTF-8, not JSON, or too deep."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise FormatError(f"JSON file is over the cap of {MAX_JSON_BYTES} bytes", path=path)
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror}", path=path) from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"not valid JSON ({str(e)[:80]})", path=path) from None
+
+
+def parse_json(raw: str, what: str, path: Path) -> Any:
+    """`json.loads(raw)` for a JSON string inside a file (metadata); `FormatError` naming `what`."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise FormatError(f"{what} is not valid JSON", path=path) from None
+
+
+def finite_number(value: Any, field: str, path: Path | None = None) -> float:
+    """`value` as a finite float; bools, strings, NaN and infinities are refused naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path=path)
+    return float(value)
+
+
+def scalar_alpha(tensor: Any, key: str, path: Path) -> float:
+    """A stored alpha tensor's one finite value (kohya, diffusers `.alpha` keys)."""
+    if tensor.numel() != 1:
+        raise FormatError(f"tensor {key!r} is {list(tensor.shape)}, not a scalar alpha", path=path)
+    return finite_number(float(tensor.float().item()), key, path)
+
+
+def positive_int(value: Any, field: str, path: Path | None = None) -> int:
+    """`value` as an int ≥ 1; anything else is refused naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FormatError(f"{field} must be a positive integer, not {str(value)[:40]!r}", path=path)
+    return value
