@@ -13,23 +13,30 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class _LazyConsole:
-    """A rich Console created on first use: importing rich costs ~40 ms that `--help` and `--json` skip."""
+class LazyConsole:
+    """A rich Console created on first use: importing rich costs ~40 ms that `--help` and `--json` skip.
+
+    Attribute access (`print`, `is_terminal`, ...) goes to the real console; pass `.get()` where a
+    rich object needs the `Console` itself (a `Progress`, a renderer).
+    """
 
     def __init__(self, to_stderr: bool) -> None:
         self._to_stderr = to_stderr
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(stderr=self._to_stderr, soft_wrap=True)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
-stdout: Console = _LazyConsole(to_stderr=False)  # type: ignore[assignment]
-stderr: Console = _LazyConsole(to_stderr=True)  # type: ignore[assignment]
+stdout = LazyConsole(to_stderr=False)
+stderr = LazyConsole(to_stderr=True)
 
 
 def emit_json(doc: Any) -> None:
@@ -45,7 +52,7 @@ def progress(items: Iterable[T], total: int | None, description: str) -> Iterato
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=stderr.get(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

@@ -58,4 +58,4 @@ def command(
     else:
         from ._inspect_render import render
 
-        render(report, stdout)
+        render(report, stdout.get())

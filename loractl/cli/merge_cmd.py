@@ -138,7 +138,6 @@ def _progress() -> Iterator[Callable[[MergeProgress], None] | None]:
     if not stderr.is_terminal:
         yield None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     columns = (
@@ -148,8 +147,7 @@ def _progress() -> Iterator[Callable[[MergeProgress], None] | None]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    # a real Console: rich's Progress uses it as a context manager, which _output's lazy proxy is not
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=stderr.get(), transient=True) as bar:
         task = bar.add_task("merging", total=None)
 
         def update(p: MergeProgress) -> None:

@@ -133,7 +133,7 @@ class _Progress:
 
             columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                        TimeRemainingColumn())  # fmt: skip
-            self.bar = Progress(*columns, console=stderr, transient=True)
+            self.bar = Progress(*columns, console=stderr.get(), transient=True)
             self.task = self.bar.add_task("train", total=info["steps"], completed=info["start_step"], stats="")
             self.bar.start()
 

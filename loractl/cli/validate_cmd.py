@@ -55,5 +55,5 @@ def command(
     ]
     from ._validate_render import render
 
-    render(reports, "json" if as_json else output, strict, stdout)
+    render(reports, "json" if as_json else output, strict, stdout.get())
     sys.exit(1 if any(r.failed(strict) for r in reports) else 0)

@@ -1,0 +1,26 @@
+"""The CLI's output helpers: progress bars on a terminal, silence when piped."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from loractl.cli import _output
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_yields_every_item_with_and_without_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    sink = io.StringIO()
+    monkeypatch.setattr(_output.stderr, "_console", Console(file=sink, force_terminal=terminal, width=80))
+    assert list(_output.progress(iter(range(5)), 5, "working")) == [0, 1, 2, 3, 4]
+    assert ("working" in sink.getvalue()) == terminal
+
+
+def test_consoles_are_created_lazily() -> None:
+    lazy = _output.LazyConsole(to_stderr=True)
+    assert lazy._console is None
+    assert lazy.get() is lazy.get() and lazy.is_terminal in (True, False)
