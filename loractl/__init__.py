@@ -24,6 +24,19 @@ _EXPORTS = {
     "describe_adapter": "formats",
     "inspect_adapter": "inspection",
     "validate_adapter": "validation",
+    "merge": "ops.merge",
+    "plan_merge": "ops.merge_plan",
+    "extract": "ops.extract",
+    "ExtractConfig": "ops.extract",
+    "combine": "ops.combine",
+    "CombineOptions": "ops.combine",
+    "resize": "ops.resize",
+    "RankRule": "ops.lowrank",
+    "rescale": "ops.rescale",
+    "convert": "ops.convert",
+    "push": "remote.ops",
+    "pull": "remote.ops",
+    "versions": "remote.ops",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -35,6 +48,15 @@ if TYPE_CHECKING:
     from .errors import LoractlError
     from .formats import describe_adapter, detect_format, load_adapter, save_adapter
     from .inspection import inspect_adapter
+    from .ops.combine import CombineOptions, combine
+    from .ops.convert import convert
+    from .ops.extract import ExtractConfig, extract
+    from .ops.lowrank import RankRule
+    from .ops.merge import merge
+    from .ops.merge_plan import plan_merge
+    from .ops.rescale import rescale
+    from .ops.resize import resize
+    from .remote.ops import pull, push, versions
     from .validation import validate_adapter
 
 
