@@ -110,15 +110,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def whole_model(rows: list[dict[str, Any]], rank: int) -> None:
     """7B sums: per-shape median loractl time at `rank`; full SVD measured or extrapolated as d·k·min(d,k)."""
     ours, thin = 0.0, 0.0
-    known = {r["shape"]: r for r in rows if r["rank"] == rank}
-    ref = next(iter(known.values()))
+    spectrum = "decaying" if any(r["spectrum"] == "decaying" for r in rows) else rows[0]["spectrum"]
+    known = {r["shape"]: r for r in rows if r["rank"] == rank and r["spectrum"] == spectrum}
+    ref = max(known.values(), key=lambda r: math.prod(map(int, r["shape"].split("x"))))
     rd, rk = map(int, ref["shape"].split("x"))
     for (d, k), count in LLAMA_7B.items():
         row = known.get(f"{d}x{k}")
         scale = d * k * min(d, k) / (rd * rk * min(rd, rk))
         ours += count * (row["loractl_s"] if row else ref["loractl_s"] * d * k / (rd * rk))
         thin += count * (row["mergekit_s"] if row else ref["mergekit_s"] * scale)
-    print(f"\n7B Llama (224 matrices) at rank {rank}: loractl {ours:.0f} s, mergekit-style thin SVD {thin / 60:.0f} min "
+    print(f"\n7B Llama (224 matrices, {spectrum} spectrum) at rank {rank}: loractl {ours:.0f} s, mergekit-style thin SVD {thin / 60:.0f} min "
           f"({thin / ours:.0f}×); shapes not in the run are extrapolated from {ref['shape']}")  # fmt: skip
 
 
