@@ -130,6 +130,11 @@ start = time.perf_counter()
 report = extract(sys.argv[1], sys.argv[2], sys.argv[3], ExtractConfig(rank=int(sys.argv[4])))
 print(f"{time.perf_counter() - start:.2f} {report.totals()['rel_error']:.3e}")
 """
+LAUNCHER_RSS = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
 LAUNCHER = """
 import resource, subprocess, sys
 out = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=True).stdout.split()
@@ -147,14 +152,13 @@ def bench_model(layers: int, rank: int) -> None:
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
               "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        g = torch.Generator().manual_seed(0)
         for which in ("base", "ft"):
             tensors = {}
             for i in range(layers):
                 for name, (d, k) in shapes.items():
                     w = torch.randn(d, k, generator=torch.Generator().manual_seed(hash((i, name)) % 2**31)) * 0.02
-                    if which == "ft":
-                        w += spectral_matrix(d, k, "decaying", seed=i) * 0.05 + 1e-4 * torch.randn(d, k, generator=g)
+                    if which == "ft":  # ‖ΔW‖/‖W0‖ ≈ 0.1, plus the bf16 rounding of both checkpoints
+                        w += spectral_matrix(d, k, "decaying", seed=i) * 0.1 * math.sqrt(d * k) * 0.02 / 1.28
                     tensors[f"model.layers.{i}.{name}.weight"] = w.to(torch.bfloat16)
             Path(tmp, which).mkdir()
             save_tensors(Path(tmp, which, "model.safetensors"), tensors)
@@ -162,10 +166,13 @@ def bench_model(layers: int, rank: int) -> None:
         cmd = [sys.executable, "-c", MODEL_CHILD, f"{tmp}/base", f"{tmp}/ft", f"{tmp}/out", str(rank)]
         seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True,
                                               check=True).stdout.split()  # fmt: skip
+        imports = [sys.executable, "-c", "import loractl.ops.extract, loractl.formats"]
+        base_kb = subprocess.run([sys.executable, "-c", LAUNCHER_RSS, *imports], capture_output=True, text=True,
+                                 check=True).stdout  # fmt: skip
     largest_f32 = 11008 * 4096 * 4 / 2**20
     print(f"end-to-end extract of {layers} 7B-shaped layer(s) ({7 * layers} matrices, bf16), rank {rank}: "
           f"{float(seconds):.1f} s, rel error {err}, peak RSS {int(rss_kb) / 1024:.0f} MiB "
-          f"(largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
+          f"(after imports alone: {int(base_kb) / 1024:.0f} MiB; largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
 
 
 def main() -> None:

@@ -181,10 +181,10 @@ class _Run:
         return w0, w1
 
     def _lowrank(self, entry: PlanEntry) -> None:
-        """ΔW in float32, in place over W_ft when it is float32 already: peak ≈ W0 + W_ft + ΔW."""
+        """Factor one ΔW; peak memory ≈ W0 + W_ft + ΔW (see `_delta`), then ΔW + the sketch."""
         w0, w1 = self._read(entry.name)
-        delta = w1.to(torch.float32).sub_(w0)
-        if not bool(torch.isfinite(delta).all()):
+        delta, finite = _delta(w0, w1)
+        if not finite:
             _check_finite(entry.name, w0, w1)  # w1 may be ΔW itself: then it is non-finite only if W_ft was
             raise NumericError(
                 f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
@@ -233,6 +233,22 @@ def factor(
         residual_sq=residual,
     )
     return module, report
+
+
+def _delta(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(W_ft − W0 in float32, whether it is finite), row block by row block.
+
+    Whole-tensor arithmetic on mixed dtypes (a bf16 W0) makes a float32 temporary as large as
+    ΔW; blocks keep the temporaries small. A float32 W_ft is overwritten in place.
+    """
+    delta = w1 if w1.dtype == torch.float32 else torch.empty(w1.shape, dtype=torch.float32)
+    d, a, b = (t.reshape(t.shape[0], -1) for t in (delta, w0, w1))
+    finite = True
+    for i in range(0, d.shape[0], linalg.ROW_BLOCK):
+        rows = slice(i, i + linalg.ROW_BLOCK)
+        torch.sub(b[rows].float(), a[rows].float(), out=d[rows])
+        finite = finite and bool(torch.isfinite(d[rows]).all())
+    return delta, finite
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
