@@ -1,8 +1,8 @@
 """Dense numerics for extraction: truncated SVD of one ΔW, rank by energy, balanced factors.
 
-Why randomized: a full SVD of a 4096×4096 ΔW takes 15–20 s on 2 cores, while a range finder
-with 10 oversampling columns and 2 power iterations lands within 0.1% of the optimal
-(Eckart–Young) error in about 0.1 s (PERF.md). Where the sketch would be as wide as half
+Why randomized: a full SVD of a 4096×4096 ΔW takes 10–20 s on 2 cores, while a range finder
+with oversampling and 2–4 power iterations lands within 0.4% of the optimal (Eckart–Young)
+error in 0.1–0.4 s (docs/benchmarks-extract.md). Where the sketch would be as wide as half
 the matrix it saves nothing, so those matrices take the exact thin SVD instead.
 
 Reported figures (norms, errors, energies) are accumulated in float64 over rows: a float32
