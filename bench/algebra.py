@@ -1,7 +1,7 @@
 """Benchmark: loractl's factored resize / svd-combine against dense SVDs (kohya-style) and PEFT, in one run.
 
     python bench/algebra.py                       # everything (PEFT part: ~5-10 min on 2 cores)
-    python -P bench/algebra.py --targets q_proj,down_proj --repeats 3   # -P: bench/inspect.py shadows stdlib
+    python bench/algebra.py --targets q_proj,down_proj --repeats 3
 
 1. resize of one rank-64 4096×4096 module to rank 16: loractl `resize` (QR of the factors + SVD of a
    64×64 core) vs a dense full SVD of ΔW (kohya resize_lora.py with --svd_lowrank_niter 0, and

@@ -30,12 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# bench/inspect.py would shadow the standard library's `inspect` (which torch imports): drop the script dir.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from loractl.ops import linalg  # noqa: E402
+from loractl.ops import linalg
 
 LLAMA_7B = {(4096, 4096): 4 * 32, (11008, 4096): 2 * 32, (4096, 11008): 1 * 32}
 

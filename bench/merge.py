@@ -1,10 +1,7 @@
 """Benchmark: `loractl merge` against PEFT's load + merge_and_unload + save_pretrained, and `cp -r`.
 
-    python -m bench.merge                      # ~0.6 GB bf16 random Llama (4 layers, vocab 32000)
-    python -m bench.merge --layers 22 --reps 3 # ~1.1 B parameters, TinyLlama's shapes (2.2 GB)
-
-(Run it as a module from the repository root: `python bench/merge.py` would put bench/ first on
-sys.path, where bench/inspect.py shadows the standard library's inspect in the children.)
+    python bench/merge.py                      # ~0.6 GB bf16 random Llama (4 layers, vocab 32000)
+    python bench/merge.py --layers 22 --reps 3 # ~1.1 B parameters, TinyLlama's shapes (2.2 GB)
 
 Builds a random Llama checkpoint in bf16, sharded, and a rank-16 all-linear PEFT adapter for it,
 then times, interleaved and repeated, each contender in its own child process: wall time and the

@@ -9,16 +9,11 @@ RSS is its own), on the same random Llama and the same token batch, interleaved 
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import statistics
+import subprocess
 import sys
-
-# bench/ holds scripts named like stdlib modules (inspect.py): keep this directory off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 
 VARIANTS = ("loractl", "peft", "full", "loractl+ckpt", "peft+ckpt")
 
