@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -40,8 +41,10 @@ def module_info(
     if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] == 0:
         findings.append(error("rank-mismatch", f"A is {list(a)} but B is {list(b)}: ranks differ", module))
         return None
-    for role in ("magnitude", "bias"):
-        if role in shapes and shapes[role] != (b[0],):
+    for role in ("magnitude", "bias"):  # PEFT's conv DoRA magnitude is (1, out, 1, 1): one value per output
+        if role in shapes and (
+            math.prod(shapes[role]) != b[0] or sorted(shapes[role])[:-1] != [1] * (len(shapes[role]) - 1)
+        ):
             findings.append(error(f"{role}-shape", f"{role} is {list(shapes[role])}, expected [{b[0]}]", module))
             return None
     scale, alpha, rule = scale_of(a[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from ..errors import FormatError, PickleRefusedError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
 from ..safetensors_header import read_header
+from ._modules import exact_scales, module_info
 from ._values import load_json
 from .options import ReadOptions, WriteOptions
 from .peft_config import check_config, is_saved_module, module_alpha_rank
@@ -183,6 +185,7 @@ def _layout(
         info = _module_info(module, keys, entries, config, record, findings)
         if info:
             modules[module] = info
+    modules = exact_scales(modules, record)
     findings += _config_findings(config, modules, full)
     return AdapterInfo(
         path=root,
@@ -214,45 +217,24 @@ def _module_info(
     record: lineage.Record | None,
     findings: list[Finding],
 ) -> ModuleInfo | None:
+    """The shared factor checks, then PEFT's own: scale from the config's patterns, `r` agreement, orientation."""
     if record and module in record.padded_bias:
         keys = {role: key for role, key in keys.items() if role != "bias"}
-    for role, other in (("A", "B"), ("B", "A")):
-        if role in keys and other not in keys:
-            findings.append(error(f"missing-{other.lower()}", f"lora_{role} has no matching lora_{other}", module))
-            return None
-    if "A" not in keys:
-        findings.append(error("missing-a", "DoRA magnitude or bias without LoRA factors", module))
-        return None
-    shapes = {role: entries[k][1] for role, k in keys.items()}
-    a, b = shapes["A"], shapes["B"]
-    if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
-        findings.append(error("rank-mismatch", f"lora_A is {list(a)} but lora_B is {list(b)}: ranks differ", module))
-        return None
-    embedding = keys["A"].endswith("lora_embedding_A")
-    rank, rslora = a[0], bool(config.get("use_rslora"))
-    if rank == 0:
-        findings.append(error("zero-rank", "rank is 0", module))
-        return None
+    rslora = bool(config.get("use_rslora"))
     alpha, config_rank = module_alpha_rank(config, module)
-    if config_rank != rank:
-        findings.append(error("config-rank", f"config says r={config_rank} but the tensors have rank {rank}", module))
-    scale = scale_from_alpha(alpha, rank, rslora)
-    exact = record.scales.get(module) if record else None
-    if exact is not None and abs(exact - scale) <= 1e-12 * abs(scale):
-        scale = exact
-    return ModuleInfo(
-        kind="embedding" if embedding else ("conv" if len(a) > 2 else "linear"),
-        rank=rank,
-        in_features=a[1],
-        out_features=b[0],
-        scale=scale,
-        alpha=alpha,
-        scale_rule="alpha/sqrt(r)" if rslora else "alpha/r",
-        fan_in_fan_out=_fan_in_fan_out(module, config, record, not embedding and len(a) == 2),
-        keys=keys,
-        shapes=shapes,
-        dtypes={role: entries[k][0] for role, k in keys.items()},
-    )
+    rule = "alpha/sqrt(r)" if rslora else "alpha/r"
+    embedding = keys.get("A", "").endswith("lora_embedding_A")
+    info = module_info(
+        module, keys, entries, lambda r: (scale_from_alpha(alpha, r, rslora), alpha, rule), findings,
+        kind="embedding" if embedding else None,
+    )  # fmt: skip
+    if info is None:
+        return None
+    if config_rank != info.rank:
+        findings.append(
+            error("config-rank", f"config says r={config_rank} but the tensors have rank {info.rank}", module)
+        )
+    return replace(info, fan_in_fan_out=_fan_in_fan_out(module, config, record, info.kind == "linear"))
 
 
 def _fan_in_fan_out(module: str, config: dict[str, Any], record: lineage.Record | None, linear: bool) -> bool:
