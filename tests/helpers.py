@@ -50,3 +50,22 @@ def qv_adapter(layers: int = 2, hidden: int = 16, rank: int = 4) -> Adapter:
         for j, p in enumerate(("q_proj", "v_proj"))
     }
     return Adapter(modules=modules, meta=AdapterMeta(base_model="tiny"))
+
+
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    """Run `loractl` through `main` (which renders errors) under CliRunner's isolation: (code, stdout, stderr)."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from loractl.cli import main
+
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()

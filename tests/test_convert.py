@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loractl import lineage
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
-from loractl.cli import main
 from loractl.errors import AdapterError, NumericError, UsageError
 from loractl.formats import kohya, load_adapter, save_adapter
 from loractl.ops.convert import convert, plan_conversion
 from loractl.ops.convert_verify import delta_error, verify
 from loractl.safetensors_header import read_header
-from tests.helpers import random_module
+from tests.helpers import random_module, run_cli
 
 FORMATS = ("peft", "kohya", "diffusers", "mlx")
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors"}
@@ -161,19 +158,6 @@ def test_lineage_and_usage_errors(tmp_path: Path, fixtures_dir: Path) -> None:
         convert(src, tmp_path / "x", to="onnx")
     with pytest.raises(UsageError, match="overwrite the input"):
         convert(src, src, to="peft")
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def test_cli(tmp_path: Path, fixtures_dir: Path, real_adapters: Path) -> None:

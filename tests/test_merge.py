@@ -16,35 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.checkpoint import Checkpoint
-from loractl.cli import main
 from loractl.errors import IntegrityError, NumericError, OutputExistsError, UsageError
 from loractl.formats import save_adapter
 from loractl.ops.merge import RECORD_NAME, MergeProgress, merge
 from loractl.ops.merge_plan import MergePlanError, plan_merge
 from loractl.safetensors_writer import save_tensors
-from tests.helpers import random_module, tiny_base
+from tests.helpers import random_module, run_cli, tiny_base
 
 # ---------------------------------------------------------------- helpers
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    """Run `loractl` through `main` (which renders errors) under CliRunner's isolation."""
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BASE, DATA = str(FIXTURES / "tiny-llama"), str(FIXTURES / "data" / "train.jsonl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models train 10x faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fixture_job_writes_a_peft_adapter_with_lineage(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,13 +17,7 @@ peft = pytest.importorskip("peft")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models train 10x faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(conv1d: bool = False, seed: int = 0) -> nn.Module:

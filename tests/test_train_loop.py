@@ -6,7 +6,6 @@ import copy
 import os
 import re
 import signal
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,7 @@ from loractl.errors import UsageError
 from loractl.train import Callback, Example, TrainConfig, evaluate, extract_adapter, inject, train
 from loractl.train.loop import lr_at
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models train 10x faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ToyLM(nn.Module):
