@@ -104,7 +104,7 @@ def inspect_adapter(
     attrs = {name: (m.rank, m.alpha, m.scale) for name, m in info.modules.items()}
     rows = [PatternRow(p, *a, n) for p, a, n in summarize(attrs)]
     recorded = info.record.content_hash if info.record else None
-    from .remote.ops import read_origin
+    from .origin import read_origin
 
     origin = read_origin(info.path)
     if not stats:

@@ -51,7 +51,7 @@ def save_and_report(result: AlgebraResult, output: str, to_format: str | None, f
     from ..formats import FORMATS, save_adapter
 
     source = result.adapter.meta.source_format
-    fmt = to_format or (source if source in FORMATS else "peft")
+    fmt = to_format or (source if source is not None and source in FORMATS else "peft")
     save_adapter(result.adapter, output, format=fmt, force=force)
     for message in result.warnings:
         warn(message)

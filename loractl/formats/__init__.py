@@ -5,7 +5,9 @@ Adding a format is one module and one line in `FORMATS`; detection tries them in
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -15,22 +17,45 @@ from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
 from ..info import AdapterInfo
 from ..safetensors_header import is_safetensors, read_header
-from . import diffusers, gguf, kohya, loralib, mlx, peft, torchtune
 from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
 
+
+class _Registry(Mapping[str, ModuleType]):
+    """Format modules by name, imported on first use: a header-only `inspect` loads only the formats it tries."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+        self._loaded: dict[str, ModuleType] = {}
+
+    def __getitem__(self, name: str) -> ModuleType:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            self._loaded[name] = importlib.import_module(f".{name}", __name__)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 # Detection order matters (FORMATS.md §11.2): the first format whose `detect` says yes wins.
-FORMATS: dict[str, ModuleType] = {
-    "gguf": gguf,  # magic bytes first: GGUF adapters, and GGUF models / legacy ggla files refused clearly
-    "torchtune": torchtune,  # before peft: its output dir has a PEFT-style adapter_config.json beside the .pt
-    "peft": peft,
-    "mlx": mlx,
-    "diffusers": diffusers,
-    "kohya": kohya,
-    "loralib": loralib,  # bare *.lora_A keys: last, the loosest pattern
-}
+FORMATS: Mapping[str, ModuleType] = _Registry(
+    [
+        "gguf",  # magic bytes first: GGUF adapters, and GGUF models / legacy ggla files refused clearly
+        "torchtune",  # before peft: its output dir has a PEFT-style adapter_config.json beside the .pt
+        "peft",
+        "mlx",
+        "diffusers",
+        "kohya",
+        "loralib",  # bare *.lora_A keys: last, the loosest pattern
+    ]
+)
 
 
 def detect_format(path: str | Path) -> str:

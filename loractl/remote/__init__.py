@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..origin import ORIGIN_FILE, read_origin
 from .base import Commit, Refs, Remote, RemoteFile, Snapshot
 from .errors import (
     AuthError,
@@ -23,7 +24,7 @@ from .errors import (
     TransientError,
     UnsafePathError,
 )
-from .ops import ORIGIN_FILE, PullResult, PushResult, Version, VersionList, pull, push, read_origin, versions
+from .ops import PullResult, PushResult, Version, VersionList, pull, push, versions
 from .uri import RemoteURI, parse_uri
 
 __all__ = [

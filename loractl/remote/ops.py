@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from ..atomic import atomic_output
 from ..errors import AdapterError, IntegrityError, UsageError
+from ..origin import ORIGIN_FILE
 from .base import DEFAULT_BRANCH, LocalFile, Remote, Snapshot, check_file, local_file, safe_relpath
 from .card import card_content_hash, model_card
 from .errors import ConflictError, RevisionNotFoundError, TagExistsError, TransientError
@@ -26,7 +26,6 @@ from .retry import DELAYS
 from .uri import RemoteURI, parse_uri
 
 CARD = "README.md"
-ORIGIN_FILE = ".loractl-origin.json"
 _HOUSEKEEPING = {".gitattributes"}
 _PUSH_ID = "loractl-push-id: "
 
@@ -162,16 +161,6 @@ def versions(
         for c in remote.commits(branch)
     ]
     return VersionList(remote.url, branch, tuple(found), tags)
-
-
-def read_origin(path: str | Path) -> dict[str, Any] | None:
-    """The origin record `pull` leaves in its output (`inspect` shows it), or None."""
-    origin = Path(path) / ORIGIN_FILE if Path(path).is_dir() else Path(path).parent / ORIGIN_FILE
-    try:
-        doc = json.loads(origin.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 # -- push ----------------------------------------------------------------------------------------
