@@ -89,6 +89,17 @@ class Checkpoint:
             feed_fingerprint(h, name, self.info(name), self.raw_bytes(name))
         return "sha256:" + h.hexdigest()
 
+    def config(self) -> dict[str, Any]:
+        """The transformers `config.json` beside the weights ({} when absent or unreadable)."""
+        from .formats._values import load_json
+
+        path = self.directory / "config.json"
+        try:
+            doc = load_json(path) if path.is_file() else {}
+        except FormatError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
     def other_files(self) -> list[Path]:
         """Non-weight files beside the weights (config, tokenizer, ...), for copying along."""
         if not self.path.is_dir():

@@ -8,7 +8,6 @@ that is not factored is listed in the report, so nothing is dropped silently.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -195,7 +194,7 @@ class _Run:
             return
         feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
         del w0, w1
-        m = delta.T if entry.kind == "embedding" else delta.reshape(entry.matrix_shape)
+        m = delta.T if entry.kind == "embedding" or entry.fan_in_fan_out else delta.reshape(entry.matrix_shape)
         if self.observe is not None:
             self.observe(entry.module, m)
         self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq)
@@ -220,7 +219,14 @@ def factor(
     residual = linalg.residual_sq(m, b.float(), a.float(), scale)
     if entry.kind == "conv":
         b, a = b.reshape(*b.shape, *[1] * (len(entry.shape) - 2)), a.reshape(t.rank, *entry.shape[1:])
-    module = LoraModule(A=a.contiguous(), B=b.contiguous(), scale=scale, alpha=alpha, kind=entry.kind)
+    module = LoraModule(
+        A=a.contiguous(),
+        B=b.contiguous(),
+        scale=scale,
+        alpha=alpha,
+        kind=entry.kind,
+        fan_in_fan_out=entry.fan_in_fan_out,
+    )
     report = ModuleReport(
         module=entry.module,
         shape=entry.shape,
@@ -274,9 +280,5 @@ def _check_finite(name: str, w0: torch.Tensor, w1: torch.Tensor) -> None:
 
 def _task_type(base: Checkpoint) -> str | None:
     """CAUSAL_LM when the base's config.json names a *ForCausalLM architecture (PEFT then builds the right wrapper)."""
-    config = base.directory / "config.json"
-    try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return None
+    architectures = base.config().get("architectures") or []
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None

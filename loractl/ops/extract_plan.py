@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..adapter import ModuleKind
@@ -22,6 +22,9 @@ from ..errors import ShapeMismatchError, UsageError
 
 Action = Literal["lowrank", "full", "compare"]
 
+# transformers' GPT-2 family stores these linear layers as Conv1D weights, (in, out).
+CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+CONV1D_LEAVES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
 # Module names of input embeddings (LoRA kind "embedding") and output heads (plain linear).
 EMBEDDINGS = re.compile(
     r"(^|.*\.)(embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|tok_embeddings|shared)$"
@@ -39,12 +42,13 @@ class PlanEntry:
     action: Action
     shape: tuple[int, ...]
     kind: ModuleKind = "linear"  # for `lowrank`: how the factors are laid out
+    fan_in_fan_out: bool = False  # a GPT-2 Conv1D weight, stored (in, out)
     reason: str = ""  # for `compare` and `full`: why the tensor is not factored
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """(d, k) of the matrix that is factored: conv kernels flattened, embeddings transposed."""
-        if self.kind == "embedding":
+        if self.kind == "embedding" or self.fan_in_fan_out:
             return self.shape[1], self.shape[0]
         return self.shape[0], math.prod(self.shape[1:])
 
@@ -58,6 +62,10 @@ class ExtractPlan:
 
     def by_action(self, action: Action) -> list[PlanEntry]:
         return [e for e in self.entries if e.action == action]
+
+
+def _is_conv1d(e: PlanEntry) -> bool:
+    return e.action == "lowrank" and e.kind == "linear" and bool(CONV1D_LEAVES.search(e.module))
 
 
 def matches(patterns: Sequence[str], module: str) -> bool:
@@ -89,6 +97,8 @@ def plan_extract(
         b, f = base.info(name).dtype, finetuned.info(name).dtype
         if b != f:
             warnings.append(f"{name}: base is {b}, fine-tuned is {f}; ΔW is computed in float32")
+    if base.config().get("model_type") in CONV1D_MODELS:
+        entries = [replace(e, fan_in_fan_out=True) if _is_conv1d(e) else e for e in entries]
     _check_patterns(entries, targets, save_full)
     if rank is not None:
         _check_rank(entries, rank)
