@@ -1,4 +1,4 @@
-"""The README's first command (after its pip installs) runs on the shipped fixtures."""
+"""The README's first command (after its pip installs) runs on the shipped fixtures: train, inspect, validate, merge."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ def test_readme_main_command_runs_on_the_fixtures(tmp_path: Path) -> None:
     block = re.search(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
     assert block is not None
     steps = [s.strip() for s in block.group(1).split("&&") if s.strip().startswith("loractl ")]
-    assert [s.split()[1] for s in steps] == ["inspect", "validate", "merge"]
+    assert [s.split()[1] for s in steps] == ["train", "inspect", "validate", "merge"]
     loractl = f"{shlex.quote(sys.executable)} -m loractl"
     for step in steps:
-        command = step.replace("loractl", loractl, 1).replace("/tmp/tiny-llama-merged", str(tmp_path / "merged"))
+        command = step.replace("loractl", loractl, 1).replace("/tmp/loractl-demo", str(tmp_path))
         out = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, (step, out.stderr)
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
