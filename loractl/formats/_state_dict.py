@@ -60,7 +60,7 @@ def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
 
         with Checkpoint(path) as ckpt:
             return {name: ckpt.get(name) for name in ckpt.names}, {}
-    obj = _load_pickle(path, allow_pickle)
+    obj = load_pickle(path, allow_pickle)
     import torch
 
     if not isinstance(obj, dict):
@@ -71,7 +71,8 @@ def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}, extras
 
 
-def _load_pickle(path: Path, allow_pickle: bool) -> Any:
+def load_pickle(path: Path, allow_pickle: bool) -> Any:
+    """`torch.load(weights_only=True)`, refused unless `allow_pickle`; any unpickling failure is a `FormatError`."""
     if not allow_pickle:
         raise PickleRefusedError(
             "the file is a torch pickle; loractl does not unpickle by default",

@@ -135,20 +135,15 @@ def _weights_file(root: Path, allow_pickle: bool) -> Path:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-
+    """The legacy `adapter_model.bin` (reached only with allow_pickle: `_weights_file` refuses it otherwise)."""
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's weights-only unpickler on a hostile file: any failure is the file's
-        raise FormatError(f"cannot load pickle safely ({_first_line(e)})", path=path) from None
+    from ._state_dict import load_pickle
+
+    obj = load_pickle(path, allow_pickle=True)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FormatError("pickle does not hold a dict of tensors", path=path)
     return {str(k): v for k, v in obj.items()}
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 def _code(t: torch.Tensor) -> str:
