@@ -52,6 +52,8 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
 @click.option("--nproc", type=int, help="Launch N processes with torchrun (DDP).")
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Shard the base over the processes (FSDP) instead of replicating it; no checkpoints.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing output and its checkpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.pass_context
@@ -105,6 +107,8 @@ def _report(summary: Any, as_json: bool) -> None:
            "checkpoint": str(r.checkpoint) if r.checkpoint else None}  # fmt: skip
     if as_json:
         emit_json(doc)
+    elif r.interrupted and r.checkpoint is None:
+        stderr.print(f"interrupted at step {r.steps}; no checkpoint was written", highlight=False)
     elif r.interrupted:
         stderr.print(f"interrupted at step {r.steps}; resume with --resume {r.checkpoint}", highlight=False)
     else:

@@ -49,6 +49,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final adapter
     eval_every: int = 0  # 0: eval once at the end (when eval data is given)
     log_every: int = 1
+    fsdp: bool = False  # shard the base over the ranks (FSDP) instead of replicating it (DDP)
 
     def check(self) -> None:
         """Raise `UsageError` on values no run can use, before anything is loaded."""
@@ -65,6 +66,9 @@ class TrainConfig:
         _choice(self, "schedule", ("cosine", "linear", "constant"))
         _choice(self, "precision", ("fp32", "bf16", "fp16"))
         _choice(self, "init", ("kaiming", "gaussian"))
+        if self.fsdp and self.precision == "fp16":
+            raise UsageError("--fsdp does not support --precision fp16 (its loss scaling is per rank)",
+                             hint="use --precision bf16 or fp32 with --fsdp")  # fmt: skip
 
     def total_steps(self, num_examples: int, world_size: int = 1) -> int:
         """Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`."""

@@ -1,7 +1,9 @@
-"""Many processes: torchrun's environment → a process group, DDP wrapping, sums across ranks.
+"""Many processes: torchrun's environment → a process group, DDP or FSDP wrapping, sums across ranks.
 
 Under `torchrun` (WORLD_SIZE > 1) the group is gloo on CPU and nccl on GPU; alone, every
-function here is a cheap no-op, so the loop reads the same for one process or many.
+function here is a cheap no-op, so the loop reads the same for one process or many. FSDP
+(`fsdp=True`) shards the base over the ranks instead of replicating it, for bases that do
+not fit one device.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,14 +50,59 @@ def setup(device: str | None = None) -> World:
     return World(rank, dist.get_world_size() if dist.is_initialized() else 1, chosen)
 
 
-def wrap(model: nn.Module, world: World) -> nn.Module:
-    """DistributedDataParallel over the trainable (LoRA) parameters when there are several ranks."""
+def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
+    """DistributedDataParallel (or FSDP) over the trainable (LoRA) parameters when there are several ranks.
+
+    FSDP wraps each decoder layer (transformers' `_no_split_modules`) as its own unit, so only one
+    layer's base weights are gathered at a time; `use_orig_params` lets frozen and LoRA
+    parameters share a unit and keeps the optimizer on the LoRA parameters alone.
+    """
     if world.size == 1:
         return model
+    cuda = world.device.startswith("cuda")
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layers = {type(m) for m in model.modules() if type(m).__name__ in _no_split_names(model)}
+        # An explicit device: without one, FSDP refuses to run on a machine with no accelerator (gloo on CPU).
+        return FullyShardedDataParallel(model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers),
+                                        device_id=torch.device(world.device))  # fmt: skip
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [torch.device(world.device).index] if world.device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=[torch.device(world.device).index] if cuda else None)
+
+
+def _no_split_names(model: nn.Module) -> set[str]:
+    """Class names of the layers transformers never splits across devices (its decoder layers)."""
+    return {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+
+
+def check_fsdp(world: World, *, save_every: int, resume: Path | None) -> None:
+    """Refuse FSDP where it cannot run: one process, or with checkpoints (saved unsharded only)."""
+    if world.size == 1:
+        raise UsageError("--fsdp needs a distributed launch (world size 1 here)",
+                         hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process")  # fmt: skip
+    if save_every or resume is not None:
+        raise UsageError("--fsdp does not support checkpoints (--save-every, --resume) yet",
+                         hint="train without them, or use DDP (drop --fsdp) for resumable runs")  # fmt: skip
+
+
+@contextmanager
+def full_params(net: nn.Module, world: World) -> Iterator[None]:
+    """Inside, rank 0's `net` holds its full (unsharded) parameters, on the CPU when training on CUDA.
+
+    Every rank must enter it (the gather is collective); FSDP units are gathered to the CPU one at a
+    time, so no device ever holds the whole base. A no-op for models not wrapped in FSDP.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(net, FullyShardedDataParallel):
+        yield
+        return
+    cuda = world.device.startswith("cuda")
+    with FullyShardedDataParallel.summon_full_params(net, writeback=False, rank0_only=True, offload_to_cpu=cuda):
+        yield
 
 
 def sum_across(values: Sequence[float], world: World) -> list[float]:

@@ -13,6 +13,8 @@ from ..safetensors_header import TensorInfo
 from ..tensor_bytes import dtype_code
 from .lora_layers import LoraLinear
 
+_FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP puts into the paths of the layers it wraps
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DistributedDataParallel (or FSDP) wrappers."""
@@ -22,8 +24,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every `LoraLinear` by its module path (the base layer's own path)."""
-    return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoraLinear)}
+    """Every `LoraLinear` by its module path (the base layer's own path, without FSDP's wrapper names)."""
+    return {
+        name.replace(_FSDP_WRAPPED, ""): m for name, m in unwrap(model).named_modules() if isinstance(m, LoraLinear)
+    }
 
 
 def extract_adapter(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
@@ -54,7 +58,8 @@ def base_fingerprint(model: nn.Module) -> str:
     for name, layer in sorted(lora_layers(model).items()):
         weight = layer.base_layer.weight
         assert isinstance(weight, torch.Tensor)
-        raw = weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
+        raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
         feed_fingerprint(
             h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw
         )

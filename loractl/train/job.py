@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ def train_adapter(
     ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup()
+    if config.fsdp:  # before the base is loaded
+        distributed.check_fsdp(world, save_every=config.save_every, resume=Path(resume) if resume else None)
     model, tokenizer = load_base(base)
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
@@ -73,14 +75,18 @@ def train_adapter(
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted:
         return summary
-    adapter = extract_adapter(model, base_model=str(base), task_type="CAUSAL_LM")
-    adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
-    if world.is_main:
+    adapter = result.adapter if config.fsdp else extract_adapter(model)  # FSDP: gathered on rank 0 only
+    content_hash = None
+    if adapter is not None:
+        adapter = replace(adapter, meta=replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM"))
+        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
+        content_hash = adapter.content_hash()
+    if world.is_main and adapter is not None:
         from ..formats import save_adapter
 
         save_adapter(adapter, output, force=force or resume is not None)
     distributed.barrier(world)
-    return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, adapter.content_hash())
+    return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
 
 
 def load_base(base: str | Path) -> tuple[nn.Module, Any]:

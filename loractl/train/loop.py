@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..adapter import Adapter
 from ..errors import UsageError
 from . import checkpoints, distributed
 from .config import TrainConfig
 from .data import IGNORE, Example, collate
 from .distributed import World
-from .export import unwrap
+from .export import extract_adapter, unwrap
 from .loss import CausalLMLoss
 
 
@@ -86,6 +87,7 @@ class TrainResult:
     seconds: float
     interrupted: bool = False
     checkpoint: Path | None = None
+    adapter: Adapter | None = None  # FSDP runs: the trained adapter, gathered on rank 0 (the model stays sharded)
 
 
 def train(
@@ -110,7 +112,14 @@ def train(
     world = world or distributed.setup()
     params = [p for p in model.parameters() if p.requires_grad]
     _check_inputs(params, data, config, checkpoint_dir, resume)
+    if config.fsdp:
+        distributed.check_fsdp(world, save_every=config.save_every, resume=resume)
+        checkpoint_dir = None  # not even on Ctrl-C: checkpoints hold unsharded parameters
+    trainable = sum(p.numel() for p in params)
+    everything = sum(p.numel() for p in model.parameters())
     _prepare(model, config)
+    forward = _Forward(model, config, world)  # FSDP shards the parameters: build the optimizer after it
+    params = [p for p in forward.net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=_fused(world))
     scaler = torch.amp.GradScaler(_device_type(world), enabled=config.precision == "fp16")
     torch.manual_seed(config.seed + world.rank)  # dropout draws; a resume restores the exact state
@@ -120,9 +129,6 @@ def train(
     order = BatchOrder(len(data), config, world)
     total = config.total_steps(len(data), world.size)
     hooks = callbacks if world.is_main else ()
-    forward = _Forward(model, config, world)
-    trainable = sum(p.numel() for p in params)
-    everything = sum(p.numel() for p in model.parameters())
     for hook in hooks:
         hook.on_start({"trainable": trainable, "total": everything, "ratio": trainable / everything, "steps": total,
                        "start_step": position.step, "examples": len(data), "world_size": world.size})  # fmt: skip
@@ -154,7 +160,7 @@ def train(
                     if hook.on_step(metrics):
                         interrupt.set()
             if eval_data and config.eval_every and position.step % config.eval_every == 0:
-                eval_loss = _eval(model, eval_data, config, world, pad_id, position.step, hooks)
+                eval_loss = _eval(forward, eval_data, config, world, pad_id, position.step, hooks)
             if checkpoint_dir and config.save_every and position.step % config.save_every == 0:
                 saved = _save(
                     checkpoint_dir,
@@ -168,8 +174,12 @@ def train(
                     hooks,
                 )
     if eval_data and not (config.eval_every and position.step % config.eval_every == 0):
-        eval_loss = _eval(model, eval_data, config, world, pad_id, position.step, hooks)
-    return TrainResult(position.step, position.tokens, loss, eval_loss, _since(start), False, saved)
+        eval_loss = _eval(forward, eval_data, config, world, pad_id, position.step, hooks)
+    adapter = None
+    if config.fsdp:
+        with distributed.full_params(forward.net, world):
+            adapter = extract_adapter(model) if world.is_main else None
+    return TrainResult(position.step, position.tokens, loss, eval_loss, _since(start), False, saved, adapter)
 
 
 def evaluate(model: nn.Module, data: Sequence[Example], config: TrainConfig | None = None, *,
@@ -177,17 +187,23 @@ def evaluate(model: nn.Module, data: Sequence[Example], config: TrainConfig | No
     """Mean cross-entropy per label token over `data`, without dropout or gradients."""
     config = config or TrainConfig()
     world = world or distributed.setup()
-    forward = _Forward(unwrap(model), config, world, ddp=False)
-    was_training = model.training
-    model.eval()
+    return _mean_loss(_Forward(unwrap(model), config, world, ddp=False), data, config, world, pad_id)
+
+
+def _mean_loss(forward: _Forward, data: Sequence[Example], config: TrainConfig, world: World, pad_id: int) -> float:
+    """`evaluate` through `forward`; every rank runs as many batches (FSDP gathers in lockstep)."""
+    was_training = unwrap(forward.net).training
+    forward.net.eval()
     mine = list(data)[world.rank :: world.size]
+    rounds = -(-len(data) // world.size // config.batch_size) if data else 0  # rank 0 has the most examples
     loss_sum = count = 0.0
     with torch.no_grad():
-        for i in range(0, len(mine), config.batch_size):
-            batch = collate(mine[i : i + config.batch_size], pad_id)
-            loss_sum += float(forward.loss_sum(batch))
-            count += _targets(batch)
-    model.train(was_training)
+        for i in range(0, rounds * config.batch_size, config.batch_size):
+            rows = mine[i : i + config.batch_size]
+            batch = collate(rows or list(data[:1]), pad_id)  # a rank out of examples runs one, uncounted
+            loss = float(forward.loss_sum(batch))
+            loss_sum, count = (loss_sum + loss, count + _targets(batch)) if rows else (loss_sum, count)
+    forward.net.train(was_training)
     loss_sum, count = distributed.sum_across([loss_sum, count], world)
     return loss_sum / count if count else math.nan
 
@@ -236,7 +252,8 @@ class _Forward:
 
     def __init__(self, model: nn.Module, config: TrainConfig, world: World, *, ddp: bool = True) -> None:
         loss = CausalLMLoss(model)
-        self.net, self.device = distributed.wrap(loss, world) if ddp else loss, torch.device(world.device)
+        self.net = distributed.wrap(loss, world, fsdp=config.fsdp) if ddp else loss
+        self.device = torch.device(world.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.autocast: AbstractContextManager[Any] = (
             torch.autocast(_device_type(world), dtype=dtype) if dtype is not None else nullcontext()
@@ -266,7 +283,11 @@ def _optimizer_step(forward: _Forward, optimizer: torch.optim.Optimizer, scaler:
     grad_norm = None
     if config.max_grad_norm:
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        if config.fsdp:  # FSDP's own clip: the norm over every rank's shards
+            norm = forward.net.clip_grad_norm_(config.max_grad_norm)  # type: ignore[operator]
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = float(norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -274,9 +295,11 @@ def _optimizer_step(forward: _Forward, optimizer: torch.optim.Optimizer, scaler:
     return total / max(targets, 1.0), grad_norm
 
 
-def _eval(model: nn.Module, data: Sequence[Example], config: TrainConfig, world: World, pad_id: int, step: int,
+def _eval(forward: _Forward, data: Sequence[Example], config: TrainConfig, world: World, pad_id: int, step: int,
           hooks: Sequence[Hooks]) -> float:  # fmt: skip
-    loss = evaluate(model, data, config, pad_id=pad_id, world=world)
+    if not config.fsdp:  # DDP: evaluate the plain model, no gradient hooks or buffer broadcasts
+        forward = _Forward(unwrap(forward.net), config, world, ddp=False)
+    loss = _mean_loss(forward, data, config, world, pad_id)
     for hook in hooks:
         hook.on_eval({"step": step, "eval_loss": loss})
     return loss
