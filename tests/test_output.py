@@ -24,3 +24,20 @@ def test_consoles_are_created_lazily() -> None:
     lazy = _output.LazyConsole(to_stderr=True)
     assert lazy._console is None
     assert lazy.get() is lazy.get() and lazy.is_terminal in (True, False)
+
+
+def test_a_commands_ctx_exit_code_reaches_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without standalone mode click returns `ctx.exit(code)`; `main` must still exit with it (train --nproc)."""
+    import click
+
+    from loractl.cli import cli, main
+
+    @click.command("boom")
+    @click.pass_context
+    def boom(ctx: click.Context) -> None:
+        ctx.exit(3)
+
+    monkeypatch.setattr(cli, "get_command", lambda ctx, name: boom if name == "boom" else None)
+    with pytest.raises(SystemExit) as e:
+        main(["boom"])
+    assert e.value.code == 3

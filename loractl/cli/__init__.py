@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> Any:
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return cli.main(args=argv, prog_name="loractl", standalone_mode=False)
+        result = cli.main(args=argv, prog_name="loractl", standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool) and result:
+            sys.exit(result)  # without standalone mode, click returns a command's ctx.exit(code)
+        return result
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
