@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
-from loractl.cli import main
+from cli_runner import run
 
 if TYPE_CHECKING:
     from fakehub import FakeHub
@@ -21,16 +20,6 @@ pytest_plugins = ("fakehub",)
 ROOT = Path(__file__).resolve().parent.parent
 V1 = ROOT / "fixtures" / "adapters" / "tiny-qv"
 V2 = ROOT / "fixtures" / "adapters" / "tiny-patterns"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_file_registry_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
