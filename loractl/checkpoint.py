@@ -37,6 +37,9 @@ class Checkpoint:
                 if name in self._where:
                     raise FormatError(f"tensor {name!r} appears in two shards", path=shard)
                 self._where[name] = shard
+        index = self.path / INDEX_NAME
+        if self.path.is_dir() and index.is_file():
+            _check_index(index, self._where)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -148,6 +151,21 @@ def _shards_from_index(index: Path) -> list[Path]:
             raise FormatError(f"shard {name!r} listed in the index is missing", path=index)
         out.append(index.parent / name)
     return out
+
+
+def _check_index(index: Path, where: dict[str, Path]) -> None:
+    """The index must list exactly the tensors its shards hold, each in the right shard (as loaders trust it)."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, shard in weight_map.items():
+        actual = where.get(name)
+        if actual is None or actual.name != Path(str(shard)).name:
+            found = f"it is in {actual.name}" if actual else "no shard holds it"
+            raise FormatError(f"the index puts tensor {name!r} in {shard} but {found}", path=index)
+    extra = sorted(set(where) - set(weight_map))
+    if extra:
+        raise FormatError(
+            f"{len(extra)} tensors in the shards are missing from the index (e.g. {extra[0]!r})", path=index
+        )
 
 
 def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryview) -> None:

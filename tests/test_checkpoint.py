@@ -178,6 +178,26 @@ def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
         Checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ({"a": "s2.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}, "puts tensor 'a' in s2.* it is in s1"),
+        (
+            {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors", "d": "s2.safetensors"},
+            "'d' .* no shard",
+        ),
+        ({"a": "s1.safetensors", "b": "s2.safetensors"}, "missing from the index .*'c'"),
+    ],
+)
+def test_index_must_agree_with_the_shards(tmp_path: Path, weight_map: dict[str, str], message: str) -> None:
+    save_file({"a": torch.zeros(1)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.ones(1), "c": torch.ones(2)}, tmp_path / "s2.safetensors")
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match=message) as e:
+        Checkpoint(tmp_path)
+    assert e.value.path == str(tmp_path / INDEX_NAME)
+
+
 def test_truncated_shard_is_refused_naming_the_shard(tmp_path: Path) -> None:
     _sharded(tmp_path / "out", _tensors(), 100)
     shard = tmp_path / "out" / "model-00002-of-00004.safetensors"
