@@ -58,11 +58,17 @@ class Dataset:
         return len(self.examples)
 
 
-def load_dataset(path: str | Path, tokenizer: Tokenizer, max_len: int, *, packing: bool = False) -> Dataset:
-    """Read and tokenize a JSONL file; `FormatError` names the first bad line, `UsageError` an empty file."""
+def require_data_file(path: str | Path) -> Path:
+    """The data file's path; `InputNotFoundError` when it is not a file."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"data file {path} does not exist", hint="check the path")
+    return path
+
+
+def load_dataset(path: str | Path, tokenizer: Tokenizer, max_len: int, *, packing: bool = False) -> Dataset:
+    """Read and tokenize a JSONL file; `FormatError` names the first bad line, `UsageError` an empty file."""
+    path = require_data_file(path)
     raw = path.read_bytes()
     examples, dropped = [], 0
     for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):

@@ -20,7 +20,7 @@ from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageE
 from ..lineage import new_entry
 from . import distributed
 from .config import TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, require_data_file
 from .export import extract_adapter
 from .inject import Injection, inject
 from .loop import Hooks, MetricsLog, TrainResult, train
@@ -57,6 +57,8 @@ def train_adapter(
     output, run_dir = Path(output), Path(f"{output}.train")
     inputs: list[str | Path] = [data, *([eval_data] if eval_data else [])]
     ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
+    for path in inputs:  # before the seconds spent loading the base
+        require_data_file(path)
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup()
     if config.fsdp:  # before the base is loaded
