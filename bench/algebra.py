@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from timing import timed  # bench/timing.py (the script's own directory is on sys.path)
 
 from loractl.adapter import Adapter, LoraModule
 from loractl.ops.combine import CombineOptions, combine
@@ -32,16 +30,6 @@ from loractl.ops.resize import resize
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
           "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}  # fmt: skip
 WEIGHTS = (0.4, 0.3, 0.2, 0.1)
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds over `repeats` runs, and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def rel_error(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from timing import timed  # bench/timing.py (the script's own directory is on sys.path)
 
 from loractl.ops import linalg
 
@@ -49,15 +47,6 @@ def spectral_matrix(d: int, k: int, spectrum: str, seed: int = 0) -> torch.Tenso
     i = torch.arange(1, n + 1, dtype=torch.float32)
     s = 1.0 / i if spectrum == "decaying" else i.rsqrt()
     return (torch.randn(d, n, generator=g) * s) @ torch.randn(n, k, generator=g) / math.sqrt(d * k)
-
-
-def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def error(m: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
