@@ -42,3 +42,11 @@ def real_adapters() -> Path:
     if not REAL_ADAPTERS.is_dir():
         pytest.skip("../shared/real-adapters is not present")
     return REAL_ADAPTERS
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint (built once per machine; see tests/real_model.py)."""
+    from real_model import smollm2_dir
+
+    return smollm2_dir()
