@@ -133,7 +133,7 @@ def bench_model(layers: int, rank: int) -> None:
 
     Run in a child of a torch-free launcher, so the child's peak RSS is its own (PERF.md pitfalls).
     """
-    from loractl.safetensors_writer import save_tensors
+    from loractl.io.safetensors_writer import save_tensors
 
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
               "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}  # fmt: skip

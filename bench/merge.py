@@ -60,9 +60,9 @@ def build(work: Path, layers: int, vocab: int) -> None:
     from transformers import LlamaConfig
 
     from loractl.adapter import Adapter, LoraModule
-    from loractl.checkpoint_writer import write_sharded
     from loractl.formats import save_adapter
-    from loractl.safetensors_writer import TensorSpec
+    from loractl.io.checkpoint_writer import write_sharded
+    from loractl.io.safetensors_writer import TensorSpec
 
     config = LlamaConfig(
         hidden_size=2048,
@@ -154,7 +154,7 @@ def compare(work: Path) -> None:
     """Per tensor: bit-identical, or the largest distance in bf16 ulps (int16 steps)."""
     import torch
 
-    from loractl.checkpoint import Checkpoint
+    from loractl.io.checkpoint import Checkpoint
 
     ours, peft = Checkpoint(work / "out-loractl"), Checkpoint(work / "out-peft")
     identical, worst = 0, 0

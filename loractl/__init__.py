@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     "Adapter": "adapter",
@@ -17,7 +17,7 @@ _EXPORTS = {
     "LoraModule": "adapter",
     "scale_from_alpha": "adapter_math",
     "LoractlError": "errors",
-    "Checkpoint": "checkpoint",
+    "Checkpoint": "io.checkpoint",
     "load_adapter": "formats",
     "save_adapter": "formats",
     "detect_format": "formats",
@@ -34,9 +34,9 @@ _EXPORTS = {
     "RankRule": "ops.lowrank",
     "rescale": "ops.rescale",
     "convert": "ops.convert",
-    "push": "remote.ops",
-    "pull": "remote.ops",
-    "versions": "remote.ops",
+    "push": "remote.transfer",
+    "pull": "remote.transfer",
+    "versions": "remote.transfer",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -44,10 +44,10 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:
     from .adapter import Adapter, AdapterMeta, LoraModule
     from .adapter_math import scale_from_alpha
-    from .checkpoint import Checkpoint
     from .errors import LoractlError
     from .formats import describe_adapter, detect_format, load_adapter, save_adapter
     from .inspection import inspect_adapter
+    from .io.checkpoint import Checkpoint
     from .ops.combine import CombineOptions, combine
     from .ops.convert import convert
     from .ops.extract import ExtractConfig, extract
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .ops.merge_plan import plan_merge
     from .ops.rescale import rescale
     from .ops.resize import resize
-    from .remote.ops import pull, push, versions
+    from .remote.transfer import pull, push, versions
     from .validation import validate_adapter
 
 

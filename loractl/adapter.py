@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import AdapterError
-from .tensor_bytes import dtype_code
+from .io.tensor_bytes import dtype_code
 
 ScaleRule = Literal["alpha/r", "alpha/sqrt(r)", "absolute", "unit"]
 ModuleKind = Literal["linear", "conv", "embedding"]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 METADATA_KEY = "loractl"
 RECORD_VERSION = 1

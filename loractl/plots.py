@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import atomic_output, ensure_distinct
 from .errors import UsageError
+from .io.atomic import atomic_output, ensure_distinct
 
 if TYPE_CHECKING:
     import torch

@@ -115,7 +115,7 @@ def _data_findings(info: AdapterInfo, structural_ok: bool, options: ReadOptions)
 
 def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
     """(key, count) for every tensor with NaN/Inf values, reading one tensor at a time."""
-    from .checkpoint import Checkpoint
+    from .io.checkpoint import Checkpoint
     from .stats import nonfinite
 
     if weights.suffix != ".safetensors":
@@ -125,7 +125,7 @@ def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
 
 
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
-    from .checkpoint import Checkpoint, touched_weight_names
+    from .io.checkpoint import Checkpoint, touched_weight_names
 
     with Checkpoint(base) as ckpt:
         out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
-from loractl.safetensors_writer import save_tensors
+from loractl.io.safetensors_writer import save_tensors
 
 
 def random_module(

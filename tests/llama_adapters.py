@@ -1,6 +1,6 @@
 """Hypothesis strategies and references for adapters on the tiny Llama fixture (GGUF, torchtune tests).
 
-The reference permutations below are written independently of `loractl.formats.rope`, in the
+The reference permutations below are written independently of `loractl.formats._rope`, in the
 form their projects use: llama.cpp's `LlamaModel.permute` (HF → Meta, convert_hf_to_gguf.py)
 and torchtune's `_permute_lora_matrix` (Meta → HF, models/convert_weights.py).
 """

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loractl.atomic import TMP_MARKER, atomic_output, ensure_distinct
-from loractl.checkpoint import INDEX_NAME, Checkpoint
-from loractl.checkpoint_writer import parse_size, plan_shards, write_sharded
 from loractl.errors import FormatError, InputNotFoundError, OutputExistsError, UsageError
-from loractl.safetensors_writer import TensorSpec
-from loractl.tensor_bytes import dtype_code
+from loractl.io.atomic import TMP_MARKER, atomic_output, ensure_distinct
+from loractl.io.checkpoint import INDEX_NAME, Checkpoint
+from loractl.io.checkpoint_writer import parse_size, plan_shards, write_sharded
+from loractl.io.safetensors_writer import TensorSpec
+from loractl.io.tensor_bytes import dtype_code
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -14,9 +14,9 @@ from loractl import lineage
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.errors import AdapterError, NumericError, UsageError
 from loractl.formats import kohya, load_adapter, save_adapter
+from loractl.io.safetensors_header import read_header
 from loractl.ops.convert import convert, plan_conversion
 from loractl.ops.convert_verify import delta_error, verify
-from loractl.safetensors_header import read_header
 from tests.helpers import random_module, run_cli
 
 FORMATS = ("peft", "kohya", "diffusers", "mlx")
@@ -169,7 +169,7 @@ def test_cli(tmp_path: Path, fixtures_dir: Path, real_adapters: Path) -> None:
     assert code == 1 and "malformed suffix '_lora_" in err and "hint:" in err
     assert not (tmp_path / "p").exists()
     foreign = tmp_path / "foreign.safetensors"
-    from loractl.safetensors_writer import save_tensors
+    from loractl.io.safetensors_writer import save_tensors
 
     save_tensors(foreign, {"lycoris_model_conv_out_proj.lora_down.weight": torch.ones(1, 2),
                            "lycoris_model_conv_out_proj.lora_up.weight": torch.ones(2, 1)})  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from loractl.atomic import TMP_MARKER
+from loractl.io.atomic import TMP_MARKER
 
 BASE = FIXTURES / "tiny-llama"
 ADAPTER = FIXTURES / "adapters" / "tiny-qv"
@@ -37,7 +37,7 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "loractl.cli", "loractl.formats", "loractl.ops.merge", "loractl.remote"])
 # (dotted function, call number): the child SIGKILLs itself just before that call.
 HOOKS = [
-    ("loractl.safetensors_writer.StreamWriter.write", 2),
+    ("loractl.io.safetensors_writer.StreamWriter.write", 2),
     ("os.fsync", 1),
     ("os.replace", 1),
     ("os.replace", 2),
@@ -137,7 +137,7 @@ def _adapter_ok(path: Path) -> bool:
 
 
 def _checkpoint_ok(path: Path) -> bool:
-    from loractl.checkpoint import Checkpoint
+    from loractl.io.checkpoint import Checkpoint
 
     with Checkpoint(BASE) as base, Checkpoint(path) as out:
         return sorted(base.names) == sorted(out.names) and (path / "config.json").is_file()

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 
 import loractl
-from loractl.checkpoint import Checkpoint, touched_weight_names
-from loractl.checkpoint_writer import write_sharded
 from loractl.cli import cli
 from loractl.errors import NumericError, OutputExistsError, ShapeMismatchError, UsageError
+from loractl.io.checkpoint import Checkpoint, touched_weight_names
+from loractl.io.checkpoint_writer import write_sharded
+from loractl.io.safetensors_writer import TensorSpec, save_tensors
 from loractl.ops.extract import ExtractConfig, dry_run, extract, extract_adapter
-from loractl.safetensors_writer import TensorSpec, save_tensors
 from tests.helpers import random_module, tiny_base
 
 Q, V, UP, CONV = "layers.0.q_proj", "layers.0.v_proj", "layers.0.up_proj", "layers.0.conv"

@@ -15,8 +15,8 @@ from loractl.adapter import Adapter, LoraModule
 from loractl.errors import AdapterError
 from loractl.formats import detect_format, load_adapter, save_adapter
 from loractl.formats.diffusers import METADATA_KEY
-from loractl.safetensors_header import read_header
-from loractl.safetensors_writer import save_tensors
+from loractl.io.safetensors_header import read_header
+from loractl.io.safetensors_writer import save_tensors
 from tests.helpers import random_module
 
 UNET = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -71,7 +71,7 @@ def test_metadata_is_a_lora_config_per_component(tmp_path: Path) -> None:
             PATHS[3]: random_module(4, 4, 2, alpha=2.0, seed=2)}  # fmt: skip
     path = save_adapter(Adapter(modules=mods), tmp_path / "w.safetensors", format="diffusers")
     flat = json.loads(read_header(path).metadata[METADATA_KEY])
-    from loractl.formats.peft_config import module_alpha_rank
+    from loractl.formats.peft.config import module_alpha_rank
 
     for component in ("unet", "text_encoder"):
         fields = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(component + ".")}

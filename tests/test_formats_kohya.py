@@ -14,10 +14,10 @@ from loractl.adapter import Adapter, LoraModule
 from loractl.errors import FormatError, UsageError
 from loractl.formats import detect_format, load_adapter, save_adapter
 from loractl.formats.kohya import NAMES_KEY
-from loractl.formats.kohya_names import resolve
+from loractl.formats.kohya.names import resolve
 from loractl.formats.options import ReadOptions
-from loractl.safetensors_header import read_header
-from loractl.safetensors_writer import save_tensors
+from loractl.io.safetensors_header import read_header
+from loractl.io.safetensors_writer import save_tensors
 from tests.helpers import random_module, tiny_base
 
 PATHS = [
@@ -77,7 +77,7 @@ def test_written_keys_alpha_and_metadata(tmp_path: Path) -> None:
     md = header.metadata
     assert md["ss_network_module"] == "networks.lora"
     assert md["ss_network_dim"] == "Dynamic" and md["ss_network_alpha"] == "Dynamic"
-    from loractl.checkpoint import Checkpoint
+    from loractl.io.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
         assert ckpt.get(f"{name}.alpha").item() == 8.0
@@ -154,7 +154,7 @@ def test_loractl_files_need_no_base_and_foreign_ones_do(tmp_path: Path) -> None:
     assert set(load_adapter(path).modules) == {"odd_name.with_under.scores"}
     header = read_header(path)
     stripped = {k: v for k, v in header.metadata.items() if k not in (NAMES_KEY, "loractl")}
-    from loractl.checkpoint import Checkpoint
+    from loractl.io.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
         tensors = {k: ckpt.get(k) for k in ckpt.names}

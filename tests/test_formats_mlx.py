@@ -17,8 +17,8 @@ from loractl.adapter import Adapter, LoraModule
 from loractl.errors import FormatError, UsageError
 from loractl.formats import detect_format, load_adapter, save_adapter
 from loractl.formats.options import ReadOptions, WriteOptions
+from loractl.io.safetensors_writer import save_tensors
 from loractl.ops.convert_verify import delta_error
-from loractl.safetensors_writer import save_tensors
 from tests.helpers import random_module
 
 MLX_REAL = "mlx-lm-qwen2.5-0.5b"

@@ -38,7 +38,7 @@ from loractl.adapter import Adapter, AdapterMeta
 from loractl.errors import LoractlError
 from loractl.formats import FORMATS, describe_adapter, detect_format, load_adapter, save_adapter
 from loractl.formats.options import ReadOptions, WriteOptions
-from loractl.safetensors_header import is_safetensors
+from loractl.io.safetensors_header import is_safetensors
 from loractl.validation import validate_adapter
 
 BASE = FIXTURES / "tiny-llama"

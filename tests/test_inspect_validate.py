@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 
 import loractl
-from loractl.checkpoint import Checkpoint
 from loractl.cli import cli
+from loractl.io.checkpoint import Checkpoint
+from loractl.io.safetensors_header import read_header
+from loractl.io.safetensors_writer import save_tensors
 from loractl.lineage import new_entry
-from loractl.safetensors_header import read_header
-from loractl.safetensors_writer import save_tensors
 from tests.helpers import qv_adapter
 
 QV = "model.layers.0.self_attn.q_proj"

@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
-from loractl.checkpoint import Checkpoint
 from loractl.errors import IntegrityError, NumericError, OutputExistsError, UsageError
 from loractl.formats import save_adapter
+from loractl.io.checkpoint import Checkpoint
+from loractl.io.safetensors_writer import save_tensors
 from loractl.ops.merge import RECORD_NAME, MergeProgress, merge
 from loractl.ops.merge_plan import MergePlanError, plan_merge
-from loractl.safetensors_writer import save_tensors
 from tests.helpers import random_module, run_cli, tiny_base
 
 # ---------------------------------------------------------------- helpers
@@ -218,8 +218,8 @@ def test_bfloat16_base_is_updated_in_float32_and_cast_once(tmp_path: Path) -> No
 def test_sharded_in_sharded_out_untouched_bit_exact(tmp_path: Path) -> None:
     shapes = {f"model.layers.{i}.{p}.weight": (8, 8) for i in range(4) for p in ("q", "k")}
     single = tiny_base(tmp_path / "single", shapes)
-    from loractl.checkpoint_writer import write_sharded
-    from loractl.safetensors_writer import TensorSpec
+    from loractl.io.checkpoint_writer import write_sharded
+    from loractl.io.safetensors_writer import TensorSpec
 
     w0 = tensors(single)
     specs = [TensorSpec(n, "F32", (8, 8)) for n in w0]

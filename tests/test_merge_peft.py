@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from loractl.checkpoint import Checkpoint
+from loractl.io.checkpoint import Checkpoint
 from loractl.ops.merge import merge
 from tests.conftest import FIXTURES
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from loractl.checkpoint import INDEX_NAME, Checkpoint
 from loractl.cli import main
 from loractl.errors import FormatError
+from loractl.io.checkpoint import INDEX_NAME, Checkpoint
 from loractl.remote import push
 from loractl.remote.store import RepoStore
 

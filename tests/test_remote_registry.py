@@ -25,7 +25,7 @@ from loractl.remote import (
     read_origin,
     versions,
 )
-from loractl.remote.ops import _open  # the registry object, to pause a pusher between reading and committing
+from loractl.remote.transfer import _open  # the registry object, to pause a pusher between reading and committing
 from loractl.remote.uri import parse_uri
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def test_concurrent_pushers_from_one_head(registry: Registry, monkeypatch: pytes
         remotes.append(remote)
         return remote
 
-    monkeypatch.setattr("loractl.remote.ops._open", paused_open)
+    monkeypatch.setattr("loractl.remote.transfer._open", paused_open)
     results: list[object] = []
 
     def pusher(adapter: Path, message: str) -> None:

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loractl.checkpoint import Checkpoint
 from loractl.errors import FormatError, LoractlError
-from loractl.safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, is_safetensors, read_header
-from loractl.safetensors_writer import StreamWriter, TensorSpec, save_tensors
-from loractl.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
+from loractl.io.checkpoint import Checkpoint
+from loractl.io.safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, is_safetensors, read_header
+from loractl.io.safetensors_writer import StreamWriter, TensorSpec, save_tensors
+from loractl.io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.float8_e4m3fn,

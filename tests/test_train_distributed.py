@@ -14,7 +14,7 @@ WORKER = """
 import sys
 import torch
 from torch import nn
-from loractl.train import Example, TrainConfig, extract_adapter, inject, train
+from loractl.train import Example, TrainConfig, adapter_from_model, inject, train
 
 
 class ToyLM(nn.Module):
@@ -36,7 +36,7 @@ def run(batch_size, out):
     model = ToyLM()
     inject(model, config)
     result = train(model, data, config)
-    adapter = extract_adapter(model)
+    adapter = adapter_from_model(model)
     if out:
         torch.save({k: (m.A, m.B) for k, m in adapter.modules.items()} | {"loss": result.train_loss}, out)
     return adapter, result

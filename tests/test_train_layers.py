@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from loractl.errors import UsageError
-from loractl.train import LoraLinear, TrainConfig, extract_adapter, inject
+from loractl.train import LoraLinear, TrainConfig, adapter_from_model, inject
 
 peft = pytest.importorskip("peft")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
@@ -139,7 +139,7 @@ def test_injecting_twice_is_refused() -> None:
 def test_extract_adapter_copies_factors_and_scale() -> None:
     model = mlp(conv1d=True)
     inject(model, TrainConfig(rank=2, alpha=3.0, targets=("fc1", "fc2")))
-    adapter = extract_adapter(model)
+    adapter = adapter_from_model(model)
     assert set(adapter.modules) == {"fc1", "fc2"}
     m = adapter.modules["fc1"]
     assert m.fan_in_fan_out and m.scale == 1.5 and m.alpha == 3.0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loractl.errors import UsageError
-from loractl.train import Callback, Example, TrainConfig, evaluate, extract_adapter, inject, train
+from loractl.train import Callback, Example, TrainConfig, adapter_from_model, evaluate, inject, train
 from loractl.train.loop import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +42,7 @@ def toy_data(n: int = 7) -> list[Example]:
 
 
 def factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{k}.{role}": t for k, m in extract_adapter(model).modules.items() for role, t in m.tensors().items()}
+    return {f"{k}.{role}": t for k, m in adapter_from_model(model).modules.items() for role, t in m.tensors().items()}
 
 
 def run(config: TrainConfig, **kw: Any) -> tuple[nn.Module, Any]:
@@ -180,7 +180,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path, llama:
     from safetensors import safe_open
 
     from loractl import save_adapter
-    from loractl.checkpoint import Checkpoint
+    from loractl.io.checkpoint import Checkpoint
 
     model, tok = copy.deepcopy(llama[0]), llama[1]
     config = TrainConfig(targets=r".*\.(q_proj|o_proj|down_proj)", rank=4, alpha=8, rslora=True, lr=1e-2, steps=3,
@@ -188,7 +188,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path, llama:
     inject(model, config)
     ids = torch.tensor([tok.encode("The quick brown fox")])
     train(model, [Example(tuple(ids[0].tolist()), tuple(ids[0].tolist()))], config)
-    adapter = extract_adapter(model, base_model="tiny-llama", task_type="CAUSAL_LM")
+    adapter = adapter_from_model(model, base_model="tiny-llama", task_type="CAUSAL_LM")
     with Checkpoint(FIXTURES / "tiny-llama") as ckpt:
         assert adapter.meta.base_fingerprint == ckpt.fingerprint([f"{m}.weight" for m in adapter.modules])
     save_adapter(adapter, tmp_path / "out")

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .._version import __version__
 
 # command name → module under loractl.cli exposing `command`
 COMMANDS = {

@@ -36,9 +36,9 @@ def load_inputs(
     paths: list[str], output: str, force: bool, from_format: str | None, allow_pickle: bool
 ) -> list[Adapter]:
     """Check the output first (distinct from the inputs, absent unless --force), then load the inputs."""
-    from ..atomic import ensure_distinct
     from ..errors import OutputExistsError
     from ..formats import load_adapter
+    from ..io.atomic import ensure_distinct
 
     ensure_distinct(output, list(paths))
     if Path(output).exists() and not force:

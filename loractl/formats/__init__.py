@@ -1,6 +1,14 @@
-"""The format registry: each format module offers `detect`, `describe`, `read` and `write`.
+"""The format registry: each format offers `detect`, `describe`, `read` and `write`.
 
 Adding a format is one module and one line in `FORMATS`; detection tries them in order.
+
+One naming rule for what lives here: a public name is a format or the options all formats take.
+- A format in one file is a module: `diffusers`, `loralib`, `mlx`, `torchtune`.
+- A format in several files is a subpackage whose `__init__` holds the verbs and whose modules
+  name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`), `peft/` (`config`, `writer`).
+- `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
+- Helpers shared by several formats start with an underscore and stay inside `formats/`:
+  `_global_alpha`, `_modules`, `_reading`, `_record`, `_rope`, `_state_dict`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
 from ..info import AdapterInfo
-from ..safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import is_safetensors, read_header
 from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..errors import LoractlError, UsageError
-from .peft_config import most_common
+from .peft.config import most_common
 
 
 def common_alpha(adapter: Adapter, rank: int | None = None) -> float:

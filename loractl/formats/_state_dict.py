@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, PickleRefusedError
-from ..safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import is_safetensors, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     A pickle holding `{"model_state_dict": {...}, ...}` (microsoft/LoRA's NLG scripts) is unwrapped.
     """
     if is_safetensors(path):
-        from ..checkpoint import Checkpoint
+        from ..io.checkpoint import Checkpoint
 
         with Checkpoint(path) as ckpt:
             return {name: ckpt.get(name) for name in ckpt.names}, {}

@@ -23,11 +23,11 @@ from ..adapter_math import scale_from_alpha
 from ..errors import AdapterError, FormatError
 from ..findings import Finding, error
 from ..info import AdapterInfo
-from ..safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import is_safetensors, read_header
+from ..io.values import parse_json, scalar_alpha
 from ._modules import exact_scales, module_info
-from ._values import parse_json, scalar_alpha
 from .options import Feature, ReadOptions, WriteOptions
-from .peft_config import module_alpha_rank
+from .peft.config import module_alpha_rank
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     """Load the adapter (tensors as stored; the scale carries alpha)."""
     from dataclasses import replace
 
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
     from ._reading import adapter_from_info
 
     info = describe(path, options)
@@ -116,9 +116,9 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write generation (d) keys and `lora_adapter_metadata` (one LoraConfig per component)."""
-    from ..atomic import atomic_output
-    from ..safetensors_writer import save_tensors
-    from ._writing import record_for
+    from ..io.atomic import atomic_output
+    from ..io.safetensors_writer import save_tensors
+    from ._record import record_for
 
     _refuse_unheld(adapter)
     metadata_doc, inexact = _metadata_doc(adapter)
@@ -178,7 +178,7 @@ def _alphas(path: Path, groups: dict[str, dict[str, str]]) -> dict[str, float]:
     keys = {m: k["alpha"] for m, k in groups.items() if "alpha" in k}
     if not keys:
         return {}
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
         return {m: scalar_alpha(ckpt.get(k), k, path) for m, k in keys.items()}
@@ -233,7 +233,7 @@ def _metadata_doc(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     """Flattened `<component>.<LoraConfig field>` dict, and the exact scales its alphas cannot express."""
     from dataclasses import replace
 
-    from ._writing import peft_config
+    from .peft.writer import peft_config
 
     fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")
     doc: dict[str, Any] = {}

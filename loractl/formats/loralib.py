@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
+from ..io.values import finite_number
+from ._rope import base_config
 from ._state_dict import load_entries, save_pickle, sniff_keys
-from ._values import finite_number
 from .options import Feature, ReadOptions, WriteOptions
-from .rope import base_config
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write one pickle `{"model_state_dict": {...}, "lora_alpha": α, "lora_r": r}` (one alpha, one rank)."""
 
-    from ..atomic import atomic_output
+    from ..io.atomic import atomic_output
     from ._global_alpha import common_alpha, fold_to_alpha, max_rank
 
     options = options or WriteOptions()
@@ -113,7 +113,7 @@ class _Parsed:
     def _describe(self) -> AdapterInfo:
         groups: dict[str, dict[str, str]] = {}
         full = {}
-        from ..tensor_bytes import dtype_code
+        from ..io.tensor_bytes import dtype_code
 
         for key, t in self.tensors.items():
             m = _KEY.match(key)
@@ -136,7 +136,7 @@ class _Parsed:
         )
 
     def _module(self, module: str, keys: dict[str, str]) -> ModuleInfo | None:
-        from ..tensor_bytes import dtype_code
+        from ..io.tensor_bytes import dtype_code
 
         if "A" not in keys or "B" not in keys:
             self.findings.append(error("missing-factor", "lora_A and lora_B must both be present", module))
@@ -201,7 +201,7 @@ class _Base:
         self.config: dict[str, Any] = {}
         if base is None:
             return
-        from ..checkpoint import Checkpoint
+        from ..io.checkpoint import Checkpoint
 
         with Checkpoint(base) as ckpt:
             self.shapes = {n: tuple(ckpt.info(n).shape) for n in ckpt.names}

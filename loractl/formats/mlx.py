@@ -21,11 +21,11 @@ from .. import lineage
 from ..errors import AdapterError, FormatError, UsageError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo
-from ..safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import is_safetensors, read_header
+from ..io.values import finite_number
 from ._modules import exact_scales, module_info
-from ._values import finite_number
 from .options import Feature, ReadOptions, WriteOptions
-from .peft_config import most_common
+from .peft.config import most_common
 
 if TYPE_CHECKING:
     import torch
@@ -116,9 +116,9 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write `path/adapters.safetensors` (one rank, one scale) and `path/adapter_config.json`."""
-    from ..atomic import atomic_output
-    from ..safetensors_writer import save_tensors
-    from ._writing import record_for
+    from ..io.atomic import atomic_output
+    from ..io.safetensors_writer import save_tensors
+    from ._record import record_for
 
     folded = fold(adapter)
     tensors: dict[str, torch.Tensor] = {}
@@ -272,7 +272,7 @@ def _entries(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (t.dtype, t.shape) for k, t in read_header(path).tensors.items()}
     if path.suffix != ".npz":
         raise FormatError("neither safetensors nor .npz", path=path)
-    from ..tensor_bytes import dtype_code
+    from ..io.tensor_bytes import dtype_code
 
     return {k: (dtype_code(t.dtype), tuple(t.shape)) for k, t in _load(path).items()}
 
@@ -288,7 +288,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
                 return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise FormatError(f"cannot read npz ({str(e)[:80]})", path=path) from None
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
         return {k: ckpt.get(k) for k in ckpt.names}

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AdapterError, FormatError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
+from ..io.values import finite_number, load_json
+from ._rope import RopeHeads, base_config, hf_to_meta, is_rope_module, meta_to_hf
 from ._state_dict import load_entries, save_pickle, sniff_keys
-from ._values import finite_number, load_json
 from .options import Feature, ReadOptions, WriteOptions
-from .peft_config import json_number
-from .rope import RopeHeads, base_config, hf_to_meta, is_rope_module, meta_to_hf
+from .peft.config import json_number
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write the directory `path` with `adapter_model.pt` and torchtune's `adapter_config.json`."""
 
-    from ..atomic import atomic_output
+    from ..io.atomic import atomic_output
     from ._global_alpha import common_alpha, fold_to_alpha, max_rank
 
     options = options or WriteOptions()
@@ -174,7 +174,7 @@ def _module_info(
     if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] == 0:
         findings.append(error("rank-mismatch", f"lora_a is {list(a)} but lora_b is {list(b)}", module))
         return None
-    from ..tensor_bytes import dtype_code
+    from ..io.tensor_bytes import dtype_code
 
     return ModuleInfo(
         kind="linear",

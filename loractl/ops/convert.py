@@ -13,10 +13,10 @@ from typing import Any
 
 from .. import lineage
 from ..adapter import Adapter, LoraModule
-from ..atomic import atomic_output, ensure_distinct
 from ..errors import AdapterError, NumericError, UsageError
 from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
+from ..io.atomic import atomic_output, ensure_distinct
 from .convert_verify import Verification, verify
 
 # What a target lacking a feature does with it: dropped and named (lost), or folded exactly.

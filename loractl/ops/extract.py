@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..atomic import ensure_distinct
-from ..checkpoint import Checkpoint, feed_fingerprint
 from ..errors import LoractlError, NumericError, OutputExistsError, UsageError
+from ..io.atomic import ensure_distinct
+from ..io.checkpoint import Checkpoint, feed_fingerprint
+from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
-from ..tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from . import linalg
 from .extract_plan import ExtractPlan, PlanEntry, plan_extract
 from .extract_report import ExtractReport, ModuleReport, TensorNote

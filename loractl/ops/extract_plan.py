@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..adapter import ModuleKind
-from ..checkpoint import Checkpoint
 from ..errors import ShapeMismatchError, UsageError
+from ..io.checkpoint import Checkpoint
 
 Action = Literal["lowrank", "full", "compare"]
 

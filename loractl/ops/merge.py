@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..atomic import atomic_output, ensure_distinct
-from ..checkpoint import Checkpoint
-from ..checkpoint_writer import write_sharded
+from .._version import __version__
 from ..errors import IntegrityError, LoractlError, NumericError
-from ..safetensors_writer import TensorSpec
+from ..io.atomic import atomic_output, ensure_distinct
+from ..io.checkpoint import Checkpoint
+from ..io.checkpoint_writer import write_sharded
+from ..io.safetensors_writer import TensorSpec
 from .merge_io import Buffer, ReusingReader
 from .merge_kernel import kernel_threads
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
@@ -220,7 +220,7 @@ class _Stream:
             self.progress(MergeProgress(name, self.tensors_done, total, self.bytes_done, self.plan.total_bytes))
 
     def _compute(self, t: TensorPlan) -> torch.Tensor:
-        from ..tensor_bytes import torch_dtype
+        from ..io.tensor_bytes import torch_dtype
         from .merge_kernel import add_deltas_into, bias_delta, module_delta
 
         dtype = torch_dtype(t.dtype)

@@ -14,10 +14,10 @@ from typing import BinaryIO
 
 import torch
 
-from ..checkpoint import Checkpoint
 from ..errors import FormatError
-from ..safetensors_header import DTYPE_SIZES
-from ..tensor_bytes import torch_dtype
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors_header import DTYPE_SIZES
+from ..io.tensor_bytes import torch_dtype
 
 MAX_READ = 1 << 30  # one read() call at most (Linux caps a single read near 2 GiB)
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoint import Checkpoint, touched_weight_names
-from ..checkpoint_writer import parse_size
 from ..errors import ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
+from ..io.checkpoint import Checkpoint, touched_weight_names
+from ..io.checkpoint_writer import parse_size
 
 Role = Literal["lora", "dora", "bias", "full"]
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -65,7 +65,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        from ..safetensors_header import DTYPE_SIZES
+        from ..io.safetensors_header import DTYPE_SIZES
 
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 

@@ -7,8 +7,6 @@ versions("file:///srv/registry/owner/name")       commits, tags, content hashes
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..origin import ORIGIN_FILE, read_origin
 from .base import Commit, Refs, Remote, RemoteFile, Snapshot
 from .errors import (
@@ -24,8 +22,8 @@ from .errors import (
     TransientError,
     UnsafePathError,
 )
-from .ops import PullResult, PushResult, Version, VersionList, pull, push, versions
-from .uri import RemoteURI, parse_uri
+from .transfer import PullResult, PushResult, Version, VersionList, pull, push, versions
+from .uri import RemoteURI, open_remote, parse_uri
 
 __all__ = [
     "ORIGIN_FILE", "AuthError", "Commit", "ConflictError", "OfflineError", "PullResult", "PushResult", "Refs",
@@ -33,15 +31,3 @@ __all__ = [
     "RepoNotFoundError", "RevisionNotFoundError", "Snapshot", "TagExistsError", "TransientError", "UnsafePathError",
     "Version", "VersionList", "open_remote", "parse_uri", "pull", "push", "read_origin", "versions",
 ]  # fmt: skip
-
-
-def open_remote(uri: RemoteURI, *, endpoint: str | None = None, token: str | None = None) -> Remote:
-    """The registry a parsed REPO names; `endpoint`/`token` apply to the Hub only."""
-    if uri.scheme == "file":
-        from .local import LocalRemote
-
-        assert uri.root is not None
-        return LocalRemote(Path(uri.root), uri.repo_id)
-    from .hf import HubRemote
-
-    return HubRemote(uri.repo_id, endpoint=endpoint, token=token)

@@ -1,13 +1,17 @@
-"""REPO arguments: `owner/name[@REV]`, `hf://owner/name[@REV]`, `file:///DIR/owner/name[@REV]`."""
+"""REPO arguments: `owner/name[@REV]`, `hf://owner/name[@REV]`, `file:///DIR/owner/name[@REV]`, and the registry each names."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import RemoteURIError
+
+if TYPE_CHECKING:
+    from .base import Remote
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HINT = "write owner/name, hf://owner/name[@REV] or file:///DIR/owner/name[@REV] (quote '/' in REV as %2F)"
@@ -61,3 +65,15 @@ def _revision(rev: str, text: str) -> str | None:
     if "@" in text and not rev:
         raise RemoteURIError(f"{text!r} has an empty revision after '@'", hint=_HINT)
     return rev or None
+
+
+def open_remote(uri: RemoteURI, *, endpoint: str | None = None, token: str | None = None) -> Remote:
+    """The registry a parsed REPO names; `endpoint`/`token` apply to the Hub only."""
+    if uri.scheme == "file":
+        from .local import LocalRemote
+
+        assert uri.root is not None
+        return LocalRemote(Path(uri.root), uri.repo_id)
+    from .hf import HubRemote
+
+    return HubRemote(uri.repo_id, endpoint=endpoint, token=token)

@@ -1,15 +1,15 @@
 """loractl's own LoRA training: inject `LoraLinear` layers, train them, extract a canonical adapter.
 
-from loractl.train import TrainConfig, inject, train, extract_adapter
+from loractl.train import TrainConfig, inject, train, adapter_from_model
 config = TrainConfig(rank=8, targets="all-linear", steps=200)
 inject(model, config)                # any torch.nn.Module with nn.Linear / Conv1D layers
 train(model, examples, config)       # examples: loractl.train.data.Example rows
-adapter = extract_adapter(model)     # → loractl.save_adapter(adapter, "out")
+adapter = adapter_from_model(model)  # → loractl.save_adapter(adapter, "out")
 """
 
 from .config import TrainConfig
 from .data import Example, load_dataset
-from .export import extract_adapter
+from .export import adapter_from_model
 from .inject import Injection, inject
 from .job import TrainSummary, train_adapter
 from .loop import Callback, TrainResult, evaluate, train
@@ -23,8 +23,8 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainSummary",
+    "adapter_from_model",
     "evaluate",
-    "extract_adapter",
     "inject",
     "load_dataset",
     "train",

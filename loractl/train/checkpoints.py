@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_output
 from ..errors import FormatError, InputNotFoundError, UsageError
+from ..io.atomic import atomic_output
 from .config import TrainConfig
 from .distributed import World, gather
-from .export import extract_adapter, unwrap
+from .export import adapter_from_model, unwrap
 
 STATE_NAME = "state.pt"
 # Settings that may change between a run and its resumption without changing the math so far.
@@ -55,7 +55,7 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     with atomic_output(final, force=True) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state, tmp / STATE_NAME)
-        save_adapter(extract_adapter(model), tmp / "adapter")
+        save_adapter(adapter_from_model(model), tmp / "adapter")
     return final
 
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..checkpoint import feed_fingerprint
-from ..safetensors_header import TensorInfo
-from ..tensor_bytes import dtype_code
+from ..io.checkpoint import feed_fingerprint
+from ..io.safetensors_header import TensorInfo
+from ..io.tensor_bytes import dtype_code
 from .lora_layers import LoraLinear
 
 _FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP puts into the paths of the layers it wraps
@@ -30,7 +30,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     }
 
 
-def extract_adapter(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
+def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
     """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
     layers = lora_layers(model)
     modules = {

@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import nn
 
-from ..atomic import ensure_distinct
 from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageError
+from ..io.atomic import ensure_distinct
 from ..lineage import new_entry
 from . import distributed
 from .config import TrainConfig
 from .data import Dataset, load_dataset, require_data_file
-from .export import extract_adapter
+from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import Hooks, MetricsLog, TrainResult, train
 
@@ -77,7 +77,7 @@ def train_adapter(
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted:
         return summary
-    adapter = result.adapter if config.fsdp else extract_adapter(model)  # FSDP: gathered on rank 0 only
+    adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
     content_hash = None
     if adapter is not None:
         adapter = replace(adapter, meta=replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM"))

@@ -28,7 +28,7 @@ from . import checkpoints, distributed
 from .config import TrainConfig
 from .data import IGNORE, Example, collate
 from .distributed import World
-from .export import extract_adapter, unwrap
+from .export import adapter_from_model, unwrap
 from .loss import CausalLMLoss
 
 
@@ -178,7 +178,7 @@ def train(
     adapter = None
     if config.fsdp:
         with distributed.full_params(forward.net, world):
-            adapter = extract_adapter(model) if world.is_main else None
+            adapter = adapter_from_model(model) if world.is_main else None
     return TrainResult(position.step, position.tokens, loss, eval_loss, _since(start), False, saved, adapter)
 
 

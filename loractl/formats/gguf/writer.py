@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import lineage
-from ..adapter import Adapter, LoraModule
-from ..atomic import atomic_output
-from ..errors import AdapterError, UsageError
-from . import gguf_names
-from ._global_alpha import common_alpha, fold_to_alpha
-from ._writing import record_for
-from .gguf import EMBEDDING, HEADS_KEY, MODULES_KEY, RECORD_KEY
-from .options import WriteOptions
-from .rope import RopeHeads, base_config, hf_to_meta, is_rope_module
+from ... import lineage
+from ...adapter import Adapter, LoraModule
+from ...errors import AdapterError, UsageError
+from ...io.atomic import atomic_output
+from .._global_alpha import common_alpha, fold_to_alpha
+from .._record import record_for
+from .._rope import RopeHeads, base_config, hf_to_meta, is_rope_module
+from ..options import WriteOptions
+from . import names as gguf_names
+from .names import EMBEDDING, HEADS_KEY, MODULES_KEY, RECORD_KEY
 
 if TYPE_CHECKING:
     import numpy as np

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import UsageError
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .errors import UsageError
 from .safetensors_writer import StreamWriter, TensorSpec
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from typing import IO
 
 import torch
 
-from .errors import LoractlError
+from ..errors import LoractlError
 
 _CODES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
-from ._values import load_json
+from ..io.values import load_json
 
 if TYPE_CHECKING:
     import torch

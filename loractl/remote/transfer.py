@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from ..atomic import atomic_output
 from ..errors import AdapterError, IntegrityError, UsageError
+from ..io.atomic import atomic_output
 from ..origin import ORIGIN_FILE
 from .base import DEFAULT_BRANCH, LocalFile, Remote, Snapshot, check_file, local_file, safe_relpath
 from .card import card_content_hash, model_card
 from .errors import ConflictError, RevisionNotFoundError, TagExistsError, TransientError
 from .retry import DELAYS
-from .uri import RemoteURI, parse_uri
+from .uri import RemoteURI, open_remote, parse_uri
 
 CARD = "README.md"
 _HOUSEKEEPING = {".gitattributes"}
@@ -262,6 +262,4 @@ def _uri(repo: str | RemoteURI) -> RemoteURI:
 
 
 def _open(uri: RemoteURI, endpoint: str | None, token: str | None) -> Remote:
-    from . import open_remote
-
     return open_remote(uri, endpoint=endpoint, token=token)

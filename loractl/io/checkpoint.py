@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import FormatError, InputNotFoundError
+from ..errors import FormatError, InputNotFoundError
 from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class Checkpoint:
 
     def config(self) -> dict[str, Any]:
         """The transformers `config.json` beside the weights ({} when absent or unreadable)."""
-        from .formats._values import load_json
+        from .values import load_json
 
         path = self.directory / "config.json"
         try:

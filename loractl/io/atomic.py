@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError, OutputWriteError, UsageError
+from ..errors import OutputExistsError, OutputWriteError, UsageError
 
 TMP_MARKER = ".loractl-tmp-"
 _STALE = re.compile(re.escape(TMP_MARKER) + r"(\d+)-(old-)?[0-9a-f]+$")

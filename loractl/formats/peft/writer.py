@@ -1,4 +1,4 @@
-"""The PEFT writer's translation from the canonical adapter to keys and config."""
+"""PEFT's writer: the canonical adapter translated to PEFT keys, `adapter_config.json` and the record."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from .. import lineage
-from ..adapter import Adapter
-from ..errors import AdapterError
-from .peft_config import exact_alpha, json_number, most_common
+from ... import lineage
+from ...adapter import Adapter
+from ...errors import AdapterError
+from .._record import record_for
+from .config import exact_alpha, json_number, most_common
 
 PREFIX = "base_model.model."
 # Config keys loractl derives from the tensors; everything else in a source config passes through.
@@ -80,18 +81,6 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config.setdefault("bias", "none")
     config.setdefault("inference_mode", True)
     return config, inexact
-
-
-def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
-    """The metadata record written with the file."""
-    return lineage.Record(
-        content_hash=adapter.content_hash(),
-        lineage=adapter.lineage,
-        base_model=adapter.meta.base_model,
-        base_revision=adapter.meta.base_revision,
-        base_fingerprint=adapter.meta.base_fingerprint,
-        scales=scales,
-    )
 
 
 def peft_record(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:

@@ -13,20 +13,20 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import lineage
-from ..errors import AdapterError, FormatError
-from ..findings import Finding, error, warning
-from ..info import AdapterInfo, ModuleInfo
-from ..safetensors_header import TensorInfo, is_safetensors, read_header
-from . import kohya_names
-from ._modules import exact_scales, module_info
-from ._values import scalar_alpha
-from .options import Feature, ReadOptions, WriteOptions
+from ... import lineage
+from ...errors import AdapterError, FormatError
+from ...findings import Finding, error, warning
+from ...info import AdapterInfo, ModuleInfo
+from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
+from ...io.values import scalar_alpha
+from .._modules import exact_scales, module_info
+from ..options import Feature, ReadOptions, WriteOptions
+from . import names as kohya_names
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
+    from ...adapter import Adapter, LoraModule
 
 NAME = "kohya"
 HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv"})
@@ -50,7 +50,7 @@ def detect(path: Path) -> bool:
 
 def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     """Group keys into modules, resolve names, and read the alpha scalars (a few bytes each)."""
-    from ..checkpoint import Checkpoint
+    from ...io.checkpoint import Checkpoint
 
     header = read_header(path)
     groups = _group_keys(path, list(header.tensors))
@@ -82,8 +82,8 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     """Load the adapter; `dora_scale` (out, 1) becomes the (out,) magnitude."""
     from dataclasses import replace
 
-    from ..checkpoint import Checkpoint
-    from ._reading import adapter_from_info
+    from ...io.checkpoint import Checkpoint
+    from .._reading import adapter_from_info
 
     info = describe(path, options)
     metadata = read_header(path).metadata
@@ -100,8 +100,8 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write one kohya safetensors file: per-module alpha = scale·rank (float32), `ss_*` metadata."""
-    from ..atomic import atomic_output
-    from ..safetensors_writer import save_tensors
+    from ...io.atomic import atomic_output
+    from ...io.safetensors_writer import save_tensors
 
     _refuse_unheld(adapter)
     names = _kohya_names(list(adapter.modules))
@@ -225,7 +225,7 @@ def _alpha_tensor(m: LoraModule) -> torch.Tensor:
 
 def _metadata(adapter: Adapter, inexact: dict[str, float]) -> dict[str, str]:
     """kohya's `ss_*` keys (the source's when it was kohya, stale hashes dropped) and loractl's record."""
-    from ._writing import record_for
+    from .._record import record_for
 
     mods = adapter.modules.values()
     ranks = {m.rank for m in mods}

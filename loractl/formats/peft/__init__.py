@@ -13,21 +13,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import lineage
-from ..adapter_math import scale_from_alpha
-from ..errors import FormatError, PickleRefusedError
-from ..findings import Finding, error, warning
-from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
-from ..safetensors_header import read_header
-from ._modules import exact_scales, module_info
-from ._values import load_json
-from .options import ReadOptions, WriteOptions
-from .peft_config import check_config, is_saved_module, module_alpha_rank
+from ... import lineage
+from ...adapter_math import scale_from_alpha
+from ...errors import FormatError, PickleRefusedError
+from ...findings import Finding, error, warning
+from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
+from ...io.safetensors_header import read_header
+from ...io.values import load_json
+from .._modules import exact_scales, module_info
+from ..options import ReadOptions, WriteOptions
+from .config import check_config, is_saved_module, module_alpha_rank
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from ...adapter import Adapter
 
 NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
@@ -76,12 +76,12 @@ def describe(path: Path, options: ReadOptions = _DEFAULT) -> AdapterInfo:
 
 def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
     """Load the adapter; raises `AdapterError` on the first structural error."""
-    from ._reading import adapter_from_info
+    from .._reading import adapter_from_info
 
     info = describe(path, options)
     weights = info.files[1]
     if weights.suffix == ".safetensors":
-        from ..checkpoint import Checkpoint
+        from ...io.checkpoint import Checkpoint
 
         with Checkpoint(weights) as ckpt:
             return adapter_from_info(info, ckpt.get)
@@ -91,12 +91,12 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write `path/adapter_config.json` and `path/adapter_model.safetensors` atomically."""
-    from ..atomic import atomic_output
-    from ._writing import peft_config, peft_record, peft_tensors
+    from ...io.atomic import atomic_output
+    from .writer import peft_config, peft_record, peft_tensors
 
     config, scales = peft_config(adapter)
     metadata = {"format": "pt", lineage.METADATA_KEY: lineage.encode(peft_record(adapter, scales))}
-    from ..safetensors_writer import save_tensors
+    from ...io.safetensors_writer import save_tensors
 
     with atomic_output(path, force=force) as tmp:
         tmp.mkdir()
@@ -138,7 +138,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The legacy `adapter_model.bin` (reached only with allow_pickle: `_weights_file` refuses it otherwise)."""
     import torch
 
-    from ._state_dict import load_pickle
+    from .._state_dict import load_pickle
 
     obj = load_pickle(path, allow_pickle=True)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -147,7 +147,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _code(t: torch.Tensor) -> str:
-    from ..tensor_bytes import dtype_code
+    from ...io.tensor_bytes import dtype_code
 
     return dtype_code(t.dtype)
 

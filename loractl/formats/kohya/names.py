@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 # kohya prefix → canonical component prefix (diffusers pipeline component, or none).
 PREFIXES = {
@@ -105,7 +105,7 @@ def _shortest_readings(tokens: list[str]) -> list[list[str]]:
 
 def _from_base(names: list[str], base: Path) -> dict[str, str]:
     """Match each name against the base checkpoint's `<module>.weight` names."""
-    from ..checkpoint import Checkpoint
+    from ...io.checkpoint import Checkpoint
 
     with Checkpoint(base) as ckpt:
         modules = [n[: -len(".weight")] for n in ckpt.names if n.endswith(".weight")]

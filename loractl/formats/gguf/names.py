@@ -13,11 +13,17 @@ import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, UsageError
+from ...errors import FormatError, UsageError
 
 if TYPE_CHECKING:
     from gguf import TensorNameMap
 
+# loractl's own GGUF metadata keys (llama.cpp ignores KV pairs it does not know) and the embedding's
+# tensor stem: shared by the reader and the writer.
+RECORD_KEY = "loractl.record"
+MODULES_KEY = "loractl.modules"
+HEADS_KEY = "loractl.rope_heads"
+EMBEDDING = "token_embd"
 # HF model_type → GGUF architecture where convert_hf_to_gguf.py registers the model under another name.
 _ARCH_ALIASES = {"mistral": "llama", "mixtral": "llama"}
 # Architectures whose converter applies `LlamaModel.permute` to q/k rows (LlamaModel and its subclasses).

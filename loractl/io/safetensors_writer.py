@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import LoractlError
+from ..errors import LoractlError
 from .safetensors_header import DTYPE_SIZES
 
 if TYPE_CHECKING:

@@ -15,30 +15,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import lineage
-from ..errors import FormatError, UsageError
-from ..findings import Finding, error
-from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
-from . import gguf_names
-from ._values import finite_number, parse_json
-from .options import Feature, ReadOptions, WriteOptions
-from .rope import RopeHeads, base_config, is_rope_module, meta_to_hf
+from ... import lineage
+from ...errors import FormatError, UsageError
+from ...findings import Finding, error
+from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
+from ...io.values import finite_number, parse_json
+from .._rope import RopeHeads, base_config, is_rope_module, meta_to_hf
+from ..options import Feature, ReadOptions, WriteOptions
+from . import names as gguf_names
+from .names import EMBEDDING, HEADS_KEY, MODULES_KEY, RECORD_KEY
 
 if TYPE_CHECKING:
     import torch
     from gguf import GGUFReader, ReaderTensor
 
-    from ..adapter import Adapter
+    from ...adapter import Adapter
 
 NAME = "gguf"
 HOLDS: frozenset[Feature] = frozenset({"module_rank", "embedding"})
 MAGIC = b"GGUF"
 LEGACY_MAGICS = (b"ggla", b"algg")  # the old `ggml-adapter-model.bin`, either byte order
-# loractl's own keys: llama.cpp ignores KV pairs it does not know.
-RECORD_KEY = "loractl.record"
-MODULES_KEY = "loractl.modules"
-HEADS_KEY = "loractl.rope_heads"
-EMBEDDING = "token_embd"
 _ROLES = {".lora_a": "A", ".lora_b": "B"}
 _DEFAULT = ReadOptions()
 
@@ -55,7 +51,7 @@ def describe(path: Path, options: ReadOptions = _DEFAULT) -> AdapterInfo:
 
 def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
     """Load the adapter: A and B in PEFT orientation and HF row order, scale alpha/r."""
-    from ._reading import adapter_from_info
+    from .._reading import adapter_from_info
 
     layout = _Layout(path, options)
     tensors = layout.tensors
@@ -79,7 +75,7 @@ def read(path: Path, options: ReadOptions = _DEFAULT) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """Write `adapter` as one GGUF adapter file (see `gguf_write`)."""
-    from .gguf_write import write_gguf
+    from .writer import write_gguf
 
     return write_gguf(adapter, path, force=force, options=options or WriteOptions())
 
@@ -255,7 +251,7 @@ def _base_names(base: Path | None) -> list[str] | None:
     """The base checkpoint's tensor names, when `base` has weights (a config-only directory gives None)."""
     if base is None:
         return None
-    from ..checkpoint import Checkpoint
+    from ...io.checkpoint import Checkpoint
 
     try:
         with Checkpoint(base) as ckpt:

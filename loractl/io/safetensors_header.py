@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from ..errors import FormatError
 
 # Caps a hostile header meets before any work proportional to what it declares.
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit

@@ -1,0 +1,22 @@
+"""The lineage record every writer stores beside the tensors, built the same way for each format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import lineage
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+
+
+def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
+    """The metadata record written with the file."""
+    return lineage.Record(
+        content_hash=adapter.content_hash(),
+        lineage=adapter.lineage,
+        base_model=adapter.meta.base_model,
+        base_revision=adapter.meta.base_revision,
+        base_fingerprint=adapter.meta.base_fingerprint,
+        scales=scales,
+    )
