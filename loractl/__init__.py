@@ -15,7 +15,7 @@ _EXPORTS = {
     "Adapter": "adapter",
     "AdapterMeta": "adapter",
     "LoraModule": "adapter",
-    "scale_from_alpha": "adapter_math",
+    "scale_from_alpha": "info",
     "LoractlError": "errors",
     "Checkpoint": "io.checkpoint",
     "load_adapter": "formats",
@@ -43,9 +43,9 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from .adapter import Adapter, AdapterMeta, LoraModule
-    from .adapter_math import scale_from_alpha
     from .errors import LoractlError
     from .formats import describe_adapter, detect_format, load_adapter, save_adapter
+    from .info import scale_from_alpha
     from .inspection import inspect_adapter
     from .io.checkpoint import Checkpoint
     from .ops.combine import CombineOptions, combine

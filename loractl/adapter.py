@@ -15,15 +15,13 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .errors import AdapterError
+from .info import ModuleKind, ScaleRule
 from .io.tensor_bytes import dtype_code
-
-ScaleRule = Literal["alpha/r", "alpha/sqrt(r)", "absolute", "unit"]
-ModuleKind = Literal["linear", "conv", "embedding"]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """What an adapter is, from headers and config alone (no tensor data, no torch).
 
-`inspect` without `--stats`, `validate`'s structural checks and every plan use these.
+`inspect` without `--stats`, `validate`'s structural checks and every plan use these; the
+vocabulary (`ModuleKind`, `ScaleRule`) and the scale formula are defined here, torch-free, and
+shared with the tensor-holding `adapter.LoraModule`.
 """
 
 from __future__ import annotations
@@ -8,23 +10,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .findings import Finding
 from .lineage import Record
+
+ScaleRule = Literal["alpha/r", "alpha/sqrt(r)", "absolute", "unit"]
+ModuleKind = Literal["linear", "conv", "embedding"]
+
+
+def scale_from_alpha(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's scale: alpha/r, or alpha/√r for rsLoRA (computed in float64)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 @dataclass(frozen=True)
 class ModuleInfo:
     """One adapted module as the file describes it; `keys` maps role (A, B, ...) to tensor key."""
 
-    kind: str
+    kind: ModuleKind
     rank: int
     in_features: int
     out_features: int
     scale: float
     alpha: float | None
-    scale_rule: str
+    scale_rule: ScaleRule
     fan_in_fan_out: bool
     keys: dict[str, str]
     shapes: dict[str, tuple[int, ...]]

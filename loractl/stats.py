@@ -7,14 +7,12 @@ import math
 import torch
 
 from .adapter import Adapter, LoraModule
+from .ops.linalg import factored_frobenius
 
 
 def delta_norm(m: LoraModule) -> float:
-    """‖scale·B·A‖_F via the rank×rank Gram matrices: ‖BA‖² = tr((BᵀB)(AAᵀ)), in float64."""
-    a = m.A.detach().flatten(1).double()
-    b = m.B.detach().flatten(1).double()
-    squared = torch.sum((b.T @ b) * (a @ a.T)).item()
-    return abs(m.scale) * math.sqrt(max(squared, 0.0))
+    """‖scale·B·A‖_F from the factors (see `linalg.factored_frobenius`)."""
+    return abs(m.scale) * factored_frobenius(m.B.detach().flatten(1), m.A.detach().flatten(1))
 
 
 def nonfinite(t: torch.Tensor) -> int:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from loractl.adapter import Adapter, LoraModule
-from loractl.adapter_math import scale_from_alpha
 from loractl.errors import AdapterError
+from loractl.info import scale_from_alpha
 from tests.helpers import qv_adapter, random_module
 
 

@@ -145,3 +145,13 @@ def test_power_iterations_continue_on_a_flat_spectrum(monkeypatch: pytest.Monkey
     assert fixed.iterations == linalg.POWER_ITERS and error(m, fixed) > error(m, adaptive)
     decaying, _ = known("decaying", 400, 320)
     assert linalg.truncated_svd(decaying, 8, method="randomized").iterations <= 3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_factored_frobenius_matches_the_dense_product(seed: int) -> None:
+    """‖B·A‖_F from the Gram matrices equals the norm of the formed product (the one home of the formula)."""
+    g = torch.Generator().manual_seed(seed)
+    b, a = torch.randn(40, 6, generator=g), torch.randn(6, 30, generator=g)
+    dense = float(torch.linalg.matrix_norm(b.double() @ a.double()))
+    assert linalg.factored_frobenius(b, a) == pytest.approx(dense, rel=1e-12)
+    assert linalg.factored_frobenius(torch.zeros(40, 6), a) == 0.0

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from loractl.adapter import LoraModule
 from loractl.errors import UsageError
+from loractl.ops.linalg import factored_frobenius
 from loractl.ops.lowrank import (
     RankRule,
     choose_rank,
     factored_svd,
-    frobenius,
     matrices,
     rebuild,
     to_factor_layout,
@@ -117,7 +117,9 @@ def test_dense_truncation_reaches_the_optimum(rule: RankRule) -> None:
 
 def test_frobenius_from_factors() -> None:
     bs, as_ = _factors(1, 30, 20, [5])
-    assert frobenius(bs[0], as_[0]) == pytest.approx(float(torch.linalg.matrix_norm(bs[0] @ as_[0])), rel=1e-12)
+    assert factored_frobenius(bs[0], as_[0]) == pytest.approx(
+        float(torch.linalg.matrix_norm(bs[0] @ as_[0])), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize(

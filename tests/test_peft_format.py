@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from loractl import lineage
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
-from loractl.adapter_math import scale_from_alpha
 from loractl.errors import AdapterError, FormatError, PickleRefusedError, UnknownFormatError
 from loractl.formats import describe_adapter, detect_format, load_adapter, save_adapter
 from loractl.formats.peft.config import exact_alpha, module_alpha_rank, pattern_value
+from loractl.info import scale_from_alpha
 from loractl.io.safetensors_header import read_header
 from tests.helpers import qv_adapter, random_module
 

@@ -12,7 +12,7 @@ from ._output import emit_json, stdout, warn
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from ..ops.resize import AlgebraResult
+    from ..ops.algebra_result import AlgebraResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .. import lineage
 from ..findings import Finding, error
-from ..info import ModuleInfo
+from ..info import ModuleInfo, ModuleKind, ScaleRule
 
 Shape = tuple[int, ...]
 
@@ -17,9 +17,9 @@ def module_info(
     module: str,
     keys: dict[str, str],
     entries: dict[str, tuple[str, Shape]],
-    scale_of: Callable[[int], tuple[float, float | None, str]],
+    scale_of: Callable[[int], tuple[float, float | None, ScaleRule]],
     findings: list[Finding],
-    kind: str | None = None,
+    kind: ModuleKind | None = None,
 ) -> ModuleInfo | None:
     """Check one module's A/B (canonical shapes) and describe it; problems become findings.
 

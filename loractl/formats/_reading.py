@@ -24,8 +24,8 @@ def adapter_from_info(info: AdapterInfo, get: Callable[[str], torch.Tensor]) -> 
             B=tensors["B"],
             scale=m.scale,
             alpha=m.alpha,
-            scale_rule=m.scale_rule,  # type: ignore[arg-type]
-            kind=m.kind,  # type: ignore[arg-type]
+            scale_rule=m.scale_rule,
+            kind=m.kind,
             fan_in_fan_out=m.fan_in_fan_out,
             magnitude=tensors.get("magnitude"),
             bias=tensors.get("bias"),

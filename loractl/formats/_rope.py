@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
-from ..io.values import load_json
+from ..io.config_json import CONFIG_NAME, read_config
 
 if TYPE_CHECKING:
     import torch
-
-CONFIG_NAME = "config.json"
 
 
 def hf_to_meta(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -70,13 +68,10 @@ def base_config(base: Path | None) -> dict[str, Any] | None:
     """The base model's config.json (`base` is its directory or a file inside it); None without a base."""
     if base is None:
         return None
-    path = (base if base.is_dir() else base.parent) / CONFIG_NAME
-    if not path.is_file():
+    config = read_config(base)
+    if config is None:
         raise UsageError(f"no {CONFIG_NAME} in the base {base}", hint="pass the base model's directory as --base")
-    doc = load_json(path)
-    if not isinstance(doc, dict):
-        raise FormatError("config is not a JSON object", path=path)
-    return doc
+    return config
 
 
 def _check(out: int, n_heads: int) -> None:

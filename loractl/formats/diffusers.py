@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import lineage
-from ..adapter_math import scale_from_alpha
 from ..errors import AdapterError, FormatError
 from ..findings import Finding, error
-from ..info import AdapterInfo
+from ..info import AdapterInfo, scale_from_alpha
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import parse_json, scalar_alpha
 from ._modules import exact_scales, module_info

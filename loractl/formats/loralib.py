@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
+from ..io.config_json import read_config
 from ..io.values import finite_number
-from ._rope import base_config
 from ._state_dict import load_entries, save_pickle, sniff_keys
 from .options import Feature, ReadOptions, WriteOptions
 
@@ -205,8 +205,7 @@ class _Base:
 
         with Checkpoint(base) as ckpt:
             self.shapes = {n: tuple(ckpt.info(n).shape) for n in ckpt.names}
-        has_config = (base if base.is_dir() else base.parent).joinpath("config.json").is_file()
-        self.config = (base_config(base) or {}) if has_config else {}
+        self.config = read_config(base) or {}
 
     def out_features(self, module: str, in_features: int) -> int | None:
         shape = self.shapes.get(module + ".weight")

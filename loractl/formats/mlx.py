@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from .. import lineage
 from ..errors import AdapterError, FormatError, UsageError
 from ..findings import Finding, error, warning
-from ..info import AdapterInfo
+from ..info import AdapterInfo, ModuleKind
+from ..io.config_json import read_config
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import finite_number
 from ._modules import exact_scales, module_info
@@ -72,7 +73,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         groups.setdefault(module, {})[LEAVES[leaf]] = key
     modules = {}
     for module, keys in sorted(groups.items()):
-        kind = "embedding" if module.rpartition(".")[2] in EMBEDDINGS else None
+        kind: ModuleKind | None = "embedding" if module.rpartition(".")[2] in EMBEDDINGS else None
         canonical = {k: (entries[k][0], _canonical_shape(k, entries[k][1], weights)) for k in keys.values()}
         info = module_info(module, keys, canonical, lambda r: (scale, None, "absolute"), findings, kind)
         if info is None:
@@ -200,12 +201,11 @@ def _num_layers(modules: list[str], base: Path | None, previous: Any) -> int:
 
 
 def _base_layers(base: Path) -> int | None:
-    config = (base if base.is_dir() else base.parent) / "config.json"
     try:
-        doc = json.loads(config.read_text())
-    except (OSError, ValueError, RecursionError):
+        doc = read_config(base)
+    except FormatError:
         return None
-    if not isinstance(doc, dict):
+    if doc is None:
         return None
     n = doc.get("num_hidden_layers", doc.get("n_layer"))
     return n if isinstance(n, int) else None

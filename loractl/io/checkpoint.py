@@ -94,14 +94,12 @@ class Checkpoint:
 
     def config(self) -> dict[str, Any]:
         """The transformers `config.json` beside the weights ({} when absent or unreadable)."""
-        from .values import load_json
+        from .config_json import read_config
 
-        path = self.directory / "config.json"
         try:
-            doc = load_json(path) if path.is_file() else {}
+            return read_config(self.path) or {}
         except FormatError:
             return {}
-        return doc if isinstance(doc, dict) else {}
 
     def other_files(self) -> list[Path]:
         """Non-weight files beside the weights (config, tokenizer, ...), for copying along."""

@@ -21,19 +21,20 @@ import torch
 from .. import lineage
 from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..errors import AdapterError, ShapeMismatchError, UsageError
+from . import linalg
+from .algebra_result import AlgebraResult, ModuleChange
 from .lowrank import (
+    LowRankFit,
     RankRule,
-    Truncation,
     common_dtype,
     factored_svd,
-    frobenius,
     matrices,
     rebuild,
     to_factor_layout,
     truncate,
     truncate_dense,
 )
-from .resize import AlgebraResult, ModuleReport
+from .weights import check_weights
 
 METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare", "dare_ties")
 LINEAR_WARNING = (
@@ -82,27 +83,31 @@ def combine(adapters: list[Adapter], options: CombineOptions) -> AlgebraResult:
 
 def _combine_module(
     name: str, present: list[tuple[float, LoraModule]], options: CombineOptions, generator: torch.Generator
-) -> tuple[LoraModule, ModuleReport]:
+) -> tuple[LoraModule, ModuleChange]:
     like = replace(present[0][1], scale_rule="alpha/r")
     dtype = common_dtype([m for _, m in present])
     rank_in = sum(m.rank for _, m in present)
     if options.method == "cat":
         b, a = _stacked(present)
-        return rebuild(like, b, a, 1.0, dtype), ModuleReport(name, rank_in, rank_in, 0.0)
+        return rebuild(like, b, a, 1.0, dtype), ModuleChange(name, rank_in, rank_in, 0.0)
     if options.method == "linear":
         b, a = _linear(name, present)
         exact_b, exact_a = _stacked(present)
-        norm = frobenius(exact_b, exact_a)
-        gap = frobenius(torch.cat([exact_b, -b], 1), torch.cat([exact_a, a], 0)) / norm if norm > 0 else 0.0
-        return rebuild(like, b, a, 1.0, dtype), ModuleReport(name, rank_in, int(a.shape[0]), gap)
+        norm = linalg.factored_frobenius(exact_b, exact_a)
+        gap = (
+            linalg.factored_frobenius(torch.cat([exact_b, -b], 1), torch.cat([exact_a, a], 0)) / norm
+            if norm > 0
+            else 0.0
+        )
+        return rebuild(like, b, a, 1.0, dtype), ModuleChange(name, rank_in, int(a.shape[0]), gap)
     rule = options.rule or RankRule(rank=max(m.rank for _, m in present))
     cut = _svd_cut(present, options, generator, rule)
-    return rebuild(like, cut.B, cut.A, 1.0, dtype), ModuleReport(name, rank_in, cut.rank, cut.rel_error)
+    return rebuild(like, cut.B, cut.A, 1.0, dtype), ModuleChange(name, rank_in, cut.rank, cut.rel_error)
 
 
 def _svd_cut(
     present: list[tuple[float, LoraModule]], options: CombineOptions, generator: torch.Generator, rule: RankRule
-) -> Truncation:
+) -> LowRankFit:
     """The merged ΔW truncated by `rule`: factored for svd, dense for the trimming methods."""
     if options.method == "svd":
         b, a = _stacked(present)
@@ -188,14 +193,7 @@ def _check(adapters: list[Adapter], options: CombineOptions) -> list[float]:
         raise UsageError("no adapters to combine", hint="give one or more adapter paths")
     if options.method not in METHODS:
         raise UsageError(f"unknown method {options.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
-    weights = list(options.weights) if options.weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UsageError(
-            f"{len(weights)} weights for {len(adapters)} adapters",
-            hint="give one --weight per adapter, in the same order, or none (all 1.0)",
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise UsageError(f"weights must be finite, got {weights}")
+    weights = check_weights(options.weights, len(adapters))
     _check_options(options)
     _check_bases([a.meta for a in adapters], options.allow_base_mismatch)
     for a in adapters:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, LoraModule
+from .linalg import factored_frobenius
 
 FLOAT32_TOLERANCE = 1e-6
 
@@ -50,9 +51,9 @@ def delta_error(src: LoraModule, out: LoraModule) -> float:
     a2, b2 = out.A.flatten(1).double(), out.B.flatten(1).double() * out.scale
     if a1.shape[1:] != a2.shape[1:] or b1.shape[0] != b2.shape[0]:
         return math.inf
-    diff = _frobenius_sq(torch.cat([b1, -b2], dim=1), torch.cat([a1, a2]))
-    norm = _frobenius_sq(b1, a1)
-    return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else math.sqrt(max(diff, 0.0))
+    diff = factored_frobenius(torch.cat([b1, -b2], dim=1), torch.cat([a1, a2]))
+    norm = factored_frobenius(b1, a1)
+    return diff / norm if norm > 0 else diff
 
 
 def tolerance(*tensors: torch.Tensor) -> float:
@@ -89,8 +90,3 @@ def _tensor_error(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     norm = float(a.double().norm())
     diff = float((a.double() - b.double()).norm())
     return diff / norm if norm > 0 else diff
-
-
-def _frobenius_sq(b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖B @ A‖_F² = Σ (BᵀB) ⊙ (AAᵀ), in float64."""
-    return float(((b.T @ b) * (a @ a.T)).sum())

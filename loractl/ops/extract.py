@@ -20,16 +20,15 @@ from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..errors import LoractlError, NumericError, OutputExistsError, UsageError
 from ..io.atomic import ensure_distinct
 from ..io.checkpoint import Checkpoint, feed_fingerprint
+from ..io.dtypes import parse_dtype
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
 from . import linalg
 from .extract_plan import ExtractPlan, PlanEntry, plan_extract
-from .extract_report import ExtractReport, ModuleReport, TensorNote
+from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
 Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
 Observe = Callable[[str, torch.Tensor], None]  # (module, ΔW as the (d, k) matrix factored): e.g. to plot spectra
-DTYPES = {"F32": "F32", "float32": "F32", "fp32": "F32", "BF16": "BF16", "bfloat16": "BF16", "bf16": "BF16",
-          "F16": "F16", "float16": "F16", "fp16": "F16"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,7 @@ class ExtractConfig:
             raise UsageError("--max-rank needs --energy and must be at least 1")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise UsageError(f"--alpha {self.alpha} must be a positive number")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}", hint="choose float32, bfloat16 or float16")
+        parse_dtype(self.dtype)
 
     def params(self) -> dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets), "save_full": list(self.save_full)}
@@ -155,7 +153,7 @@ class _Run:
         self.base, self.ft, self.config, self.observe = base, ft, config, observe
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, torch.Tensor] = {}
-        self.reports: list[ModuleReport] = []
+        self.reports: list[ExtractedModule] = []
         self.notes: list[TensorNote] = []
         self.base_all, self.ft_all, self.base_touched = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
 
@@ -206,7 +204,7 @@ class _Run:
 
 def factor(
     m: torch.Tensor, entry: PlanEntry, config: ExtractConfig, delta_sq: float, base_sq: float
-) -> tuple[LoraModule, ModuleReport]:
+) -> tuple[LoraModule, ExtractedModule]:
     """Factor one ΔW matrix m (d, k) into a LoraModule laid out for `entry.kind`, and report the loss."""
     if config.rank is not None:
         t = linalg.truncated_svd(m, config.rank, total=delta_sq)
@@ -214,7 +212,7 @@ def factor(
         t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
     alpha = float(t.rank) if config.alpha is None else config.alpha
     scale = alpha / t.rank
-    dtype = torch_dtype(DTYPES[config.dtype])
+    dtype = torch_dtype(parse_dtype(config.dtype))
     b, a = (x.to(dtype) for x in linalg.balanced_factors(t, scale))
     residual = linalg.residual_sq(m, b.float(), a.float(), scale)
     if entry.kind == "conv":
@@ -227,7 +225,7 @@ def factor(
         kind=entry.kind,
         fan_in_fan_out=entry.fan_in_fan_out,
     )
-    report = ModuleReport(
+    report = ExtractedModule(
         module=entry.module,
         shape=entry.shape,
         rank=t.rank,

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ..adapter import ModuleKind
 from ..errors import ShapeMismatchError, UsageError
+from ..info import ModuleKind
 from ..io.checkpoint import Checkpoint
+from ..io.dtypes import FLOAT_CODES
 
 Action = Literal["lowrank", "full", "compare"]
 
@@ -30,7 +31,6 @@ EMBEDDINGS = re.compile(
     r"(^|.*\.)(embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|tok_embeddings|shared)$"
 )
 HEADS = re.compile(r"(^|.*\.)(lm_head|embed_out)$")
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _classify(
     b, f = base.info(name), ft.info(name)
     module, _, leaf = name.rpartition(".")
     vocab = bool(EMBEDDINGS.match(module) or HEADS.match(module))
-    if (b.dtype in FLOAT_DTYPES) != (f.dtype in FLOAT_DTYPES):
+    if (b.dtype in FLOAT_CODES) != (f.dtype in FLOAT_CODES):
         raise ShapeMismatchError(f"tensor {name!r} is {b.dtype} in the base but {f.dtype} in the fine-tuned checkpoint")
     if b.shape != f.shape:
         if not (vocab and len(b.shape) == len(f.shape) and b.shape[1:] == f.shape[1:]):
@@ -135,7 +135,7 @@ def _classify(
 def _lowrank_or_compare(
     name: str, module: str, leaf: str, shape: tuple[int, ...], dtype: str, vocab: bool, targets: Sequence[str]
 ) -> PlanEntry:
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_CODES:
         return PlanEntry(name, module, "compare", shape, reason=f"{dtype} tensor")
     if leaf != "weight" or len(shape) < 2 or len(shape) > 5:
         what = "1-D tensor (norm or bias)" if len(shape) <= 1 else f"{len(shape)}-D tensor that is not a module weight"

@@ -10,7 +10,7 @@ Status = Literal["identical", "saved-full", "not-extracted"]
 
 
 @dataclass(frozen=True)
-class ModuleReport:
+class ExtractedModule:
     """One extracted module.
 
     Attributes:
@@ -42,7 +42,7 @@ class TensorNote:
 
 @dataclass(frozen=True)
 class ExtractReport:
-    modules: tuple[ModuleReport, ...]
+    modules: tuple[ExtractedModule, ...]
     notes: tuple[TensorNote, ...]
     warnings: tuple[str, ...] = ()
 

@@ -67,6 +67,16 @@ def frobenius_sq(m: torch.Tensor) -> float:
     return sum(_rows_sq(flat[i : i + ROW_BLOCK]) for i in range(0, flat.shape[0], ROW_BLOCK))
 
 
+def factored_frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B·A‖_F from the factors, B (out, r) and A (r, in), never forming the product.
+
+    ‖B·A‖²_F = Σ (BᵀB ⊙ AAᵀ), two r×r Gram matrices in float64; rounding can leave the sum
+    a hair below 0 when B·A is (nearly) zero, hence the clamp.
+    """
+    b, a = B.double(), A.double()
+    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+
+
 def _rows_sq(block: torch.Tensor) -> float:
     """Σ of squared row norms: each row (≤ ~10⁴ elements) is exact to ~1e-7 in float32, the sum is float64.
 

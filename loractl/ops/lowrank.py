@@ -75,7 +75,7 @@ class RankRule:
 
 
 @dataclass(frozen=True)
-class Truncation:
+class LowRankFit:
     """ΔW ≈ B @ A (float64) and the relative error ‖ΔW − B A‖_F / ‖ΔW‖_F of dropping the rest."""
 
     B: torch.Tensor  # (out, k), U·√S
@@ -115,17 +115,17 @@ def choose_rank(s: torch.Tensor, rule: RankRule) -> int:
     return max(1, min(k, cap))
 
 
-def truncate(svd: SVD, rule: RankRule) -> Truncation:
+def truncate(svd: SVD, rule: RankRule) -> LowRankFit:
     """Keep the leading singular triplets `rule` asks for, split as B = U√S, A = √S Vh."""
     k = choose_rank(svd.S, rule)
     root = svd.S[:k].sqrt()
     s2 = svd.S**2
     total = float(s2.sum())
     error = math.sqrt(max(float(s2[k:].sum()), 0.0) / total) if total > 0 else 0.0
-    return Truncation(B=svd.U[:, :k] * root, A=root[:, None] * svd.Vh[:k], rel_error=error)
+    return LowRankFit(B=svd.U[:, :k] * root, A=root[:, None] * svd.Vh[:k], rel_error=error)
 
 
-def truncate_dense(delta: torch.Tensor, rule: RankRule) -> Truncation:
+def truncate_dense(delta: torch.Tensor, rule: RankRule) -> LowRankFit:
     """Truncate a dense (out, in) matrix (TIES/DARE results): randomized for a fixed rank or energy
     (`linalg`, within 0.1% of the optimal error), the exact spectrum for ratio and cumulative rules.
     The error is measured against `delta` itself, in float64."""
@@ -140,7 +140,7 @@ def truncate_dense(delta: torch.Tensor, rule: RankRule) -> Truncation:
         t = full.head(choose_rank(full.S, rule))
     b, a = linalg.balanced_factors(t)
     error = linalg.relative(linalg.residual_sq(m, b, a), total)
-    return Truncation(B=b.double(), A=a.double(), rel_error=error)
+    return LowRankFit(B=b.double(), A=a.double(), rel_error=error)
 
 
 def _first_reaching(cumulative: torch.Tensor, fraction: float) -> int:
@@ -185,9 +185,3 @@ def common_dtype(modules: list[LoraModule]) -> torch.dtype:
     """The inputs' factor dtype when they agree, float32 otherwise."""
     dtypes = {t.dtype for m in modules for t in (m.A, m.B)}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖B A‖_F from the factors, B (out, r) and A (r, in): √Σ (BᵀB ⊙ AAᵀ), in float64."""
-    b, a = B.double(), A.double()
-    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))

@@ -21,6 +21,7 @@ from ..errors import IntegrityError, LoractlError, NumericError
 from ..io.atomic import atomic_output, ensure_distinct
 from ..io.checkpoint import Checkpoint
 from ..io.checkpoint_writer import write_sharded
+from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorSpec
 from .merge_io import Buffer, ReusingReader
 from .merge_kernel import kernel_threads
@@ -36,7 +37,7 @@ RECORD_NAME = "loractl_merge.json"
 
 
 @dataclass(frozen=True)
-class ModuleReport:
+class MergedModule:
     """One adapter module as merged; `relative_delta` is ‖w·scale·B·A‖_F / ‖W‖_F (None when ‖W‖ = 0)."""
 
     adapter: int
@@ -66,7 +67,7 @@ class MergeReport:
 
     output: Path
     plan: MergePlan
-    modules: tuple[ModuleReport, ...]
+    modules: tuple[MergedModule, ...]
     shards: tuple[str, ...]
     fingerprints: tuple[str, ...]
     adapter_hashes: tuple[str, ...]
@@ -196,7 +197,7 @@ class _Stream:
         self.plan, self.reader, self.adapters, self.progress = plan, reader, adapters, progress
         self.scratch = Buffer()  # merged tensors are computed here; the writer takes each before the next
         self.by_name = {t.name: t for t in plan.tensors}
-        self.modules: list[ModuleReport] = []
+        self.modules: list[MergedModule] = []
         self.tensors_done = self.bytes_done = 0
 
     def produce(self, name: str) -> torch.Tensor:
@@ -239,12 +240,12 @@ class _Stream:
         self.modules += [self._report(t, u, d, norm) for u, d in zip(lowrank, deltas, strict=True) if u.role != "bias"]
         return out
 
-    def _report(self, t: TensorPlan, u: Update, d: Delta, norm: float) -> ModuleReport:
+    def _report(self, t: TensorPlan, u: Update, d: Delta, norm: float) -> MergedModule:
         from .merge_kernel import delta_norm
 
         module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
         rel = delta_norm(d) / norm if norm > 0 else None
-        return ModuleReport(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
+        return MergedModule(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
 
 
 def _recorded(a: Any) -> str | None:
@@ -276,7 +277,7 @@ def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
     record = report.record()
     for src in plan.files:
         if src.name == "config.json" and plan.config_updates:
-            config = {**json.loads(src.read_text()), **plan.config_updates}
+            config = {**(read_config(src) or {}), **plan.config_updates}
             (tmp / src.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         elif src.name == RECORD_NAME:
             record["base_record"] = json.loads(src.read_text())  # the base was itself a merge: keep its history

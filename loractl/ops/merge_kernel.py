@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import LoraModule
+from .linalg import factored_frobenius
 
 BLOCK_ELEMENTS = 1 << 20  # float32 elements per row block (4 MB)
 THREADS = 1  # torch intra-op threads while merging; see `kernel_threads`
@@ -119,10 +120,8 @@ def _apply(cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, 
 
 
 def delta_norm(d: Delta) -> float:
-    """‖factor · left @ right‖_F in float64 without forming the product: √Σ (LᵀL) ⊙ (R Rᵀ)."""
-    left, right = d.left.double(), d.right.double()
-    gram = float(((left.T @ left) * (right @ right.T)).sum())
-    return abs(d.factor) * math.sqrt(max(gram, 0.0))
+    """‖factor · left @ right‖_F without forming the product (see `linalg.factored_frobenius`)."""
+    return abs(d.factor) * factored_frobenius(d.left, d.right)
 
 
 def all_finite(t: torch.Tensor) -> bool:

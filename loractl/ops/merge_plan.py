@@ -6,7 +6,6 @@ that cannot succeed fails, listing all its problems at once, before it writes a 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -14,20 +13,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ShapeMismatchError, UsageError
+from ..errors import FormatError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
 from ..io.checkpoint import Checkpoint, touched_weight_names
 from ..io.checkpoint_writer import parse_size
+from ..io.config_json import read_config
+from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
+from .weights import check_weights
 
 Role = Literal["lora", "dora", "bias", "full"]
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-DTYPE_NAMES = {
-    "float32": "F32", "fp32": "F32", "f32": "F32",
-    "bfloat16": "BF16", "bf16": "BF16",
-    "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
-}  # fmt: skip
-CONFIG_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Input embeddings an untied `lm_head` can take its starting weight from.
 _EMBEDDING = re.compile(r"(^|.*\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared)\.weight$")
 _HEAD = re.compile(r"(^|.*\.)(lm_head|embed_out)\.weight$")
@@ -163,7 +158,7 @@ def plan_merge(
 
     base = Path(base)
     weights = _weights(adapters, weights)
-    code = _dtype_code(dtype)
+    code = parse_dtype(dtype) if dtype is not None else None
     with Checkpoint(base) as ckpt:
         config = _read_config(ckpt)
         planner = _Planner(ckpt, config, code)
@@ -217,7 +212,7 @@ class _Planner:
         actual = self.ckpt.info(source)
         if actual.shape != expected:
             return [error("shape-mismatch", _shape_message(m, source, actual.shape), module)]
-        if actual.dtype not in FLOAT_DTYPES:
+        if actual.dtype not in FLOAT_CODES:
             return [error("base-dtype", f"base tensor {source!r} is {actual.dtype}, not floating point", module)]
         out: list[Finding] = []
         if m.dora and weight != 1.0:
@@ -273,7 +268,7 @@ class _Planner:
             self.untied[target] = TensorPlan(target, source, self._out_dtype(info.dtype), info.shape)
 
     def _out_dtype(self, dtype: str) -> str:
-        return self.dtype if self.dtype and dtype in FLOAT_DTYPES else dtype
+        return self.dtype if self.dtype and dtype in FLOAT_CODES else dtype
 
     def tensors(self) -> tuple[TensorPlan, ...]:
         """Base tensors in base order, then untied heads; full replacements first in each update list."""
@@ -318,25 +313,7 @@ def _tensor_json(t: TensorPlan) -> dict[str, Any]:
 def _weights(adapters: Sequence[str | Path], weights: Sequence[float] | None) -> list[float]:
     if not adapters:
         raise UsageError("no adapter to merge", hint="give at least one ADAPTER after BASE")
-    if not weights:
-        return [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UsageError(
-            f"{len(weights)} weights for {len(adapters)} adapters",
-            hint="give --weight once per adapter, in the same order, or not at all (every weight 1)",
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise UsageError(f"weights must be finite, got {list(weights)}")
-    return [float(w) for w in weights]
-
-
-def _dtype_code(dtype: str | None) -> str | None:
-    if dtype is None:
-        return None
-    code = DTYPE_NAMES.get(dtype.lower()) or (dtype.upper() if dtype.upper() in CONFIG_DTYPE_NAMES else None)
-    if code is None:
-        raise UsageError(f"unknown dtype {dtype!r}", hint="choose float32, bfloat16 or float16")
-    return code
+    return check_weights(weights or None, len(adapters))
 
 
 def _shard_bytes(ckpt: Checkpoint, max_shard_size: str | int | None) -> int:
@@ -348,14 +325,12 @@ def _shard_bytes(ckpt: Checkpoint, max_shard_size: str | int | None) -> int:
 
 
 def _read_config(ckpt: Checkpoint) -> dict[str, Any] | None:
-    path = ckpt.directory / "config.json"
-    if not ckpt.path.is_dir() or not path.is_file():
+    if not ckpt.path.is_dir():
         return None
     try:
-        doc = json.loads(path.read_text())
-    except (ValueError, OSError):
+        return read_config(ckpt.path)
+    except FormatError:
         return None  # copied as it is; nothing to learn from it
-    return doc if isinstance(doc, dict) else None
 
 
 def _config_updates(config: dict[str, Any] | None, dtype: str | None, untie: bool) -> dict[str, Any]:
@@ -367,6 +342,6 @@ def _config_updates(config: dict[str, Any] | None, dtype: str | None, untie: boo
         out["tie_word_embeddings"] = False
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
-            if key in config and config[key] != CONFIG_DTYPE_NAMES[dtype]:
-                out[key] = CONFIG_DTYPE_NAMES[dtype]
+            if key in config and config[key] != CONFIG_NAMES[dtype]:
+                out[key] = CONFIG_NAMES[dtype]
     return out

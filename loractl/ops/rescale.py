@@ -12,10 +12,10 @@ from dataclasses import replace
 
 from .. import lineage
 from ..adapter import Adapter, LoraModule
-from ..adapter_math import scale_from_alpha
 from ..errors import AdapterError, UsageError
+from ..info import scale_from_alpha
+from .algebra_result import AlgebraResult, ModuleChange
 from .lowrank import alpha_for
-from .resize import AlgebraResult, ModuleReport
 
 
 def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None = None) -> AlgebraResult:
@@ -34,7 +34,7 @@ def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None
         modules = {name: _scaled(name, m, scale) for name, m in adapter.modules.items()}
     else:
         modules = {name: _realpha(m, value) for name, m in adapter.modules.items()}
-    report = tuple(ModuleReport(name, m.rank, m.rank, 0.0) for name, m in adapter.modules.items())
+    report = tuple(ModuleChange(name, m.rank, m.rank, 0.0) for name, m in adapter.modules.items())
     warnings: tuple[str, ...] = ()
     if scale is not None and adapter.full_tensors:
         warnings = ("full tensors (modules_to_save) replace weights and are copied unscaled",)

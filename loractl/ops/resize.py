@@ -7,39 +7,12 @@ resize_lora.py does. A module the rule would not shrink is kept bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from .. import lineage
 from ..adapter import Adapter, LoraModule
+from .algebra_result import AlgebraResult, ModuleChange
 from .lowrank import RankRule, factored_svd, matrices, rebuild, truncate
-
-
-@dataclass(frozen=True)
-class ModuleReport:
-    """What an op did to one module: ranks before and after, and ‖ΔW − ΔW'‖_F / ‖ΔW‖_F (float64)."""
-
-    module: str
-    rank_in: int
-    rank_out: int
-    rel_error: float
-
-
-@dataclass(frozen=True)
-class AlgebraResult:
-    """An op's output adapter, its per-module report, and warnings for the user."""
-
-    adapter: Adapter
-    report: tuple[ModuleReport, ...]
-    warnings: tuple[str, ...] = ()
-
-    def metrics(self) -> dict[str, object]:
-        """Error figures for the lineage record."""
-        errors = [r.rel_error for r in self.report]
-        return {
-            "max_rel_error": max(errors, default=0.0),
-            "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
-            "modules": {r.module: {"rank": r.rank_out, "rel_error": float(f"{r.rel_error:.4g}")} for r in self.report},
-        }
 
 
 def resize(adapter: Adapter, rule: RankRule) -> AlgebraResult:
@@ -59,10 +32,10 @@ def resize(adapter: Adapter, rule: RankRule) -> AlgebraResult:
     return replace(result, adapter=result.adapter.with_lineage(entry))
 
 
-def _resize_module(name: str, m: LoraModule, rule: RankRule) -> tuple[LoraModule, ModuleReport]:
+def _resize_module(name: str, m: LoraModule, rule: RankRule) -> tuple[LoraModule, ModuleChange]:
     b, a = matrices(m)
     cut = truncate(factored_svd([b], [a]), rule)
     if cut.rank >= m.rank:
-        return m, ModuleReport(name, m.rank, m.rank, 0.0)
+        return m, ModuleChange(name, m.rank, m.rank, 0.0)
     out = rebuild(m, cut.B, cut.A, m.scale, m.A.dtype)
-    return out, ModuleReport(name, m.rank, cut.rank, cut.rel_error)
+    return out, ModuleChange(name, m.rank, cut.rank, cut.rel_error)

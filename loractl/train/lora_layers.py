@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_math import scale_from_alpha
+from ..info import scale_from_alpha
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ... import lineage
 from ...errors import AdapterError, FormatError
 from ...findings import Finding, error, warning
-from ...info import AdapterInfo, ModuleInfo
+from ...info import AdapterInfo, ModuleInfo, ScaleRule
 from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
 from ...io.values import scalar_alpha
 from .._modules import exact_scales, module_info
@@ -185,7 +185,7 @@ def _module_info(
     if alpha == 0:
         findings.append(warning("zero-alpha", "alpha is 0: kohya reads it as alpha = rank (scale 1)", module))
 
-    def scale_of(rank: int) -> tuple[float, float | None, str]:
+    def scale_of(rank: int) -> tuple[float, float | None, ScaleRule]:
         return (alpha / rank, alpha, "alpha/r") if alpha else (1.0, float(rank), "alpha/r")
 
     return module_info(module, roles, shaped, scale_of, findings)

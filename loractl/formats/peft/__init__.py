@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import lineage
-from ...adapter_math import scale_from_alpha
 from ...errors import FormatError, PickleRefusedError
 from ...findings import Finding, error, warning
-from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
+from ...info import AdapterInfo, FullTensorInfo, ModuleInfo, ScaleRule, scale_from_alpha
 from ...io.safetensors_header import read_header
 from ...io.values import load_json
 from .._modules import exact_scales, module_info
@@ -217,7 +216,7 @@ def _module_info(
         keys = {role: key for role, key in keys.items() if role != "bias"}
     rslora = bool(config.get("use_rslora"))
     alpha, config_rank = module_alpha_rank(config, module)
-    rule = "alpha/sqrt(r)" if rslora else "alpha/r"
+    rule: ScaleRule = "alpha/sqrt(r)" if rslora else "alpha/r"
     embedding = keys.get("A", "").endswith("lora_embedding_A")
     info = module_info(
         module, keys, entries, lambda r: (scale_from_alpha(alpha, r, rslora), alpha, rule), findings,

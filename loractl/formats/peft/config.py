@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ...adapter_math import scale_from_alpha
 from ...errors import FormatError
+from ...info import scale_from_alpha
 from ...io.values import finite_number, positive_int
 
 # Heads PEFT adds to modules_to_save by task type, although the config says null.
