@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -88,3 +89,15 @@ def test_cli_rescale_scale(fixtures_dir: Path, tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit) as exit_info:
         main(["rescale", str(src), "-o", str(tmp_path / "x"), "--scale", "1", "--alpha", "2"])
     assert exit_info.value.code == 2 and "exactly one" in capsys.readouterr().err
+
+
+def test_cli_to_scale_is_the_target_and_scale_then_reads_the_input(tmp_path: Path) -> None:
+    """--to-scale names the target; beside it, --scale is the input's (an old mlx .npz stores none)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((8, 2), dtype=np.float32), rng.standard_normal((2, 6), dtype=np.float32)
+    src = tmp_path / "adapters.npz"
+    np.savez(src, **{"layers.0.attention.wq.lora_a": a, "layers.0.attention.wq.lora_b": b})
+    main(["rescale", str(src), "-o", str(tmp_path / "half"), "--to-scale", "0.5", "--scale", "20", "--to", "peft"])
+    (m,) = loractl.load_adapter(tmp_path / "half").modules.values()
+    dense = torch.from_numpy(b).T.double() @ torch.from_numpy(a).T.double()
+    assert torch.allclose(m.delta_weight().double(), 10.0 * dense, rtol=1e-6, atol=1e-6 * float(dense.norm()))

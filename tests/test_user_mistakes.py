@@ -58,7 +58,7 @@ MISTAKES = {
     "extract without --rank or --energy": (["extract", str(BASE), str(BASE), "-o", "x"], 2, "--rank", "--energy 0.9"),
     "a zero rank": (["resize", str(QV), "-o", "small", "--rank", "0"], 2, "at least 1", "rank ≥ 1"),
     "a negative rank": (["extract", str(BASE), str(BASE), "-o", "x", "--rank", "-4"], 2, "at least 1", "--rank 16"),
-    "a zero scale": (["rescale", str(QV), "-o", "x", "--scale", "0"], 2, "non-zero", "--scale 0.5"),
+    "a zero scale": (["rescale", str(QV), "-o", "x", "--scale", "0"], 2, "non-zero", "--to-scale 0.5"),
     "an output that exists": (["convert", str(QV), "-o", "{work}", "--to", "kohya"], 2, "already exists", "--force"),
     "the output over the input": (["convert", str(QV), "-o", str(QV), "--to", "kohya"], 2, "overwrite the input", ""),
     "training on a missing file": (

@@ -12,20 +12,19 @@ from ._output import emit_json, stdout, warn
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
+    from ..formats.options import ReadOptions
     from ..ops.algebra_result import AlgebraResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def output_options(func: F) -> F:
-    """-o/--output, --to, --force, --json, --from, --allow-pickle."""
+    """-o/--output, --to, --force, --json (the inputs' options come from `input_options`)."""
     options = [
         click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path."),
         click.option("--to", "to_format", default=None, help="Output format (default: the input's)."),
         click.option("--force", is_flag=True, help="Replace the output if it exists."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document."),
-        click.option("--from", "from_format", default=None, help="Input format (default: detected)."),
-        click.option("--allow-pickle", is_flag=True, help="Allow legacy pickle weights (weights_only=True)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -33,7 +32,7 @@ def output_options(func: F) -> F:
 
 
 def load_inputs(
-    paths: list[str], output: str, force: bool, from_format: str | None, allow_pickle: bool
+    paths: list[str], output: str, force: bool, source_format: str | None, options: ReadOptions
 ) -> list[Adapter]:
     """Check the output first (distinct from the inputs, absent unless --force), then load the inputs."""
     from ..errors import OutputExistsError
@@ -43,7 +42,7 @@ def load_inputs(
     ensure_distinct(output, list(paths))
     if Path(output).exists() and not force:
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
-    return [load_adapter(p, format=from_format, allow_pickle=allow_pickle) for p in paths]
+    return [load_adapter(p, format=source_format, options=options) for p in paths]
 
 
 def save_and_report(result: AlgebraResult, output: str, to_format: str | None, force: bool, as_json: bool) -> None:

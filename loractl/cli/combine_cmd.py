@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
+from ._input_options import input_options, to_read_options
 
 
 @click.command("combine")
@@ -31,6 +32,7 @@ from ._algebra import load_inputs, output_options, save_and_report
 )
 @click.option("--allow-base-mismatch", is_flag=True, help="Accept different base model names (same base).")
 @output_options
+@input_options()
 def command(
     adapters: tuple[str, ...],
     method: str,
@@ -46,8 +48,11 @@ def command(
     to_format: str | None,
     force: bool,
     as_json: bool,
-    from_format: str | None,
+    source_format: str | None,
     allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
+    base: str | None,
 ) -> None:
     """Combine ADAPTERS module by module into one adapter; a module missing in one counts as zero.
 
@@ -74,5 +79,6 @@ def command(
         majority_sign=majority_sign,
         allow_base_mismatch=allow_base_mismatch,
     )
-    inputs = load_inputs(list(adapters), output, force, from_format, allow_pickle)
+    read = to_read_options(base, alpha, scale, allow_pickle)
+    inputs = load_inputs(list(adapters), output, force, source_format, read)
     save_and_report(combine(inputs, options), output, to_format, force, as_json)

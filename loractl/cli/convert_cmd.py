@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ._input_options import ALPHA_HELP, input_options
 from ._output import emit_json, stdout, warn
 
 
@@ -11,19 +12,13 @@ from ._output import emit_json, stdout, warn
 @click.argument("adapter", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
 @click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, mlx, gguf, ...")
-@click.option("--from", "source_format", default=None, metavar="FORMAT", help="Input format (default: detected).")
-@click.option("--base", type=click.Path(exists=True), help="Base checkpoint: resolves kohya names, gives head counts.")
-@click.option(
-    "--alpha", type=float, help="Alpha for formats that do not store one (loralib), or the target's global alpha."
-)
-@click.option("--scale", type=float, help="Scale for files that do not store one (old mlx-examples .npz).")
 @click.option(
     "--strict", is_flag=True, help="Refuse if the target cannot hold something (DoRA, bias, full tensors...)."
 )
 @click.option("--no-verify", is_flag=True, help="Skip reading the output back and comparing ΔW.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickle inputs (loaded with weights_only=True).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@input_options(alpha_help=ALPHA_HELP + " Also the target's global alpha.")
 def command(
     adapter: str,
     output: str,

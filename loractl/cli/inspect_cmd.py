@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import click
 
+from ._input_options import input_options, to_read_options
 from ._output import emit_json, stdout
-from ._read_options import read_options, to_read_options
 
 
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option("--stats", is_flag=True, help="Read the data: verify the content hash, add ‖ΔW‖ and NaN/Inf counts.")
-@click.option("--base", type=click.Path(exists=True), default=None, help="Base checkpoint, for formats that need it.")
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),
     default=None,
     help="Also draw rank and ‖ΔW‖ heatmaps to this PNG (implies --stats).",
 )
-@read_options
+@input_options()
 def command(
     path: str,
     as_json: bool,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ._input_options import input_options, to_read_options
 from ._output import emit_json, stderr, stdout
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@input_options(base=False)
 def command(
     base: str,
     adapters: tuple[str, ...],
@@ -40,6 +42,10 @@ def command(
     dry_run: bool,
     force: bool,
     as_json: bool,
+    source_format: str | None,
+    allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
 ) -> None:
     """Merge ADAPTERS into the BASE checkpoint: W' = W + Σ weight·scale·B·A, one tensor at a time.
 
@@ -52,7 +58,16 @@ def command(
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge
 
-    plan = plan_merge(base, list(adapters), weights=weights or None, dtype=dtype, max_shard_size=max_shard_size)
+    read = to_read_options(base, alpha, scale, allow_pickle)
+    plan = plan_merge(
+        base,
+        list(adapters),
+        weights=weights or None,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        format=source_format,
+        read_options=read,
+    )
     if dry_run:
         _show_plan(plan, as_json)
         if plan.problems:

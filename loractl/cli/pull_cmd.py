@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from ._hub import quiet_hub_progress, registry_options, short
+from ._input_options import input_options, to_read_options
 from ._output import emit_json, stdout
 
 
@@ -15,7 +16,20 @@ from ._output import emit_json, stdout
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @registry_options
-def command(repo: str, out: str, force: bool, endpoint: str | None, token: str | None, as_json: bool) -> None:
+@input_options()
+def command(
+    repo: str,
+    out: str,
+    force: bool,
+    endpoint: str | None,
+    token: str | None,
+    as_json: bool,
+    source_format: str | None,
+    allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
+    base: str | None,
+) -> None:
     """Pull REPO[@REV] into OUT: REV (branch, tag, short or full sha; default main) is resolved first.
 
     Every file is checked against the registry's hashes and the adapter against its own content
@@ -30,7 +44,8 @@ def command(repo: str, out: str, force: bool, endpoint: str | None, token: str |
     from ..remote import pull
 
     with quiet_hub_progress():
-        result = pull(repo, out, force=force, endpoint=endpoint, token=token)
+        read = to_read_options(base, alpha, scale, allow_pickle)
+        result = pull(repo, out, force=force, endpoint=endpoint, token=token, format=source_format, read_options=read)
     if as_json:
         emit_json(dataclasses.asdict(result))
         return

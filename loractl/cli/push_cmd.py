@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from ._hub import quiet_hub_progress, registry_options, short
+from ._input_options import input_options, to_read_options
 from ._output import emit_json, stdout
 
 
@@ -19,6 +20,7 @@ from ._output import emit_json, stdout
 @click.option("--private", is_flag=True, help="With --create: make the new repository private.")
 @click.option("--create", is_flag=True, help="Create the repository if it does not exist.")
 @registry_options
+@input_options()
 def command(
     adapter: str,
     repo: str,
@@ -30,6 +32,11 @@ def command(
     endpoint: str | None,
     token: str | None,
     as_json: bool,
+    source_format: str | None,
+    allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
+    base: str | None,
 ) -> None:
     """Push ADAPTER to REPO: its files plus a generated model card, as exactly one commit.
 
@@ -55,6 +62,8 @@ def command(
             create=create,
             endpoint=endpoint,
             token=token,
+            format=source_format,
+            read_options=to_read_options(base, alpha, scale, allow_pickle),
         )
     if as_json:
         emit_json(dataclasses.asdict(result))

@@ -5,35 +5,49 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
+from ._input_options import input_options, to_read_options
 
 
 @click.command("rescale")
 @click.argument("adapter", type=click.Path())
-@click.option("--scale", type=float, default=None, help="Multiply every ΔW by this factor.")
-@click.option("--alpha", type=float, default=None, help="Set every module's alpha, keeping ΔW (folded into B).")
+@click.option("--to-scale", type=float, default=None, help="Multiply every ΔW by this factor.")
+@click.option("--to-alpha", type=float, default=None, help="Set every module's alpha, keeping ΔW (folded into B).")
 @output_options
+@input_options()
 def command(
     adapter: str,
-    scale: float | None,
-    alpha: float | None,
+    to_scale: float | None,
+    to_alpha: float | None,
     output: str,
     to_format: str | None,
     force: bool,
     as_json: bool,
-    from_format: str | None,
+    source_format: str | None,
     allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
+    base: str | None,
 ) -> None:
-    """Change ADAPTER's strength (--scale) or its alpha without changing ΔW (--alpha).
+    """Change ADAPTER's strength (--to-scale) or its alpha without changing ΔW (--to-alpha).
+
+    Without --to-scale and --to-alpha, --scale and --alpha keep their old meaning and name the
+    target; with either, they are what the input needs to be read (an old mlx .npz, loralib).
 
     \b
     Examples:
-      loractl rescale my-adapter -o half --scale 0.5
-      loractl rescale my-adapter -o alpha16 --alpha 16
+      loractl rescale my-adapter -o half --to-scale 0.5
+      loractl rescale my-adapter -o alpha16 --to-alpha 16
+      loractl rescale adapters.npz -o half --to-scale 0.5 --scale 20
     """
     from ..errors import UsageError
     from ..ops.rescale import rescale
 
-    if (scale is None) == (alpha is None):
-        raise UsageError("give exactly one of --scale and --alpha", hint="--scale 0.5 halves ΔW; --alpha 16 keeps it")
-    (source,) = load_inputs([adapter], output, force, from_format, allow_pickle)
-    save_and_report(rescale(source, scale=scale, alpha=alpha), output, to_format, force, as_json)
+    if to_scale is None and to_alpha is None:  # the old spelling: --scale / --alpha are the target
+        to_scale, to_alpha, scale, alpha = scale, alpha, None, None
+    if (to_scale is None) == (to_alpha is None):
+        raise UsageError(
+            "give exactly one of --to-scale and --to-alpha", hint="--to-scale 0.5 halves ΔW; --to-alpha 16 keeps it"
+        )
+    options = to_read_options(base, alpha, scale, allow_pickle)
+    (source,) = load_inputs([adapter], output, force, source_format, options)
+    save_and_report(rescale(source, scale=to_scale, alpha=to_alpha), output, to_format, force, as_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
+from ._input_options import input_options, to_read_options
 
 
 @click.command("resize")
@@ -16,6 +17,7 @@ from ._algebra import load_inputs, output_options, save_and_report
 @click.option("--cumulative", type=float, default=None, help="kohya sv_cumulative: keep this share of Σσ.")
 @click.option("--max-rank", type=int, default=None, help="Upper bound for the dynamic rules.")
 @output_options
+@input_options()
 def command(
     adapter: str,
     rank: int | None,
@@ -28,8 +30,11 @@ def command(
     to_format: str | None,
     force: bool,
     as_json: bool,
-    from_format: str | None,
+    source_format: str | None,
     allow_pickle: bool,
+    alpha: float | None,
+    scale: float | None,
+    base: str | None,
 ) -> None:
     """Shrink every module of ADAPTER to a lower rank, optimally, reporting rank and error per module.
 
@@ -48,5 +53,6 @@ def command(
         rank=rank, energy=fro**2 if fro is not None else energy, ratio=ratio, cumulative=cumulative, max_rank=max_rank
     )
     rule.check()
-    (source,) = load_inputs([adapter], output, force, from_format, allow_pickle)
+    options = to_read_options(base, alpha, scale, allow_pickle)
+    (source,) = load_inputs([adapter], output, force, source_format, options)
     save_and_report(resize(source, rule), output, to_format, force, as_json)

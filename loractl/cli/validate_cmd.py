@@ -6,15 +6,12 @@ import sys
 
 import click
 
+from ._input_options import input_options, to_read_options
 from ._output import progress, stdout
-from ._read_options import read_options, to_read_options
 
 
 @click.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--base", type=click.Path(exists=True), default=None, help="Base checkpoint to check targets and shapes against."
-)
 @click.option(
     "--format",
     "output",
@@ -25,7 +22,7 @@ from ._read_options import read_options, to_read_options
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
-@read_options
+@input_options()
 def command(
     paths: tuple[str, ...],
     base: str | None,

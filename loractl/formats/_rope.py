@@ -78,5 +78,5 @@ def _check(out: int, n_heads: int) -> None:
     if n_heads <= 0 or out % (2 * n_heads):
         raise FormatError(
             f"{out} rows do not split into {n_heads} heads of even size",
-            hint="the base config's head counts do not match the adapter; check --base",
+            hint="the base config's head counts do not match the adapter; check the base given",
         )

@@ -156,7 +156,7 @@ def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProg
     from ..formats.options import ReadOptions
 
     tmp.mkdir()
-    options = ReadOptions(base=plan.base)
+    options = plan.read_options or ReadOptions(base=plan.base)
     adapters = [load_adapter(a.path, format=a.info.format, options=options) for a in plan.adapters]
     with (
         kernel_threads(),

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import FormatError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
@@ -21,6 +21,9 @@ from ..io.checkpoint_writer import parse_size
 from ..io.config_json import read_config
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
 from .weights import check_weights
+
+if TYPE_CHECKING:
+    from ..formats.options import ReadOptions
 
 Role = Literal["lora", "dora", "bias", "full"]
 # Input embeddings an untied `lm_head` can take its starting weight from.
@@ -88,6 +91,7 @@ class MergePlan:
     files: tuple[Path, ...]  # non-weight files copied to the output
     skipped_files: tuple[Path, ...]  # weight-like files that are not copied (they would hold stale weights)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    read_options: ReadOptions | None = None  # how the adapters were read (base, pickle, alpha, scale)
 
     @property
     def untied(self) -> list[str]:
@@ -147,8 +151,13 @@ def plan_merge(
     weights: Sequence[float] | None = None,
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
+    format: str | None = None,
+    read_options: ReadOptions | None = None,
 ) -> MergePlan:
     """Match every adapter module and full tensor to a base tensor, from headers only.
+
+    `format` and `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...);
+    their `base` is always `base`.
 
     Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in
     `MergePlan.problems` (call `check()` to raise them all at once).
@@ -157,6 +166,7 @@ def plan_merge(
     from ..formats.options import ReadOptions
 
     base = Path(base)
+    read_options = replace(read_options or ReadOptions(), base=base)
     weights = _weights(adapters, weights)
     code = parse_dtype(dtype) if dtype is not None else None
     with Checkpoint(base) as ckpt:
@@ -164,7 +174,7 @@ def plan_merge(
         planner = _Planner(ckpt, config, code)
         plans = []
         for i, (path, weight) in enumerate(zip(adapters, weights, strict=True)):
-            info = describe_adapter(path, options=ReadOptions(base=base))
+            info = describe_adapter(path, format=format, options=read_options)
             planner.add_adapter(i, info, weight)
             names = tuple(touched_weight_names(info.modules, ckpt))
             plans.append(AdapterPlan(Path(path), weight, info, names))
@@ -180,6 +190,7 @@ def plan_merge(
             files=tuple(p for p in files if not p.name.endswith(_WEIGHT_SUFFIXES)),
             skipped_files=tuple(p for p in files if p.name.endswith(_WEIGHT_SUFFIXES)),
             config_updates=_config_updates(config, code, any(t.action == "untie" for t in tensors)),
+            read_options=read_options,
         )
 
 

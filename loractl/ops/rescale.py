@@ -21,13 +21,13 @@ from .lowrank import alpha_for
 def rescale(adapter: Adapter, *, scale: float | None = None, alpha: float | None = None) -> AlgebraResult:
     """Multiply ΔW by `scale`, or keep ΔW and set every module's alpha to `alpha`; exactly one of them."""
     if (scale is None) == (alpha is None):
-        raise UsageError("give exactly one of scale and alpha", hint="--scale 0.5 halves ΔW; --alpha 16 keeps it")
+        raise UsageError("give exactly one of scale and alpha", hint="--to-scale 0.5 halves ΔW; --to-alpha 16 keeps it")
     value = scale if scale is not None else alpha
     assert value is not None
     if not math.isfinite(value) or value == 0:
         raise UsageError(
             f"{'scale' if scale is not None else 'alpha'} must be finite and non-zero, got {value}",
-            hint="--scale 0.5 halves ΔW, --scale -1 negates it; to drop an adapter, do not apply it",
+            hint="--to-scale 0.5 halves ΔW, --to-scale -1 negates it; to drop an adapter, do not apply it",
         )
     adapter.check()
     if scale is not None:
@@ -49,7 +49,7 @@ def _scaled(name: str, m: LoraModule, factor: float) -> LoraModule:
         raise AdapterError(
             f"module {name!r} is DoRA: its update is renormalized by the magnitude vector, so scaling it is not "
             "a multiple of ΔW",
-            hint="use --alpha to re-express it, or merge it into the base and extract a plain LoRA",
+            hint="use --to-alpha to re-express it, or merge it into the base and extract a plain LoRA",
         )
     new = m.scale * factor
     return replace(m, scale=new, alpha=alpha_for(new, m.rank, m.scale_rule))

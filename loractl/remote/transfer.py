@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, IntegrityError, UsageError
 from ..io.atomic import atomic_output
@@ -24,6 +25,9 @@ from .card import card_content_hash, model_card
 from .errors import ConflictError, RevisionNotFoundError, TagExistsError, TransientError
 from .retry import DELAYS
 from .uri import RemoteURI, open_remote, parse_uri
+
+if TYPE_CHECKING:
+    from ..formats.options import ReadOptions
 
 CARD = "README.md"
 _HOUSEKEEPING = {".gitattributes"}
@@ -86,12 +90,17 @@ def push(
     create: bool = False,
     endpoint: str | None = None,
     token: str | None = None,
+    format: str | None = None,
+    read_options: ReadOptions | None = None,
 ) -> PushResult:
-    """Publish `adapter` as one commit on `branch` (default main), optionally tagged; no-op when unchanged."""
+    """Publish `adapter` as one commit on `branch` (default main), optionally tagged; no-op when unchanged.
+
+    `format` and `read_options` say how to read the adapter (`--from`, `--allow-pickle`, ...).
+    """
     uri = _uri(repo)
     if uri.revision:
         raise UsageError(f"push takes --branch, not '@{uri.revision}' in the repository name")
-    files, content_hash = _artifact(Path(adapter), uri.repo_id)
+    files, content_hash = _artifact(Path(adapter), uri.repo_id, format, read_options)
     remote = _open(uri, endpoint, token)
     if create:
         remote.create(private=private)
@@ -122,8 +131,13 @@ def pull(
     force: bool = False,
     endpoint: str | None = None,
     token: str | None = None,
+    format: str | None = None,
+    read_options: ReadOptions | None = None,
 ) -> PullResult:
-    """Fetch one version into `out` (atomically), verified file by file and by content hash."""
+    """Fetch one version into `out` (atomically), verified file by file and by content hash.
+
+    `format` and `read_options` say how to read the pulled adapter for its content hash.
+    """
     uri = _uri(repo)
     rev = revision or uri.revision or DEFAULT_BRANCH
     remote = _open(uri, endpoint, token)
@@ -133,7 +147,7 @@ def pull(
         tmp.mkdir()
         for name in names:
             _copy_verified(snap, name, tmp / safe_relpath(name))
-        content_hash = _verify_adapter(tmp)
+        content_hash = _verify_adapter(tmp, format, read_options)
         origin = {
             "source": str(replace(uri, revision=None)),
             "url": remote.url,
@@ -164,15 +178,17 @@ def versions(
 
 
 # -- push ----------------------------------------------------------------------------------------
-def _artifact(adapter: Path, repo_id: str) -> tuple[list[LocalFile], str]:
+def _artifact(
+    adapter: Path, repo_id: str, format: str | None, options: ReadOptions | None
+) -> tuple[list[LocalFile], str]:
     """The adapter's files plus its generated card, and its content hash."""
     from ..formats import describe_adapter, load_adapter
 
-    info = describe_adapter(adapter)
+    info = describe_adapter(adapter, format=format, options=options)
     if info.errors:
         raise AdapterError(info.errors[0].render(), path=adapter, hint="run 'loractl validate' before pushing")
     recorded = info.record.content_hash if info.record else None
-    content_hash = recorded or load_adapter(adapter).content_hash()
+    content_hash = recorded or load_adapter(adapter, format=format, options=options).content_hash()
     files = [local_file(p.relative_to(info.path).as_posix(), p) for p in info.files]
     return [*files, local_file(CARD, data=model_card(info, repo_id, content_hash).encode())], content_hash
 
@@ -239,14 +255,14 @@ def _evict(source: Path) -> None:
     target.unlink(missing_ok=True)
 
 
-def _verify_adapter(root: Path) -> str:
+def _verify_adapter(root: Path, format: str | None, options: ReadOptions | None) -> str:
     """The adapter's content hash, checked against the hash its metadata and its card record."""
     from ..formats import describe_adapter, load_adapter
 
-    info = describe_adapter(root)
+    info = describe_adapter(root, format=format, options=options)
     if info.errors:
         raise AdapterError(info.errors[0].render(), hint="the pulled version does not validate")
-    computed = load_adapter(root).content_hash()
+    computed = load_adapter(root, format=format, options=options).content_hash()
     card = card_content_hash((root / CARD).read_text()) if (root / CARD).is_file() else None
     for where, recorded in (("its metadata", info.record.content_hash if info.record else None), ("its card", card)):
         if recorded is not None and recorded != computed:

@@ -49,7 +49,7 @@ def arch_from_config(config: dict[str, Any]) -> str:
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         raise UsageError(
             f"model type {model_type or '(none)'!r} has no GGUF architecture in gguf-py",
-            hint="check that --base points at the adapter's base model",
+            hint="check that the base given is the adapter's base model",
         )
     return arch
 

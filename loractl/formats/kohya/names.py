@@ -121,7 +121,7 @@ def _from_base(names: list[str], base: Path) -> dict[str, str]:
             what = "matches no weight" if not matches else f"matches several weights ({', '.join(sorted(matches))})"
             raise UsageError(
                 f"kohya name {name!r} {what} of the base {base}",
-                hint="check that --base is the checkpoint the adapter was trained on (for a pipeline, its unet or "
+                hint="check that the base given is the checkpoint the adapter was trained on (for a pipeline, its unet or "
                 "text encoder checkpoint)",
             )
         out[name] = component + next(iter(matches))
