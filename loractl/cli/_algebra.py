@@ -12,8 +12,8 @@ from ._output import emit_json, stdout, warn
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from ..formats.options import ReadOptions
     from ..ops.algebra_result import AlgebraResult
+    from ._input_options import Inputs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,9 +31,7 @@ def output_options(func: F) -> F:
     return func
 
 
-def load_inputs(
-    paths: list[str], output: str, force: bool, source_format: str | None, options: ReadOptions
-) -> list[Adapter]:
+def load_inputs(paths: list[str], output: str, force: bool, inputs: Inputs) -> list[Adapter]:
     """Check the output first (distinct from the inputs, absent unless --force), then load the inputs."""
     from ..errors import OutputExistsError
     from ..formats import load_adapter
@@ -42,7 +40,7 @@ def load_inputs(
     ensure_distinct(output, list(paths))
     if Path(output).exists() and not force:
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
-    return [load_adapter(p, format=source_format, options=options) for p in paths]
+    return [load_adapter(p, format=inputs.format, options=inputs.read) for p in paths]
 
 
 def save_and_report(result: AlgebraResult, output: str, to_format: str | None, force: bool, as_json: bool) -> None:

@@ -1,9 +1,11 @@
 """The options of every command that reads an adapter, defined once: --from, --allow-pickle, --alpha,
---scale and --base, always under these parameter names, so a hint that names one is never wrong."""
+--scale and --base, so that a hint naming one of them is right on every command that prints it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,10 +19,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 ALPHA_HELP = "Alpha for formats that do not store one (loralib, torchtune .pt)."
 
 
-def input_options(*, base: bool = True, alpha_help: str = ALPHA_HELP) -> Callable[[F], F]:
-    """Add --from, --allow-pickle, --alpha, --scale and --base (not where BASE is an argument: merge).
+@dataclass(frozen=True)
+class Inputs:
+    """How to read the command's adapters: the format (`--from`; None: detected) and `ReadOptions`."""
 
-    The parameters are `source_format`, `allow_pickle`, `alpha`, `scale` and `base`.
+    format: str | None
+    read: ReadOptions
+
+
+def input_options(*, base: bool = True, alpha_help: str = ALPHA_HELP) -> Callable[[F], F]:
+    """Add --from, --allow-pickle, --alpha, --scale and --base; the command gets them as `inputs: Inputs`.
+
+    `base=False` where BASE is an argument (merge): the readers then get that base.
     """
     options = [
         click.option(
@@ -33,27 +43,26 @@ def input_options(*, base: bool = True, alpha_help: str = ALPHA_HELP) -> Callabl
         ),
     ]
     if base:
-        options.append(
-            click.option(
-                "--base",
-                type=click.Path(exists=True),
-                default=None,
-                help="Base checkpoint: resolves kohya/GGUF names, RoPE head counts, loralib widths.",
-            )
-        )
+        help = "Base checkpoint: resolves kohya/GGUF names, RoPE head counts, loralib widths."
+        options.append(click.option("--base", type=click.Path(exists=True), default=None, help=help))
 
-    def decorate(f: F) -> F:
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def with_inputs(*args: Any, **kwargs: Any) -> Any:
+            from ..formats.options import ReadOptions
+
+            path = kwargs.pop("base") if base else None  # merge keeps its BASE argument
+            read = ReadOptions(
+                allow_pickle=kwargs.pop("allow_pickle"),
+                base=Path(path) if path else None,
+                alpha=kwargs.pop("alpha"),
+                scale=kwargs.pop("scale"),
+            )
+            return command(*args, inputs=Inputs(kwargs.pop("source_format"), read), **kwargs)
+
+        wrapped: Any = with_inputs
         for option in reversed(options):
-            f = option(f)
-        return f
+            wrapped = option(wrapped)
+        return wrapped  # type: ignore[no-any-return]
 
     return decorate
-
-
-def to_read_options(
-    base: str | Path | None, alpha: float | None, scale: float | None, allow_pickle: bool
-) -> ReadOptions:
-    """The `ReadOptions` the input options describe."""
-    from ..formats.options import ReadOptions
-
-    return ReadOptions(allow_pickle=allow_pickle, base=Path(base) if base else None, alpha=alpha, scale=scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 
 
 @click.command("combine")
@@ -48,11 +48,7 @@ def command(
     to_format: str | None,
     force: bool,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
-    base: str | None,
+    inputs: Inputs,
 ) -> None:
     """Combine ADAPTERS module by module into one adapter; a module missing in one counts as zero.
 
@@ -79,6 +75,5 @@ def command(
         majority_sign=majority_sign,
         allow_base_mismatch=allow_base_mismatch,
     )
-    read = to_read_options(base, alpha, scale, allow_pickle)
-    inputs = load_inputs(list(adapters), output, force, source_format, read)
-    save_and_report(combine(inputs, options), output, to_format, force, as_json)
+    sources = load_inputs(list(adapters), output, force, inputs)
+    save_and_report(combine(sources, options), output, to_format, force, as_json)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._input_options import ALPHA_HELP, input_options
+from ._input_options import ALPHA_HELP, Inputs, input_options
 from ._output import emit_json, stdout, warn
 
 
@@ -23,15 +23,11 @@ def command(
     adapter: str,
     output: str,
     to: str,
-    source_format: str | None,
-    base: str | None,
-    alpha: float | None,
-    scale: float | None,
     strict: bool,
     no_verify: bool,
-    allow_pickle: bool,
     force: bool,
     as_json: bool,
+    inputs: Inputs,
 ) -> None:
     """Convert ADAPTER to another format; every module's scale·B·A is checked after writing.
 
@@ -48,13 +44,13 @@ def command(
         adapter,
         output,
         to=to,
-        source_format=source_format,
-        base=base,
-        alpha=alpha,
-        scale=scale,
+        source_format=inputs.format,
+        base=inputs.read.base,
+        alpha=inputs.read.alpha,
+        scale=inputs.read.scale,
         strict=strict,
         verify_output=not no_verify,
-        allow_pickle=allow_pickle,
+        allow_pickle=inputs.read.allow_pickle,
         force=force,
     )
     for note in (*report.warnings, *(f"lost: {x}" for x in report.lost), *(f"folded: {x}" for x in report.folded)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
 
 
@@ -23,12 +23,8 @@ def command(
     path: str,
     as_json: bool,
     stats: bool,
-    base: str | None,
     plot: str | None,
-    source_format: str | None,
-    alpha: float | None,
-    scale: float | None,
-    allow_pickle: bool,
+    inputs: Inputs,
 ) -> None:
     """Show an adapter's format, ranks, scales, targets, size, hash and lineage.
 
@@ -42,12 +38,11 @@ def command(
     """
     from ..inspection import inspect_adapter
 
-    options = to_read_options(base, alpha, scale, allow_pickle)
     if plot:
         from ..plots import check_plot
 
         check_plot(plot, [path])
-    report = inspect_adapter(path, stats=stats or bool(plot), format=source_format, options=options)
+    report = inspect_adapter(path, stats=stats or bool(plot), format=inputs.format, options=inputs.read)
     if plot:
         from ..plots import plot_inspection
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout
 
 if TYPE_CHECKING:
@@ -42,10 +42,7 @@ def command(
     dry_run: bool,
     force: bool,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
+    inputs: Inputs,
 ) -> None:
     """Merge ADAPTERS into the BASE checkpoint: W' = W + Σ weight·scale·B·A, one tensor at a time.
 
@@ -58,15 +55,14 @@ def command(
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge
 
-    read = to_read_options(base, alpha, scale, allow_pickle)
     plan = plan_merge(
         base,
         list(adapters),
         weights=weights or None,
         dtype=dtype,
         max_shard_size=max_shard_size,
-        format=source_format,
-        read_options=read,
+        format=inputs.format,
+        read_options=inputs.read,
     )
     if dry_run:
         _show_plan(plan, as_json)

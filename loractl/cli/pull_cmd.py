@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 from ._hub import quiet_hub_progress, registry_options, short
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
 
 
@@ -24,11 +24,7 @@ def command(
     endpoint: str | None,
     token: str | None,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
-    base: str | None,
+    inputs: Inputs,
 ) -> None:
     """Pull REPO[@REV] into OUT: REV (branch, tag, short or full sha; default main) is resolved first.
 
@@ -44,8 +40,9 @@ def command(
     from ..remote import pull
 
     with quiet_hub_progress():
-        read = to_read_options(base, alpha, scale, allow_pickle)
-        result = pull(repo, out, force=force, endpoint=endpoint, token=token, format=source_format, read_options=read)
+        result = pull(
+            repo, out, force=force, endpoint=endpoint, token=token, format=inputs.format, read_options=inputs.read
+        )
     if as_json:
         emit_json(dataclasses.asdict(result))
         return

@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 from ._hub import quiet_hub_progress, registry_options, short
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
 
 
@@ -32,11 +32,7 @@ def command(
     endpoint: str | None,
     token: str | None,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
-    base: str | None,
+    inputs: Inputs,
 ) -> None:
     """Push ADAPTER to REPO: its files plus a generated model card, as exactly one commit.
 
@@ -62,8 +58,8 @@ def command(
             create=create,
             endpoint=endpoint,
             token=token,
-            format=source_format,
-            read_options=to_read_options(base, alpha, scale, allow_pickle),
+            format=inputs.format,
+            read_options=inputs.read,
         )
     if as_json:
         emit_json(dataclasses.asdict(result))

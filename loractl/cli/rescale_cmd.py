@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 
 
 @click.command("rescale")
@@ -22,11 +24,7 @@ def command(
     to_format: str | None,
     force: bool,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
-    base: str | None,
+    inputs: Inputs,
 ) -> None:
     """Change ADAPTER's strength (--to-scale) or its alpha without changing ΔW (--to-alpha).
 
@@ -43,11 +41,11 @@ def command(
     from ..ops.rescale import rescale
 
     if to_scale is None and to_alpha is None:  # the old spelling: --scale / --alpha are the target
-        to_scale, to_alpha, scale, alpha = scale, alpha, None, None
+        to_scale, to_alpha = inputs.read.scale, inputs.read.alpha
+        inputs = replace(inputs, read=replace(inputs.read, scale=None, alpha=None))
     if (to_scale is None) == (to_alpha is None):
         raise UsageError(
             "give exactly one of --to-scale and --to-alpha", hint="--to-scale 0.5 halves ΔW; --to-alpha 16 keeps it"
         )
-    options = to_read_options(base, alpha, scale, allow_pickle)
-    (source,) = load_inputs([adapter], output, force, source_format, options)
+    (source,) = load_inputs([adapter], output, force, inputs)
     save_and_report(rescale(source, scale=to_scale, alpha=to_alpha), output, to_format, force, as_json)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 
 
 @click.command("resize")
@@ -30,11 +30,7 @@ def command(
     to_format: str | None,
     force: bool,
     as_json: bool,
-    source_format: str | None,
-    allow_pickle: bool,
-    alpha: float | None,
-    scale: float | None,
-    base: str | None,
+    inputs: Inputs,
 ) -> None:
     """Shrink every module of ADAPTER to a lower rank, optimally, reporting rank and error per module.
 
@@ -53,6 +49,5 @@ def command(
         rank=rank, energy=fro**2 if fro is not None else energy, ratio=ratio, cumulative=cumulative, max_rank=max_rank
     )
     rule.check()
-    options = to_read_options(base, alpha, scale, allow_pickle)
-    (source,) = load_inputs([adapter], output, force, source_format, options)
+    (source,) = load_inputs([adapter], output, force, inputs)
     save_and_report(resize(source, rule), output, to_format, force, as_json)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._input_options import input_options, to_read_options
+from ._input_options import Inputs, input_options
 from ._output import progress, stdout
 
 
@@ -25,14 +25,10 @@ from ._output import progress, stdout
 @input_options()
 def command(
     paths: tuple[str, ...],
-    base: str | None,
     output: str,
     as_json: bool,
     strict: bool,
-    source_format: str | None,
-    alpha: float | None,
-    scale: float | None,
-    allow_pickle: bool,
+    inputs: Inputs,
 ) -> None:
     """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
 
@@ -45,9 +41,8 @@ def command(
     """
     from ..validation import validate_adapter
 
-    options = to_read_options(base, alpha, scale, allow_pickle)
     reports = [
-        validate_adapter(p, base=base, format=source_format, options=options)
+        validate_adapter(p, base=inputs.read.base, format=inputs.format, options=inputs.read)
         for p in progress(paths, len(paths), "validating")
     ]
     from ._validate_render import render
