@@ -61,10 +61,18 @@ def save_and_report(result: AlgebraResult, output: str, to_format: str | None, f
                 "content_hash": result.adapter.content_hash(),
                 "modules": rows,
                 "warnings": list(result.warnings),
+                **({"budget": result.budget.to_dict()} if result.budget is not None else {}),
             }
         )
         return
     _render(rows, output, fmt)
+    if result.budget is not None:
+        b = result.budget
+        stdout.print(
+            f"budget {b.budget:,} params: used {b.params:,}, total rel. error {b.rel_error:.3g}; "
+            f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3g}",
+            highlight=False,
+        )
 
 
 def _render(rows: list[dict[str, Any]], output: str, fmt: str) -> None:

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path.")
 @click.option("--rank", type=int, default=None, help="The same rank for every module.")
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²_F.")
-@click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy chooses.")
+@click.option(
+    "--budget",
+    default=None,
+    help="Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least.",
+)
+@click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy or --budget chooses.")
 @click.option(
     "--targets", multiple=True, help="Module pattern to factor (regex on the path or a dotted suffix; repeatable)."
 )
@@ -34,7 +39,8 @@ if TYPE_CHECKING:
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw ΔW's singular-value spectra to this PNG."
 )
 def command(
-    base: str, finetuned: str, output: str, rank: int | None, energy: float | None, max_rank: int | None,
+    base: str, finetuned: str, output: str, rank: int | None, energy: float | None, budget: str | None,
+    max_rank: int | None,
     targets: tuple[str, ...], save_full: tuple[str, ...], alpha: float | None, dtype: str, format: str,
     force: bool, dry_run: bool, as_json: bool, plot: str | None,
 ) -> None:  # fmt: skip
@@ -48,13 +54,15 @@ def command(
       loractl extract llama-7b llama-7b-chat -o chat-lora --rank 64
       loractl extract base ft -o lora --energy 0.9 --max-rank 128 --save-full 'norm' --json
       loractl extract base ft -o lora --rank 16 --plot spectra.png
+      loractl extract base ft -o lora --budget 20MB --dtype bfloat16
     """
     from ..ops import extract as ops
     from ..plots import SpectrumRecorder, check_plot, plot_spectra
 
     config = ops.ExtractConfig(
-        rank=rank, energy=energy, max_rank=max_rank, targets=targets, save_full=save_full, alpha=alpha, dtype=dtype
-    )
+        rank=rank, energy=energy, budget=_budget_params(budget, dtype), max_rank=max_rank, targets=targets,
+        save_full=save_full, alpha=alpha, dtype=dtype,
+    )  # fmt: skip
     if dry_run:
         plan = ops.dry_run(base, finetuned, config)
         return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
@@ -69,6 +77,17 @@ def command(
     for message in report.warnings:
         warn(message)
     return emit_json(report.to_dict()) if as_json else _render(report)
+
+
+def _budget_params(budget: str | None, dtype: str) -> int | None:
+    """--budget as a parameter count (a size is divided by the factor dtype's width)."""
+    if budget is None:
+        return None
+    from ..io.dtypes import parse_dtype
+    from ..io.tensor_bytes import torch_dtype
+    from ..ops.budget import parse_budget
+
+    return parse_budget(budget, torch_dtype(parse_dtype(dtype)).itemsize)
 
 
 def _render(report: ExtractReport) -> None:
@@ -93,6 +112,13 @@ def _render(report: ExtractReport) -> None:
         + (" (pass --save-full to keep them)" if lost else ""),
         highlight=False,
     )
+    if report.budget is not None:
+        b = report.budget
+        stdout.print(
+            f"budget {b.budget:,} params: used {b.params:,}, total rel error {b.rel_error:.3e}; "
+            f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3e}",
+            highlight=False,
+        )
 
 
 def _plan_rows(plan: ExtractPlan) -> dict[str, object]:

@@ -16,6 +16,11 @@ from ._input_options import Inputs, input_options
 @click.option("--ratio", type=float, default=None, help="kohya sv_ratio: keep σ > σ_max / RATIO.")
 @click.option("--cumulative", type=float, default=None, help="kohya sv_cumulative: keep this share of Σσ.")
 @click.option("--max-rank", type=int, default=None, help="Upper bound for the dynamic rules.")
+@click.option(
+    "--budget",
+    default=None,
+    help="Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least.",
+)
 @output_options
 @input_options()
 def command(
@@ -26,6 +31,7 @@ def command(
     ratio: float | None,
     cumulative: float | None,
     max_rank: int | None,
+    budget: str | None,
     output: str,
     to_format: str | None,
     force: bool,
@@ -38,16 +44,24 @@ def command(
     Examples:
       loractl resize my-adapter -o my-adapter-r8 --rank 8
       loractl resize my-adapter -o small --energy 0.99 --max-rank 32 --json
+      loractl resize my-adapter -o small --budget 4MB
     """
     from ..errors import UsageError
-    from ..ops.lowrank import RankRule
-    from ..ops.resize import resize
+    from ..ops.budget import parse_budget
+    from ..ops.lowrank import RankRule, common_dtype
+    from ..ops.resize import resize, resize_to_budget
 
     if fro is not None and energy is not None:
         raise UsageError("give --energy or --fro, not both", hint="--fro F is --energy F²")
     rule = RankRule(
         rank=rank, energy=fro**2 if fro is not None else energy, ratio=ratio, cumulative=cumulative, max_rank=max_rank
     )
-    rule.check()
+    if budget is not None and rule.params():
+        raise UsageError("--budget chooses every rank itself; give it alone", hint="drop --rank/--energy/--max-rank")
+    if budget is None:
+        rule.check()
     (source,) = load_inputs([adapter], output, force, inputs)
-    save_and_report(resize(source, rule), output, to_format, force, as_json)
+    if budget is None:
+        return save_and_report(resize(source, rule), output, to_format, force, as_json)
+    params = parse_budget(budget, common_dtype(list(source.modules.values())).itemsize)
+    save_and_report(resize_to_budget(source, params), output, to_format, force, as_json)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
+    from .budget import Allocation
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class AlgebraResult:
     adapter: Adapter
     report: tuple[ModuleChange, ...]
     warnings: tuple[str, ...] = ()
+    budget: Allocation | None = None  # set by `resize_to_budget`
 
     def metrics(self) -> dict[str, object]:
         """Error figures for the lineage record."""
@@ -34,4 +36,5 @@ class AlgebraResult:
             "max_rel_error": max(errors, default=0.0),
             "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
             "modules": {r.module: {"rank": r.rank_out, "rel_error": float(f"{r.rel_error:.4g}")} for r in self.report},
+            **({"budget": self.budget.to_dict()} if self.budget is not None else {}),
         }

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,21 +24,27 @@ from ..io.dtypes import parse_dtype
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
 from . import linalg
+from .budget import allocate
 from .extract_plan import ExtractPlan, PlanEntry, plan_extract
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
+if TYPE_CHECKING:
+    from .budget import Allocation
+
 Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
 Observe = Callable[[str, torch.Tensor], None]  # (module, ΔW as the (d, k) matrix factored): e.g. to plot spectra
+BUDGET_HEADROOM = 4  # without --max-rank, a budgeted module may reach this many times the uniform rank
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Every extraction parameter with its default; exactly one of `rank` and `energy`.
+    """Every extraction parameter with its default; exactly one of `rank`, `energy` and `budget`.
 
     Attributes:
         rank: the same rank for every module.
         energy: per module, the smallest rank keeping this fraction of ‖ΔW‖²_F (0 < energy ≤ 1).
-        max_rank: cap on the energy-chosen rank.
+        budget: total factor parameters; the ranks are chosen together to lose the least (`budget.allocate`).
+        max_rank: cap on the energy- or budget-chosen rank (budget default: 4× the uniform rank).
         targets: module patterns to factor (PEFT's suffix-regex rule); default every 2-D or conv
             weight except embeddings and output heads.
         save_full: module patterns whose tensors are stored whole (PEFT's modules_to_save).
@@ -48,6 +54,7 @@ class ExtractConfig:
 
     rank: int | None = None
     energy: float | None = None
+    budget: int | None = None
     max_rank: int | None = None
     targets: tuple[str, ...] = ()
     save_full: tuple[str, ...] = ()
@@ -56,17 +63,17 @@ class ExtractConfig:
 
     def check(self) -> None:
         """Raise `UsageError` on inconsistent parameters."""
-        if (self.rank is None) == (self.energy is None):
+        if sum(x is not None for x in (self.rank, self.energy, self.budget)) != 1:
             raise UsageError(
-                "give exactly one of --rank and --energy",
+                "give exactly one of --rank, --energy and --budget",
                 hint="e.g. --rank 16 for the same rank everywhere, or --energy 0.9 to choose it per module",
             )
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank {self.rank} must be at least 1", hint="e.g. --rank 16, or --energy 0.9")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise UsageError(f"--energy {self.energy} must be in (0, 1]", hint="e.g. --energy 0.9 keeps 90% of ‖ΔW‖²")
-        if self.max_rank is not None and (self.energy is None or self.max_rank < 1):
-            raise UsageError("--max-rank needs --energy and must be at least 1")
+        if self.max_rank is not None and (self.rank is not None or self.max_rank < 1):
+            raise UsageError("--max-rank needs --energy or --budget and must be at least 1")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise UsageError(f"--alpha {self.alpha} must be a positive number")
         parse_dtype(self.dtype)
@@ -133,9 +140,12 @@ def extract_adapter(
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
         run = _Run(b, f, config, observe)
+        if config.budget is not None:
+            run.cap = _budget_cap(plan, config)
         for entry in (track or (lambda items, _: items))(plan.entries, len(plan.entries)):
             run.step(entry)
-        report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings)
+        chosen = run.spend(config.budget) if config.budget is not None else None
+        report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings, chosen)
         params = {**config.params(), "base": run.identity(b, run.base_all), "finetuned": run.identity(f, run.ft_all)}
         meta = AdapterMeta(
             base_model=str(base),
@@ -156,6 +166,8 @@ class _Run:
         self.reports: list[ExtractedModule] = []
         self.notes: list[TensorNote] = []
         self.base_all, self.ft_all, self.base_touched = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        self.cap = 0  # --budget: the deepest rank any module may take
+        self.pending: dict[str, tuple[linalg.Truncation, PlanEntry, float, float]] = {}  # --budget: SVDs to cut
 
     def step(self, entry: PlanEntry) -> None:
         if entry.action == "lowrank":
@@ -195,8 +207,30 @@ class _Run:
         m = delta.T if entry.kind == "embedding" or entry.fan_in_fan_out else delta.reshape(entry.matrix_shape)
         if self.observe is not None:
             self.observe(entry.module, m)
+        if self.config.budget is not None:
+            t = linalg.truncated_svd(m, min(self.cap, *m.shape), total=delta_sq)
+            self.pending[entry.module] = (t, entry, delta_sq, base_sq)
+            return
         self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq)
         self.reports.append(report)
+
+    def spend(self, budget: int) -> Allocation:
+        """--budget: choose every module's rank together, then cut each pending SVD to it.
+
+        The error of the rank-k cut of a (randomized) SVD is ‖ΔW‖² − Σ_{i≤k} σᵢ² exactly: the
+        sketch's projection and the truncation inside it are orthogonal.
+        """
+        spectra = {n: t.S.double().square().tolist() for n, (t, _, _, _) in self.pending.items()}
+        totals = {n: delta_sq for n, (_, _, delta_sq, _) in self.pending.items()}
+        costs = {n: sum(e.matrix_shape) for n, (_, e, _, _) in self.pending.items()}
+        chosen = allocate(spectra, totals, costs, budget)
+        for name, (t, entry, delta_sq, base_sq) in self.pending.items():
+            cut = t.head(chosen.ranks[name])
+            residual = max(delta_sq - cut.energy(), 0.0)
+            factors = _factors(cut, self.config)
+            self.modules[name], report = build_module(cut, factors, entry, residual, delta_sq, base_sq)
+            self.reports.append(report)
+        return chosen
 
     def identity(self, ckpt: Checkpoint, h: Any) -> dict[str, str]:
         return {"path": str(ckpt.path), "fingerprint": "sha256:" + h.hexdigest()}
@@ -210,11 +244,30 @@ def factor(
         t = linalg.truncated_svd(m, config.rank, total=delta_sq)
     else:
         t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
+    b, a, alpha = _factors(t, config)
+    residual = linalg.residual_sq(m, b.float(), a.float(), alpha / t.rank)
+    return build_module(t, (b, a, alpha), entry, residual, delta_sq, base_sq)
+
+
+def _factors(t: linalg.Truncation, config: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B (d, r), A (r, k), alpha) in the configured dtype, alpha = rank unless --alpha (scale alpha / rank)."""
     alpha = float(t.rank) if config.alpha is None else config.alpha
-    scale = alpha / t.rank
     dtype = torch_dtype(parse_dtype(config.dtype))
-    b, a = (x.to(dtype) for x in linalg.balanced_factors(t, scale))
-    residual = linalg.residual_sq(m, b.float(), a.float(), scale)
+    b, a = (x.to(dtype) for x in linalg.balanced_factors(t, alpha / t.rank))
+    return b, a, alpha
+
+
+def build_module(
+    t: linalg.Truncation,
+    factors: tuple[torch.Tensor, torch.Tensor, float],
+    entry: PlanEntry,
+    residual: float,
+    delta_sq: float,
+    base_sq: float,
+) -> tuple[LoraModule, ExtractedModule]:
+    """The LoraModule of `factors` (B, A, alpha) of truncation `t`, laid out for `entry.kind`, and its report."""
+    b, a, alpha = factors
+    scale = alpha / t.rank
     if entry.kind == "conv":
         b, a = b.reshape(*b.shape, *[1] * (len(entry.shape) - 2)), a.reshape(t.rank, *entry.shape[1:])
     module = LoraModule(
@@ -237,6 +290,14 @@ def factor(
         residual_sq=residual,
     )
     return module, report
+
+
+def _budget_cap(plan: ExtractPlan, config: ExtractConfig) -> int:
+    """How deep each module's SVD goes under --budget: --max-rank, else 4× the uniform rank the budget buys."""
+    if config.max_rank is not None:
+        return config.max_rank
+    cost = sum(sum(e.matrix_shape) for e in plan.by_action("lowrank"))
+    return BUDGET_HEADROOM * max(1, (config.budget or 0) // max(cost, 1))
 
 
 def _delta(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, bool]:

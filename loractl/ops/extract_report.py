@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .budget import Allocation
 
 Status = Literal["identical", "saved-full", "not-extracted"]
 
@@ -45,6 +48,7 @@ class ExtractReport:
     modules: tuple[ExtractedModule, ...]
     notes: tuple[TensorNote, ...]
     warnings: tuple[str, ...] = ()
+    budget: Allocation | None = None  # --budget: the allocation and the uniform-rank comparison
 
     def not_extracted(self) -> list[TensorNote]:
         return [n for n in self.notes if n.status == "not-extracted"]
@@ -73,4 +77,5 @@ class ExtractReport:
             "saved_full": [n.name for n in self.notes if n.status == "saved-full"],
             "identical": [n.name for n in self.notes if n.status == "identical"],
             "warnings": list(self.warnings),
+            **({"budget": self.budget.to_dict()} if self.budget is not None else {}),
         }

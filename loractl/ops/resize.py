@@ -2,7 +2,8 @@
 
 Each module's ΔW = scale · B · A is re-factored through `factored_svd` (exact, never (out, in))
 and truncated by a `RankRule`; the scale is kept (alpha follows the new rank), as kohya's
-resize_lora.py does. A module the rule would not shrink is kept bit for bit.
+resize_lora.py does. A module the rule would not shrink is kept bit for bit. `resize_to_budget`
+chooses the ranks of all modules together for a parameter budget (`budget.allocate`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import replace
 from .. import lineage
 from ..adapter import Adapter, LoraModule
 from .algebra_result import AlgebraResult, ModuleChange
+from .budget import Allocation, allocate
 from .lowrank import RankRule, factored_svd, matrices, rebuild, truncate
 
 
@@ -19,16 +21,37 @@ def resize(adapter: Adapter, rule: RankRule) -> AlgebraResult:
     """Truncate every module of `adapter` optimally (Eckart–Young) to the rank `rule` chooses."""
     rule.check()
     adapter.check()
+    return _resize_all(adapter, {name: rule for name in adapter.modules}, rule.params(), None)
+
+
+def resize_to_budget(adapter: Adapter, budget: int) -> AlgebraResult:
+    """Truncate every module so that the factors hold at most `budget` parameters in total, losing the
+    least Σ ‖ΔW − ΔW'‖²_F over modules (the ranks chosen together; see `budget.allocate`)."""
+    adapter.check()
+    spectra, totals, costs = {}, {}, {}
+    for name, m in adapter.modules.items():
+        b, a = matrices(m)
+        s2 = factored_svd([b], [a]).S.square() * m.scale**2  # σ² of ΔW = scale · B A
+        spectra[name], totals[name] = s2.tolist(), float(s2.sum())
+        costs[name] = int(b.shape[0] + a.shape[1])
+    chosen = allocate(spectra, totals, costs, budget)
+    rules = {name: RankRule(rank=k) for name, k in chosen.ranks.items()}
+    return _resize_all(adapter, rules, {"budget": budget}, chosen)
+
+
+def _resize_all(
+    adapter: Adapter, rules: dict[str, RankRule], params: dict[str, float | int], budget: Allocation | None
+) -> AlgebraResult:
     modules: dict[str, LoraModule] = {}
     report = []
     for name, m in adapter.modules.items():
-        modules[name], rep = _resize_module(name, m, rule)
+        modules[name], rep = _resize_module(name, m, rules[name])
         report.append(rep)
     warnings: tuple[str, ...] = ()
     if any(m.magnitude is not None for m in adapter.modules.values()):
         warnings = ("DoRA magnitudes are kept as they are; the reported errors are those of the LoRA part B·A",)
-    result = AlgebraResult(replace(adapter, modules=modules, warnings=()), tuple(report), warnings)
-    entry = lineage.new_entry("resize", rule.params(), [adapter.content_hash()], result.metrics())
+    result = AlgebraResult(replace(adapter, modules=modules, warnings=()), tuple(report), warnings, budget)
+    entry = lineage.new_entry("resize", params, [adapter.content_hash()], result.metrics())
     return replace(result, adapter=result.adapter.with_lineage(entry))
 
 
