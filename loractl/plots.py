@@ -2,6 +2,8 @@
 
 - `plot_inspection`: an adapter's rank and ‖ΔW‖_F as heatmaps, layer × module type, so an
   uneven fine-tune (one layer doing all the work, a module type left at zero) shows at a glance.
+- `plot_diff`: how far each module moved between two adapter versions (relative change and the
+  overlap of the column spaces), layer × module type, so where a new version differs shows at once.
 - `SpectrumRecorder` + `plot_spectra`: the singular values of each ΔW that `extract` factors,
   per module type, with the chosen rank and the energy kept marked, so the rank the fine-tune
   needs can be read off the knee of the curves.
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .inspection import Inspection
+    from .ops.diff import AdapterDiff
     from .ops.extract_report import ExtractReport
 
 _NUM = re.compile(r"^\d+$")
@@ -84,6 +87,23 @@ def plot_inspection(report: Inspection, path: str | Path) -> Path:
     ):
         _heatmap(fig, axis, layout, values, title, fmt)
     fig.suptitle(f"{report.info.path.name}: {len(modules)} modules ({report.info.format})")
+    return _save(fig, path)
+
+
+def plot_diff(result: AdapterDiff, path: str | Path, *, title: str = "", inputs: Sequence[str | Path] = ()) -> Path:
+    """Write heatmaps (layer × module type) of each common module's relative change and column-space overlap.
+
+    `inputs` are paths the picture must not replace (the adapters compared).
+    """
+    check_plot(path, inputs)
+    layout = grid(m.module for m in result.modules)
+    change = _matrix(layout, {m.module: math.nan if m.change is None else m.change for m in result.modules})
+    overlap = _matrix(layout, {m.module: m.overlap for m in result.modules})
+    fig = _figure(width=2 * (2.2 + 0.55 * len(layout.columns)), height=2.4 + 0.32 * len(layout.rows))
+    panels = ("‖ΔW_A − ΔW_B‖ / ‖ΔW_A‖", "column-space overlap (mean cos²)")
+    for axis, values, name in zip(fig.subplots(1, 2), (change, overlap), panels, strict=True):
+        _heatmap(fig, axis, layout, values, name, "{:.2g}")
+    fig.suptitle(title or f"diff: {len(result.modules)} common modules")
     return _save(fig, path)
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "validate": "validate_cmd",
     "merge": "merge_cmd",
     "extract": "extract_cmd",
+    "diff": "diff_cmd",
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",

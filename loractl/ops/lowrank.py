@@ -87,13 +87,23 @@ class LowRankFit:
         return int(self.A.shape[0])
 
 
-def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> SVD:
-    """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in)."""
+def factored_core(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q_b (out, m), core (m, n), Q_a (in, n)) with Σ Bᵢ Aᵢ = Q_b · core · Q_aᵀ, all float64.
+
+    ‖Σ Bᵢ Aᵢ‖_F = ‖core‖_F without the cancellation a Gram-matrix expansion suffers when the
+    terms nearly cancel (a difference of two close versions).
+    """
     b = torch.cat([x.double() for x in Bs], dim=1)
     a = torch.cat([x.double() for x in As], dim=0)
     qb, rb = torch.linalg.qr(b)  # (out, m), (m, R), m = min(out, R)
     qa, ra = torch.linalg.qr(a.T)  # (in, n), (n, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb, rb @ ra.T, qa
+
+
+def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> SVD:
+    """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in)."""
+    qb, core, qa = factored_core(Bs, As)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return SVD(qb @ u, s, vh @ qa.T)
 
 

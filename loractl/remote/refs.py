@@ -1,0 +1,33 @@
+"""Adapter arguments that may name a registry version: `hf://owner/name@v1`, `file:///DIR/owner/name@v2`.
+
+Commands that only read adapters (diff, eval) accept these beside paths: the version is pulled
+(verified, as `pull` does) into a temporary directory that lives as long as the caller needs it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMES = ("hf://", "file://")
+
+
+def is_reference(text: str | Path) -> bool:
+    """Whether `text` names a registry version rather than a local path."""
+    return isinstance(text, str) and text.startswith(SCHEMES)
+
+
+@contextmanager
+def local_copy(ref: str | Path, *, endpoint: str | None = None, token: str | None = None) -> Iterator[Path]:
+    """A local path for `ref`: the path itself, or a verified pull that is deleted on exit."""
+    if not is_reference(ref):
+        yield Path(ref)
+        return
+    from .ops import pull
+
+    with tempfile.TemporaryDirectory(prefix="loractl-ref-") as tmp:
+        out = Path(tmp) / "adapter"
+        pull(str(ref), out, endpoint=endpoint, token=token)
+        yield out
