@@ -24,6 +24,7 @@ COMMANDS = {
     "merge": "merge_cmd",
     "extract": "extract_cmd",
     "diff": "diff_cmd",
+    "eval": "eval_cmd",
     "combine": "combine_cmd",
     "resize": "resize_cmd",
     "rescale": "rescale_cmd",

@@ -1,0 +1,82 @@
+"""`loractl eval`: loss and perplexity of a base alone and with each adapter, on train's data formats."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
+
+import click
+
+from ._output import emit_json, progress, stdout
+from ._read_options import read_options, to_read_options
+
+if TYPE_CHECKING:
+    from ..train.evaluation import EvalReport
+
+
+@click.command("eval")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1)
+@click.option("--data", required=True, type=click.Path(), help="JSONL: text, prompt/completion or chat messages.")
+@click.option("--prompt", default=None, help="Also greedy-complete this prompt with each model.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Length of the --prompt completion.")
+@click.option("--no-template", is_flag=True, help="Send --prompt as is, not as a user turn of the chat template.")
+@click.option("--max-len", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON document.")
+@read_options
+def command(
+    base: str, adapters: tuple[str, ...], data: str, prompt: str | None, max_new_tokens: int, no_template: bool,
+    max_len: int, batch_size: int, device: str | None, as_json: bool,
+    source_format: str | None, alpha: float | None, scale: float | None, allow_pickle: bool,
+) -> None:  # fmt: skip
+    """Score DATA under BASE alone and under BASE + each ADAPTER: mean loss per label token and perplexity.
+
+    ADAPTERs are paths or registry versions (hf://owner/name@v1, file:///DIR/owner/name@v2), so
+    this is how to pick between two versions. Loss is taken where `train` takes it (completions,
+    assistant turns of chat lines, every token of text lines).
+
+    \b
+    Examples:
+      loractl eval ./llama run/adapter --data val.jsonl
+      loractl eval ./llama hf://alice/lora@v1 hf://alice/lora@v2 --data val.jsonl --json
+      loractl eval ./llama my-adapter --data val.jsonl --prompt "Name three primes."
+    """
+    from ..formats import load_adapter
+    from ..remote.refs import local_copy
+    from ..train.data import require_data_file
+    from ..train.evaluation import evaluate_adapters
+
+    require_data_file(data)  # before seconds of loading
+    options = to_read_options(None, alpha, scale, allow_pickle)
+    with ExitStack() as stack:
+        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=source_format, options=options))
+                  for p in adapters]  # fmt: skip
+    report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
+                               max_new_tokens=max_new_tokens, chat_template=not no_template,
+                               device=device or _default_device(),
+                               track=lambda items, n, name: progress(items, n, f"eval {name}"))  # fmt: skip
+    return emit_json(report.to_dict()) if as_json else _render(report)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _render(report: EvalReport) -> None:
+    from rich.table import Table
+
+    stdout.print(f"{report.data}: {report.examples} examples, {report.tokens} label tokens", highlight=False)
+    table = Table("model", "loss", "perplexity", "Δ loss", box=None)
+    base = report.rows[0].loss
+    for row in report.rows:
+        delta = "" if row.adapter is None else f"{row.loss - base:+.4f}"
+        table.add_row(row.name, f"{row.loss:.4f}", f"{row.perplexity:.3f}", delta)
+    stdout.print(table)
+    if report.prompt is not None:
+        stdout.print(f"prompt: {report.prompt}", highlight=False)
+        for row in report.rows:
+            stdout.print(f"[bold]{row.name}[/]: {row.completion}", highlight=False)

@@ -1,0 +1,208 @@
+"""`evaluate_adapters`: mean loss per label token and perplexity of a base alone and with each adapter.
+
+The base is loaded once; each adapter is applied in turn with forward hooks that add
+scale · B (A x) (+ scale · bias) to the adapted layers' outputs, PEFT's unmerged LoRA forward, and
+removed again, so the base weights are never modified. Full tensors (modules_to_save) are swapped
+in and restored. Every adapter is checked against the base before the first forward pass.
+Data lines are those `train` reads (`data.load_dataset`): text, prompt/completion, chat messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, LoraModule
+from ..errors import AdapterError, ShapeMismatchError, UsageError
+from .data import IGNORE, Example, collate, load_dataset, require_data_file
+from .job import load_base
+from .lora_layers import is_adaptable, is_conv1d
+from .loss import CausalLMLoss
+
+Track = Callable[[Iterable[Any], int, str], Iterable[Any]]  # (items, total, description) → items
+MAX_NEW_TOKENS = 32
+_HINT = "the adapter was made for another base; compare 'loractl inspect ADAPTER' with the base's config.json"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One model evaluated: the base (`adapter` None) or the base with one adapter."""
+
+    name: str
+    adapter: str | None
+    loss: float  # mean cross-entropy per label token, nats
+    perplexity: float
+    completion: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    data: str
+    data_sha256: str
+    examples: int
+    tokens: int  # label tokens scored per model
+    rows: tuple[EvalRow, ...]
+    prompt: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        base = self.rows[0].loss
+        rows = [{**vars(r), "delta_loss": r.loss - base} for r in self.rows]
+        return {"data": self.data, "data_sha256": self.data_sha256, "examples": self.examples,
+                "tokens": self.tokens, "prompt": self.prompt, "models": rows}  # fmt: skip
+
+
+def evaluate_adapters(
+    base: str | Path,
+    adapters: Sequence[tuple[str, Adapter]],
+    data: str | Path,
+    *,
+    max_len: int = 512,
+    batch_size: int = 8,
+    prompt: str | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    chat_template: bool = True,
+    device: str = "cpu",
+    track: Track | None = None,
+) -> EvalReport:
+    """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily."""
+    require_data_file(data)
+    model, tokenizer = load_base(base)
+    for name, adapter in adapters:
+        check_fits(model, adapter, name)
+    dataset = load_dataset(data, tokenizer, max_len)
+    model.to(device).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, tokens = [], sum(ex.num_targets for ex in dataset.examples)
+    models: list[tuple[str, Adapter | None]] = [("base", None), *adapters]
+    for name, adapter in models:
+        with applied(model, adapter):
+            batches = _batches(dataset.examples, batch_size)
+            loss = mean_loss(model, (track or _untracked)(batches, len(batches), name), pad, device)
+            completion = _complete(model, tokenizer, prompt, max_new_tokens, chat_template, device) if prompt else None
+        rows.append(EvalRow(name, None if adapter is None else name, loss, _perplexity(loss), completion))
+    return EvalReport(str(data), dataset.sha256, len(dataset), tokens, tuple(rows), prompt)
+
+
+def mean_loss(model: nn.Module, batches: Iterable[Sequence[Example]], pad_id: int, device: str = "cpu") -> float:
+    """Σ cross-entropy over label tokens / their count (the same sum `train` minimises)."""
+    loss_fn = CausalLMLoss(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rows in batches:
+            batch = collate(rows, pad_id)
+            mask = batch["attention_mask"]
+            total += float(loss_fn(batch["input_ids"].to(device), batch["labels"].to(device),
+                                   None if bool(mask.all()) else mask.to(device)))  # fmt: skip
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    return total / count if count else math.nan
+
+
+def check_fits(model: nn.Module, adapter: Adapter, name: str) -> None:
+    """Raise unless every module of `adapter` is a linear layer of `model` with matching shapes."""
+    for path, m in adapter.modules.items():
+        if m.kind != "linear" or m.magnitude is not None:
+            what = "DoRA" if m.magnitude is not None else f"{m.kind} LoRA"
+            raise UsageError(f"{name}: module {path!r} is {what}, which eval does not apply yet",
+                             hint="eval applies plain LoRA on linear layers; merge the adapter and eval the merge")  # fmt: skip
+        layer = _submodule(model, path, name)
+        if not is_adaptable(layer):
+            raise ShapeMismatchError(f"{name}: {path!r} is a {type(layer).__name__} in the base, not a linear layer",
+                                     hint=_HINT)  # fmt: skip
+        out, inp = _layer_shape(layer)
+        if (m.out_features, m.in_features) != (out, inp):
+            raise ShapeMismatchError(
+                f"{name}: module {path!r}: adapter ΔW is {m.out_features}×{m.in_features} but the base layer is "
+                f"{out}×{inp}",
+                hint=_HINT,
+            )
+    params = dict(model.named_parameters())
+    for key, t in adapter.full_tensors.items():
+        if key not in params or params[key].shape != t.shape:
+            raise ShapeMismatchError(f"{name}: full tensor {key!r} {list(t.shape)} has no counterpart in the base",
+                                     hint=_HINT)  # fmt: skip
+
+
+@contextmanager
+def applied(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
+    """`model` computing as base + `adapter` inside the block (nothing changes for None); restored on exit."""
+    handles, saved = [], {}
+    try:
+        if adapter is not None:
+            for path, m in adapter.modules.items():
+                layer = model.get_submodule(path)
+                weight = layer.weight
+                assert isinstance(weight, torch.Tensor)
+                handles.append(layer.register_forward_hook(_lora_hook(m, weight.device)))
+            params = dict(model.named_parameters())
+            for key, t in adapter.full_tensors.items():
+                saved[key] = params[key].data
+                params[key].data = t.to(saved[key].device, saved[key].dtype)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        params = dict(model.named_parameters())
+        for key, original in saved.items():
+            params[key].data = original
+
+
+def _lora_hook(m: LoraModule, device: torch.device) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    a, b = m.A.to(device, torch.float32), m.B.to(device, torch.float32)
+    bias = None if m.bias is None else m.bias.to(device, torch.float32)
+
+    def hook(_layer: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.linear(inputs[0].to(torch.float32), a), b, bias) * m.scale
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
+def _complete(model: nn.Module, tokenizer: Any, prompt: str, max_new: int, template: bool, device: str) -> str:
+    """Greedy completion of `prompt` (as one user turn through the chat template, when there is one)."""
+    if template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer.encode(str(text), add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    inputs = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new,  # type: ignore[operator]
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
+def _submodule(model: nn.Module, path: str, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ShapeMismatchError(f"{name}: module {path!r} is not in the base", hint=_HINT) from None
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer; a GPT-2 Conv1D stores its weight (in, out)."""
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise AdapterError(f"layer {type(layer).__name__} has no weight tensor")
+    inp, out = weight.shape if is_conv1d(layer) else weight.shape[::-1]
+    return int(out), int(inp)
+
+
+def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def _untracked(items: Iterable[Any], _total: int, _description: str) -> Iterable[Any]:
+    return items
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
