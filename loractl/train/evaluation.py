@@ -75,8 +75,8 @@ def evaluate_adapters(
     """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily."""
     require_data_file(data)
     model, tokenizer = load_base(base)
-    for name, adapter in adapters:
-        check_fits(model, adapter, name)
+    for label, candidate in adapters:
+        check_fits(model, candidate, label)
     dataset = load_dataset(data, tokenizer, max_len)
     model.to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
