@@ -31,6 +31,10 @@ _EXPORTS = {
     "combine": "ops.combine",
     "CombineOptions": "ops.combine",
     "resize": "ops.resize",
+    "resize_to_budget": "ops.resize",
+    "diff": "ops.diff",
+    "AdapterDiff": "ops.diff",
+    "evaluate_adapters": "train.evaluation",
     "RankRule": "ops.lowrank",
     "rescale": "ops.rescale",
     "convert": "ops.convert",
@@ -55,8 +59,10 @@ if TYPE_CHECKING:
     from .ops.merge import merge
     from .ops.merge_plan import plan_merge
     from .ops.rescale import rescale
-    from .ops.resize import resize
+    from .ops.diff import AdapterDiff, diff
+    from .ops.resize import resize, resize_to_budget
     from .remote.transfer import pull, push, versions
+    from .train.evaluation import evaluate_adapters
     from .validation import validate_adapter
 
 
