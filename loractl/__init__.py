@@ -54,12 +54,12 @@ if TYPE_CHECKING:
     from .io.checkpoint import Checkpoint
     from .ops.combine import CombineOptions, combine
     from .ops.convert import convert
+    from .ops.diff import AdapterDiff, diff
     from .ops.extract import ExtractConfig, extract
     from .ops.lowrank import RankRule
     from .ops.merge import merge
     from .ops.merge_plan import plan_merge
     from .ops.rescale import rescale
-    from .ops.diff import AdapterDiff, diff
     from .ops.resize import resize, resize_to_budget
     from .remote.transfer import pull, push, versions
     from .train.evaluation import evaluate_adapters

@@ -8,7 +8,8 @@ expensive step worth far more), so `allocate` solves it exactly:
 - modules of the same cost m + n form one class; the best k ranks within a class are the k
   largest σ² of the class's spectra together (each module's σ² descend, so they form prefixes);
 - a dynamic program over the classes (few: one per distinct module shape), with the budget in
-  units of the gcd of the costs, picks how many ranks each class gets.
+  units of the gcd of the costs, picks how many ranks each class gets; the last class is only
+  evaluated at the full budget, so two classes (a Llama: attention and MLP) cost O(units + ranks).
 
 Every module keeps rank ≥ 1 (a rank-0 module is not an adapter module), so the budget must cover
 rank 1 everywhere. Sums of squares are float64 (PERF.md, pitfalls).
@@ -122,15 +123,16 @@ def _best_extra(
     classes: dict[int, list[tuple[float, str]]] = {}
     for name, s in spectra.items():
         classes.setdefault(costs[name] // unit, []).extend((float(v), name) for v in list(s)[1:])
-    steps = {c: sorted(items, key=lambda x: -x[0]) for c, items in classes.items()}
+    steps = {c: sorted(items, key=lambda x: -x[0]) for c, items in sorted(classes.items())}
+    gains = {c: np.concatenate([[0.0], np.cumsum([g for g, _ in items[: units // c]])]) for c, items in steps.items()}
+    *inner, last = gains
     best = np.zeros(units + 1)
-    choices: list[tuple[int, np.ndarray]] = []
-    for cost, items in sorted(steps.items()):
-        gains = np.concatenate([[0.0], np.cumsum([g for g, _ in items[: units // cost]])])
-        best, choice = _add_class(best, gains, cost)
+    choices = []
+    for i, cost in enumerate(inner):  # best[u]: the most σ² kept with at most u units on the classes so far
+        best, choice = _first_class(gains[cost], cost, units) if i == 0 else _add_class(best, gains[cost], cost)
         choices.append((cost, choice))
-    counts: dict[int, int] = {}
-    left = units
+    counts = {last: _last_class(best, gains[last], last)}
+    left = units - counts[last] * last
     for cost, choice in reversed(choices):
         counts[cost] = int(choice[left])
         left -= counts[cost] * cost
@@ -139,6 +141,13 @@ def _best_extra(
         for _, name in items[: counts[cost]]:
             extra[name] = extra.get(name, 0) + 1
     return extra
+
+
+def _first_class(gains: np.ndarray, cost: int, units: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_add_class` onto nothing: the gains never decrease, so the best k for u units is as many as fit."""
+    enough = int(np.argmax(gains))  # the first k reaching the maximum: no rank that keeps nothing
+    choice = np.minimum(np.arange(units + 1) // cost, enough)
+    return gains[choice], choice
 
 
 def _add_class(best: np.ndarray, gains: np.ndarray, cost: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +160,14 @@ def _add_class(best: np.ndarray, gains: np.ndarray, cost: int) -> tuple[np.ndarr
         new[shift:][better] = candidate[better]
         choice[shift:][better] = k
     return new, choice
+
+
+def _last_class(best: np.ndarray, gains: np.ndarray, cost: int) -> int:
+    """The last class needs the optimum at the full budget only: one max over its k (O(K), not O(K·units))."""
+    units = len(best) - 1
+    k = np.arange(len(gains))
+    total = best[units - k * cost] + gains
+    return int(np.argmax(total))  # the first maximum: the smallest k on ties
 
 
 def _uniform_rank(spectra: Mapping[str, Sequence[float]], costs: Mapping[str, int], budget: int) -> int:
