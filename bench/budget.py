@@ -23,7 +23,8 @@ from timing import timed  # bench/timing.py (the script's own directory is on sy
 from loractl.adapter import Adapter
 from loractl.formats import load_adapter
 from loractl.ops.budget import allocate
-from loractl.ops.lowrank import RankRule, frobenius, matrices
+from loractl.ops.linalg import factored_frobenius
+from loractl.ops.lowrank import RankRule, matrices
 from loractl.ops.resize import AlgebraResult, resize, resize_to_budget
 
 _HERE = Path(__file__).resolve()
@@ -40,7 +41,7 @@ LLAMA7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 
 
 def total_error(source: Adapter, result: AlgebraResult) -> float:
     """√(Σ (rel_errorᵢ · ‖ΔWᵢ‖)² / Σ ‖ΔWᵢ‖²) from the per-module reports."""
-    norms = {n: frobenius(*_scaled(m)) for n, m in source.modules.items()}
+    norms = {n: factored_frobenius(*_scaled(m)) for n, m in source.modules.items()}
     num = sum((r.rel_error * norms[r.module]) ** 2 for r in result.report)
     return math.sqrt(num / sum(v * v for v in norms.values()))
 

@@ -18,7 +18,8 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..errors import ShapeMismatchError, UsageError
-from .lowrank import factored_core, factored_svd, frobenius, matrices
+from .linalg import factored_frobenius
+from .lowrank import factored_core, factored_svd, matrices
 
 RANK_TOL = 1e-9  # singular values below this share of σ₁ are rounding, not directions of ΔW
 _SAME_BASE_HINT = "diff compares versions of one adapter for one base; check both with 'loractl inspect'"
@@ -115,7 +116,7 @@ def diff_module(name: str, a: LoraModule, b: LoraModule) -> ModuleDiff:
             f"module {name!r}: ΔW is {_describe(a)} in A but {_describe(b)} in B; the adapters fit different bases",
             hint=_SAME_BASE_HINT,
         )
-    norm_a, norm_b = frobenius(ba, aa), frobenius(bb, ab)
+    norm_a, norm_b = factored_frobenius(ba, aa), factored_frobenius(bb, ab)
     distance = 0.0 if _same_delta(a, b) else float(torch.linalg.matrix_norm(factored_core([ba, -bb], [aa, ab])[1]))
     inner = float(((ba.T @ bb) * (aa @ ab.T)).sum())
     cosine = inner / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0

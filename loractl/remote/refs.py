@@ -25,7 +25,7 @@ def local_copy(ref: str | Path, *, endpoint: str | None = None, token: str | Non
     if not is_reference(ref):
         yield Path(ref)
         return
-    from .ops import pull
+    from .transfer import pull
 
     with tempfile.TemporaryDirectory(prefix="loractl-ref-") as tmp:
         out = Path(tmp) / "adapter"
