@@ -126,7 +126,9 @@ def _best_extra(
     steps = {c: sorted(items, key=lambda x: -x[0]) for c, items in sorted(classes.items())}
     gains = {c: np.concatenate([[0.0], np.cumsum([g for g, _ in items[: units // c]])]) for c, items in steps.items()}
     *inner, last = gains
-    best = np.zeros(units + 1)
+    if not inner:  # one shape: as many of the largest σ² as fit, no table needed
+        return _take(steps[last], min(units // last, int(np.argmax(gains[last]))))
+    best = np.zeros(0)
     choices = []
     for i, cost in enumerate(inner):  # best[u]: the most σ² kept with at most u units on the classes so far
         best, choice = _first_class(gains[cost], cost, units) if i == 0 else _add_class(best, gains[cost], cost)
@@ -138,9 +140,17 @@ def _best_extra(
         left -= counts[cost] * cost
     extra: dict[str, int] = {}
     for cost, items in steps.items():
-        for _, name in items[: counts[cost]]:
-            extra[name] = extra.get(name, 0) + 1
+        for name, k in _take(items, counts[cost]).items():
+            extra[name] = extra.get(name, 0) + k
     return extra
+
+
+def _take(items: Sequence[tuple[float, str]], count: int) -> dict[str, int]:
+    """How many of the first `count` steps (largest σ² first) fall to each module."""
+    taken: dict[str, int] = {}
+    for _, name in items[:count]:
+        taken[name] = taken.get(name, 0) + 1
+    return taken
 
 
 def _first_class(gains: np.ndarray, cost: int, units: int) -> tuple[np.ndarray, np.ndarray]:
