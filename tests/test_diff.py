@@ -157,3 +157,13 @@ def test_registry_versions(tmp_path: Path) -> None:
     assert json.loads(out)["modules"] == json.loads(local)["modules"]
     code, _, err = run_cli("diff", f"{repo}@v9", f"{repo}@v2")
     assert code != 0 and err.startswith("error: ") and "hint: " in err
+
+
+def test_diff_measures_what_resize_reports() -> None:
+    # two features checked against each other: the change diff sees is the error resize --budget states
+    from loractl.ops.resize import resize_to_budget
+
+    adapter = load_adapter(FIXTURES / "tiny-qv")
+    result = resize_to_budget(adapter, 2048)
+    assert result.budget is not None
+    assert diff(adapter, result.adapter).change == pytest.approx(result.budget.rel_error, rel=1e-5)
