@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
-from ._read_options import read_options, to_read_options
 
 if TYPE_CHECKING:
     from ..ops.diff import AdapterDiff
@@ -23,10 +23,9 @@ WIDTH = 80
 @click.option("--json", "as_json", is_flag=True, help="Print every module's figures as one JSON document.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw layer × module heatmaps.")
 @click.option("--top", type=int, default=SHOWN, show_default=True, help="Modules listed in the text summary.")
-@read_options
+@input_options()
 def command(
-    a: str, b: str, as_json: bool, plot: str | None, top: int,
-    source_format: str | None, alpha: float | None, scale: float | None, allow_pickle: bool,
+    a: str, b: str, as_json: bool, plot: str | None, top: int, inputs: Inputs
 ) -> None:  # fmt: skip
     """Compare adapter A with adapter B: modules added and removed, and per common module the
     relative change ‖ΔW_A − ΔW_B‖/‖ΔW_A‖, the cosine and the column-space overlap, most changed first.
@@ -43,13 +42,12 @@ def command(
     from ..ops.diff import diff
     from ..remote.refs import local_copy
 
-    options = to_read_options(None, alpha, scale, allow_pickle)
     if plot:
         from ..plots import check_plot
 
         check_plot(plot, [a, b])
     with ExitStack() as stack:
-        first, second = (load_adapter(stack.enter_context(local_copy(p)), format=source_format, options=options)
+        first, second = (load_adapter(stack.enter_context(local_copy(p)), format=inputs.format, options=inputs.read)
                          for p in (a, b))  # fmt: skip
     result = diff(first, second)
     if plot:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from ._input_options import Inputs, input_options
 from ._output import emit_json, progress, stdout
-from ._read_options import read_options, to_read_options
 
 if TYPE_CHECKING:
     from ..train.evaluation import EvalReport
@@ -25,11 +27,10 @@ if TYPE_CHECKING:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON document.")
-@read_options
+@input_options(base=False)
 def command(
     base: str, adapters: tuple[str, ...], data: str, prompt: str | None, max_new_tokens: int, no_template: bool,
-    max_len: int, batch_size: int, device: str | None, as_json: bool,
-    source_format: str | None, alpha: float | None, scale: float | None, allow_pickle: bool,
+    max_len: int, batch_size: int, device: str | None, as_json: bool, inputs: Inputs,
 ) -> None:  # fmt: skip
     """Score DATA under BASE alone and under BASE + each ADAPTER: mean loss per label token and perplexity.
 
@@ -49,9 +50,9 @@ def command(
     from ..train.evaluation import evaluate_adapters
 
     require_data_file(data)  # before seconds of loading
-    options = to_read_options(None, alpha, scale, allow_pickle)
+    options = replace(inputs.read, base=Path(base)) if Path(base).is_dir() else inputs.read  # names resolve on BASE
     with ExitStack() as stack:
-        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=source_format, options=options))
+        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=inputs.format, options=options))
                   for p in adapters]  # fmt: skip
     report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
                                max_new_tokens=max_new_tokens, chat_template=not no_template,
