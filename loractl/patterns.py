@@ -24,14 +24,22 @@ def summarize(modules: Mapping[str, K]) -> list[tuple[str, K, int]]:
         template = ".".join("#" if _NUM.match(p) else p for p in parts)
         numbers.setdefault((template, attrs), set()).add(tuple(int(p) for p in parts if _NUM.match(p)))
     leaves: dict[tuple[str, frozenset[tuple[int, ...]], K], list[str]] = {}
+    rows = []
     for (template, attrs), found in numbers.items():
         head, _, leaf = template.rpartition(".")
-        leaves.setdefault((head, frozenset(found), attrs), []).append(leaf)
-    rows = []
+        if leaf == "#":  # `to_out.0`: the index is the leaf, filled like any other, never shown as '#'
+            rows.append((_fill(template, frozenset(found)), attrs, len(found)))
+        else:
+            leaves.setdefault((head, frozenset(found), attrs), []).append(leaf)
     for (head, nums, attrs), names in leaves.items():
         filled = _fill(head, nums)
         rows.append(((filled + "." if filled else "") + _alternatives(sorted(names)), attrs, len(nums) * len(names)))
-    return sorted(rows, key=lambda r: r[0])
+    return sorted(rows, key=lambda r: natural_key(r[0]))
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Numbers by value, so that `h.2` sorts before `h.10`."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
 
 
 def _fill(template: str, numbers: frozenset[tuple[int, ...]]) -> str:

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ..patterns import natural_key
 from ._output import emit_json, stdout, warn
+from ._text import name_table
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -43,8 +45,18 @@ def load_inputs(paths: list[str], output: str, force: bool, inputs: Inputs) -> l
     return [load_adapter(p, format=inputs.format, options=inputs.read) for p in paths]
 
 
-def save_and_report(result: AlgebraResult, output: str, to_format: str | None, force: bool, as_json: bool) -> None:
-    """Write the result in the input's format (or `to_format`) and print the per-module report."""
+def save_and_report(
+    result: AlgebraResult,
+    output: str,
+    to_format: str | None,
+    force: bool,
+    as_json: bool,
+    render: Callable[[list[dict[str, Any]], str, str], None] | None = None,
+) -> None:
+    """Write the result in the input's format (or `to_format`) and print the per-module report.
+
+    `render` replaces the rank/error table for operations whose report is something else (rescale).
+    """
     from ..formats import FORMATS, save_adapter
 
     source = result.adapter.meta.source_format
@@ -65,7 +77,7 @@ def save_and_report(result: AlgebraResult, output: str, to_format: str | None, f
             }
         )
         return
-    _render(rows, output, fmt)
+    (render or _render)(rows, output, fmt)
     if result.budget is not None:
         b = result.budget
         stdout.print(
@@ -76,12 +88,11 @@ def save_and_report(result: AlgebraResult, output: str, to_format: str | None, f
 
 
 def _render(rows: list[dict[str, Any]], output: str, fmt: str) -> None:
-    from rich.table import Table
-
-    table = Table("module", "rank in", "rank out", "rel. error", box=None)
-    for r in rows:
-        table.add_row(r["module"], str(r["rank_in"]), str(r["rank_out"]), f"{r['rel_error']:.3g}")
-    stdout.print(table)
+    table = [
+        (r["module"], str(r["rank_in"]), str(r["rank_out"]), f"{r['rel_error']:.3g}")
+        for r in sorted(rows, key=lambda r: natural_key(r["module"]))
+    ]
+    stdout.print(name_table(stdout.get(), ("module", "rank in", "rank out", "rel. error"), table))
     worst = max((r["rel_error"] for r in rows), default=0.0)
     ranks = sorted({r["rank_out"] for r in rows})
     span = f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0] if ranks else 0)

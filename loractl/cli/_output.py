@@ -39,9 +39,17 @@ stdout = LazyConsole(to_stderr=False)
 stderr = LazyConsole(to_stderr=True)
 
 
-def emit_json(doc: Any) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+JSON_SCHEMA_VERSION = 1  # raised when a document changes incompatibly (a key removed or its meaning changed)
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """One JSON document on stdout, stamped `"schema": "loractl/COMMAND/VERSION"` (docs/json.md)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    command = ctx.command.name if ctx is not None and ctx.command.name else "loractl"
+    stamped = {"schema": f"loractl/{command}/{JSON_SCHEMA_VERSION}", **doc}
+    sys.stdout.write(json.dumps(stamped, indent=2, default=str) + "\n")
 
 
 def progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..patterns import natural_key
 from ._output import emit_json, progress, stdout, warn
+from ._text import name_table
 
 if TYPE_CHECKING:
     from ..ops.extract_plan import ExtractPlan
@@ -91,17 +93,13 @@ def _budget_params(budget: str | None, dtype: str) -> int | None:
 
 
 def _render(report: ExtractReport) -> None:
-    from rich.table import Table
-
-    table = Table(title="extracted modules")
-    for column in ("module", "shape", "rank", "rel error", "energy", "‖ΔW‖/‖W0‖", "svd"):
-        table.add_column(column, justify="left" if column in ("module", "shape") else "right")
-    for m in report.modules:
-        shape = "×".join(map(str, m.shape))
-        table.add_row(
-            m.module, shape, str(m.rank), f"{m.rel_error:.2e}", f"{m.energy:.4f}", f"{m.delta_ratio:.2e}", m.method
-        )
-    stdout.print(table)
+    rows = [
+        (m.module, "×".join(map(str, m.shape)), str(m.rank), f"{m.rel_error:.2e}", f"{m.energy:.4f}",
+         f"{m.delta_ratio:.2e}", m.method)
+        for m in sorted(report.modules, key=lambda m: natural_key(m.module))
+    ]  # fmt: skip
+    headers = ("module", "shape", "rank", "rel error", "energy", "‖ΔW‖/‖W0‖", "svd")
+    stdout.print(name_table(stdout.get(), headers, rows, title="extracted modules"))
     lost = report.not_extracted()
     for n in lost:
         stdout.print(f"[yellow]not extracted[/] {n.name}: {n.reason}", highlight=False)
@@ -130,12 +128,9 @@ def _plan_rows(plan: ExtractPlan) -> dict[str, object]:
 
 
 def _render_plan(plan: ExtractPlan) -> None:
-    from rich.table import Table
-
-    table = Table(title="extract plan (from headers)")
-    for column in ("tensor", "shape", "action", "reason"):
-        table.add_column(column)
-    for e in plan.entries:
-        action = f"{e.action} ({e.kind})" if e.action == "lowrank" else e.action
-        table.add_row(e.name, "×".join(map(str, e.shape)), action, e.reason)
-    stdout.print(table)
+    rows = [
+        (e.name, "×".join(map(str, e.shape)), f"{e.action} ({e.kind})" if e.action == "lowrank" else e.action, e.reason)
+        for e in sorted(plan.entries, key=lambda e: natural_key(e.name))
+    ]
+    headers = ("tensor", "shape", "action", "reason")
+    stdout.print(name_table(stdout.get(), headers, rows, title="extract plan (from headers)"))

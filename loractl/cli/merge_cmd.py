@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..patterns import natural_key
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout
+from ._text import adapter_labels, human_size, name_table
 
 if TYPE_CHECKING:
     from ..ops.merge import MergeProgress, MergeReport
@@ -85,23 +87,15 @@ def _show_plan(plan: MergePlan, as_json: bool) -> None:
     if as_json:
         emit_json(plan.to_json())
         return
-    from rich.table import Column, Table
-
-    table = Table(
-        Column("tensor", overflow="fold"),
-        "action",
-        "from",
-        "shape",
-        "dtype",
-        "updates",
-        title=f"merge plan for {plan.base}",
-    )
+    labels = adapter_labels([a.path for a in plan.adapters])
+    rows = []
     for t in plan.tensors:
         if t.action != "copy":
-            updates = ", ".join(f"{u.role}#{u.adapter}" for u in t.updates)
+            updates = ", ".join(labels[u.adapter] + ("" if u.role == "lora" else f" ({u.role})") for u in t.updates)
             from_ = "adapter" if t.source is None else ("" if t.source == t.name else t.source)
-            table.add_row(t.name, t.action, from_, str(list(t.shape)), t.dtype, updates)
-    stdout.print(table)
+            rows.append((t.name, t.action, from_, str(list(t.shape)), t.dtype, updates))
+    headers = ("tensor", "action", "from", "shape", "dtype", "updates")
+    stdout.print(name_table(stdout.get(), headers, rows, title=f"merge plan for {plan.base}"))
     stdout.print(_summary(plan), highlight=False)
     for p in plan.problems:
         stderr.print(f"[red]problem:[/] {p.path}: {p.render()}", highlight=False)
@@ -109,7 +103,7 @@ def _show_plan(plan: MergePlan, as_json: bool) -> None:
 
 def _summary(plan: MergePlan) -> str:
     counts = ", ".join(f"{plan.count(a)} {a}" for a in ("merge", "replace", "untie", "copy"))
-    lines = [f"{len(plan.tensors)} tensors ({counts}), {plan.total_bytes / 1e9:.3f} GB"]
+    lines = [f"{len(plan.tensors)} tensors ({counts}), {human_size(plan.total_bytes)}"]
     lines += [
         f"untie: {n} written from the shared embedding; config.json gets tie_word_embeddings=false" for n in plan.untied
     ]
@@ -119,15 +113,23 @@ def _summary(plan: MergePlan) -> str:
 
 
 def _show_report(report: MergeReport) -> None:
-    from rich.table import Column, Table
-
     mods = report.modules
+    labels = adapter_labels([a.path for a in report.plan.adapters])
     if len(mods) <= TABLE_ROWS:
-        table = Table("adapter", Column("module", overflow="fold"), "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
-        for m in mods:
-            rel = "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}"
-            table.add_row(str(m.adapter), m.module, m.role, f"{m.weight:g}", f"{m.scale:g}", str(m.rank), rel)
-        stdout.print(table)
+        rows = [
+            (
+                labels[m.adapter],
+                m.module,
+                m.role,
+                f"{m.weight:g}",
+                f"{m.scale:g}",
+                str(m.rank),
+                "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}",
+            )
+            for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
+        ]
+        headers = ("adapter", "module", "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
+        stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
     else:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
         if rels:

@@ -48,4 +48,25 @@ def command(
             "give exactly one of --to-scale and --to-alpha", hint="--to-scale 0.5 halves ΔW; --to-alpha 16 keeps it"
         )
     (source,) = load_inputs([adapter], output, force, inputs)
-    save_and_report(rescale(source, scale=to_scale, alpha=to_alpha), output, to_format, force, as_json)
+    result = rescale(source, scale=to_scale, alpha=to_alpha)
+    changes = {
+        name: (m.scale, result.adapter.modules[name].scale, m.alpha, result.adapter.modules[name].alpha)
+        for name, m in source.modules.items()
+    }
+    save_and_report(
+        result, output, to_format, force, as_json, render=lambda _rows, out, fmt: _render(changes, out, fmt)
+    )
+
+
+def _render(changes: dict[str, tuple[float, float, float | None, float | None]], output: str, fmt: str) -> None:
+    """Old → new scale (and alpha) per group of modules: what rescale changed; ΔW's shape is untouched."""
+    from ..patterns import summarize
+    from ._output import stdout
+    from ._text import name_table
+
+    def arrow(old: float | None, new: float | None) -> str:
+        return "-" if old is None or new is None else (f"{old:.6g}" if old == new else f"{old:.6g} → {new:.6g}")
+
+    rows = [(p, arrow(a[0], a[1]), arrow(a[2], a[3]), str(n)) for p, a, n in summarize(changes)]
+    stdout.print(name_table(stdout.get(), ("modules", "scale", "alpha", "count"), rows))
+    stdout.print(f"wrote {output} ({fmt}, {len(changes)} modules)", highlight=False)

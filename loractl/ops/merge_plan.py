@@ -168,6 +168,7 @@ def plan_merge(
     base = Path(base)
     read_options = replace(read_options or ReadOptions(), base=base)
     weights = _weights(adapters, weights)
+    _check_order(base, adapters)
     code = parse_dtype(dtype) if dtype is not None else None
     with Checkpoint(base) as ckpt:
         config = _read_config(ckpt)
@@ -319,6 +320,24 @@ def _tensor_json(t: TensorPlan) -> dict[str, Any]:
         "shape": list(t.shape),
         "updates": updates,
     }
+
+
+def _check_order(base: Path, adapters: Sequence[str | Path]) -> None:
+    """BASE that is an adapter and an ADAPTER that is a model: the arguments were given the wrong way round."""
+    from ..formats import FORMATS
+
+    def is_adapter(path: Path) -> bool:
+        return path.exists() and any(module.detect(path) for module in FORMATS.values())
+
+    def is_model(path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file() and not is_adapter(path)
+
+    if is_adapter(base) and any(is_model(Path(a)) for a in adapters):
+        model = next(str(a) for a in adapters if is_model(Path(a)))
+        raise UsageError(
+            f"the base {base} is an adapter and {model} is a model: did you swap BASE and ADAPTER?",
+            hint=f"the base comes first: loractl merge {model} {base} -o OUTPUT",
+        )
 
 
 def _weights(adapters: Sequence[str | Path], weights: Sequence[float] | None) -> list[float]:

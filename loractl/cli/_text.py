@@ -1,0 +1,91 @@
+"""Words and numbers for the terminal: sizes, hashes, module names that must stay distinguishable.
+
+Module names are what tells table rows apart, so they are never cut: a name wider than its
+column is folded at dots (every line a whole path segment), never in the middle of a word.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+HASH_PREFIX = 19  # "sha256:" and 12 hex digits: unique in any realistic set of versions
+SHA_PREFIX = 12  # git commit shas, as git itself abbreviates them
+_SEGMENT = re.compile(r"(?:\{[^}]*\}|[^.{])+\.?|\.")
+
+
+def human_size(n: float) -> str:
+    """Bytes in decimal units, three significant figures: `429 KB`, `1.24 GB`."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def short_hash(content_hash: str | None) -> str:
+    """A content hash as its fixed prefix (`sha256:` + 12 hex digits); `--json` carries the whole hash."""
+    return content_hash[:HASH_PREFIX] if content_hash else "-"
+
+
+def short_sha(sha: str | None) -> str:
+    """A git commit sha as git abbreviates it."""
+    return sha[:SHA_PREFIX] if sha else "-"
+
+
+def fold_dotted(name: str, width: int) -> str:
+    """`name` on lines of at most `width` cells, broken after dots only (a segment longer is kept whole)."""
+    lines = [""]
+    for part in segments(name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
+def segments(name: str) -> list[str]:
+    """`name` split after each dot, keeping `{0..31}` ranges whole: the places a name may break."""
+    return _SEGMENT.findall(name) or [name]
+
+
+def adapter_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Each adapter by its file or directory name, or by its whole path where two names are the same."""
+    names = [Path(p).name or str(p) for p in paths]
+    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths, strict=True)]
+
+
+def name_table(
+    console: Console,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    name_column: int = 0,
+) -> Table:
+    """A rich table whose name column gets the width the others leave, its cells folded at dots.
+
+    The other columns hold short figures and keep their natural width; the names wrap onto
+    more lines instead of being cut, whatever the terminal width.
+    """
+    from rich.table import Column, Table
+
+    widths = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+    chrome = 3 * len(headers) + 1  # borders and one space of padding each side
+    others = sum(w for i, w in enumerate(widths) if i != name_column)
+    longest_segment = max([len(headers[name_column]), *(len(p) for r in rows for p in segments(r[name_column]))])
+    width = max(longest_segment, min(widths[name_column], console.width - others - chrome))
+    columns = [
+        Column(h, no_wrap=True, min_width=width) if i == name_column else Column(h, overflow="fold")
+        for i, h in enumerate(headers)
+    ]
+    table = Table(*columns, title=title, title_justify="left")
+    for r in rows:
+        cells = [fold_dotted(c, width) if i == name_column else c for i, c in enumerate(r)]
+        table.add_row(*cells)
+    return table
