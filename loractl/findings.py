@@ -17,6 +17,7 @@ class Finding:
     message: str
     module: str | None = None
     path: str | None = None
+    hint: str | None = None  # what to do about it, when there is something to do (an error's hint)
 
     def render(self) -> str:
         where = f"module {self.module!r}: " if self.module else ""

@@ -25,6 +25,7 @@ class ValidationReport:
     format: str | None
     findings: list[Finding] = field(default_factory=list)
     content_hash: str | None = None
+    summary: list[str] = field(default_factory=list)  # one sentence per pattern the findings make together
 
     def failed(self, strict: bool = False) -> bool:
         """Errors fail; warnings fail only when `strict`."""
@@ -35,6 +36,7 @@ class ValidationReport:
             "path": self.path,
             "format": self.format,
             "content_hash": self.content_hash,
+            "summary": self.summary,
             "findings": [vars(f) for f in self.findings],
         }
 
@@ -57,7 +59,7 @@ def validate_adapter(
     try:
         info = describe_adapter(path, format=format, options=options)
     except LoractlError as e:
-        return ValidationReport(str(path), None, [error("unreadable", str(e))])
+        return ValidationReport(str(path), None, [_unreadable(e)])
     findings = list(info.findings) + _shape_findings(info)
     content_hash = None
     try:
@@ -67,12 +69,32 @@ def validate_adapter(
         if base is not None:
             findings += _base_findings(info, Path(base))
     except LoractlError as e:
-        findings.append(error("unreadable", str(e)))
-    return ValidationReport(str(path), info.format, [_located(f, info) for f in findings], content_hash)
+        findings.append(_unreadable(e))
+    located = [_located(f, info) for f in findings]
+    return ValidationReport(str(path), info.format, located, content_hash, _summary(info, located))
+
+
+def _unreadable(e: LoractlError) -> Finding:
+    """The reader's refusal, with its hint (`--allow-pickle`, `--from`, ...): the hint is the way forward."""
+    return replace(error("unreadable", str(e)), hint=e.hint)
 
 
 def _located(f: Finding, info: AdapterInfo) -> Finding:
-    return Finding(f.code, f.severity, f.message, f.module, str(info.files[-1]))
+    return replace(f, path=str(info.files[-1]))
+
+
+def _summary(info: AdapterInfo, findings: list[Finding]) -> list[str]:
+    """What many findings of one code say together: an adapter none of whose modules the base has is for
+    another architecture, which 36 lines of `base-missing` leave the reader to work out."""
+    missing = {f.module for f in findings if f.code == "base-missing"}
+    if not missing:
+        return []
+    total = len(info.modules)
+    line = f"{len(missing)} of {total} modules have no tensor in the base"
+    if len(missing) == total:
+        line += ": the adapter was made for another architecture"
+        line += f" ({info.base_model})" if info.base_model else ""
+    return [line]
 
 
 def _shape_findings(info: AdapterInfo) -> list[Finding]:

@@ -223,4 +223,6 @@ def test_inspect_shows_where_a_pulled_adapter_came_from(tmp_path: Path) -> None:
     report = loractl.inspect_adapter(tmp_path / "pulled")
     assert report.origin is not None and report.origin["commit"] == pushed.sha
     out = CliRunner().invoke(cli, ["inspect", str(tmp_path / "pulled")])
-    assert "origin" in out.output and "(pulled)" in out.output and "changed" not in out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("pulled  "))
+    assert pushed.sha[:12] in line and "changed" not in out.output
+    assert f"verified {pushed.content_hash[:19]}" in line  # the hash pull checked, not one computed now

@@ -16,7 +16,7 @@ def render(report: Inspection, console: Console) -> None:
     flags = [name for name in ("rslora", "dora", "lora_bias", "fan_in_fan_out") if doc[name]]
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold", no_wrap=True)
-    head.add_column()
+    head.add_column(overflow="fold")  # a long path wraps whole rather than losing its end
     rows = [
         ("path", doc["path"]),
         ("format", doc["format"]),
@@ -32,7 +32,8 @@ def render(report: Inspection, console: Console) -> None:
         ("content hash", _hash_line(report)),
     ]
     if report.origin:
-        rows.append(("pulled from", _origin_line(report)))
+        o = report.origin
+        rows += [("pulled from", f"{o.get('source', '?')}@{o.get('revision', '?')}"), ("pulled", _pulled_line(report))]
     if doc["base_fingerprint"]:
         rows.append(("base fingerprint", short_hash(doc["base_fingerprint"])))
     for key, value in rows:
@@ -65,10 +66,10 @@ def _hash_line(report: Inspection) -> str:
     return f"{computed} ({'verified' if report.hash_ok else 'computed'})"
 
 
-def _origin_line(report: Inspection) -> str:
-    """Where `pull` got it, and the content hash `pull` verified (flagged if the files changed since)."""
+def _pulled_line(report: Inspection) -> str:
+    """The commit `pull` resolved and the content hash it verified (flagged if the files changed since)."""
     o = report.origin or {}
-    line = f"{o.get('source', '?')}@{o.get('revision', '?')} = {short_sha(str(o.get('commit') or ''))}"
+    line = f"commit {short_sha(str(o.get('commit') or ''))}"
     if o.get("content_hash"):
         line += f", verified {short_hash(o['content_hash'])}"
     current = report.computed_hash or report.recorded_hash
