@@ -67,7 +67,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI and turn `LoractlError`s into `error:`/`hint:` lines."""
     from ..errors import LoractlError
+    from ._output import tolerate_narrow_encodings
 
+    tolerate_narrow_encodings()
     # A file-size limit (ulimit -f) then fails the write with EFBIG, which `atomic_output` turns
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -35,6 +35,35 @@ class LazyConsole:
         return getattr(self.get(), name)
 
 
+# What the output's symbols become on a terminal that cannot show them (an ASCII or Latin-1 locale).
+ASCII_FALLBACKS = {
+    "→": "->", "←": "<-", "‖": "||", "Δ": "d", "×": "x", "…": "...", "–": "-", "—": "-", "²": "^2",
+    "√": "sqrt", "Σ": "sum", "σ": "s", "≈": "~", "≤": "<=", "≥": ">=", "·": "*", "✓": "ok", "✗": "x",
+}  # fmt: skip
+
+
+def _ascii_fallback(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a symbol the stream's encoding lacks becomes its ASCII spelling (else '?')."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start : error.end]
+    return "".join(ASCII_FALLBACKS.get(c, "?") for c in bad), error.end
+
+
+def tolerate_narrow_encodings() -> None:
+    """Never crash after the work is done because stdout or stderr cannot encode an arrow or a ‖.
+
+    Python's streams on a non-UTF-8 locale raise `UnicodeEncodeError`; ours write a fallback instead.
+    """
+    import codecs
+
+    codecs.register_error("loractl-ascii", _ascii_fallback)
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("_", "-")
+        if encoding not in ("utf-8", "utf8") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="loractl-ascii")
+
+
 stdout = LazyConsole(to_stderr=False)
 stderr = LazyConsole(to_stderr=True)
 

@@ -48,6 +48,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
 @click.option("--seed", type=int, help="Seed for A's init, data order and dropout [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUTPUT.train/checkpoints [0: never].")
+@click.option("--log-every", type=int, help="Log loss to metrics.jsonl (and, off a terminal, stderr) every N steps [1].")
 @click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
@@ -75,7 +76,7 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
 
     settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]))
     config = load_config(config_file, settings)
-    with _Progress() as progress:
+    with _Progress(output) as progress:
         summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
                                 callbacks=[progress])  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
@@ -119,7 +120,11 @@ def _report(summary: Any, as_json: bool) -> None:
 
 
 class _Progress:
-    """A Callback (duck-typed, so this module needs no torch): trainable count, then a progress bar."""
+    """A Callback (duck-typed, so this module needs no torch): trainable count, then a progress bar on a
+    terminal, or one loss line per logged step (every --log-every) when stderr is a pipe or a log file."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
 
     def __enter__(self) -> _Progress:
         self.bar: Any = None
@@ -132,6 +137,10 @@ class _Progress:
     def on_start(self, info: dict[str, Any]) -> None:
         stderr.print(f"trainable parameters: {info['trainable']:,} of {info['total']:,} ({100 * info['ratio']:.2f}%)",
                      highlight=False)  # fmt: skip
+        from ..train.job import run_dir_of
+
+        stderr.print(f"metrics: {run_dir_of(self.output) / 'metrics.jsonl'}", highlight=False)
+        self.steps = info["steps"]
         if stderr.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -142,9 +151,11 @@ class _Progress:
             self.bar.start()
 
     def on_step(self, metrics: dict[str, Any]) -> bool | None:
+        stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
         if self.bar is not None:
-            stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
             self.bar.update(self.task, completed=metrics["step"], stats=stats)
+        else:
+            stderr.print(f"step {metrics['step']}/{self.steps}: {stats}", highlight=False)
         return None
 
     def on_eval(self, metrics: dict[str, Any]) -> None:

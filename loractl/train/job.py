@@ -54,7 +54,7 @@ def train_adapter(
 ) -> TrainSummary:
     """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`."""
     config.check()
-    output, run_dir = Path(output), Path(f"{output}.train")
+    output, run_dir = Path(output), run_dir_of(output)
     inputs: list[str | Path] = [data, *([eval_data] if eval_data else [])]
     ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
     for path in inputs:  # before the seconds spent loading the base
@@ -113,6 +113,11 @@ def load_base(base: str | Path) -> tuple[nn.Module, Any]:
         raise LoractlError(f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
                            hint="a base is a transformers causal LM directory with its tokenizer") from None  # fmt: skip
     return model, tokenizer
+
+
+def run_dir_of(output: str | Path) -> Path:
+    """Where a run's checkpoints and `metrics.jsonl` go: `OUTPUT.train/` beside the adapter."""
+    return Path(f"{output}.train")
 
 
 def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) -> None:
