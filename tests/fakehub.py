@@ -76,6 +76,7 @@ class FakeHub:
         self.tokens = {"tok-alice": "alice", "tok-bob": "bob"}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of every ranged download: the resumes
         self.connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -149,6 +150,7 @@ def _routes() -> list[Route]:
         ("POST", rf"/api/models/{REPO}/commit/{REV}", _commit),
         ("POST", rf"/api/models/{REPO}/branch/{REV}", _create_branch),
         ("POST", rf"/api/models/{REPO}/tag/{REV}", _create_tag),
+        ("DELETE", rf"/api/models/{REPO}/tag/{REV}", _delete_tag),
         ("GET", rf"/api/models/{REPO}/refs", _refs),
         ("GET", rf"/api/models/{REPO}/commits/{REV}", _commits),
         ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", _tree),
@@ -381,6 +383,12 @@ def _create_tag(h: Any, m: dict[str, str]) -> Reply:
     return _json({})
 
 
+def _delete_tag(h: Any, m: dict[str, str]) -> Reply:
+    store = h.repo(m["repo"], write=True)
+    _mapped(lambda: store.delete_tag(unquote(m["rev"])))
+    return _json({})
+
+
 def _refs(h: Any, m: dict[str, str]) -> Reply:
     store = h.repo(m["repo"])
 
@@ -475,6 +483,8 @@ def _resolve(h: Any, m: dict[str, str]) -> Reply:
     if h.fake.is_lfs(f.path):
         headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(f.size)})
     start = _range_start(h.headers.get("Range"))
+    if start and h.command == "GET":
+        h.fake.ranges.append((m["path"], start))
     if start:
         headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         return Reply(206, data[start:], headers)

@@ -33,6 +33,7 @@ COMMANDS = {
     "push": "push_cmd",
     "pull": "pull_cmd",
     "versions": "versions_cmd",
+    "tag": "tag_cmd",
 }
 
 

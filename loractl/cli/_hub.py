@@ -30,7 +30,3 @@ def quiet_hub_progress() -> Iterator[None]:
 
     with disable_progress_bars():
         yield
-
-
-def short(sha: str | None) -> str:
-    return sha[:12] if sha else "-"

@@ -78,7 +78,14 @@ def emit_json(doc: dict[str, Any]) -> None:
     ctx = click.get_current_context(silent=True)
     command = ctx.command.name if ctx is not None and ctx.command.name else "loractl"
     stamped = {"schema": f"loractl/{command}/{JSON_SCHEMA_VERSION}", **doc}
-    sys.stdout.write(json.dumps(stamped, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(stamped, indent=2, default=_json_value) + "\n")
+
+
+def _json_value(value: Any) -> Any:
+    """Times as ISO 8601 (`2026-12-03T08:00:00+00:00`), anything else (paths) as text."""
+    from datetime import datetime
+
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 def progress(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:

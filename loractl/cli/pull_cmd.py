@@ -6,21 +6,26 @@ import dataclasses
 
 import click
 
-from ._hub import quiet_hub_progress, registry_options, short
+from ._hub import quiet_hub_progress, registry_options
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
+from ._text import short_hash, short_sha
 
 
 @click.command("pull")
 @click.argument("repo")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--include", multiple=True, help="Pull only paths matching this glob (repeatable), e.g. 'style-a/*'.")
+@click.option("--exclude", multiple=True, help="Leave out paths matching this glob (repeatable).")
 @registry_options
 @input_options()
 def command(
     repo: str,
     out: str,
     force: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     endpoint: str | None,
     token: str | None,
     as_json: bool,
@@ -36,18 +41,27 @@ def command(
     Examples:
       loractl pull alice/my-lora@v1 -o my-lora-v1
       loractl pull file:///srv/registry/alice/my-lora@3f2a9c1 -o /tmp/lora
+      loractl pull alice/styles@v2 -o style-a --include 'style-a/*'
     """
     from ..remote import pull
 
     with quiet_hub_progress():
         result = pull(
-            repo, out, force=force, endpoint=endpoint, token=token, format=inputs.format, read_options=inputs.read
+            repo,
+            out,
+            include=include,
+            exclude=exclude,
+            force=force,
+            endpoint=endpoint,
+            token=token,
+            format=inputs.format,
+            read_options=inputs.read,
         )
     if as_json:
         emit_json(dataclasses.asdict(result))
         return
     stdout.print(
-        f"pulled {result.url}@{result.revision} = {short(result.sha)} into {result.out} "
-        f"(content {result.content_hash[:19]}…, verified)",
+        f"pulled {result.url}@{result.revision} = {short_sha(result.sha)} into {result.out} "
+        f"(content {short_hash(result.content_hash)}, verified)",
         highlight=False,
     )

@@ -6,15 +6,17 @@ import dataclasses
 
 import click
 
-from ._hub import quiet_hub_progress, registry_options, short
+from ._hub import quiet_hub_progress, registry_options
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stdout
+from ._text import short_hash, short_sha
 
 
 @click.command("push")
 @click.argument("adapter", type=click.Path())
 @click.argument("repo")
 @click.option("--tag", default=None, help="Also create this immutable tag on the pushed commit.")
+@click.option("--force-tag", is_flag=True, help="Move --tag here if it already names another commit.")
 @click.option("--branch", default=None, help="Branch to push to (default: main; created from main if new).")
 @click.option("-m", "--message", default=None, help="Commit title (default: the content hash).")
 @click.option("--private", is_flag=True, help="With --create: make the new repository private.")
@@ -25,6 +27,7 @@ def command(
     adapter: str,
     repo: str,
     tag: str | None,
+    force_tag: bool,
     branch: str | None,
     message: str | None,
     private: bool,
@@ -53,6 +56,7 @@ def command(
             repo,
             branch=branch,
             tag=tag,
+            force_tag=force_tag,
             message=message,
             private=private,
             create=create,
@@ -64,7 +68,7 @@ def command(
     if as_json:
         emit_json(dataclasses.asdict(result))
         return
-    sha, content = short(result.sha), f"content {result.content_hash[:19]}…"
+    sha, content = short_sha(result.sha), f"content {short_hash(result.content_hash)}"
     if result.changed:
         stdout.print(f"pushed {sha} to {result.url} (branch {result.branch}, {content})", highlight=False)
     else:

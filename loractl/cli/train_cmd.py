@@ -48,7 +48,9 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
 @click.option("--seed", type=int, help="Seed for A's init, data order and dropout [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUTPUT.train/checkpoints [0: never].")
-@click.option("--log-every", type=int, help="Log loss to metrics.jsonl (and, off a terminal, stderr) every N steps [1].")
+@click.option(
+    "--log-every", type=int, help="Log loss to metrics.jsonl (and, off a terminal, stderr) every N steps [1]."
+)
 @click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")

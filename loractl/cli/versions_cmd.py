@@ -6,8 +6,9 @@ import dataclasses
 
 import click
 
-from ._hub import quiet_hub_progress, registry_options, short
+from ._hub import quiet_hub_progress, registry_options
 from ._output import emit_json, stdout
+from ._text import short_hash, short_sha
 
 
 @click.command("versions")
@@ -36,8 +37,8 @@ def command(repo: str, branch: str | None, endpoint: str | None, token: str | No
         table.add_column(column)
     for v in listing.versions:
         date = v.date.strftime("%Y-%m-%d %H:%M") if v.date else "-"
-        table.add_row(short(v.sha), date, ", ".join(v.tags), v.content_hash[:19] if v.content_hash else "-", v.title)
+        table.add_row(short_sha(v.sha), date, ", ".join(v.tags), short_hash(v.content_hash), v.title)
     stdout.print(table)
     elsewhere = {t: s for t, s in listing.tags.items() if s not in {v.sha for v in listing.versions}}
     for tag, sha in sorted(elsewhere.items()):
-        stdout.print(f"tag {tag} → {short(sha)} (not on {listing.branch})", highlight=False)
+        stdout.print(f"tag {tag} → {short_sha(sha)} (not on {listing.branch})", highlight=False)

@@ -22,12 +22,13 @@ from .errors import (
     TransientError,
     UnsafePathError,
 )
-from .transfer import PullResult, PushResult, Version, VersionList, pull, push, versions
+from .transfer import PullResult, PushResult, TagResult, Version, VersionList, pull, push, tag, versions
 from .uri import RemoteURI, open_remote, parse_uri
 
 __all__ = [
     "ORIGIN_FILE", "AuthError", "Commit", "ConflictError", "OfflineError", "PullResult", "PushResult", "Refs",
     "Remote", "RemoteError", "RemoteFile", "RemoteFileNotFoundError", "RemoteURI", "RemoteURIError",
-    "RepoNotFoundError", "RevisionNotFoundError", "Snapshot", "TagExistsError", "TransientError", "UnsafePathError",
-    "Version", "VersionList", "open_remote", "parse_uri", "pull", "push", "read_origin", "versions",
+    "RepoNotFoundError", "RevisionNotFoundError", "Snapshot", "TagExistsError", "TagResult", "TransientError",
+    "UnsafePathError", "Version", "VersionList", "open_remote", "parse_uri", "pull", "push", "read_origin", "tag",
+    "versions",
 ]  # fmt: skip

@@ -107,6 +107,9 @@ class Remote(Protocol):
     def create_tag(self, name: str, sha: str) -> None:
         """Create a tag; `TagExistsError` when the name is taken."""
 
+    def delete_tag(self, name: str) -> None:
+        """Remove a tag; `RevisionNotFoundError` when there is none by that name."""
+
     def fetch(self, revision: str) -> Snapshot:
         """Resolve `revision`, check file names (`safe_relpath`), and bring the commit's files here."""
 

@@ -89,6 +89,9 @@ class HubRemote:
     def create_tag(self, name: str, sha: str) -> None:
         self._call(lambda: self.api.create_tag(self.repo_id, tag=name, revision=sha), tag=name)
 
+    def delete_tag(self, name: str) -> None:
+        self._call(lambda: self.api.delete_tag(self.repo_id, tag=name))
+
     def fetch(self, revision: str) -> Snapshot:
         """Resolve, list and download one commit; offline, the HF cache serves what it holds."""
         try:

@@ -60,7 +60,10 @@ def _by_status(status: int, repo_id: str, token: str | None, tag: str | None) ->
     if status == 404:
         return _repo_not_found(repo_id, token)
     if status == 409 and tag is not None:
-        return TagExistsError(f"tag {tag!r} already exists in {repo_id}", hint="tags are immutable; choose a new name")
+        return TagExistsError(
+            f"tag {tag!r} already exists in {repo_id}",
+            hint="tags do not move by accident: choose a new name, or move it with --force-tag",
+        )
     if status in (409, 412):
         return ConflictError(
             f"{repo_id} changed while pushing (HTTP {status}); nothing was overwritten",

@@ -50,6 +50,9 @@ class LocalRemote:
     def create_tag(self, name: str, sha: str) -> None:
         self.store.create_tag(name, sha)
 
+    def delete_tag(self, name: str) -> None:
+        self.store.delete_tag(name)
+
     def fetch(self, revision: str) -> Snapshot:
         sha = self.store.resolve(revision)
         files = self.store.files(sha)

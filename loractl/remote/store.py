@@ -133,6 +133,17 @@ class RepoStore:
                 raise TagExistsError(f"tag {name!r} already exists in {self.name}, on {ref.read_text().strip()[:12]}")
             _write_atomic(ref, sha)
 
+    def delete_tag(self, name: str) -> str:
+        """Remove a tag on purpose (`loractl tag --delete`, `push --force-tag`); returns the sha it named."""
+        check_ref_name(name)
+        with self.locked():
+            ref = self._ref("tags", name)
+            if not (_inside(ref, self.path / "refs" / "tags") and ref.is_file()):
+                raise RevisionNotFoundError(f"no tag {name!r} in {self.name}")
+            sha = ref.read_text().strip()
+            ref.unlink()
+            return sha
+
     # -- commits ----------------------------------------------------------------------------------
     def commit(
         self, branch: str, parent: str | None, adds: list[LocalFile], deletes: list[str], title: str, message: str

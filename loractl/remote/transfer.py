@@ -12,9 +12,11 @@ import json
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, IntegrityError, UsageError
@@ -85,6 +87,7 @@ def push(
     *,
     branch: str | None = None,
     tag: str | None = None,
+    force_tag: bool = False,
     message: str | None = None,
     private: bool = False,
     create: bool = False,
@@ -96,6 +99,7 @@ def push(
     """Publish `adapter` as one commit on `branch` (default main), optionally tagged; no-op when unchanged.
 
     `format` and `read_options` say how to read the adapter (`--from`, `--allow-pickle`, ...).
+    A tag that exists elsewhere is refused, unless `force_tag` moves it on purpose.
     """
     uri = _uri(repo)
     if uri.revision:
@@ -110,17 +114,71 @@ def push(
     adds = [f for f in files if not (f.path in current and f.same_as(current[f.path]))]
     deletes = sorted(set(current) - {f.path for f in files} - _HOUSEKEEPING)
     changed = bool(adds or deletes)
-    if tag is not None and tag in tags and (changed or tags[tag] != head):
+    if tag is not None and tag in tags and (changed or tags[tag] != head) and not force_tag:
         raise TagExistsError(
-            f"tag {tag!r} already points at {tags[tag][:12]}", hint="tags are immutable; choose a new name"
+            f"tag {tag!r} already points at {tags[tag][:12]}",
+            hint="tags do not move by accident: choose a new name, or pass --force-tag to move it",
         )
     sha = head
     if changed:
         title = message or f"loractl push {content_hash[:19]}"
         sha = _land(remote, branch, head, adds, deletes, title, f"content_hash: {content_hash}")
     if tag is not None and tags.get(tag) != sha:
+        if tag in tags:
+            remote.delete_tag(tag)  # only with force_tag (checked above)
         remote.create_tag(tag, sha)
     return PushResult(remote.url, branch, sha, head, changed, tag, content_hash, tuple(f.path for f in files))
+
+
+@dataclass(frozen=True)
+class TagResult:
+    """What `tag` did: the tag, the commit it names now (None once deleted) and the one it named before."""
+
+    url: str
+    tag: str
+    sha: str | None
+    previous: str | None
+
+
+def tag(
+    repo: str | RemoteURI,
+    name: str,
+    *,
+    delete: bool = False,
+    force: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> TagResult:
+    """Create `name` on REPO's `@REV` (default main), move it (`force`), or delete it (`delete`).
+
+    Tags stay immutable by default: creating one that exists is `TagExistsError` unless `force`.
+    """
+    uri = _uri(repo)
+    remote = _open(uri, endpoint, token)
+    previous = remote.refs().tags.get(name)
+    if delete:
+        if uri.revision:
+            raise UsageError(
+                "--delete takes no '@REV'", hint=f"loractl tag {replace(uri, revision=None)} {name} --delete"
+            )
+        if previous is None:
+            raise RevisionNotFoundError(
+                f"no tag {name!r} in {uri.repo_id}", hint=f"list them with 'loractl versions {repo}'"
+            )
+        remote.delete_tag(name)
+        return TagResult(remote.url, name, None, previous)
+    sha = remote.resolve(uri.revision or DEFAULT_BRANCH)
+    if previous == sha:
+        return TagResult(remote.url, name, sha, previous)
+    if previous is not None:
+        if not force:
+            raise TagExistsError(
+                f"tag {name!r} already points at {previous[:12]}",
+                hint="tags do not move by accident: pass --force to move it, or --delete it first",
+            )
+        remote.delete_tag(name)
+    remote.create_tag(name, sha)
+    return TagResult(remote.url, name, sha, previous)
 
 
 def pull(
@@ -128,6 +186,8 @@ def pull(
     out: str | Path,
     *,
     revision: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     force: bool = False,
     endpoint: str | None = None,
     token: str | None = None,
@@ -137,17 +197,20 @@ def pull(
     """Fetch one version into `out` (atomically), verified file by file and by content hash.
 
     `format` and `read_options` say how to read the pulled adapter for its content hash.
+    `include`/`exclude` are glob patterns on the repository's paths: they pick one adapter out of
+    a repository that holds several (`--include 'style-a/*'`); the selection must hold exactly one.
     """
     uri = _uri(repo)
     rev = revision or uri.revision or DEFAULT_BRANCH
     remote = _open(uri, endpoint, token)
     snap = remote.fetch(rev)
-    names = tuple(sorted(p for p in snap.files if p not in _HOUSEKEEPING))
+    names = _selected([p for p in snap.files if p not in _HOUSEKEEPING], include, exclude, f"{uri.repo_id}@{rev}")
     with atomic_output(out, force=force) as tmp:
         tmp.mkdir()
         for name in names:
             _copy_verified(snap, name, tmp / safe_relpath(name))
-        content_hash = _verify_adapter(tmp, format, read_options)
+        root = _adapter_root(tmp, names, f"{uri.repo_id}@{rev}")
+        content_hash = _verify_adapter(root, format, read_options)
         origin = {
             "source": str(replace(uri, revision=None)),
             "url": remote.url,
@@ -155,7 +218,7 @@ def pull(
             "commit": snap.sha,
             "content_hash": content_hash,
         }
-        (tmp / ORIGIN_FILE).write_text(json.dumps(origin, indent=2, sort_keys=True) + "\n")
+        (root / ORIGIN_FILE).write_text(json.dumps(origin, indent=2, sort_keys=True) + "\n")
     return PullResult(remote.url, rev, snap.sha, Path(out), names, content_hash)
 
 
@@ -237,6 +300,37 @@ def _landed(remote: Remote, branch: str, parent: str, push_id: str) -> str | Non
 
 
 # -- pull ----------------------------------------------------------------------------------------
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".npz", ".gguf")
+
+
+def _selected(names: list[str], include: Sequence[str], exclude: Sequence[str], where: str) -> tuple[str, ...]:
+    """The paths `include` (any pattern; all paths when none) keeps and `exclude` (any pattern) does not drop."""
+    kept = tuple(
+        sorted(
+            n
+            for n in names
+            if (not include or any(fnmatch(n, p) for p in include)) and not any(fnmatch(n, p) for p in exclude)
+        )
+    )
+    if not kept:
+        raise UsageError(
+            f"--include/--exclude select no file of {where}",
+            hint="its files: " + ", ".join(sorted(names)[:8]) + (" ..." if len(names) > 8 else ""),
+        )
+    return kept
+
+
+def _adapter_root(tmp: Path, names: tuple[str, ...], where: str) -> Path:
+    """The one directory of the selection that holds adapter weights (the repository root, or a folder)."""
+    roots = sorted({PurePosixPath(n).parent.as_posix() for n in names if n.endswith(_WEIGHT_SUFFIXES)})
+    if len(roots) > 1:
+        raise UsageError(
+            f"{where} holds {len(roots)} adapters ({', '.join(r + '/' for r in roots)})",
+            hint=f"pick one with --include, e.g. --include '{roots[-1]}/*'",
+        )
+    return tmp / roots[0] if roots else tmp
+
+
 def _copy_verified(snap: Snapshot, name: str, dest: Path) -> None:
     """Copy one fetched file and check it against the registry's hashes; a bad cached copy is evicted."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +350,7 @@ def _evict(source: Path) -> None:
 
 
 def _verify_adapter(root: Path, format: str | None, options: ReadOptions | None) -> str:
-    """The adapter's content hash, checked against the hash its metadata and its card record."""
+    """The adapter's content hash, checked against the hash its metadata and its card (beside it) record."""
     from ..formats import describe_adapter, load_adapter
 
     info = describe_adapter(root, format=format, options=options)
@@ -264,7 +358,10 @@ def _verify_adapter(root: Path, format: str | None, options: ReadOptions | None)
         raise AdapterError(info.errors[0].render(), hint="the pulled version does not validate")
     computed = load_adapter(root, format=format, options=options).content_hash()
     card = card_content_hash((root / CARD).read_text()) if (root / CARD).is_file() else None
-    for where, recorded in (("its metadata", info.record.content_hash if info.record else None), ("its card", card)):
+    for where, recorded in (
+        ("its metadata", info.record.content_hash if info.record else None),
+        ("its card", card),
+    ):
         if recorded is not None and recorded != computed:
             raise IntegrityError(
                 f"content hash {computed} differs from {recorded} recorded in {where}",
