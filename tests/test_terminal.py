@@ -255,3 +255,13 @@ def test_every_json_document_has_a_schema(tmp_path: Path, argv: tuple[str | Path
     code, out, err = run_cli(*(str(a).format(tmp=tmp_path) for a in argv))
     assert code == 0, err
     assert json.loads(out)["schema"] == f"loractl/{argv[0]}/1"
+
+
+def test_lost_entries_are_objects(tmp_path: Path) -> None:
+    from helpers import run_cli
+
+    dora = ROOT / "fixtures" / "adapters" / "tiny-dora"
+    code, out, err = run_cli("convert", dora, "-o", tmp_path / "k.safetensors", "--to", "kohya", "--json")
+    assert code == 0, err
+    (lost,) = json.loads(out)["lost"]
+    assert lost == {"what": "DoRA magnitudes", "count": 4, "modules": sorted(loractl.load_adapter(dora).modules)}

@@ -44,8 +44,10 @@ def _metrics(op: str, metrics: Any) -> str:
     if op == "extract" and isinstance(totals, dict) and _is_number(totals.get("rel_error")):
         shown.append(f"{totals.get('modules', '?')} modules, rel. error {totals['rel_error']:.3g}")
     lost = metrics.get("lost")
-    if op == "convert" and lost:
-        shown.append(f"lost {len(lost)} kind(s) of data" if isinstance(lost, list) else "lossy")
+    if op == "convert" and isinstance(lost, list) and lost:
+        shown.append(
+            "lost " + ", ".join(f"{x.get('what')} ({x.get('count')})" if isinstance(x, dict) else str(x) for x in lost)
+        )
     return ", ".join(shown)
 
 

@@ -7,6 +7,7 @@ float64 → rename into place. A failed check leaves nothing at the output path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,24 @@ _LOSSES: dict[Feature, str] = {
 
 
 @dataclass(frozen=True)
+class Loss:
+    """Something the target cannot hold, dropped: what it is, how many, and which modules (or tensors)."""
+
+    what: str
+    count: int
+    modules: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.what} ({self.count})"
+
+
+@dataclass(frozen=True)
 class ConversionPlan:
     """The adapter as the target will hold it, and what it took to get there."""
 
     adapter: Adapter
     folded: tuple[str, ...]  # exact rewrites (per-module scales into B, ranks zero-padded, rsLoRA into alpha)
-    lost: tuple[str, ...]  # what the target cannot hold and is dropped
+    lost: tuple[Loss, ...]  # what the target cannot hold and is dropped
 
 
 @dataclass(frozen=True)
@@ -49,14 +62,21 @@ class ConvertReport:
     target_format: str
     modules: int
     folded: tuple[str, ...]
-    lost: tuple[str, ...]
+    lost: tuple[Loss, ...]
     verified: bool
     max_error: float | None
     worst_module: str | None
     warnings: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        """The `--json` document: `lost` entries are objects {"what", "count", "modules"}."""
+        doc = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        doc["lost"] = [_loss_json(x) for x in self.lost]
+        return doc
+
+
+def _loss_json(loss: Loss) -> dict[str, Any]:
+    return {"what": loss.what, "count": loss.count, "modules": list(loss.modules)}
 
 
 def convert(
@@ -91,11 +111,13 @@ def convert(
     plan = plan_conversion(adapter, to)
     if strict and plan.lost:
         raise AdapterError(
-            f"converting to {to} loses {'; '.join(plan.lost)}",
+            f"converting to {to} loses {'; '.join(map(str, plan.lost))}",
             hint="drop --strict to convert anyway (the losses are listed), or choose a format that holds them",
         )
     params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "strict": strict}
-    entry = lineage.new_entry("convert", params, [adapter.content_hash()], {"folded": plan.folded, "lost": plan.lost})
+    entry = lineage.new_entry(
+        "convert", params, [adapter.content_hash()], {"folded": plan.folded, "lost": [_loss_json(x) for x in plan.lost]}
+    )
     target = plan.adapter.with_lineage(entry)
     with atomic_output(output, force=force) as tmp:
         save_adapter(target, tmp, format=to, options=WriteOptions(base=base_path, alpha=alpha))
@@ -119,7 +141,7 @@ def plan_conversion(adapter: Adapter, to: str) -> ConversionPlan:
     """Drop what format `to` cannot hold (listed as lost) and list what its writer folds exactly."""
     holds = format_holds(to)
     mods = adapter.modules
-    lost = [f"{_LOSSES[f]} ({_count(adapter, f)})" for f in _LOSSES if f not in holds and _count(adapter, f)]
+    lost = [Loss(_LOSSES[f], len(names), names) for f in _LOSSES if f not in holds and (names := _affected(adapter, f))]
     modules = {n: _strip(m, holds) for n, m in mods.items() if _kind_held(m, holds)}
     if mods and not modules:
         raise AdapterError(f"{to} can hold none of the adapter's {len(mods)} modules", hint="choose another format")
@@ -148,17 +170,21 @@ def _strip(m: LoraModule, holds: frozenset[Feature]) -> LoraModule:
     )
 
 
-def _count(adapter: Adapter, feature: Feature) -> int:
-    mods = adapter.modules.values()
-    counts = {
-        "dora": sum(m.magnitude is not None for m in mods),
-        "bias": sum(m.bias is not None for m in mods),
-        "embedding": sum(m.kind == "embedding" for m in mods),
-        "conv": sum(m.kind == "conv" for m in mods),
-        "fan_in_fan_out": sum(m.fan_in_fan_out for m in mods),
-        "full_tensors": len(adapter.full_tensors),
-    }
-    return counts.get(feature, 0)
+def _affected(adapter: Adapter, feature: Feature) -> tuple[str, ...]:
+    """The modules (for full tensors: the tensors) that use `feature`."""
+    if feature == "full_tensors":
+        return tuple(sorted(adapter.full_tensors))
+    uses = _USES[feature]
+    return tuple(sorted(n for n, m in adapter.modules.items() if uses(m)))
+
+
+_USES: dict[Feature, Callable[[LoraModule], bool]] = {
+    "dora": lambda m: m.magnitude is not None,
+    "bias": lambda m: m.bias is not None,
+    "embedding": lambda m: m.kind == "embedding",
+    "conv": lambda m: m.kind == "conv",
+    "fan_in_fan_out": lambda m: m.fan_in_fan_out,
+}
 
 
 def _verify(target: Adapter, written: Path, to: str, base: Path | None, alpha: float | None) -> Verification:
