@@ -31,7 +31,9 @@ def module_info(
     """
     for role, other in (("A", "B"), ("B", "A")):
         if role in keys and other not in keys:
-            findings.append(error(f"missing-{other.lower()}", f"{role} factor without its {other} factor", module))
+            findings.append(
+                error("missing-b" if other == "B" else "missing-a", f"{role} factor without its {other} factor", module)
+            )
             return None
     if "A" not in keys:
         findings.append(error("missing-a", "DoRA magnitude or bias without LoRA factors", module))
@@ -45,7 +47,13 @@ def module_info(
         if role in shapes and (
             math.prod(shapes[role]) != b[0] or sorted(shapes[role])[:-1] != [1] * (len(shapes[role]) - 1)
         ):
-            findings.append(error(f"{role}-shape", f"{role} is {list(shapes[role])}, expected [{b[0]}]", module))
+            findings.append(
+                error(
+                    "magnitude-shape" if role == "magnitude" else "bias-shape",
+                    f"{role} is {list(shapes[role])}, expected [{b[0]}]",
+                    module,
+                )
+            )
             return None
     scale, alpha, rule = scale_of(a[0])
     return ModuleInfo(

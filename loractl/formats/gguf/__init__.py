@@ -167,7 +167,7 @@ class _Layout:
         missing = {"A", "B"} - keys.keys()
         if missing:
             self.findings.append(
-                error("missing-" + missing.pop().lower(), "lora_a without lora_b or vice versa", module)
+                error("missing-a" if "A" in missing else "missing-b", "lora_a without lora_b or vice versa", module)
             )
             return None
         (a_dtype, a), (b_dtype, b) = self._entry(keys["A"]), self._entry(keys["B"])
