@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .io.atomic import atomic_output, ensure_distinct
+from .patterns import natural_key
 
 if TYPE_CHECKING:
     import torch
@@ -50,22 +51,67 @@ class Grid:
 
 
 def grid(modules: Iterable[str]) -> Grid:
-    """`model.layers.3.self_attn.q_proj` → row `3`, column `self_attn.q_proj`; no number → row `-`."""
+    """Rows are blocks, columns module types, split after the path's last block index.
+
+    `model.layers.3.self_attn.q_proj` → row `3`, column `self_attn.q_proj`; a UNet's
+    `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0` → row
+    `down_blocks.1.attentions.0.transformer_blocks.0`, column `attn1.to_out.0`; no index → row `-`.
+    Rows keep the model's order: down blocks, the mid block, up blocks, each by number.
+    """
+    split = {path: _split(path.split(".")) for path in modules}
+    blocks = [b for b, _ in split.values() if b]
+    common = _common_prefix([[p for p in b if not _NUM.match(p)] for b in blocks])
+    # One stack of numbered layers (an LLM): the number is the whole label.
+    plain = len({tuple(p for p in b if not _NUM.match(p)) for b in blocks}) == 1 and all(
+        sum(bool(_NUM.match(p)) for p in b) == 1 for b in blocks
+    )
+    first_seen: dict[str, int] = {}
     placed = {}
-    for path in modules:
-        parts = path.split(".")
-        numbers = [p for p in parts if _NUM.match(p)]
-        first = next((i for i, p in enumerate(parts) if _NUM.match(p)), len(parts))
-        rest = [p for p in parts[first:] if not _NUM.match(p)] or parts[:first]
-        placed[path] = (".".join(numbers) or "-", ".".join(rest))
-    rows = sorted({r for r, _ in placed.values()}, key=_layer_key)
-    columns = sorted({c for _, c in placed.values()})
+    for path, (block, column) in split.items():
+        if not block:
+            row = "-"
+        elif plain:
+            row = next(p for p in block if _NUM.match(p))
+        else:
+            row = ".".join(block[common:])
+        first_seen.setdefault(_stack(row), len(first_seen))
+        placed[path] = (row, column)
+    rows = sorted({r for r, _ in placed.values()}, key=lambda r: _row_key(r, first_seen))
+    columns = sorted({c for _, c in placed.values()}, key=natural_key)
     cells = {p: (rows.index(r), columns.index(c)) for p, (r, c) in placed.items()}
     return Grid(tuple(rows), tuple(columns), cells)
 
 
-def _layer_key(row: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in row.split(".")) if row != "-" else (-1,)
+def _split(parts: list[str]) -> tuple[list[str], str]:
+    """The block (the path up to its last index that a name follows) and the module type after it."""
+    k = max((i for i in range(len(parts) - 1) if _NUM.match(parts[i]) and not _NUM.match(parts[i + 1])), default=-1)
+    return (parts[: k + 1], ".".join(parts[k + 1 :])) if k >= 0 else ([], ".".join(parts))
+
+
+def _common_prefix(names: list[list[str]]) -> int:
+    """How many leading parts (`unet`, `model`) every block path shares: they say nothing per row."""
+    if not names:
+        return 0
+    n = 0
+    while all(len(x) > n + 1 and x[n] == names[0][n] for x in names):
+        n += 1
+    return n
+
+
+def _stack(row: str) -> str:
+    """The named stack a row belongs to (`down_blocks`, `single_transformer_blocks`); '' for bare numbers."""
+    return next((p for p in row.split(".") if not _NUM.match(p)), "")
+
+
+_STAGES = {"down": 0, "input": 0, "mid": 1, "middle": 1, "up": 2, "output": 2}  # UNet order
+
+
+def _row_key(row: str, first_seen: dict[str, int]) -> tuple[int, int, tuple[tuple[int, int | str], ...]]:
+    if row == "-":
+        return (-1, 0, ())
+    head = _stack(row)
+    stage = next((v for k, v in _STAGES.items() if head.startswith(k)), None)
+    return (0, stage if stage is not None else 3 + first_seen[head], natural_key(row))
 
 
 def plot_inspection(report: Inspection, path: str | Path) -> Path:
@@ -79,14 +125,20 @@ def plot_inspection(report: Inspection, path: str | Path) -> Path:
     check_plot(path, [report.info.path, *report.info.files])
     modules = report.info.modules
     layout = grid(modules)
-    ranks = _matrix(layout, {n: float(m.rank) for n, m in modules.items()})
-    norms = _matrix(layout, {n: s.delta_norm for n, s in report.stats.items()})
-    fig = _figure(width=2 * (2.2 + 0.55 * len(layout.columns)), height=2.4 + 0.32 * len(layout.rows))
-    for axis, values, title, fmt in zip(
-        fig.subplots(1, 2), (ranks, norms), ("rank", "‖ΔW‖_F"), ("{:.0f}", "{:.2g}"), strict=True
-    ):
+    panels = [("‖ΔW‖_F", _matrix(layout, {n: s.delta_norm for n, s in report.stats.items()}), "{:.2g}")]
+    ranks = {m.rank for m in modules.values()}
+    if len(ranks) > 1:  # one rank everywhere is a constant panel: said in the title instead
+        panels.insert(0, ("rank", _matrix(layout, {n: float(m.rank) for n, m in modules.items()}), "{:.0f}"))
+    label_width = max((len(r) for r in layout.rows), default=1)
+    fig = _figure(
+        width=len(panels) * (2.2 + 0.07 * label_width + 0.55 * len(layout.columns)),
+        height=2.4 + 0.32 * len(layout.rows),
+    )
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for axis, (title, values, fmt) in zip(axes, panels, strict=True):
         _heatmap(fig, axis, layout, values, title, fmt)
-    fig.suptitle(f"{report.info.path.name}: {len(modules)} modules ({report.info.format})")
+    rank_note = f", rank {next(iter(ranks))} everywhere" if len(ranks) == 1 else ""
+    fig.suptitle(f"{report.info.path.name}: {len(modules)} modules ({report.info.format}){rank_note}")
     return _save(fig, path)
 
 
@@ -120,7 +172,7 @@ def _heatmap(fig: Figure, axis: Any, layout: Grid, values: list[list[float]], ti
     axis.set_title(title)
     axis.set_xticks(range(len(layout.columns)), layout.columns, rotation=35, ha="right", fontsize=8)
     axis.set_yticks(range(len(layout.rows)), layout.rows, fontsize=8)
-    axis.set_ylabel("layer")
+    axis.set_ylabel("block" if any(not r.isdigit() and r != "-" for r in layout.rows) else "layer")
     fig.colorbar(image, ax=axis, shrink=0.8)
     if len(layout.rows) * len(layout.columns) > ANNOTATE_MAX_CELLS:
         return

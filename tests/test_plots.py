@@ -34,8 +34,58 @@ def test_grid_places_layers_in_rows_and_module_types_in_columns() -> None:
     assert layout.columns == ("lm_head", "mlp.up_proj", "self_attn.q_proj")
     assert layout.cells["model.layers.10.mlp.up_proj"] == (3, 1)
     assert layout.cells["lm_head"] == (0, 0)
-    unet = grid(["down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"])
-    assert unet.rows == ("0.1.0",) and unet.columns == ("attentions.transformer_blocks.attn1.to_q",)
+
+
+def test_grid_lays_out_a_unet_by_its_blocks() -> None:
+    """Down, mid and up blocks get their own rows in the model's order; no two modules share a cell."""
+    block = "attentions.{a}.transformer_blocks.0.attn1.{p}"
+    names = [
+        f"unet.{stage}.{b}.{block.format(a=a, p=p)}"
+        for stage, numbers in (("up_blocks", (3, 1)), ("down_blocks", (2, 0)))
+        for b in numbers
+        for a in range(2)
+        for p in ("to_q", "to_out.0")
+    ] + ["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]
+    layout = grid(names)
+    assert layout.rows == (
+        *(f"down_blocks.{b}.attentions.{a}.transformer_blocks.0" for b in (0, 2) for a in range(2)),
+        "mid_block.attentions.0.transformer_blocks.0",
+        *(f"up_blocks.{b}.attentions.{a}.transformer_blocks.0" for b in (1, 3) for a in range(2)),
+    )
+    assert layout.columns == ("attn1.to_out.0", "attn1.to_q")  # the fused index kept, never a placeholder
+    assert len(set(layout.cells.values())) == len(names)
+    flux = grid(
+        [f"transformer.{s}.{i}.attn.to_q" for s in ("transformer_blocks", "single_transformer_blocks") for i in (0, 1)]
+    )
+    assert len(set(flux.rows)) == 4 and flux.rows[0] == "transformer_blocks.0"  # two stacks, never one row
+
+
+def test_inspect_plot_of_a_one_rank_adapter_has_no_constant_rank_panel(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from helpers import random_module
+
+    import loractl
+    from loractl.adapter import Adapter, AdapterMeta
+
+    modules = {
+        f"unet.{s}.{b}.attentions.0.transformer_blocks.0.attn1.{p}": random_module(16, 16, 4, seed=7 * b + j)
+        for s in ("down_blocks", "up_blocks")
+        for b in range(3)
+        for j, p in enumerate(("to_q", "to_k", "to_v", "to_out.0"))
+    }
+    loractl.save_adapter(Adapter(modules=modules, meta=AdapterMeta(base_model="sd")), tmp_path / "sd")
+    png = tmp_path / "sd.png"
+    code, _, err = run(capsys, "inspect", str(tmp_path / "sd"), "--plot", str(png))
+    assert code == 0, err
+    assert_picture(png, (400, 300))
+    one_panel = mpimg.imread(png)
+    modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = random_module(16, 16, 2, seed=99)
+    loractl.save_adapter(Adapter(modules=modules, meta=AdapterMeta(base_model="sd")), tmp_path / "sd2")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "sd2"), "--plot", str(png))
+    assert code == 0, err
+    two_panels = mpimg.imread(png)
+    assert one_panel.shape[0] == two_panels.shape[0] and two_panels.shape[1] > 1.7 * one_panel.shape[1]
 
 
 def test_inspect_plot_writes_a_heatmap(capsys: pytest.CaptureFixture[str], fixtures_dir: Path, tmp_path: Path) -> None:
