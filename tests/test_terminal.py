@@ -159,6 +159,8 @@ def test_rescale_shows_old_and_new_scale(
     (s,) = old
     assert table_column(out, "scale") == [f"{s:.6g} → {s / 2:.6g}"]
     assert "rank in" not in out  # not a resize table
+    code, doc, _ = run(capsys, monkeypatch, 80, "rescale", TINY_QV, "-o", tmp_path / "h2", "--scale", "0.5", "--json")
+    assert code == 0 and {tuple(x["scale"]) for x in json.loads(doc)["scales"]} == {(s, s / 2)}
 
 
 def test_lineage_is_one_readable_line_per_step(

@@ -52,10 +52,12 @@ def save_and_report(
     force: bool,
     as_json: bool,
     render: Callable[[list[dict[str, Any]], str, str], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the result in the input's format (or `to_format`) and print the per-module report.
 
-    `render` replaces the rank/error table for operations whose report is something else (rescale).
+    `render` replaces the rank/error table, and `extra` joins the JSON document, for operations whose
+    report is something else (rescale: the old and new scales).
     """
     from ..formats import FORMATS, save_adapter
 
@@ -74,6 +76,7 @@ def save_and_report(
                 "modules": rows,
                 "warnings": list(result.warnings),
                 **({"budget": result.budget.to_dict()} if result.budget is not None else {}),
+                **(extra or {}),
             }
         )
         return

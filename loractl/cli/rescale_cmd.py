@@ -53,8 +53,15 @@ def command(
         name: (m.scale, result.adapter.modules[name].scale, m.alpha, result.adapter.modules[name].alpha)
         for name, m in source.modules.items()
     }
+    scales = [{"module": n, "scale": [c[0], c[1]], "alpha": [c[2], c[3]]} for n, c in changes.items()]
     save_and_report(
-        result, output, to_format, force, as_json, render=lambda _rows, out, fmt: _render(changes, out, fmt)
+        result,
+        output,
+        to_format,
+        force,
+        as_json,
+        render=lambda _rows, out, fmt: _render(changes, out, fmt),
+        extra={"scales": scales},  # [old, new] per module
     )
 
 
