@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -222,6 +223,9 @@ def test_narrow_stdout_encoding_never_crashes(tmp_path: Path) -> None:
     inspect = subprocess.run([sys.executable, "-m", "loractl", "inspect", str(tmp_path / "r"), "--stats"],
                              env=env, capture_output=True, timeout=120)  # fmt: skip
     assert inspect.returncode == 0 and "||dW||_F" in inspect.stdout.decode("ascii")
+    for output in (text, inspect.stdout.decode("ascii")):
+        tables = re.findall(r"(?:^\|.*\n)+", output, re.M)  # each table's rows, table by table
+        assert tables and all(len({len(row) for row in t.splitlines()}) == 1 for t in tables)  # still aligned
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,10 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._to_stderr, soft_wrap=True)
+            console = Console(stderr=self._to_stderr, soft_wrap=True)
+            if not console.encoding.lower().replace("_", "-").startswith("utf"):
+                console = _spelled_out(console)
+            self._console = console
         return self._console
 
     def __getattr__(self, name: str) -> Any:
@@ -40,6 +43,19 @@ ASCII_FALLBACKS = {
     "→": "->", "←": "<-", "‖": "||", "Δ": "d", "×": "x", "…": "...", "–": "-", "—": "-", "²": "^2",
     "√": "sqrt", "Σ": "sum", "σ": "s", "≈": "~", "≤": "<=", "≥": ">=", "·": "*", "✓": "ok", "✗": "x",
 }  # fmt: skip
+
+
+def _spelled_out(console: Console) -> Console:
+    """A console that writes symbols its stream cannot encode as their ASCII spelling *before* rich
+    measures the text, so table columns stay aligned (the stream's error handler is the last resort)."""
+    table = str.maketrans(ASCII_FALLBACKS)
+    render_str = console.render_str
+
+    def spelled(text: str, **kwargs: Any) -> Any:
+        return render_str(text.translate(table), **kwargs)
+
+    console.render_str = spelled  # type: ignore[method-assign]
+    return console
 
 
 def _ascii_fallback(error: UnicodeError) -> tuple[str, int]:
