@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from loractl.errors import UsageError
-from loractl.train import Callback, Example, TrainConfig, adapter_from_model, evaluate, inject, train
-from loractl.train.loop import lr_at
+from loractl.train import Callback, Example, TrainConfig, evaluate, extract_adapter, inject, train
+from loractl.train.schedule import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,46 +7,37 @@ pure function of (seed, step), so the step number restores both exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import FormatError, InputNotFoundError, UsageError
 from ..io.atomic import atomic_output
 from .config import TrainConfig
 from .distributed import World, gather
-from .export import adapter_from_model, unwrap
+from .export import extract_adapter, unwrap
+from .state import Position, TrainState
 
 STATE_NAME = "state.pt"
 # Settings that may change between a run and its resumption without changing the math so far.
 _RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every"}
 
 
-@dataclass
-class Position:
-    """How far a run is: optimizer steps done and input tokens seen (over all ranks)."""
-
-    step: int = 0
-    tokens: int = 0
-
-
-def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-         position: Position, config: TrainConfig, rng: dict[str, torch.Tensor], world: World) -> Path | None:  # fmt: skip
+def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str, torch.Tensor]) -> Path | None:
     """Write `directory/step-N` (rank 0; every rank must call it, for the RNG gather); its path on rank 0."""
+    world, position, model = state.world, state.position, state.model
     rngs = gather(rng, world)
     if not world.is_main:
         return None
-    state = {
+    doc = {
         "step": position.step,
         "tokens": position.tokens,
         "global_batch": config.batch_size * config.grad_accum * world.size,
         "config": config.to_dict(),
         "lora": {k: v.detach().cpu() for k, v in unwrap(model).named_parameters() if v.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
         "rng": rngs,
     }
     from ..formats import save_adapter
@@ -54,8 +45,8 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     final = directory / f"step-{position.step:06d}"
     with atomic_output(final, force=True) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(state, tmp / STATE_NAME)
-        save_adapter(adapter_from_model(model), tmp / "adapter")
+        torch.save(doc, tmp / STATE_NAME)
+        save_adapter(extract_adapter(model), tmp / "adapter")
     return final
 
 
@@ -77,29 +68,32 @@ def latest(path: Path) -> Path:
     return steps[-1]
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-         config: TrainConfig, world: World) -> Position:  # fmt: skip
-    """Restore a checkpoint into `model`, `optimizer`, `scaler` and this rank's RNG; the position."""
+def load(path: Path, state: TrainState, config: TrainConfig) -> Position:
+    """Restore a checkpoint into the state's LoRA parameters, optimizer, scaler and this rank's RNG; the position."""
+    world = state.world
     path = latest(path)
     try:
-        state: dict[str, Any] = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        doc: dict[str, Any] = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable state is the same user-facing problem
         raise FormatError(f"cannot read checkpoint state ({str(e).splitlines()[0][:120]})", path=path) from None
-    _check_compatible(state, config, world, path)
-    params = {k: v for k, v in unwrap(model).named_parameters() if v.requires_grad}
-    if set(params) != set(state["lora"]):
-        raise UsageError("the checkpoint's LoRA layers differ from the model's", path=path,
-                         hint="resume with the same base, --targets and --rank")  # fmt: skip
+    _check_compatible(doc, config, world, path)
+    params = {k: v for k, v in unwrap(state.model).named_parameters() if v.requires_grad}
+    if set(params) != set(doc["lora"]):
+        raise UsageError(
+            "the checkpoint's LoRA layers differ from the model's",
+            path=path,
+            hint="resume with the same base, --targets and --rank",
+        )
     with torch.no_grad():
-        for name, value in state["lora"].items():
+        for name, value in doc["lora"].items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][world.rank]
+    state.optimizer.load_state_dict(doc["optimizer"])
+    state.scaler.load_state_dict(doc["scaler"])
+    rng = doc["rng"][world.rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], torch.device(world.device))
-    return Position(int(state["step"]), int(state["tokens"]))
+    return Position(int(doc["step"]), int(doc["tokens"]))
 
 
 def _check_compatible(state: dict[str, Any], config: TrainConfig, world: World, path: Path) -> None:
@@ -107,10 +101,16 @@ def _check_compatible(state: dict[str, Any], config: TrainConfig, world: World, 
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k} {saved.get(k)!r} → {now[k]!r}" for k in changed)
-        raise UsageError(f"the run's settings differ from the checkpoint's: {detail}", path=path,
-                         hint="resume with the settings the checkpoint was made with")  # fmt: skip
+        raise UsageError(
+            f"the run's settings differ from the checkpoint's: {detail}",
+            path=path,
+            hint="resume with the settings the checkpoint was made with",
+        )
     global_batch = config.batch_size * config.grad_accum * world.size
     if state["global_batch"] != global_batch or len(state["rng"]) != world.size:
-        raise UsageError(f"the checkpoint was made with {len(state['rng'])} process(es) and global batch "
-                         f"{state['global_batch']}, this run has {world.size} and {global_batch}", path=path,
-                         hint="resume with the same number of processes and batch settings")  # fmt: skip
+        raise UsageError(
+            f"the checkpoint was made with {len(state['rng'])} process(es) and global batch "
+            f"{state['global_batch']}, this run has {world.size} and {global_batch}",
+            path=path,
+            hint="resume with the same number of processes and batch settings",
+        )

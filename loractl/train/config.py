@@ -67,8 +67,10 @@ class TrainConfig:
         _choice(self, "precision", ("fp32", "bf16", "fp16"))
         _choice(self, "init", ("kaiming", "gaussian"))
         if self.fsdp and self.precision == "fp16":
-            raise UsageError("--fsdp does not support --precision fp16 (its loss scaling is per rank)",
-                             hint="use --precision bf16 or fp32 with --fsdp")  # fmt: skip
+            raise UsageError(
+                "--fsdp does not support --precision fp16 (its loss scaling is per rank)",
+                hint="use --precision bf16 or fp32 with --fsdp",
+            )
 
     def total_steps(self, num_examples: int, world_size: int = 1) -> int:
         """Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`."""

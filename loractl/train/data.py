@@ -156,8 +156,10 @@ def _chat(messages: Any, tokenizer: Tokenizer, number: int, path: Path | None) -
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise FormatError(f"line {number}: 'messages' must be a list of {{role, content}} objects", path=path)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise UsageError("the tokenizer has no chat template, so 'messages' lines cannot be rendered",
-                         hint="use text or prompt/completion lines, or a base with a chat template")  # fmt: skip
+        raise UsageError(
+            "the tokenizer has no chat template, so 'messages' lines cannot be rendered",
+            hint="use text or prompt/completion lines, or a base with a chat template",
+        )
     ids = _render(tokenizer, messages, False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
@@ -166,8 +168,11 @@ def _chat(messages: Any, tokenizer: Tokenizer, number: int, path: Path | None) -
         prefix = _render(tokenizer, messages[:i], True)
         start, end = len(prefix), len(_render(tokenizer, messages[: i + 1], False))
         if ids[:start] != prefix:
-            raise UsageError(f"line {number}: the chat template does not render turns as prefixes", path=path,
-                             hint="loss masking on assistant turns needs a prefix-stable template")  # fmt: skip
+            raise UsageError(
+                f"line {number}: the chat template does not render turns as prefixes",
+                path=path,
+                hint="loss masking on assistant turns needs a prefix-stable template",
+            )
         labels[start:end] = ids[start:end]
     return Example(tuple(ids), tuple(labels))
 

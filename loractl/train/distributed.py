@@ -66,8 +66,9 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
 
         layers = {type(m) for m in model.modules() if type(m).__name__ in _no_split_names(model)}
         # An explicit device: without one, FSDP refuses to run on a machine with no accelerator (gloo on CPU).
-        return FullyShardedDataParallel(model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers),
-                                        device_id=torch.device(world.device))  # fmt: skip
+        return FullyShardedDataParallel(
+            model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=torch.device(world.device)
+        )
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[torch.device(world.device).index] if cuda else None)
@@ -81,11 +82,15 @@ def _no_split_names(model: nn.Module) -> set[str]:
 def check_fsdp(world: World, *, save_every: int, resume: Path | None) -> None:
     """Refuse FSDP where it cannot run: one process, or with checkpoints (saved unsharded only)."""
     if world.size == 1:
-        raise UsageError("--fsdp needs a distributed launch (world size 1 here)",
-                         hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process")  # fmt: skip
+        raise UsageError(
+            "--fsdp needs a distributed launch (world size 1 here)",
+            hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process",
+        )
     if save_every or resume is not None:
-        raise UsageError("--fsdp does not support checkpoints (--save-every, --resume) yet",
-                         hint="train without them, or use DDP (drop --fsdp) for resumable runs")  # fmt: skip
+        raise UsageError(
+            "--fsdp does not support checkpoints (--save-every, --resume) yet",
+            hint="train without them, or use DDP (drop --fsdp) for resumable runs",
+        )
 
 
 @contextmanager
@@ -123,8 +128,17 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     """Re-run `loractl train ARGS` under torchrun with `nproc` processes on this machine; its exit code."""
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "loractl", "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "loractl",
+        "train",
+        *args,
+    ]
     try:
         return subprocess.call(cmd)
     except OSError as e:

@@ -19,11 +19,12 @@ from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageE
 from ..io.atomic import ensure_distinct
 from ..lineage import new_entry
 from . import distributed
+from .callbacks import Hooks, MetricsLog
 from .config import TrainConfig
 from .data import Dataset, load_dataset, require_data_file
 from .export import adapter_from_model
 from .inject import Injection, inject
-from .loop import Hooks, MetricsLog, TrainResult, train
+from .loop import TrainResult, train
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -71,9 +72,17 @@ def train_adapter(
     if force and resume is None and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     distributed.barrier(world)
-    result = train(model, train_set.examples, config, eval_data=eval_set.examples if eval_set else None,
-                   pad_id=tokenizer.pad_token_id or 0, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
-                   checkpoint_dir=run_dir / "checkpoints", resume=Path(resume) if resume else None, world=world)  # fmt: skip
+    result = train(
+        model,
+        train_set.examples,
+        config,
+        eval_data=eval_set.examples if eval_set else None,
+        pad_id=tokenizer.pad_token_id or 0,
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
+        checkpoint_dir=run_dir / "checkpoints",
+        resume=Path(resume) if resume else None,
+        world=world,
+    )
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted:
         return summary
@@ -95,8 +104,10 @@ def load_base(base: str | Path) -> tuple[nn.Module, Any]:
     """A transformers causal LM (float32) and its tokenizer, from a directory or a Hub id."""
     path = Path(base)
     if path.is_dir() and not (path / "config.json").is_file():
-        raise UsageError(f"base directory {path} has no config.json",
-                         hint="point --base at a transformers model directory (config.json, safetensors, tokenizer)")  # fmt: skip
+        raise UsageError(
+            f"base directory {path} has no config.json",
+            hint="point --base at a transformers model directory (config.json, safetensors, tokenizer)",
+        )
     if not path.exists() and not _HUB_ID.fullmatch(str(base)):
         raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
     try:
@@ -110,8 +121,10 @@ def load_base(base: str | Path) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
-        raise LoractlError(f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
-                           hint="a base is a transformers causal LM directory with its tokenizer") from None  # fmt: skip
+        raise LoractlError(
+            f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
+            hint="a base is a transformers causal LM directory with its tokenizer",
+        ) from None
     return model, tokenizer
 
 
@@ -119,16 +132,24 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
     if output.exists() and not (force or resuming):
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if (run_dir / "checkpoints").exists() and not (force or resuming):
-        raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run",
-                                hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force")  # fmt: skip
+        raise OutputExistsError(
+            f"{run_dir} holds checkpoints of an earlier run",
+            hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force",
+        )
 
 
-def _lineage(base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None,
-             result: TrainResult) -> dict[str, Any]:  # fmt: skip
+def _lineage(
+    base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None, result: TrainResult
+) -> dict[str, Any]:
     params = {"base": str(base), **config.to_dict()}
     metrics = {
-        "steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-        "data_sha256": train_set.sha256, "eval_data_sha256": eval_set.sha256 if eval_set else None,
-        "examples": len(train_set), "seconds": round(result.seconds, 3),
-    }  # fmt: skip
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_loss": result.train_loss,
+        "eval_loss": result.eval_loss,
+        "data_sha256": train_set.sha256,
+        "eval_data_sha256": eval_set.sha256 if eval_set else None,
+        "examples": len(train_set),
+        "seconds": round(result.seconds, 3),
+    }
     return new_entry("train", params, parents=[], metrics=metrics)
