@@ -145,7 +145,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[nn.Module, Any]:
-    from loractl.train.job import load_base
+    from loractl.train.base import load_base
 
     return load_base(FIXTURES / "tiny-llama")
 

@@ -21,7 +21,7 @@ from .state import Position, TrainState
 
 STATE_NAME = "state.pt"
 # Settings that may change between a run and its resumption without changing the math so far.
-_RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every"}
+_RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every", "device", "compile"}
 
 
 def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str, torch.Tensor]) -> Path | None:
@@ -97,10 +97,10 @@ def load(path: Path, state: TrainState, config: TrainConfig) -> Position:
 
 
 def _check_compatible(state: dict[str, Any], config: TrainConfig, world: World, path: Path) -> None:
-    saved, now = state["config"], config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    saved, now = {**TrainConfig().to_dict(), **state["config"]}, config.to_dict()  # settings newer than the file
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved[k] != now[k])
     if changed:
-        detail = ", ".join(f"{k} {saved.get(k)!r} → {now[k]!r}" for k in changed)
+        detail = ", ".join(f"{k} {saved[k]!r} → {now[k]!r}" for k in changed)
         raise UsageError(
             f"the run's settings differ from the checkpoint's: {detail}",
             path=path,

@@ -36,18 +36,34 @@ class World:
         return self.rank == 0
 
 
-def setup(device: str | None = None) -> World:
+def setup(device: str = "auto") -> World:
     """Join torchrun's process group when there is one (idempotent); pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device != "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = device or (f"cuda:{local}" if cuda else "cpu")
+    chosen = pick_device(device, local)
+    cuda = chosen.startswith("cuda")
     if size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return World(rank, dist.get_world_size() if dist.is_initialized() else 1, chosen)
+
+
+def pick_device(device: str, local_rank: int = 0) -> str:
+    """`auto` → CUDA when torch sees one, else the CPU; `cuda` → this rank's GPU (`cuda:LOCAL_RANK`).
+
+    An explicit device torch cannot use is refused here, before the base is loaded.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device", hint="use --device cpu (or auto)")
+        return f"cuda:{local_rank}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: torch sees no Apple GPU (MPS)", hint="use --device cpu (or auto)")
+    return device
 
 
 def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..io.checkpoint import feed_fingerprint
-from ..io.safetensors_header import TensorInfo
-from ..io.tensor_bytes import dtype_code
+from ..checkpoint import feed_fingerprint
+from ..safetensors_header import TensorInfo
+from ..tensor_bytes import dtype_code
+from .base import is_quantized
 from .lora_layers import LoraLinear
 
 _FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP puts into the paths of the layers it wraps
@@ -48,14 +49,18 @@ def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_
     return Adapter(modules=modules, meta=meta)
 
 
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module) -> str | None:
     """sha256 over the adapted base weights, byte-compatible with `Checkpoint.fingerprint`.
 
     The weight of module `m` is hashed under the name `m.weight`, as a checkpoint stores it, so a
-    fingerprint taken here equals the one `validate --base` computes from the files.
+    fingerprint taken here equals the one `validate --base` computes from the files. None for a
+    quantized base: its packed bytes are no checkpoint's (`train_adapter` hashes the files instead).
     """
+    layers = sorted(lora_layers(model).items())
+    if any(is_quantized(layer.base_layer) for _, layer in layers):
+        return None
     h = hashlib.sha256()
-    for name, layer in sorted(lora_layers(model).items()):
+    for name, layer in layers:
         weight = layer.base_layer.weight
         assert isinstance(weight, torch.Tensor)
         # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.

@@ -67,7 +67,7 @@ def train(
     """
     config = config or TrainConfig()
     config.check()
-    world = world or distributed.setup()
+    world = world or distributed.setup(config.device)
     _check_inputs(model, data, config, checkpoint_dir)
     if config.fsdp:
         distributed.check_fsdp(world, save_every=config.save_every, resume=resume)
@@ -89,7 +89,7 @@ def evaluate(
 ) -> float:
     """Mean cross-entropy per label token over `data`, without dropout or gradients."""
     config = config or TrainConfig()
-    world = world or distributed.setup()
+    world = world or distributed.setup(config.device)
     return mean_loss(CausalLMLoss(unwrap(model)), data, config, world, pad_id)
 
 
