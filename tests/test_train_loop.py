@@ -204,6 +204,28 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path, llama:
         assert not torch.allclose(fresh.base_model(ids).last_hidden_state, llama[0].model(ids).last_hidden_state)
 
 
+def test_packed_rows_attend_within_each_example(llama: tuple[nn.Module, Any]) -> None:
+    import torch.nn.functional as F
+
+    from loractl.train.data import collate, pack, tokenize
+    from loractl.train.loss import CausalLMLoss
+
+    model, tok = llama
+    texts = ["The quick fox.", "A lazy dog sleeps.", "Hi there."]
+    examples = [tokenize({"text": t}, tok) for t in texts]
+    (row,) = pack(examples, 128)
+    batch = collate([row], 0)
+    with torch.no_grad():
+        packed = float(CausalLMLoss(model)(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"]))
+        leaky = float(CausalLMLoss(model)(batch["input_ids"], batch["labels"]))  # one sequence: attends across seams
+        alone = 0.0
+        for ex in examples:  # the reference: each example through the plain model on its own
+            ids = torch.tensor([ex.input_ids])
+            alone += float(F.cross_entropy(model(ids).logits[0, :-1], torch.tensor(ex.labels[1:]), reduction="sum"))
+    assert abs(packed - alone) <= 1e-5 * alone
+    assert abs(leaky - alone) > 1e-3 * alone  # the check can fail: without the restart, examples see each other
+
+
 def test_gradient_checkpointing_gives_the_same_step(llama: tuple[nn.Module, Any]) -> None:
     ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))
     out = []
@@ -246,3 +268,17 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     for name, grad in grads.items():  # float32 rounding relative to each gradient's norm
         reference_grad = dict(model.named_parameters())[name].grad
         assert float((grad - reference_grad).norm()) <= 1e-5 * float(reference_grad.norm()) + 1e-7, name
+
+
+@pytest.mark.slow  # inductor compiles each layer shape once: minutes on a 2-core CPU
+def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> None:
+    ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))
+    out = []
+    for compiled in (False, True):
+        model = copy.deepcopy(llama[0])
+        config = TrainConfig(compile=compiled, targets="all-linear", steps=2, batch_size=1, lr=1e-2)
+        inject(model, config)
+        losses = Losses()
+        train(model, [ex], config, callbacks=[losses])
+        out.append(losses.losses)
+    torch.testing.assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-5, atol=0)

@@ -80,7 +80,7 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        layers = {type(m) for m in model.modules() if type(m).__name__ in _no_split_names(model)}
+        layers = {type(m) for m in decoder_layers(model)}
         # An explicit device: without one, FSDP refuses to run on a machine with no accelerator (gloo on CPU).
         return FullyShardedDataParallel(
             model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=torch.device(world.device)
@@ -90,9 +90,10 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[torch.device(world.device).index] if cuda else None)
 
 
-def _no_split_names(model: nn.Module) -> set[str]:
-    """Class names of the layers transformers never splits across devices (its decoder layers)."""
-    return {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers never splits across devices (`_no_split_modules`: its decoder layers)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def check_fsdp(world: World, *, save_every: int, resume: Path | None) -> None:

@@ -227,6 +227,8 @@ def _sizes(model: nn.Module, examples: int) -> dict[str, Any]:
 
 def _prepare(model: nn.Module, config: TrainConfig) -> None:
     model.train()
+    if config.compile:
+        _compile(model)
     if not config.grad_checkpointing:
         return
     new, old = (
@@ -239,6 +241,18 @@ def _prepare(model: nn.Module, config: TrainConfig) -> None:
         old(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise UsageError("this model has no gradient checkpointing switch", hint="train without --grad-checkpointing")
+
+
+def _compile(model: nn.Module) -> None:
+    """`torch.compile` each decoder layer in place (one graph reused by every layer of the same shape)."""
+    layers = distributed.decoder_layers(model)
+    if not layers:
+        raise UsageError(
+            "--compile: this model names no decoder layers (transformers' _no_split_modules)",
+            hint="train without --compile",
+        )
+    for layer in layers:
+        layer.compile()
 
 
 def _fused(world: World) -> bool | None:

@@ -32,14 +32,16 @@ def autocast(config: TrainConfig, world: World) -> AbstractContextManager[Any]:
 
 
 def loss_sum(net: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig, world: World) -> torch.Tensor:
-    """Summed token cross-entropy of `batch` through the loss module `net`, under the configured autocast."""
-    device, mask = torch.device(world.device), batch["attention_mask"]
-    with autocast(config, world):  # no mask when nothing is padded: attention takes its causal fast path
-        loss: torch.Tensor = net(
-            input_ids=batch["input_ids"].to(device),
-            labels=batch["labels"].to(device),
-            attention_mask=None if bool(mask.all()) else mask.to(device),
-        )
+    """Summed token cross-entropy of `batch` through the loss module `net`, under the configured autocast.
+
+    No attention mask: rows are right-padded and attention is causal, so no token that takes a loss
+    ever sees padding, and attention keeps its causal fast path (SDPA `is_causal`, no mask tensor).
+    Packed rows pass `position_ids` instead, which restart at each example.
+    """
+    device = torch.device(world.device)
+    extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+    with autocast(config, world):
+        loss: torch.Tensor = net(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device), **extra)
     return loss
 
 
