@@ -8,19 +8,21 @@ not fit one device.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..adapter import Adapter, AdapterMeta
 from ..errors import LoractlError, UsageError
+from .export import feed_base_weight, lora_layers, lora_module
+from .lora_layers import LoraLinear
 
 
 @dataclass(frozen=True)
@@ -96,35 +98,48 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def check_fsdp(world: World, *, save_every: int, resume: Path | None) -> None:
-    """Refuse FSDP where it cannot run: one process, or with checkpoints (saved unsharded only)."""
+def check_fsdp(world: World) -> None:
+    """Refuse FSDP where it cannot run: one process."""
     if world.size == 1:
         raise UsageError(
             "--fsdp needs a distributed launch (world size 1 here)",
             hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process",
         )
-    if save_every or resume is not None:
-        raise UsageError(
-            "--fsdp does not support checkpoints (--save-every, --resume) yet",
-            hint="train without them, or use DDP (drop --fsdp) for resumable runs",
-        )
 
 
-@contextmanager
-def full_params(net: nn.Module, world: World) -> Iterator[None]:
-    """Inside, rank 0's `net` holds its full (unsharded) parameters, on the CPU when training on CUDA.
+def gather_adapter(net: nn.Module, world: World) -> Adapter | None:
+    """The trained adapter on rank 0 (None elsewhere), gathering one FSDP unit at a time; every rank calls it.
 
-    Every rank must enter it (the gather is collective); FSDP units are gathered to the CPU one at a
-    time, so no device ever holds the whole base. A no-op for models not wrapped in FSDP.
+    No process ever holds more than one unit's (one decoder layer's) full weights: each unit is gathered in
+    turn on rank 0, its LoRA factors copied and its adapted weights fed to the base fingerprint. Units go in
+    the sorted order of their layers' names, which is the fingerprint's own order (a decoder layer's names
+    are contiguous when sorted), so the fingerprint equals the one-process one; None if a model's names
+    interleave across units.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if not isinstance(net, FullyShardedDataParallel):
-        yield
-        return
-    cuda = world.device.startswith("cuda")
-    with FullyShardedDataParallel.summon_full_params(net, writeback=False, rank0_only=True, offload_to_cpu=cuda):
-        yield
+    layers = lora_layers(net)
+    owner: dict[int, nn.Module] = {}
+    for unit in (m for m in net.modules() if isinstance(m, FullyShardedDataParallel)):  # outer units first
+        owner.update({id(m): unit for m in unit.modules() if isinstance(m, LoraLinear)})
+    groups: dict[int, list[str]] = {}
+    for name in sorted(layers):
+        groups.setdefault(id(owner[id(layers[name])]), []).append(name)
+    units = {id(u): u for u in owner.values()}
+    order = sorted(groups, key=lambda k: groups[k][0])
+    h, modules, cuda = hashlib.sha256(), {}, world.device.startswith("cuda")
+    for key in order:
+        with FullyShardedDataParallel.summon_full_params(
+            units[key], recurse=False, writeback=False, rank0_only=True, offload_to_cpu=cuda
+        ):
+            if world.is_main:
+                for name in groups[key]:
+                    modules[name] = lora_module(layers[name])
+                    feed_base_weight(h, name, layers[name])
+    if not world.is_main:
+        return None
+    in_order = [name for key in order for name in groups[key]] == sorted(layers)
+    return Adapter(modules=modules, meta=AdapterMeta(base_fingerprint="sha256:" + h.hexdigest() if in_order else None))
 
 
 def sum_across(values: Sequence[float], world: World) -> list[float]:
@@ -160,6 +175,15 @@ def launch(nproc: int, args: Sequence[str]) -> int:
         return subprocess.call(cmd)
     except OSError as e:
         raise LoractlError(f"cannot start torchrun: {e.strerror}", hint="run torchrun yourself") from None
+
+
+def broadcast(obj: object, world: World) -> object:
+    """Rank 0's `obj` on every rank (e.g. the temporary path rank 0 chose)."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather(obj: object, world: World) -> list[object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,20 +34,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
     """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
-    layers = lora_layers(model)
-    modules = {
-        name: LoraModule(
-            A=layer.lora_A.detach().to("cpu", copy=True),
-            B=layer.lora_B.detach().to("cpu", copy=True),
-            scale=layer.scale,
-            alpha=layer.alpha,
-            scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
-            fan_in_fan_out=layer.fan_in_fan_out,
-        )
-        for name, layer in layers.items()
-    }
+    modules = {name: lora_module(layer) for name, layer in lora_layers(model).items()}
     meta = AdapterMeta(base_model=base_model, base_fingerprint=base_fingerprint(model), task_type=task_type)
     return Adapter(modules=modules, meta=meta)
+
+
+def lora_module(layer: LoraLinear) -> LoraModule:
+    """A copy of one layer's factors as a canonical `LoraModule`."""
+    return LoraModule(
+        A=layer.lora_A.detach().to("cpu", copy=True),
+        B=layer.lora_B.detach().to("cpu", copy=True),
+        scale=layer.scale,
+        alpha=layer.alpha,
+        scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
+        fan_in_fan_out=layer.fan_in_fan_out,
+    )
 
 
 def base_fingerprint(model: nn.Module) -> str | None:
@@ -61,11 +63,14 @@ def base_fingerprint(model: nn.Module) -> str | None:
         return None
     h = hashlib.sha256()
     for name, layer in layers:
-        weight = layer.base_layer.weight
-        assert isinstance(weight, torch.Tensor)
-        # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
-        raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
-        feed_fingerprint(
-            h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw
-        )
+        feed_base_weight(h, name, layer)
     return "sha256:" + h.hexdigest()
+
+
+def feed_base_weight(h: Any, name: str, layer: LoraLinear) -> None:
+    """Feed the weight under `layer` to fingerprint `h` as the checkpoint tensor `name.weight`."""
+    weight = layer.base_layer.weight
+    assert isinstance(weight, torch.Tensor)
+    # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
+    raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
+    feed_fingerprint(h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw)

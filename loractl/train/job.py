@@ -61,7 +61,7 @@ def train_adapter(
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
-        distributed.check_fsdp(world, save_every=config.save_every, resume=Path(resume) if resume else None)
+        distributed.check_fsdp(world)
     model, tokenizer = load_base(base, dtype=config.base_dtype, quantize=config.quantize, device=world.device)
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None

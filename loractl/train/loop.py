@@ -27,7 +27,7 @@ from .callbacks import Hooks
 from .config import TrainConfig
 from .data import Example, collate
 from .distributed import World
-from .export import adapter_from_model, unwrap
+from .export import unwrap
 from .loss import CausalLMLoss
 from .schedule import BatchOrder, lr_at
 from .state import TrainState
@@ -70,8 +70,7 @@ def train(
     world = world or distributed.setup(config.device)
     _check_inputs(model, data, config, checkpoint_dir)
     if config.fsdp:
-        distributed.check_fsdp(world, save_every=config.save_every, resume=resume)
-        checkpoint_dir = None  # not even on Ctrl-C: checkpoints hold unsharded parameters
+        distributed.check_fsdp(world)
     info = _sizes(model, len(data))
     state = _setup(model, config, world, resume)
     hooks = callbacks if world.is_main else ()
@@ -203,10 +202,7 @@ class _Run:
 
     def _gathered_adapter(self) -> Adapter | None:
         """FSDP: the adapter, gathered on rank 0 (None elsewhere); DDP and one process read the model later."""
-        if not self.config.fsdp:
-            return None
-        with distributed.full_params(self.state.net, self.state.world):
-            return extract_adapter(self.state.model) if self.state.world.is_main else None
+        return distributed.gather_adapter(self.state.net, self.state.world) if self.config.fsdp else None
 
 
 def _check_inputs(model: nn.Module, data: Sequence[Example], config: TrainConfig, checkpoint_dir: Path | None) -> None:
