@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loractl.errors import UsageError
-from loractl.train import Callback, Example, TrainConfig, evaluate, extract_adapter, inject, train
+from loractl.train import Callback, Example, TrainConfig, adapter_from_model, evaluate, inject, train
 from loractl.train.schedule import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -103,8 +103,8 @@ def test_base_is_held_as_asked_and_the_factors_stay_float32(load: dict[str, Any]
 
 @pytest.mark.parametrize("load", [{"base_dtype": "bf16"}, {"quantize": "nf4"}])
 def test_train_adapter_saves_a_peft_adapter_with_the_files_fingerprint(tmp_path: Path, load: dict[str, Any]) -> None:
-    from loractl.checkpoint import Checkpoint
     from loractl.formats import load_adapter
+    from loractl.io.checkpoint import Checkpoint
 
     cfg = TrainConfig(targets="all-linear", rank=4, steps=2, batch_size=4, **load)  # type: ignore[arg-type]
     summary = train_adapter(TINY, FIXTURES / "data" / "train.jsonl", tmp_path / "out", cfg)

@@ -20,7 +20,7 @@ from ..errors import FormatError, InputNotFoundError, UsageError
 from ..io.atomic import atomic_output
 from .config import TrainConfig
 from .distributed import World, barrier, broadcast, gather, gather_adapter
-from .export import extract_adapter, unwrap
+from .export import adapter_from_model, unwrap
 from .state import Position, TrainState
 
 STATE_NAME = "state.pt"
@@ -53,7 +53,7 @@ def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str,
     with atomic_output(final, force=True) as tmp:
         tmp.mkdir(parents=True)
         torch.save(doc, tmp / STATE_NAME)
-        save_adapter(extract_adapter(model), tmp / "adapter")
+        save_adapter(adapter_from_model(model), tmp / "adapter")
     return final
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..checkpoint import feed_fingerprint
-from ..safetensors_header import TensorInfo
-from ..tensor_bytes import dtype_code
+from ..io.checkpoint import feed_fingerprint
+from ..io.safetensors_header import TensorInfo
+from ..io.tensor_bytes import dtype_code
 from .base import is_quantized
 from .lora_layers import LoraLinear
 

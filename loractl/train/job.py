@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..atomic import ensure_distinct
-from ..checkpoint import Checkpoint
 from ..errors import OutputExistsError
+from ..io.atomic import ensure_distinct
+from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import distributed
 from .base import load_base
