@@ -62,8 +62,8 @@ def train(
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters in place on `data` (see `inject`).
 
-    `model(input_ids=..., attention_mask=...)` must return logits (batch, seq, vocab) or an object
-    with `.logits`. Checkpoints go to `checkpoint_dir/step-N` every `save_every` steps and on Ctrl-C.
+    `model(input_ids=...)` (plus `position_ids=` for packed rows) must return logits (batch, seq, vocab)
+    or an object with `.logits`, attending causally: rows are right-padded and no mask is passed. Checkpoints go to `checkpoint_dir/step-N` every `save_every` steps and on Ctrl-C.
     """
     config = config or TrainConfig()
     config.check()
