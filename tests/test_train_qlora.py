@@ -55,7 +55,7 @@ def peft_losses(model: nn.Module, ours: nn.Module, rows: list[Example], config: 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
