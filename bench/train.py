@@ -1,10 +1,17 @@
-"""Training throughput and peak memory: loractl's loop vs PEFT + a plain PyTorch loop vs full fine-tuning.
+"""Training throughput and peak memory: loractl's loop vs PEFT + a plain PyTorch loop, on the same base.
 
 Each variant runs in a fresh child process (this launcher never imports torch, so a child's peak
 RSS is its own), on the same random Llama and the same token batch, interleaved over --rounds.
+The base is built on the meta device and materialised in its target dtype (never in float32
+first), and with --quantize its linear layers are replaced layer by layer by bitsandbytes ones,
+so a 7 B shape fits where its float32 copy would not.
 
-    python bench/train.py                      # hidden 512, 6 layers, vocab 16k, seq 256, batch 8, r=16
-    python bench/train.py --steps 3 --hidden 128 --layers 2 --vocab 2000 --seq 64   # a quick look
+    python bench/train.py                                   # SmolLM2-135M shapes, seq 96, batch 8, r16
+    python bench/train.py --seq 256 --rounds 3
+    python bench/train.py --variants loractl+ckpt,peft+ckpt,peft
+    python bench/train.py --base-dtype bf16 --variants loractl,peft
+    python bench/train.py --quantize nf4 --variants loractl,peft
+    python bench/train.py --preset 7b --base-dtype bf16 --steps 2 --warmup 0 --variants loractl
 """
 
 from __future__ import annotations
@@ -14,39 +21,88 @@ import json
 import statistics
 import subprocess
 import sys
+from typing import Any
 
-VARIANTS = ("loractl", "peft", "full", "loractl+ckpt", "peft+ckpt")
+VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")
+SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
+PRESETS = {
+    "smollm2": SMOLLM2,
+    "7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000},
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def child(args: argparse.Namespace) -> None:
-    """Run one variant; print one JSON line: median tokens/s over the measured steps, peak RSS, parameters."""
+    """Run one variant; print one JSON line: median seconds and tokens/s over the measured steps, peak RSS."""
     import resource
-    import time
 
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    times: list[float] = []
+    run = _loractl if args.variant.startswith("loractl") else _peft
+    trainable = run(model, ids, args, args.warmup + args.steps, times)
+    step_s = statistics.median(times[args.warmup :])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    total = sum(p.numel() for p in model.parameters())
+    doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
+           "peak_rss": rss, "trainable": trainable, "total": total}  # fmt: skip
+    print(json.dumps(doc))
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """A random LlamaForCausalLM in the target dtype, built layer by layer from the meta device."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    dtype = getattr(torch, DTYPES[args.base_dtype])
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=args.seq)  # fmt: skip
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    steps = args.warmup + args.steps
-    times: list[float] = []
-    if args.variant.startswith("loractl"):
-        trainable = _loractl(model, ids, args, steps, times)
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 2048),
+                         tie_word_embeddings=False, dtype=dtype)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    for module in [model.model.embed_tokens, model.model.norm, model.lm_head, *model.model.layers]:
+        _materialise(module, dtype, generator, args.quantize)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers, computed on the CPU
+    return model
+
+
+def _materialise(module: Any, dtype: Any, generator: Any, quantize: str | None) -> None:
+    import torch
+
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:  # the RMSNorm weights
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(dtype) * 0.02)
+    if quantize and hasattr(module, "self_attn"):
+        for name, linear in list(module.named_modules()):
+            if isinstance(linear, torch.nn.Linear):
+                parent, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(parent), leaf, _quantized(linear, dtype, quantize))
+
+
+def _quantized(linear: Any, dtype: Any, quantize: str) -> Any:
+    """bitsandbytes' layer holding `linear`'s weight, as transformers' BitsAndBytesConfig loads it."""
+    import bitsandbytes as bnb
+
+    if quantize == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
     else:
-        trainable = _plain(model, ids, args, steps, times)
-    tokens = args.batch * args.seq
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    total = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"variant": args.variant, "tokens_per_s": tokens / statistics.median(times[args.warmup :]),
-                      "peak_rss": rss, "trainable": trainable, "total": total}))  # fmt: skip
-    del time
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+                                  quant_type=quantize)  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quantize)
+    return layer.to("cpu")
 
 
-def _loractl(model: object, ids: object, args: argparse.Namespace, steps: int, times: list[float]) -> int:
+def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[float]) -> int:
     from loractl.train import Callback, Example, TrainConfig, inject, train
 
     class Clock(Callback):
@@ -54,32 +110,32 @@ def _loractl(model: object, ids: object, args: argparse.Namespace, steps: int, t
             times.append(args.batch * args.seq / metrics["tokens_per_s"])
 
     config = TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=steps, batch_size=args.batch,
-                         max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"))  # fmt: skip
-    injection = inject(model, config)  # type: ignore[arg-type]
-    rows = [Example(tuple(r), tuple(r)) for r in ids.tolist()]  # type: ignore[attr-defined]
-    train(model, rows, config, callbacks=[Clock()])  # type: ignore[arg-type]
+                         max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
+                         compile=args.compile)  # fmt: skip
+    injection = inject(model, config)
+    rows = [Example(tuple(r), tuple(r)) for r in ids.tolist()]
+    train(model, rows, config, callbacks=[Clock()])
     return injection.trainable
 
 
-def _plain(model: object, ids: object, args: argparse.Namespace, steps: int, times: list[float]) -> int:
+def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[float]) -> int:
     """The loop a PEFT user writes: forward with labels, backward, AdamW step."""
     import time
 
     import torch
+    from peft import LoraConfig, get_peft_model
 
-    if args.variant.startswith("peft"):
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
-        model = get_peft_model(model, lora)  # type: ignore[arg-type]
-        if args.variant.endswith("ckpt"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
+    model = get_peft_model(model, lora)
+    if args.variant.endswith("ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model.train()  # type: ignore[attr-defined]
+    model.train()
     for _ in range(steps):
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # type: ignore[operator]
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -89,34 +145,50 @@ def _plain(model: object, ids: object, args: argparse.Namespace, steps: int, tim
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in (("hidden", 512), ("intermediate", 1376), ("layers", 6), ("heads", 8), ("vocab", 16000),
-                          ("seq", 256), ("batch", 8), ("rank", 16), ("steps", 4), ("warmup", 1), ("rounds", 1)):  # fmt: skip
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2", help="model shape [smollm2]")
+    for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset")
+    for name, default in (("seq", 96), ("batch", 8), ("rank", 16), ("steps", 3), ("warmup", 1), ("rounds", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"])
+    parser.add_argument("--compile", action="store_true", help="loractl variants: --compile")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.variant:
         child(args)
         return
     results: dict[str, list[dict[str, float]]] = {}
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--variants")]
+    passthrough = list(sys.argv[1:])
+    if "--variants" in passthrough:  # the children get --variant
+        del passthrough[passthrough.index("--variants") : passthrough.index("--variants") + 2]
+    passthrough = [a for a in passthrough if not a.startswith("--variants=")]
     for _ in range(args.rounds):
         for variant in args.variants.split(","):
             out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", variant],
                                  capture_output=True, text=True, check=True)  # fmt: skip
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[variant][-1]), file=sys.stderr)
     _table(results)
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
-    peft = statistics.median(r["tokens_per_s"] for r in results.get("peft", [{"tokens_per_s": float("nan")}]))
-    peft_rss = statistics.median(r["peak_rss"] for r in results.get("peft", [{"peak_rss": float("nan")}]))
-    print("| variant | tokens/s | vs PEFT | peak RSS (GB) | vs PEFT | trainable parameters |")
-    print("|---|---|---|---|---|---|")
+    """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`)."""
+    med = {v: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "peak_rss", "step_s")}
+           for v, runs in results.items()}  # fmt: skip
+    nan = {"tokens_per_s": float("nan"), "peak_rss": float("nan")}
+    print("| variant | s/step | tokens/s | vs PEFT twin | peak RSS (GB) | vs PEFT (no ckpt) | trainable parameters |")
+    print("|---|---|---|---|---|---|---|")
     for variant, runs in results.items():
-        tps, rss = statistics.median(r["tokens_per_s"] for r in runs), statistics.median(r["peak_rss"] for r in runs)
+        twin = med.get(variant.replace("loractl", "peft"), nan)
+        m, peft = med[variant], med.get("peft", nan)
         share = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['total']:.2f}%)"
-        print(f"| {variant} | {tps:.0f} | {tps / peft:.2f}x | {rss / 1e9:.2f} | {rss / peft_rss:.2f}x | {share} |")
+        print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / twin['tokens_per_s']:.2f}x"
+              f" | {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / peft['peak_rss']:.2f}x | {share} |")  # fmt: skip
 
 
 if __name__ == "__main__":

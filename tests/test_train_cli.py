@@ -88,6 +88,7 @@ def _lines(tmp_path: Path, text: str) -> str:
         ("no-config", 2, "has no config.json"),
         ("rank-0", 2, "rank must be positive"),
         ("existing", 2, "already exists"),
+        ("absent-device", 2, "torch sees no CUDA device"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int,
@@ -105,6 +106,10 @@ def test_bad_input_fails_before_training(tmp_path: Path, capsys: pytest.CaptureF
         base = str(tmp_path / "empty-base")
     elif case == "rank-0":
         extra = ["--rank", "0"]
+    elif case == "absent-device":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra = ["--device", "cuda"]
     else:
         out.mkdir()
     with pytest.raises(SystemExit) as exit_info:

@@ -61,6 +61,13 @@ def test_packing_fills_rows_and_masks_seams() -> None:
     rows = pack(examples, max_len=5)
     assert [r.input_ids for r in rows] == [(1, 2, 3, 4, 5), (6, 7, 8, 9)]
     assert rows[0].labels == (IGNORE, 2, 3, IGNORE, 5)
+    assert [r.starts for r in rows] == [(0, 3), (0,)]
+    batch = collate(rows, pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]  # restarted at each example
+
+
+def test_unpacked_batches_have_no_position_ids() -> None:
+    assert "position_ids" not in collate([Example((1, 2, 3), (1, 2, 3)), Example((4,), (4,))], pad_id=0)
 
 
 def test_collate_pads_right_and_masks() -> None:

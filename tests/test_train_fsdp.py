@@ -44,10 +44,11 @@ def test_fsdp_two_processes_match_one(tmp_path: Path) -> None:
         # Adam turns float noise in a near-zero gradient into up to ~lr/100 of A (one process vs two, DDP too).
         torch.testing.assert_close(b.modules[name].A, module.A, rtol=1e-4, atol=5e-4)
         torch.testing.assert_close(b.modules[name].B, module.B, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b.modules[name].A, d.modules[name].A, rtol=1e-6, atol=1e-7)  # same sums as DDP
-        torch.testing.assert_close(b.modules[name].B, d.modules[name].B, rtol=1e-6, atol=1e-7)
+        for role in ("A", "B"):  # as DDP, up to float noise that Adam scales up in near-zero gradients (see above)
+            ours, ddp = getattr(b.modules[name], role), getattr(d.modules[name], role)
+            assert float((ours - ddp).norm()) <= 5e-4 * float(ddp.norm()), (name, role)
         assert b.modules[name].scale == module.scale
-    assert b.meta.base_fingerprint == a.meta.base_fingerprint  # hashed from the gathered, unsharded base
+    assert b.meta.base_fingerprint == a.meta.base_fingerprint  # hashed unit by unit, never the whole base at once
     assert any(m.B.abs().sum() > 0 for m in b.modules.values())  # it did train
 
 
@@ -58,18 +59,28 @@ def test_fsdp_needs_a_distributed_launch(fixtures_dir: Path, tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags", [("--save-every", "1"), ("--resume", "x"), ("--precision", "fp16")])
+@pytest.mark.parametrize("flags", [("--precision", "fp16"), ("--quantize", "nf4")])
 def test_fsdp_refuses_what_it_cannot_do(fixtures_dir: Path, tmp_path: Path, flags: tuple[str, str]) -> None:
-    from loractl.train import TrainConfig
-    from loractl.train.distributed import World, check_fsdp
-
-    config = {"--save-every": {"save_every": 1}, "--resume": {}, "--precision": {"precision": "fp16"}}[flags[0]]
     code, _, err = run_cli("train", "--base", fixtures_dir / "tiny-llama", "--data",
                            fixtures_dir / "data" / "train.jsonl", "-o", tmp_path / "out", "--fsdp", *flags)  # fmt: skip
-    assert code == 2 and "--fsdp" in err
-    if flags[0] == "--precision":
-        assert "fp16" in err
-        return
-    with pytest.raises(Exception, match="does not support checkpoints"):  # what a torchrun rank would say
-        check_fsdp(World(0, 2), save_every=TrainConfig(fsdp=True, **config).save_every,
-                   resume=Path("x") if flags[0] == "--resume" else None)  # fmt: skip
+    assert code == 2 and "--fsdp" in err and flags[0].strip("-") in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_stop_and_resume_continue_exactly(tmp_path: Path) -> None:
+    """Each rank writes its shard (DCP); a run stopped at step 2 and resumed gives the straight run's adapter."""
+    common = ("--batch-size", "2", "--nproc", "2", "--fsdp", "--schedule", "constant", "--save-every", "2")
+    straight = _train(tmp_path, "straight", *common, "--steps", "4")
+    stopped = _train(tmp_path, "resumed", *common, "--steps", "2")
+    step2 = tmp_path / "resumed.train" / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in step2.iterdir()) == ["adapter", "sharded", "state.pt"]
+    assert len(list((step2 / "sharded").glob("*.distcp"))) == 2  # one shard file per rank
+    assert stopped["steps"] == 2
+    resumed = _train(tmp_path, "resumed", *common, "--steps", "4", "--resume", str(step2))
+    assert resumed["steps"] == 4 and resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "resumed")
+    for name, module in a.modules.items():
+        torch.testing.assert_close(b.modules[name].A, module.A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b.modules[name].B, module.B, rtol=1e-6, atol=1e-7)
+    assert b.meta.base_fingerprint == a.meta.base_fingerprint

@@ -16,7 +16,7 @@ from torch import nn
 
 from loractl.errors import UsageError
 from loractl.train import Callback, Example, TrainConfig, adapter_from_model, evaluate, inject, train
-from loractl.train.loop import lr_at
+from loractl.train.schedule import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,7 +145,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[nn.Module, Any]:
-    from loractl.train.job import load_base
+    from loractl.train.base import load_base
 
     return load_base(FIXTURES / "tiny-llama")
 
@@ -204,6 +204,28 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path: Path, llama:
         assert not torch.allclose(fresh.base_model(ids).last_hidden_state, llama[0].model(ids).last_hidden_state)
 
 
+def test_packed_rows_attend_within_each_example(llama: tuple[nn.Module, Any]) -> None:
+    import torch.nn.functional as F
+
+    from loractl.train.data import collate, pack, tokenize
+    from loractl.train.loss import CausalLMLoss
+
+    model, tok = llama
+    texts = ["The quick fox.", "A lazy dog sleeps.", "Hi there."]
+    examples = [tokenize({"text": t}, tok) for t in texts]
+    (row,) = pack(examples, 128)
+    batch = collate([row], 0)
+    with torch.no_grad():
+        packed = float(CausalLMLoss(model)(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"]))
+        leaky = float(CausalLMLoss(model)(batch["input_ids"], batch["labels"]))  # one sequence: attends across seams
+        alone = 0.0
+        for ex in examples:  # the reference: each example through the plain model on its own
+            ids = torch.tensor([ex.input_ids])
+            alone += float(F.cross_entropy(model(ids).logits[0, :-1], torch.tensor(ex.labels[1:]), reduction="sum"))
+    assert abs(packed - alone) <= 1e-5 * alone
+    assert abs(leaky - alone) > 1e-3 * alone  # the check can fail: without the restart, examples see each other
+
+
 def test_gradient_checkpointing_gives_the_same_step(llama: tuple[nn.Module, Any]) -> None:
     ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))
     out = []
@@ -226,9 +248,11 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)  # several chunks, one of them partial
     model = copy.deepcopy(llama[0])
     inject(model, TrainConfig(targets="all-linear"))
-    for layer in model.modules():
-        if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B, std=0.1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     batch = collate([Example(tuple(range(3, 20)), (-100,) * 5 + tuple(range(8, 20))), Example((5, 6, 7), (5, 6, 7))], 0)
     fused = loss_module.CausalLMLoss(model)
     assert fused.head is model.lm_head
@@ -241,5 +265,20 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     reference = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+    for name, grad in grads.items():  # float32 rounding relative to each gradient's norm
+        reference_grad = dict(model.named_parameters())[name].grad
+        assert float((grad - reference_grad).norm()) <= 1e-5 * float(reference_grad.norm()) + 1e-7, name
+
+
+@pytest.mark.slow  # inductor compiles each layer shape once: minutes on a 2-core CPU
+def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> None:
+    ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))
+    out = []
+    for compiled in (False, True):
+        model = copy.deepcopy(llama[0])
+        config = TrainConfig(compile=compiled, targets="all-linear", steps=2, batch_size=1, lr=1e-2)
+        inject(model, config)
+        losses = Losses()
+        train(model, [ex], config, callbacks=[losses])
+        out.append(losses.losses)
+    torch.testing.assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-5, atol=0)

@@ -46,6 +46,16 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--packing", is_flag=True, default=None, help="Pack short examples into rows of --max-len.")
 @click.option("--grad-checkpointing", is_flag=True, default=None, help="Recompute activations in backward.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
+@click.option(
+    "--base-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Hold the frozen base in this dtype [its own]."
+)
+@click.option(
+    "--quantize", type=click.Choice(["nf4", "fp4", "int8"]), help="Load the base quantized by bitsandbytes (QLoRA)."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Where to train [auto: CUDA if present]."
+)
+@click.option("--compile", is_flag=True, default=None, help="torch.compile each decoder layer.")
 @click.option("--seed", type=int, help="Seed for A's init, data order and dropout [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUTPUT.train/checkpoints [0: never].")
 @click.option(

@@ -7,12 +7,13 @@ train(model, examples, config)       # examples: loractl.train.data.Example rows
 adapter = adapter_from_model(model)  # → loractl.save_adapter(adapter, "out")
 """
 
+from .callbacks import Callback
 from .config import TrainConfig
 from .data import Example, load_dataset
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .job import TrainSummary, train_adapter
-from .loop import Callback, TrainResult, evaluate, train
+from .loop import TrainResult, evaluate, train
 from .lora_layers import LoraLinear
 
 __all__ = [

@@ -2,61 +2,89 @@
 
 Layout: `DIR/step-000010/` holding `adapter/` (PEFT, usable as is) and `state.pt` (loaded with
 `weights_only=True`). The learning rate is a pure function of the step and the data order a
-pure function of (seed, step), so the step number restores both exactly.
+pure function of (seed, step), so the step number restores both exactly. Under FSDP the LoRA
+factors and optimizer state stay sharded: each rank writes its shard into `sharded/` with
+torch.distributed.checkpoint, and `state.pt` holds the rest. The frozen base is never saved.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import FormatError, InputNotFoundError, UsageError
 from ..io.atomic import atomic_output
 from .config import TrainConfig
-from .distributed import World, gather
+from .distributed import World, barrier, broadcast, gather, gather_adapter
 from .export import adapter_from_model, unwrap
+from .state import Position, TrainState
 
 STATE_NAME = "state.pt"
+SHARDED_NAME = "sharded"
 # Settings that may change between a run and its resumption without changing the math so far.
-_RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every"}
+_FSDP_PREFIX = re.compile(r"_fsdp_wrapped_module\.")
+_RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every", "device", "compile"}
 
 
-@dataclass
-class Position:
-    """How far a run is: optimizer steps done and input tokens seen (over all ranks)."""
-
-    step: int = 0
-    tokens: int = 0
-
-
-def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-         position: Position, config: TrainConfig, rng: dict[str, torch.Tensor], world: World) -> Path | None:  # fmt: skip
+def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str, torch.Tensor]) -> Path | None:
     """Write `directory/step-N` (rank 0; every rank must call it, for the RNG gather); its path on rank 0."""
-    rngs = gather(rng, world)
-    if not world.is_main:
-        return None
-    state = {
+    world, position, model = state.world, state.position, state.model
+    doc = {
         "step": position.step,
         "tokens": position.tokens,
         "global_batch": config.batch_size * config.grad_accum * world.size,
         "config": config.to_dict(),
-        "lora": {k: v.detach().cpu() for k, v in unwrap(model).named_parameters() if v.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rngs,
+        "scaler": state.scaler.state_dict(),
+        "rng": gather(rng, world),
     }
+    final = directory / f"step-{position.step:06d}"
+    if config.fsdp:
+        return _save_sharded(final, state, doc)
+    if not world.is_main:
+        return None
+    doc["lora"] = {k: v.detach().cpu() for k, v in unwrap(model).named_parameters() if v.requires_grad}
+    doc["optimizer"] = state.optimizer.state_dict()
     from ..formats import save_adapter
 
-    final = directory / f"step-{position.step:06d}"
     with atomic_output(final, force=True) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(state, tmp / STATE_NAME)
+        torch.save(doc, tmp / STATE_NAME)
         save_adapter(adapter_from_model(model), tmp / "adapter")
     return final
+
+
+def _save_sharded(final: Path, state: TrainState, doc: dict[str, Any]) -> Path | None:
+    """FSDP: every rank writes its shard (DCP) into rank 0's temporary directory; rank 0 renames it."""
+    from torch.distributed.checkpoint.state_dict_saver import save as save_shards
+
+    from ..formats import save_adapter
+
+    world = state.world
+    with atomic_output(final, force=True) if world.is_main else nullcontext(None) as mine:
+        tmp = Path(str(broadcast(str(mine), world)))
+        if world.is_main:
+            tmp.mkdir(parents=True)
+        barrier(world)
+        save_shards(_sharded_state(state), checkpoint_id=tmp / SHARDED_NAME)
+        adapter = gather_adapter(state.net, world)  # one unit at a time, never the whole base
+        if world.is_main and adapter is not None:
+            torch.save(doc, tmp / STATE_NAME)
+            save_adapter(adapter, tmp / "adapter")
+        barrier(world)  # every shard is written before rank 0 renames
+    return final if world.is_main else None
+
+
+def _sharded_state(state: TrainState) -> dict[str, Any]:
+    """The LoRA parameters and optimizer state as sharded state dicts (this rank's shards, no gather)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(state.net, state.optimizer)
+    trainable = {_FSDP_PREFIX.sub("", n) for n, p in state.net.named_parameters() if p.requires_grad}
+    return {"lora": {k: v for k, v in model_state.items() if k in trainable}, "optimizer": optimizer_state}
 
 
 def rng_state(world: World) -> dict[str, torch.Tensor]:
@@ -77,40 +105,75 @@ def latest(path: Path) -> Path:
     return steps[-1]
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-         config: TrainConfig, world: World) -> Position:  # fmt: skip
-    """Restore a checkpoint into `model`, `optimizer`, `scaler` and this rank's RNG; the position."""
+def load(path: Path, state: TrainState, config: TrainConfig) -> Position:
+    """Restore a checkpoint into the state's LoRA parameters, optimizer, scaler and this rank's RNG; the position."""
+    world = state.world
     path = latest(path)
     try:
-        state: dict[str, Any] = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        doc: dict[str, Any] = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable state is the same user-facing problem
         raise FormatError(f"cannot read checkpoint state ({str(e).splitlines()[0][:120]})", path=path) from None
-    _check_compatible(state, config, world, path)
-    params = {k: v for k, v in unwrap(model).named_parameters() if v.requires_grad}
-    if set(params) != set(state["lora"]):
-        raise UsageError("the checkpoint's LoRA layers differ from the model's", path=path,
-                         hint="resume with the same base, --targets and --rank")  # fmt: skip
-    with torch.no_grad():
-        for name, value in state["lora"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][world.rank]
+    _check_compatible(doc, config, world, path)
+    if config.fsdp:
+        _load_sharded(path, state)
+    else:
+        _load_replicated(path, state, doc)
+    state.scaler.load_state_dict(doc["scaler"])
+    rng = doc["rng"][world.rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], torch.device(world.device))
-    return Position(int(state["step"]), int(state["tokens"]))
+    return Position(int(doc["step"]), int(doc["tokens"]))
+
+
+def _load_sharded(path: Path, state: TrainState) -> None:
+    """FSDP: each rank reads its shard of the LoRA parameters and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as load_shards
+
+    if not (path / SHARDED_NAME).is_dir():
+        raise UsageError("this checkpoint was not made with --fsdp", path=path, hint="resume it without --fsdp")
+    sharded = _sharded_state(state)
+    load_shards(sharded, checkpoint_id=path / SHARDED_NAME)
+    options = StateDictOptions(strict=False)  # the base is not in the checkpoint
+    set_state_dict(
+        state.net,
+        state.optimizer,
+        model_state_dict=sharded["lora"],
+        optim_state_dict=sharded["optimizer"],
+        options=options,
+    )
+
+
+def _load_replicated(path: Path, state: TrainState, doc: dict[str, Any]) -> None:
+    params = {k: v for k, v in unwrap(state.model).named_parameters() if v.requires_grad}
+    if set(params) != set(doc["lora"]):
+        raise UsageError(
+            "the checkpoint's LoRA layers differ from the model's",
+            path=path,
+            hint="resume with the same base, --targets and --rank",
+        )
+    with torch.no_grad():
+        for name, value in doc["lora"].items():
+            params[name].copy_(value)
+    state.optimizer.load_state_dict(doc["optimizer"])
 
 
 def _check_compatible(state: dict[str, Any], config: TrainConfig, world: World, path: Path) -> None:
-    saved, now = state["config"], config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    saved, now = {**TrainConfig().to_dict(), **state["config"]}, config.to_dict()  # settings newer than the file
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved[k] != now[k])
     if changed:
-        detail = ", ".join(f"{k} {saved.get(k)!r} → {now[k]!r}" for k in changed)
-        raise UsageError(f"the run's settings differ from the checkpoint's: {detail}", path=path,
-                         hint="resume with the settings the checkpoint was made with")  # fmt: skip
+        detail = ", ".join(f"{k} {saved[k]!r} → {now[k]!r}" for k in changed)
+        raise UsageError(
+            f"the run's settings differ from the checkpoint's: {detail}",
+            path=path,
+            hint="resume with the settings the checkpoint was made with",
+        )
     global_batch = config.batch_size * config.grad_accum * world.size
     if state["global_batch"] != global_batch or len(state["rng"]) != world.size:
-        raise UsageError(f"the checkpoint was made with {len(state['rng'])} process(es) and global batch "
-                         f"{state['global_batch']}, this run has {world.size} and {global_batch}", path=path,
-                         hint="resume with the same number of processes and batch settings")  # fmt: skip
+        raise UsageError(
+            f"the checkpoint was made with {len(state['rng'])} process(es) and global batch "
+            f"{state['global_batch']}, this run has {world.size} and {global_batch}",
+            path=path,
+            hint="resume with the same number of processes and batch settings",
+        )

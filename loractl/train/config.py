@@ -16,6 +16,9 @@ from ..errors import InputNotFoundError, UsageError
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Init = Literal["kaiming", "gaussian"]
+BaseDtype = Literal["bf16", "fp16", "fp32"]
+Quantize = Literal["nf4", "fp4", "int8"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 # Targets: a tuple of module-name suffixes, "all-linear", or a regex matched against full module paths.
 Targets = tuple[str, ...] | str
 DEFAULT_STEPS = 100
@@ -50,6 +53,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: eval once at the end (when eval data is given)
     log_every: int = 1
     fsdp: bool = False  # shard the base over the ranks (FSDP) instead of replicating it (DDP)
+    base_dtype: BaseDtype | None = None  # None: the checkpoint's own dtype; LoRA factors stay float32
+    quantize: Quantize | None = None  # load the frozen base through bitsandbytes (QLoRA)
+    device: Device = "auto"  # auto: CUDA when present, else the CPU
+    compile: bool = False  # torch.compile each decoder layer
 
     def check(self) -> None:
         """Raise `UsageError` on values no run can use, before anything is loaded."""
@@ -66,9 +73,21 @@ class TrainConfig:
         _choice(self, "schedule", ("cosine", "linear", "constant"))
         _choice(self, "precision", ("fp32", "bf16", "fp16"))
         _choice(self, "init", ("kaiming", "gaussian"))
+        _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        if self.base_dtype is not None:
+            _choice(self, "base_dtype", ("bf16", "fp16", "fp32"))
+        if self.quantize is not None:
+            _choice(self, "quantize", ("nf4", "fp4", "int8"))
+        if self.fsdp and self.quantize is not None:
+            raise UsageError(
+                "--fsdp does not shard a --quantize base (bitsandbytes weights are not FSDP parameters)",
+                hint="use --quantize with one process or DDP (--nproc without --fsdp)",
+            )
         if self.fsdp and self.precision == "fp16":
-            raise UsageError("--fsdp does not support --precision fp16 (its loss scaling is per rank)",
-                             hint="use --precision bf16 or fp32 with --fsdp")  # fmt: skip
+            raise UsageError(
+                "--fsdp does not support --precision fp16 (its loss scaling is per rank)",
+                hint="use --precision bf16 or fp32 with --fsdp",
+            )
 
     def total_steps(self, num_examples: int, world_size: int = 1) -> int:
         """Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`."""

@@ -36,10 +36,14 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    """One training row: `input_ids` and `labels` of equal length (labels IGNORE where no loss)."""
+    """One training row: `input_ids` and `labels` of equal length (labels IGNORE where no loss).
+
+    `starts`: where each example of a packed row begins; attention and positions restart there.
+    """
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    starts: tuple[int, ...] = (0,)
 
     @property
     def num_targets(self) -> int:
@@ -102,24 +106,31 @@ def tokenize(doc: dict[str, Any], tokenizer: Tokenizer, number: int = 0, path: P
 def pack(examples: Sequence[Example], max_len: int) -> list[Example]:
     """Concatenate examples into rows of up to `max_len` tokens (an example is never split).
 
+    Each row records where its examples start: `collate` restarts the positions there, and
+    transformers' attention then keeps each example to itself (a block-diagonal causal mask).
     The first label of each example is masked, so no row learns to predict across a seam.
     """
     rows: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    starts: list[int] = []
     for ex in examples:
         if ids and len(ids) + len(ex.input_ids) > max_len:
-            rows.append(Example(tuple(ids), tuple(labels)))
-            ids, labels = [], []
+            rows.append(Example(tuple(ids), tuple(labels), tuple(starts)))
+            ids, labels, starts = [], [], []
+        starts.append(len(ids))
         ids += ex.input_ids
         labels += (IGNORE, *ex.labels[1:])
     if ids:
-        rows.append(Example(tuple(ids), tuple(labels)))
+        rows.append(Example(tuple(ids), tuple(labels), tuple(starts)))
     return rows
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` tensors, (batch, longest)."""
+    """Right-padded `input_ids`, `attention_mask` and `labels` tensors, (batch, longest).
+
+    With packed rows, also `position_ids` that restart at every example (padding continues the last).
+    """
     longest = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
@@ -127,7 +138,18 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex.input_ids), torch.tensor(ex.labels), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(len(ex.starts) > 1 for ex in examples):
+        batch["position_ids"] = torch.stack([_positions(ex.starts, longest) for ex in examples])
+    return batch
+
+
+def _positions(starts: tuple[int, ...], length: int) -> torch.Tensor:
+    """0, 1, 2, ... restarting at each of `starts`."""
+    positions = torch.arange(length)
+    for start in starts[1:]:
+        positions[start:] -= positions[start].clone()
+    return positions
 
 
 def _parse(line: str, number: int, path: Path) -> dict[str, Any]:
@@ -156,8 +178,10 @@ def _chat(messages: Any, tokenizer: Tokenizer, number: int, path: Path | None) -
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise FormatError(f"line {number}: 'messages' must be a list of {{role, content}} objects", path=path)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise UsageError("the tokenizer has no chat template, so 'messages' lines cannot be rendered",
-                         hint="use text or prompt/completion lines, or a base with a chat template")  # fmt: skip
+        raise UsageError(
+            "the tokenizer has no chat template, so 'messages' lines cannot be rendered",
+            hint="use text or prompt/completion lines, or a base with a chat template",
+        )
     ids = _render(tokenizer, messages, False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
@@ -166,8 +190,11 @@ def _chat(messages: Any, tokenizer: Tokenizer, number: int, path: Path | None) -
         prefix = _render(tokenizer, messages[:i], True)
         start, end = len(prefix), len(_render(tokenizer, messages[: i + 1], False))
         if ids[:start] != prefix:
-            raise UsageError(f"line {number}: the chat template does not render turns as prefixes", path=path,
-                             hint="loss masking on assistant turns needs a prefix-stable template")  # fmt: skip
+            raise UsageError(
+                f"line {number}: the chat template does not render turns as prefixes",
+                path=path,
+                hint="loss masking on assistant turns needs a prefix-stable template",
+            )
         labels[start:end] = ids[start:end]
     return Example(tuple(ids), tuple(labels))
 

@@ -8,19 +8,21 @@ not fit one device.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..adapter import Adapter, AdapterMeta
 from ..errors import LoractlError, UsageError
+from .export import feed_base_weight, lora_layers, lora_module
+from .lora_layers import LoraLinear
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,34 @@ class World:
         return self.rank == 0
 
 
-def setup(device: str | None = None) -> World:
+def setup(device: str = "auto") -> World:
     """Join torchrun's process group when there is one (idempotent); pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device != "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = device or (f"cuda:{local}" if cuda else "cpu")
+    chosen = pick_device(device, local)
+    cuda = chosen.startswith("cuda")
     if size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return World(rank, dist.get_world_size() if dist.is_initialized() else 1, chosen)
+
+
+def pick_device(device: str, local_rank: int = 0) -> str:
+    """`auto` → CUDA when torch sees one, else the CPU; `cuda` → this rank's GPU (`cuda:LOCAL_RANK`).
+
+    An explicit device torch cannot use is refused here, before the base is loaded.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device", hint="use --device cpu (or auto)")
+        return f"cuda:{local_rank}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: torch sees no Apple GPU (MPS)", hint="use --device cpu (or auto)")
+    return device
 
 
 def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
@@ -64,45 +82,64 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        layers = {type(m) for m in model.modules() if type(m).__name__ in _no_split_names(model)}
+        layers = {type(m) for m in decoder_layers(model)}
         # An explicit device: without one, FSDP refuses to run on a machine with no accelerator (gloo on CPU).
-        return FullyShardedDataParallel(model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers),
-                                        device_id=torch.device(world.device))  # fmt: skip
+        return FullyShardedDataParallel(
+            model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=torch.device(world.device)
+        )
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[torch.device(world.device).index] if cuda else None)
 
 
-def _no_split_names(model: nn.Module) -> set[str]:
-    """Class names of the layers transformers never splits across devices (its decoder layers)."""
-    return {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers never splits across devices (`_no_split_modules`: its decoder layers)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def check_fsdp(world: World, *, save_every: int, resume: Path | None) -> None:
-    """Refuse FSDP where it cannot run: one process, or with checkpoints (saved unsharded only)."""
+def check_fsdp(world: World) -> None:
+    """Refuse FSDP where it cannot run: one process."""
     if world.size == 1:
-        raise UsageError("--fsdp needs a distributed launch (world size 1 here)",
-                         hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process")  # fmt: skip
-    if save_every or resume is not None:
-        raise UsageError("--fsdp does not support checkpoints (--save-every, --resume) yet",
-                         hint="train without them, or use DDP (drop --fsdp) for resumable runs")  # fmt: skip
+        raise UsageError(
+            "--fsdp needs a distributed launch (world size 1 here)",
+            hint="add --nproc N (N ≥ 2), or run under torchrun; drop --fsdp for one process",
+        )
 
 
-@contextmanager
-def full_params(net: nn.Module, world: World) -> Iterator[None]:
-    """Inside, rank 0's `net` holds its full (unsharded) parameters, on the CPU when training on CUDA.
+def gather_adapter(net: nn.Module, world: World) -> Adapter | None:
+    """The trained adapter on rank 0 (None elsewhere), gathering one FSDP unit at a time; every rank calls it.
 
-    Every rank must enter it (the gather is collective); FSDP units are gathered to the CPU one at a
-    time, so no device ever holds the whole base. A no-op for models not wrapped in FSDP.
+    No process ever holds more than one unit's (one decoder layer's) full weights: each unit is gathered in
+    turn on rank 0, its LoRA factors copied and its adapted weights fed to the base fingerprint. Units go in
+    the sorted order of their layers' names, which is the fingerprint's own order (a decoder layer's names
+    are contiguous when sorted), so the fingerprint equals the one-process one; None if a model's names
+    interleave across units.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if not isinstance(net, FullyShardedDataParallel):
-        yield
-        return
-    cuda = world.device.startswith("cuda")
-    with FullyShardedDataParallel.summon_full_params(net, writeback=False, rank0_only=True, offload_to_cpu=cuda):
-        yield
+    layers = lora_layers(net)
+    owner: dict[int, nn.Module] = {}
+    for unit in (m for m in net.modules() if isinstance(m, FullyShardedDataParallel)):  # outer units first
+        owner.update({id(m): unit for m in unit.modules() if isinstance(m, LoraLinear)})
+    groups: dict[int, list[str]] = {}
+    for name in sorted(layers):
+        groups.setdefault(id(owner[id(layers[name])]), []).append(name)
+    units = {id(u): u for u in owner.values()}
+    order = sorted(groups, key=lambda k: groups[k][0])
+    h, modules, cuda = hashlib.sha256(), {}, world.device.startswith("cuda")
+    for key in order:
+        with FullyShardedDataParallel.summon_full_params(
+            units[key], recurse=False, writeback=False, rank0_only=True, offload_to_cpu=cuda
+        ):
+            if world.is_main:
+                for name in groups[key]:
+                    modules[name] = lora_module(layers[name])
+                    feed_base_weight(h, name, layers[name])
+    if not world.is_main:
+        return None
+    in_order = [name for key in order for name in groups[key]] == sorted(layers)
+    return Adapter(modules=modules, meta=AdapterMeta(base_fingerprint="sha256:" + h.hexdigest() if in_order else None))
 
 
 def sum_across(values: Sequence[float], world: World) -> list[float]:
@@ -123,12 +160,30 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     """Re-run `loractl train ARGS` under torchrun with `nproc` processes on this machine; its exit code."""
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "loractl", "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "loractl",
+        "train",
+        *args,
+    ]
     try:
         return subprocess.call(cmd)
     except OSError as e:
         raise LoractlError(f"cannot start torchrun: {e.strerror}", hint="run torchrun yourself") from None
+
+
+def broadcast(obj: object, world: World) -> object:
+    """Rank 0's `obj` on every rank (e.g. the temporary path rank 0 chose)."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather(obj: object, world: World) -> list[object]:

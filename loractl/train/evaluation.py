@@ -22,8 +22,8 @@ from torch import nn
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, ShapeMismatchError, UsageError
+from .base import load_base
 from .data import IGNORE, Example, collate, load_dataset, require_data_file
-from .job import load_base
 from .lora_layers import is_adaptable, is_conv1d
 from .loss import CausalLMLoss
 

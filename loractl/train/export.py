@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..io.checkpoint import feed_fingerprint
 from ..io.safetensors_header import TensorInfo
 from ..io.tensor_bytes import dtype_code
+from .base import is_quantized
 from .lora_layers import LoraLinear
 
 _FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP puts into the paths of the layers it wraps
@@ -32,35 +34,43 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
     """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
-    layers = lora_layers(model)
-    modules = {
-        name: LoraModule(
-            A=layer.lora_A.detach().to("cpu", copy=True),
-            B=layer.lora_B.detach().to("cpu", copy=True),
-            scale=layer.scale,
-            alpha=layer.alpha,
-            scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
-            fan_in_fan_out=layer.fan_in_fan_out,
-        )
-        for name, layer in layers.items()
-    }
+    modules = {name: lora_module(layer) for name, layer in lora_layers(model).items()}
     meta = AdapterMeta(base_model=base_model, base_fingerprint=base_fingerprint(model), task_type=task_type)
     return Adapter(modules=modules, meta=meta)
 
 
-def base_fingerprint(model: nn.Module) -> str:
+def lora_module(layer: LoraLinear) -> LoraModule:
+    """A copy of one layer's factors as a canonical `LoraModule`."""
+    return LoraModule(
+        A=layer.lora_A.detach().to("cpu", copy=True),
+        B=layer.lora_B.detach().to("cpu", copy=True),
+        scale=layer.scale,
+        alpha=layer.alpha,
+        scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
+        fan_in_fan_out=layer.fan_in_fan_out,
+    )
+
+
+def base_fingerprint(model: nn.Module) -> str | None:
     """sha256 over the adapted base weights, byte-compatible with `Checkpoint.fingerprint`.
 
     The weight of module `m` is hashed under the name `m.weight`, as a checkpoint stores it, so a
-    fingerprint taken here equals the one `validate --base` computes from the files.
+    fingerprint taken here equals the one `validate --base` computes from the files. None for a
+    quantized base: its packed bytes are no checkpoint's (`train_adapter` hashes the files instead).
     """
+    layers = sorted(lora_layers(model).items())
+    if any(is_quantized(layer.base_layer) for _, layer in layers):
+        return None
     h = hashlib.sha256()
-    for name, layer in sorted(lora_layers(model).items()):
-        weight = layer.base_layer.weight
-        assert isinstance(weight, torch.Tensor)
-        # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
-        raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
-        feed_fingerprint(
-            h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw
-        )
+    for name, layer in layers:
+        feed_base_weight(h, name, layer)
     return "sha256:" + h.hexdigest()
+
+
+def feed_base_weight(h: Any, name: str, layer: LoraLinear) -> None:
+    """Feed the weight under `layer` to fingerprint `h` as the checkpoint tensor `name.weight`."""
+    weight = layer.base_layer.weight
+    assert isinstance(weight, torch.Tensor)
+    # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
+    raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
+    feed_fingerprint(h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw)

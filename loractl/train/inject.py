@@ -48,8 +48,15 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoraLinear(getattr(parent, leaf), config.rank, config.alpha, rslora=config.rslora,
-                           dropout=config.dropout, init=config.init, generator=generator)  # fmt: skip
+        layer = LoraLinear(
+            getattr(parent, leaf),
+            config.rank,
+            config.alpha,
+            rslora=config.rslora,
+            dropout=config.dropout,
+            init=config.init,
+            generator=generator,
+        )
         setattr(parent, leaf, layer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Injection(tuple(chosen), trainable, sum(p.numel() for p in model.parameters()))

@@ -6,26 +6,25 @@ step. Checkpoints and `metrics.jsonl` go to `OUTPUT.train/` beside the adapter.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageError
+from ..adapter import Adapter
+from ..errors import OutputExistsError
 from ..io.atomic import ensure_distinct
+from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import distributed
+from .base import load_base
+from .callbacks import Hooks, MetricsLog
 from .config import TrainConfig
 from .data import Dataset, load_dataset, require_data_file
 from .export import adapter_from_model
 from .inject import Injection, inject
-from .loop import Hooks, MetricsLog, TrainResult, train
-
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+from .loop import TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,36 @@ def train_adapter(
     for path in inputs:  # before the seconds spent loading the base
         require_data_file(path)
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
-    world = distributed.setup()
+    world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
-        distributed.check_fsdp(world, save_every=config.save_every, resume=Path(resume) if resume else None)
-    model, tokenizer = load_base(base)
+        distributed.check_fsdp(world)
+    model, tokenizer = load_base(base, dtype=config.base_dtype, quantize=config.quantize, device=world.device)
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
     injection = inject(model, config)
-    model.to(world.device)
     if force and resume is None and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     distributed.barrier(world)
-    result = train(model, train_set.examples, config, eval_data=eval_set.examples if eval_set else None,
-                   pad_id=tokenizer.pad_token_id or 0, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
-                   checkpoint_dir=run_dir / "checkpoints", resume=Path(resume) if resume else None, world=world)  # fmt: skip
+    result = train(
+        model,
+        train_set.examples,
+        config,
+        eval_data=eval_set.examples if eval_set else None,
+        pad_id=tokenizer.pad_token_id or 0,
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
+        checkpoint_dir=run_dir / "checkpoints",
+        resume=Path(resume) if resume else None,
+        world=world,
+    )
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted:
         return summary
     adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
     content_hash = None
     if adapter is not None:
-        adapter = replace(adapter, meta=replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM"))
+        fingerprint = _file_fingerprint(base, adapter) if _loaded_differently(config) else None
+        meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
+        adapter = replace(adapter, meta=replace(meta, base_fingerprint=fingerprint or meta.base_fingerprint))
         adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
         content_hash = adapter.content_hash()
     if world.is_main and adapter is not None:
@@ -91,28 +99,18 @@ def train_adapter(
     return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
 
 
-def load_base(base: str | Path) -> tuple[nn.Module, Any]:
-    """A transformers causal LM (float32) and its tokenizer, from a directory or a Hub id."""
-    path = Path(base)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UsageError(f"base directory {path} has no config.json",
-                         hint="point --base at a transformers model directory (config.json, safetensors, tokenizer)")  # fmt: skip
-    if not path.exists() and not _HUB_ID.fullmatch(str(base)):
-        raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        raise LoractlError(f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
-                           hint="a base is a transformers causal LM directory with its tokenizer") from None  # fmt: skip
-    return model, tokenizer
+def _loaded_differently(config: TrainConfig) -> bool:
+    """Whether the weights in memory may differ from the checkpoint's bytes (another dtype, or quantized)."""
+    return config.quantize is not None or config.base_dtype is not None
+
+
+def _file_fingerprint(base: str | Path, adapter: Adapter) -> str | None:
+    """The base fingerprint from the checkpoint files, as `validate --base` computes it (None for a Hub id)."""
+    if not Path(base).is_dir():
+        return None
+    with Checkpoint(base) as checkpoint:
+        names = [f"{m}.weight" for m in adapter.modules]
+        return checkpoint.fingerprint(names) if all(n in checkpoint for n in names) else None
 
 
 def run_dir_of(output: str | Path) -> Path:
@@ -124,16 +122,24 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
     if output.exists() and not (force or resuming):
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if (run_dir / "checkpoints").exists() and not (force or resuming):
-        raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run",
-                                hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force")  # fmt: skip
+        raise OutputExistsError(
+            f"{run_dir} holds checkpoints of an earlier run",
+            hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force",
+        )
 
 
-def _lineage(base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None,
-             result: TrainResult) -> dict[str, Any]:  # fmt: skip
+def _lineage(
+    base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None, result: TrainResult
+) -> dict[str, Any]:
     params = {"base": str(base), **config.to_dict()}
     metrics = {
-        "steps": result.steps, "tokens": result.tokens, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-        "data_sha256": train_set.sha256, "eval_data_sha256": eval_set.sha256 if eval_set else None,
-        "examples": len(train_set), "seconds": round(result.seconds, 3),
-    }  # fmt: skip
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_loss": result.train_loss,
+        "eval_loss": result.eval_loss,
+        "data_sha256": train_set.sha256,
+        "eval_data_sha256": eval_set.sha256 if eval_set else None,
+        "examples": len(train_set),
+        "seconds": round(result.seconds, 3),
+    }
     return new_entry("train", params, parents=[], metrics=metrics)

@@ -44,7 +44,8 @@ class LoraLinear(nn.Module):
         weight = base_layer.weight
         assert isinstance(weight, torch.Tensor)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        # From the layer, not the weight: a bitsandbytes 4-bit weight is packed into (n, 1) bytes.
+        in_features, out_features = weight.shape if self.fan_in_fan_out else _features(base_layer)
         self.base_layer = base_layer.requires_grad_(False)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scale = scale_from_alpha(alpha, rank, rslora)
@@ -56,17 +57,22 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base_layer(x)
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
-        if h.dtype != y.dtype:
-            return y + (F.linear(h, self.lora_B) * self.scale).to(y.dtype)
-        # One fused multiply-add for B·h·scale + y: no (tokens, out) temporaries for the scale and the sum.
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale)
-        return out.view(y.shape)
+        # One fused multiply-add over the flattened batch, y + scale · h Bᵀ, in the factors' float32 (as PEFT
+        # adds it): no (tokens, out) temporaries for the scale and the sum; one rounding back to a bf16 base.
+        base = y.reshape(-1, y.shape[-1]).to(h.dtype)
+        out = torch.addmm(base, h.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         rule = "alpha/sqrt(r)" if self.rslora else "alpha/r"
         return (
             f"rank={self.rank}, alpha={self.alpha}, scale={self.scale} ({rule}), fan_in_fan_out={self.fan_in_fan_out}"
         )
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear layer, plain or bitsandbytes-quantized (both keep `in_features`, `out_features`)."""
+    return int(layer.in_features), int(layer.out_features)  # type: ignore[arg-type]
 
 
 def _init_a(a: torch.Tensor, init: str, rank: int, generator: torch.Generator | None) -> None:

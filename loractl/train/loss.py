@@ -32,10 +32,18 @@ class CausalLMLoss(nn.Module):
         self.extra = {"use_cache": False} if hasattr(config, "use_cache") else {}
         self.head = _fusable_head(module, getattr(config, "model_type", None))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
         kwargs: dict[str, Any] = {"input_ids": input_ids, **self.extra}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:  # packed rows: transformers restarts attention where positions restart
+            kwargs["position_ids"] = position_ids
         # Shift the labels, not the logits: no copy of the (batch, seq, vocab) tensor.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
         if self.head is not None:

@@ -1,0 +1,93 @@
+"""The frozen base: a transformers causal LM in the chosen dtype, optionally quantized, on the chosen device.
+
+Memory is the point: a base held in float32 needs 4 bytes per parameter (28 GB for 7 B), in
+bf16 2, and quantized by bitsandbytes to nf4/fp4 about 0.5 (int8: 1). The LoRA factors and
+their optimizer state stay float32 whatever the base holds.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputNotFoundError, LoractlError, UsageError
+from .config import BaseDtype, Quantize
+
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def load_base(
+    base: str | Path, *, dtype: BaseDtype | None = None, quantize: Quantize | None = None, device: str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
+
+    `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
+    output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
+    """
+    _check_base(base)
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        torch_dtype = BASE_DTYPES[dtype] if dtype else _own_dtype(AutoConfig.from_pretrained(base))
+        options: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": device}}
+        if quantize is not None:
+            options["quantization_config"] = quantization_config(quantize, torch_dtype)
+        with warnings.catch_warnings():  # bitsandbytes' notes on casting inputs, once per layer
+            warnings.simplefilter("ignore", UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(base, **options)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise LoractlError(
+            f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
+            hint="a base is a transformers causal LM directory with its tokenizer",
+        ) from None
+    return model, tokenizer
+
+
+def quantization_config(quantize: Quantize, compute_dtype: torch.dtype) -> Any:
+    """transformers' `BitsAndBytesConfig` for `--quantize` (the output head stays unquantized)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UsageError("--quantize needs bitsandbytes", hint="pip install 'loractl[qlora]'") from None
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether a linear layer's weight is bitsandbytes-packed (no longer the checkpoint's bytes)."""
+    weight = getattr(layer, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
+
+
+def _own_dtype(config: Any) -> torch.dtype:
+    """The checkpoint's dtype as its config.json states it; float32 when it states none."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def _check_base(base: str | Path) -> None:
+    path = Path(base)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(
+            f"base directory {path} has no config.json",
+            hint="point --base at a transformers model directory (config.json, safetensors, tokenizer)",
+        )
+    if not path.exists() and not _HUB_ID.fullmatch(str(base)):
+        raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
