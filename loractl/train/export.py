@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..io.checkpoint import feed_fingerprint
+from ..io.checkpoint import FingerprintViews, feed_fingerprint
 from ..io.safetensors_header import TensorInfo
 from ..io.tensor_bytes import dtype_code
 from .lora_layers import LoraLinear
@@ -44,8 +44,23 @@ def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_
         )
         for name, layer in layers.items()
     }
-    meta = AdapterMeta(base_model=base_model, base_fingerprint=base_fingerprint(model), task_type=task_type)
+    meta = AdapterMeta(
+        base_model=base_model,
+        base_fingerprint=base_fingerprint(model),
+        base_views=base_views(model),
+        task_type=task_type,
+    )
     return Adapter(modules=modules, meta=meta)
+
+
+def base_views(model: nn.Module) -> dict[str, str]:
+    """`base_fingerprint` as if the base were cast to bf16 and fp16: a cast copy of the base is recognised."""
+    views = FingerprintViews()
+    for name, layer in sorted(lora_layers(model).items()):
+        weight = layer.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        views.feed(f"{name}.weight", weight.detach().cpu())
+    return views.digests()
 
 
 def base_fingerprint(model: nn.Module) -> str:
