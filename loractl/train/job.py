@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputNotFoundError, LoractlError, OutputExistsError, UsageError
-from ..io.atomic import ensure_distinct
+from ..io.atomic import check_writable, ensure_distinct
 from ..lineage import new_entry
 from . import distributed
 from .config import TrainConfig
@@ -121,6 +121,8 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
     if (run_dir / "checkpoints").exists() and not (force or resuming):
         raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run",
                                 hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force")  # fmt: skip
+    check_writable(output)  # before the base loads: a read-only or blocked path fails in milliseconds
+    check_writable(run_dir / "metrics.jsonl")
 
 
 def _lineage(base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None,
