@@ -226,9 +226,10 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)  # several chunks, one of them partial
     model = copy.deepcopy(llama[0])
     inject(model, TrainConfig(targets="all-linear"))
+    g = torch.Generator().manual_seed(0)
     for layer in model.modules():
         if hasattr(layer, "lora_B"):
-            torch.nn.init.normal_(layer.lora_B, std=0.1)
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=g)
     batch = collate([Example(tuple(range(3, 20)), (-100,) * 5 + tuple(range(8, 20))), Example((5, 6, 7), (5, 6, 7))], 0)
     fused = loss_module.CausalLMLoss(model)
     assert fused.head is model.lm_head
@@ -241,5 +242,6 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     reference = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+    for name, grad in grads.items():  # float32 sums in another order: rounding relative to each gradient's norm
+        want = dict(model.named_parameters())[name].grad
+        assert float((grad - want).norm()) <= 100 * torch.finfo(torch.float32).eps * float(want.norm()), name
