@@ -2,7 +2,8 @@
 
 ENOTDIR and EEXIST are real (a file where the output path needs a directory). EROFS and EACCES
 are raised where the kernel raises them, at the first thing created in the output's directory
-(the atomic layer's `_prepare`: tests run as root, so neither chmod nor a mount can make them);
+(the atomic layer's `_prepare`, and `train`'s early `check_writable` probe: tests run as root, so
+neither chmod nor a mount can make them; a real EPERM under /sys is in test_merge.py);
 ENOSPC where a full disk shows, after the data went into the temporary (`_fsync_tree`): so its
 clean-up is tested too. (A real RLIMIT_FSIZE run of each writer is in test_crash_safety.py.)
 """
@@ -58,7 +59,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _inject(monkeypatch: pytest.MonkeyPatch, name: str, where: str) -> None:
-    """Make the atomic layer fail with `name` at `where` (`_prepare` or `_fsync_tree`), as the kernel would."""
+    """Make the atomic layer fail with `name` at `where` (`_prepare`, `_create_probe` or `_fsync_tree`)."""
     code = getattr(errno, name)
     original = getattr(atomic, where)
 
@@ -84,7 +85,8 @@ def test_write_failure_is_one_error_and_leaves_nothing(
         out = blocker / out_name  # a file where the output's directory must be
     else:
         out = tmp_path / "dir" / out_name
-        _inject(monkeypatch, error, "_fsync_tree" if error == "ENOSPC" else "_prepare")
+        for where in ("_fsync_tree",) if error == "ENOSPC" else ("_prepare", "_create_probe"):
+            _inject(monkeypatch, error, where)
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     code, _, err = run_cli(*COMMANDS[command](work, out))
     lines = err.strip().splitlines()

@@ -83,16 +83,25 @@ def os_error(e: OSError) -> OutputWriteError:
 
 
 def check_writable(final: str | Path) -> None:
-    """Fail now, not after a long run, if `final` cannot be written: create and remove a temporary beside it."""
+    """Fail now, not after a long run, if `final` cannot be written; creates nothing that stays.
+
+    A temporary directory is made and removed in the nearest existing ancestor of `final`.
+    """
     final = Path(final)
-    probe = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-probe"
+    existing = next(p for p in (final.parent, *final.parent.parents) if p.exists() or p.is_symlink())
+    probe = existing / f".{final.name}{TMP_MARKER}{os.getpid()}-probe"
     try:
-        _prepare(final)
-        probe.mkdir()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        _create_probe(probe)
     except OSError as e:
         raise write_error(e, final) from e
     finally:
         _remove(probe)
+
+
+def _create_probe(probe: Path) -> None:
+    probe.mkdir()
 
 
 def _prepare(final: Path) -> None:

@@ -122,7 +122,7 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
         raise OutputExistsError(f"{run_dir} holds checkpoints of an earlier run",
                                 hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force")  # fmt: skip
     check_writable(output)  # before the base loads: a read-only or blocked path fails in milliseconds
-    check_writable(run_dir / "metrics.jsonl")
+    check_writable(run_dir)
 
 
 def _lineage(base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None,
