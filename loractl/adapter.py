@@ -93,6 +93,7 @@ class AdapterMeta:
     base_model: str | None = None
     base_revision: str | None = None
     base_fingerprint: str | None = None
+    base_views: dict[str, str] = field(default_factory=dict)  # the fingerprint as if cast to bf16/fp16
     source_format: str | None = None
     task_type: str | None = None
     recorded_hash: str | None = None  # the content hash loractl recorded when it wrote the file

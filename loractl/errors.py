@@ -43,6 +43,15 @@ class FormatError(LoractlError):
     """A file is unreadable, truncated, or not in the format it claims."""
 
 
+class TruncatedFileError(FormatError):
+    """A file is empty or shorter than its own header says: an interrupted download, copy or write."""
+
+    def __init__(self, message: str, path: str | Path) -> None:
+        super().__init__(
+            message, path=path, hint="the file is incomplete (an interrupted download, copy or write): get it again"
+        )
+
+
 class UnknownFormatError(FormatError):
     """No registered format recognises the file."""
 

@@ -26,6 +26,7 @@ class Record:
     base_model: str | None = None
     base_revision: str | None = None
     base_fingerprint: str | None = None
+    base_views: dict[str, str] = field(default_factory=dict)  # the base's fingerprint as bf16/fp16 (`FingerprintViews`)
     scales: dict[str, float] = field(default_factory=dict)  # exact scales the config's alphas cannot express
     # Per-module facts a PEFT config holds only once for all modules:
     fan_in_fan_out: dict[str, bool] = field(default_factory=dict)  # orientation where it differs from the config's
@@ -58,6 +59,8 @@ def encode(record: Record) -> str:
     base = {"model": record.base_model, "revision": record.base_revision, "fingerprint": record.base_fingerprint}
     if any(base.values()):
         doc["base"] = {k: v for k, v in base.items() if v}
+    if record.base_views:
+        doc.setdefault("base", {})["views"] = record.base_views
     if record.scales:
         doc["scales"] = record.scales
     if record.fan_in_fan_out:
@@ -81,6 +84,7 @@ def decode(metadata: dict[str, str]) -> Record | None:
             base_model=base.get("model"),
             base_revision=base.get("revision"),
             base_fingerprint=base.get("fingerprint"),
+            base_views={str(k): str(v) for k, v in (base.get("views") or {}).items()},
             scales={str(k): float(v) for k, v in (doc.get("scales") or {}).items()},
             fan_in_fan_out={str(k): bool(v) for k, v in (doc.get("fan_in_fan_out") or {}).items()},
             padded_bias=tuple(str(m) for m in doc.get("padded_bias") or ()),

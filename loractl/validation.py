@@ -147,7 +147,7 @@ def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
 
 
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
-    from .io.checkpoint import Checkpoint, touched_weight_names
+    from .io.checkpoint import Checkpoint, same_base, touched_weight_names
 
     with Checkpoint(base) as ckpt:
         out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]
@@ -161,8 +161,10 @@ def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
                 )
         recorded = info.record.base_fingerprint if info.record else None
         if recorded and not any(f.severity == "error" for f in out):
-            actual = ckpt.fingerprint(touched_weight_names(info.modules, ckpt))
-            if actual != recorded:
+            names = touched_weight_names(info.modules, ckpt)
+            actual = ckpt.fingerprint(names)
+            assert info.record is not None
+            if not same_base(recorded, info.record.base_views, actual, lambda: ckpt.fingerprint_views(names)):
                 out.append(
                     error(
                         "base-fingerprint",

@@ -25,7 +25,7 @@ def test_linear_delta_is_scale_b_a_in_float32() -> None:
 def test_fan_in_fan_out_delta_is_in_conv1d_layout() -> None:
     m = random_module(6, 5, 3, fan_in_fan_out=True)
     conv1d_weight = torch.zeros(5, 6)  # GPT-2 Conv1D stores (in, out): y = x @ W
-    x = torch.randn(4, 5)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     y = x @ (conv1d_weight + m.delta_weight())
     torch.testing.assert_close(y, x @ (m.scale * (m.B @ m.A)).T)
 

@@ -34,14 +34,14 @@ def adapters(draw: st.DrawFn) -> Adapter:
         rank, alpha = draw(st.integers(1, 5)), draw(st.sampled_from([1.0, 0.1, 1 / 3, 16.0, 7.7]))
         out, inp = draw(st.integers(1, 6)), draw(st.integers(1, 6))
         m = random_module(out, inp, rank, alpha=alpha, seed=i)
-        a, b, kind = m.A, m.B, "linear"
+        a, b, kind, g = m.A, m.B, "linear", torch.Generator().manual_seed(100 + i)
         if name.endswith("conv_in"):
-            a, b, kind = torch.randn(rank, inp, 3, 3), torch.randn(out, rank, 1, 1), "conv"
+            a, b, kind = torch.randn(rank, inp, 3, 3, generator=g), torch.randn(out, rank, 1, 1, generator=g), "conv"
         scale = alpha / rank**0.5 if rslora else alpha / rank
         modules[name] = LoraModule(
             A=a, B=b, scale=scale, alpha=alpha, scale_rule="alpha/sqrt(r)" if rslora else "alpha/r", kind=kind,
-            magnitude=torch.rand(out) + 0.5 if dora and kind == "linear" else None,
-            bias=torch.randn(out) if draw(st.booleans()) else None,
+            magnitude=torch.rand(out, generator=g) + 0.5 if dora and kind == "linear" else None,
+            bias=torch.randn(out, generator=g) if draw(st.booleans()) else None,
         )  # fmt: skip
     if dora and any(m.kind == "conv" for m in modules.values()):
         modules = {n: m for n, m in modules.items() if m.kind != "conv"} or {PATHS[0]: random_module(3, 3, 1)}
@@ -105,14 +105,16 @@ def _file(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     ],
 )  # fmt: skip
 def test_each_generation_reads_with_unit_scale(tmp_path: Path, down: str, up: str, module: str) -> None:
-    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
     adapter = load_adapter(_file(tmp_path / "g.safetensors", {down: a, up: b}))
     m = adapter.modules[module]
     assert m.scale == 1.0 and torch.equal(m.A, a) and torch.equal(m.B, b)
 
 
 def test_network_alphas_in_converted_files(tmp_path: Path) -> None:
-    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g)
     path = _file(tmp_path / "n.safetensors", {f"{UNET}.to_q.lora.down.weight": a, f"{UNET}.to_q.lora.up.weight": b,
                                               f"{UNET}.to_q.alpha": torch.tensor(2.0)})  # fmt: skip
     assert load_adapter(path).modules[f"{UNET}.to_q"].scale == 0.5

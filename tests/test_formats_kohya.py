@@ -101,7 +101,8 @@ def _kohya_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 def test_foreign_file_alpha_rules(tmp_path: Path) -> None:
     """Missing alpha → scale 1; alpha 0 → scale 1 with a warning; bf16/int64 alphas read as numbers."""
-    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g)
     path = _kohya_file(tmp_path / "f.safetensors", {
         "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": a,
         "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": b,
@@ -181,7 +182,8 @@ def test_lycoris_algorithms_are_refused_with_a_way_out(tmp_path: Path, leaf: str
 
 def test_locon_conv_reads_as_lora_and_in_axis_dora_is_refused(tmp_path: Path) -> None:
     name = "lora_unet_down_blocks_0_resnets_0_conv1"
-    down, up = torch.randn(4, 3, 3, 3), torch.randn(5, 4, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 3, 3, 3, generator=g), torch.randn(5, 4, 1, 1, generator=g)
     path = _kohya_file(tmp_path / "c.safetensors", {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                                                     f"{name}.alpha": torch.tensor(2.0)})  # fmt: skip
     m = load_adapter(path).modules["unet.down_blocks.0.resnets.0.conv1"]

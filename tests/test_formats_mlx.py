@@ -35,7 +35,7 @@ def adapters(draw: st.DrawFn) -> Adapter:
         m = random_module(draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 5)),
                           alpha=draw(st.sampled_from([1.0, 16.0, 0.3, 7.0])), seed=i)  # fmt: skip
         kind = "embedding" if name.endswith("embed_tokens") else "linear"
-        magnitude = torch.rand(m.out_features) + 0.5 if dora else None
+        magnitude = torch.rand(m.out_features, generator=torch.Generator().manual_seed(100 + i)) + 0.5 if dora else None
         modules[name] = LoraModule(A=m.A, B=m.B, scale=m.scale, alpha=m.alpha, kind=kind, magnitude=magnitude)
     return Adapter(modules=modules)
 

@@ -62,7 +62,9 @@ def test_resize_equals_dense_optimal_truncation(m: LoraModule, rank: int) -> Non
 
 
 def test_conv_and_rslora_modules_keep_their_layout() -> None:
-    conv = LoraModule(A=torch.randn(6, 4, 3, 3), B=torch.randn(8, 6, 1, 1), scale=0.5, alpha=3.0, kind="conv")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, 3, 3, generator=g), torch.randn(8, 6, 1, 1, generator=g)
+    conv = LoraModule(A=a, B=b, scale=0.5, alpha=3.0, kind="conv")
     rs = replace(random_module(16, 12, 9, alpha=6.0), scale=2.0, scale_rule="alpha/sqrt(r)")
     result = resize(Adapter(modules={"c": conv, "r": rs}), RankRule(rank=3))
     c, r = result.adapter.modules["c"], result.adapter.modules["r"]
@@ -90,7 +92,7 @@ def test_dynamic_rules_choose_per_module_ranks() -> None:
 
 
 def test_dora_keeps_magnitude_and_warns() -> None:
-    m = replace(_decaying(12, 10, 4, seed=1), magnitude=torch.rand(12))
+    m = replace(_decaying(12, 10, 4, seed=1), magnitude=torch.rand(12, generator=torch.Generator().manual_seed(2)))
     result = resize(Adapter(modules={"x": m}), RankRule(rank=2))
     assert torch.equal(result.adapter.modules["x"].magnitude, m.magnitude)  # type: ignore[arg-type]
     assert result.warnings and "DoRA" in result.warnings[0]

@@ -132,9 +132,9 @@ def _f32(offsets: list[int], shape: list[int] | None = None, dtype: str = "F32")
 
 GOOD = {"a": _f32([0, 8]), "b": _f32([8, 16])}
 BAD_FILES: dict[str, tuple[dict[str, Any], str]] = {
-    "too short": (dict(header=None, whole=b"\x10\x00\x00"), "too short"),
+    "too short": (dict(header=None, whole=b"\x10\x00\x00"), "too short for a safetensors header"),
     "empty header": (dict(header=None, raw=b""), "not valid JSON"),
-    "length past the end": (dict(header=GOOD, data=bytes(16), length=10_000), "runs past the end"),
+    "length past the end": (dict(header=GOOD, data=bytes(16), length=10_000), "declares 10000 header bytes"),
     "length over the cap": (dict(header=GOOD, data=bytes(16), length=MAX_HEADER_BYTES + 1), "exceeds the cap"),
     "length too short": (dict(header=GOOD, data=bytes(16), length=20), "not valid JSON"),
     "not utf-8": (dict(header=None, raw=b'{"\xff\xfe": 1}'), "not valid JSON"),

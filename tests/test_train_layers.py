@@ -48,7 +48,7 @@ def test_forward_and_gradients_match_peft(conv1d: bool, rslora: bool) -> None:
     model = mlp(conv1d)
     config = TrainConfig(rank=4, alpha=6.0, rslora=rslora, targets=("fc1", "fc2"))
     twin = peft_twin(model, config, conv1d)
-    x = torch.randn(3, 5, 12)
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(0))
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours, theirs = model(x_ours), twin(x_theirs)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
@@ -63,18 +63,19 @@ def test_forward_and_gradients_match_peft(conv1d: bool, rslora: bool) -> None:
 
 
 def test_forward_matches_dense_reference() -> None:
+    torch.manual_seed(0)  # the layers' own initialisation
     base = nn.Linear(10, 6)
     layer = LoraLinear(copy.deepcopy(base), rank=3, alpha=5.0)
     with torch.no_grad():
-        layer.lora_B.normal_()
-    x = torch.randn(4, 10)
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
     delta = (5.0 / 3) * layer.lora_B @ layer.lora_A
     torch.testing.assert_close(layer(x), x @ (base.weight + delta).T + base.bias)
 
 
 def test_starts_exactly_at_the_base() -> None:
     model = mlp()
-    x = torch.randn(6, 12)
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
     before = model(x)
     inject(model, TrainConfig(targets=("fc1", "fc2"), dropout=0.5))
     model.train()

@@ -265,9 +265,9 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
     reference = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():  # float32 rounding relative to each gradient's norm
-        reference_grad = dict(model.named_parameters())[name].grad
-        assert float((grad - reference_grad).norm()) <= 1e-5 * float(reference_grad.norm()) + 1e-7, name
+    for name, grad in grads.items():  # float32 sums in another order: rounding relative to each gradient's norm
+        want = dict(model.named_parameters())[name].grad
+        assert float((grad - want).norm()) <= 100 * torch.finfo(torch.float32).eps * float(want.norm()), name
 
 
 @pytest.mark.slow  # inductor compiles each layer shape once: minutes on a 2-core CPU

@@ -11,11 +11,14 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from ..errors import LoractlError
 
 # command name → module under loractl.cli exposing `command`
 COMMANDS = {
@@ -88,9 +91,20 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo("aborted", err=True)
         sys.exit(130)
     except LoractlError as e:
-        if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        if e.hint:
-            click.echo(f"hint: {e.hint}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e, argv)
+    except OSError as e:
+        from ..io.atomic import WRITE_ERRNOS, os_error
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        _fail(os_error(e), argv)  # a read-only, full or blocked path outside the atomic writers
+
+
+def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
+    """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
+    if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
+        traceback.print_exc()
+    click.echo(f"error: {e}", err=True)
+    if e.hint:
+        click.echo(f"hint: {e.hint}", err=True)
+    sys.exit(e.exit_code)

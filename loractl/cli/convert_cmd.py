@@ -13,7 +13,7 @@ from ._output import emit_json, stdout, warn
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
 @click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, mlx, gguf, ...")
 @click.option(
-    "--strict", is_flag=True, help="Refuse if the target cannot hold something (DoRA, bias, full tensors...)."
+    "--allow-loss", is_flag=True, help="Write even if the target cannot hold all of the adapter (recorded as lost)."
 )
 @click.option("--no-verify", is_flag=True, help="Skip reading the output back and comparing ΔW.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -23,7 +23,7 @@ def command(
     adapter: str,
     output: str,
     to: str,
-    strict: bool,
+    allow_loss: bool,
     no_verify: bool,
     force: bool,
     as_json: bool,
@@ -31,12 +31,17 @@ def command(
 ) -> None:
     """Convert ADAPTER to another format; every module's scale·B·A is checked after writing.
 
+    A target that cannot hold part of the adapter's effect (DoRA magnitudes, biases, full
+    tensors, embedding LoRA) is refused, with the loss measured (--base measures DoRA and
+    full tensors); --allow-loss writes it anyway and records the loss.
+
     \b
     Examples:
       loractl convert my-lora.safetensors -o my-lora-peft --to peft --base sd15/unet
       loractl convert fixtures/adapters/tiny-qv -o tiny.safetensors --to kohya
       loractl convert mlx-adapters/ -o peft-adapter --to peft
       loractl convert adapters.npz -o peft-adapter --to peft --scale 20
+      loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
     """
     from ..ops.convert import convert
 
@@ -48,17 +53,19 @@ def command(
         base=inputs.read.base,
         alpha=inputs.read.alpha,
         scale=inputs.read.scale,
-        strict=strict,
+        allow_loss=allow_loss,
         verify_output=not no_verify,
         allow_pickle=inputs.read.allow_pickle,
         force=force,
     )
-    for note in (*report.warnings, *(f"lost: {x}" for x in report.lost), *(f"folded: {x}" for x in report.folded)):
-        warn(note)
+    for note in (*report.warnings, *(f"lost: {x.describe()}" for x in report.lost)):
+        warn(note)  # exact folds stay silent (they are in --json)
     if as_json:
         emit_json(report.to_dict())
         return
     check = f"max relative ΔW error {report.max_error:.2e}" if report.verified else "not verified (--no-verify)"
+    if report.lost:
+        check = f"LOSSY (see 'lost:' above); as planned: {check}"
     stdout.print(
         f"{report.source} ({report.source_format}) → {report.output} ({report.target_format}): "
         f"{report.modules} modules, {check}",

@@ -11,7 +11,7 @@ import click
 
 from ..patterns import natural_key
 from ._input_options import Inputs, input_options
-from ._output import emit_json, stderr, stdout
+from ._output import emit_json, stderr, stdout, warn
 from ._text import adapter_labels, human_size, name_table
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--allow-base-mismatch", is_flag=True, help="Merge even if an adapter records another base's fingerprint."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @input_options(base=False)
 def command(
@@ -43,6 +46,7 @@ def command(
     max_shard_size: str | None,
     dry_run: bool,
     force: bool,
+    allow_base_mismatch: bool,
     as_json: bool,
     inputs: Inputs,
 ) -> None:
@@ -76,7 +80,9 @@ def command(
     from ..ops.merge import execute_merge  # torch: only now that tensors are touched
 
     with _progress() as progress:
-        report = execute_merge(plan, output, force=force, progress=progress)
+        report = execute_merge(plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress)
+    for note in report.base_notes:
+        warn(note)
     if as_json:
         emit_json(report.to_json())
     else:

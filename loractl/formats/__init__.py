@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
 from ..info import AdapterInfo
-from ..io.safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import damage, is_safetensors, read_header
 from .options import ALL_FEATURES, Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ def detect_format(path: str | Path) -> str:
     for name, module in FORMATS.items():
         if module.detect(path):
             return name
+    damaged = damage(path)
+    if damaged is not None:
+        raise damaged
     raise UnknownFormatError(_unknown_message(path), path=path, hint=_unknown_hint(path))
 
 

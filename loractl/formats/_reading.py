@@ -35,6 +35,7 @@ def adapter_from_info(info: AdapterInfo, get: Callable[[str], torch.Tensor]) -> 
         base_model=info.base_model,
         base_revision=info.base_revision,
         base_fingerprint=record.base_fingerprint if record else None,
+        base_views=dict(record.base_views) if record else {},
         source_format=info.format,
         task_type=info.task_type,
         recorded_hash=record.content_hash if record else None,

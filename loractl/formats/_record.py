@@ -18,5 +18,6 @@ def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
         base_model=adapter.meta.base_model,
         base_revision=adapter.meta.base_revision,
         base_fingerprint=adapter.meta.base_fingerprint,
+        base_views=adapter.meta.base_views,
         scales=scales,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -92,6 +92,13 @@ class Checkpoint:
             feed_fingerprint(h, name, self.info(name), self.raw_bytes(name))
         return "sha256:" + h.hexdigest()
 
+    def fingerprint_views(self, names: list[str]) -> dict[str, str]:
+        """The fingerprints the named tensors would have if stored in each of `VIEW_DTYPES` (see `FingerprintViews`)."""
+        views = FingerprintViews()
+        for name in sorted(names):
+            views.feed(name, self.get(name))
+        return views.digests()
+
     def config(self) -> dict[str, Any]:
         """The transformers `config.json` beside the weights ({} when absent or unreadable)."""
         from .config_json import read_config
@@ -170,6 +177,48 @@ def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryvi
     """Add one tensor to a fingerprint hash; callers that read tensors anyway hash them in the same pass."""
     h.update(f"{name}:{info.dtype}:{list(info.shape)}:".encode())
     h.update(data)
+
+
+VIEW_DTYPES = ("BF16", "F16")  # the dtypes a copy of a base is commonly cast down to
+
+
+class FingerprintViews:
+    """Fingerprints of tensors as they would be if cast to bf16 and fp16, hashed as `Checkpoint.fingerprint` does.
+
+    A copy cast down with round-to-nearest has exactly the bytes of the original's view, and a copy cast
+    up has a view equal to the original: so one exact comparison either way recognises the same
+    weights in another floating dtype, while any changed weight still changes the hash.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = {code: hashlib.sha256() for code in VIEW_DTYPES}
+
+    def feed(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        from .tensor_bytes import dtype_code, torch_dtype
+
+        for code, h in self._hashes.items():
+            t = tensor.to(torch_dtype(code)) if tensor.is_floating_point() else tensor
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            feed_fingerprint(h, name, TensorInfo(dtype_code(t.dtype), tuple(t.shape), (0, len(raw))), raw)
+
+    def digests(self) -> dict[str, str]:
+        return {code: "sha256:" + h.hexdigest() for code, h in self._hashes.items()}
+
+
+def same_base(
+    recorded: str, recorded_views: dict[str, str], actual: str, actual_views: Callable[[], dict[str, str]]
+) -> bool:
+    """Whether a recorded base fingerprint is this base's, in its own or another floating dtype.
+
+    Equal fingerprints; or this base's bytes equal a recorded view (this base is a cast-down copy);
+    or a view of this base equals the recorded fingerprint (it is a cast-up copy). `actual_views`
+    is called only when the plain fingerprints differ (it reads and casts every tensor).
+    """
+    if recorded == actual or actual in recorded_views.values():
+        return True
+    return recorded in actual_views().values()
 
 
 def touched_weight_names(modules: Iterable[str], ckpt: Checkpoint) -> list[str]:

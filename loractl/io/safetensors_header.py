@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, TruncatedFileError
 
 # Caps a hostile header meets before any work proportional to what it declares.
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -72,14 +72,16 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             file_size = f.seek(0, 2)
             f.seek(0)
             prefix = f.read(8)
+            if not prefix:
+                raise TruncatedFileError("empty file (0 bytes)", path=path)
             if len(prefix) < 8:
-                raise FormatError("file too short to be safetensors (truncated?)", path=path)
+                raise TruncatedFileError(f"truncated: {file_size} bytes, too short for a safetensors header", path)
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES:
                 raise FormatError(f"header length {n} exceeds the cap of {MAX_HEADER_BYTES} bytes", path=path)
             if 8 + n > file_size:
-                raise FormatError(
-                    f"header length {n} runs past the end of the file ({file_size} bytes): truncated", path=path
+                raise TruncatedFileError(
+                    f"truncated: the header declares {n} header bytes, the file holds {file_size - 8}", path
                 )
             raw = f.read(n)
     except OSError as e:
@@ -171,12 +173,27 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) ->
             raise FormatError(f"tensor {name!r}: data offsets {list(info.offsets)} overlap or leave a gap", path=path)
         end = info.offsets[1]
     if end > data_size:
-        raise FormatError(
-            f"tensors declare {end} data bytes but the file holds only {data_size}: truncated, or the header lies",
-            path=path,
-        )
+        raise TruncatedFileError(f"truncated: the header declares {end} data bytes, the file holds {data_size}", path)
     if end < data_size:
         raise FormatError(f"{data_size - end} trailing bytes after the last tensor", path=path)
+
+
+def damage(path: Path) -> TruncatedFileError | None:
+    """Why `path` (a file, or the safetensors files in a directory) is empty or truncated; None if it is not.
+
+    Format detection skips files it cannot parse; this names the damage instead of "unknown format".
+    """
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for f in files:
+        if f.stat().st_size and not is_safetensors(f) and f.suffix != ".safetensors":
+            continue  # not safetensors at all: some other format's file
+        try:
+            read_header(f)
+        except TruncatedFileError as e:
+            return e
+        except FormatError:
+            continue
+    return None
 
 
 def is_safetensors(path: str | Path) -> bool:

@@ -1,13 +1,13 @@
 """Convert an adapter between formats through the canonical model, and prove ΔW survived.
 
-read (any format) → plan (what the target holds, folds exactly, or loses) → write into a
-temporary path → read it back → compare every module's scale·B·A with the source in
-float64 → rename into place. A failed check leaves nothing at the output path.
+read (any format) → plan (what the target holds, folds exactly, or loses, and how much of
+the adapter's effect a loss carries) → refuse a loss unless allowed → write into a temporary
+path → read it back → compare every module's scale·B·A with the plan in float64 → rename
+into place. A refused or failed conversion leaves nothing at the output path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,29 +18,10 @@ from ..errors import AdapterError, NumericError, UsageError
 from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
 from ..io.atomic import atomic_output, ensure_distinct
+from .convert_loss import LOSS_NAMES, Loss, affected, measure_losses
 from .convert_verify import Verification, verify
 
-# What a target lacking a feature does with it: dropped and named (lost), or folded exactly.
-_LOSSES: dict[Feature, str] = {
-    "dora": "DoRA magnitudes",
-    "bias": "lora_B biases",
-    "embedding": "embedding LoRA modules",
-    "conv": "conv LoRA modules",
-    "fan_in_fan_out": "the fan_in_fan_out (GPT-2 Conv1D) flag",
-    "full_tensors": "full tensors",
-}
-
-
-@dataclass(frozen=True)
-class Loss:
-    """Something the target cannot hold, dropped: what it is, how many, and which modules (or tensors)."""
-
-    what: str
-    count: int
-    modules: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return f"{self.what} ({self.count})"
+EXACT_FOLD = 4 * 2**-24  # a measured loss within float32 rounding of the merged weights is an exact fold
 
 
 @dataclass(frozen=True)
@@ -49,7 +30,7 @@ class ConversionPlan:
 
     adapter: Adapter
     folded: tuple[str, ...]  # exact rewrites (per-module scales into B, ranks zero-padded, rsLoRA into alpha)
-    lost: tuple[Loss, ...]  # what the target cannot hold and is dropped
+    lost: tuple[Loss, ...]  # what the target cannot hold and is dropped, with its share of the effect
 
 
 @dataclass(frozen=True)
@@ -69,14 +50,8 @@ class ConvertReport:
     warnings: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """The `--json` document: `lost` entries are objects {"what", "count", "modules"}."""
-        doc = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
-        doc["lost"] = [_loss_json(x) for x in self.lost]
-        return doc
-
-
-def _loss_json(loss: Loss) -> dict[str, Any]:
-    return {"what": loss.what, "count": loss.count, "modules": list(loss.modules)}
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        return out | {"lost": [loss.to_dict() for loss in self.lost]}
 
 
 def convert(
@@ -88,7 +63,7 @@ def convert(
     base: str | Path | None = None,
     alpha: float | None = None,
     scale: float | None = None,
-    strict: bool = False,
+    allow_loss: bool = False,
     verify_output: bool = True,
     allow_pickle: bool = False,
     force: bool = False,
@@ -97,7 +72,8 @@ def convert(
 
     Raises:
         UsageError: unknown format, output equal to the input, a missing --base/--alpha/--scale.
-        AdapterError: `strict` and the target would lose something, or nothing is left to write.
+        AdapterError: the target would lose part of the adapter's effect and `allow_loss` is not set
+            (the message says what and how much), or nothing is left to write.
         NumericError: the read-back ΔW differs from the source's beyond tolerance (nothing written).
     """
     source, output = Path(source), Path(output)
@@ -108,16 +84,13 @@ def convert(
     read_options = ReadOptions(allow_pickle=allow_pickle, base=base_path, alpha=alpha, scale=scale)
     adapter = load_adapter(source, format=source_format, options=read_options)
     src_format = source_format or detect_format(source)
-    plan = plan_conversion(adapter, to)
-    if strict and plan.lost:
-        raise AdapterError(
-            f"converting to {to} loses {'; '.join(map(str, plan.lost))}",
-            hint="drop --strict to convert anyway (the losses are listed), or choose a format that holds them",
-        )
-    params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "strict": strict}
-    entry = lineage.new_entry(
-        "convert", params, [adapter.content_hash()], {"folded": plan.folded, "lost": [_loss_json(x) for x in plan.lost]}
-    )
+    plan = plan_conversion(adapter, to, base=base_path)
+    if plan.lost and not allow_loss:
+        raise AdapterError(f"converting to {to} would lose {'; '.join(x.describe() for x in plan.lost)}; "
+                           "nothing was written", path=source, hint=_loss_hint(plan.lost))  # fmt: skip
+    params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "allow_loss": allow_loss}
+    results = {"folded": plan.folded, "lost": [x.to_dict() for x in plan.lost]}
+    entry = lineage.new_entry("convert", params, [adapter.content_hash()], results)
     target = plan.adapter.with_lineage(entry)
     with atomic_output(output, force=force) as tmp:
         save_adapter(target, tmp, format=to, options=WriteOptions(base=base_path, alpha=alpha))
@@ -137,11 +110,11 @@ def convert(
     )
 
 
-def plan_conversion(adapter: Adapter, to: str) -> ConversionPlan:
-    """Drop what format `to` cannot hold (listed as lost) and list what its writer folds exactly."""
+def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None) -> ConversionPlan:
+    """Drop what format `to` cannot hold (measured as lost, with `base` when given) and list exact folds."""
     holds = format_holds(to)
     mods = adapter.modules
-    lost = [Loss(_LOSSES[f], len(names), names) for f in _LOSSES if f not in holds and (names := _affected(adapter, f))]
+    lost: list[Feature] = [f for f in LOSS_NAMES if f not in holds and affected(adapter, f)]
     modules = {n: _strip(m, holds) for n, m in mods.items() if _kind_held(m, holds)}
     if mods and not modules:
         raise AdapterError(f"{to} can hold none of the adapter's {len(mods)} modules", hint="choose another format")
@@ -153,7 +126,19 @@ def plan_conversion(adapter: Adapter, to: str) -> ConversionPlan:
     if "rslora" not in holds and any(m.scale_rule == "alpha/sqrt(r)" for m in modules.values()):
         folded.append("rsLoRA's alpha/√r folded into the stored alpha or scale")
     full = adapter.full_tensors if "full_tensors" in holds else {}
-    return ConversionPlan(replace(adapter, modules=modules, full_tensors=full), tuple(folded), tuple(lost))
+    target = replace(adapter, modules=modules, full_tensors=full)
+    losses = measure_losses(adapter, lost, base)
+    exact = [x for x in losses if x.weight_change is not None and x.weight_change <= EXACT_FOLD]
+    folded += [f"{x.what} ({x.count}) dropped: the merged weights on this base stay the same" for x in exact]
+    return ConversionPlan(target, tuple(folded), tuple(x for x in losses if x not in exact))
+
+
+def _loss_hint(lost: tuple[Loss, ...]) -> str:
+    """--allow-loss, and the formats that would hold everything."""
+    features = {f for f, name in LOSS_NAMES.items() if any(x.what == name for x in lost)}
+    holders = [f for f in FORMATS if features <= format_holds(f)]
+    where = f"; {', '.join(holders)} hold{'s' * (len(holders) == 1)} it all" if holders else ""
+    return f"--allow-loss converts anyway and records the loss in the report and the lineage{where}"
 
 
 def _kind_held(m: LoraModule, holds: frozenset[Feature]) -> bool:
@@ -168,23 +153,6 @@ def _strip(m: LoraModule, holds: frozenset[Feature]) -> LoraModule:
         bias=m.bias if "bias" in holds else None,
         fan_in_fan_out=m.fan_in_fan_out and "fan_in_fan_out" in holds,
     )
-
-
-def _affected(adapter: Adapter, feature: Feature) -> tuple[str, ...]:
-    """The modules (for full tensors: the tensors) that use `feature`."""
-    if feature == "full_tensors":
-        return tuple(sorted(adapter.full_tensors))
-    uses = _USES[feature]
-    return tuple(sorted(n for n, m in adapter.modules.items() if uses(m)))
-
-
-_USES: dict[Feature, Callable[[LoraModule], bool]] = {
-    "dora": lambda m: m.magnitude is not None,
-    "bias": lambda m: m.bias is not None,
-    "embedding": lambda m: m.kind == "embedding",
-    "conv": lambda m: m.kind == "conv",
-    "fan_in_fan_out": lambda m: m.fan_in_fan_out,
-}
 
 
 def _verify(target: Adapter, written: Path, to: str, base: Path | None, alpha: float | None) -> Verification:

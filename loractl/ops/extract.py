@@ -19,7 +19,7 @@ import torch
 from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..errors import LoractlError, NumericError, OutputExistsError, UsageError
 from ..io.atomic import ensure_distinct
-from ..io.checkpoint import Checkpoint, feed_fingerprint
+from ..io.checkpoint import Checkpoint, FingerprintViews, feed_fingerprint
 from ..io.dtypes import parse_dtype
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
@@ -150,6 +150,7 @@ def extract_adapter(
         meta = AdapterMeta(
             base_model=str(base),
             base_fingerprint="sha256:" + run.base_touched.hexdigest(),
+            base_views=run.base_views.digests(),
             task_type=_task_type(b),
         )
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
@@ -168,6 +169,7 @@ class _Run:
         self.base_all, self.ft_all, self.base_touched = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
         self.cap = 0  # --budget: the deepest rank any module may take
         self.pending: dict[str, tuple[linalg.Truncation, PlanEntry, float, float]] = {}  # --budget: SVDs to cut
+        self.base_views = FingerprintViews()
 
     def step(self, entry: PlanEntry) -> None:
         if entry.action == "lowrank":
@@ -203,6 +205,7 @@ class _Run:
             self.notes.append(TensorNote(entry.name, "identical", "ΔW = 0"))
             return
         feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
+        self.base_views.feed(entry.name, w0)
         del w0, w1
         m = delta.T if entry.kind == "embedding" or entry.fan_in_fan_out else delta.reshape(entry.matrix_shape)
         if self.observe is not None:

@@ -13,19 +13,20 @@ import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import IntegrityError, LoractlError, NumericError
 from ..io.atomic import atomic_output, ensure_distinct
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, same_base
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorSpec
 from .merge_io import Buffer, ReusingReader
 from .merge_kernel import kernel_threads
-from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
+from .merge_plan import AdapterPlan, MergePlan, TensorPlan, Update, plan_merge
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +73,7 @@ class MergeReport:
     fingerprints: tuple[str, ...]
     adapter_hashes: tuple[str, ...]
     tensors_checked: int
+    base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, or a mismatch allowed
 
     def record(self) -> dict[str, Any]:
         """The provenance written to OUT/loractl_merge.json: no paths, no times, so the bytes are deterministic."""
@@ -107,6 +109,7 @@ class MergeReport:
             "tensors_checked": self.tensors_checked,
             "nonfinite": 0,
             "fingerprints": list(self.fingerprints),
+            "base_notes": list(self.base_notes),
             "adapter_hashes": list(self.adapter_hashes),
             "modules": [asdict(m) for m in self.modules],
         }
@@ -121,20 +124,27 @@ def merge(
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
     force: bool = False,
+    allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
 ) -> MergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output` (a directory), streaming; see `plan_merge` for the arguments.
 
     Raises `MergePlanError` listing every mismatch before anything is written; `NumericError` when a
     written tensor would hold NaN/Inf, `IntegrityError` when an adapter records another base's
-    fingerprint: in every failure nothing is left at `output`.
+    fingerprint (the same weights in another floating dtype are that base; `allow_base_mismatch`
+    merges anyway and says so in the report): in every failure nothing is left at `output`.
     """
     plan = plan_merge(base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size)
-    return execute_merge(plan, output, force=force, progress=progress)
+    return execute_merge(plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress)
 
 
 def execute_merge(
-    plan: MergePlan, output: str | Path, *, force: bool = False, progress: Callable[[MergeProgress], None] | None = None
+    plan: MergePlan,
+    output: str | Path,
+    *,
+    force: bool = False,
+    allow_base_mismatch: bool = False,
+    progress: Callable[[MergeProgress], None] | None = None,
 ) -> MergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
     plan.check()
@@ -142,7 +152,7 @@ def execute_merge(
     ensure_distinct(output, [plan.base, *(a.path for a in plan.adapters)])
     try:
         with atomic_output(output, force=force) as tmp:
-            return _run(plan, tmp, output, progress)
+            return _run(plan, tmp, output, progress, allow_base_mismatch)
     except OSError as e:
         raise LoractlError(
             f"I/O error: {e.strerror or e}",
@@ -151,7 +161,9 @@ def execute_merge(
         ) from e
 
 
-def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProgress], None] | None) -> MergeReport:
+def _run(
+    plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProgress], None] | None, allow_mismatch: bool
+) -> MergeReport:
     from ..formats import load_adapter
     from ..formats.options import ReadOptions
 
@@ -165,12 +177,11 @@ def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProg
         ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool,
     ):
         prints = pool.submit(_fingerprints, plan)
-        if any(_recorded(a) for a in plan.adapters):
-            _check_fingerprints(plan, prints)  # before a byte is written
+        notes = _check_fingerprints(plan, prints, allow_mismatch) if any(_recorded(a) for a in plan.adapters) else ()
         stream = _Stream(plan, reader, adapters, progress)
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
         shards = write_sharded(tmp, specs, stream.produce, plan.max_shard_bytes, {"format": "pt"}, stream.written)
-        fingerprints = _check_fingerprints(plan, prints)
+        fingerprints = prints.result()
     report = MergeReport(
         output=output,
         plan=plan,
@@ -179,6 +190,7 @@ def _run(plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProg
         fingerprints=fingerprints,
         adapter_hashes=tuple(a.content_hash() for a in adapters),
         tensors_checked=stream.tensors_done,
+        base_notes=notes,
     )
     _copy_files(plan, tmp, report)
     return report
@@ -248,7 +260,7 @@ class _Stream:
         return MergedModule(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
 
 
-def _recorded(a: Any) -> str | None:
+def _recorded(a: AdapterPlan) -> str | None:
     return a.info.record.base_fingerprint if a.info.record else None
 
 
@@ -258,18 +270,28 @@ def _fingerprints(plan: MergePlan) -> tuple[str, ...]:
         return tuple(ckpt.fingerprint(list(a.fingerprint_names)) for a in plan.adapters)
 
 
-def _check_fingerprints(plan: MergePlan, prints: Future[tuple[str, ...]]) -> tuple[str, ...]:
-    fingerprints = prints.result()
-    for a, actual in zip(plan.adapters, fingerprints, strict=True):
-        recorded = _recorded(a)
-        if recorded and recorded != actual:
-            raise IntegrityError(
-                f"the adapter was made for another base (its base fingerprint {recorded[:19]}…, "
-                f"this base {actual[:19]}…); nothing was written",
-                path=a.path,
-                hint="merge it into the base it was trained or extracted on",
-            )
-    return fingerprints
+def _check_fingerprints(plan: MergePlan, prints: Future[tuple[str, ...]], allow_mismatch: bool) -> tuple[str, ...]:
+    """Before a byte is written: each adapter's recorded base against this base (in any floating dtype)."""
+    fingerprints, notes = prints.result(), []
+    with Checkpoint(plan.base) as ckpt:
+        for a, actual in zip(plan.adapters, fingerprints, strict=True):
+            recorded = _recorded(a)
+            if a.info.record is None or not recorded or recorded == actual:
+                continue
+            views, names = a.info.record.base_views, list(a.fingerprint_names)
+            if same_base(recorded, views, actual, partial(ckpt.fingerprint_views, names)):
+                notes.append(f"{a.path}: this base holds the adapter's base weights in another floating dtype")
+            elif allow_mismatch:
+                notes.append(f"{a.path}: made for another base (fingerprint {recorded[:19]}…), merged anyway")
+            else:
+                raise IntegrityError(
+                    f"the adapter was made for another base (its base fingerprint {recorded[:19]}…, "
+                    f"this base {actual[:19]}…); nothing was written",
+                    path=a.path,
+                    hint="merge it into the base it was trained or extracted on "
+                    "(--allow-base-mismatch merges anyway if you know they match)",
+                )
+    return tuple(notes)
 
 
 def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:

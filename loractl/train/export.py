@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..io.checkpoint import feed_fingerprint
+from ..io.checkpoint import FingerprintViews, feed_fingerprint
 from ..io.safetensors_header import TensorInfo
 from ..io.tensor_bytes import dtype_code
 from .base import is_quantized
@@ -35,7 +35,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
     """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
     modules = {name: lora_module(layer) for name, layer in lora_layers(model).items()}
-    meta = AdapterMeta(base_model=base_model, base_fingerprint=base_fingerprint(model), task_type=task_type)
+    meta = AdapterMeta(
+        base_model=base_model,
+        base_fingerprint=base_fingerprint(model),
+        base_views=base_views(model),
+        task_type=task_type,
+    )
     return Adapter(modules=modules, meta=meta)
 
 
@@ -49,6 +54,22 @@ def lora_module(layer: LoraLinear) -> LoraModule:
         scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
         fan_in_fan_out=layer.fan_in_fan_out,
     )
+
+
+def base_views(model: nn.Module) -> dict[str, str]:
+    """`base_fingerprint` as if the base were cast to bf16 and fp16: a cast copy of the base is recognised.
+
+    Empty for a quantized base (`train_adapter` takes the views from the files instead).
+    """
+    layers = sorted(lora_layers(model).items())
+    if any(is_quantized(layer.base_layer) for _, layer in layers):
+        return {}
+    views = FingerprintViews()
+    for name, layer in layers:
+        weight = layer.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        views.feed(f"{name}.weight", weight.detach().cpu())
+    return views.digests()
 
 
 def base_fingerprint(model: nn.Module) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import OutputExistsError
-from ..io.atomic import ensure_distinct
+from ..io.atomic import check_writable, ensure_distinct
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import distributed
@@ -86,9 +86,10 @@ def train_adapter(
     adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
     content_hash = None
     if adapter is not None:
-        fingerprint = _file_fingerprint(base, adapter) if _loaded_differently(config) else None
         meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
-        adapter = replace(adapter, meta=replace(meta, base_fingerprint=fingerprint or meta.base_fingerprint))
+        if _loaded_differently(config) and (from_files := _file_fingerprint(base, adapter)) is not None:
+            meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
+        adapter = replace(adapter, meta=meta)
         adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
         content_hash = adapter.content_hash()
     if world.is_main and adapter is not None:
@@ -104,13 +105,18 @@ def _loaded_differently(config: TrainConfig) -> bool:
     return config.quantize is not None or config.base_dtype is not None
 
 
-def _file_fingerprint(base: str | Path, adapter: Adapter) -> str | None:
-    """The base fingerprint from the checkpoint files, as `validate --base` computes it (None for a Hub id)."""
+def _file_fingerprint(base: str | Path, adapter: Adapter) -> tuple[str, dict[str, str]] | None:
+    """The base fingerprint and its dtype views from the checkpoint files, as `validate --base` computes them.
+
+    None for a Hub id or a checkpoint lacking an adapted weight.
+    """
     if not Path(base).is_dir():
         return None
     with Checkpoint(base) as checkpoint:
         names = [f"{m}.weight" for m in adapter.modules]
-        return checkpoint.fingerprint(names) if all(n in checkpoint for n in names) else None
+        if not all(n in checkpoint for n in names):
+            return None
+        return checkpoint.fingerprint(names), checkpoint.fingerprint_views(names)
 
 
 def run_dir_of(output: str | Path) -> Path:
@@ -126,6 +132,8 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
             f"{run_dir} holds checkpoints of an earlier run",
             hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force",
         )
+    check_writable(output)  # before the base loads: a read-only or blocked path fails in milliseconds
+    check_writable(run_dir)
 
 
 def _lineage(

@@ -3,7 +3,9 @@
 One file, per module `<name>.lora_down.weight` (A), `<name>.lora_up.weight` (B) and a scalar
 `<name>.alpha` (scale = alpha/rank; no alpha means scale 1). Names are `prefix + path` with
 every '.' replaced by '_' (see `kohya_names`). LoCon reads as LoRA; LoHa, LoKr and the other
-LyCORIS algorithms are not LoRA and are refused with the way to get one.
+LyCORIS algorithms are not LoRA and are refused with the way to get one. DoRA is LyCORIS'
+`dora_scale`, (out, 1, …) with the norm per output row (`wd_on_out`, its default): PEFT's
+magnitude, so PEFT DoRA ↔ kohya is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from ...adapter import Adapter, LoraModule
 
 NAME = "kohya"
-HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv"})
+HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv", "dora"})
 NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl's own files need no --base
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
 LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}
@@ -99,7 +101,10 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
-    """Write one kohya safetensors file: per-module alpha = scale·rank (float32), `ss_*` metadata."""
+    """Write one kohya safetensors file: per-module alpha = scale·rank (float32), `ss_*` metadata.
+
+    A DoRA magnitude (out,) is written as LyCORIS' `dora_scale` (out, 1, …), one 1 per weight dim after the first.
+    """
     from ...io.atomic import atomic_output
     from ...io.safetensors_writer import save_tensors
 
@@ -111,6 +116,8 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
         name = names[module]
         alpha = _alpha_tensor(m)
         tensors |= {f"{name}.lora_down.weight": m.A, f"{name}.lora_up.weight": m.B, f"{name}.alpha": alpha}
+        if m.magnitude is not None:
+            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(m.out_features, *[1] * (m.A.ndim - 1))
         if float(alpha.item()) / m.rank != m.scale:
             inexact[module] = m.scale
     metadata = _metadata(adapter, inexact)
@@ -193,9 +200,9 @@ def _module_info(
 
 def _refuse_unheld(adapter: Adapter) -> None:
     for module, m in adapter.modules.items():
-        if m.kind == "embedding" or m.magnitude is not None or m.bias is not None or m.fan_in_fan_out:
+        if m.kind == "embedding" or m.bias is not None or m.fan_in_fan_out:
             raise AdapterError(
-                f"module {module!r}: kohya files cannot hold embedding LoRA, DoRA, lora bias or fan_in_fan_out",
+                f"module {module!r}: kohya files cannot hold embedding LoRA, lora bias or fan_in_fan_out",
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
             )
     if adapter.full_tensors:
@@ -237,13 +244,23 @@ def _metadata(adapter: Adapter, inexact: dict[str, float]) -> dict[str, str]:
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
         lineage.METADATA_KEY: lineage.encode(record_for(adapter, inexact)),
     }
-    conv = [m for m in mods if m.kind == "conv" and m.A.shape[2:] != (1, 1)]
-    if conv and "ss_network_args" not in out:
-        out["ss_network_args"] = json.dumps(
-            {"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].scale * conv[0].rank)}
-        )
+    if "ss_network_args" not in out:
+        out |= _network_args(adapter)
     out |= _base_version(adapter)
     return out
+
+
+def _network_args(adapter: Adapter) -> dict[str, str]:
+    """conv_dim/conv_alpha for 3×3 conv LoRA; DoRA is LyCORIS' (`lycoris.kohya`, `dora_wd`), as its loaders expect."""
+    mods = adapter.modules.values()
+    args: dict[str, str] = {}
+    conv = [m for m in mods if m.kind == "conv" and m.A.shape[2:] != (1, 1)]
+    if conv:
+        args |= {"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].scale * conv[0].rank)}
+    if any(m.magnitude is not None for m in mods):
+        args |= {"algo": "locon", "dora_wd": "True", "wd_on_output": "True"}
+        return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+    return {"ss_network_args": json.dumps(args)} if args else {}
 
 
 def _base_version(adapter: Adapter) -> dict[str, str]:

@@ -1,0 +1,102 @@
+"""Every writing command, for every way a write fails: one `error:` + `hint:`, non-zero, nothing left behind.
+
+ENOTDIR and EEXIST are real (a file where the output path needs a directory). EROFS and EACCES
+are raised where the kernel raises them, at the first thing created in the output's directory
+(the atomic layer's `_prepare`, and `train`'s early `check_writable` probe: tests run as root, so
+neither chmod nor a mount can make them; a real EPERM under /sys is in test_merge.py);
+ENOSPC where a full disk shows, after the data went into the temporary (`_fsync_tree`): so its
+clean-up is tested too. (A real RLIMIT_FSIZE run of each writer is in test_crash_safety.py.)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from loractl.io import atomic
+from loractl.io.atomic import TMP_MARKER
+from tests.helpers import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "fixtures" / "tiny-llama"
+QV = ROOT / "fixtures" / "adapters" / "tiny-qv"
+DATA = ROOT / "fixtures" / "data" / "train.jsonl"
+
+COMMANDS: dict[str, Callable[[Path, Path], list[str | Path]]] = {
+    "convert": lambda _, out: ["convert", QV, "-o", out, "--to", "kohya"],
+    "combine": lambda _, out: ["combine", QV, QV, "-o", out],
+    "resize": lambda _, out: ["resize", QV, "-o", out, "--rank", "2"],
+    "rescale": lambda _, out: ["rescale", QV, "-o", out, "--scale", "0.5"],
+    "extract": lambda work, out: ["extract", BASE, work / "tuned", "-o", out, "--rank", "2"],
+    "merge": lambda _, out: ["merge", BASE, QV, "-o", out],
+    "pull": lambda work, out: ["pull", f"file://{work}/registry/alice/lora@v1", "-o", out],
+    "inspect --plot": lambda _, out: ["inspect", QV, "--plot", out],
+    "train": lambda _, out: ["train", "--base", BASE, "--data", DATA, "-o", out, "--steps", "1", "--batch-size", "2"],
+}
+ERRORS = ("EROFS", "EACCES", "ENOSPC", "ENOTDIR", "EEXIST")
+TOLD = {
+    "EROFS": "read-only",
+    "EACCES": "permission denied",
+    "ENOSPC": "no room to write",
+    "ENOTDIR": "a file is in the way",
+    "EEXIST": "a file is in the way",
+}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Inputs some commands need: a fine-tuned model to extract from, a registry to pull from."""
+    root = tmp_path_factory.mktemp("inputs")
+    code, _, err = run_cli("merge", BASE, QV, "-o", root / "tuned")
+    assert code == 0, err
+    code, _, err = run_cli("push", QV, f"file://{root}/registry/alice/lora", "--create", "--tag", "v1")
+    assert code == 0, err
+    return root
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, name: str, where: str) -> None:
+    """Make the atomic layer fail with `name` at `where` (`_prepare`, `_create_probe` or `_fsync_tree`)."""
+    code = getattr(errno, name)
+    original = getattr(atomic, where)
+
+    def failing(path: Path) -> None:
+        if where == "_fsync_tree":
+            original(path)  # the data was written; the disk fills at the end
+        raise OSError(code, os.strerror(code), str(path if where == "_fsync_tree" else path.parent))
+
+    monkeypatch.setattr(atomic, where, failing)
+
+
+@pytest.mark.parametrize("error", ERRORS)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_write_failure_is_one_error_and_leaves_nothing(
+    command: str, error: str, work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    out_name = "out.png" if command == "inspect --plot" else "out"
+    if error == "ENOTDIR":
+        out = blocker / "sub" / out_name  # a file in the middle of the path
+    elif error == "EEXIST":
+        out = blocker / out_name  # a file where the output's directory must be
+    else:
+        out = tmp_path / "dir" / out_name
+        for where in ("_fsync_tree",) if error == "ENOSPC" else ("_prepare", "_create_probe"):
+            _inject(monkeypatch, error, where)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    code, _, err = run_cli(*COMMANDS[command](work, out))
+    lines = err.strip().splitlines()
+    assert code == 1, (code, err)
+    assert lines[-2].startswith("error: ") and lines[-1].startswith("hint: "), err
+    assert TOLD[error] in lines[-2] and "Traceback" not in err, err
+    assert not out.exists() and blocker.read_text() == "not a directory"
+    left = [p for p in tmp_path.rglob("*") if TMP_MARKER in p.name or p.name.startswith(out_name)]
+    if command == "train" and error == "ENOSPC":  # the run trained: its log stays beside the missing adapter
+        assert left == [out.parent / "out.train"] and (out.parent / "out.train" / "metrics.jsonl").is_file(), left
+    else:
+        assert left == [], left
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # inputs untouched
