@@ -90,8 +90,8 @@ def test_real_files_to_and_back(tmp_path: Path, real_adapters: Path, relative: s
     back_fmt = "mlx" if src.is_dir() else "diffusers"
     back = _path(tmp_path, "back", back_fmt)
     report = convert(mid, back, to=back_fmt)
-    assert report.max_error == 0.0
-    again = load_adapter(back)
+    assert report.max_error <= 1e-7  # the Gram form's cancellation floor (ops/convert_verify.py)
+    again = load_adapter(back)  # and the factors themselves come back bit for bit:
     assert set(again.modules) == set(source.modules)
     for name, m in source.modules.items():
         assert torch.equal(again.modules[name].A, m.A) and torch.equal(again.modules[name].B, m.B)

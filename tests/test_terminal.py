@@ -267,7 +267,9 @@ def test_lost_entries_are_objects(tmp_path: Path) -> None:
     from helpers import run_cli
 
     dora = ROOT / "fixtures" / "adapters" / "tiny-dora"
-    code, out, err = run_cli("convert", dora, "-o", tmp_path / "k.safetensors", "--to", "kohya", "--json")
+    code, out, err = run_cli("convert", dora, "-o", tmp_path / "l.pt", "--to", "loralib", "--allow-loss", "--json")
     assert code == 0, err
     (lost,) = json.loads(out)["lost"]
-    assert lost == {"what": "DoRA magnitudes", "count": 4, "modules": sorted(loractl.load_adapter(dora).modules)}
+    what = {k: lost[k] for k in ("what", "count", "modules")}
+    assert what == {"what": "DoRA magnitudes", "count": 4, "modules": sorted(loractl.load_adapter(dora).modules)}
+    assert {"update_change", "weight_change"} <= lost.keys()
