@@ -50,7 +50,7 @@ class _Src:
         return replace(self, shape=(stop - start, *self.shape[1:]), rows=(start, stop))
 
     @property
-    def T(self) -> _Src:  # noqa: N802 (torch's name)
+    def T(self) -> _Src:
         return replace(self, shape=tuple(reversed(self.shape)), transposed=not self.transposed)
 
     def clone(self) -> _Src:
@@ -60,7 +60,7 @@ class _Src:
 
 
 def layout(names: list[str]) -> str | None:
-    """"sd1", "sd2", "sdxl", "sdxl-refiner"; None when `names` are not a single-file SD checkpoint."""
+    """ "sd1", "sd2", "sdxl", "sdxl-refiner"; None when `names` are not a single-file SD checkpoint."""
     if not any(n.startswith(UNET) for n in names):
         return None
     for kind, encoders in _ENCODERS.items():

@@ -52,6 +52,7 @@ class PlacedPlan:
     base: str
     kind: str  # "gguf" or the single-file layout ("sd1", "sdxl", …)
     adapters: tuple[str, ...]
+    weights: tuple[float, ...]
     updates: dict[str, tuple[PlacedUpdate, ...]]
     problems: tuple[Finding, ...]
     tensors_total: int
@@ -66,6 +67,7 @@ class PlacedPlan:
             "base": self.base,
             "layout": self.kind,
             "adapters": list(self.adapters),
+            "weights": list(self.weights),
             "tensors_total": self.tensors_total,
             "tensors_merged": len(self.updates),
             "updates": {
@@ -119,8 +121,8 @@ def plan_placements(
             updates.setdefault(where.key, []).append(PlacedUpdate(i, module, where, weight))
         problems += [replace(f, path=str(info.path)) for f in found]
     return PlacedPlan(
-        base, kind, tuple(str(i.path) for i in infos), {k: tuple(v) for k, v in updates.items()}, tuple(problems),
-        len(shapes),
+        base, kind, tuple(str(i.path) for i in infos), tuple(weights), {k: tuple(v) for k, v in updates.items()},
+        tuple(problems), len(shapes),
     )  # fmt: skip
 
 
@@ -244,7 +246,11 @@ class PlacedMergeReport:
 
 
 def module_reports(
-    key: str, stored_type: str, updates: Sequence[PlacedUpdate], ranks: Sequence[int], result: TensorMerge,
+    key: str,
+    stored_type: str,
+    updates: Sequence[PlacedUpdate],
+    ranks: Sequence[int],
+    result: TensorMerge,
     loss: float | None,
 ) -> list[PlacedModuleReport]:
     """The report rows of one merged tensor."""
