@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -43,6 +43,7 @@ def merge_gguf(
     weights: Sequence[float] | None = None,
     allow_pickle: bool = False,
     force: bool = False,
+    track: Callable[[Iterable[str], int], Iterable[str]] | None = None,
 ) -> PlacedMergeReport:
     """Write the GGUF model `base` with Σ wᵢ·ΔWᵢ merged in, to the file `output`; nothing is written on error."""
     gguf = GgufBase(base)
@@ -55,7 +56,8 @@ def merge_gguf(
         with atomic_output(output, force=force) as tmp:
             shutil.copyfile(gguf.path, tmp)
             with tmp.open("r+b") as f:
-                modules = [row for key in plan.updates for row in _merge_tensor(gguf, plan, key, loaded, f)]
+                keys = track(plan.updates, len(plan.updates)) if track else plan.updates
+                modules = [row for key in keys for row in _merge_tensor(gguf, plan, key, loaded, f)]
     except OSError as e:
         raise LoractlError(
             f"I/O error: {e.strerror or e}", path=e.filename or output,

@@ -9,7 +9,7 @@ temporary name. Tensors no adapter touches are copied bit for bit.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,7 @@ def merge_sd(
     weights: Sequence[float] | None = None,
     allow_pickle: bool = False,
     force: bool = False,
+    track: Callable[[Iterable[str], int], Iterable[str]] | None = None,
 ) -> PlacedMergeReport:
     """Write the single file `base` with Σ wᵢ·ΔWᵢ merged in, to the file `output`; nothing is written on error."""
     from ..formats import load_adapter
@@ -60,7 +61,7 @@ def merge_sd(
         specs = [TensorSpec(n, ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names]
         try:
             with atomic_output(output, force=force) as tmp:
-                modules = _write(ckpt, plan, loaded, StreamWriter(tmp, specs, metadata))
+                modules = _write(ckpt, plan, loaded, StreamWriter(tmp, specs, metadata), track)
         except OSError as e:
             raise LoractlError(
                 f"I/O error: {e.strerror or e}", path=e.filename or output,
@@ -97,7 +98,11 @@ def _describe(path: str | Path, allow_pickle: bool) -> AdapterInfo:
 
 
 def _write(
-    ckpt: Checkpoint, plan: PlacedPlan, adapters: list[Adapter], writer: StreamWriter
+    ckpt: Checkpoint,
+    plan: PlacedPlan,
+    adapters: list[Adapter],
+    writer: StreamWriter,
+    track: Callable[[Iterable[str], int], Iterable[str]] | None,
 ) -> list[PlacedModuleReport]:
     """Every tensor in the writer's order: copied, or merged in float32 and rounded to its dtype."""
     from ..tensor_bytes import torch_dtype
@@ -106,21 +111,23 @@ def _write(
 
     rows: list[PlacedModuleReport] = []
     try:
-        for spec in writer.order:
-            tensor = ckpt.get(spec.name)
-            updates = plan.updates.get(spec.name)
+        names = [s.name for s in writer.order]
+        for name in track(names, len(names)) if track else names:
+            spec = ckpt.info(name)
+            tensor = ckpt.get(name)
+            updates = plan.updates.get(name)
             if updates:
                 deltas = [placed_delta(adapters[u.adapter].modules[u.module], u.weight, u.placement, tensor.shape[0])
                           for u in updates]  # fmt: skip
                 result = merge_tensor(tensor, deltas)
                 if not all_finite(result.merged):
-                    raise NumericError(f"merged tensor {spec.name!r} contains NaN or Inf; nothing was written",
+                    raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
                                        hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
                 tensor = result.merged.to(torch_dtype(spec.dtype))
                 loss = rounding_loss(result.merged, tensor, result.total_delta_norm)
                 ranks = [adapters[u.adapter].modules[u.module].rank for u in updates]
-                rows += module_reports(spec.name, spec.dtype, updates, ranks, result, loss)
-            writer.write(spec.name, tensor)
+                rows += module_reports(name, spec.dtype, updates, ranks, result, loss)
+            writer.write(name, tensor)
     except BaseException:
         writer.abort()
         raise
