@@ -111,7 +111,7 @@ class GgufBase:
         gguf = gguf_names.require_gguf()
         t = self.tensors[key]
         values = gguf.quants.dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape(key)))
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape(key)))  # a copy: the map is read-only
 
     def encode(self, key: str, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """`values` in the tensor's own type: the bytes to store, and what they dequantize to."""
@@ -125,7 +125,7 @@ class GgufBase:
         if len(raw) != int(t.n_bytes):
             raise FormatError(f"internal: {key} requantized to {len(raw)} bytes, not {t.n_bytes}", path=self.path)
         back = gguf.quants.dequantize(np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape), t.tensor_type)
-        return raw, torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(values.shape))
+        return raw, torch.from_numpy(np.array(back, dtype=np.float32).reshape(values.shape))
 
     def offset(self, key: str) -> int:
         """Where the tensor's bytes start in the file."""
