@@ -119,8 +119,12 @@ def extract(
 
 def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
+    from .extract_sd import is_sd_pair, plan_sd_extract
+
     config.check()
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+        if is_sd_pair(base, finetuned):
+            return plan_sd_extract(b, f, config)
         return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
 
 
@@ -136,6 +140,10 @@ def extract_adapter(
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
     """
+    from .extract_sd import extract_sd_adapter, is_sd_pair
+
+    if is_sd_pair(base, finetuned):  # single-file SD checkpoints: modules by their diffusers names
+        return extract_sd_adapter(base, finetuned, config, track=track, observe=observe)
     config.check()
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
