@@ -191,7 +191,7 @@ def _through_llama_cpp(base: Path, model_dir: Path, layers: range, std: float, t
 
     from llama_cpp_tools import logits
 
-    from loractl.formats.gguf_base import GgufBase
+    from loractl.formats.gguf.model import GgufBase
 
     a = _llama_adapter(model_dir, layers, std)
     save_adapter(a, tmp / "peft", format="peft")

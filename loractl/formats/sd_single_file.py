@@ -115,14 +115,16 @@ def _unet(srcs: dict[str, _Src]) -> dict[str, Any]:
     config: dict[str, Any] = {"layers_per_block": outputs // levels - 1}
     if f"{UNET}label_emb.0.0.weight" in srcs:
         config["addition_embed_type"] = "text_time"
-    converted: dict[str, Any] = convert_ldm_unet_checkpoint(dict(srcs), config)
+    converted: dict[str, Any] = convert_ldm_unet_checkpoint(dict(srcs), config)  # type: ignore[no-untyped-call]
     return converted
 
 
 def _clip(srcs: dict[str, _Src], prefix: str) -> dict[str, Any]:
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-    converted: dict[str, Any] = convert_ldm_clip_checkpoint({k: v for k, v in srcs.items() if k.startswith(prefix)})
+    converted: dict[str, Any] = convert_ldm_clip_checkpoint(  # type: ignore[no-untyped-call]
+        {k: v for k, v in srcs.items() if k.startswith(prefix)}
+    )
     return converted
 
 
@@ -131,5 +133,5 @@ def _open_clip(srcs: dict[str, _Src], prefix: str) -> dict[str, Any]:
 
     width = next((s.shape[-1] for k, s in srcs.items() if k.startswith(prefix) and k.endswith("in_proj_weight")), 0)
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=width))  # used only without text_projection
-    converted: dict[str, Any] = convert_open_clip_checkpoint(model, dict(srcs), prefix=prefix)
+    converted: dict[str, Any] = convert_open_clip_checkpoint(model, dict(srcs), prefix=prefix)  # type: ignore[no-untyped-call]
     return converted

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..checkpoint import Checkpoint
 from ..errors import ShapeMismatchError
 from ..formats import sd_single_file
+from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import linalg
 from .extract_plan import ExtractPlan, PlanEntry, matches
-from .extract_report import ExtractReport, ModuleReport, TensorNote
+from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
 if TYPE_CHECKING:
     import torch
@@ -88,11 +88,11 @@ def extract_sd_adapter(
 def _factor_all(
     b: Checkpoint, f: Checkpoint, entries: Iterable[PlanEntry], sources: dict[str, sd_single_file._Src],
     config: ExtractConfig, observe: Observe | None,
-) -> tuple[dict[str, LoraModule], list[ModuleReport], list[TensorNote]]:  # fmt: skip
+) -> tuple[dict[str, LoraModule], list[ExtractedModule], list[TensorNote]]:  # fmt: skip
     from .extract import factor
 
     modules: dict[str, LoraModule] = {}
-    reports: list[ModuleReport] = []
+    reports: list[ExtractedModule] = []
     notes: list[TensorNote] = []
     for entry in entries:
         w0, w1 = (_rows(c.get(sources[entry.name].key), sources[entry.name].rows) for c in (b, f))

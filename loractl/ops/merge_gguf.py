@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..atomic import atomic_output, ensure_distinct
 from ..errors import LoractlError, NumericError, UsageError
-from ..formats.gguf_base import GgufBase, adapter_architecture
+from ..formats.gguf.model import GgufBase, adapter_architecture
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
-from .merge_plan import check_weights
+from ..io.atomic import atomic_output, ensure_distinct
 from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
+from .weights import check_weights
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -32,7 +32,7 @@ def plan_gguf_merge(base: str | Path, adapters: Sequence[str | Path], *, weights
     """Place every adapter module on a tensor of the GGUF model, from headers only; problems are collected."""
     gguf = GgufBase(base)
     infos = [_describe(a, gguf, allow_pickle) for a in adapters]
-    return _plan(gguf, infos, check_weights(adapters, weights))
+    return _plan(gguf, infos, check_weights(weights, len(adapters)))
 
 
 def merge_gguf(
@@ -48,7 +48,7 @@ def merge_gguf(
     """Write the GGUF model `base` with Σ wᵢ·ΔWᵢ merged in, to the file `output`; nothing is written on error."""
     gguf = GgufBase(base)
     infos = [_describe(a, gguf, allow_pickle) for a in adapters]
-    plan = _plan(gguf, infos, check_weights(adapters, weights))
+    plan = _plan(gguf, infos, check_weights(weights, len(adapters)))
     plan.check()
     ensure_distinct(output, [base, *adapters])
     loaded = [_load(a, i.format, gguf, allow_pickle) for a, i in zip(adapters, infos, strict=True)]

@@ -17,9 +17,9 @@ Track = Callable[[Iterable[str], int], Iterable[str]]  # wraps the tensor loop (
 
 def base_layout(base: str | Path) -> Layout | None:
     """ "gguf" for a GGUF file, "sd" for one safetensors file with `model.diffusion_model.*`; None otherwise."""
-    from ..formats.gguf_base import is_gguf_model
+    from ..formats.gguf.model import is_gguf_model
     from ..formats.sd_single_file import UNET
-    from ..safetensors_header import is_safetensors, read_header
+    from ..io.safetensors_header import is_safetensors, read_header
 
     path = Path(base)
     if is_gguf_model(path):

@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__
-from ..atomic import atomic_output, ensure_distinct
-from ..checkpoint import Checkpoint
+from .._version import __version__
 from ..errors import LoractlError, NumericError, UsageError
 from ..formats import sd_single_file
 from ..info import AdapterInfo
-from ..safetensors_writer import StreamWriter, TensorSpec
-from .merge_plan import check_weights
+from ..io.atomic import atomic_output, ensure_distinct
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors_writer import StreamWriter, TensorSpec
 from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
+from .weights import check_weights
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -35,7 +35,7 @@ def plan_sd_merge(
 ) -> PlacedPlan:  # fmt: skip
     """Place every adapter module on a tensor of the single file, from headers only; problems are collected."""
     with Checkpoint(base) as ckpt:
-        return _plan(ckpt, [_describe(a, allow_pickle) for a in adapters], check_weights(adapters, weights))
+        return _plan(ckpt, [_describe(a, allow_pickle) for a in adapters], check_weights(weights, len(adapters)))
 
 
 def merge_sd(
@@ -52,7 +52,7 @@ def merge_sd(
     from ..formats import load_adapter
 
     with Checkpoint(base) as ckpt:
-        plan = _plan(ckpt, [_describe(a, allow_pickle) for a in adapters], check_weights(adapters, weights))
+        plan = _plan(ckpt, [_describe(a, allow_pickle) for a in adapters], check_weights(weights, len(adapters)))
         plan.check()
         ensure_distinct(output, [base, *adapters])
         loaded = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
@@ -105,7 +105,7 @@ def _write(
     track: Callable[[Iterable[str], int], Iterable[str]] | None,
 ) -> list[PlacedModuleReport]:
     """Every tensor in the writer's order: copied, or merged in float32 and rounded to its dtype."""
-    from ..tensor_bytes import torch_dtype
+    from ..io.tensor_bytes import torch_dtype
     from .merge_kernel import all_finite
     from .placement import merge_tensor, placed_delta, rounding_loss
 

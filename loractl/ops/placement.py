@@ -163,7 +163,7 @@ def placed_delta(module: LoraModule, weight: float, p: Placement, rows: int) -> 
     """`weight · module` as an update of the whole stored tensor (`rows` rows), in its stored layout."""
     import torch
 
-    from ..formats.rope import hf_to_meta
+    from ..formats._rope import hf_to_meta
     from .merge_kernel import module_delta
 
     if p.rope_heads:

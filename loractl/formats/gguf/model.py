@@ -1,6 +1,6 @@
 """A llama.cpp GGUF *model* file as a merge base: its tensors, their types, and where each module lands.
 
-Module paths map to GGUF names with gguf-py's own name map (`gguf_names`), as for GGUF adapters;
+Module paths map to GGUF names with gguf-py's own name map (`names`), as for GGUF adapters;
 q/k weights of Llama-family architectures hold their rows in Meta's RoPE order (`rope.py`), so a
 ΔW is permuted the way llama.cpp's converter permuted the base. A tensor is rewritten in its own
 type: gguf-py must both dequantize and quantize it (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, … —
@@ -15,18 +15,18 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError
-from ..findings import Finding, error
-from ..ops.placement import Placement
-from . import gguf_names
-from .rope import RopeHeads, is_rope_module
+from ...errors import FormatError
+from ...findings import Finding, error
+from ...ops.placement import Placement
+from .._rope import RopeHeads, is_rope_module
+from . import names as gguf_names
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from gguf import ReaderTensor
 
-    from ..info import ModuleInfo
+    from ...info import ModuleInfo
 
 
 def is_gguf_model(path: str | Path) -> bool:
@@ -111,7 +111,9 @@ class GgufBase:
         gguf = gguf_names.require_gguf()
         t = self.tensors[key]
         values = gguf.quants.dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape(key)))  # a copy: the map is read-only
+        return torch.from_numpy(
+            np.array(values, dtype=np.float32).reshape(self.shape(key))
+        )  # a copy: the map is read-only
 
     def encode(self, key: str, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """`values` in the tensor's own type: the bytes to store, and what they dequantize to."""
