@@ -57,6 +57,9 @@ def command(
       loractl extract base ft -o lora --energy 0.9 --max-rank 128 --save-full 'norm' --json
       loractl extract base ft -o lora --rank 16 --plot spectra.png
       loractl extract base ft -o lora --budget 20MB --dtype bfloat16
+      loractl extract v1-5.safetensors finetune.safetensors -o lora.safetensors --rank 32 --format kohya
+
+    Two single-file Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
     from ..ops import extract as ops
     from ..plots import SpectrumRecorder, check_plot, plot_spectra
