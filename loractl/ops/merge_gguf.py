@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import LoractlError, NumericError, UsageError
+from ..errors import LoractlError, NumericError
 from ..formats.gguf.model import GgufBase, adapter_architecture
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
@@ -120,11 +120,3 @@ def _merge_tensor(
     ranks = [adapters[u.adapter].modules[u.module].rank for u in updates]
     return module_reports(key, gguf.type_name(key), updates, ranks, result, loss)
 
-
-def check_no_checkpoint_options(dtype: str | None, max_shard_size: str | None) -> None:
-    """--dtype and --max-shard-size have no meaning for a GGUF base: every tensor keeps its type, one file."""
-    if dtype or max_shard_size:
-        raise UsageError(
-            "--dtype and --max-shard-size do not apply to a GGUF base",
-            hint="a GGUF merge writes one file and keeps every tensor's type; drop the option",
-        )

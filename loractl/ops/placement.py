@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ShapeMismatchError
@@ -136,7 +136,9 @@ def _check_shape(module: str, m: ModuleInfo, p: Placement, stored: tuple[int, ..
     """None when the module's ΔW fits the stored tensor (or its rows) as placed."""
     if m.dora and p.rows is not None:
         return error("dora-fused", f"DoRA cannot be merged into a slice of the fused tensor {p.key!r}", module)
-    expected = _delta_shape(m)
+    from .merge_plan import _stored_shape  # ΔW's shape as a Hugging Face base stores it
+
+    expected = _stored_shape(m)
     if p.transposed:
         expected = (expected[1], expected[0], *expected[2:])
     have = stored if p.rows is None else (p.rows[1] - p.rows[0], *stored[1:])
@@ -148,15 +150,6 @@ def _check_shape(module: str, m: ModuleInfo, p: Placement, stored: tuple[int, ..
             "shape-mismatch", f"ΔW is {list(expected)} but {what}base tensor {p.key!r} is {list(stored)}", module
         )
     return None
-
-
-def _delta_shape(m: ModuleInfo) -> tuple[int, ...]:
-    """ΔW's shape as a Hugging Face base stores it (see `merge_plan._stored_shape`)."""
-    if m.kind == "conv":
-        return (m.out_features, m.in_features, *m.kernel)
-    if m.kind == "embedding" or m.fan_in_fan_out:
-        return (m.in_features, m.out_features)
-    return (m.out_features, m.in_features)
 
 
 def placed_delta(module: LoraModule, weight: float, p: Placement, rows: int) -> Delta:
@@ -241,7 +234,7 @@ class PlacedMergeReport:
             "output": self.output,
             **plan,
             "tensors_copied": self.tensors_copied,
-            "modules": [m.__dict__ for m in self.modules],
+            "modules": [asdict(m) for m in self.modules],
         }
 
 
