@@ -46,7 +46,9 @@ class GgufBase:
         self.path = Path(path)
         try:
             self.reader = gguf.GGUFReader(self.path)
-            fields = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
+            fields = {
+                k: f.contents() for k, f in self.reader.fields.items() if not k.startswith(("GGUF.", "tokenizer."))
+            }
         except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
             raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
         if fields.get("general.type", "model") != "model":
