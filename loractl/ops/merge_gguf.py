@@ -119,4 +119,3 @@ def _merge_tensor(
     loss = rounding_loss(result.merged, stored, result.total_delta_norm)
     ranks = [adapters[u.adapter].modules[u.module].rank for u in updates]
     return module_reports(key, gguf.type_name(key), updates, ranks, result, loss)
-
