@@ -17,7 +17,8 @@ from sd_pipelines import TinySD, tiny_sd, to_diffusers, unet_to_ldm
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.formats import load_adapter, save_adapter
 from loractl.formats.sd_single_file import diffusers_names
-from loractl.ops.extract import ExtractConfig, extract_adapter
+from loractl.ops.extract import ExtractConfig
+from loractl.ops.extract_sd import extract_sd_adapter
 from loractl.ops.merge_sd import merge_sd
 
 pytest.importorskip("diffusers")
@@ -172,7 +173,7 @@ def test_extract_recovers_the_adapter(sd: TinySD, tmp_path: Path, capsys: pytest
         err_rel = (got.modules[name].delta_weight(torch.float64) - expected).norm() / expected.norm()
         assert err_rel < 1e-5, (name, float(err_rel))
     assert report["totals"]["modules"] == len(want)
-    default = extract_adapter(sd.single_file, finetuned, ExtractConfig(rank=4))  # sd-scripts' default: no 3×3 convs
+    default = extract_sd_adapter(sd.single_file, finetuned, ExtractConfig(rank=4))  # sd-scripts' default: no 3×3 convs
     assert set(default.adapter.modules) == set(want) - {"unet.up_blocks.1.resnets.0.conv1"}
     assert [n.name for n in default.report.not_extracted()] == [
         unet_to_ldm(

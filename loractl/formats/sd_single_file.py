@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..ops.placement import Placement
+from ._placement import Placement
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them

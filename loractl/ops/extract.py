@@ -98,8 +98,13 @@ def extract(
     force: bool = False,
     track: Track | None = None,
     observe: Observe | None = None,
+    runner: Callable[..., Extraction] | None = None,
 ) -> ExtractReport:
-    """Extract an adapter and write it to `output` atomically; nothing is written on any error."""
+    """Extract an adapter and write it to `output` atomically; nothing is written on any error.
+
+    `runner` makes the adapter: `extract_adapter` by default (`extract_sd.extract_sd_adapter` for
+    single-file Stable Diffusion checkpoints).
+    """
     from ..formats import FORMATS, save_adapter
 
     ensure_distinct(output, [base, finetuned])
@@ -107,7 +112,7 @@ def extract(
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    result = extract_adapter(base, finetuned, config, track=track, observe=observe)
+    result = (runner or extract_adapter)(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError(
             "nothing to extract: no targeted weight differs between the checkpoints",
@@ -119,12 +124,8 @@ def extract(
 
 def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
-    from .extract_sd import is_sd_pair, plan_sd_extract
-
     config.check()
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
-        if is_sd_pair(base, finetuned):
-            return plan_sd_extract(b, f, config)
         return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
 
 
@@ -140,10 +141,6 @@ def extract_adapter(
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
     """
-    from .extract_sd import extract_sd_adapter, is_sd_pair
-
-    if is_sd_pair(base, finetuned):  # single-file SD checkpoints: modules by their diffusers names
-        return extract_sd_adapter(base, finetuned, config, track=track, observe=observe)
     config.check()
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)

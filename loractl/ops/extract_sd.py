@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, UsageError
 from ..formats import sd_single_file
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
@@ -64,6 +64,24 @@ def plan_sd_extract(base: Checkpoint, finetuned: Checkpoint, config: ExtractConf
     return ExtractPlan(tuple(entries))
 
 
+def extract_sd(
+    base: str | Path, finetuned: str | Path, output: str | Path, config: ExtractConfig, *, format: str = "peft",
+    force: bool = False, track: Track | None = None, observe: Observe | None = None,
+) -> ExtractReport:  # fmt: skip
+    """`extract.extract` for two single-file SD checkpoints: the adapter written to `output` atomically."""
+    from .extract import extract
+
+    return extract(base, finetuned, output, config, format=format, force=force, track=track, observe=observe,
+                   runner=extract_sd_adapter)  # fmt: skip
+
+
+def dry_run_sd(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
+    """The plan alone, from headers (no tensor data is read)."""
+    config.check()
+    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+        return plan_sd_extract(b, f, config)
+
+
 def extract_sd_adapter(
     base: str | Path, finetuned: str | Path, config: ExtractConfig, *, track: Track | None = None,
     observe: Observe | None = None,
@@ -72,6 +90,8 @@ def extract_sd_adapter(
     from .extract import Extraction
 
     config.check()
+    if config.budget is not None:
+        raise UsageError("--budget is not supported for single-file SD checkpoints yet", hint="use --rank or --energy")
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_sd_extract(b, f, config)
         shapes = {n: b.info(n).shape for n in b.names}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ShapeMismatchError
 from ..findings import Finding, error
+from ..formats._placement import Placement
 
 if TYPE_CHECKING:
     import torch
@@ -23,16 +24,6 @@ if TYPE_CHECKING:
     from ..adapter import LoraModule
     from ..info import AdapterInfo, ModuleInfo
     from .merge_kernel import Delta
-
-
-@dataclass(frozen=True)
-class Placement:
-    """The stored tensor a module's ΔW adds to, and how it is laid out there."""
-
-    key: str  # the tensor's name in the base file
-    rows: tuple[int, int] | None = None  # ΔW fills only these rows (a fused q/k/v projection)
-    transposed: bool = False  # the base stores the weight transposed
-    rope_heads: int | None = None  # rows are in Meta's RoPE order for this many heads (llama.cpp q/k)
 
 
 @dataclass(frozen=True)

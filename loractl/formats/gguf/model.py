@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import FormatError
 from ...findings import Finding, error
-from ...ops.placement import Placement
+from .._placement import Placement
 from .._rope import RopeHeads, is_rope_module
 from . import names as gguf_names
 
