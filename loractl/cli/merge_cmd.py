@@ -24,7 +24,12 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.command("merge")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", type=click.Path(), help="Output directory (required unless --dry-run).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Output directory (a file for GGUF and single-file bases; required unless --dry-run).",
+)
 @click.option(
     "--weight", "weights", type=float, multiple=True, help="One per adapter, in order (default 1; negative subtracts)."
 )
@@ -57,10 +62,23 @@ def command(
       loractl merge fixtures/tiny-llama fixtures/adapters/tiny-qv -o merged
       loractl merge base a b --weight 1 --weight -0.5 -o merged --dtype bfloat16
       loractl merge base a --dry-run --json
+      loractl merge model.Q8_0.gguf adapter -o merged.Q8_0.gguf
+      loractl merge sd_xl_base_1.0.safetensors kohya_lora.safetensors -o merged.safetensors
+
+    A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
+    written as one file: every tensor keeps its type (quantized ones are requantized), and the
+    report gives each module's rounding loss, the share of ΔW the stored type removes.
     """
     from ..errors import UsageError
+    from ..ops.merge_layouts import base_layout
     from ..ops.merge_plan import plan_merge
 
+    if (layout := base_layout(base)) is not None:  # a GGUF model or a single-file SD checkpoint
+        from . import _merge_layouts
+
+        _merge_layouts.run(layout, base, adapters, output, weights=weights, dtype=dtype,
+                           max_shard_size=max_shard_size, dry_run=dry_run, force=force, as_json=as_json)  # fmt: skip
+        return
     plan = plan_merge(
         base,
         list(adapters),

@@ -98,8 +98,13 @@ def extract(
     force: bool = False,
     track: Track | None = None,
     observe: Observe | None = None,
+    runner: Callable[..., Extraction] | None = None,
 ) -> ExtractReport:
-    """Extract an adapter and write it to `output` atomically; nothing is written on any error."""
+    """Extract an adapter and write it to `output` atomically; nothing is written on any error.
+
+    `runner` makes the adapter: `extract_adapter` by default (`extract_sd.extract_sd_adapter` for
+    single-file Stable Diffusion checkpoints).
+    """
     from ..formats import FORMATS, save_adapter
 
     ensure_distinct(output, [base, finetuned])
@@ -107,7 +112,7 @@ def extract(
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    result = extract_adapter(base, finetuned, config, track=track, observe=observe)
+    result = (runner or extract_adapter)(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError(
             "nothing to extract: no targeted weight differs between the checkpoints",

@@ -1,0 +1,19 @@
+"""Where an adapter module lands in a base stored in another layout (a GGUF model, a single-file SD checkpoint).
+
+The base readers (`gguf/model.py`, `sd_single_file.py`) answer with a `Placement`; the merge and its
+arithmetic live in `ops/placement.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The stored tensor a module's ΔW adds to, and how it is laid out there."""
+
+    key: str  # the tensor's name in the base file
+    rows: tuple[int, int] | None = None  # ΔW fills only these rows (a fused q/k/v projection)
+    transposed: bool = False  # the base stores the weight transposed
+    rope_heads: int | None = None  # rows are in Meta's RoPE order for this many heads (llama.cpp q/k)

@@ -1,0 +1,240 @@
+"""`loractl merge model.gguf ADAPTER`: checked against an independent reference and through llama.cpp itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_runner import run
+from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, llama_cpp_permute, module
+
+from loractl.adapter import Adapter, AdapterMeta
+from loractl.errors import FormatError, ShapeMismatchError
+from loractl.formats import save_adapter
+from loractl.formats.options import WriteOptions
+from loractl.ops.merge_gguf import merge_gguf, plan_gguf_merge
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+BLOCK = {"attn_norm": (HIDDEN,), "attn_q": (HIDDEN, HIDDEN), "attn_k": (KV, HIDDEN), "attn_v": (KV, HIDDEN),
+         "attn_output": (HIDDEN, HIDDEN), "ffn_norm": (HIDDEN,), "ffn_gate": (INTERMEDIATE, HIDDEN),
+         "ffn_up": (INTERMEDIATE, HIDDEN), "ffn_down": (HIDDEN, INTERMEDIATE)}  # fmt: skip
+SHAPES = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,), "output.weight": (VOCAB, HIDDEN)}
+SHAPES |= {f"blk.{i}.{k}.weight": s for i in range(2) for k, s in BLOCK.items()}
+ADAPTED = {  # module → its GGUF tensor and the heads llama.cpp permuted its rows with (None: not permuted)
+    "model.layers.0.self_attn.q_proj": ("blk.0.attn_q.weight", (HEADS, HEADS)),
+    "model.layers.0.self_attn.k_proj": ("blk.0.attn_k.weight", (HEADS, KV_HEADS)),
+    "model.layers.1.self_attn.v_proj": ("blk.1.attn_v.weight", None),
+    "model.layers.1.mlp.down_proj": ("blk.1.ffn_down.weight", None),
+}
+
+
+def tiny_gguf(path: Path, kind: str, arch: str = "llama", odd: dict[str, str] | None = None) -> Path:
+    """A tiny llama GGUF model: the adapted tensors in type `kind`, the rest F32 (and `odd` overrides)."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(2)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_embedding_length(HIDDEN)
+    adapted = {t for t, _ in ADAPTED.values()}
+    for name, shape in SHAPES.items():
+        qtype = T[(odd or {}).get(name) or (kind if name in adapted else "F32")]
+        data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if qtype == T.IQ4_NL:  # gguf-py cannot quantize to it: raw bytes of the right size
+            w.add_tensor(name, np.zeros((shape[0], shape[1] // 32 * 18), np.uint8), raw_dtype=qtype)
+            continue
+        q = gguf.quants.quantize(data, qtype)
+        w.add_tensor(name, q, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def adapter(scale: float = 1.0) -> Adapter:
+    mods = {}
+    for i, (name, (key, _)) in enumerate(ADAPTED.items()):
+        out, inp = SHAPES[key]
+        m = module(out, inp, rank=4, alpha=8.0, rslora=False, seed=i)
+        mods[name] = type(m)(A=m.A * 0.05 * scale, B=m.B * 0.05, scale=m.scale, alpha=m.alpha)
+    return Adapter(modules=mods, meta=AdapterMeta())
+
+
+def tensors(path: Path) -> dict[str, object]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_1"])
+def test_merge_matches_an_independent_reference(kind: str, tmp_path: Path) -> None:
+    base = tiny_gguf(tmp_path / "base.gguf", kind)
+    a = adapter()
+    save_adapter(a, tmp_path / "peft", format="peft")
+    report = merge_gguf(base, [tmp_path / "peft"], tmp_path / "out.gguf")
+    before, after = tensors(base), tensors(tmp_path / "out.gguf")
+    loss = {m.module: m.rounding_loss for m in report.modules}
+    for name, (key, heads) in ADAPTED.items():
+        w = gguf.quants.dequantize(before[key].data, T[kind]).astype(np.float64)
+        delta = a.modules[name].delta_weight(torch.float64)
+        delta = (llama_cpp_permute(delta, *heads) if heads else delta).numpy()
+        want = w + delta
+        got = gguf.quants.dequantize(after[key].data, T[kind]).astype(np.float64)
+        rounded = gguf.quants.dequantize(gguf.quants.quantize(want.astype(np.float32), T[kind]), T[kind])
+        floor = np.linalg.norm(rounded - want)  # what rounding into `kind` must remove
+        assert np.linalg.norm(got - want) <= floor * (1 + 1e-3) + 1e-6 * np.linalg.norm(want), name
+        assert loss[name] == pytest.approx(np.linalg.norm(got - want) / np.linalg.norm(delta), rel=1e-4, abs=1e-6)
+    if kind == "F32":
+        assert max(loss.values()) < 1e-6
+    else:
+        assert min(loss.values()) > 1e-4  # the report sees what rounding removed
+    adapted = {k for k, _ in ADAPTED.values()}
+    for name in SHAPES.keys() - adapted:  # untouched tensors: the same bytes
+        assert before[name].data.tobytes() == after[name].data.tobytes(), name
+    raw_in, raw_out = base.read_bytes(), (tmp_path / "out.gguf").read_bytes()
+    first = min(int(t.data_offset) for t in before.values())
+    assert len(raw_in) == len(raw_out) and raw_in[:first] == raw_out[:first]  # the header, byte for byte
+
+
+def test_gguf_adapter_and_weights(tmp_path: Path, fixtures_dir: Path) -> None:
+    """A GGUF LoRA (q/k rows in llama.cpp's order) merges like the same PEFT adapter; --weight scales ΔW."""
+    base = tiny_gguf(tmp_path / "base.gguf", "F32")
+    save_adapter(adapter(), tmp_path / "peft", format="peft")
+    save_adapter(adapter(), tmp_path / "a.gguf", format="gguf", options=WriteOptions(base=fixtures_dir / "tiny-llama"))
+    save_adapter(adapter(0.5), tmp_path / "half", format="peft")
+    merge_gguf(base, [tmp_path / "peft"], tmp_path / "p.gguf")
+    merge_gguf(base, [tmp_path / "a.gguf"], tmp_path / "g.gguf")
+    merge_gguf(base, [tmp_path / "peft"], tmp_path / "w.gguf", weights=[0.5])
+    merge_gguf(base, [tmp_path / "half"], tmp_path / "h.gguf")
+    p, g, w, h = (tensors(tmp_path / f"{n}.gguf") for n in "pgwh")
+    for key, _ in ADAPTED.values():
+        ref = np.asarray(p[key].data)
+        assert np.allclose(np.asarray(g[key].data), ref, rtol=0, atol=1e-6 * np.abs(ref).max()), key
+        assert np.allclose(np.asarray(w[key].data), np.asarray(h[key].data), rtol=0, atol=1e-6), key
+
+
+def test_refusals_write_nothing(tmp_path: Path, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_adapter(adapter(), tmp_path / "peft", format="peft")
+    odd = tiny_gguf(tmp_path / "odd.gguf", "F32", odd={"blk.0.attn_q.weight": "IQ4_NL"})
+    code, _, err = run(capsys, "merge", str(odd), str(tmp_path / "peft"), "-o", str(tmp_path / "out.gguf"))
+    assert code == 1 and "IQ4_NL" in err and "Q8_0" in err and "hint:" in err
+    assert not (tmp_path / "out.gguf").exists()
+
+    other = tiny_gguf(tmp_path / "gpt2.gguf", "F32", arch="gpt2")
+    with pytest.raises(ShapeMismatchError, match="no tensor of this gpt2 GGUF"):
+        merge_gguf(other, [tmp_path / "peft"], tmp_path / "out.gguf")
+
+    qwen = tmp_path / "qwen-config"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(
+        (fixtures_dir / "tiny-llama" / "config.json").read_text().replace('"llama"', '"qwen2"')
+    )
+    save_adapter(adapter(), tmp_path / "qwen.gguf", format="gguf", options=WriteOptions(base=qwen))
+    plan = plan_gguf_merge(tmp_path / "gpt2.gguf", [tmp_path / "qwen.gguf"])
+    llama = plan_gguf_merge(tiny_gguf(tmp_path / "base.gguf", "F32"), [tmp_path / "qwen.gguf"])
+    assert {p.code for p in llama.problems} == {"architecture"} and plan.problems
+
+    with pytest.raises(FormatError, match="not a model"):
+        merge_gguf(tmp_path / "qwen.gguf", [tmp_path / "peft"], tmp_path / "out.gguf")
+    code, _, err = run(capsys, "merge", str(odd), str(tmp_path / "peft"), "-o", str(tmp_path / "o"), "--dtype", "f16")
+    assert code == 2 and "--dtype" in err
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_cli_reports_rounding_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    base = tiny_gguf(tmp_path / "base.gguf", "Q4_0")
+    save_adapter(adapter(), tmp_path / "peft", format="peft")
+    code, out, _ = run(capsys, "merge", str(base), str(tmp_path / "peft"), "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["tensors_merged"] == len(ADAPTED)
+    code, out, err = run(capsys, "merge", str(base), str(tmp_path / "peft"), "-o", str(tmp_path / "m.gguf"), "--json")
+    doc = json.loads(out)
+    assert code == 0 and len(doc["modules"]) == len(ADAPTED) and doc["tensors_copied"] == len(SHAPES) - len(ADAPTED)
+    assert all(m["stored_type"] == "Q4_0" and m["rounding_loss"] > 0 for m in doc["modules"])
+    if max(m["rounding_loss"] for m in doc["modules"]) > 0.1:
+        assert "warning:" in err and "rounding" in err
+
+
+# Through llama.cpp: the merged GGUF must answer like the base with the adapter applied at run time.
+ACTIVATION_ROUNDING = {"f32": 0.0, "f16": 2**-11, "bf16": 2**-8, "q8_0": 1 / 254}  # unit roundoff of each
+TOKENS = [1, 504, 3458, 282, 4287, 314, 253, 1345, 30, 378, 2106, 4704, 17]
+
+
+def _llama_adapter(model_dir: Path, layers: range, std: float) -> Adapter:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    kv_dim = hidden // heads * kv
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for layer in layers:
+        for leaf, out in (("q_proj", hidden), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+            a, b = torch.randn(8, hidden, generator=g) / hidden**0.5, torch.randn(out, 8, generator=g) * std
+            mods[f"model.layers.{layer}.self_attn.{leaf}"] = module(out, hidden, 8, 16.0, False, 0).__class__(
+                A=a, B=b, scale=2.0, alpha=16.0
+            )
+    return Adapter(modules=mods, meta=AdapterMeta())
+
+
+def _through_llama_cpp(base: Path, model_dir: Path, layers: range, std: float, tmp: Path) -> tuple[float, float, float]:
+    """(‖merged − runtime‖/‖runtime − base‖ of the logits, the same for the control, the worst rounding loss).
+
+    The control merges without llama.cpp's q/k row order: it must miss by far more.
+    """
+    from unittest import mock
+
+    from llama_cpp_tools import logits
+
+    from loractl.formats.gguf.model import GgufBase
+
+    a = _llama_adapter(model_dir, layers, std)
+    save_adapter(a, tmp / "peft", format="peft")
+    save_adapter(a, tmp / "lora.gguf", format="gguf", options=WriteOptions(base=model_dir))
+    report = merge_gguf(base, [tmp / "peft"], tmp / "merged.gguf")
+    with mock.patch.object(GgufBase, "_heads", lambda self: None):
+        merge_gguf(base, [tmp / "peft"], tmp / "control.gguf")
+    plain, runtime = logits(base, TOKENS), logits(base, TOKENS, lora=tmp / "lora.gguf")
+    merged, control = logits(tmp / "merged.gguf", TOKENS), logits(tmp / "control.gguf", TOKENS)
+    effect = np.linalg.norm(runtime - plain)
+    assert effect > 1e-2 * np.linalg.norm(plain)  # the adapter visibly changes the logits
+    worst = max(m.rounding_loss or 0.0 for m in report.modules)
+    return float(np.linalg.norm(merged - runtime) / effect), float(np.linalg.norm(control - runtime) / effect), worst
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2: Path) -> Path:
+    from llama_cpp_tools import tiny_llama
+
+    return tiny_llama(smollm2)
+
+
+@pytest.mark.parametrize(
+    "outtype",
+    ["f32", "q8_0", pytest.param("f16", marks=pytest.mark.slow), pytest.param("bf16", marks=pytest.mark.slow)],
+)
+def test_llama_cpp_runs_the_merge_like_the_adapter(outtype: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """llama.cpp's converter makes the base; llama.cpp runs base + adapter and the merged file."""
+    from llama_cpp_tools import hf_to_gguf
+
+    base = hf_to_gguf(tiny_llama, outtype)
+    miss, control, worst = _through_llama_cpp(base, tiny_llama, range(2), 0.3, tmp_path)
+    # llama.cpp rounds the activations to the weights' dot-product type too (f16, bf16, q8_0 blocks), which
+    # touches the merged ΔW but not the float32 LoRA path: the miss is the weights' rounding plus that one.
+    tolerance = 1e-3 + 2 * (worst + ACTIVATION_ROUNDING[outtype])
+    assert miss <= tolerance, (miss, worst)
+    assert control > 10 * tolerance, control
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_merge_into_the_real_q4_1_smollm2(smollm2: Path, tmp_path: Path) -> None:
+    from llama_cpp_tools import smollm2_q4_1
+
+    miss, control, worst = _through_llama_cpp(smollm2_q4_1(), smollm2, range(0, 30, 6), 0.3, tmp_path)
+    assert miss <= 2 * (worst + ACTIVATION_ROUNDING["q8_0"]), (miss, worst)  # Q4_1 dots run on q8 activations
+    assert control > miss, (control, miss)

@@ -1,0 +1,194 @@
+"""Single-file SD checkpoints: the name map against diffusers' conversion, merge against diffusers' own
+LoRA fusing (merge into the single file, convert with diffusers == diffusers merging into its layout),
+and extraction from two single files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import run
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from sd_pipelines import TinySD, tiny_sd, to_diffusers, unet_to_ldm
+
+from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.formats import load_adapter, save_adapter
+from loractl.formats.sd_single_file import diffusers_names
+from loractl.ops.extract import ExtractConfig
+from loractl.ops.extract_sd import extract_sd_adapter
+from loractl.ops.merge_sd import merge_sd
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def sd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinySD:
+    return tiny_sd(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ≥ 5.6 CLIPTextModel has no `text_model.`: compare without it."""
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def _components(sd: TinySD) -> dict[str, torch.nn.Module]:
+    out = {"unet": sd.unet, "text_encoder": sd.text_encoders[0]}
+    return out | ({"text_encoder_2": sd.text_encoders[1]} if sd.kind == "sdxl" else {})
+
+
+def test_name_map_is_diffusers_conversion(sd: TinySD) -> None:
+    state = load_file(sd.single_file)
+    converted = to_diffusers(sd.kind, state)
+    for component, model in _components(sd).items():  # the test's single file is the models, per diffusers
+        got, want = _norm(converted[component]), _norm(model.state_dict())
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), component
+    names = diffusers_names({k: tuple(v.shape) for k, v in state.items()})
+    expected = {f"{c}.{k}": v for c, conv in converted.items() for k, v in conv.items()}
+    assert names.keys() == expected.keys()
+    for key, src in names.items():
+        t = state[src.key]
+        t = t[src.rows[0] : src.rows[1]] if src.rows else t
+        assert torch.equal(t.T if src.transposed else t, expected[key]), key
+    assert any(s.rows for s in names.values()) == (sd.kind == "sdxl")  # OpenCLIP's fused q/k/v
+
+
+def _lora(sd: TinySD, seed: int = 1) -> Adapter:
+    """LoRA on UNet attention, feed-forward, a 3×3 resnet conv, proj_in, and q/k/v/fc1 of every text encoder."""
+    g = torch.Generator().manual_seed(seed)
+    weights = sd.unet.state_dict()
+    block = "down_blocks.0.attentions.0" if sd.kind == "sd1" else "down_blocks.1.attentions.0"
+    mods = {}
+    leaves = [f"{block}.transformer_blocks.0.{x}" for x in ("attn1.to_q", "attn2.to_k", "ff.net.0.proj")]
+    for leaf in [*leaves, f"{block}.proj_in", "up_blocks.1.resnets.0.conv1"]:
+        w = weights[f"{leaf}.weight"]
+        a, b = torch.randn(4, *w.shape[1:], generator=g) * 0.3, torch.randn(w.shape[0], 4, *[1] * (w.ndim - 2)) * 0.3
+        mods[f"unet.{leaf}"] = LoraModule(A=a, B=b, scale=0.5, alpha=2.0, kind="conv" if w.ndim == 4 else "linear")
+    for te, model in list(_components(sd).items())[1:]:
+        inner = "text_model." if hasattr(model, "text_model") else ""
+        for leaf, out in (
+            ("self_attn.q_proj", 16),
+            ("self_attn.k_proj", 16),
+            ("self_attn.v_proj", 16),
+            ("mlp.fc1", 32),
+        ):
+            a, b = torch.randn(4, 16, generator=g) * 0.3, torch.randn(out, 4, generator=g) * 0.3
+            mods[f"{te}.{inner}encoder.layers.1.{leaf}"] = LoraModule(A=a, B=b, scale=0.5, alpha=2.0)
+    return Adapter(modules=mods, meta=AdapterMeta())
+
+
+def _kohya_names(sd: TinySD, adapter: Adapter) -> Adapter:
+    """As kohya files name them: `text_model.` always; SDXL UNet modules by their SGM (single-file) names."""
+    out = {}
+    for name, m in adapter.modules.items():
+        name = name.replace("text_encoder.encoder.", "text_encoder.text_model.encoder.")
+        if sd.kind == "sdxl" and name.startswith("unet."):
+            sgm = unet_to_ldm({name[5:] + ".weight": m.A}, 2, tuple(sd.unet.config.up_block_types))
+            name = "unet." + next(iter(sgm)).removeprefix("model.diffusion_model.").removesuffix(".weight")
+        out[name] = m
+    return Adapter(modules=out, meta=adapter.meta)
+
+
+def _fused_by_diffusers(sd: TinySD, lora: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers loading the LoRA into its own layout and fusing it: the reference."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = {k: copy.deepcopy(v) for k, v in _components(sd).items()}
+    if sd.kind == "sd1":
+        pipe = StableDiffusionPipeline(vae=None, tokenizer=None, scheduler=None, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False, **parts)  # fmt: skip
+    else:
+        pipe = StableDiffusionXLPipeline(vae=None, tokenizer=None, tokenizer_2=None, scheduler=None, **parts)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return {c: _norm(getattr(pipe, c).state_dict()) for c in parts}
+
+
+def test_merge_into_single_file_equals_diffusers_fusing(sd: TinySD, tmp_path: Path) -> None:
+    adapter = _lora(sd)
+    save_adapter(adapter, tmp_path / "diffusers.safetensors", format="diffusers")
+    save_adapter(_kohya_names(sd, adapter), tmp_path / "kohya.safetensors", format="kohya")
+    reference = _fused_by_diffusers(sd, tmp_path / "diffusers.safetensors")
+    before = to_diffusers(sd.kind, load_file(sd.single_file))
+    changed = {(c, k) for c in reference for k, v in reference[c].items() if not torch.equal(v, _norm(before[c])[k])}
+    assert len(changed) == len(adapter.modules)  # diffusers' fusing changed one weight per module
+    for source in ("diffusers", "kohya"):
+        out = tmp_path / f"merged-{source}.safetensors"
+        report = merge_sd(sd.single_file, [tmp_path / f"{source}.safetensors"], out)
+        assert len(report.modules) == len(adapter.modules)
+        merged = to_diffusers(sd.kind, load_file(out))
+        for component, want in reference.items():
+            got = _norm(merged[component])
+            for key, value in want.items():
+                err = (got[key] - value).norm() / value.norm().clamp_min(1e-12)
+                assert err <= 1e-6, (source, component, key, float(err))
+        base, new = load_file(sd.single_file), load_file(out)
+        merged_keys = {m.tensor for m in report.modules}
+        assert all(torch.equal(base[k], new[k]) for k in base if k not in merged_keys)  # copied untouched
+        with safe_open(out, "pt") as f:
+            meta = f.metadata()
+        assert meta["modelspec.title"] == "tiny" and json.loads(meta["loractl_merge"])["layout"] == sd.kind
+
+
+def test_half_precision_file_reports_rounding_loss(sd: TinySD, tmp_path: Path) -> None:
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in load_file(sd.single_file).items()}, half)
+    adapter = _lora(sd)
+    save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
+    report = merge_sd(half, [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    base, out = load_file(half), load_file(tmp_path / "out.safetensors")
+    for m in report.modules:
+        assert out[m.tensor].dtype == torch.float16 and m.stored_type == "F16"
+        if len(report.plan.updates[m.tensor]) > 1:
+            continue  # fused q/k/v: the loss is the tensor's, checked through the others
+        delta = adapter.modules[m.module].delta_weight(torch.float64)
+        exact = base[m.tensor].double() + delta.reshape(base[m.tensor].shape)
+        loss = (out[m.tensor].double() - exact).norm() / delta.norm()
+        assert m.rounding_loss == pytest.approx(float(loss), rel=1e-3), m.module
+        assert 0 < m.rounding_loss < 0.05, (m.module, m.rounding_loss)
+    assert any(not torch.equal(base[m.tensor], out[m.tensor]) for m in report.modules)
+
+
+def test_extract_recovers_the_adapter(sd: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = _lora(sd)
+    save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
+    finetuned = tmp_path / "ft.safetensors"
+    merge_sd(sd.single_file, [tmp_path / "lora.safetensors"], finetuned)
+    code, out, err = run(capsys, "extract", str(sd.single_file), str(finetuned), "-o", str(tmp_path / "x.safetensors"),
+                         "--rank", "4", "--targets", ".*", "--format", "kohya", "--json")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    got = load_adapter(tmp_path / "x.safetensors")
+    want = {
+        k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): m for k, m in adapter.modules.items()
+    }
+    assert set(got.modules) == set(want), (sorted(got.modules), sorted(want))
+    for name, m in want.items():
+        expected = m.delta_weight(torch.float64)
+        err_rel = (got.modules[name].delta_weight(torch.float64) - expected).norm() / expected.norm()
+        assert err_rel < 1e-5, (name, float(err_rel))
+    assert report["totals"]["modules"] == len(want)
+    default = extract_sd_adapter(sd.single_file, finetuned, ExtractConfig(rank=4))  # sd-scripts' default: no 3×3 convs
+    assert set(default.adapter.modules) == set(want) - {"unet.up_blocks.1.resnets.0.conv1"}
+    assert [n.name for n in default.report.not_extracted()] == [
+        unet_to_ldm(
+            {"up_blocks.1.resnets.0.conv1.weight": torch.zeros(1)}, 2, tuple(sd.unet.config.up_block_types)
+        ).popitem()[0]
+    ]
+
+
+def test_unknown_layouts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2),
+               "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, sd3)  # fmt: skip
+    lora = tmp_path / "lora.safetensors"
+    save_adapter(Adapter(modules={"unet.conv_in": LoraModule(A=torch.ones(1, 2), B=torch.ones(2, 1), scale=1.0)},
+                         meta=AdapterMeta()), lora, format="diffusers")  # fmt: skip
+    code, _, err = run(capsys, "merge", str(sd3), str(lora), "-o", str(tmp_path / "out.safetensors"))
+    assert code == 2 and "unknown layout" in err and "hint:" in err
+    assert not (tmp_path / "out.safetensors").exists()
