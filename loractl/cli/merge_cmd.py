@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..patterns import natural_key
+from ._device import device_option
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout
 from ._text import adapter_labels, human_size, name_table
@@ -30,6 +31,7 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 )
 @click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
+@device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -41,6 +43,7 @@ def command(
     weights: tuple[float, ...],
     dtype: str | None,
     max_shard_size: str | None,
+    device: str,
     dry_run: bool,
     force: bool,
     as_json: bool,
@@ -53,6 +56,7 @@ def command(
       loractl merge fixtures/tiny-llama fixtures/adapters/tiny-qv -o merged
       loractl merge base a b --weight 1 --weight -0.5 -o merged --dtype bfloat16
       loractl merge base a --dry-run --json
+      loractl merge base a -o merged --device auto
     """
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge
@@ -76,7 +80,9 @@ def command(
     from ..ops.merge import execute_merge  # torch: only now that tensors are touched
 
     with _progress() as progress:
-        report = execute_merge(plan, output, force=force, progress=progress)
+        report = execute_merge(plan, output, force=force, progress=progress, device=device)
+    for w in report.warnings:
+        stderr.print(f"[yellow]warning:[/] {w}", highlight=False)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -122,13 +128,13 @@ def _show_report(report: MergeReport) -> None:
                 m.module,
                 m.role,
                 f"{m.weight:g}",
-                f"{m.scale:g}",
                 str(m.rank),
-                "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}",
+                "n/a" if m.relative_delta is None else f"{m.relative_delta:.2e}",
+                "n/a" if m.rounding_loss is None else f"{m.rounding_loss:.1%}",
             )
             for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
         ]
-        headers = ("adapter", "module", "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
+        headers = ("adapter", "module", "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
         stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
     else:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
@@ -139,6 +145,13 @@ def _show_report(report: MergeReport) -> None:
                 highlight=False,
             )
     stdout.print(_summary(report.plan), highlight=False)
+    if report.rounding is not None:
+        r = report.rounding
+        stdout.print(
+            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median module), "
+            f"{r['worst']:.2%} at worst",
+            highlight=False,
+        )
     stdout.print(
         f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
         highlight=False,
