@@ -80,7 +80,7 @@ def test_unknown_or_absent_devices_are_refused_and_nothing_is_written(tmp_path: 
 
 
 def test_resolve_device() -> None:
-    from loractl.devices import float64_device, resolve_device
+    from loractl.ops.devices import float64_device, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("AUTO").type in ("cpu", "cuda", "mps")

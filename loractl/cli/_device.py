@@ -11,7 +11,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def device_option(func: F) -> F:
-    """--device auto|cpu|cuda|mps (validated by `loractl.devices.resolve_device`, which needs torch)."""
+    """--device auto|cpu|cuda|mps (validated by `loractl.ops.devices.resolve_device`, which needs torch)."""
     return click.option(
         "--device",
         default="cpu",

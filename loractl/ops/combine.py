@@ -62,7 +62,7 @@ def combine(adapters: list[Adapter], options: CombineOptions, *, device: str = "
     `device` (cpu, cuda, mps, auto) runs the truncations there: the float64 factor algebra of svd
     (the CPU for mps) and the float32 SVD of the trimmed dense ΔW of ties/dare.
     """
-    from ..devices import resolve_device
+    from .devices import resolve_device
 
     where = resolve_device(device)
     weights = _check(adapters, options)
@@ -124,7 +124,7 @@ def _svd_cut(
     device: torch.device,
 ) -> LowRankFit:
     """The merged ΔW truncated by `rule`: factored for svd, dense for the trimming methods."""
-    from ..devices import float64_device
+    from .devices import float64_device
 
     if options.method == "svd":
         b, a = _stacked(present)

@@ -142,7 +142,7 @@ def extract_adapter(
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
     """
-    from ..devices import resolve_device
+    from .devices import resolve_device
 
     config.check()
     where = resolve_device(device)

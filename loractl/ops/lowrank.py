@@ -107,7 +107,7 @@ def factored_core(
 def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor], device: torch.device | None = None) -> SVD:
     """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in).
 
-    Computed on `device` (float64: see `devices.float64_device`), returned on the CPU.
+    Computed on `device` (float64: see `ops.devices.float64_device`), returned on the CPU.
     """
     qb_t, core, qa_t = factored_core(Bs, As, device)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)

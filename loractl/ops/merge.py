@@ -186,7 +186,7 @@ def execute_merge(
     device: str = "cpu",
 ) -> MergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
-    from ..devices import resolve_device
+    from .devices import resolve_device
 
     plan.check()
     output = Path(output)

@@ -26,7 +26,7 @@ def resize(adapter: Adapter, rule: RankRule, *, device: str = "cpu") -> AlgebraR
 
     `device` (cpu, cuda, mps, auto) runs the float64 factor algebra there (the CPU for mps).
     """
-    from ..devices import float64_device, resolve_device
+    from .devices import float64_device, resolve_device
 
     rule.check()
     adapter.check()
