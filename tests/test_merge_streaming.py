@@ -245,3 +245,26 @@ def test_peak_memory_stays_under_the_cap_whatever_the_tensor_size(tmp_path: Path
             torch.zeros(8, cols) if m is not None else (module.scale * (module.B @ module.A)).bfloat16().float()
         )
         assert int((small != want_small).sum()) <= 8 * cols // 1000
+
+
+def test_the_write_queue_keeps_order_raises_the_first_error_and_still_closes(tmp_path: Path) -> None:
+    from loractl.io.write_queue import WriteQueue
+
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    closed: list[int] = []
+    with WriteQueue(block_bytes=8, pool=2) as q:
+        for i in range(6):  # more blocks than buffers: each waits for a written one to come back
+            buf = q.buffer(8)
+            buf.fill_(i)
+            q.write(fd, buf[:8], buf)
+        q.drain()
+        assert path.read_bytes() == bytes(i for i in range(6) for _ in range(8))
+        q.write(-1, torch.zeros(4, dtype=torch.uint8))  # a bad descriptor: the thread's error
+        q.call(lambda: closed.append(1))  # skipped after the error
+        q.call(lambda: (os.close(fd), closed.append(2)), always=True)  # a close always runs
+        with pytest.raises(OSError):
+            q.drain()
+        with pytest.raises(OSError):
+            q.buffer(8)
+    assert closed == [2]

@@ -103,10 +103,14 @@ class StreamWriter:
         self._next += 1
 
     def abort(self) -> None:
-        """Close after a failure; the caller's atomic output discards the file."""
+        """Close after a failure (after the queued writes to it); the caller's atomic output discards the file."""
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            fd = self._fd
+            if self._queue is None:
+                os.close(fd)
+            else:
+                self._queue.call(lambda: os.close(fd), always=True)
 
     def close(self) -> None:
         """Finish the file, fsynced (on the queue's thread, while the next file is computed);
@@ -127,7 +131,7 @@ class StreamWriter:
         if self._queue is None:
             finish()
         else:
-            self._queue.call(finish)
+            self._queue.call(finish, always=True)
 
     def _put_block(self, block: torch.Tensor, dtype: str, owner: torch.Tensor | None) -> None:
         from .tensor_bytes import tensor_to_bytes

@@ -38,7 +38,7 @@ class WriteQueue:
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(pool):
             self._free.put(torch.empty(block_bytes, dtype=torch.uint8))
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Callable[[], Any], bool] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loractl-writer", daemon=True)
@@ -73,22 +73,24 @@ class WriteQueue:
             if owner is not None and owner.numel() == self.block_bytes:
                 self._free.put(owner)
 
-        self._jobs.put(job)
+        self._jobs.put((job, False))
 
     def copy(self, fd: int, src: str | os.PathLike[str], offset: int, nbytes: int) -> None:
         """Queue a kernel-side copy of `nbytes` of `src` from `offset` to `fd`'s current position."""
         self._raise()
-        self._jobs.put(lambda: copy_range(src, offset, nbytes, fd))
+        self._jobs.put((lambda: copy_range(src, offset, nbytes, fd), False))
 
-    def call(self, fn: Callable[[], Any]) -> None:
-        """Queue any call (an fsync, a close) to run after everything queued before it."""
-        self._raise()
-        self._jobs.put(fn)
+    def call(self, fn: Callable[[], Any], *, always: bool = False) -> None:
+        """Queue any call (an fsync) to run after everything queued before it; `always` runs it even
+        after an error (a close: a descriptor is never closed while writes to it are pending)."""
+        if not always:
+            self._raise()
+        self._jobs.put((fn, always))
 
     def drain(self) -> None:
         """Wait until every queued job is done; re-raise the thread's first error."""
         self._idle.clear()
-        self._jobs.put(self._idle.set)
+        self._jobs.put((self._idle.set, True))
         while not self._idle.wait(0.1):
             self._raise()
         self._raise()
@@ -98,12 +100,13 @@ class WriteQueue:
             raise self._error
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._error is None:  # after an error, `drain` and every call raise it
+        while (item := self._jobs.get()) is not None:
+            job, always = item
+            if self._error is None or always:  # after an error, `drain` and every call raise it
                 try:
                     job()
                 except BaseException as e:  # re-raised on the main thread
-                    self._error = e
+                    self._error = self._error or e
 
 
 def copy_range(src: str | os.PathLike[str], offset: int, nbytes: int, fd: int) -> None:
