@@ -148,7 +148,7 @@ def _show_report(report: MergeReport) -> None:
     if report.rounding is not None:
         r = report.rounding
         stdout.print(
-            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median module), "
+            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median), "
             f"{r['worst']:.2%} at worst",
             highlight=False,
         )
