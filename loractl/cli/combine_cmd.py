@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
+from ._device import device_option
 from ._input_options import Inputs, input_options
 
 
@@ -31,6 +32,7 @@ from ._input_options import Inputs, input_options
     help="ties/dare_ties: elect the sign by summed values or by counts.",
 )
 @click.option("--allow-base-mismatch", is_flag=True, help="Accept different base model names (same base).")
+@device_option
 @output_options
 @input_options()
 def command(
@@ -44,6 +46,7 @@ def command(
     seed: int,
     majority_sign: str,
     allow_base_mismatch: bool,
+    device: str,
     output: str,
     to_format: str | None,
     force: bool,
@@ -76,4 +79,4 @@ def command(
         allow_base_mismatch=allow_base_mismatch,
     )
     sources = load_inputs(list(adapters), output, force, inputs)
-    save_and_report(combine(sources, options), output, to_format, force, as_json)
+    save_and_report(combine(sources, options, device=device), output, to_format, force, as_json)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..patterns import natural_key
+from ._device import device_option
 from ._output import emit_json, progress, stdout, warn
 from ._text import name_table
 
@@ -40,11 +41,12 @@ if TYPE_CHECKING:
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw ΔW's singular-value spectra to this PNG."
 )
+@device_option
 def command(
     base: str, finetuned: str, output: str, rank: int | None, energy: float | None, budget: str | None,
     max_rank: int | None,
     targets: tuple[str, ...], save_full: tuple[str, ...], alpha: float | None, dtype: str, format: str,
-    force: bool, dry_run: bool, as_json: bool, plot: str | None,
+    force: bool, dry_run: bool, as_json: bool, plot: str | None, device: str,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from BASE and FINETUNED checkpoints by truncated SVD of W_ft − W0.
 
@@ -78,7 +80,7 @@ def command(
         check_plot(plot, [base, finetuned, output])
     report = (extract_sd.extract_sd if sd else ops.extract)(base, finetuned, output, config, format=format, force=force,
                          track=lambda items, n: progress(items, n, "extracting"),
-                         observe=spectra.observe if spectra else None)  # fmt: skip
+                         observe=spectra.observe if spectra else None, device=device)  # fmt: skip
     if plot and spectra:
         plot_spectra(spectra, report, plot, inputs=[base, finetuned, output])
     for message in report.warnings:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..patterns import natural_key
+from ._device import device_option
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout, warn
 from ._text import adapter_labels, human_size, name_table
@@ -35,6 +36,7 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 )
 @click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
+@device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option(
@@ -49,6 +51,7 @@ def command(
     weights: tuple[float, ...],
     dtype: str | None,
     max_shard_size: str | None,
+    device: str,
     dry_run: bool,
     force: bool,
     allow_base_mismatch: bool,
@@ -62,6 +65,7 @@ def command(
       loractl merge fixtures/tiny-llama fixtures/adapters/tiny-qv -o merged
       loractl merge base a b --weight 1 --weight -0.5 -o merged --dtype bfloat16
       loractl merge base a --dry-run --json
+      loractl merge base a -o merged --device auto
       loractl merge model.Q8_0.gguf adapter -o merged.Q8_0.gguf
       loractl merge sd_xl_base_1.0.safetensors kohya_lora.safetensors -o merged.safetensors
 
@@ -98,9 +102,13 @@ def command(
     from ..ops.merge import execute_merge  # torch: only now that tensors are touched
 
     with _progress() as progress:
-        report = execute_merge(plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress)
+        report = execute_merge(
+            plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
+        )
     for note in report.base_notes:
         warn(note)
+    for w in report.warnings:
+        warn(w)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -146,13 +154,13 @@ def _show_report(report: MergeReport) -> None:
                 m.module,
                 m.role,
                 f"{m.weight:g}",
-                f"{m.scale:g}",
                 str(m.rank),
-                "n/a" if m.relative_delta is None else f"{m.relative_delta:.3e}",
+                "n/a" if m.relative_delta is None else f"{m.relative_delta:.2e}",
+                "n/a" if m.rounding_loss is None else f"{m.rounding_loss:.1%}",
             )
             for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
         ]
-        headers = ("adapter", "module", "role", "weight", "scale", "rank", "‖ΔW‖/‖W‖")
+        headers = ("adapter", "module", "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
         stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
     else:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
@@ -163,6 +171,13 @@ def _show_report(report: MergeReport) -> None:
                 highlight=False,
             )
     stdout.print(_summary(report.plan), highlight=False)
+    if report.rounding is not None:
+        r = report.rounding
+        stdout.print(
+            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median), "
+            f"{r['worst']:.2%} at worst",
+            highlight=False,
+        )
     stdout.print(
         f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
         highlight=False,

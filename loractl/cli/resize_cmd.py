@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._algebra import load_inputs, output_options, save_and_report
+from ._device import device_option
 from ._input_options import Inputs, input_options
 
 
@@ -21,6 +22,7 @@ from ._input_options import Inputs, input_options
     default=None,
     help="Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least.",
 )
+@device_option
 @output_options
 @input_options()
 def command(
@@ -32,6 +34,7 @@ def command(
     cumulative: float | None,
     max_rank: int | None,
     budget: str | None,
+    device: str,
     output: str,
     to_format: str | None,
     force: bool,
@@ -62,6 +65,6 @@ def command(
         rule.check()
     (source,) = load_inputs([adapter], output, force, inputs)
     if budget is None:
-        return save_and_report(resize(source, rule), output, to_format, force, as_json)
+        return save_and_report(resize(source, rule, device=device), output, to_format, force, as_json)
     params = parse_budget(budget, common_dtype(list(source.modules.values())).itemsize)
     save_and_report(resize_to_budget(source, params), output, to_format, force, as_json)

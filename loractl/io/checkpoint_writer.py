@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .safetensors_writer import StreamWriter, TensorSpec
+from .safetensors_writer import StreamWriter, TensorData, TensorSpec
 
 if TYPE_CHECKING:
-    import torch
+    from .write_queue import WriteQueue
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -47,15 +47,17 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
 def write_sharded(
     out_dir: Path,
     specs: list[TensorSpec],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], TensorData],
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    queue: WriteQueue | None = None,
 ) -> list[Path]:
     """Write `specs` into `out_dir`, calling `produce(name)` for each tensor just before it is written.
 
     One shard is named `model.safetensors`; several are `model-0000i-of-0000n.safetensors` plus
-    `model.safetensors.index.json`. `out_dir` should be an `atomic_output` temporary.
+    `model.safetensors.index.json`. `out_dir` should be an `atomic_output` temporary. With a
+    `queue`, writes and each shard's fsync run on its thread; all are done when this returns.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(specs, max_shard_bytes)
@@ -66,7 +68,7 @@ def write_sharded(
     )
     weight_map: dict[str, str] = {}
     for file_name, shard in zip(names, shards, strict=True):
-        writer = StreamWriter(out_dir / file_name, shard, metadata)
+        writer = StreamWriter(out_dir / file_name, shard, metadata, queue)
         try:
             for spec in writer.order:
                 writer.write(spec.name, produce(spec.name))
@@ -77,6 +79,8 @@ def write_sharded(
             writer.abort()
             raise
         writer.close()
+    if queue is not None:
+        queue.drain()
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},

@@ -56,8 +56,15 @@ class CombineOptions:
     allow_base_mismatch: bool = False
 
 
-def combine(adapters: list[Adapter], options: CombineOptions) -> AlgebraResult:
-    """Combine `adapters` module by module as `options.method` says (see the module docstring)."""
+def combine(adapters: list[Adapter], options: CombineOptions, *, device: str = "cpu") -> AlgebraResult:
+    """Combine `adapters` module by module as `options.method` says (see the module docstring).
+
+    `device` (cpu, cuda, mps, auto) runs the truncations there: the float64 factor algebra of svd
+    (the CPU for mps) and the float32 SVD of the trimmed dense ΔW of ties/dare.
+    """
+    from .devices import resolve_device
+
+    where = resolve_device(device)
     weights = _check(adapters, options)
     generator = torch.Generator().manual_seed(options.seed)
     modules: dict[str, LoraModule] = {}
@@ -65,7 +72,7 @@ def combine(adapters: list[Adapter], options: CombineOptions) -> AlgebraResult:
     for name in _module_order(adapters):
         present = [(w, a.modules[name]) for w, a in zip(weights, adapters, strict=True) if name in a.modules]
         _check_shapes(name, [m for _, m in present])
-        modules[name], rep = _combine_module(name, present, options, generator)
+        modules[name], rep = _combine_module(name, present, options, generator, where)
         report.append(rep)
     first = adapters[0]
     meta = replace(
@@ -82,7 +89,11 @@ def combine(adapters: list[Adapter], options: CombineOptions) -> AlgebraResult:
 
 
 def _combine_module(
-    name: str, present: list[tuple[float, LoraModule]], options: CombineOptions, generator: torch.Generator
+    name: str,
+    present: list[tuple[float, LoraModule]],
+    options: CombineOptions,
+    generator: torch.Generator,
+    device: torch.device,
 ) -> tuple[LoraModule, ModuleChange]:
     like = replace(present[0][1], scale_rule="alpha/r")
     dtype = common_dtype([m for _, m in present])
@@ -101,22 +112,28 @@ def _combine_module(
         )
         return rebuild(like, b, a, 1.0, dtype), ModuleChange(name, rank_in, int(a.shape[0]), gap)
     rule = options.rule or RankRule(rank=max(m.rank for _, m in present))
-    cut = _svd_cut(present, options, generator, rule)
+    cut = _svd_cut(present, options, generator, rule, device)
     return rebuild(like, cut.B, cut.A, 1.0, dtype), ModuleChange(name, rank_in, cut.rank, cut.rel_error)
 
 
 def _svd_cut(
-    present: list[tuple[float, LoraModule]], options: CombineOptions, generator: torch.Generator, rule: RankRule
+    present: list[tuple[float, LoraModule]],
+    options: CombineOptions,
+    generator: torch.Generator,
+    rule: RankRule,
+    device: torch.device,
 ) -> LowRankFit:
     """The merged ΔW truncated by `rule`: factored for svd, dense for the trimming methods."""
+    from .devices import float64_device
+
     if options.method == "svd":
         b, a = _stacked(present)
-        return truncate(factored_svd([b], [a]), rule)
+        return truncate(factored_svd([b], [a], float64_device(device)), rule)
     like = present[0][1]
     deltas = [m.delta_weight() for _, m in present]  # base layout, as PEFT's get_delta_weight
     weights = torch.tensor([w for w, _ in present], dtype=torch.float32)
     merged = _trim_and_merge(options.method, deltas, weights, options.density or 1.0, options.majority_sign, generator)
-    return truncate_dense(to_factor_layout(merged, like), rule)
+    return truncate_dense(to_factor_layout(merged, like), rule, device)
 
 
 def _trim_and_merge(

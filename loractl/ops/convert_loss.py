@@ -24,7 +24,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..formats.options import Feature
 from ..io.checkpoint import Checkpoint
-from .merge_kernel import add_deltas_into, delta_norm, module_delta
+from .merge_kernel import deltas_norm, merged_float32, module_delta
 
 LOSS_NAMES: dict[Feature, str] = {
     "dora": "DoRA magnitudes",
@@ -139,7 +139,7 @@ class _Effects:
         if self.ckpt is None:
             if m.magnitude is not None:
                 return None
-            return delta_norm(module_delta(m, 1.0)) ** 2 + (_bias_sq(m) if kept is None else 0.0), None
+            return deltas_norm([module_delta(m, 1.0)]) ** 2 + (_bias_sq(m) if kept is None else 0.0), None
         key = f"{name}.weight"
         if key not in self.ckpt:
             return None
@@ -167,9 +167,7 @@ class _Effects:
 
 def _merged(weight: torch.Tensor, m: LoraModule) -> torch.Tensor:
     """W' in float32: W + scale·B·A, or DoRA's m ⊙ (W + ΔW)/‖W + ΔW‖ (merge's own kernel)."""
-    out = torch.empty(weight.shape, dtype=torch.float32)
-    add_deltas_into(out, weight, [module_delta(m, 1.0)])
-    return out
+    return merged_float32(weight, [module_delta(m, 1.0)])[0]
 
 
 def _bias_sq(m: LoraModule) -> float:

@@ -11,6 +11,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,11 +100,13 @@ def extract(
     track: Track | None = None,
     observe: Observe | None = None,
     runner: Callable[..., Extraction] | None = None,
+    device: str = "cpu",
 ) -> ExtractReport:
     """Extract an adapter and write it to `output` atomically; nothing is written on any error.
 
     `runner` makes the adapter: `extract_adapter` by default (`extract_sd.extract_sd_adapter` for
-    single-file Stable Diffusion checkpoints).
+    single-file Stable Diffusion checkpoints). `device` (cpu, cuda, mps, auto) runs each truncated
+    SVD there; reading and the reported figures stay on the CPU.
     """
     from ..formats import FORMATS, save_adapter
 
@@ -112,7 +115,8 @@ def extract(
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    result = (runner or extract_adapter)(base, finetuned, config, track=track, observe=observe)
+    make = runner or partial(extract_adapter, device=device)
+    result = make(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError(
             "nothing to extract: no targeted weight differs between the checkpoints",
@@ -136,15 +140,19 @@ def extract_adapter(
     *,
     track: Track | None = None,
     observe: Observe | None = None,
+    device: str = "cpu",
 ) -> Extraction:
     """The adapter and its report, in memory (the factors are small; the checkpoints are streamed).
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
     """
+    from .devices import resolve_device
+
     config.check()
+    where = resolve_device(device)
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
-        run = _Run(b, f, config, observe)
+        run = _Run(b, f, config, observe, where)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
         for entry in (track or (lambda items, _: items))(plan.entries, len(plan.entries)):
@@ -165,8 +173,10 @@ def extract_adapter(
 class _Run:
     """The streaming pass: what has been extracted so far, and the fingerprints being hashed."""
 
-    def __init__(self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig, observe: Observe | None) -> None:
-        self.base, self.ft, self.config, self.observe = base, ft, config, observe
+    def __init__(
+        self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig, observe: Observe | None, device: torch.device
+    ) -> None:
+        self.base, self.ft, self.config, self.observe, self.device = base, ft, config, observe, device
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, torch.Tensor] = {}
         self.reports: list[ExtractedModule] = []
@@ -219,7 +229,7 @@ class _Run:
             t = linalg.truncated_svd(m, min(self.cap, *m.shape), total=delta_sq)
             self.pending[entry.module] = (t, entry, delta_sq, base_sq)
             return
-        self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq)
+        self.modules[entry.module], report = factor(m, entry, self.config, delta_sq, base_sq, self.device)
         self.reports.append(report)
 
     def spend(self, budget: int) -> Allocation:
@@ -245,16 +255,22 @@ class _Run:
 
 
 def factor(
-    m: torch.Tensor, entry: PlanEntry, config: ExtractConfig, delta_sq: float, base_sq: float
+    m: torch.Tensor,
+    entry: PlanEntry,
+    config: ExtractConfig,
+    delta_sq: float,
+    base_sq: float,
+    device: torch.device | None = None,
 ) -> tuple[LoraModule, ExtractedModule]:
     """Factor one ΔW matrix m (d, k) into a LoraModule laid out for `entry.kind`, and report the loss."""
+    m = m.to(device or "cpu")
     if config.rank is not None:
         t = linalg.truncated_svd(m, config.rank, total=delta_sq)
     else:
         t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
     b, a, alpha = _factors(t, config)
     residual = linalg.residual_sq(m, b.float(), a.float(), alpha / t.rank)
-    return build_module(t, (b, a, alpha), entry, residual, delta_sq, base_sq)
+    return build_module(t, (b.cpu(), a.cpu(), alpha), entry, residual, delta_sq, base_sq)
 
 
 def _factors(t: linalg.Truncation, config: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,13 +67,13 @@ def plan_sd_extract(base: Checkpoint, finetuned: Checkpoint, config: ExtractConf
 
 def extract_sd(
     base: str | Path, finetuned: str | Path, output: str | Path, config: ExtractConfig, *, format: str = "peft",
-    force: bool = False, track: Track | None = None, observe: Observe | None = None,
+    force: bool = False, track: Track | None = None, observe: Observe | None = None, device: str = "cpu",
 ) -> ExtractReport:  # fmt: skip
     """`extract.extract` for two single-file SD checkpoints: the adapter written to `output` atomically."""
     from .extract import extract
 
     return extract(base, finetuned, output, config, format=format, force=force, track=track, observe=observe,
-                   runner=extract_sd_adapter)  # fmt: skip
+                   runner=partial(extract_sd_adapter, device=device))  # fmt: skip
 
 
 def dry_run_sd(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
@@ -84,9 +85,10 @@ def dry_run_sd(base: str | Path, finetuned: str | Path, config: ExtractConfig) -
 
 def extract_sd_adapter(
     base: str | Path, finetuned: str | Path, config: ExtractConfig, *, track: Track | None = None,
-    observe: Observe | None = None,
+    observe: Observe | None = None, device: str = "cpu",
 ) -> Extraction:  # fmt: skip
-    """The adapter and its report; one stored tensor pair in memory at a time."""
+    """The adapter and its report; one stored tensor pair in memory at a time (each SVD on `device`)."""
+    from .devices import resolve_device
     from .extract import Extraction
 
     config.check()
@@ -97,7 +99,7 @@ def extract_sd_adapter(
         shapes = {n: b.info(n).shape for n in b.names}
         sources = sd_single_file.diffusers_names(shapes)
         entries: Iterable[PlanEntry] = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
-        modules, reports, notes = _factor_all(b, f, entries, sources, config, observe)
+        modules, reports, notes = _factor_all(b, f, entries, sources, config, observe, resolve_device(device))
         notes += _unextracted(b, f, {sources[e.name].key for e in plan.entries})
     report = ExtractReport(tuple(reports), tuple(notes))
     params = {**config.params(), "base": str(base), "finetuned": str(finetuned)}
@@ -107,7 +109,7 @@ def extract_sd_adapter(
 
 def _factor_all(
     b: Checkpoint, f: Checkpoint, entries: Iterable[PlanEntry], sources: dict[str, sd_single_file._Src],
-    config: ExtractConfig, observe: Observe | None,
+    config: ExtractConfig, observe: Observe | None, device: torch.device,
 ) -> tuple[dict[str, LoraModule], list[ExtractedModule], list[TensorNote]]:  # fmt: skip
     from .extract import factor
 
@@ -124,7 +126,7 @@ def _factor_all(
         m = delta.reshape(entry.matrix_shape)
         if observe is not None:
             observe(entry.module, m)
-        module, report = factor(m, entry, config, delta_sq, linalg.frobenius_sq(w0.float()))
+        module, report = factor(m, entry, config, delta_sq, linalg.frobenius_sq(w0.float()), device)
         modules[entry.module] = module
         reports.append(replace(report, shape=entry.shape))
     return modules, reports, notes

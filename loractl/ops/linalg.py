@@ -58,7 +58,7 @@ class Truncation:
 
     def energy(self) -> float:
         """Σ S² in float64: the part of ‖M‖²_F this truncation keeps."""
-        return float(self.S.double().square().sum())
+        return float(self.S.cpu().double().square().sum())
 
 
 def frobenius_sq(m: torch.Tensor) -> float:
@@ -82,7 +82,7 @@ def _rows_sq(block: torch.Tensor) -> float:
 
     50× faster than upcasting the block to float64, and as accurate for the figures reported.
     """
-    return float(torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).double().square().sum())
+    return float(torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).cpu().double().square().sum())
 
 
 def oversample_for(rank: int) -> int:
@@ -135,7 +135,7 @@ def _randomized(m: torch.Tensor, rank: int, oversample: int, power_iters: int, s
     """
     width = min(rank + oversample, min(m.shape))
     g = torch.Generator().manual_seed(seed)
-    q = _orth(m @ torch.randn(m.shape[1], width, generator=g, dtype=m.dtype))
+    q = _orth(m @ torch.randn(m.shape[1], width, generator=g, dtype=m.dtype).to(m.device))  # same sketch anywhere
     z = m.T @ q  # (k, width) = (Qᵀ M)ᵀ
     kept, converged, done = _kept(z, rank), True, 0
     while done < power_iters or (not converged and done < MAX_POWER_ITERS):
@@ -151,7 +151,7 @@ def _randomized(m: torch.Tensor, rank: int, oversample: int, power_iters: int, s
 
 def _kept(z: torch.Tensor, rank: int) -> float:
     """Σ of the top `rank` σ² of z (k, width), from its width × width Gram matrix in float64."""
-    zd = z.double()
+    zd = z.cpu().double()
     return float(torch.linalg.eigvalsh(zd.T @ zd)[-rank:].clamp(min=0).sum())
 
 
@@ -176,7 +176,7 @@ def svd_by_energy(
         if use_exact((m.shape[0], m.shape[1]), guess):
             guess = cap  # the exact SVD yields the whole spectrum at once
         t = truncated_svd(m, guess, total=total)
-        kept = torch.cumsum(t.S.double().square(), 0)
+        kept = torch.cumsum(t.S.cpu().double().square(), 0)
         if kept[-1] >= target or guess == cap:
             reached = int(torch.searchsorted(kept, torch.tensor([target], dtype=torch.float64))[0])
             return t.head(min(reached + 1, guess))

@@ -24,6 +24,8 @@ from ..adapter import LoraModule
 from ..errors import UsageError
 from . import linalg
 
+CHOLESKY_MIN_RATIO = 1e-6  # smallest/largest Cholesky pivot: about 1/cond(X); below it, Householder QR
+
 
 class SVD(NamedTuple):
     """A thin SVD in float64: U (out, k), S (k,) descending, Vh (k, in)."""
@@ -87,24 +89,54 @@ class LowRankFit:
         return int(self.A.shape[0])
 
 
-def factored_core(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q_b (out, m), core (m, n), Q_a (in, n)) with Σ Bᵢ Aᵢ = Q_b · core · Q_aᵀ, all float64.
+def factored_core(
+    Bs: list[torch.Tensor], As: list[torch.Tensor], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q_bᵀ (m, out), core (m, n), Q_aᵀ (n, in)) with Σ Bᵢ Aᵢ = Q_b · core · Q_aᵀ, all float64, on `device`.
 
     ‖Σ Bᵢ Aᵢ‖_F = ‖core‖_F without the cancellation a Gram-matrix expansion suffers when the
     terms nearly cancel (a difference of two close versions).
     """
-    b = torch.cat([x.double() for x in Bs], dim=1)
-    a = torch.cat([x.double() for x in As], dim=0)
-    qb, rb = torch.linalg.qr(b)  # (out, m), (m, R), m = min(out, R)
-    qa, ra = torch.linalg.qr(a.T)  # (in, n), (n, R)
-    return qb, rb @ ra.T, qa
+    b = torch.cat([x.double() for x in Bs], dim=1).to(device or "cpu")
+    a = torch.cat([x.double() for x in As], dim=0).to(device or "cpu")
+    qb_t, rb = tall_qr_t(b)  # Qᵀ (m, out), R (m, R), m = min(out, R)
+    qa_t, ra = tall_qr_t(a.T)  # (n, in), (n, R)
+    return qb_t, rb @ ra.T, qa_t
 
 
-def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> SVD:
-    """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in)."""
-    qb, core, qa = factored_core(Bs, As)
+def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor], device: torch.device | None = None) -> SVD:
+    """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in).
+
+    Computed on `device` (float64: see `ops.devices.float64_device`), returned on the CPU.
+    """
+    qb_t, core, qa_t = factored_core(Bs, As, device)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return SVD(qb @ u, s, vh @ qa.T)
+    return SVD((u.T @ qb_t).T.cpu(), s.cpu(), (vh @ qa_t).cpu())
+
+
+def tall_qr_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qᵀ and R of the reduced QR of a tall float64 factor x (n, R): CholeskyQR2, else Householder.
+
+    Two passes of Qᵀ ← L⁻¹·Xᵀ, with L the Cholesky factor of XᵀX, cost two Gram products and two
+    (R, R)·(R, n) products, several times faster than Householder QR on a 4096 × 64 factor; Q is
+    orthonormal to float64 rounding while cond(X) stays below ~1e7 (Yamamoto et al. 2015). Wide,
+    rank-deficient or worse-conditioned factors (a zero B, a failed Cholesky) take Householder.
+    Qᵀ, not Q, kept contiguous: with MKL, (n, R)·(R, R) float64 products ran 4–10× slower than (R, R)·(R, n).
+    """
+    if x.shape[0] >= x.shape[1] > 0:
+        q_t, r = x.T.contiguous(), torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        for _ in range(2):
+            chol, info = torch.linalg.cholesky_ex(q_t @ q_t.T)
+            d = chol.diagonal()
+            if int(info) or not float(d.min()) > CHOLESKY_MIN_RATIO * float(d.max()):
+                break
+            eye = torch.eye(len(d), dtype=x.dtype, device=x.device)
+            q_t = torch.linalg.solve_triangular(chol, eye, upper=False) @ q_t
+            r = chol.T @ r
+        else:
+            return q_t, r
+    qr = torch.linalg.qr(x)
+    return qr.Q.T, qr.R
 
 
 def choose_rank(s: torch.Tensor, rule: RankRule) -> int:
@@ -135,11 +167,11 @@ def truncate(svd: SVD, rule: RankRule) -> LowRankFit:
     return LowRankFit(B=svd.U[:, :k] * root, A=root[:, None] * svd.Vh[:k], rel_error=error)
 
 
-def truncate_dense(delta: torch.Tensor, rule: RankRule) -> LowRankFit:
+def truncate_dense(delta: torch.Tensor, rule: RankRule, device: torch.device | None = None) -> LowRankFit:
     """Truncate a dense (out, in) matrix (TIES/DARE results): randomized for a fixed rank or energy
     (`linalg`, within 0.1% of the optimal error), the exact spectrum for ratio and cumulative rules.
     The error is measured against `delta` itself, in float64."""
-    m = delta.float()
+    m = delta.float().to(device or "cpu")
     total = linalg.frobenius_sq(m)
     if rule.rank is not None:
         t = linalg.truncated_svd(m, min(rule.rank, *m.shape))
@@ -150,7 +182,7 @@ def truncate_dense(delta: torch.Tensor, rule: RankRule) -> LowRankFit:
         t = full.head(choose_rank(full.S, rule))
     b, a = linalg.balanced_factors(t)
     error = linalg.relative(linalg.residual_sq(m, b, a), total)
-    return LowRankFit(B=b.double(), A=a.double(), rel_error=error)
+    return LowRankFit(B=b.cpu().double(), A=a.cpu().double(), rel_error=error)
 
 
 def _first_reaching(cumulative: torch.Tensor, fraction: float) -> int:

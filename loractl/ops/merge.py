@@ -1,16 +1,19 @@
 """Merge adapters into a base checkpoint, one tensor at a time (`loractl merge`).
 
-plan from headers (`merge_plan`) → load the adapters (small) → stream the base tensor by tensor
-into a sharded output under a temporary name → check every written tensor → rename. Peak memory
-is one base tensor, a float32 block buffer (`merge_kernel`) and the adapters, whatever the model.
-The base fingerprint is hashed on a second thread while the main one merges.
+plan from headers (`merge_plan`) → load the adapters (small) → stream the base into a sharded
+output under a temporary name → check every written tensor → fsync → rename. Merged tensors go
+through in row blocks (`merge_kernel`), computed while a writer thread (`WriteQueue`) writes the
+previous ones; tensors written unchanged are copied file to file in the kernel (`copy_file_range`).
+Peak memory is a few blocks and the adapters, whatever the model or the size of one tensor. The
+base fingerprint, and the finite check of the copied tensors, run on a third thread.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -23,23 +26,30 @@ from ..io.atomic import atomic_output, ensure_distinct
 from ..io.checkpoint import Checkpoint, same_base
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
-from ..io.safetensors_writer import TensorSpec
-from .merge_io import Buffer, ReusingReader
-from .merge_kernel import kernel_threads
+from ..io.safetensors_writer import TensorData, TensorSpec
+from .merge_io import ReusingReader, matrix_shape
+from .merge_kernel import BLOCK_ELEMENTS, BlockStats, kernel_threads
 from .merge_plan import AdapterPlan, MergePlan, TensorPlan, Update, plan_merge
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter
+    from ..io.write_queue import WriteQueue
     from .merge_kernel import Delta
 
 RECORD_NAME = "loractl_merge.json"
+ROUNDING_WARN = 0.1  # warn when rounding into the output dtype removes more than this share of a ΔW
 
 
 @dataclass(frozen=True)
 class MergedModule:
-    """One adapter module as merged; `relative_delta` is ‖w·scale·B·A‖_F / ‖W‖_F (None when ‖W‖ = 0)."""
+    """One adapter module as merged.
+
+    `relative_delta` is ‖w·scale·B·A‖_F / ‖W‖_F (None when ‖W‖ = 0); `rounding_loss` is
+    ‖round(W') − W'‖_F / ‖ΔW‖_F, the share of the tensor's update that rounding into the output
+    dtype removes (W' = W + ΔW in float32; 0 for float32 outputs; None when ΔW = 0).
+    """
 
     adapter: int
     module: str
@@ -49,6 +59,7 @@ class MergedModule:
     scale: float
     rank: int
     relative_delta: float | None
+    rounding_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,27 @@ class MergeReport:
     tensors_checked: int
     base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, or a mismatch allowed
 
+    @property
+    def rounding(self) -> dict[str, float] | None:
+        """Median and worst rounding loss over the merged modules (None when there is none)."""
+        losses = sorted(m.rounding_loss for m in self.modules if m.rounding_loss is not None)
+        if not losses:
+            return None
+        return {"median": _round(losses[len(losses) // 2]) or 0.0, "worst": _round(losses[-1]) or 0.0}
+
+    @property
+    def warnings(self) -> list[str]:
+        """The rounding warning, with the way out, when the worst loss passes `ROUNDING_WARN`."""
+        r = self.rounding
+        if r is None or r["worst"] <= ROUNDING_WARN:
+            return []
+        bad = sum(1 for m in self.modules if (m.rounding_loss or 0.0) > ROUNDING_WARN)
+        dtype = (self.plan.dtype or "the base's dtype").lower()
+        return [
+            f"rounding into {dtype} removes more than {ROUNDING_WARN:.0%} of ΔW in {bad} module(s) "
+            f"(worst {r['worst']:.1%}); merge with --dtype float32 to keep the whole update"
+        ]
+
     def record(self) -> dict[str, Any]:
         """The provenance written to OUT/loractl_merge.json: no paths, no times, so the bytes are deterministic."""
         adapters = [
@@ -88,7 +120,13 @@ class MergeReport:
             for a, h, fp in zip(self.plan.adapters, self.adapter_hashes, self.fingerprints, strict=True)
         ]
         modules = [
-            {"adapter": m.adapter, "module": m.module, "relative_delta": _round(m.relative_delta)} for m in self.modules
+            {
+                "adapter": m.adapter,
+                "module": m.module,
+                "relative_delta": _round(m.relative_delta),
+                "rounding_loss": _round(m.rounding_loss),
+            }
+            for m in self.modules
         ]
         return {
             "op": "merge",
@@ -97,6 +135,7 @@ class MergeReport:
             "dtype": self.plan.dtype,
             "untied": self.plan.untied,
             "config_updates": self.plan.config_updates,
+            "rounding_loss": self.rounding,
             "modules": modules,
         }
 
@@ -111,6 +150,8 @@ class MergeReport:
             "fingerprints": list(self.fingerprints),
             "base_notes": list(self.base_notes),
             "adapter_hashes": list(self.adapter_hashes),
+            "rounding_loss": self.rounding,
+            "warnings": self.warnings,
             "modules": [asdict(m) for m in self.modules],
         }
 
@@ -126,8 +167,11 @@ def merge(
     force: bool = False,
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
+    device: str = "cpu",
 ) -> MergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output` (a directory), streaming; see `plan_merge` for the arguments.
+
+    `device` (cpu, cuda, mps, auto) runs the row blocks' arithmetic there; the bytes are the CPU's.
 
     Raises `MergePlanError` listing every mismatch before anything is written; `NumericError` when a
     written tensor would hold NaN/Inf, `IntegrityError` when an adapter records another base's
@@ -135,7 +179,9 @@ def merge(
     merges anyway and says so in the report): in every failure nothing is left at `output`.
     """
     plan = plan_merge(base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size)
-    return execute_merge(plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress)
+    return execute_merge(
+        plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
+    )
 
 
 def execute_merge(
@@ -145,14 +191,18 @@ def execute_merge(
     force: bool = False,
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
+    device: str = "cpu",
 ) -> MergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
+    from .devices import resolve_device
+
     plan.check()
     output = Path(output)
     ensure_distinct(output, [plan.base, *(a.path for a in plan.adapters)])
+    where = resolve_device(device)
     try:
         with atomic_output(output, force=force) as tmp:
-            return _run(plan, tmp, output, progress, allow_base_mismatch)
+            return _run(plan, tmp, output, progress, allow_base_mismatch, where)
     except OSError as e:
         raise LoractlError(
             f"I/O error: {e.strerror or e}",
@@ -162,10 +212,16 @@ def execute_merge(
 
 
 def _run(
-    plan: MergePlan, tmp: Path, output: Path, progress: Callable[[MergeProgress], None] | None, allow_mismatch: bool
+    plan: MergePlan,
+    tmp: Path,
+    output: Path,
+    progress: Callable[[MergeProgress], None] | None,
+    allow_mismatch: bool,
+    device: torch.device,
 ) -> MergeReport:
     from ..formats import load_adapter
     from ..formats.options import ReadOptions
+    from ..io.write_queue import WriteQueue
 
     tmp.mkdir()
     options = plan.read_options or ReadOptions(base=plan.base)
@@ -175,13 +231,19 @@ def _run(
         Checkpoint(plan.base) as ckpt,
         ReusingReader(ckpt) as reader,
         ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool,
+        WriteQueue(BLOCK_ELEMENTS * 8) as queue,
     ):
         prints = pool.submit(_fingerprints, plan)
+        # before a byte is written: each adapter's recorded base against this base
         notes = _check_fingerprints(plan, prints, allow_mismatch) if any(_recorded(a) for a in plan.adapters) else ()
-        stream = _Stream(plan, reader, adapters, progress)
+        stream = _Stream(plan, reader, adapters, progress, queue, device)
+        copied = pool.submit(_check_copies, plan, stream.copies)
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
-        shards = write_sharded(tmp, specs, stream.produce, plan.max_shard_bytes, {"format": "pt"}, stream.written)
+        shards = write_sharded(
+            tmp, specs, stream.produce, plan.max_shard_bytes, {"format": "pt"}, stream.written, queue
+        )
         fingerprints = prints.result()
+        copied.result()
     report = MergeReport(
         output=output,
         plan=plan,
@@ -205,25 +267,21 @@ class _Stream:
         reader: ReusingReader,
         adapters: list[Adapter],
         progress: Callable[[MergeProgress], None] | None,
+        queue: WriteQueue,
+        device: torch.device,
     ) -> None:
         self.plan, self.reader, self.adapters, self.progress = plan, reader, adapters, progress
-        self.scratch = Buffer()  # merged tensors are computed here; the writer takes each before the next
+        self.queue, self.device = queue, device
         self.by_name = {t.name: t for t in plan.tensors}
+        self.copies = [t for t in plan.tensors if _unchanged(t, reader)]  # copied as bytes, checked aside
         self.modules: list[MergedModule] = []
         self.tensors_done = self.bytes_done = 0
 
-    def produce(self, name: str) -> torch.Tensor:
-        from .merge_kernel import all_finite
-
+    def produce(self, name: str) -> TensorData:
         t = self.by_name[name]
-        tensor = self._compute(t)
-        if not all_finite(tensor):
-            what = f"base tensor {name!r}" if t.action == "copy" else f"merged tensor {name!r}"
-            raise NumericError(
-                f"{what} contains NaN or Inf; nothing was written",
-                hint="check the inputs with 'loractl inspect --stats ADAPTER' (or a wider --dtype if values overflow)",
-            )
-        return tensor
+        if t.source is not None and _unchanged(t, self.reader):
+            return self.reader.file_range(t.source)
+        return self._blocks(t)
 
     def written(self, name: str) -> None:
         self.tensors_done += 1
@@ -232,32 +290,72 @@ class _Stream:
             total = len(self.plan.tensors)
             self.progress(MergeProgress(name, self.tensors_done, total, self.bytes_done, self.plan.total_bytes))
 
-    def _compute(self, t: TensorPlan) -> torch.Tensor:
+    def _blocks(self, t: TensorPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         from ..io.tensor_bytes import torch_dtype
-        from .merge_kernel import add_deltas_into, bias_delta, module_delta
+        from .merge_kernel import bias_delta, merged_blocks, module_delta
 
-        dtype = torch_dtype(t.dtype)
         full = next((u for u in t.updates if u.role == "full"), None)
         assert t.source is not None or full is not None
-        start = self.adapters[full.adapter].full_tensors[full.module] if full else self.reader.read(str(t.source))
+        shape = matrix_shape(t.shape)
+        if full:
+            start = self.adapters[full.adapter].full_tensors[full.module].reshape(shape)
+            rows_of = lambda a, b: start[a:b]  # noqa: E731
+        else:
+            source = str(t.source)
+            rows_of = lambda a, b: self.reader.rows(source, a, b)  # noqa: E731
         lowrank = [u for u in t.updates if u.role != "full"]
-        if not lowrank:
-            return start.to(dtype)
         deltas = []
         for u in lowrank:
             module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
             deltas.append(bias_delta(module, weight) if u.role == "bias" else module_delta(module, weight))
-        out = self.scratch.view(t.dtype, t.shape)
-        norm = add_deltas_into(out, start, deltas)
-        self.modules += [self._report(t, u, d, norm) for u, d in zip(lowrank, deltas, strict=True) if u.role != "bias"]
-        return out
+        stats = BlockStats()
+        yield from merged_blocks(rows_of, shape, deltas, torch_dtype(t.dtype), self._buffer, stats, self.device)
+        if not stats.finite:
+            what = f"merged tensor {t.name!r}" if deltas else f"tensor {t.name!r}"
+            raise NumericError(
+                f"{what} contains NaN or Inf; nothing was written",
+                hint="check the inputs with 'loractl inspect --stats ADAPTER' (or a wider --dtype if values overflow)",
+            )
+        if deltas:
+            pairs = zip(lowrank, deltas, strict=True)
+            self.modules += [self._report(t, u, d, stats, deltas) for u, d in pairs if u.role != "bias"]
 
-    def _report(self, t: TensorPlan, u: Update, d: Delta, norm: float) -> MergedModule:
-        from .merge_kernel import delta_norm
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        buf = self.queue.buffer(nbytes)
+        return buf, buf
+
+    def _report(self, t: TensorPlan, u: Update, d: Delta, stats: BlockStats, deltas: list[Delta]) -> MergedModule:
+        from .merge_kernel import deltas_norm
 
         module, weight = self.adapters[u.adapter].modules[u.module], self.plan.adapters[u.adapter].weight
-        rel = delta_norm(d) / norm if norm > 0 else None
-        return MergedModule(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel)
+        norm = math.sqrt(stats.weight_sq)
+        rel = deltas_norm([d]) / norm if norm > 0 else None
+        dora = any(x.magnitude is not None for x in deltas)
+        change = math.sqrt(stats.change_sq) if dora else deltas_norm(deltas)
+        loss = math.sqrt(stats.rounding_sq) / change if change > 0 else None
+        return MergedModule(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel, loss)
+
+
+def _unchanged(t: TensorPlan, reader: ReusingReader) -> bool:
+    """Whether the output tensor is a base tensor's bytes as they are (no update, same dtype)."""
+    return t.source is not None and not t.updates and reader.ckpt.info(t.source).dtype == t.dtype
+
+
+def _check_copies(plan: MergePlan, copies: list[TensorPlan]) -> None:
+    """The NaN/Inf check of the tensors copied as bytes, from their own reader, beside the merge."""
+    from .merge_kernel import all_finite
+
+    with Checkpoint(plan.base) as ckpt, ReusingReader(ckpt) as reader:
+        for t in copies:
+            assert t.source is not None
+            rows, cols = matrix_shape(t.shape)
+            step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+            for start in range(0, rows, step):
+                if not all_finite(reader.rows(t.source, start, min(rows, start + step))):
+                    raise NumericError(
+                        f"base tensor {t.name!r} contains NaN or Inf; nothing was written",
+                        hint="the base itself is damaged: check it with 'loractl inspect --stats'",
+                    )
 
 
 def _recorded(a: AdapterPlan) -> str | None:

@@ -1,9 +1,10 @@
-"""Reused buffers for streaming a checkpoint: one read buffer, one output buffer, no fresh memory per tensor.
+"""Reading a checkpoint for a streaming merge: row blocks into a reused buffer, or a byte range.
 
 `Checkpoint.get` returns a fresh tensor each time, which is right for callers that keep it; a merge
-drops every tensor as soon as the writer has it, and allocating (and page-faulting) hundreds of MB
-per tensor cost more than reading them. Here each tensor is read straight into one buffer, and
-merged tensors are computed into another, both sized for the largest tensor and reused.
+drops every block as soon as the writer has it, and allocating (and page-faulting) fresh memory
+per tensor cost more than reading it. Here rows are read straight into one reused buffer of a few
+MB, so no buffer of a whole tensor exists; tensors written unchanged are not read at all but
+handed to the writer as a `FileRange`, which the kernel copies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..errors import FormatError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_header import DTYPE_SIZES
+from ..io.safetensors_writer import FileRange
 from ..io.tensor_bytes import torch_dtype
 
 MAX_READ = 1 << 30  # one read() call at most (Linux caps a single read near 2 GiB)
@@ -37,7 +39,7 @@ class Buffer:
 
 
 class ReusingReader:
-    """Reads one tensor at a time into a reused buffer; use as a context manager."""
+    """Reads row blocks of base tensors into one reused buffer; use as a context manager."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
@@ -51,15 +53,27 @@ class ReusingReader:
         for f in self._files.values():
             f.close()
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor's data in the reused buffer: valid until the next `read`."""
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the tensor viewed as (rows, -1), in the reused buffer: valid until the next call."""
         shard, info = self.ckpt.shard_of(name), self.ckpt.info(name)
-        tensor = self.buffer.view(info.dtype, info.shape)
-        if tensor.numel():
+        cols = matrix_shape(info.shape)[1]
+        block = self.buffer.view(info.dtype, (stop - start, cols))
+        if block.numel():
             f = self._files.get(shard) or self._files.setdefault(shard, shard.open("rb", buffering=0))
-            f.seek(self.ckpt.headers[shard].data_start + info.offsets[0])
-            _read_exactly(f, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), shard)  # type: ignore[arg-type]
-        return tensor
+            f.seek(self.ckpt.headers[shard].data_start + info.offsets[0] + start * cols * DTYPE_SIZES[info.dtype])
+            _read_exactly(f, memoryview(block.reshape(-1).view(torch.uint8).numpy()), shard)  # type: ignore[arg-type]
+        return block
+
+    def file_range(self, name: str) -> FileRange:
+        """Where the tensor's bytes lie, for a copy that never reads them into memory."""
+        shard, info = self.ckpt.shard_of(name), self.ckpt.info(name)
+        return FileRange(shard, self.ckpt.headers[shard].data_start + info.offsets[0], info.nbytes)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a tensor viewed as a matrix of its first dimension (a scalar is one row)."""
+    rows = shape[0] if shape else 1
+    return rows, (math.prod(shape) // rows if rows else 0)
 
 
 def _read_exactly(f: BinaryIO, buf: memoryview, path: Path) -> None:

@@ -9,12 +9,14 @@ weight in, so one loop serves linear, Conv1D (`fan_in_fan_out`), conv and embedd
 
 A float32 buffer of a few MB holds one block of rows: the weight never exists in float32 as a
 whole, and each block is converted, updated in place (`addmm_`) and cast back while it is in cache.
+The blocks can run on an accelerator (`device`); the bytes written are those of the CPU merge
+wherever float32 `addmm` rounds as the CPU's does (TF32 stays off: torch's default for matmul).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -78,33 +80,119 @@ def bias_delta(module: LoraModule, weight: float) -> Delta:
     return Delta(module.bias.float().reshape(-1, 1), torch.ones(1, 1), weight * module.scale)
 
 
-def add_deltas_into(out: torch.Tensor, weight: torch.Tensor, deltas: Sequence[Delta]) -> float:
-    """Write `weight` + every delta, in order, into `out` (which may be `weight` itself); return ‖weight‖_F.
+@dataclass
+class BlockStats:
+    """Figures a merge gathers from its float32 blocks while they are in cache (all float64 sums).
 
-    DoRA norms are taken of the starting weight plus that adapter's own ΔW, as PEFT's merge does.
-    A DoRA update normalising stored columns needs every row at once: then the block is the whole tensor.
-    ‖weight‖_F comes from the float32 blocks while they are in cache: float32 norms of single rows
-    (exact to float32 rounding; one float32 reduction over a whole weight is off by up to 1%,
-    PERF.md) summed in float64.
+    `weight_sq` is ‖W‖²_F, `rounding_sq` ‖round(W') − W'‖²_F (rounding into the output dtype),
+    `change_sq` ‖W' − W‖²_F measured (DoRA only: its change is not a low-rank product).
     """
-    rows = weight.shape[0] if weight.ndim else 1
-    src, dst = weight.reshape(rows, -1), out.view(rows, -1)
-    cols = src.shape[1]
+
+    weight_sq: float = 0.0
+    rounding_sq: float = 0.0
+    change_sq: float = 0.0
+    finite: bool = True
+
+
+Rows = Callable[[int, int], torch.Tensor]
+"""Rows start:stop of the starting weight viewed as (rows, cols), in any dtype, on the CPU."""
+OutBlock = Callable[[int], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""A writable CPU byte buffer of at least n bytes, and its owner for the write queue."""
+
+
+def merged_blocks(
+    rows_of: Rows,
+    shape: tuple[int, int],
+    deltas: Sequence[Delta],
+    out_dtype: torch.dtype,
+    out_block: OutBlock,
+    stats: BlockStats,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield W + every delta, in order, as blocks of rows in `out_dtype`, filling `stats` on the way.
+
+    Each block is converted to float32 (on `device`), updated in place (`addmm_`) and cast back while
+    it is in cache, so neither the weight in float32 nor any buffer of the tensor's size exists:
+    whatever the tensor, memory is a few blocks. DoRA norms are taken of the starting weight plus that
+    adapter's own ΔW, as PEFT's merge does; a DoRA update normalising stored columns needs every row
+    at once, so then the block is the whole tensor. ‖W‖_F, the rounding loss and the finite check come
+    from the blocks: float32 norms of single rows (exact to float32 rounding; one float32 reduction
+    over a whole weight is off by up to 1%, PERF.md) summed in float64.
+    """
+    rows, cols = shape
+    itemsize = torch.empty(0, dtype=out_dtype).element_size()
+    if not deltas:  # a plain cast (or --dtype copy): straight into the output, on the CPU
+        step = max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
+        for start in range(0, rows, step):
+            src = rows_of(start, min(start + step, rows))
+            raw, owner = out_block(src.numel() * itemsize)
+            out = raw[: src.numel() * itemsize].view(out_dtype).view(src.shape).copy_(src)
+            stats.finite = stats.finite and all_finite(out)
+            yield out, owner
+        return
+    device = device or torch.device("cpu")
     dora = [d for d in deltas if d.magnitude is not None]
     block = rows if any(d.per_column for d in dora) else max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
-    buf = torch.empty(block, cols, dtype=torch.float32)
+    on_device = [_to(d, device) for d in deltas]
+    buf = torch.empty(block, cols, dtype=torch.float32, device=device)
     start_buf = torch.empty_like(buf) if dora else None
-    squares = 0.0
+    rounds = itemsize < 4  # bf16/f16 outputs lose bits
+    back_buf = torch.empty_like(buf) if rounds and start_buf is None else buf
     for start in range(0, rows, block):
         stop = min(start + block, rows)
         cur = buf[: stop - start]
-        cur.copy_(src[start:stop])
-        squares += float(torch.linalg.vector_norm(cur, dim=1).double().square().sum())
+        cur.copy_(rows_of(start, stop))
+        stats.weight_sq += _rows_sq(cur)
         first = None if start_buf is None else start_buf[: stop - start].copy_(cur)
-        for d in deltas:
+        for d in on_device:
             _apply(cur, first, d, start, stop)
-        dst[start:stop].copy_(cur)
-    return math.sqrt(squares)
+        nbytes = cur.numel() * itemsize
+        raw, owner = out_block(nbytes)
+        out = raw[:nbytes].view(out_dtype).view(cur.shape)
+        rounded = out.copy_(cur) if device.type == "cpu" else cur.to(out_dtype)
+        if first is not None:
+            stats.change_sq += _rows_sq(first.sub_(cur).neg_())
+        if rounds:  # the norm of cur − round(cur) is finite exactly when both are: it is the finite check
+            back = (start_buf if start_buf is not None else back_buf)[: stop - start].copy_(rounded)
+            lost = _rows_sq(cur.sub_(back))  # float32 − float32: 3× faster than subtracting the bf16 block
+            stats.finite = stats.finite and math.isfinite(lost)
+            stats.rounding_sq += lost
+        else:
+            stats.finite = stats.finite and all_finite(rounded)
+        if device.type != "cpu":
+            out.copy_(rounded)
+        yield out, owner
+
+
+def merged_float32(weight: torch.Tensor, deltas: Sequence[Delta]) -> tuple[torch.Tensor, float]:
+    """W + every delta as one float32 tensor of `weight`'s shape, and ‖W‖_F: `merged_blocks` for
+    callers that hold the whole tensor anyway (convert's loss measure, GGUF and single-file SD merges)."""
+    rows = weight.shape[0] if weight.ndim else 1
+    src = weight.reshape(rows, -1)
+    out = torch.empty(src.shape, dtype=torch.float32)
+    raw, offset = out.view(-1).view(torch.uint8), 0
+
+    def into_out(nbytes: int) -> tuple[torch.Tensor, None]:
+        nonlocal offset
+        offset += nbytes
+        return raw[offset - nbytes : offset], None
+
+    stats = BlockStats()
+    for _ in merged_blocks(lambda a, b: src[a:b], (rows, src.shape[1]), deltas, torch.float32, into_out, stats):
+        pass
+    return out.view(weight.shape), math.sqrt(stats.weight_sq)
+
+
+def _rows_sq(block: torch.Tensor) -> float:
+    """Σ of squared row norms: float32 rows (exact to ~1e-7 each), summed in float64."""
+    return float(torch.linalg.vector_norm(block, dim=1).cpu().double().square().sum())
+
+
+def _to(d: Delta, device: torch.device) -> Delta:
+    if device.type == "cpu":
+        return d
+    m = None if d.magnitude is None else d.magnitude.to(device)
+    return Delta(d.left.to(device), d.right.to(device), d.factor, m, d.per_column)
 
 
 def _apply(cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, stop: int) -> None:
@@ -119,9 +207,13 @@ def _apply(cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, 
     cur.add_(delta).mul_(factor.view(1, -1) if d.per_column else factor.view(-1, 1))
 
 
-def delta_norm(d: Delta) -> float:
-    """‖factor · left @ right‖_F without forming the product (see `linalg.factored_frobenius`)."""
-    return abs(d.factor) * factored_frobenius(d.left, d.right)
+def deltas_norm(deltas: Sequence[Delta]) -> float:
+    """‖Σ factorᵢ · leftᵢ @ rightᵢ‖_F of low-rank updates: `linalg.factored_frobenius` of the stacked factors."""
+    if not deltas:
+        return 0.0
+    left = torch.cat([d.left.double() * d.factor for d in deltas], dim=1)
+    right = torch.cat([d.right.double() for d in deltas], dim=0)
+    return factored_frobenius(left, right)
 
 
 def all_finite(t: torch.Tensor) -> bool:

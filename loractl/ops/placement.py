@@ -173,15 +173,12 @@ class TensorMerge:
 
 
 def merge_tensor(start: torch.Tensor, deltas: Sequence[Delta]) -> TensorMerge:
-    """W + Σ deltas in float32 (`merge_kernel.add_deltas_into`), and the norms the report needs."""
-    import torch
+    """W + Σ deltas in float32 (`merge_kernel.merged_float32`), and the norms the report needs."""
+    from .merge_kernel import deltas_norm, merged_float32
 
-    from .merge_kernel import add_deltas_into, delta_norm
-
-    merged = torch.empty_like(start, dtype=torch.float32)
-    base_norm = add_deltas_into(merged, start, deltas)
+    merged, base_norm = merged_float32(start, deltas)
     total = float((merged.double() - start.double()).norm())
-    return TensorMerge(merged, base_norm, tuple(delta_norm(d) for d in deltas), total)
+    return TensorMerge(merged, base_norm, tuple(deltas_norm([d]) for d in deltas), total)
 
 
 def rounding_loss(merged: torch.Tensor, stored: torch.Tensor, delta_norm: float) -> float | None:

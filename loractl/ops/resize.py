@@ -9,6 +9,7 @@ chooses the ranks of all modules together for a parameter budget (`budget.alloca
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .. import lineage
 from ..adapter import Adapter, LoraModule
@@ -16,12 +17,21 @@ from .algebra_result import AlgebraResult, ModuleChange
 from .budget import Allocation, allocate
 from .lowrank import RankRule, factored_svd, matrices, rebuild, truncate
 
+if TYPE_CHECKING:
+    import torch
 
-def resize(adapter: Adapter, rule: RankRule) -> AlgebraResult:
-    """Truncate every module of `adapter` optimally (Eckart–Young) to the rank `rule` chooses."""
+
+def resize(adapter: Adapter, rule: RankRule, *, device: str = "cpu") -> AlgebraResult:
+    """Truncate every module of `adapter` optimally (Eckart–Young) to the rank `rule` chooses.
+
+    `device` (cpu, cuda, mps, auto) runs the float64 factor algebra there (the CPU for mps).
+    """
+    from .devices import float64_device, resolve_device
+
     rule.check()
     adapter.check()
-    return _resize_all(adapter, {name: rule for name in adapter.modules}, rule.params(), None)
+    where = float64_device(resolve_device(device))
+    return _resize_all(adapter, {name: rule for name in adapter.modules}, rule.params(), None, where)
 
 
 def resize_to_budget(adapter: Adapter, budget: int) -> AlgebraResult:
@@ -36,16 +46,20 @@ def resize_to_budget(adapter: Adapter, budget: int) -> AlgebraResult:
         costs[name] = int(b.shape[0] + a.shape[1])
     chosen = allocate(spectra, totals, costs, budget)
     rules = {name: RankRule(rank=k) for name, k in chosen.ranks.items()}
-    return _resize_all(adapter, rules, {"budget": budget}, chosen)
+    return _resize_all(adapter, rules, {"budget": budget}, chosen, None)
 
 
 def _resize_all(
-    adapter: Adapter, rules: dict[str, RankRule], params: dict[str, float | int], budget: Allocation | None
+    adapter: Adapter,
+    rules: dict[str, RankRule],
+    params: dict[str, float | int],
+    budget: Allocation | None,
+    device: torch.device | None,
 ) -> AlgebraResult:
     modules: dict[str, LoraModule] = {}
     report = []
     for name, m in adapter.modules.items():
-        modules[name], rep = _resize_module(name, m, rules[name])
+        modules[name], rep = _resize_module(name, m, rules[name], device)
         report.append(rep)
     warnings: tuple[str, ...] = ()
     if any(m.magnitude is not None for m in adapter.modules.values()):
@@ -55,9 +69,11 @@ def _resize_all(
     return replace(result, adapter=result.adapter.with_lineage(entry))
 
 
-def _resize_module(name: str, m: LoraModule, rule: RankRule) -> tuple[LoraModule, ModuleChange]:
+def _resize_module(
+    name: str, m: LoraModule, rule: RankRule, device: torch.device | None
+) -> tuple[LoraModule, ModuleChange]:
     b, a = matrices(m)
-    cut = truncate(factored_svd([b], [a]), rule)
+    cut = truncate(factored_svd([b], [a], device), rule)
     if cut.rank >= m.rank:
         return m, ModuleChange(name, m.rank, m.rank, 0.0)
     out = rebuild(m, cut.B, cut.A, m.scale, m.A.dtype)
