@@ -16,8 +16,15 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
 def peft_adapter(
-    model_dir: Path, out: Path, *, r: int = 4, alpha: float = 8.0, targets: tuple[str, ...] = LLAMA_TARGETS,
-    seed: int = 0, std: float = 0.02, **config: Any,
+    model_dir: Path,
+    out: Path,
+    *,
+    r: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = LLAMA_TARGETS,
+    seed: int = 0,
+    std: float = 0.02,
+    **config: Any,
 ) -> Any:
     """Save a PEFT LoRA with random A and B (std `std`) on `model_dir` to `out`; return the PeftModel."""  # fmt: skip
     from peft import LoraConfig, get_peft_model

@@ -29,19 +29,16 @@ def llama_cpp() -> Any:
 
 @pytest.fixture(scope="module")
 def cases(
-    llama_cpp: Any, smollm2: Path, tmp_path_factory: pytest.TempPathFactory
+    llama_cpp: Any, smollm2: Path, smollm2_lora: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[Path, Path, Any, Path]]:
-    """Per base: (base dir, PEFT adapter made by PEFT, its PeftModel, llama.cpp converter's GGUF of it).
-
-    The SmolLM2 adapter is on every linear layer and moves the logits by ~4%.
-    """
+    """Per base: (base dir, PEFT adapter made by PEFT, its PeftModel, llama.cpp converter's GGUF of it)."""
     from llama_cpp_tools import lora_ggufs
 
     tmp = tmp_path_factory.mktemp("llama-cpp")
     tiny = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
     out = {
         "tiny-llama": (tiny, tmp / "tiny", peft_adapter(tiny, tmp / "tiny", r=3, alpha=5.0, seed=2)),
-        "smollm2": (smollm2, tmp / "smol", peft_adapter(smollm2, tmp / "smol", r=4, alpha=8.0, std=0.02, seed=0)),
+        "smollm2": (smollm2, *smollm2_lora),
     }
     lora_ggufs(*((adapter, base, tmp / f"{name}.gguf") for name, (base, adapter, _) in out.items()))
     return {name: (*case, tmp / f"{name}.gguf") for name, case in out.items()}
