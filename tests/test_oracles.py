@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import oracles
+import pytest
 
 
 def test_missing_oracle_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
