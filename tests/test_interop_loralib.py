@@ -17,7 +17,7 @@ from oracles import oracle
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.formats import load_adapter, save_adapter
 from loractl.formats.options import WriteOptions
-from loractl.safetensors_writer import save_tensors
+from loractl.io.safetensors_writer import save_tensors
 
 pytestmark = pytest.mark.interop
 HIDDEN, VOCAB, ALPHA = 16, 50, 8
