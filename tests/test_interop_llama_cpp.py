@@ -121,3 +121,23 @@ def test_llama_cpp_converter_file_reads_back_to_peft_delta(model: str, cases: di
     assert set(back.modules) == set(expected)
     for name, delta in expected.items():
         assert rel(back.modules[name].delta_weight(torch.float64), delta) < 1e-6, name
+
+
+def test_llama_cpp_converter_shows_the_validate_target_rules(
+    llama_cpp: Any, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """`validate --target llamacpp` rules, shown by llama.cpp's converter: it refuses DoRA (dora-dropped) and
+    keeps one lora_alpha, so alpha_pattern/rsLoRA modules get another scale (per-module-alpha)."""
+    from llama_cpp_tools import lora_ggufs
+
+    from loractl.formats import load_adapter
+    from loractl.formats.options import ReadOptions
+
+    base, adapters = fixtures_dir / "tiny-llama", fixtures_dir / "adapters"
+    with pytest.raises(AssertionError, match="Not a lora_A or lora_B tensor"):
+        lora_ggufs((adapters / "tiny-dora", base, tmp_path / "dora.gguf"))
+    lora_ggufs((adapters / "tiny-patterns", base, tmp_path / "patterns.gguf"))
+    theirs = load_adapter(tmp_path / "patterns.gguf", options=ReadOptions(base=base))
+    ours = load_adapter(adapters / "tiny-patterns")
+    wrong = [n for n, m in ours.modules.items() if rel(theirs.modules[n].delta_weight(), m.delta_weight()) > 1e-3]
+    assert wrong  # every module whose scale is not lora_alpha / r (here all, rsLoRA) is off
