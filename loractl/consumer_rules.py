@@ -35,35 +35,29 @@ def _modules(info: AdapterInfo, test: Callable[[ModuleInfo], bool]) -> list[str]
     return sorted(name for name, m in info.modules.items() if test(m))
 
 
-def _each(code: str, test: Callable[[ModuleInfo], bool], message: str, way_out: str, severity: str = "error") -> _Rule:
-    """One finding per module for which `test` holds."""
-    make = error if severity == "error" else warning
+def _each(test: Callable[[ModuleInfo], bool], finding: Callable[[str], Finding]) -> _Rule:
+    """One finding (made by `finding` from the module name) per module for which `test` holds."""
 
     def rule(info: AdapterInfo, base: Path | None) -> list[Finding]:
-        return [make(code, f"{message}; {way_out}", name) for name in _modules(info, test)]
+        return [finding(name) for name in _modules(info, test)]
 
     return rule
 
 
 def _dora(consumer: str) -> _Rule:
-    return _each(
-        "dora-dropped", lambda m: m.dora, f"{consumer} has no DoRA: without the magnitude vector the output "
-        "differs", "merge it into the base (loractl merge) or retrain without DoRA",
-    )  # fmt: skip
+    message = f"{consumer} has no DoRA: without the magnitude vector the output differs; merge it into the base " \
+        "(loractl merge) or retrain without DoRA"  # fmt: skip
+    return _each(lambda m: m.dora, lambda name: error("dora-dropped", message, name))
 
 
 def _conv(consumer: str) -> _Rule:
-    return _each(
-        "conv-unsupported", lambda m: m.kind == "conv", f"{consumer} applies LoRA to linear layers only",
-        "merge the conv modules into the base (loractl merge)",
-    )  # fmt: skip
+    message = f"{consumer} applies LoRA to linear layers only; merge the conv modules into the base (loractl merge)"
+    return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
 
 
 def _bias(consumer: str) -> _Rule:
-    return _each(
-        "bias-dropped", lambda m: m.bias, f"{consumer} has no lora_B bias: it is dropped",
-        "merge it into the base (loractl merge)", "warning",
-    )  # fmt: skip
+    message = f"{consumer} has no lora_B bias: it is dropped; merge it into the base (loractl merge)"
+    return _each(lambda m: m.bias, lambda name: warning("bias-dropped", message, name))
 
 
 def _full_tensors(consumer: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
@@ -83,10 +77,8 @@ def _full_tensors(consumer: str, keep: Callable[[str], bool] = lambda _: False) 
 
 
 def _embedding(consumer: str) -> _Rule:
-    return _each(
-        "embedding-unsupported", lambda m: m.kind == "embedding", f"{consumer} has no embedding LoRA",
-        "merge it into the base (loractl merge)",
-    )  # fmt: skip
+    message = f"{consumer} has no embedding LoRA; merge it into the base (loractl merge)"
+    return _each(lambda m: m.kind == "embedding", lambda name: error("embedding-unsupported", message, name))
 
 
 def _one_alpha_file(info: AdapterInfo, base: Path | None) -> list[Finding]:
