@@ -48,10 +48,12 @@ def validate_adapter(
     format: str | None = None,
     allow_pickle: bool = False,
     options: ReadOptions | None = None,
+    target: str | None = None,
 ) -> ValidationReport:
     """Check one adapter; unreadable files become an `unreadable` finding, never an exception.
 
-    `base` is checked against and also helps readers that need it (kohya names, GGUF head counts).
+    `base` is checked against and also helps readers that need it (kohya names, GGUF head counts);
+    `target` adds what that consumer would refuse or drop (`consumer_rules`).
     """
     options = replace(options or ReadOptions(), allow_pickle=allow_pickle or bool(options and options.allow_pickle))
     if base is not None and options.base is None:
@@ -68,6 +70,10 @@ def validate_adapter(
         findings += data
         if base is not None:
             findings += _base_findings(info, Path(base))
+        if target is not None:
+            from .consumer_rules import target_findings
+
+            findings += target_findings(info, target, Path(base) if base is not None else None)
     except LoractlError as e:
         findings.append(_unreadable(e))
     located = [_located(f, info) for f in findings]

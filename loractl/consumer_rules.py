@@ -1,0 +1,165 @@
+"""What each consumer would refuse or silently drop in an adapter (`validate --target`).
+
+A file that loads without an error can still do less than it says: llama.cpp skips a DoRA
+magnitude, diffusers' kohya reader loses per-module alphas, vLLM refuses ranks above its
+`--max-lora-rank`. Each rule is a finding with a code and the way out. The rules were checked
+against the consumer versions named in docs/formats.md ("Proved by the consumers").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .findings import Finding, error, warning
+from .info import AdapterInfo, ModuleInfo
+
+TARGETS = ("peft", "llamacpp", "mlx", "diffusers", "vllm")
+VLLM_DEFAULT_MAX_RANK = 16  # vLLM's --max-lora-rank default
+PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.", "prior.")
+
+_Rule = Callable[[AdapterInfo, Path | None], list[Finding]]
+_NO_GGUF_NAME = "llama.cpp's graph has no such tensor for this architecture; merge it into the base (loractl merge)"
+_NO_COMPONENT = (
+    "not under a pipeline component (unet., text_encoder., transformer., ...): diffusers ignores it; "
+    "prefix the module paths with their component"
+)
+
+
+def target_findings(info: AdapterInfo, target: str, base: Path | None = None) -> list[Finding]:
+    """Findings for what `target` would refuse or drop in the adapter `info` describes."""
+    return [f for rule in _RULES[target] for f in rule(info, base)]
+
+
+def _modules(info: AdapterInfo, test: Callable[[ModuleInfo], bool]) -> list[str]:
+    return sorted(name for name, m in info.modules.items() if test(m))
+
+
+def _each(test: Callable[[ModuleInfo], bool], finding: Callable[[str], Finding]) -> _Rule:
+    """One finding (made by `finding` from the module name) per module for which `test` holds."""
+
+    def rule(info: AdapterInfo, base: Path | None) -> list[Finding]:
+        return [finding(name) for name in _modules(info, test)]
+
+    return rule
+
+
+def _dora(consumer: str) -> _Rule:
+    message = f"{consumer} has no DoRA: without the magnitude vector the output differs; merge it into the base " \
+        "(loractl merge) or retrain without DoRA"  # fmt: skip
+    return _each(lambda m: m.dora, lambda name: error("dora-dropped", message, name))
+
+
+def _conv(consumer: str) -> _Rule:
+    message = f"{consumer} applies LoRA to linear layers only; merge the conv modules into the base (loractl merge)"
+    return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
+
+
+def _bias(consumer: str) -> _Rule:
+    message = f"{consumer} has no lora_B bias: it is dropped; merge it into the base (loractl merge)"
+    return _each(lambda m: m.bias, lambda name: warning("bias-dropped", message, name))
+
+
+def _full_tensors(consumer: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
+    def rule(info: AdapterInfo, base: Path | None) -> list[Finding]:
+        dropped = sorted(k for k in info.full_tensors if not keep(k))
+        if not dropped:
+            return []
+        return [
+            error(
+                "full-tensors-dropped",
+                f"{consumer} loads only LoRA factors: {len(dropped)} full tensors (modules_to_save, heads, e.g. "
+                f"{dropped[0]!r}) are dropped; merge the adapter into the base (loractl merge) and serve that",
+            )
+        ]
+
+    return rule
+
+
+def _embedding(consumer: str) -> _Rule:
+    message = f"{consumer} has no embedding LoRA; merge it into the base (loractl merge)"
+    return _each(lambda m: m.kind == "embedding", lambda name: error("embedding-unsupported", message, name))
+
+
+def _one_alpha_file(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """convert_lora_to_gguf.py writes the config's one lora_alpha: alpha_pattern/rank_pattern scales are lost."""
+    scales = {(m.alpha, m.scale_rule) for m in info.modules.values()}
+    if info.format != "peft" or len(scales) <= 1:
+        return []
+    return [
+        warning(
+            "per-module-alpha",
+            "llama.cpp's convert_lora_to_gguf.py keeps one lora_alpha: modules with another alpha (alpha_pattern, "
+            "rsLoRA) would get the wrong scale; convert with 'loractl convert --to gguf', which folds them into B",
+        )
+    ]
+
+
+def _gguf_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """Modules that have no tensor in llama.cpp's graph for the base's architecture (needs --base)."""
+    if base is None or info.format == "gguf":
+        return []
+    from .formats.gguf import names as gguf_names
+    from .io.config_json import read_config
+
+    config = read_config(base)
+    if config is None:
+        return []
+    tmap = gguf_names.name_map(gguf_names.arch_from_config(config), gguf_names.block_count(list(info.modules), config))
+    return [
+        error("unknown-module", _NO_GGUF_NAME, name)
+        for name in sorted(info.modules)
+        if gguf_names.to_gguf(tmap, name) is None
+    ]
+
+
+def _kohya_alphas(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """diffusers' kohya converter mangles alpha_pattern keys: only the first alpha survives."""
+    alphas = {m.alpha for m in info.modules.values()}
+    if info.format != "kohya" or len(alphas) <= 1:
+        return []
+    return [
+        warning(
+            "kohya-per-module-alpha",
+            f"diffusers' kohya reader loses per-module alphas ({len(alphas)} different ones here): those modules "
+            "run at another scale; convert with 'loractl convert --to diffusers', whose metadata keeps each alpha",
+        )
+    ]
+
+
+def _pipeline_component(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    if info.format == "kohya":
+        return []  # kohya prefixes name the component
+    return [
+        error("unknown-module", _NO_COMPONENT, name)
+        for name in sorted(info.modules)
+        if not name.startswith(PIPELINE_COMPONENTS)
+    ]
+
+
+def _vllm_rank(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    top = max((m.rank for m in info.modules.values()), default=0)
+    if top <= VLLM_DEFAULT_MAX_RANK:
+        return []
+    return [
+        warning(
+            "rank-above-limit",
+            f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}: start vLLM with "
+            f"--max-lora-rank {top} or more, or shrink it (loractl resize)",
+        )
+    ]
+
+
+_RULES: dict[str, list[_Rule]] = {
+    "peft": [],
+    "llamacpp": [
+        _dora("llama.cpp"), _conv("llama.cpp"), _bias("llama.cpp"),
+        _full_tensors("llama.cpp", keep=lambda k: "norm" in k), _one_alpha_file, _gguf_names,
+    ],
+    "mlx": [_conv("mlx-lm"), _bias("mlx-lm"), _full_tensors("mlx-lm")],
+    "diffusers": [_embedding("diffusers"), _full_tensors("diffusers"), _kohya_alphas, _pipeline_component],
+    "vllm": [
+        _dora("vLLM"), _conv("vLLM"), _bias("vLLM"), _embedding("vLLM"),
+        _full_tensors("vLLM", keep=lambda k: k.startswith(("lm_head", "model.embed_tokens"))), _vllm_rank,
+    ],
+}  # fmt: skip
