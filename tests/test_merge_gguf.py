@@ -135,7 +135,7 @@ def test_refusals_write_nothing(tmp_path: Path, fixtures_dir: Path, capsys: pyte
     save_adapter(adapter(), tmp_path / "qwen.gguf", format="gguf", options=WriteOptions(base=qwen))
     plan = plan_gguf_merge(tmp_path / "gpt2.gguf", [tmp_path / "qwen.gguf"])
     llama = plan_gguf_merge(tiny_gguf(tmp_path / "base.gguf", "F32"), [tmp_path / "qwen.gguf"])
-    assert {p.code for p in llama.problems} == {"architecture"} and plan.problems
+    assert {p.code for p in llama.problems} == {"base-architecture"} and plan.problems
 
     with pytest.raises(FormatError, match="not a model"):
         merge_gguf(tmp_path / "qwen.gguf", [tmp_path / "peft"], tmp_path / "out.gguf")

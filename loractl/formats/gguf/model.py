@@ -89,7 +89,7 @@ class GgufBase:
     def place(self, module: str, m: ModuleInfo, adapter_arch: str | None) -> Placement | Finding:
         """The tensor `module` updates, or why it has none."""
         if adapter_arch and adapter_arch != self.arch:
-            return error("architecture", f"a {adapter_arch} adapter cannot merge into this {self.arch} model", module)
+            return error("base-architecture", f"a {adapter_arch} adapter cannot merge into this {self.arch} model", module)
         stem = gguf_names.to_gguf(self.tmap, module)
         key = f"{stem}.weight"
         if stem is None or key not in self.tensors:
@@ -98,7 +98,7 @@ class GgufBase:
         kind = self.type_name(key)
         if not writable(kind):
             return error(
-                "type",
+                "base-type",
                 f"{key} is {kind}, which gguf-py cannot quantize back (it can: {', '.join(writable_types())})",
                 module,
             )
