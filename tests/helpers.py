@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.formats import save_adapter
+from loractl.io.checkpoint import Checkpoint
 from loractl.io.safetensors_writer import save_tensors
 
 
@@ -69,3 +71,20 @@ def run_cli(*args: str | Path) -> tuple[int, str, str]:
         sys.stdout.flush()
         sys.stderr.flush()
         return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint or adapter file, by name."""
+    with Checkpoint(path) as ckpt:
+        return {n: ckpt.get(n) for n in ckpt.names}
+
+
+def raw(path: Path) -> dict[str, bytes]:
+    """Every tensor's stored bytes, by name."""
+    with Checkpoint(path) as ckpt:
+        return {n: ckpt.raw_bytes(n) for n in ckpt.names}
+
+
+def save(adapter: Adapter, path: Path) -> Path:
+    save_adapter(adapter, path)
+    return path

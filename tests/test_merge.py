@@ -21,29 +21,13 @@ from hypothesis import strategies as st
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.errors import IntegrityError, NumericError, OutputExistsError, UsageError
-from loractl.formats import save_adapter
 from loractl.io.checkpoint import Checkpoint
 from loractl.io.safetensors_writer import save_tensors
 from loractl.ops.merge import RECORD_NAME, MergeProgress, merge
 from loractl.ops.merge_plan import MergePlanError, plan_merge
-from tests.helpers import random_module, run_cli, tiny_base
+from tests.helpers import random_module, raw, run_cli, save, tensors, tiny_base
 
 # ---------------------------------------------------------------- helpers
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    with Checkpoint(path) as ckpt:
-        return {n: ckpt.get(n) for n in ckpt.names}
-
-
-def raw(path: Path) -> dict[str, bytes]:
-    with Checkpoint(path) as ckpt:
-        return {n: ckpt.raw_bytes(n) for n in ckpt.names}
-
-
-def save(adapter: Adapter, path: Path) -> Path:
-    save_adapter(adapter, path)
-    return path
 
 
 def leftovers(parent: Path) -> list[str]:

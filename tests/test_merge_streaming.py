@@ -21,30 +21,14 @@ import torch
 
 from loractl.adapter import Adapter, LoraModule
 from loractl.errors import NumericError, UsageError
-from loractl.formats import save_adapter
 from loractl.io.checkpoint import Checkpoint
 from loractl.ops import merge as merge_mod
 from loractl.ops import merge_kernel
 from loractl.ops.merge import RECORD_NAME, ROUNDING_WARN, merge
-from tests.helpers import random_module, run_cli, tiny_base
+from tests.helpers import random_module, raw, run_cli, save, tensors, tiny_base
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = 512 * 10**6  # the peak-RSS goal, whatever the tensor size
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    with Checkpoint(path) as ckpt:
-        return {n: ckpt.get(n) for n in ckpt.names}
-
-
-def raw(path: Path) -> dict[str, bytes]:
-    with Checkpoint(path) as ckpt:
-        return {n: ckpt.raw_bytes(n) for n in ckpt.names}
-
-
-def save(adapter: Adapter, path: Path) -> Path:
-    save_adapter(adapter, path)
-    return path
 
 
 def test_many_blocks_through_the_pool_match_the_dense_reference(
