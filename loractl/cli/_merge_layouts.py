@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from ..ops.placement import PlacedMergeReport, PlacedPlan
 
 TABLE_ROWS = 40
-LOSS_WARNING = 0.1  # a tenth of ΔW rounded away is worth a warning
 
 
 def run(
@@ -54,10 +53,12 @@ def run(
         emit_json(report.to_json())
     else:
         _show_report(report)
-    worst = report.worst_loss
-    if worst is not None and worst > LOSS_WARNING:
+    from ..ops.merge import ROUNDING_WARN
+
+    rounding = report.rounding
+    if rounding is not None and rounding["worst"] > ROUNDING_WARN:
         warn(
-            f"rounding into the stored types removes up to {worst:.0%} of a module's ΔW "
+            f"rounding into the stored types removes up to {rounding['worst']:.0%} of a module's ΔW "
             "(the rounding-loss column); merge into a wider base (F16/F32) or apply the adapter at run time"
         )
 
@@ -85,11 +86,9 @@ def _show_report(report: PlacedMergeReport) -> None:
         for m in mods:
             table.add_row(m.module, m.stored_type, str(m.rank), _fmt(m.relative_delta), _fmt(m.rounding_loss))
         stdout.print(table)
-    losses = sorted(m.rounding_loss for m in mods if m.rounding_loss is not None)
-    if losses:
+    if (r := report.rounding) is not None:
         stdout.print(
-            f"rounding loss ‖round(W+ΔW) − (W+ΔW)‖/‖ΔW‖ over {len(losses)} modules: "
-            f"median {losses[len(losses) // 2]:.3g}, worst {losses[-1]:.3g}",
+            f"rounding into the stored types removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
             highlight=False,
         )
     stdout.print(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -89,10 +89,7 @@ class MergeReport:
     @property
     def rounding(self) -> dict[str, float] | None:
         """Median and worst rounding loss over the merged modules (None when there is none)."""
-        losses = sorted(m.rounding_loss for m in self.modules if m.rounding_loss is not None)
-        if not losses:
-            return None
-        return {"median": _round(losses[len(losses) // 2]) or 0.0, "worst": _round(losses[-1]) or 0.0}
+        return rounding_summary(m.rounding_loss for m in self.modules)
 
     @property
     def warnings(self) -> list[str]:
@@ -154,6 +151,14 @@ class MergeReport:
             "warnings": self.warnings,
             "modules": [asdict(m) for m in self.modules],
         }
+
+
+def rounding_summary(losses: Iterable[float | None]) -> dict[str, float] | None:
+    """Median and worst of the modules' rounding losses (None when no module has one): every merge's summary."""
+    known = sorted(x for x in losses if x is not None)
+    if not known:
+        return None
+    return {"median": _round(known[len(known) // 2]) or 0.0, "worst": _round(known[-1]) or 0.0}
 
 
 def merge(

@@ -212,9 +212,11 @@ class PlacedMergeReport:
     tensors_copied: int
 
     @property
-    def worst_loss(self) -> float | None:
-        losses = [m.rounding_loss for m in self.modules if m.rounding_loss is not None]
-        return max(losses, default=None)
+    def rounding(self) -> dict[str, float] | None:
+        """Median and worst rounding loss over the merged modules, as every merge reports them."""
+        from .merge import rounding_summary
+
+        return rounding_summary(m.rounding_loss for m in self.modules)
 
     def to_json(self) -> dict[str, Any]:
         plan = {k: v for k, v in self.plan.to_json().items() if k not in ("updates", "problems")}
@@ -222,6 +224,7 @@ class PlacedMergeReport:
             "output": self.output,
             **plan,
             "tensors_copied": self.tensors_copied,
+            "rounding_loss": self.rounding,
             "modules": [asdict(m) for m in self.modules],
         }
 
