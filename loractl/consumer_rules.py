@@ -1,9 +1,11 @@
 """What each consumer would refuse or silently drop in an adapter (`validate --target`).
 
-A file that loads without an error can still do less than it says: llama.cpp skips a DoRA
-magnitude, diffusers' kohya reader loses per-module alphas, vLLM refuses ranks above its
-`--max-lora-rank`. Each rule is a finding with a code and the way out. The rules were checked
-against the consumer versions named in docs/formats.md ("Proved by the consumers").
+A file that loads without an error can still do less than it says: llama.cpp skips the norms in
+a GGUF LoRA, diffusers ignores keys that do not start with a pipeline component and its kohya
+reader loses per-module alphas; other things the consumer refuses outright (a lora_B bias in
+llama.cpp's converter and mlx-lm, a conv module). Each rule is a finding with a code and the way
+out. The llama.cpp, mlx-lm and diffusers rules are each shown by the real package in a test
+(docs/validate.md names it), against the versions in docs/formats.md; vLLM's are read from its docs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ _NO_GGUF_NAME = "llama.cpp's graph has no such tensor for this architecture; mer
 _NO_COMPONENT = (
     "not under a pipeline component (unet., text_encoder., transformer., ...): diffusers ignores it; "
     "prefix the module paths with their component"
+)
+_PEFT_LAYOUT = (
+    "a PEFT file's keys start with base_model.model., not with the component: diffusers' load_lora_weights "
+    "loads none of them; convert with 'loractl convert --to diffusers'"
 )
 
 
@@ -50,17 +56,18 @@ def _dora(consumer: str) -> _Rule:
     return _each(lambda m: m.dora, lambda name: error("dora-dropped", message, name))
 
 
-def _conv(consumer: str) -> _Rule:
-    message = f"{consumer} applies LoRA to linear layers only; merge the conv modules into the base (loractl merge)"
+def _conv(consumer: str, how: str) -> _Rule:
+    message = f"{consumer} applies LoRA to linear layers only ({how}); merge the conv modules into the base " \
+        "(loractl merge)"  # fmt: skip
     return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
 
 
-def _bias(consumer: str) -> _Rule:
-    message = f"{consumer} has no lora_B bias: it is dropped; merge it into the base (loractl merge)"
-    return _each(lambda m: m.bias, lambda name: warning("bias-dropped", message, name))
+def _bias(consumer: str, how: str, severity: Callable[[str, str, str | None], Finding] = error) -> _Rule:
+    message = f"{consumer} has no lora_B bias ({how}); merge it into the base (loractl merge)"
+    return _each(lambda m: m.bias, lambda name: severity("bias-dropped", message, name))
 
 
-def _full_tensors(consumer: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
+def _full_tensors(consumer: str, how: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
     def rule(info: AdapterInfo, base: Path | None) -> list[Finding]:
         dropped = sorted(k for k in info.full_tensors if not keep(k))
         if not dropped:
@@ -68,8 +75,8 @@ def _full_tensors(consumer: str, keep: Callable[[str], bool] = lambda _: False) 
         return [
             error(
                 "full-tensors-dropped",
-                f"{consumer} loads only LoRA factors: {len(dropped)} full tensors (modules_to_save, heads, e.g. "
-                f"{dropped[0]!r}) are dropped; merge the adapter into the base (loractl merge) and serve that",
+                f"{consumer} loads only LoRA factors: {len(dropped)} full tensors (modules_to_save, heads, norms, "
+                f"e.g. {dropped[0]!r}) {how}; merge the adapter into the base (loractl merge) and serve that",
             )
         ]
 
@@ -128,12 +135,13 @@ def _kohya_alphas(info: AdapterInfo, base: Path | None) -> list[Finding]:
 
 
 def _pipeline_component(info: AdapterInfo, base: Path | None) -> list[Finding]:
-    if info.format == "kohya":
-        return []  # kohya prefixes name the component
+    """load_lora_weights takes only keys that start with a component: others load nothing, silently."""
+    if info.format in ("kohya", "diffusers"):
+        return []  # kohya prefixes name the component; the diffusers reader puts it on every module
     return [
-        error("unknown-module", _NO_COMPONENT, name)
+        error("unknown-module", _PEFT_LAYOUT if name.startswith(PIPELINE_COMPONENTS) else _NO_COMPONENT, name)
         for name in sorted(info.modules)
-        if not name.startswith(PIPELINE_COMPONENTS)
+        if info.format == "peft" or not name.startswith(PIPELINE_COMPONENTS)
     ]
 
 
@@ -150,16 +158,26 @@ def _vllm_rank(info: AdapterInfo, base: Path | None) -> list[Finding]:
     ]
 
 
+_GGUF_FULL = "are refused by convert_lora_to_gguf.py, except norms, which llama.cpp skips at load"
 _RULES: dict[str, list[_Rule]] = {
     "peft": [],
     "llamacpp": [
-        _dora("llama.cpp"), _conv("llama.cpp"), _bias("llama.cpp"),
-        _full_tensors("llama.cpp", keep=lambda k: "norm" in k), _one_alpha_file, _gguf_names,
+        _dora("llama.cpp"),
+        _conv("llama.cpp", "it refuses a conv module's factors as the wrong shape"),
+        _bias("llama.cpp", "convert_lora_to_gguf.py refuses it; a GGUF LoRA has no place for it"),
+        _full_tensors("llama.cpp", _GGUF_FULL), _one_alpha_file, _gguf_names,
     ],
-    "mlx": [_conv("mlx-lm"), _bias("mlx-lm"), _full_tensors("mlx-lm")],
-    "diffusers": [_embedding("diffusers"), _full_tensors("diffusers"), _kohya_alphas, _pipeline_component],
+    "mlx": [
+        _conv("mlx-lm", "it refuses to make a LoRA layer of a convolution"),
+        _bias("mlx-lm", "it refuses the tensor; its LoRA layers have lora_a and lora_b only"),
+        _full_tensors("mlx-lm", "are refused by its adapter loader"),
+    ],
+    "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
+                  _pipeline_component],
     "vllm": [
-        _dora("vLLM"), _conv("vLLM"), _bias("vLLM"), _embedding("vLLM"),
-        _full_tensors("vLLM", keep=lambda k: k.startswith(("lm_head", "model.embed_tokens"))), _vllm_rank,
+        _dora("vLLM"), _conv("vLLM", "per its documentation"), _bias("vLLM", "it is dropped", warning),
+        _embedding("vLLM"),
+        _full_tensors("vLLM", "are dropped", keep=lambda k: k.startswith(("lm_head", "model.embed_tokens"))),
+        _vllm_rank,
     ],
 }  # fmt: skip

@@ -88,3 +88,14 @@ def raw(path: Path) -> dict[str, bytes]:
 def save(adapter: Adapter, path: Path) -> Path:
     save_adapter(adapter, path)
     return path
+
+
+def target_findings(path: Path, target: str, *options: str | Path) -> dict[str, list[str | None]]:
+    """`loractl validate PATH --target TARGET --json`: the modules of each finding, by code."""
+    import json
+
+    _, out, _ = run_cli("validate", path, "--target", target, "--json", *options)
+    found: dict[str, list[str | None]] = {}
+    for f in json.loads(out)["reports"][0]["findings"]:
+        found.setdefault(f["code"], []).append(f["module"])
+    return found

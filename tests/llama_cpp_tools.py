@@ -73,21 +73,48 @@ def _fetch(dest: Path) -> None:
 def run_converter(script: str, *runs: list[str | Path]) -> None:
     """Run one of llama.cpp's converters once per argument list, in one interpreter (torch imports once),
     with its own gguf-py first on the path."""
+    failed = [why for why in converter_outcomes(script, *runs) if why is not None]
+    if failed:
+        raise AssertionError(f"{script} failed:\n" + "\n".join(failed))
+
+
+def converter_outcomes(script: str, *runs: list[str | Path]) -> list[str | None]:
+    """Like `run_converter`, but every run goes to its end: per run None where the converter finished, else
+    what it said when it gave up (its error log lines and the exception), so that the refusals of several
+    inputs cost one interpreter."""
     tools = converters_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools / "gguf-py"), str(tools)])}
     driver = (
-        "import json, runpy, sys\n"
-        "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
+        "import json, logging, runpy, sys\n"
+        "script, runs, report = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]\n"
+        "class Keep(logging.Handler):\n"
+        "    def emit(self, record):\n"
+        "        said.append(record.getMessage())\n"
+        "outcomes = []\n"
         "for argv in runs:\n"
+        "    said, keep = [], Keep(logging.ERROR)\n"
+        "    logging.getLogger().addHandler(keep)\n"
         "    sys.argv = [script, *argv]\n"
-        "    runpy.run_path(script, run_name='__main__')\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "        outcomes.append(None)\n"
+        "    except BaseException as e:\n"
+        "        outcomes.append('\\n'.join([*said, f'{type(e).__name__}: {e}']))\n"
+        "    logging.getLogger().removeHandler(keep)\n"
+        "with open(report, 'w') as f:\n"
+        "    json.dump(outcomes, f)\n"
     )
     argvs = json.dumps([[str(a) for a in run] for run in runs])
-    done = subprocess.run(
-        [sys.executable, "-c", driver, str(tools / script), argvs], env=env, capture_output=True, text=True
-    )
-    if done.returncode:
-        raise AssertionError(f"{script} failed:\n{done.stderr[-3000:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "outcomes.json"
+        done = subprocess.run(
+            [sys.executable, "-c", driver, str(tools / script), argvs, str(report)],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode or not report.is_file():
+            raise AssertionError(f"{script} crashed:\n{done.stderr[-3000:]}")
+        outcomes: list[str | None] = json.loads(report.read_text())
+    return outcomes
 
 
 def hf_to_gguf(model_dir: Path, outtype: str) -> Path:
@@ -112,10 +139,16 @@ def base_gguf(model_dir: Path) -> Path:
 
 def lora_ggufs(*jobs: tuple[Path, Path, Path]) -> None:
     """What `convert_lora_to_gguf.py` writes (F32) for each (PEFT adapter, base model, output) job."""
-    run_converter(
-        "convert_lora_to_gguf.py",
-        *([adapter, "--base", model, "--outtype", "f32", "--outfile", out] for adapter, model, out in jobs),
-    )
+    run_converter("convert_lora_to_gguf.py", *_lora_runs(jobs))
+
+
+def lora_gguf_outcomes(*jobs: tuple[Path, Path, Path]) -> list[str | None]:
+    """`lora_ggufs` that goes on past a refusal: per job None (written) or why the converter gave up."""
+    return converter_outcomes("convert_lora_to_gguf.py", *_lora_runs(jobs))
+
+
+def _lora_runs(jobs: Sequence[tuple[Path, Path, Path]]) -> list[list[str | Path]]:
+    return [[adapter, "--base", model, "--outtype", "f32", "--outfile", out] for adapter, model, out in jobs]
 
 
 def smollm2_q4_1() -> Path:
@@ -164,3 +197,38 @@ def logits(model: Path, tokens: Sequence[int], lora: Path | None = None) -> np.n
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
     finally:
         llm.close()
+
+
+def lora_refusal(model: Path, lora: Path) -> str | None:
+    """Why llama.cpp refuses to load the GGUF LoRA `lora` on the GGUF `model`, or None when it loads it.
+
+    llama-cpp-python 0.3.36's `Llama(lora_path=...)` only logs a refused adapter (and then crashes on
+    the first eval), so the adapter goes through llama.cpp's C API, whose `llama_adapter_lora_init`
+    returns NULL on refusal; the reason is the line llama.cpp logs.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    said: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        said.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_backend_init()
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        net = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
+        assert net, f"llama.cpp cannot load the base {model}"
+        try:
+            adapter = llama_cpp.llama_adapter_lora_init(net, str(lora).encode())
+            if adapter:
+                llama_cpp.llama_adapter_lora_free(adapter)
+                return None
+            return "".join(line for line in said if "failed" in line).strip() or "".join(said[-3:])
+        finally:
+            llama_cpp.llama_model_free(net)
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
