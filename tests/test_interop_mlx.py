@@ -7,17 +7,23 @@ logits, `python -m mlx_lm lora` for training and `python -m mlx_lm fuse` for mer
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import random_module, run_cli
 from interop_models import logits, rel, tokens
 from oracles import oracle
+
+from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.formats import save_adapter
 
 pytestmark = pytest.mark.interop
 
@@ -113,3 +119,76 @@ def test_loractl_merge_is_mlx_lm_fuse(mlx_lm: Any, smollm2: Path, mlx_adapter: P
         assert rel(fused[name], ours) < 1e-6, name  # float32 rounding of W + ΔW (measured ≤ 7e-9)
         changed += not torch.equal(ours, base[name])
     assert changed == 210  # 30 layers × 7 projections
+
+
+_Q = "model.layers.1.self_attn.q_proj"
+# What mlx-lm 0.32.2 says when an mlx adapter carries what each rule flags: its loader takes lora_a, lora_b
+# and m only, and makes LoRA layers of Linear, SwitchLinear and Embedding only.
+_MLX_SAYS = {
+    "bias-dropped": "q_proj.lora_b.bias: not an adapter parameter in the model",
+    "full-tensors-dropped": "model.norm.weight: not an adapter parameter in the model",
+    "conv-unsupported": "Can't convert layer of type Conv1d to LoRA",
+}
+
+
+def _llama_case(code: str, base: Path, tmp_path: Path) -> tuple[Adapter, Callable[[], object]]:
+    """A q_proj adapter with a lora_B bias or a full norm; loractl's mlx file of its LoRA part with that tensor
+    added under the name mlx-lm would give it, and the mlx_lm.load that reads it."""
+    import mlx.core as mx
+    from mlx_lm import load as mlx_lm_load
+
+    g = torch.Generator().manual_seed(5)
+    plain = {_Q: random_module(64, 64, 2, seed=1)}
+    if code == "bias-dropped":
+        bias = torch.randn(64, generator=g)
+        adapter = Adapter(modules={_Q: replace(plain[_Q], bias=bias)}, meta=AdapterMeta())
+        extra = {f"{_Q}.lora_b.bias": mx.array(bias.numpy())}
+    else:
+        norm = torch.randn(64, generator=g)
+        adapter = Adapter(modules=plain, full_tensors={"model.norm.weight": norm}, meta=AdapterMeta())
+        extra = {"model.norm.weight": mx.array(norm.numpy())}
+    mine = save_adapter(Adapter(modules=plain, meta=AdapterMeta()), tmp_path / "mlx", format="mlx")
+    mlx_lm_load(str(base), adapter_path=str(mine))  # loads before the tensor is added
+    weights = mine / "adapters.safetensors"
+    mx.save_safetensors(str(weights), {**mx.load(str(weights)), **extra})
+    return adapter, lambda: mlx_lm_load(str(base), adapter_path=str(mine))
+
+
+def _mamba_conv_case(tmp_path: Path) -> tuple[Adapter, Callable[[], object]]:
+    """A LoRA on Mamba's depthwise conv1d, and mlx-lm's own adapter loading of it into its Mamba model."""
+    import mlx.core as mx
+    from mlx_lm.models import mamba
+    from mlx_lm.tuner.utils import load_adapters
+
+    g = torch.Generator().manual_seed(6)
+    conv = LoraModule(A=torch.randn(2, 1, 4, generator=g), B=torch.randn(32, 2, 1, generator=g), scale=1.0,
+                      alpha=2.0, kind="conv")  # fmt: skip
+    adapter = Adapter(modules={"backbone.layers.0.mixer.conv1d": conv}, meta=AdapterMeta())
+    model = mamba.Model(mamba.ModelArgs(
+        model_type="mamba", vocab_size=64, hidden_size=16, intermediate_size=32, state_size=4,
+        num_hidden_layers=1, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=2,
+    ))  # fmt: skip
+    mine = tmp_path / "mlx"
+    mine.mkdir()
+    lora = {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["mixer.conv1d"]}
+    (mine / "adapter_config.json").write_text(json.dumps({"num_layers": 1, "lora_parameters": lora}))
+    lora_a = np.ascontiguousarray(conv.A.flatten(1).T.numpy())
+    mx.save_safetensors(str(mine / "adapters.safetensors"), {"backbone.layers.0.mixer.conv1d.lora_a": mx.array(lora_a)})
+    return adapter, lambda: load_adapters(model, str(mine))
+
+
+@pytest.mark.parametrize("code", _MLX_SAYS)
+def test_mlx_lm_refuses_what_validate_target_flags(mlx_lm: Any, code: str, fixtures_dir: Path, tmp_path: Path) -> None:
+    """mlx-lm's adapter loader refuses each thing `validate --target mlx` flags (a lora_B bias, full tensors,
+    LoRA on a convolution), and the validate finding names it with the rule's code."""
+    from helpers import target_findings
+
+    if code == "conv-unsupported":
+        adapter, load = _mamba_conv_case(tmp_path)
+    else:
+        adapter, load = _llama_case(code, fixtures_dir / "tiny-llama", tmp_path)
+    with pytest.raises(ValueError, match=re.escape(_MLX_SAYS[code])):
+        load()
+    flagged = target_findings(save_adapter(adapter, tmp_path / "peft", format="peft"), "mlx")
+    assert code in flagged, flagged
+    assert set(flagged[code]) == ({None} if adapter.full_tensors else set(adapter.modules)), flagged
