@@ -135,13 +135,31 @@ def _kohya_alphas(info: AdapterInfo, base: Path | None) -> list[Finding]:
 
 
 def _pipeline_component(info: AdapterInfo, base: Path | None) -> list[Finding]:
-    """load_lora_weights takes only keys that start with a component: others load nothing, silently."""
-    if info.format in ("kohya", "diffusers"):
-        return []  # kohya prefixes name the component; the diffusers reader puts it on every module
+    """load_lora_weights takes only keys that start with a pipeline component: it loads nothing from others."""
+    if info.format == "kohya":
+        return []  # kohya prefixes name the component
+    if info.format == "diffusers":
+        return _unprefixed_keys(info)
     return [
         error("unknown-module", _PEFT_LAYOUT if name.startswith(PIPELINE_COMPONENTS) else _NO_COMPONENT, name)
         for name in sorted(info.modules)
         if info.format == "peft" or not name.startswith(PIPELINE_COMPONENTS)
+    ]
+
+
+def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
+    """loractl reads old attn-procs keys (no `unet.`) as the UNet's; diffusers loads nothing from them."""
+    from .io.safetensors_header import read_header
+
+    keys = sorted(k for k in read_header(info.files[0]).tensors if not k.startswith(PIPELINE_COMPONENTS))
+    if not keys:
+        return []
+    return [
+        error(
+            "unknown-module",
+            f"{len(keys)} keys start with no pipeline component (e.g. {keys[0]!r}): diffusers loads nothing from "
+            "them; convert with 'loractl convert --to diffusers', which writes the unet. prefix",
+        )
     ]
 
 
