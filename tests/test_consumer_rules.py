@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import random_module, run_cli
 
 from loractl.adapter import Adapter, AdapterMeta
-from loractl.formats import save_adapter
+from loractl.formats import load_adapter, save_adapter
+from loractl.io.safetensors_writer import save_tensors
 from loractl.validation import validate_adapter
 
 
@@ -65,3 +67,34 @@ def test_cli_target_reports_the_way_out(fixtures_dir: Path, output: str) -> None
         assert {f["code"] for f in json.loads(out)["reports"][0]["findings"]} == {"dora-dropped"}
     else:
         assert "loractl merge" in out
+
+
+def test_severities_and_targets_follow_what_the_consumers_showed(tmp_path: Path) -> None:
+    """(The interop tests show each with the real package.) A lora_B bias is refused by llama.cpp's converter and
+    mlx-lm (error), llama.cpp skips norms too, diffusers applies embedding LoRA and loads no PEFT-layout key."""
+    q, emb = "text_encoder.encoder.layers.0.self_attn.q_proj", "text_encoder.embeddings.token_embedding"
+    adapter = Adapter(
+        modules={q: random_module(8, 8, 2, bias=torch.ones(8)), emb: random_module(8, 20, 2, kind="embedding")},
+        full_tensors={"model.norm.weight": torch.ones(8)},
+        meta=AdapterMeta(),
+    )
+    path = save_adapter(adapter, tmp_path / "peft", format="peft")
+    found = {t: {(f.code, f.severity, f.module) for f in validate_adapter(path, target=t).findings}
+             for t in ("llamacpp", "mlx", "diffusers", "vllm")}  # fmt: skip
+    assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["llamacpp"]
+    assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["mlx"]
+    assert ("bias-dropped", "warning", q) in found["vllm"]  # read from vLLM's docs, not run
+    assert found["diffusers"] == {("unknown-module", "error", q), ("unknown-module", "error", emb),
+                                  ("full-tensors-dropped", "error", None)}  # fmt: skip
+
+
+def test_diffusers_keys_without_a_component_are_flagged(tmp_path: Path) -> None:
+    """loractl reads old attn-procs keys as the UNet's; diffusers loads nothing from them."""
+    proc = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "procs.safetensors"
+    save_tensors(path, {f"{proc}.down.weight": torch.randn(2, 8, generator=g),
+                        f"{proc}.up.weight": torch.randn(8, 2, generator=g)})  # fmt: skip
+    (finding,) = validate_adapter(path, target="diffusers").findings
+    assert finding.code == "unknown-module" and proc in finding.message
+    assert not _codes(save_adapter(load_adapter(path), tmp_path / "d.safetensors", format="diffusers"), "diffusers")
