@@ -62,9 +62,13 @@ def _conv(consumer: str, how: str) -> _Rule:
     return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
 
 
-def _bias(consumer: str, how: str, severity: Callable[[str, str, str | None], Finding] = error) -> _Rule:
+def _bias(consumer: str, how: str, refused: bool = True) -> _Rule:
     message = f"{consumer} has no lora_B bias ({how}); merge it into the base (loractl merge)"
-    return _each(lambda m: m.bias, lambda name: severity("bias-dropped", message, name))
+
+    def finding(name: str) -> Finding:
+        return error("bias-dropped", message, name) if refused else warning("bias-dropped", message, name)
+
+    return _each(lambda m: m.bias, finding)
 
 
 def _full_tensors(consumer: str, how: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
@@ -193,7 +197,7 @@ _RULES: dict[str, list[_Rule]] = {
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
                   _pipeline_component],
     "vllm": [
-        _dora("vLLM"), _conv("vLLM", "per its documentation"), _bias("vLLM", "it is dropped", warning),
+        _dora("vLLM"), _conv("vLLM", "per its documentation"), _bias("vLLM", "it is dropped", refused=False),
         _embedding("vLLM"),
         _full_tensors("vLLM", "are dropped", keep=lambda k: k.startswith(("lm_head", "model.embed_tokens"))),
         _vllm_rank,

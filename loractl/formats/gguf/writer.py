@@ -141,7 +141,8 @@ def _module_names(adapter: Adapter, tmap: TensorNameMap) -> dict[str, str]:
 
 
 def _full_names(adapter: Adapter, tmap: TensorNameMap) -> dict[str, str]:
-    """GGUF names of the full tensors llama.cpp keeps in an adapter: 1-D norms (mergekit-extract-lora)."""
+    """GGUF names of the full tensors llama.cpp's converter keeps in an adapter: 1-D norms (mergekit-extract-lora);
+    llama.cpp itself skips them at load (`validate --target llamacpp` says so)."""
     out = {}
     for key, t in adapter.full_tensors.items():
         mapped = gguf_names.full_tensor_to_gguf(tmap, key)
