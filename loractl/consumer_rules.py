@@ -57,8 +57,7 @@ def _dora(consumer: str) -> _Rule:
 
 
 def _conv(consumer: str, how: str) -> _Rule:
-    message = f"{consumer} applies LoRA to linear layers only ({how}); merge the conv modules into the base " \
-        "(loractl merge)"  # fmt: skip
+    message = f"{consumer} has no conv LoRA ({how}); merge the conv modules into the base (loractl merge)"
     return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
 
 
