@@ -25,6 +25,47 @@ def scale_from_alpha(alpha: float, rank: int, rslora: bool = False) -> float:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """One side of a LyCORIS module: a full matrix, or a low-rank pair `_a @ _b` (Tucker: through a core)."""
+
+    shape: tuple[int, int]  # the side as a matrix: (out part, in part), kernel left out
+    rank: int | None  # None: stored full
+    tucker: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "rank": self.rank, "tucker": self.tucker}
+
+    def describe(self) -> str:
+        """`48×64 r4`, `4×4 full`, `32×16 r4 tucker`."""
+        what = "full" if self.rank is None else f"r{self.rank}"
+        return f"{self.shape[0]}×{self.shape[1]} {what}{' tucker' * self.tucker}"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A LyCORIS LoHa or LoKr module as stored: ΔW = scale · (w1 ⊙ w2) or scale · kron(w1, w2).
+
+    loractl reads it as the exact LoRA of rank `rank` (the module's `rank`): LoHa's Hadamard product
+    of ranks r1, r2 is B·A of rank r1·r2, LoKr's Kronecker product of ranks k1, k2 of rank k1·k2, and
+    a product that would reach min(out, in) is held as the dense ΔW times an identity.
+    """
+
+    algo: Literal["LoHa", "LoKr"]
+    w1: Factor
+    w2: Factor
+    kernel: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algo": self.algo, "w1": self.w1.to_dict(), "w2": self.w2.to_dict(), "kernel": list(self.kernel)}
+
+    def describe(self) -> str:
+        """`LoHa (48×64 r4) ⊙ (48×64 r4)`, `LoKr (4×4 full) ⊗ (8×4 r2 tucker) 3×3`."""
+        op = "⊙" if self.algo == "LoHa" else "⊗"
+        kernel = f" {'×'.join(map(str, self.kernel))}" if self.kernel else ""
+        return f"{self.algo} ({self.w1.describe()}) {op} ({self.w2.describe()}){kernel}"
+
+
+@dataclass(frozen=True)
 class ModuleInfo:
     """One adapted module as the file describes it; `keys` maps role (A, B, ...) to tensor key."""
 
@@ -39,6 +80,7 @@ class ModuleInfo:
     keys: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
+    structure: Structure | None = None  # LyCORIS LoHa/LoKr: keys and shapes are then the stored tensors'
 
     @property
     def dora(self) -> bool:
@@ -54,7 +96,7 @@ class ModuleInfo:
 
     @property
     def kernel(self) -> tuple[int, ...]:
-        return self.shapes["A"][2:]
+        return self.structure.kernel if self.structure is not None else self.shapes["A"][2:]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,16 @@ class PatternRow:
 
 
 @dataclass(frozen=True)
+class StructureRow:
+    """LyCORIS LoHa/LoKr modules sharing a path pattern and a structure (`Structure.describe`)."""
+
+    pattern: str
+    structure: str
+    rank: int  # the rank of the exact LoRA loractl reads it as
+    count: int
+
+
+@dataclass(frozen=True)
 class Inspection:
     """The report of `inspect_adapter`."""
 
@@ -46,6 +56,7 @@ class Inspection:
     stats: dict[str, ModuleStats] | None = None
     full_nonfinite: int = 0
     origin: dict[str, Any] | None = None  # where `pull` got it from (remote, resolved commit, content hash)
+    structures: tuple[StructureRow, ...] = ()  # LyCORIS LoHa/LoKr modules
 
     @property
     def hash_ok(self) -> bool | None:
@@ -71,6 +82,13 @@ class Inspection:
             "lora_bias": any(m.bias for m in info.modules.values()),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in info.modules.values()),
             "kinds": sorted({m.kind for m in info.modules.values()}),
+            "algorithms": sorted({m.structure.algo if m.structure else "LoRA" for m in info.modules.values()}),
+            "lycoris": {
+                name: m.structure.to_dict() | {"exact_rank": m.rank}
+                for name, m in info.modules.items()
+                if m.structure is not None
+            },
+            "lycoris_patterns": [vars(r) for r in self.structures],
             "target_modules": sorted({_leaf(name) for name in info.modules}),
             "full_tensors": {k: list(t.shape) for k, t in info.full_tensors.items()},
             "parameters": info.num_parameters,
@@ -103,19 +121,21 @@ def inspect_adapter(
     info = describe_adapter(path, format=format, allow_pickle=allow_pickle, options=options)
     attrs = {name: (m.rank, m.alpha, m.scale) for name, m in info.modules.items()}
     rows = [PatternRow(p, *a, n) for p, a, n in summarize(attrs)]
+    shaped = {name: (m.structure.describe(), m.rank) for name, m in info.modules.items() if m.structure is not None}
+    structures = tuple(StructureRow(p, *a, n) for p, a, n in summarize(shaped))
     recorded = info.record.content_hash if info.record else None
     from .origin import read_origin
 
     origin = read_origin(info.path)
     if not stats:
-        return Inspection(info, rows, recorded, origin=origin)
+        return Inspection(info, rows, recorded, origin=origin, structures=structures)
     from .formats import load_adapter
     from .stats import full_nonfinite, module_stats
 
     adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, options=options)
     per_module = {name: ModuleStats(*module_stats(m)) for name, m in adapter.modules.items()}
     computed = adapter.content_hash()
-    return Inspection(info, rows, recorded, computed, per_module, full_nonfinite(adapter), origin)
+    return Inspection(info, rows, recorded, computed, per_module, full_nonfinite(adapter), origin, structures)
 
 
 def _leaf(module: str) -> str:

@@ -22,6 +22,7 @@ def render(report: Inspection, console: Console) -> None:
         ("format", doc["format"]),
         ("base model", doc["base_model"] or "-"),
         ("modules", f"{doc['modules']} ({', '.join(doc['kinds'])})"),
+        *([("algorithm", ", ".join(doc["algorithms"]))] if doc["lycoris"] else []),
         ("ranks", ", ".join(map(str, doc["ranks"]))),
         ("targets", ", ".join(doc["target_modules"])),
         ("flags", ", ".join(flags) or "-"),
@@ -45,6 +46,10 @@ def render(report: Inspection, console: Console) -> None:
     ]
     headers = ("modules", "rank", "alpha", "scale", "count")
     console.print(name_table(console, headers, patterns, title="modules by pattern"))
+    if report.structures:
+        rows_ = [(r.pattern, r.structure, str(r.rank), str(r.count)) for r in report.structures]
+        heads = ("modules", "stored as", "LoRA rank", "count")
+        console.print(name_table(console, heads, rows_, title="LyCORIS modules (read as the exact LoRA of that rank)"))
     if report.stats is not None:
         stats = [
             (name, f"{s.delta_norm:.4g}", str(s.nonfinite) if s.nonfinite else "-")

@@ -2,8 +2,9 @@
 
 One file, per module `<name>.lora_down.weight` (A), `<name>.lora_up.weight` (B) and a scalar
 `<name>.alpha` (scale = alpha/rank; no alpha means scale 1). Names are `prefix + path` with
-every '.' replaced by '_' (see `kohya_names`). LoCon reads as LoRA; LoHa, LoKr and the other
-LyCORIS algorithms are not LoRA and are refused with the way to get one. DoRA is LyCORIS'
+every '.' replaced by '_' (see `kohya_names`). LoCon reads as LoRA; LyCORIS LoHa and LoKr read as
+the exact LoRA they equal (`lycoris`); the other LyCORIS algorithms are refused with the way to get
+a LoRA. DoRA is LyCORIS'
 `dora_scale`, (out, 1, …) with the norm per output row (`wd_on_out`, its default): PEFT's
 magnitude, so PEFT DoRA ↔ kohya is exact.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
 from ...io.values import scalar_alpha
 from .._modules import exact_scales, module_info
 from ..options import Feature, ReadOptions, WriteOptions
+from . import lycoris
 from . import names as kohya_names
 
 if TYPE_CHECKING:
@@ -34,7 +37,7 @@ NAME = "kohya"
 HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv", "dora"})
 NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl's own files need no --base
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
-LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}
+LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
 FULL_DELTAS = ("diff", "diff_b", "w_norm", "b_norm", "bias", "scale", "on_input", "weight")
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
@@ -61,10 +64,12 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     record = lineage.decode(header.metadata)
     findings: list[Finding] = []
     modules = {}
+    flattened = [paths[n] for n, keys in groups.items() if lycoris.is_lycoris(keys)]
+    base_shapes = _base_shapes(options.base, flattened) if options.base is not None and flattened else {}
     with Checkpoint(path) as ckpt:
         for name, keys in groups.items():
             alpha = scalar_alpha(ckpt.get(keys["alpha"]), keys["alpha"], path) if "alpha" in keys else None
-            info = _module_info(paths[name], keys, header.tensors, alpha, findings)
+            info = _module_info(paths[name], keys, header.tensors, alpha, base_shapes.get(paths[name]), findings)
             if info is not None:
                 modules[paths[name]] = info
     return AdapterInfo(
@@ -81,7 +86,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
 
 
 def read(path: Path, options: ReadOptions) -> Adapter:
-    """Load the adapter; `dora_scale` (out, 1) becomes the (out,) magnitude."""
+    """Load the adapter; `dora_scale` (out, 1) becomes the (out,) magnitude, LoHa/LoKr their exact LoRA."""
     from dataclasses import replace
 
     from ...io.checkpoint import Checkpoint
@@ -95,7 +100,11 @@ def read(path: Path, options: ReadOptions) -> Adapter:
             t = ckpt.get(key)
             return t.reshape(-1) if key.endswith(".dora_scale") else t
 
-        adapter = adapter_from_info(info, get)
+        plain = replace(info, modules={n: m for n, m in info.modules.items() if m.structure is None})
+        adapter = adapter_from_info(plain, get)
+        exact = {n: _exact_lora(m, get) for n, m in info.modules.items() if m.structure is not None}
+    if exact:
+        adapter = replace(adapter, modules=dict(sorted((adapter.modules | exact).items())))
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in _STALE_METADATA}
     return replace(adapter, meta=replace(adapter.meta, extra={"kohya_metadata": kept}))
 
@@ -145,7 +154,7 @@ def _group_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:
             raise FormatError(f"tensor {key!r} has no kohya prefix in a kohya file", path=path)
         name, _, leaf = key.partition(".")
         _check_leaf(path, key, name, leaf)
-        groups.setdefault(name, {})[LEAVES[leaf]] = key
+        groups.setdefault(name, {})[LEAVES.get(leaf, leaf)] = key
     return groups
 
 
@@ -158,7 +167,7 @@ def _check_leaf(path: Path, key: str, name: str, leaf: str) -> None:
                 hint="merge it into its base with the tool that made it (LyCORIS, ComfyUI, sd-scripts), then "
                 "'loractl extract BASE MERGED --rank R' gives a LoRA",
             )
-    if leaf in LEAVES:
+    if leaf in LEAVES or leaf in lycoris.ROLES:
         return
     for suffix in ("_lora_down", "_lora_up"):
         if name.endswith(suffix) and leaf == "weight":
@@ -171,12 +180,17 @@ def _check_leaf(path: Path, key: str, name: str, leaf: str) -> None:
             )
     kind = "a full delta or norm tensor" if leaf in FULL_DELTAS else "not a LoRA tensor loractl knows"
     raise FormatError(
-        f"tensor {key!r}: '.{leaf}' is {kind}", path=path, hint="loractl converts LoRA/LoCon modules only"
+        f"tensor {key!r}: '.{leaf}' is {kind}", path=path, hint="loractl reads LoRA, LoCon, LoHa and LoKr modules"
     )
 
 
 def _module_info(
-    module: str, keys: dict[str, str], entries: dict[str, TensorInfo], alpha: float | None, findings: list[Finding]
+    module: str,
+    keys: dict[str, str],
+    entries: dict[str, TensorInfo],
+    alpha: float | None,
+    base_shape: tuple[int, ...] | None,
+    findings: list[Finding],
 ) -> ModuleInfo | None:
     """One module: scale = alpha/rank, 1 without alpha; an (out, 1) dora_scale is the magnitude."""
     roles = {r: k for r, k in keys.items() if r != "alpha"}
@@ -191,11 +205,65 @@ def _module_info(
         shaped[roles["magnitude"]] = (entries[roles["magnitude"]].dtype, (shape[0],))
     if alpha == 0:
         findings.append(warning("zero-alpha", "alpha is 0: kohya reads it as alpha = rank (scale 1)", module))
+    if lycoris.is_lycoris(roles):
+        return _lycoris_info(module, roles, entries, alpha, base_shape, findings)
 
     def scale_of(rank: int) -> tuple[float, float | None, ScaleRule]:
         return (alpha / rank, alpha, "alpha/r") if alpha else (1.0, float(rank), "alpha/r")
 
     return module_info(module, roles, shaped, scale_of, findings)
+
+
+def _lycoris_info(
+    module: str,
+    roles: dict[str, str],
+    entries: dict[str, TensorInfo],
+    alpha: float | None,
+    base_shape: tuple[int, ...] | None,
+    findings: list[Finding],
+) -> ModuleInfo | None:
+    """A LoHa/LoKr module, its dora_scale (if any) one value per output row as for LoRA."""
+    from dataclasses import replace
+
+    info = lycoris.module_info(module, {r: k for r, k in roles.items() if r != "magnitude"}, entries, alpha,
+                               base_shape, findings)  # fmt: skip
+    if info is None or "magnitude" not in roles:
+        return info
+    key = roles["magnitude"]
+    if entries[key].shape[0] != info.out_features:
+        findings.append(error("magnitude-shape", f"dora_scale is {list(entries[key].shape)}", module))
+        return None
+    return replace(
+        info,
+        keys=info.keys | {"magnitude": key},
+        shapes=info.shapes | {"magnitude": (info.out_features,)},
+        dtypes=info.dtypes | {"magnitude": entries[key].dtype},
+    )
+
+
+def _exact_lora(m: ModuleInfo, get: Callable[[str], torch.Tensor]) -> LoraModule:
+    """The LoRA a LoHa/LoKr module equals (`lycoris.exact_factors`), alpha = scale·rank."""
+    from ...adapter import LoraModule
+
+    tensors = {role: get(key) for role, key in m.keys.items()}
+    a, b = lycoris.exact_factors(m, tensors)
+    rank = int(a.shape[0])
+    return LoraModule(A=a, B=b, scale=m.scale, alpha=m.scale * rank, kind=m.kind, magnitude=tensors.get("magnitude"))
+
+
+def _base_shapes(base: Path, modules: list[str]) -> dict[str, tuple[int, ...]]:
+    """The base's weight shape of each module (LoHa/LoKr conv kernels are stored flattened)."""
+    from ...io.checkpoint import Checkpoint
+
+    out = {}
+    with Checkpoint(base) as ckpt:
+        for module in modules:
+            component = next((c for c in kohya_names.PREFIXES.values() if c and module.startswith(c)), "")
+            for name in (f"{module}.weight", f"{module[len(component) :]}.weight"):
+                if name in ckpt:
+                    out[module] = tuple(ckpt.info(name).shape)
+                    break
+    return out
 
 
 def _refuse_unheld(adapter: Adapter) -> None:
