@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ._input_options import ALPHA_HELP, Inputs, input_options
 from ._output import emit_json, stdout, warn
+
+if TYPE_CHECKING:
+    from ..ops.algebra_result import ModuleChange
 
 
 @click.command("convert")
@@ -15,6 +20,9 @@ from ._output import emit_json, stdout, warn
 @click.option(
     "--allow-loss", is_flag=True, help="Write even if the target cannot hold all of the adapter (recorded as lost)."
 )
+@click.option("--rank", type=int, default=None, help="Truncate every module to this rank first (as resize does).")
+@click.option("--energy", type=float, default=None, help="Truncate each module to keep this share of ‖ΔW‖²_F.")
+@click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy chooses.")
 @click.option("--no-verify", is_flag=True, help="Skip reading the output back and comparing ΔW.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
@@ -24,6 +32,9 @@ def command(
     output: str,
     to: str,
     allow_loss: bool,
+    rank: int | None,
+    energy: float | None,
+    max_rank: int | None,
     no_verify: bool,
     force: bool,
     as_json: bool,
@@ -35,6 +46,10 @@ def command(
     tensors, embedding LoRA) is refused, with the loss measured (--base measures DoRA and
     full tensors); --allow-loss writes it anyway and records the loss.
 
+    LyCORIS LoHa/LoKr files read as the exact LoRA they equal (rank r1·r2, or the product of
+    the Kronecker factors' ranks); --rank or --energy truncates every module optimally, the
+    error per module in the report (a loss: refused without --allow-loss).
+
     \b
     Examples:
       loractl convert my-lora.safetensors -o my-lora-peft --to peft --base sd15/unet
@@ -42,8 +57,15 @@ def command(
       loractl convert mlx-adapters/ -o peft-adapter --to peft
       loractl convert adapters.npz -o peft-adapter --to peft --scale 20
       loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
+      loractl convert loha.safetensors -o peft-r16 --to peft --rank 16 --allow-loss --base sd15/unet
     """
     from ..ops.convert import convert
+    from ..ops.lowrank import RankRule
+
+    rule = None
+    if rank is not None or energy is not None or max_rank is not None:
+        rule = RankRule(rank=rank, energy=energy, max_rank=max_rank)
+        rule.check()
 
     report = convert(
         adapter,
@@ -57,12 +79,15 @@ def command(
         verify_output=not no_verify,
         allow_pickle=inputs.read.allow_pickle,
         force=force,
+        rank=rule,
     )
     for note in (*report.warnings, *(f"lost: {x.describe()}" for x in report.lost)):
         warn(note)  # exact folds stay silent (they are in --json)
     if as_json:
         emit_json(report.to_dict())
         return
+    if report.truncated:
+        _print_truncation(report.truncated)
     check = f"max relative ΔW error {report.max_error:.2e}" if report.verified else "not verified (--no-verify)"
     if report.lost:
         check = f"LOSSY (see 'lost:' above); as planned: {check}"
@@ -71,3 +96,11 @@ def command(
         f"{report.modules} modules, {check}",
         highlight=False,
     )
+
+
+def _print_truncation(changes: tuple[ModuleChange, ...]) -> None:
+    """Per module: rank before → after and the relative error of the truncation."""
+    from ._text import name_table
+
+    rows = [(c.module, f"{c.rank_in} → {c.rank_out}", f"{c.rel_error:.3e}") for c in changes]
+    stdout.print(name_table(stdout, ("module", "rank", "rel error"), rows, title="truncation per module"))

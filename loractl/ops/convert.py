@@ -1,7 +1,8 @@
 """Convert an adapter between formats through the canonical model, and prove ΔW survived.
 
-read (any format) → plan (what the target holds, folds exactly, or loses, and how much of
-the adapter's effect a loss carries) → refuse a loss unless allowed → write into a temporary
+read (any format) → truncate every module (`rank`: a `RankRule`, as `resize` does; needed for a
+LyCORIS LoHa/LoKr read as its exact, higher-rank LoRA) → plan (what the target holds, folds exactly,
+or loses, and how much of the adapter's effect a loss carries) → refuse a loss unless allowed → write into a temporary
 path → read it back → compare every module's scale·B·A with the plan in float64 → rename
 into place. A refused or failed conversion leaves nothing at the output path.
 """
@@ -18,7 +19,9 @@ from ..errors import AdapterError, NumericError, UsageError
 from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
 from ..io.atomic import atomic_output, ensure_distinct
-from .convert_loss import LOSS_NAMES, Loss, affected, measure_losses
+from .lowrank import RankRule
+from .algebra_result import ModuleChange
+from .convert_loss import LOSS_NAMES, TRUNCATION, Loss, affected, measure_losses, truncation_loss
 from .convert_verify import Verification, verify
 
 EXACT_FOLD = 4 * 2**-24  # a measured loss within float32 rounding of the merged weights is an exact fold
@@ -48,10 +51,11 @@ class ConvertReport:
     max_error: float | None
     worst_module: str | None
     warnings: tuple[str, ...]
+    truncated: tuple[ModuleChange, ...] = ()  # per module with `rank`: ranks and ‖ΔW − ΔW'‖_F / ‖ΔW‖_F
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
-        return out | {"lost": [loss.to_dict() for loss in self.lost]}
+        return out | {"lost": [loss.to_dict() for loss in self.lost], "truncated": [vars(c) for c in self.truncated]}
 
 
 def convert(
@@ -67,8 +71,10 @@ def convert(
     verify_output: bool = True,
     allow_pickle: bool = False,
     force: bool = False,
+    rank: RankRule | None = None,
 ) -> ConvertReport:
-    """Convert `source` to format `to` at `output`.
+    """Convert `source` to format `to` at `output`; with `rank`, every module is first truncated to the
+    rank the rule chooses (optimally, from its factors), the error per module in the report.
 
     Raises:
         UsageError: unknown format, output equal to the input, a missing --base/--alpha/--scale.
@@ -84,13 +90,23 @@ def convert(
     read_options = ReadOptions(allow_pickle=allow_pickle, base=base_path, alpha=alpha, scale=scale)
     adapter = load_adapter(source, format=source_format, options=read_options)
     src_format = source_format or detect_format(source)
+    truncated: tuple[ModuleChange, ...] = ()
+    cut: Loss | None = None
+    if rank is not None:
+        from .resize import resize
+
+        result = resize(adapter, rank)
+        cut = truncation_loss(adapter, result.report, EXACT_FOLD)
+        adapter, truncated = result.adapter, result.report
     plan = plan_conversion(adapter, to, base=base_path)
+    if cut is not None:
+        plan = replace(plan, lost=(cut, *plan.lost))
     if plan.lost and not allow_loss:
         raise AdapterError(f"converting to {to} would lose {'; '.join(x.describe() for x in plan.lost)}; "
                            "nothing was written", path=source, hint=_loss_hint(plan.lost))  # fmt: skip
     params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "allow_loss": allow_loss}
     results = {"folded": plan.folded, "lost": [x.to_dict() for x in plan.lost]}
-    entry = lineage.new_entry("convert", params, [adapter.content_hash()], results)
+    entry = lineage.new_entry("convert", params, [adapter.content_hash()], results)  # after a resize entry
     target = plan.adapter.with_lineage(entry)
     with atomic_output(output, force=force) as tmp:
         save_adapter(target, tmp, format=to, options=WriteOptions(base=base_path, alpha=alpha))
@@ -107,6 +123,7 @@ def convert(
         max_error=check.max_error if check else None,
         worst_module=check.worst if check else None,
         warnings=adapter.warnings,
+        truncated=truncated,
     )
 
 
@@ -134,7 +151,9 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None) -> C
 
 
 def _loss_hint(lost: tuple[Loss, ...]) -> str:
-    """--allow-loss, and the formats that would hold everything."""
+    """--allow-loss, and the formats that would hold everything (a truncation: a higher rank)."""
+    if any(x.what == TRUNCATION for x in lost):
+        return "--allow-loss converts anyway and records the error per module; a higher --rank or --energy loses less"
     features = {f for f, name in LOSS_NAMES.items() if any(x.what == name for x in lost)}
     holders = [f for f in FORMATS if features <= format_holds(f)]
     where = f"; {', '.join(holders)} hold{'s' * (len(holders) == 1)} it all" if holders else ""

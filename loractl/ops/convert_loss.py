@@ -24,6 +24,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..formats.options import Feature
 from ..io.checkpoint import Checkpoint
+from .algebra_result import ModuleChange
 from .merge_kernel import deltas_norm, merged_float32, module_delta
 
 LOSS_NAMES: dict[Feature, str] = {
@@ -64,6 +65,21 @@ class Loss:
             "update_change": self.update_change,
             "weight_change": self.weight_change,
         }
+
+
+TRUNCATION = "rank truncation"
+
+
+def truncation_loss(adapter: Adapter, changes: tuple[ModuleChange, ...], exact: float) -> Loss | None:
+    """The share of `adapter`'s effect a per-module rank truncation drops (None when every module's
+    error is within `exact`): √(Σ errᵢ²·‖ΔWᵢ‖² / Σ ‖ΔWᵢ‖²), from the factors (no base needed)."""
+    lossy = tuple(c for c in changes if c.rel_error > exact)
+    if not lossy:
+        return None
+    norms = {n: deltas_norm([module_delta(m, 1.0)]) ** 2 for n, m in adapter.modules.items()}
+    total = sum(norms.values())
+    lost = sum(c.rel_error**2 * norms[c.module] for c in changes)
+    return Loss(TRUNCATION, len(lossy), tuple(c.module for c in lossy), math.sqrt(lost / total) if total else 0.0, None)
 
 
 def measure_losses(adapter: Adapter, lost: list[Feature], base: Path | None) -> tuple[Loss, ...]:
