@@ -103,4 +103,4 @@ def _print_truncation(changes: tuple[ModuleChange, ...]) -> None:
     from ._text import name_table
 
     rows = [(c.module, f"{c.rank_in} → {c.rank_out}", f"{c.rel_error:.3e}") for c in changes]
-    stdout.print(name_table(stdout, ("module", "rank", "rel error"), rows, title="truncation per module"))
+    stdout.print(name_table(stdout.get(), ("module", "rank", "rel error"), rows, title="truncation per module"))

@@ -19,10 +19,10 @@ from ..errors import AdapterError, NumericError, UsageError
 from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
 from ..io.atomic import atomic_output, ensure_distinct
-from .lowrank import RankRule
 from .algebra_result import ModuleChange
 from .convert_loss import LOSS_NAMES, TRUNCATION, Loss, affected, measure_losses, truncation_loss
 from .convert_verify import Verification, verify
+from .lowrank import RankRule
 
 EXACT_FOLD = 4 * 2**-24  # a measured loss within float32 rounding of the merged weights is an exact fold
 
