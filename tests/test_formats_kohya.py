@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loractl.adapter import Adapter, LoraModule
-from loractl.errors import FormatError, UsageError
+from loractl.errors import AdapterError, FormatError, UsageError
 from loractl.formats import detect_format, load_adapter, save_adapter
 from loractl.formats.kohya import NAMES_KEY
 from loractl.formats.kohya.names import resolve
@@ -168,7 +168,7 @@ def test_loractl_files_need_no_base_and_foreign_ones_do(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("leaf", "algo"),
-    [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("lora_mid.weight", "Tucker")],
+    [("oft_blocks", "OFT"), ("a1.weight", "GLoRA"), ("lora_mid.weight", "Tucker")],
 )
 def test_lycoris_algorithms_are_refused_with_a_way_out(tmp_path: Path, leaf: str, algo: str) -> None:
     path = _kohya_file(
@@ -178,6 +178,17 @@ def test_lycoris_algorithms_are_refused_with_a_way_out(tmp_path: Path, leaf: str
     with pytest.raises(FormatError, match=algo) as e:
         load_adapter(path)
     assert e.value.hint and "merge" in e.value.hint and "extract" in e.value.hint
+
+
+@pytest.mark.parametrize(("leaf", "missing"), [("hada_w1_a", "hada_w1_b"), ("lokr_w1", "lokr_w2")])
+def test_incomplete_loha_lokr_is_refused_naming_the_missing_tensor(tmp_path: Path, leaf: str, missing: str) -> None:
+    """LoHa/LoKr are read (tests/test_interop_lycoris.py); one missing its other factors is a structural error."""
+    path = _kohya_file(
+        tmp_path / "l.safetensors", {f"lora_unet_mid_block_attentions_0_proj_in.{leaf}": torch.ones(2, 2)}
+    )
+    with pytest.raises(AdapterError, match=missing) as e:
+        load_adapter(path)
+    assert e.value.hint and "validate" in e.value.hint
 
 
 def test_locon_conv_reads_as_lora_and_in_axis_dora_is_refused(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ def exact_factors(info: ModuleInfo, tensors: dict[str, torch.Tensor]) -> tuple[t
     else:
         p1, q1 = _lokr_w1(t)
         p2, q2 = _lokr_w2(t)
-        b, a = torch.kron(p1, p2), torch.kron(q1, q2)
+        b, a = _kron(p1, p2), _kron(q1, q2)
     if b.shape[1] >= min(b.shape[0], a.shape[1]):
         b, a = _full(b @ a)  # as wide as the matrix: the dense ΔW itself, times an identity
     dtype = torch.float64 if all(x.dtype == torch.float64 for x in tensors.values()) else torch.float32
@@ -222,6 +222,11 @@ def exact_factors(info: ModuleInfo, tensors: dict[str, torch.Tensor]) -> tuple[t
     a = a.reshape(k, info.in_features, *kernel).to(dtype).contiguous()
     b = b.reshape(info.out_features, k, *[1] * len(kernel)).to(dtype).contiguous()
     return a, b
+
+
+def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """kron of two matrices by broadcasting (torch 2.13's `kron` fails on a transposed (n, 1) view)."""
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(x.shape[0] * y.shape[0], x.shape[1] * y.shape[1])
 
 
 def _loha_side(t: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
