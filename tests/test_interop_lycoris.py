@@ -66,27 +66,34 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _write(lycoris: Any, tmp_path: Path, config: str) -> tuple[Path, Path, Any, Net]:
+def _write(
+    lycoris: Any, tmp_path: Path, config: str, dtype: torch.dtype | None = None, **extra: Any
+) -> tuple[Path, Path, Any, Net]:
     """(base file, LyCORIS file, the network, the model): random non-zero weights (seeded), saved by
-    LyCORIS' own `save_weights`; the network and model are then float64 for the reference."""
+    LyCORIS' own `save_weights` (in `dtype`); the network and model are then float64, holding the
+    values the file holds, for the reference."""
+    from safetensors.torch import load_file
+
     torch.manual_seed(0)
     model = Net()
     base = tmp_path / "base.safetensors"
     save_tensors(base, {k: v.contiguous() for k, v in model.state_dict().items()}, {})
-    args = dict(CONFIGS[config])
+    args = CONFIGS[config] | extra
     net = lycoris.create_lycoris(model, 1.0, args.pop("linear_dim"), args.pop("linear_alpha"), preset="full", **args)
     net.apply_to()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for lora in net.loras:
-            for p in lora.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            for name, p in lora.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(p * (1 + 0.1 * noise) if name == "dora_scale" else 0.2 * noise)
             if getattr(lora, "use_w1", False) and getattr(lora, "use_w2", False):
                 lora.alpha.fill_(7.0)  # LyCORIS ignores the alpha of a full ⊗ full LoKr (scale 1)
     path = tmp_path / f"{config}.safetensors"
-    net.save_weights(str(path), None, {"ss_network_module": "lycoris.kohya"})
+    net.save_weights(str(path), dtype, {"ss_network_module": "lycoris.kohya"})
     net.double()
     model.double()
+    net.load_state_dict({k: v.double() for k, v in load_file(str(path)).items()})
     return base, path, net, model
 
 
@@ -122,6 +129,37 @@ def test_delta_equals_lycoris(lycoris: Any, tmp_path: Path, config: str) -> None
         mine = F.conv2d(conv, model.proj.weight + d["proj"], model.proj.bias)
     assert rel(x @ d["fc1"].T, fc1 - plain_fc1) < 1e-6
     assert rel(mine - plain_proj, proj - plain_proj) < 1e-6
+
+
+@pytest.mark.parametrize("config", ["loha", "lokr-both"])
+def test_bfloat16_files(lycoris: Any, tmp_path: Path, config: str) -> None:
+    """A file LyCORIS saved in bfloat16 (as trainers usually do): the factors are multiplied in float64."""
+    base, path, net, _ = _write(lycoris, tmp_path, config, torch.bfloat16)
+    adapter = load_adapter(path, options=ReadOptions(base=base))
+    for name, delta in _reference(net).items():
+        assert adapter.modules[name].A.dtype == torch.float32
+        assert rel(adapter.modules[name].delta_weight(torch.float64), delta) < 1e-6, name
+
+
+@pytest.mark.parametrize("config", ["loha", "lokr-full-w1"])
+def test_dora_merge_equals_lycoris_forward(lycoris: Any, tmp_path: Path, config: str) -> None:
+    """LoHa/LoKr with DoRA (`dora_wd`, LyCORIS' per-output-row `dora_scale`): `loractl merge` gives the outputs
+    of LyCORIS' forward pass."""
+    base, path, net, model = _write(lycoris, tmp_path, config, dora_wd=True)
+    x, y = _inputs()
+    with torch.no_grad():
+        fc1, proj = model(x, y)
+        net.restore()
+        plain_fc1, plain_proj = model(x, y)
+    code, _, err = run_cli("merge", base, path, "-o", tmp_path / "merged", "--dtype", "float32")
+    assert code == 0, err
+    with Checkpoint(tmp_path / "merged") as merged:
+        w = {n: merged.get(f"{n}.weight").double() for n in ("fc1", "conv", "proj")}
+    with torch.no_grad():
+        mine_fc1 = F.linear(x, w["fc1"], model.fc1.bias)
+        mine = F.conv2d(F.conv2d(y, w["conv"], model.conv.bias, padding=1), w["proj"], model.proj.bias)
+    assert rel(mine_fc1 - plain_fc1, fc1 - plain_fc1) < 1e-5
+    assert rel(mine - plain_proj, proj - plain_proj) < 1e-5
 
 
 @pytest.mark.parametrize("config", ["loha", "lokr-full-w1"])
