@@ -5,7 +5,7 @@ Adding a format is one module and one line in `FORMATS`; detection tries them in
 One naming rule for what lives here: a public name is a format or the options all formats take.
 - A format in one file is a module: `diffusers`, `loralib`, `mlx`, `torchtune`.
 - A format in several files is a subpackage whose `__init__` holds the verbs and whose modules
-  name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`), `peft/` (`config`, `writer`).
+  name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`, `lycoris`), `peft/` (`config`, `writer`).
 - `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
 - Helpers shared by several formats start with an underscore and stay inside `formats/`:
   `_global_alpha`, `_modules`, `_reading`, `_record`, `_rope`, `_state_dict`.
