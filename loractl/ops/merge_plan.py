@@ -305,9 +305,11 @@ def _stored_shape(m: ModuleInfo) -> tuple[int, ...]:
 
 
 def _shape_message(m: ModuleInfo, source: str, actual: tuple[int, ...]) -> str:
-    a, b = tuple(m.shapes["A"]), tuple(m.shapes["B"])
     layout = " (fan_in_fan_out: stored as in × out)" if m.fan_in_fan_out else ""
-    return f"adapter A {a} and B {b} make a {m.kind} ΔW of {_stored_shape(m)}{layout}, but base {source!r} is {actual}"
+    made = (
+        f"{m.structure.describe()}" if m.structure else f"adapter A {tuple(m.shapes['A'])} and B {tuple(m.shapes['B'])}"
+    )
+    return f"{made} make{'s' * bool(m.structure)} a {m.kind} ΔW of {_stored_shape(m)}{layout}, but base {source!r} is {actual}"
 
 
 def _tensor_json(t: TensorPlan) -> dict[str, Any]:
