@@ -24,6 +24,7 @@ refused and the others read as linear.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 from ...findings import Finding, error
@@ -78,6 +79,9 @@ def module_info(
             )
             return None
         in_features, kernel = base_shape[1], tuple(base_shape[2:])
+        k = math.prod(kernel)  # the sides' input parts held the kernel: (out, in·k·k) → (out, in)
+        w2 = replace(w2, shape=(w2.shape[0], w2.shape[1] // k))
+        w1 = replace(w1, shape=(w1.shape[0], w1.shape[1] // k)) if algo == "LoHa" else w1
     elif not kernel and base_shape is None and "conv" in module.rsplit(".", 1)[-1]:
         findings.append(
             error(
