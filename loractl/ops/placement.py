@@ -119,7 +119,11 @@ def plan_placements(
 
 def _unsupported(info: AdapterInfo) -> list[Finding]:
     out = [error("full-unsupported", f"full tensor {n!r} cannot be merged into this base") for n in info.full_tensors]
-    out += [error("bias-unsupported", "lora_B.bias cannot be merged into this base", n) for n, m in info.modules.items() if m.bias]
+    out += [
+        error("bias-unsupported", "lora_B.bias cannot be merged into this base", n)
+        for n, m in info.modules.items()
+        if m.bias
+    ]
     return out
 
 

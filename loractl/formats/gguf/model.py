@@ -89,7 +89,9 @@ class GgufBase:
     def place(self, module: str, m: ModuleInfo, adapter_arch: str | None) -> Placement | Finding:
         """The tensor `module` updates, or why it has none."""
         if adapter_arch and adapter_arch != self.arch:
-            return error("base-architecture", f"a {adapter_arch} adapter cannot merge into this {self.arch} model", module)
+            return error(
+                "base-architecture", f"a {adapter_arch} adapter cannot merge into this {self.arch} model", module
+            )
         stem = gguf_names.to_gguf(self.tmap, module)
         key = f"{stem}.weight"
         if stem is None or key not in self.tensors:
