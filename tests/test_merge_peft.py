@@ -1,8 +1,9 @@
 """merge against PEFT's `merge_and_unload()` on tiny transformers models (sharded, fp32 and bf16).
 
-fp32: every merged tensor within a relative 1e-6 of PEFT's (max |a − b| / max |b|); bf16: every
-element identical or one bf16 ulp apart. The merged checkpoints must also load in transformers and
-give PEFT's logits.
+LoRA: every element bit-identical to PEFT's, in fp32 (where each float32 rounding shows) and bf16,
+row blocks included. DoRA (PEFT takes its norms in another order): fp32 within a relative 1e-6 of
+PEFT's (max |a − b| / max |b|), bf16 identical or one bf16 ulp apart. The merged checkpoints must
+also load in transformers and give PEFT's logits.
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ def peft_merged(base: Path, adapter: Path, model_cls: Any, dtype: torch.dtype) -
     return model.merge_and_unload()
 
 
-def assert_matches_peft(ours: Path, peft_model: Any, dtype: torch.dtype) -> None:
+def assert_matches_peft(ours: Path, peft_model: Any, dtype: torch.dtype, exact: bool = False) -> None:
     want = peft_model.state_dict()
     with Checkpoint(ours) as ckpt:
         assert set(ckpt.names) <= set(want)
         for name in ckpt.names:
             got, ref = ckpt.get(name), want[name].detach()
             assert got.dtype == ref.dtype == dtype, name
-            if dtype == torch.float32:
+            if exact:
+                assert torch.equal(got, ref), (name, int((got != ref).sum()))
+            elif dtype == torch.float32:
                 err = (got - ref).abs().max().item()
                 assert err <= 1e-6 * ref.abs().max().item(), (name, err)
             else:
@@ -87,7 +90,7 @@ def test_fixture_adapters_match_peft(llama_bases: dict[str, Path], tmp_path: Pat
     report = merge(llama_bases[dtype], [path], tmp_path / "out")
     assert len(report.shards) >= 2
     reference = peft_merged(llama_bases[dtype], path, transformers.LlamaForCausalLM, DTYPES[dtype])
-    assert_matches_peft(tmp_path / "out", reference, DTYPES[dtype])
+    assert_matches_peft(tmp_path / "out", reference, DTYPES[dtype], exact=adapter != "tiny-dora")
     assert_same_logits(tmp_path / "out", reference, transformers.LlamaForCausalLM, DTYPES[dtype])
 
 
@@ -97,7 +100,7 @@ def test_embedding_lora_matches_peft(llama_bases: dict[str, Path], tmp_path: Pat
                            target_modules=["embed_tokens", "lm_head", "down_proj"])  # fmt: skip
     merge(base, [adapter], tmp_path / "out")
     reference = peft_merged(base, adapter, transformers.LlamaForCausalLM, torch.float32)
-    assert_matches_peft(tmp_path / "out", reference, torch.float32)
+    assert_matches_peft(tmp_path / "out", reference, torch.float32, exact=True)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -109,7 +112,7 @@ def test_gpt2_conv1d_matches_peft(tmp_path: Path, dora: bool) -> None:
                            target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, use_dora=dora)  # fmt: skip
     merge(tmp_path / "base", [adapter], tmp_path / "out")
     reference = peft_merged(tmp_path / "base", adapter, transformers.GPT2LMHeadModel, torch.float32)
-    assert_matches_peft(tmp_path / "out", reference, torch.float32)
+    assert_matches_peft(tmp_path / "out", reference, torch.float32, exact=not dora)
     assert_same_logits(tmp_path / "out", reference, transformers.GPT2LMHeadModel, torch.float32)
 
 
@@ -134,3 +137,45 @@ def test_untied_head_gives_peft_logits(tmp_path: Path) -> None:
     assert not merged.config.tie_word_embeddings
     emb = base_model.get_input_embeddings().weight
     assert torch.equal(merged.get_input_embeddings().weight, emb)
+
+
+class _TwoLinears(torch.nn.Module):
+    """A bare model for PEFT: two linear layers whose row counts leave odd-sized last blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(40, 50, bias=False)
+        self.b = torch.nn.Linear(40, 31, bias=False)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("rank", "alpha"), [(4, 8), (3, 4)], ids=["scale-2", "scale-4/3"])
+def test_row_blocks_are_bit_identical_to_peft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, rank: int, alpha: int
+) -> None:
+    """Blocks of a few rows, a last block that would be 1–3 rows (MKL rounds such small products
+    otherwise), and a scale that is not a power of two: every element equal to PEFT's, in float32
+    (where every rounding shows) and in bf16."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loractl.io.safetensors_writer import save_tensors
+    from loractl.ops import merge_kernel
+
+    monkeypatch.setattr(merge_kernel, "BLOCK_ELEMENTS", 3 * 40)  # 3-row steps: 50 = 16·3 + 2, 31 = 10·3 + 1
+    torch.manual_seed(7)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["a", "b"], init_lora_weights=False)
+    peft_model = get_peft_model(_TwoLinears(), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = peft_model.get_base_model()
+    (tmp_path / "base").mkdir()
+    weights = {n: getattr(base, n).base_layer.weight.detach().to(DTYPES[dtype]) for n in ("a", "b")}
+    save_tensors(tmp_path / "base" / "model.safetensors", {f"{n}.weight": w for n, w in weights.items()})
+    merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")
+
+    fresh = _TwoLinears().to(DTYPES[dtype])
+    fresh.load_state_dict({f"{n}.weight": w for n, w in weights.items()})
+    want = PeftModel.from_pretrained(fresh, tmp_path / "adapter").merge_and_unload()
+    with Checkpoint(tmp_path / "out") as ckpt:
+        for n in ("a", "b"):
+            got, ref = ckpt.get(f"{n}.weight"), getattr(want, n).weight.detach()
+            assert got.dtype == ref.dtype and torch.equal(got, ref), (n, int((got != ref).sum()))

@@ -34,7 +34,7 @@ CAP = 512 * 10**6  # the issue's peak-RSS goal, whatever the tensor size
 def test_many_blocks_through_the_pool_match_the_dense_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Blocks of 3 rows: every tensor crosses the 4-buffer pool many times, in order."""
+    """Blocks of 4 rows (`MIN_ROWS`, the fewest): every tensor crosses the 4-buffer pool many times, in order."""
     monkeypatch.setattr(merge_kernel, "BLOCK_ELEMENTS", 3 * 40)
     monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 3 * 40)
     shapes = {"a.weight": (50, 40), "b.weight": (31, 40), "c.weight": (7, 40), "n.weight": (40,)}

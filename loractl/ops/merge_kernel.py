@@ -8,9 +8,16 @@ weight in, so one loop serves linear, Conv1D (`fan_in_fan_out`), conv and embedd
     Conv1D/emb  left = Aᵀ (in|vocab, r)   right = Bᵀ (r, out|dim)   the stored weight is transposed
 
 A float32 buffer of a few MB holds one block of rows: the weight never exists in float32 as a
-whole, and each block is converted, updated in place (`addmm_`) and cast back while it is in cache.
+whole, and each block is converted, updated in place and cast back while it is in cache.
 The blocks can run on an accelerator (`device`); the bytes written are those of the CPU merge
 wherever float32 `addmm` rounds as the CPU's does (TF32 stays off: torch's default for matmul).
+
+The float32 arithmetic is PEFT's, operation for operation, so a bf16 merge is bit-identical to
+`merge_and_unload`: ΔW = (B @ A) rounded, times the scale rounded, added to W rounded, then the
+cast. Two details make that hold for row blocks: MKL's sgemm takes another kernel for products
+of fewer than 4 rows, whose float32 sums round differently from those of the whole product
+(`MIN_ROWS`), and a scale folded into `addmm_`'s alpha skips one rounding unless it is a power
+of two (`_exact_alpha`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -26,6 +34,7 @@ from ..adapter import LoraModule
 from .linalg import factored_frobenius
 
 BLOCK_ELEMENTS = 1 << 20  # float32 elements per row block (4 MB)
+MIN_ROWS = 4  # rows per block at least: below 4, MKL's sgemm rounds its sums otherwise than for the whole ΔW
 THREADS = 1  # torch intra-op threads while merging; see `kernel_threads`
 
 
@@ -132,20 +141,21 @@ def merged_blocks(
         return
     device = device or torch.device("cpu")
     dora = [d for d in deltas if d.magnitude is not None]
-    block = rows if any(d.per_column for d in dora) else max(1, min(rows, BLOCK_ELEMENTS // max(cols, 1)))
+    bounds = [0, rows] if any(d.per_column for d in dora) else block_bounds(rows, cols)
     on_device = [_to(d, device) for d in deltas]
+    block = max(b - a for a, b in pairwise(bounds))
     buf = torch.empty(block, cols, dtype=torch.float32, device=device)
     start_buf = torch.empty_like(buf) if dora else None
     rounds = itemsize < 4  # bf16/f16 outputs lose bits
     back_buf = torch.empty_like(buf) if rounds and start_buf is None else buf
-    for start in range(0, rows, block):
-        stop = min(start + block, rows)
+    scratch = None if all(_exact_alpha(d) for d in deltas) else torch.empty_like(buf)
+    for start, stop in pairwise(bounds):
         cur = buf[: stop - start]
         cur.copy_(rows_of(start, stop))
         stats.weight_sq += _rows_sq(cur)
         first = None if start_buf is None else start_buf[: stop - start].copy_(cur)
         for d in on_device:
-            _apply(cur, first, d, start, stop)
+            _apply(cur, first, d, start, stop, None if scratch is None else scratch[: stop - start])
         nbytes = cur.numel() * itemsize
         raw, owner = out_block(nbytes)
         out = raw[:nbytes].view(out_dtype).view(cur.shape)
@@ -162,6 +172,15 @@ def merged_blocks(
         if device.type != "cpu":
             out.copy_(rounded)
         yield out, owner
+
+
+def block_bounds(rows: int, cols: int) -> list[int]:
+    """Where the row blocks of a (rows, cols) weight start, then `rows`: at most `BLOCK_ELEMENTS` each,
+    balanced (sizes differ by one row at most) so that none has fewer than `MIN_ROWS` rows (a weight
+    of fewer rows is one block, as PEFT's product is)."""
+    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+    count = max(1, min(-(-rows // step), rows // MIN_ROWS))
+    return [i * rows // count for i in range(count + 1)]
 
 
 def merged_float32(weight: torch.Tensor, deltas: Sequence[Delta]) -> tuple[torch.Tensor, float]:
@@ -195,10 +214,21 @@ def _to(d: Delta, device: torch.device) -> Delta:
     return Delta(d.left.to(device), d.right.to(device), d.factor, m, d.per_column)
 
 
-def _apply(cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, stop: int) -> None:
+def _exact_alpha(d: Delta) -> bool:
+    """Whether `addmm_(alpha=factor)` rounds as PEFT's `W + (B @ A) * scale`: when factor·(B @ A) is
+    exact, a power of two (1 included), or a DoRA update (it is not an `addmm_`)."""
+    return d.magnitude is not None or math.frexp(d.factor)[0] in (0.5, -0.5)
+
+
+def _apply(
+    cur: torch.Tensor, first: torch.Tensor | None, d: Delta, start: int, stop: int, scratch: torch.Tensor | None
+) -> None:
     left = d.left[start:stop]
     if d.magnitude is None:
-        cur.addmm_(left, d.right, alpha=d.factor)
+        if scratch is None or _exact_alpha(d):
+            cur.addmm_(left, d.right, alpha=d.factor)
+        else:  # PEFT's order: the product rounded, then scaled and rounded, then added
+            cur.add_(torch.mm(left, d.right, out=scratch).mul_(d.factor))
         return
     assert first is not None
     delta = torch.mm(left, d.right).mul_(d.factor)
