@@ -395,11 +395,13 @@ def test_cli_merge_json_report(base: Path, tmp_path: Path) -> None:
 
 
 def test_cli_module_and_dry_run_do_not_import_torch(fixtures_dir: Path) -> None:
+    """Nor does the merge module itself: `execute_merge` starts hashing the base before importing torch."""
     adapter = fixtures_dir / "adapters" / "tiny-qv"
     code = (
         "import sys; from loractl.cli import main\n"
         f"try: main(['merge', {str(fixtures_dir / 'tiny-llama')!r}, {str(adapter)!r}, '--dry-run', '--json'])\n"
         "except SystemExit as e: assert not e.code\n"
+        "import loractl.ops.merge\n"
         "sys.exit('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)

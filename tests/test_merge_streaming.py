@@ -22,7 +22,6 @@ import torch
 from loractl.adapter import Adapter, LoraModule
 from loractl.errors import NumericError, UsageError
 from loractl.io.checkpoint import Checkpoint
-from loractl.ops import merge as merge_mod
 from loractl.ops import merge_kernel
 from loractl.ops.merge import RECORD_NAME, ROUNDING_WARN, merge
 from tests.helpers import random_module, raw, run_cli, save, tensors, tiny_base
@@ -36,7 +35,6 @@ def test_many_blocks_through_the_pool_match_the_dense_reference(
 ) -> None:
     """Blocks of 4 rows (`MIN_ROWS`, the fewest): every tensor crosses the 4-buffer pool many times, in order."""
     monkeypatch.setattr(merge_kernel, "BLOCK_ELEMENTS", 3 * 40)
-    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 3 * 40)
     shapes = {"a.weight": (50, 40), "b.weight": (31, 40), "c.weight": (7, 40), "n.weight": (40,)}
     base = tiny_base(tmp_path / "base", shapes, dtype=torch.bfloat16)
     mods = {"a": random_module(50, 40, 4, seed=1), "b": random_module(31, 40, 2, seed=2)}
@@ -254,3 +252,11 @@ def test_the_write_queue_keeps_order_raises_the_first_error_and_still_closes(tmp
         with pytest.raises(OSError):
             q.buffer(8)
     assert closed == [2]
+
+
+def test_a_stopped_fingerprint_is_abandoned(tmp_path: Path) -> None:
+    """The merge hashes the base beside its work; once that work fails it stops the hash, not waits for it."""
+    base = tiny_base(tmp_path / "base", {"a.weight": (8, 4)})
+    with Checkpoint(base) as ckpt:
+        assert ckpt.fingerprint(["a.weight"], stop=lambda: True) == ""
+        assert ckpt.fingerprint(["a.weight"], stop=lambda: False) == ckpt.fingerprint(["a.weight"]) != ""

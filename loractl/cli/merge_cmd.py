@@ -99,7 +99,7 @@ def command(
         return
     if output is None:
         raise UsageError("missing -o/--output", hint="name the output directory, or pass --dry-run")
-    from ..ops.merge import execute_merge  # torch: only now that tensors are touched
+    from ..ops.merge import execute_merge  # imports torch itself, once the base's hash is under way
 
     with _progress() as progress:
         report = execute_merge(

@@ -86,10 +86,12 @@ class Checkpoint:
         f.seek(header.data_start + info.offsets[0])
         return f.read(info.nbytes)
 
-    def fingerprint(self, names: list[str]) -> str:
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None) -> str:
         """sha256 over the named tensors (name, dtype, shape, bytes) in sorted order.
 
         Read in chunks into one small buffer: hashing a 2 GB embedding costs 16 MB of memory.
+        `stop` returning true between chunks abandons the hash (returns ''): a caller hashing on a
+        thread beside its own work need not wait GBs of it after that work failed.
         """
         h = hashlib.sha256()
         chunk = memoryview(bytearray(FINGERPRINT_CHUNK))
@@ -100,6 +102,8 @@ class Checkpoint:
             f.seek(self.headers[shard].data_start + info.offsets[0])
             left = info.nbytes
             while left:
+                if stop is not None and stop():
+                    return ""
                 n = f.readinto(chunk[: min(left, len(chunk))])  # type: ignore[attr-defined]
                 if not n:
                     raise FormatError(f"unexpected end of file in tensor {name!r} (truncated?)", path=shard)

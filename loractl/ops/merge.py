@@ -5,7 +5,9 @@ output under a temporary name → check every written tensor → fsync → renam
 through in row blocks (`merge_kernel`), computed while a writer thread (`WriteQueue`) writes the
 previous ones; tensors written unchanged are copied file to file in the kernel (`copy_file_range`).
 Peak memory is a few blocks and the adapters, whatever the model or the size of one tensor. The
-base fingerprint, and the finite check of the copied tensors, run on a third thread.
+base fingerprint, and the finite check of the copied tensors, run on a third thread; hashing needs
+no torch, so this module imports none until the hash is under way, and on a second core the hash
+(GBs of sha256) runs while torch is being imported.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,8 +30,6 @@ from ..io.checkpoint import Checkpoint, same_base
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorData, TensorSpec
-from .merge_io import ReusingReader, matrix_shape
-from .merge_kernel import BLOCK_ELEMENTS, BlockStats, kernel_threads
 from .merge_plan import AdapterPlan, MergePlan, TensorPlan, Update, plan_merge
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter
     from ..io.write_queue import WriteQueue
-    from .merge_kernel import Delta
+    from .merge_io import ReusingReader
+    from .merge_kernel import BlockStats, Delta
 
 RECORD_NAME = "loractl_merge.json"
 ROUNDING_WARN = 0.1  # warn when rounding into the output dtype removes more than this share of a ΔW
@@ -199,21 +201,26 @@ def execute_merge(
     device: str = "cpu",
 ) -> MergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
-    from .devices import resolve_device
-
     plan.check()
     output = Path(output)
     ensure_distinct(output, [plan.base, *(a.path for a in plan.adapters)])
-    where = resolve_device(device)
-    try:
-        with atomic_output(output, force=force) as tmp:
-            return _run(plan, tmp, output, progress, allow_base_mismatch, where)
-    except OSError as e:
-        raise LoractlError(
-            f"I/O error: {e.strerror or e}",
-            path=e.filename or output,
-            hint="check that the output's directory is writable and the disk has room; nothing was written",
-        ) from e
+    failed = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as aside:
+        prints = aside.submit(_fingerprints, plan, failed)  # first: it needs no torch
+        try:
+            from .devices import resolve_device  # torch, imported while the hash runs
+
+            where = resolve_device(device)
+            with atomic_output(output, force=force) as tmp:
+                return _run(plan, tmp, output, progress, allow_base_mismatch, where, aside, prints)
+        except OSError as e:
+            raise LoractlError(
+                f"I/O error: {e.strerror or e}",
+                path=e.filename or output,
+                hint="check that the output's directory is writable and the disk has room; nothing was written",
+            ) from e
+        finally:
+            failed.set()  # a failure does not wait for the rest of the hash (after success it is done)
 
 
 def _run(
@@ -223,10 +230,14 @@ def _run(
     progress: Callable[[MergeProgress], None] | None,
     allow_mismatch: bool,
     device: torch.device,
+    aside: ThreadPoolExecutor,
+    prints: Future[tuple[str, ...]],
 ) -> MergeReport:
     from ..formats import load_adapter
     from ..formats.options import ReadOptions
     from ..io.write_queue import WriteQueue
+    from .merge_io import ReusingReader
+    from .merge_kernel import BLOCK_ELEMENTS, kernel_threads
 
     tmp.mkdir()
     options = plan.read_options or ReadOptions(base=plan.base)
@@ -235,14 +246,12 @@ def _run(
         kernel_threads(),
         Checkpoint(plan.base) as ckpt,
         ReusingReader(ckpt) as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as pool,
         WriteQueue(BLOCK_ELEMENTS * 8) as queue,
     ):
-        prints = pool.submit(_fingerprints, plan)
         # before a byte is written: each adapter's recorded base against this base
         notes = _check_fingerprints(plan, prints, allow_mismatch) if any(_recorded(a) for a in plan.adapters) else ()
         stream = _Stream(plan, reader, adapters, progress, queue, device)
-        copied = pool.submit(_check_copies, plan, stream.copies)
+        copied = aside.submit(_check_copies, plan, stream.copies)
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
         shards = write_sharded(
             tmp, specs, stream.produce, plan.max_shard_bytes, {"format": "pt"}, stream.written, queue
@@ -297,7 +306,8 @@ class _Stream:
 
     def _blocks(self, t: TensorPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         from ..io.tensor_bytes import torch_dtype
-        from .merge_kernel import bias_delta, merged_blocks, module_delta
+        from .merge_io import matrix_shape
+        from .merge_kernel import BlockStats, bias_delta, merged_blocks, module_delta
 
         full = next((u for u in t.updates if u.role == "full"), None)
         assert t.source is not None or full is not None
@@ -348,7 +358,8 @@ def _unchanged(t: TensorPlan, reader: ReusingReader) -> bool:
 
 def _check_copies(plan: MergePlan, copies: list[TensorPlan]) -> None:
     """The NaN/Inf check of the tensors copied as bytes, from their own reader, beside the merge."""
-    from .merge_kernel import all_finite
+    from .merge_io import ReusingReader, matrix_shape
+    from .merge_kernel import BLOCK_ELEMENTS, all_finite
 
     with Checkpoint(plan.base) as ckpt, ReusingReader(ckpt) as reader:
         for t in copies:
@@ -367,10 +378,11 @@ def _recorded(a: AdapterPlan) -> str | None:
     return a.info.record.base_fingerprint if a.info.record else None
 
 
-def _fingerprints(plan: MergePlan) -> tuple[str, ...]:
-    """Per adapter, the fingerprint of the base weights it touches (`Checkpoint.fingerprint`)."""
+def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str, ...]:
+    """Per adapter, the fingerprint of the base weights it touches (`Checkpoint.fingerprint`);
+    abandoned once `stop` is set (the merge failed)."""
     with Checkpoint(plan.base) as ckpt:
-        return tuple(ckpt.fingerprint(list(a.fingerprint_names)) for a in plan.adapters)
+        return tuple(ckpt.fingerprint(list(a.fingerprint_names), stop.is_set) for a in plan.adapters)
 
 
 def _check_fingerprints(plan: MergePlan, prints: Future[tuple[str, ...]], allow_mismatch: bool) -> tuple[str, ...]:
