@@ -2,6 +2,7 @@
 
     python bench/merge.py                      # ~0.6 GB bf16 random Llama (4 layers, vocab 32000)
     python bench/merge.py --layers 22 --reps 3 # ~1.1 B parameters, TinyLlama's shapes (2.2 GB)
+    python bench/merge.py --layers 22 --previous /tmp/old   # also an older loractl (`git archive` export)
 
 Builds a random Llama checkpoint in bf16, sharded, and a rank-16 all-linear PEFT adapter for it,
 then times, interleaved and repeated, each contender in its own child process: wall time and the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -32,7 +34,7 @@ def main() -> None:
     if args.step == "build":
         build(Path(args.work), args.layers, args.vocab)
     elif args.step == "library":
-        library_merge(Path(args.work))
+        library_merge(Path(args.work), args.out)
     elif args.step == "peft":
         peft_merge(Path(args.work))
     elif args.step == "compare":
@@ -47,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/loractl-bench-merge", help="scratch directory (GBs)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--out", default="out-library", help="the in-process merge's output, under --work")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--previous", help="another loractl source tree, timed side by side (CLI and in-process)")
+    p.add_argument("--skip-peft", action="store_true", help="leave PEFT out (its output must exist for compare)")
     return p
 
 
@@ -128,14 +133,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def library_merge(work: Path) -> None:
+def library_merge(work: Path, out: str) -> None:
     """loractl's merge() alone, imports excluded: what the streaming costs, printed as `inner=<s>`."""
     import torch  # noqa: F401 - imported before the clock starts
 
     from loractl.ops.merge import merge
 
     start = time.perf_counter()
-    merge(work / "base", [work / "adapter"], work / "out-library")
+    merge(work / "base", [work / "adapter"], work / out)
     print(f"inner={time.perf_counter() - start:.3f}")
 
 
@@ -164,9 +169,11 @@ def compare(work: Path) -> None:
             identical += 1
             continue
         worst = max(worst, int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max()))
-    lib = work / "out-library"
-    same = all((lib / p.name).read_bytes() == p.read_bytes() for p in (work / "out-loractl").iterdir())
-    doc = {"tensors": len(ours.names), "identical_to_peft": identical, "max_ulp": worst, "cli_equals_library": same}
+    doc = {"tensors": len(ours.names), "identical_to_peft": identical, "max_ulp": worst}
+    for other in ("out-library", "out-old", "out-old-library"):
+        if (work / other).is_dir():
+            files = (work / "out-loractl").iterdir()
+            doc[f"cli_equals_{other}"] = all((work / other / p.name).read_bytes() == p.read_bytes() for p in files)
     print(json.dumps(doc))
 
 
@@ -214,21 +221,36 @@ def run(args: argparse.Namespace) -> None:
         ),
         "PEFT merge_and_unload": ([sys.executable, "-m", "bench.merge", "peft", "--work", str(work)], "out-peft"),
     }
+    if args.skip_peft:
+        del contenders["PEFT merge_and_unload"]
+    roots = {name: ROOT for name in contenders}
+    if args.previous:
+        old = Path(args.previous).resolve()
+        contenders["previous loractl merge"] = (
+            [*contenders["loractl merge"][0][:-1], str(work / "out-old")],
+            "out-old",
+        )
+        contenders["previous merge() in-process"] = (
+            [sys.executable, str(Path(__file__).resolve()), "library", "--work", str(work), "--out", "out-old-library"],
+            "out-old-library",
+        )
+        roots |= {"previous loractl merge": old, "previous merge() in-process": old}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
     for _ in range(args.reps):
         for name, (cmd, out) in contenders.items():
             shutil.rmtree(work / out, ignore_errors=True)
-            results[name].append(_child(cmd))
+            results[name].append(_child(cmd, roots[name]))
     _child([sys.executable, "-m", "bench.merge", "compare", "--work", str(work)])
     _table(results, size, args)
 
 
-def _child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process; a child printing `inner=<s>` times itself."""
+def _child(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one child process with `root`'s loractl; a child printing
+    `inner=<s>` times itself."""
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"}
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out.seek(0)
@@ -243,7 +265,7 @@ def _child(cmd: list[str]) -> tuple[float, float]:
 
 def _table(results: dict[str, list[tuple[float, float]]], size: int, args: argparse.Namespace) -> None:
     cp = statistics.median(w for w, _ in results["cp -r (I/O floor)"])
-    peft = statistics.median(w for w, _ in results["PEFT merge_and_unload"])
+    peft = statistics.median(w for w, _ in results.get("PEFT merge_and_unload", [(math.nan, 0.0)]))
     print(f"\nbase {size / 1e9:.2f} GB bf16, {args.layers} layers, vocab {args.vocab}; median of {args.reps} runs")
     print("| contender | wall s (median) | runs | peak RSS GB | × cp | PEFT ÷ it |")
     print("|---|---|---|---|---|---|")

@@ -260,3 +260,46 @@ def test_a_stopped_fingerprint_is_abandoned(tmp_path: Path) -> None:
     with Checkpoint(base) as ckpt:
         assert ckpt.fingerprint(["a.weight"], stop=lambda: True) == ""
         assert ckpt.fingerprint(["a.weight"], stop=lambda: False) == ckpt.fingerprint(["a.weight"]) != ""
+
+
+def test_files_are_fsynced_beside_the_writes_and_drain_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished file's fsync runs on its own thread while the next file is written; drain waits
+    for every fsync and raises the first one's error."""
+    import threading
+    import time
+
+    from loractl.io.write_queue import WriteQueue
+
+    synced: list[tuple[int, str]] = []
+    written_during_sync: list[bool] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        written_during_sync.append((tmp_path / "b").stat().st_size > 0)
+        real_fsync(fd)
+        synced.append((fd, threading.current_thread().name))
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    a = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT)
+    b = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT)
+    with WriteQueue(block_bytes=8, pool=2) as q:
+        q.write(a, torch.ones(8, dtype=torch.uint8))
+        q.finish(a)
+        q.write(b, torch.ones(8, dtype=torch.uint8))  # written while `a` is being fsynced
+        q.finish(b)
+        q.drain()
+        assert [fd for fd, _ in synced] == [a, b] and {n for _, n in synced} == {"loractl-fsync_0"}
+        assert written_during_sync[0]
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    c = os.open(tmp_path / "c", os.O_WRONLY | os.O_CREAT)
+    with WriteQueue(block_bytes=8, pool=2) as q:
+        q.finish(c)
+        with pytest.raises(OSError, match="I/O error"):
+            q.drain()

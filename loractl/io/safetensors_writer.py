@@ -113,25 +113,20 @@ class StreamWriter:
                 self._queue.call(lambda: os.close(fd), always=True)
 
     def close(self) -> None:
-        """Finish the file, fsynced (on the queue's thread, while the next file is computed);
+        """Finish the file, fsynced (by the queue, beside the writes and computing of the next file);
         raises if some planned tensor was never written."""
         if self._next != len(self._pending):
             self.abort()
             missing = self._pending[self._next].name
             raise LoractlError(f"internal: {self.path.name} closed before tensor {missing} was written")
         self._closed = True
-        fd = self._fd
-
-        def finish() -> None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        if self._queue is None:
-            finish()
-        else:
-            self._queue.call(finish, always=True)
+        if self._queue is not None:
+            self._queue.finish(self._fd)
+            return
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
 
     def _put_block(self, block: torch.Tensor, dtype: str, owner: torch.Tensor | None) -> None:
         from .tensor_bytes import tensor_to_bytes

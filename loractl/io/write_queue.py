@@ -5,7 +5,9 @@ main thread reads and computes one row block into a pool buffer and queues it; t
 it (`write` releases the GIL) and hands the buffer back. A bounded pool keeps memory at a few
 blocks whatever the tensor size, and reusing buffers avoids a page fault per fresh allocation.
 Byte ranges the merge leaves untouched are copied in the kernel (`os.copy_file_range`), never
-through user space; each finished file is fsynced here, while the next one is being computed.
+through user space. Each finished file is fsynced on a second thread: an fsync waits for the disk
+(a second or so for a few GB), and on the writer thread it would stall the writes of the next
+file, and through the full pool the computing, for all that time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,8 @@ class WriteQueue:
         self._jobs: queue.Queue[tuple[Callable[[], Any], bool] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._idle = threading.Event()
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="loractl-fsync")
+        self._syncs: list[Future[None]] = []
         self._thread = threading.Thread(target=self._loop, name="loractl-writer", daemon=True)
         self._thread.start()
 
@@ -50,6 +55,7 @@ class WriteQueue:
     def __exit__(self, *exc: object) -> None:
         self._jobs.put(None)
         self._thread.join()
+        self._syncer.shutdown()  # every descriptor closed before the caller discards its files
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         """A free uint8 buffer of at least `nbytes` (waits for one); pass it as `write`'s owner to return it."""
@@ -87,13 +93,25 @@ class WriteQueue:
             self._raise()
         self._jobs.put((fn, always))
 
+    def finish(self, fd: int) -> None:
+        """Queue fsync-then-close of `fd`, after every write queued to it, on the fsync thread (the
+        writes of the next file go on meanwhile); `drain` waits for it. It runs even after an error
+        (then without the fsync): a descriptor is never left open."""
+
+        def hand_over() -> None:
+            self._syncs.append(self._syncer.submit(_sync_close, fd, self._error is None))
+
+        self._jobs.put((hand_over, True))
+
     def drain(self) -> None:
-        """Wait until every queued job is done; re-raise the thread's first error."""
+        """Wait until every queued job and fsync is done; re-raise the first error of either thread."""
         self._idle.clear()
         self._jobs.put((self._idle.set, True))
         while not self._idle.wait(0.1):
             self._raise()
         self._raise()
+        for done in self._syncs:
+            done.result()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -107,6 +125,14 @@ class WriteQueue:
                     job()
                 except BaseException as e:  # re-raised on the main thread
                     self._error = self._error or e
+
+
+def _sync_close(fd: int, sync: bool) -> None:
+    try:
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_range(src: str | os.PathLike[str], offset: int, nbytes: int, fd: int) -> None:
