@@ -204,9 +204,9 @@ def execute_merge(
     plan.check()
     output = Path(output)
     ensure_distinct(output, [plan.base, *(a.path for a in plan.adapters)])
-    failed = threading.Event()
+    stop_hash = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as aside:
-        prints = aside.submit(_fingerprints, plan, failed)  # first: it needs no torch
+        prints = aside.submit(_fingerprints, plan, stop_hash)  # first: it needs no torch
         try:
             from .devices import resolve_device  # torch, imported while the hash runs
 
@@ -220,7 +220,7 @@ def execute_merge(
                 hint="check that the output's directory is writable and the disk has room; nothing was written",
             ) from e
         finally:
-            failed.set()  # a failure does not wait for the rest of the hash (after success it is done)
+            stop_hash.set()  # a failure does not wait for the rest of the hash (after success it is done)
 
 
 def _run(
