@@ -174,11 +174,14 @@ def test_randomized_error_against_the_float64_optimum(d: int, k: int, rank: int,
 
 
 @pytest.mark.parametrize("shape", [(2000, 400), (400, 2000)])
-def test_factors_are_orthonormal_on_tall_and_wide_matrices(shape: tuple[int, int]) -> None:
+def test_factors_are_orthonormal_on_tall_and_wide_matrices(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Stopping after a pass over M or over Mᵀ both give orthonormal U and Vh with the true leading σ."""
-    s = SPECTRA["decaying"](min(shape))
+    s = SPECTRA["gap"](min(shape))  # 12 σ = 1, then 1e-3: three passes find the leading 10 to float32 rounding
     m = with_spectrum(*shape, s)
     for passes in (3, 4):  # the last pass over M, then over Mᵀ
+        monkeypatch.setattr(linalg, "MIN_PASSES", passes)
         t = linalg._randomized(m, 10, 10, 0, linalg.frobenius_sq(m), max_passes=passes)
         assert t.passes == passes
         eye = torch.eye(10)
