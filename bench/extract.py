@@ -2,7 +2,7 @@
 
     python bench/extract.py                                   # 1024², 2048², 4096²; 4 spectra; r = 8, 16, 64
     python bench/extract.py --shapes 4096x4096,11008x4096 --spectra decaying --baselines 4096x4096
-    python bench/extract.py --model --layers 4                # end-to-end extract of 7B-shaped layers, peak RSS,
+    python bench/extract.py --model-only --layers 4 --ranks 64  # end-to-end extract of 7B-shaped layers, peak RSS,
                                                               # against `cat` of both checkpoints (the I/O floor)
 
 Per matrix and rank: seconds and error relative to the optimum (Eckart–Young: the tail of the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -109,6 +110,7 @@ def load_previous(path: str) -> Any:
     spec = importlib.util.spec_from_file_location("previous_linalg", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -168,7 +170,7 @@ def _wall(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(layers: int, rank: int, repeats: int = 1) -> None:
+def bench_model(layers: int, rank: int, repeats: int = 1, previous_tree: str | None = None) -> None:
     """End-to-end `extract` of `layers` 7B-shaped Llama layers in bf16 (I/O, ΔW, SVD, report, writing).
 
     Run in a child of a torch-free launcher, so the child's peak RSS is its own (PERF.md pitfalls).
@@ -192,25 +194,28 @@ def bench_model(layers: int, rank: int, repeats: int = 1) -> None:
         shards = [str(p) for p in sorted(Path(tmp).glob("*/*.safetensors"))]
         cat = statistics.median(_wall(["cat", *shards]) for _ in range(3))
         cmd = [sys.executable, "-c", MODEL_CHILD, f"{tmp}/base", f"{tmp}/ft", f"{tmp}/out", str(rank)]
-        runs = []
+        trees = {"this": os.environ.get("PYTHONPATH", "")} | ({"previous": previous_tree} if previous_tree else {})
+        runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
         for _ in range(repeats):
-            shutil.rmtree(f"{tmp}/out", ignore_errors=True)
-            start = time.perf_counter()
-            seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
-                                                  text=True, check=True).stdout.split()  # fmt: skip
-            runs.append((time.perf_counter() - start, float(seconds)))
+            for name, tree in trees.items():  # interleaved: a change of load hits both alike
+                shutil.rmtree(f"{tmp}/out", ignore_errors=True)
+                start = time.perf_counter()
+                seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
+                                                      text=True, check=True, env={**os.environ, "PYTHONPATH": tree}).stdout.split()  # fmt: skip
+                runs[name].append((time.perf_counter() - start, float(seconds), int(rss_kb) / 1024))
+                print(f"  {name}: rel error {err}", file=sys.stderr)
         imports = [sys.executable, "-c", "import loractl.ops.extract, loractl.formats"]
         base_kb = subprocess.run([sys.executable, "-c", LAUNCHER_RSS, *imports], capture_output=True, text=True,
                                  check=True).stdout  # fmt: skip
-    wall, inside = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    print(f"`cat` of both checkpoints ({sum(Path(p).stat().st_size for p in shards) / 1e9:.2f} GB) to /dev/null: "
-          f"{cat:.2f} s (median of 3); whole `extract` process: {wall:.1f} s (median of {repeats}: "
-          f"{', '.join(f'{r[0]:.1f}' for r in runs)}), of which inside `extract()` {inside:.1f} s; "
-          f"{wall / cat:.1f}× cat; × {32 / layers:g} for 32 layers: {wall * 32 / layers:.0f} s")  # fmt: skip
+    size = sum(Path(p).stat().st_size for p in shards) / 1e9
+    print(f"`cat` of both checkpoints ({size:.2f} GB) to /dev/null: {cat:.2f} s (median of 3)")
+    for name, rs in runs.items():
+        wall, inside = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
+        print(f"whole `extract` process ({name}): {wall:.1f} s (median of {repeats}: {', '.join(f'{r[0]:.1f}' for r in rs)}), "
+              f"inside `extract()` {inside:.1f} s; {wall / cat:.1f}× cat; × {32 / layers:g} for 32 layers: {wall * 32 / layers:.0f} s")  # fmt: skip
     largest_f32 = 11008 * 4096 * 4 / 2**20
-    print(f"end-to-end extract of {layers} 7B-shaped layer(s) ({7 * layers} matrices, bf16), rank {rank}: "
-          f"{float(seconds):.1f} s, rel error {err}, peak RSS {int(rss_kb) / 1024:.0f} MiB "
-          f"(after imports alone: {int(base_kb) / 1024:.0f} MiB; largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
+    print(f"{7 * layers} matrices (bf16), rank {rank}; peak RSS " + ", ".join(f"{n} {max(r[2] for r in rs):.0f} MiB" for n, rs in runs.items())
+          + f" (after imports alone: {int(base_kb) / 1024:.0f} MiB; largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
 
 
 def main() -> None:
@@ -227,11 +232,20 @@ def main() -> None:
     )
     p.add_argument("--model", action="store_true", help="also run the end-to-end extract with peak RSS")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument(
+        "--previous-tree",
+        help="a directory holding another revision's loractl/ "
+        "(git archive REV loractl | tar -x -C DIR), run interleaved in the end-to-end extract",
+    )
+    p.add_argument("--model-only", action="store_true", help="only the end-to-end extract")
     p.add_argument("--model-repeats", type=int, default=1, help="whole-process extract runs (median)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     ranks = [int(r) for r in args.ranks.split(",")]
     previous = load_previous(args.previous) if args.previous else None
+    if args.model_only:
+        bench_model(args.layers, max(ranks), args.model_repeats, args.previous_tree)
+        return
     rows = []
     for shape in args.shapes.split(","):
         d, k = map(int, shape.split("x"))
@@ -242,7 +256,7 @@ def main() -> None:
     print_table(rows)
     whole_model(rows, max(ranks))
     if args.model:
-        bench_model(args.layers, max(ranks), args.model_repeats)
+        bench_model(args.layers, max(ranks), args.model_repeats, args.previous_tree)
 
 
 if __name__ == "__main__":
