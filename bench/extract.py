@@ -192,6 +192,7 @@ def bench_model(layers: int, rank: int, repeats: int = 1, previous_tree: str | N
             save_tensors(Path(tmp, which, "model.safetensors"), tensors)
             del tensors
         shards = [str(p) for p in sorted(Path(tmp).glob("*/*.safetensors"))]
+        size = sum(Path(p).stat().st_size for p in shards) / 1e9
         cat = statistics.median(_wall(["cat", *shards]) for _ in range(3))
         cmd = [sys.executable, "-c", MODEL_CHILD, f"{tmp}/base", f"{tmp}/ft", f"{tmp}/out", str(rank)]
         trees = {"this": os.environ.get("PYTHONPATH", "")} | ({"previous": previous_tree} if previous_tree else {})
@@ -203,11 +204,10 @@ def bench_model(layers: int, rank: int, repeats: int = 1, previous_tree: str | N
                 seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
                                                       text=True, check=True, env={**os.environ, "PYTHONPATH": tree}).stdout.split()  # fmt: skip
                 runs[name].append((time.perf_counter() - start, float(seconds), int(rss_kb) / 1024))
-                print(f"  {name}: rel error {err}", file=sys.stderr)
+                print(f"  {name}: {runs[name][-1][0]:.1f} s, rel error {err}", file=sys.stderr)
         imports = [sys.executable, "-c", "import loractl.ops.extract, loractl.formats"]
         base_kb = subprocess.run([sys.executable, "-c", LAUNCHER_RSS, *imports], capture_output=True, text=True,
                                  check=True).stdout  # fmt: skip
-    size = sum(Path(p).stat().st_size for p in shards) / 1e9
     print(f"`cat` of both checkpoints ({size:.2f} GB) to /dev/null: {cat:.2f} s (median of 3)")
     for name, rs in runs.items():
         wall, inside = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
