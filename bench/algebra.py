@@ -2,6 +2,7 @@
 
     python bench/algebra.py                       # everything (PEFT part: ~5-10 min on 2 cores)
     python bench/algebra.py --targets q_proj,down_proj --repeats 3
+    python bench/algebra.py --resize-only --repeats 7 --dense-repeats 3
 
 1. resize of one rank-64 4096×4096 module to rank 16: loractl `resize` (QR of the factors + SVD of a
    64×64 core) vs a dense full SVD of ΔW (kohya resize_lora.py with --svd_lowrank_niter 0, and
@@ -55,14 +56,14 @@ def dense_truncate(delta: torch.Tensor, rank: int, full_matrices: bool) -> torch
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def bench_resize(repeats: int) -> list[tuple[str, float, float]]:
+def bench_resize(repeats: int, dense_repeats: int = 1) -> list[tuple[str, float, float]]:
     m = module(4096, 4096, 64, seed=0)
     delta = m.delta_weight()
     adapter = Adapter(modules={"m": m})
     rows = []
     t, res = timed(lambda: resize(adapter, RankRule(rank=16)), repeats)
     rows.append(("loractl resize (factored)", t, rel_error(delta, res.adapter.modules["m"].delta_weight())))
-    t, approx = timed(lambda: dense_truncate(delta, 16, full_matrices=True), 1)
+    t, approx = timed(lambda: dense_truncate(delta, 16, full_matrices=True), dense_repeats)
     rows.append(("dense full SVD (kohya --svd_lowrank_niter 0)", t, rel_error(delta, approx)))
 
     def lowrank() -> torch.Tensor:
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", default=",".join(SHAPES), help="modules of the PEFT layer (default: all 7)")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--resize-only", action="store_true", help="only the resize comparison")
+    parser.add_argument("--dense-repeats", type=int, default=1, help="repeats of the dense full SVD (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -143,12 +146,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("\n## resize: one rank-64 4096×4096 module to rank 16\n")
     print("| method | seconds | rel. error |\n|---|---:|---:|")
-    rows = bench_resize(args.repeats)
+    rows = bench_resize(args.repeats, args.dense_repeats)
     for name, t, err in rows:
         print(f"| {name} | {t:.4f} | {err:.6g} |")
     print(
         f"\nspeed-up vs dense full SVD: {rows[1][1] / rows[0][1]:,.0f}×; vs svd_lowrank: {rows[2][1] / rows[0][1]:,.0f}×"
     )
+    if args.resize_only:
+        return
     count, t = bench_combine_full(args.repeats)
     print(f"\n## svd-combine, four rank-16 adapters → rank 16, whole 7B module set ({count} modules)\n")
     print(f"loractl: {t:.2f} s in all, {1000 * t / count:.1f} ms per module")

@@ -2,11 +2,12 @@
 
     python bench/extract.py                                   # 1024², 2048², 4096²; 4 spectra; r = 8, 16, 64
     python bench/extract.py --shapes 4096x4096,11008x4096 --spectra decaying --baselines 4096x4096
-    python bench/extract.py --model                           # end-to-end extract of 7B-shaped layers, peak RSS
+    python bench/extract.py --model-only --layers 4 --ranks 64  # end-to-end extract of 7B-shaped layers, peak RSS,
+                                                              # against `cat` of both checkpoints (the I/O floor)
 
 Per matrix and rank: seconds and error relative to the optimum (Eckart–Young: the tail of the
 spectrum from the thin SVD, which is also mergekit's error) for
-  * loractl   `linalg.truncated_svd` (randomized range finder, oversample max(10, r/2), 2 power iterations)
+  * loractl   `linalg.truncated_svd` (randomized subspace iteration, checked after every pass over ΔW)
   * mergekit  `torch.linalg.svd(ΔW, full_matrices=False)` in float32, truncated (scripts/extract_lora.py)
   * kohya     `torch.linalg.svd(ΔW)` (full_matrices=True), truncated, U·S and Vh clamped to their
               0.99 quantile (networks/extract_lora_from_models.py, --clamp_quantile default)
@@ -19,11 +20,16 @@ down 4096×11008); shapes whose full SVD was not run are extrapolated as d·k·m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +68,7 @@ def kohya_clamp(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -
 
 
 def bench_matrix(
-    d: int, k: int, spectrum: str, ranks: list[int], baselines: bool, repeats: int
+    d: int, k: int, spectrum: str, ranks: list[int], baselines: bool, repeats: int, previous: Any = None
 ) -> list[dict[str, Any]]:
     m = spectral_matrix(d, k, spectrum)
     rows: list[dict[str, Any]] = []
@@ -71,10 +77,16 @@ def bench_matrix(
     tail = torch.cumsum(s.double().square().flip(0), 0).flip(0)  # tail[r] = Σ_{i≥r} σᵢ²
     for r in ranks:
         optimum = math.sqrt(float(tail[r])) if r < len(tail) else 0.0
-        t_ours, trunc = timed(lambda r=r: linalg.truncated_svd(m, r), repeats)
+        contenders = {"loractl": linalg} | ({"previous": previous} if previous is not None else {})
+        times, results = interleaved({n: (lambda r=r, mod=mod: mod.truncated_svd(m, r)) for n, mod in contenders.items()}, repeats)  # fmt: skip
+        trunc = results["loractl"]
         ours = error(m, *linalg.balanced_factors(trunc))
-        row = {"shape": f"{d}x{k}", "spectrum": spectrum, "rank": r, "loractl_s": t_ours, "loractl_x": ours / optimum,
-               "method": trunc.method, "mergekit_s": t_thin, "mergekit_x": error(m, u[:, :r] * s[:r], vh[:r]) / optimum}  # fmt: skip
+        row = {"shape": f"{d}x{k}", "spectrum": spectrum, "rank": r, "loractl_s": times["loractl"], "loractl_x": ours / optimum,
+               "method": trunc.method, "passes": trunc.passes, "mergekit_s": t_thin,
+               "mergekit_x": error(m, u[:, :r] * s[:r], vh[:r]) / optimum}  # fmt: skip
+        if previous is not None:
+            prev = results["previous"]
+            row.update(previous_s=times["previous"], previous_x=error(m, *linalg.balanced_factors(prev)) / optimum)
         if full is not None:
             t_clamp, (us, v) = timed(lambda r=r: kohya_clamp(*full, r))
             row.update(kohya_s=t_full + t_clamp, kohya_x=error(m, us, v) / optimum)
@@ -82,15 +94,39 @@ def bench_matrix(
     return rows
 
 
+def interleaved(fns: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds of each function, run in turn `repeats` times (a load change hits all alike)."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    results: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t, results[name] = timed(fn)
+            times[name].append(t)
+    return {n: statistics.median(t) for n, t in times.items()}, results
+
+
+def load_previous(path: str) -> Any:
+    """A linalg.py of another revision, imported under its own name (it imports nothing of loractl)."""
+    spec = importlib.util.spec_from_file_location("previous_linalg", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(
-        "| shape | spectrum | rank | loractl s | loractl ×opt | mergekit s | mergekit ×opt | kohya s | kohya ×opt | speed-up vs mergekit |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    prev = "previous_s" in rows[0]
+    print("| shape | spectrum | rank | loractl s | passes | loractl ×opt | mergekit s | mergekit ×opt | kohya s | kohya ×opt "
+          "| speed-up vs mergekit |" + (" previous s | previous ×opt | new vs previous |" if prev else ""))  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if prev else ""))
     for r in rows:
         kohya = f"{r['kohya_s']:.2f} | {r['kohya_x']:.4f}" if "kohya_s" in r else "– | –"
-        print(f"| {r['shape']} | {r['spectrum']} | {r['rank']} | {r['loractl_s']:.3f} | {r['loractl_x']:.4f} | "
-              f"{r['mergekit_s']:.2f} | {r['mergekit_x']:.4f} | {kohya} | {r['mergekit_s'] / r['loractl_s']:.0f}× |")  # fmt: skip
+        line = (f"| {r['shape']} | {r['spectrum']} | {r['rank']} | {r['loractl_s']:.3f} | {r['passes']} | {r['loractl_x']:.4f} | "
+                f"{r['mergekit_s']:.2f} | {r['mergekit_x']:.4f} | {kohya} | {r['mergekit_s'] / r['loractl_s']:.0f}× |")  # fmt: skip
+        if prev:
+            line += f" {r['previous_s']:.3f} | {r['previous_x']:.4f} | {r['previous_s'] / r['loractl_s']:.2f}× |"
+        print(line)
 
 
 def whole_model(rows: list[dict[str, Any]], rank: int) -> None:
@@ -128,7 +164,13 @@ print(out[0], out[1], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def bench_model(layers: int, rank: int) -> None:
+def _wall(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def bench_model(layers: int, rank: int, repeats: int = 1, previous_tree: str | None = None) -> None:
     """End-to-end `extract` of `layers` 7B-shaped Llama layers in bf16 (I/O, ΔW, SVD, report, writing).
 
     Run in a child of a torch-free launcher, so the child's peak RSS is its own (PERF.md pitfalls).
@@ -149,16 +191,31 @@ def bench_model(layers: int, rank: int) -> None:
             Path(tmp, which).mkdir()
             save_tensors(Path(tmp, which, "model.safetensors"), tensors)
             del tensors
+        shards = [str(p) for p in sorted(Path(tmp).glob("*/*.safetensors"))]
+        size = sum(Path(p).stat().st_size for p in shards) / 1e9
+        cat = statistics.median(_wall(["cat", *shards]) for _ in range(3))
         cmd = [sys.executable, "-c", MODEL_CHILD, f"{tmp}/base", f"{tmp}/ft", f"{tmp}/out", str(rank)]
-        seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True,
-                                              check=True).stdout.split()  # fmt: skip
+        trees = {"this": os.environ.get("PYTHONPATH", "")} | ({"previous": previous_tree} if previous_tree else {})
+        runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+        for _ in range(repeats):
+            for name, tree in trees.items():  # interleaved: a change of load hits both alike
+                shutil.rmtree(f"{tmp}/out", ignore_errors=True)
+                start = time.perf_counter()
+                seconds, err, rss_kb = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
+                                                      text=True, check=True, env={**os.environ, "PYTHONPATH": tree}).stdout.split()  # fmt: skip
+                runs[name].append((time.perf_counter() - start, float(seconds), int(rss_kb) / 1024))
+                print(f"  {name}: {runs[name][-1][0]:.1f} s, rel error {err}", file=sys.stderr)
         imports = [sys.executable, "-c", "import loractl.ops.extract, loractl.formats"]
         base_kb = subprocess.run([sys.executable, "-c", LAUNCHER_RSS, *imports], capture_output=True, text=True,
                                  check=True).stdout  # fmt: skip
+    print(f"`cat` of both checkpoints ({size:.2f} GB) to /dev/null: {cat:.2f} s (median of 3)")
+    for name, rs in runs.items():
+        wall, inside = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
+        print(f"whole `extract` process ({name}): {wall:.1f} s (median of {repeats}: {', '.join(f'{r[0]:.1f}' for r in rs)}), "
+              f"inside `extract()` {inside:.1f} s; {wall / cat:.1f}× cat; × {32 / layers:g} for 32 layers: {wall * 32 / layers:.0f} s")  # fmt: skip
     largest_f32 = 11008 * 4096 * 4 / 2**20
-    print(f"end-to-end extract of {layers} 7B-shaped layer(s) ({7 * layers} matrices, bf16), rank {rank}: "
-          f"{float(seconds):.1f} s, rel error {err}, peak RSS {int(rss_kb) / 1024:.0f} MiB "
-          f"(after imports alone: {int(base_kb) / 1024:.0f} MiB; largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
+    print(f"{7 * layers} matrices (bf16), rank {rank}; peak RSS " + ", ".join(f"{n} {max(r[2] for r in rs):.0f} MiB" for n, rs in runs.items())
+          + f" (after imports alone: {int(base_kb) / 1024:.0f} MiB; largest ΔW in float32: {largest_f32:.0f} MiB)")  # fmt: skip
 
 
 def main() -> None:
@@ -168,22 +225,38 @@ def main() -> None:
     p.add_argument("--ranks", default="8,16,64")
     p.add_argument("--baselines", default="all", help="shapes that also run kohya's full SVD ('all' or a list)")
     p.add_argument("--repeats", type=int, default=3, help="loractl repeats (median); the full SVDs run once")
+    p.add_argument(
+        "--previous",
+        help="a linalg.py of another revision to time interleaved with this one "
+        "(git show REV:loractl/ops/linalg.py > FILE)",
+    )
     p.add_argument("--model", action="store_true", help="also run the end-to-end extract with peak RSS")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument(
+        "--previous-tree",
+        help="a directory holding another revision's loractl/ "
+        "(git archive REV loractl | tar -x -C DIR), run interleaved in the end-to-end extract",
+    )
+    p.add_argument("--model-only", action="store_true", help="only the end-to-end extract")
+    p.add_argument("--model-repeats", type=int, default=1, help="whole-process extract runs (median)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     ranks = [int(r) for r in args.ranks.split(",")]
+    previous = load_previous(args.previous) if args.previous else None
+    if args.model_only:
+        bench_model(args.layers, max(ranks), args.model_repeats, args.previous_tree)
+        return
     rows = []
     for shape in args.shapes.split(","):
         d, k = map(int, shape.split("x"))
         for spectrum in args.spectra.split(","):
             baselines = args.baselines == "all" or shape in args.baselines.split(",")
-            rows += bench_matrix(d, k, spectrum, ranks, baselines, args.repeats)
+            rows += bench_matrix(d, k, spectrum, ranks, baselines, args.repeats, previous)
             print(f"  done {shape} {spectrum}", file=sys.stderr)
     print_table(rows)
     whole_model(rows, max(ranks))
     if args.model:
-        bench_model(args.layers, max(ranks))
+        bench_model(args.layers, max(ranks), args.model_repeats, args.previous_tree)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from loractl.errors import NumericError, OutputExistsError, ShapeMismatchError, 
 from loractl.io.checkpoint import Checkpoint, touched_weight_names
 from loractl.io.checkpoint_writer import write_sharded
 from loractl.io.safetensors_writer import TensorSpec, save_tensors
-from loractl.ops.extract import ExtractConfig, dry_run, extract, extract_adapter
+from loractl.ops.extract import ExtractConfig, ReadAhead, dry_run, extract, extract_adapter
 from tests.helpers import random_module, tiny_base
 
 Q, V, UP, CONV = "layers.0.q_proj", "layers.0.v_proj", "layers.0.up_proj", "layers.0.conv"
@@ -390,3 +391,26 @@ def test_extract_undoes_merge(tmp_path: Path, fixtures_dir: Path, fixture: str, 
         assert rel(result.adapter.modules[name].delta_weight(), m.delta_weight()) <= 1e-5, name
         if config.energy is not None:
             assert result.adapter.modules[name].rank == m.rank
+
+
+def test_read_ahead_prepares_in_order_one_ahead_and_surfaces_errors_at_their_item() -> None:
+    """The next item is prepared while the caller works on the current one; order and errors are kept."""
+    prepared: list[int] = []
+
+    def prepare(i: int) -> int:
+        if i == 3:
+            raise NumericError("bad item 3")
+        prepared.append(i)
+        return 10 * i
+
+    seen = []
+    with pytest.raises(NumericError, match="bad item 3"), ReadAhead(range(5), prepare) as ahead:
+        for item, value in ahead:
+            seen.append((item, value))
+            if item == 1:
+                deadline = time.monotonic() + 5
+                while 2 not in prepared and time.monotonic() < deadline:  # item 2 is read while 1 is worked on
+                    time.sleep(0.001)
+                assert prepared == [0, 1, 2]
+    assert seen == [(0, 0), (1, 10), (2, 20)]
+    assert prepared in ([0, 1, 2], [0, 1, 2, 4])  # at most one item past the failure, done before the block is left

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loractl.ops import linalg
@@ -133,18 +133,61 @@ def test_frobenius_is_accumulated_in_float64() -> None:
     assert linalg.frobenius_sq(m.bfloat16()) == pytest.approx(float(m.bfloat16().double().square().sum()), rel=1e-7)
 
 
-def test_power_iterations_continue_on_a_flat_spectrum(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Gaussian matrix (Marchenko–Pastur, the hardest case for a sketch) needs more than 2 iterations."""
+def test_passes_continue_on_a_flat_spectrum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Gaussian matrix (Marchenko–Pastur, the hardest case for a sketch) needs more than the minimum passes."""
     m = torch.randn(600, 500, generator=torch.Generator().manual_seed(1))
     s = torch.linalg.svdvals(m.double())
     adaptive = linalg.truncated_svd(m, 32, method="randomized")
-    assert adaptive.iterations > linalg.POWER_ITERS
+    assert adaptive.passes > linalg.MIN_PASSES
     assert error(m, adaptive) <= 1.01 * optimal_error(s, 32)
-    monkeypatch.setattr(linalg, "MAX_POWER_ITERS", linalg.POWER_ITERS)
+    monkeypatch.setattr(linalg, "MAX_PASSES", linalg.MIN_PASSES)
     fixed = linalg.truncated_svd(m, 32, method="randomized")
-    assert fixed.iterations == linalg.POWER_ITERS and error(m, fixed) > error(m, adaptive)
+    assert fixed.passes == linalg.MIN_PASSES and error(m, fixed) > error(m, adaptive)
     decaying, _ = known("decaying", 400, 320)
-    assert linalg.truncated_svd(decaying, 8, method="randomized").iterations <= 3
+    assert linalg.truncated_svd(decaying, 8, method="randomized").passes <= linalg.MIN_PASSES + 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(300, 520),
+    k=st.integers(300, 520),
+    rank=st.integers(1, 64),
+    decay=st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_randomized_error_against_the_float64_optimum(d: int, k: int, rank: int, decay: float, seed: int) -> None:
+    """σᵢ ∝ i^-decay plus noise, any shape and rank: within 1.01× the Eckart–Young error of a float64 full SVD.
+
+    decay 0 is flat (every direction equally strong), the hardest case for a sketch; the reference
+    is the spectrum of the float32 matrix actually factored, computed in float64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = min(d, k)
+    s = (1.0 + torch.arange(n, dtype=torch.float64)) ** -decay
+    m = with_spectrum(d, k, s, seed) + 1e-3 * torch.randn(d, k, generator=g) / math.sqrt(k)
+    t = linalg.truncated_svd(m, rank, method="randomized")
+    exact = torch.linalg.svdvals(m.double())
+    assert t.rank == rank and t.passes >= linalg.MIN_PASSES
+    assert error(m, t) <= 1.01 * optimal_error(exact, rank)
+    residual = linalg.frobenius_sq(m) - t.energy()  # error² = ‖M‖² − kept: the projection is orthogonal
+    assert error(m, t) ** 2 == pytest.approx(residual, rel=1e-3, abs=1e-6 * linalg.frobenius_sq(m))
+
+
+@pytest.mark.parametrize("shape", [(2000, 400), (400, 2000)])
+def test_factors_are_orthonormal_on_tall_and_wide_matrices(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping after a pass over M or over Mᵀ both give orthonormal U and Vh with the true leading σ."""
+    s = SPECTRA["gap"](min(shape))  # 12 σ = 1, then 1e-3: three passes find the leading 10 to float32 rounding
+    m = with_spectrum(*shape, s)
+    for passes in (3, 4):  # the last pass over M, then over Mᵀ
+        monkeypatch.setattr(linalg, "MIN_PASSES", passes)
+        t = linalg._randomized(m, 10, 10, 0, linalg.frobenius_sq(m), max_passes=passes)
+        assert t.passes == passes
+        eye = torch.eye(10)
+        torch.testing.assert_close(t.U.T @ t.U, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(t.Vh @ t.Vh.T, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(t.S.double(), s[:10], rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(4))

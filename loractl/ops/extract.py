@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
 Observe = Callable[[str, torch.Tensor], None]  # (module, ΔW as the (d, k) matrix factored): e.g. to plot spectra
+T = TypeVar("T")
 BUDGET_HEADROOM = 4  # without --max-rank, a budgeted module may reach this many times the uniform rank
 
 
@@ -155,8 +157,10 @@ def extract_adapter(
         run = _Run(b, f, config, observe, where)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
-        for entry in (track or (lambda items, _: items))(plan.entries, len(plan.entries)):
-            run.step(entry)
+        entries = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
+        with ReadAhead(entries, run.prepare) as ahead:
+            for entry, prepared in ahead:
+                run.step(entry, prepared)
         chosen = run.spend(config.budget) if config.budget is not None else None
         report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings, chosen)
         params = {**config.params(), "base": run.identity(b, run.base_all), "finetuned": run.identity(f, run.ft_all)}
@@ -168,6 +172,47 @@ def extract_adapter(
         )
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
     return Extraction(adapter.with_lineage(new_entry("extract", params, [], report.to_dict())), report)
+
+
+@dataclass
+class _Prepared:
+    """One entry after `_Run.prepare`: both tensors (entries not factored), or ΔW in float32 and the two norms."""
+
+    w0: torch.Tensor | None = None
+    w1: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    delta_sq: float = 0.0
+    base_sq: float = 0.0
+
+
+class ReadAhead(Generic[T]):
+    """Iterate `(item, prepare(item))`, preparing the next item on a worker thread while the caller works.
+
+    Reading and hashing (which release the GIL) overlap the previous matrix's SVD, and the disk
+    keeps streaming while the CPU factors. One item ahead: memory grows by one prepared entry.
+    Items are prepared in order on a single thread, so hashes fed there see the plan's order.
+    Leaving the `with` block (also on an error) waits for the read in flight before files close.
+    """
+
+    def __init__(self, items: Iterable[T], prepare: Callable[[T], Any]) -> None:
+        self._items, self._prepare = iter(items), prepare
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-read")
+
+    def __enter__(self) -> ReadAhead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[tuple[T, Any]]:
+        pending: tuple[T, Future[Any]] | None = None
+        for item in self._items:
+            future = self._pool.submit(self._prepare, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class _Run:
@@ -186,11 +231,32 @@ class _Run:
         self.pending: dict[str, tuple[linalg.Truncation, PlanEntry, float, float]] = {}  # --budget: SVDs to cut
         self.base_views = FingerprintViews()
 
-    def step(self, entry: PlanEntry) -> None:
-        if entry.action == "lowrank":
-            self._lowrank(entry)
-            return
+    def prepare(self, entry: PlanEntry) -> _Prepared:
+        """Everything elementwise about one entry (reading, hashing, ΔW, norms): runs on the read-ahead thread.
+
+        The fingerprints are fed here, in plan order (one thread), as before the read-ahead existed.
+        """
         w0, w1 = self._read(entry.name)
+        if entry.action != "lowrank":
+            return _Prepared(w0, w1)
+        delta, finite = _delta(w0, w1)
+        if not finite:
+            _check_finite(entry.name, w0, w1)  # w1 may be ΔW itself: then it is non-finite only if W_ft was
+            raise NumericError(
+                f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
+            )
+        base_sq, delta_sq = linalg.frobenius_sq(w0), linalg.frobenius_sq(delta)
+        if delta_sq != 0.0:
+            feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
+            self.base_views.feed(entry.name, w0)
+        return _Prepared(delta=delta, delta_sq=delta_sq, base_sq=base_sq)
+
+    def step(self, entry: PlanEntry, prepared: _Prepared) -> None:
+        if entry.action == "lowrank":
+            self._lowrank(entry, prepared)
+            return
+        w0, w1 = prepared.w0, prepared.w1
+        assert w0 is not None and w1 is not None
         _check_finite(entry.name, w0, w1)
         if entry.action == "full":
             self.full[entry.name] = w1
@@ -206,22 +272,13 @@ class _Run:
         feed_fingerprint(self.ft_all, name, self.ft.info(name), _bytes(w1))
         return w0, w1
 
-    def _lowrank(self, entry: PlanEntry) -> None:
-        """Factor one ΔW; peak memory ≈ W0 + W_ft + ΔW (see `_delta`), then ΔW + the sketch."""
-        w0, w1 = self._read(entry.name)
-        delta, finite = _delta(w0, w1)
-        if not finite:
-            _check_finite(entry.name, w0, w1)  # w1 may be ΔW itself: then it is non-finite only if W_ft was
-            raise NumericError(
-                f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
-            )
-        base_sq, delta_sq = linalg.frobenius_sq(w0), linalg.frobenius_sq(delta)
+    def _lowrank(self, entry: PlanEntry, prepared: _Prepared) -> None:
+        """Factor one prepared ΔW; peak memory ≈ this ΔW and the sketch, plus the next entry being prepared."""
+        delta, delta_sq, base_sq = prepared.delta, prepared.delta_sq, prepared.base_sq
+        assert delta is not None
         if delta_sq == 0.0:
             self.notes.append(TensorNote(entry.name, "identical", "ΔW = 0"))
             return
-        feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
-        self.base_views.feed(entry.name, w0)
-        del w0, w1
         m = delta.T if entry.kind == "embedding" or entry.fan_in_fan_out else delta.reshape(entry.matrix_shape)
         if self.observe is not None:
             self.observe(entry.module, m)

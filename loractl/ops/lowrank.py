@@ -24,8 +24,6 @@ from ..adapter import LoraModule
 from ..errors import UsageError
 from . import linalg
 
-CHOLESKY_MIN_RATIO = 1e-6  # smallest/largest Cholesky pivot: about 1/cond(X); below it, Householder QR
-
 
 class SVD(NamedTuple):
     """A thin SVD in float64: U (out, k), S (k,) descending, Vh (k, in)."""
@@ -99,8 +97,8 @@ def factored_core(
     """
     b = torch.cat([x.double() for x in Bs], dim=1).to(device or "cpu")
     a = torch.cat([x.double() for x in As], dim=0).to(device or "cpu")
-    qb_t, rb = tall_qr_t(b)  # Qᵀ (m, out), R (m, R), m = min(out, R)
-    qa_t, ra = tall_qr_t(a.T)  # (n, in), (n, R)
+    qb_t, rb = linalg.tall_qr_t(b)  # Qᵀ (m, out), R (m, R), m = min(out, R)
+    qa_t, ra = linalg.tall_qr_t(a.T)  # (n, in), (n, R)
     return qb_t, rb @ ra.T, qa_t
 
 
@@ -112,31 +110,6 @@ def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor], device: torch.d
     qb_t, core, qa_t = factored_core(Bs, As, device)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return SVD((u.T @ qb_t).T.cpu(), s.cpu(), (vh @ qa_t).cpu())
-
-
-def tall_qr_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qᵀ and R of the reduced QR of a tall float64 factor x (n, R): CholeskyQR2, else Householder.
-
-    Two passes of Qᵀ ← L⁻¹·Xᵀ, with L the Cholesky factor of XᵀX, cost two Gram products and two
-    (R, R)·(R, n) products, several times faster than Householder QR on a 4096 × 64 factor; Q is
-    orthonormal to float64 rounding while cond(X) stays below ~1e7 (Yamamoto et al. 2015). Wide,
-    rank-deficient or worse-conditioned factors (a zero B, a failed Cholesky) take Householder.
-    Qᵀ, not Q, kept contiguous: with MKL, (n, R)·(R, R) float64 products ran 4–10× slower than (R, R)·(R, n).
-    """
-    if x.shape[0] >= x.shape[1] > 0:
-        q_t, r = x.T.contiguous(), torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-        for _ in range(2):
-            chol, info = torch.linalg.cholesky_ex(q_t @ q_t.T)
-            d = chol.diagonal()
-            if int(info) or not float(d.min()) > CHOLESKY_MIN_RATIO * float(d.max()):
-                break
-            eye = torch.eye(len(d), dtype=x.dtype, device=x.device)
-            q_t = torch.linalg.solve_triangular(chol, eye, upper=False) @ q_t
-            r = chol.T @ r
-        else:
-            return q_t, r
-    qr = torch.linalg.qr(x)
-    return qr.Q.T, qr.R
 
 
 def choose_rank(s: torch.Tensor, rule: RankRule) -> int:
