@@ -14,7 +14,6 @@ other architectures are left as they are.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -43,10 +42,15 @@ def fuse(model: nn.Module) -> int:
     return count
 
 
-@functools.cache
+_FUSED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
 def _fused(cls: type[nn.Module], forward: Any) -> type[nn.Module]:
-    """`cls` with `forward` (once per class, so every layer's module shares one class)."""
-    return type(cls.__name__, (cls,), {"forward": forward, "eager_forward": cls.forward, "__module__": cls.__module__})
+    """`cls` with `forward` (made once per class, so every layer's module shares one class)."""
+    if cls not in _FUSED:
+        body = {"forward": forward, "eager_forward": cls.forward, "__module__": cls.__module__}
+        _FUSED[cls] = type(cls.__name__, (cls,), body)
+    return _FUSED[cls]
 
 
 def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
