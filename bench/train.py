@@ -82,7 +82,7 @@ def build_model(args: argparse.Namespace) -> Any:
 def _materialise(module: Any, dtype: Any, generator: Any, quantize: str | None) -> None:
     import torch
 
-    module.to_empty(device="cpu")
+    module.to_empty(device="cpu").to(dtype)  # the meta parameters are float32 whatever config.dtype says
     with torch.no_grad():
         for p in module.parameters():
             if p.dim() == 1:  # the RMSNorm weights
