@@ -12,6 +12,11 @@ so a 7 B shape fits where its float32 copy would not.
     python bench/train.py --base-dtype bf16 --variants loractl,peft
     python bench/train.py --quantize nf4 --variants loractl,peft
     python bench/train.py --preset 7b --base-dtype bf16 --steps 2 --warmup 0 --variants loractl
+    python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
+
+Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
+machine the wall clock measures the other jobs as much as the step; with --threads 1 the CPU
+seconds of a step are its work alone (no OpenMP thread waiting on a descheduled sibling).
 """
 
 from __future__ import annotations
@@ -38,16 +43,19 @@ def child(args: argparse.Namespace) -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
     run = _loractl if args.variant.startswith("loractl") else _peft
     trainable = run(model, ids, args, args.warmup + args.steps, times)
-    step_s = statistics.median(times[args.warmup :])
+    step_s = statistics.median(wall for wall, _ in times[args.warmup :])
+    cpu_s = statistics.median(cpu for _, cpu in times[args.warmup :])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
-    doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
+    doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total}  # fmt: skip
     print(json.dumps(doc))
 
@@ -74,7 +82,7 @@ def build_model(args: argparse.Namespace) -> Any:
 def _materialise(module: Any, dtype: Any, generator: Any, quantize: str | None) -> None:
     import torch
 
-    module.to_empty(device="cpu")
+    module.to_empty(device="cpu").to(dtype)  # the meta parameters are float32 whatever config.dtype says
     with torch.no_grad():
         for p in module.parameters():
             if p.dim() == 1:  # the RMSNorm weights
@@ -102,12 +110,18 @@ def _quantized(linear: Any, dtype: Any, quantize: str) -> Any:
     return layer.to("cpu")
 
 
-def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[float]) -> int:
+def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
+    import time
+
     from loractl.train import Callback, Example, TrainConfig, inject, train
 
     class Clock(Callback):
+        cpu = time.process_time()
+
         def on_step(self, metrics: dict[str, float]) -> None:
-            times.append(args.batch * args.seq / metrics["tokens_per_s"])
+            now = time.process_time()
+            times.append((args.batch * args.seq / metrics["tokens_per_s"], now - self.cpu))
+            self.cpu = now
 
     config = TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=steps, batch_size=args.batch,
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
@@ -118,7 +132,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
     return injection.trainable
 
 
-def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[float]) -> int:
+def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
     """The loop a PEFT user writes: forward with labels, backward, AdamW step."""
     import time
 
@@ -134,12 +148,12 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     return sum(p.numel() for p in params)
 
 
@@ -150,6 +164,7 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset")
     for name, default in (("seq", 96), ("batch", 8), ("rank", 16), ("steps", 3), ("warmup", 1), ("rounds", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per child [torch's default]")
     parser.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"])
     parser.add_argument("--compile", action="store_true", help="loractl variants: --compile")
@@ -178,16 +193,18 @@ def main() -> None:
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
     """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`)."""
-    med = {v: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "peak_rss", "step_s")}
-           for v, runs in results.items()}  # fmt: skip
-    nan = {"tokens_per_s": float("nan"), "peak_rss": float("nan")}
-    print("| variant | s/step | tokens/s | vs PEFT twin | peak RSS (GB) | vs PEFT (no ckpt) | trainable parameters |")
-    print("|---|---|---|---|---|---|---|")
+    keys = ("tokens_per_s", "peak_rss", "step_s", "cpu_s")
+    med = {v: {k: statistics.median(r[k] for r in runs) for k in keys} for v, runs in results.items()}
+    nan = dict.fromkeys(keys, float("nan"))
+    print("| variant | s/step | tokens/s | vs PEFT twin | CPU s/step | vs PEFT twin (CPU) | peak RSS (GB) "
+          "| vs PEFT (no ckpt) | trainable parameters |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for variant, runs in results.items():
         twin = med.get(variant.replace("loractl", "peft"), nan)
         m, peft = med[variant], med.get("peft", nan)
         share = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['total']:.2f}%)"
         print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / twin['tokens_per_s']:.2f}x"
+              f" | {m['cpu_s']:.2f} | {twin['cpu_s'] / m['cpu_s']:.2f}x"
               f" | {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / peft['peak_rss']:.2f}x | {share} |")  # fmt: skip
 
 

@@ -23,8 +23,9 @@ from torch import nn
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, ShapeMismatchError, UsageError
 from .base import load_base
+from .base_matmul import is_conv1d
 from .data import IGNORE, Example, collate, load_dataset, require_data_file
-from .lora_layers import is_adaptable, is_conv1d
+from .lora_layers import is_adaptable
 from .loss import CausalLMLoss
 
 Track = Callable[[Iterable[Any], int, str], Iterable[Any]]  # (items, total, description) → items

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .config import Targets, TrainConfig
+from .fused_blocks import fuse
 from .lora_layers import LoraLinear, is_adaptable
 
 ALL_LINEAR = "all-linear"
@@ -38,6 +39,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     """Wrap the targeted layers of `model` in place; only LoRA factors require grad afterwards.
 
     A is drawn from a generator seeded with `config.seed`, so the same config gives the same start.
+    Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
     """
     config = config or TrainConfig()
     if any(isinstance(m, LoraLinear) for m in model.modules()):
@@ -58,6 +60,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
             generator=generator,
         )
         setattr(parent, leaf, layer)
+    fuse(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Injection(tuple(chosen), trainable, sum(p.numel() for p in model.parameters()))
 

@@ -1,24 +1,28 @@
 """`LoraLinear`: a frozen linear layer plus a trainable low-rank path, y = W x + scale · B A dropout(x).
 
-Wraps `nn.Linear` and transformers' GPT-2 `Conv1D` (weight stored (in, out)); A is (rank, in)
-and B (out, rank) for both, as in PEFT, so only a merged ΔW is ever transposed. B starts at
-zero, so an injected model computes exactly what its base computes until the first step.
+Wraps `nn.Linear`, transformers' GPT-2 `Conv1D` (weight stored (in, out)) and bitsandbytes'
+quantized linears; A is (rank, in) and B (out, rank) for all, as in PEFT, so only a merged ΔW is
+ever transposed. B starts at zero, so an injected model computes exactly what its base computes
+until the first step.
+
+The layer is one autograd node (`_LoraMatmul`): the frozen matmul in the dtype `base_matmul`
+picks, the low-rank term added by one fused multiply-add, and in the backward pass the input
+gradient of both paths summed in place, with no weight gradient and nothing saved but the input
+and the (tokens, rank) product. Under autocast (`--precision`) the layer keeps autograd's own
+graph, so each op runs in the dtype autocast gives it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..info import scale_from_alpha
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D`, recognised without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+from .base_matmul import frozen_weight, is_conv1d
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -55,10 +59,27 @@ class LoraLinear(nn.Module):
         _init_a(self.lora_A, init, rank, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return self._autograd_forward(x)
+        dropped = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+        out: torch.Tensor = _LoraMatmul.apply(x, dropped, self.lora_A, self.lora_B, self)  # type: ignore[no-untyped-call]
+        return out
+
+    def frozen_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output (tokens, out) for flattened `x`, in the base's matmul dtype, bias included."""
+        weight = frozen_weight(self.base_layer, x.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+
+    def frozen_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad · W for the flattened output gradient, in the base's matmul dtype (no weight gradient)."""
+        weight = frozen_weight(self.base_layer, grad.dtype)
+        return grad.to(weight.dtype) @ weight
+
+    def _autograd_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain graph (autocast casts each op): the base layer's own forward plus the low-rank term."""
         y: torch.Tensor = self.base_layer(x)
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
-        # One fused multiply-add over the flattened batch, y + scale · h Bᵀ, in the factors' float32 (as PEFT
-        # adds it): no (tokens, out) temporaries for the scale and the sum; one rounding back to a bf16 base.
         base = y.reshape(-1, y.shape[-1]).to(h.dtype)
         out = torch.addmm(base, h.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale)
         return out.view(y.shape).to(y.dtype)
@@ -68,6 +89,44 @@ class LoraLinear(nn.Module):
         return (
             f"rank={self.rank}, alpha={self.alpha}, scale={self.scale} ({rule}), fan_in_fan_out={self.fan_in_fan_out}"
         )
+
+
+class _LoraMatmul(torch.autograd.Function):
+    """y = W x (+ bias) + scale · B A x̃ (x̃ = dropout(x), or x itself), for a `LoraLinear`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, dropped: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, layer: LoraLinear
+    ) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        lora_in = flat if dropped is None else dropped.reshape(flat.shape)
+        # Aᵀ and Bᵀ as contiguous copies (rank × features, tiny): BLAS runs the skinny products ~1.5x faster.
+        h = lora_in.to(a.dtype) @ a.t().contiguous()
+        base = layer.frozen_matmul(flat).to(h.dtype)
+        out = torch.addmm(base, h, b.t().contiguous(), alpha=layer.scale)
+        ctx.save_for_backward(x if dropped is None else dropped, h, a, b)
+        ctx.layer, ctx.dropped, ctx.x_dtype = layer, dropped is not None, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
+        lora_in, h, a, b = ctx.saved_tensors
+        layer: LoraLinear = ctx.layer
+        wants_x, wants_dropped = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_f = grad.to(h.dtype)
+        grad_h = (grad_f @ b).mul_(layer.scale)  # (tokens, rank)
+        grad_b = (h.t() @ grad_f).mul_(layer.scale).t()  # hᵀ·g is the fast order; its transpose is B's layout
+        grad_a = grad_h.t() @ lora_in.reshape(-1, lora_in.shape[-1]).to(h.dtype)
+        grad_x = grad_dropped = None
+        shape = (*grad_out.shape[:-1], a.shape[1])
+        if ctx.dropped:
+            grad_dropped = (grad_h @ a).view(shape).to(ctx.x_dtype) if wants_dropped else None
+            if wants_x:
+                grad_x = layer.frozen_input_grad(grad).view(shape).to(ctx.x_dtype)
+        elif wants_x:
+            grad_x = layer.frozen_input_grad(grad).to(h.dtype).addmm_(grad_h, a).view(shape).to(ctx.x_dtype)
+        return grad_x, grad_dropped, grad_a, grad_b, None
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:

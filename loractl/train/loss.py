@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_matmul import matmul_dtype
 from .data import IGNORE
 
 # model_type values whose CausalLM computes logits = lm_head(base_model(...)[0]), with no scaling or capping.
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
-CHUNK_TOKENS = 512
+CHUNK_TOKENS = 256  # (256, 49,152) float32 logits: 50 MB, the largest buffer of a SmolLM2 step
 
 
 class CausalLMLoss(nn.Module):
@@ -69,18 +70,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_wanted: bool) -> Any:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if grad_wanted else None
+        # A bf16 head multiplies in float32 where bf16 matmuls are slow (base_matmul): one transient copy.
+        weight = weight.to(matmul_dtype(weight.dtype, weight.device))
         for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-            h, t = hidden[start : start + CHUNK_TOKENS], targets[start : start + CHUNK_TOKENS]
-            logits = F.linear(h, weight.to(h.dtype)).float()
+            h, t = hidden[start : start + CHUNK_TOKENS].to(weight.dtype), targets[start : start + CHUNK_TOKENS]
+            logits = F.linear(h, weight).float()
             valid = t != IGNORE
             safe = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place, in the one (chunk, vocab) buffer
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            sums = probs.sum(dim=1, keepdim=True)
+            lse = (sums.log() + top).squeeze(1)
+            total += ((lse - picked) * valid).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs.div_(sums)
                 probs[torch.arange(len(t), device=t.device), safe] -= 1.0
-                probs *= valid[:, None]
-                grad[start : start + CHUNK_TOKENS] = (probs.to(h.dtype) @ weight.to(h.dtype)).to(grad.dtype)
+                rows = (probs.to(weight.dtype) @ weight).mul_(valid[:, None])  # ignored rows: zero gradient
+                grad[start : start + CHUNK_TOKENS] = rows.to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 

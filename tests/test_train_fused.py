@@ -1,0 +1,213 @@
+"""The fused training kernels: LoraLinear's one-node matmul over bf16 and 4-bit bases (float32 compute), and
+the fused RMSNorm / gated MLP, each against a dense float64 reference, PEFT, or transformers' eager modules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from loractl.errors import UsageError
+from loractl.train import LoraLinear
+from loractl.train.base_matmul import ENV, matmul_dtype
+from loractl.train.fused_blocks import fuse
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def lora_over(base: nn.Module, seed: int = 0) -> LoraLinear:
+    layer = LoraLinear(base, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return layer
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_matmul_dtype_by_device_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loractl.train import base_matmul
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(base_matmul, "cpu_has_bf16_units", lambda: False)
+    assert matmul_dtype(torch.float32, CPU) == torch.float32
+    assert matmul_dtype(torch.bfloat16, CPU) == torch.float32  # no bf16 units: upcast
+    assert matmul_dtype(torch.bfloat16, CUDA) == torch.bfloat16  # tensor cores keep bf16
+    monkeypatch.setattr(base_matmul, "cpu_has_bf16_units", lambda: True)
+    assert matmul_dtype(torch.float16, CPU) == torch.float16
+    monkeypatch.setenv(ENV, "float32")
+    assert matmul_dtype(torch.bfloat16, CUDA) == torch.float32
+    monkeypatch.setenv(ENV, "native")
+    monkeypatch.setattr(base_matmul, "cpu_has_bf16_units", lambda: False)
+    assert matmul_dtype(torch.bfloat16, CPU) == torch.bfloat16
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(UsageError, match=ENV):
+        matmul_dtype(torch.bfloat16, CPU)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_base_computes_in_float32_like_a_dense_reference(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "float32")
+    torch.manual_seed(0)
+    layer = lora_over(nn.Linear(24, 40, bias=bias).to(torch.bfloat16))
+    x = torch.randn(3, 5, 24).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(3, 5, 40).to(torch.bfloat16)
+    out = layer(x)
+    out.backward(grad_out)
+    # float64 reference from the same stored values
+    w = layer.base_layer.weight.double()
+    a, b = layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    ref = xd @ w.t() + layer.scale * (xd @ a.t()) @ b.t()
+    if bias:
+        ref = ref + layer.base_layer.bias.double()
+    ref.backward(grad_out.double())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)  # one rounding, of a float32 sum
+    assert rel(layer.lora_A.grad, a.grad) < 1e-6 and rel(layer.lora_B.grad, b.grad) < 1e-6
+    assert rel(x.grad, xd.grad.to(torch.bfloat16)) < 1e-2  # bf16 input gradient: bf16 rounding
+
+
+def test_bf16_base_matches_peft_on_a_float32_copy_of_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's LoRA over the same bf16 weights held in float32: the same output (rounded) and factor gradients."""
+    monkeypatch.setenv(ENV, "float32")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(24, 40, bias=False))
+    dense[0].weight.data = dense[0].weight.data.to(torch.bfloat16).float()  # bf16-representable values
+    twin = peft.get_peft_model(copy.deepcopy(dense), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    ours = lora_over(copy.deepcopy(dense[0]).to(torch.bfloat16))
+    theirs = twin.base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(4, 24).to(torch.bfloat16)
+    grad_out = torch.randn(4, 40).to(torch.bfloat16)
+    out, ref = ours(x), twin(x.float())
+    out.backward(grad_out)
+    ref.backward(grad_out.float())
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
+    assert rel(ours.lora_A.grad, theirs.lora_A["default"].weight.grad) < 1e-6
+    assert rel(ours.lora_B.grad, theirs.lora_B["default"].weight.grad) < 1e-6
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_base_computes_with_its_dequantized_weight(quant_type: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48, bias=False)
+    quantized = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type=quant_type)
+    quantized.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=quant_type)
+    quantized = quantized.to("cpu")
+    layer = lora_over(quantized)
+    w = bnb.functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state).double()
+    x = torch.randn(6, 64, requires_grad=True)
+    grad_out = torch.randn(6, 48)
+    layer(x).backward(grad_out)
+    xd = x.detach().double().requires_grad_()
+    a, b = layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_()
+    ref = xd @ w.t() + layer.scale * (xd @ a.t()) @ b.t()
+    ref.backward(grad_out.double())
+    assert rel(layer(x), ref) < 1e-6
+    assert (
+        rel(x.grad, xd.grad) < 1e-6 and rel(layer.lora_A.grad, a.grad) < 1e-6 and rel(layer.lora_B.grad, b.grad) < 1e-6
+    )
+    torch.testing.assert_close(layer(x), layer._autograd_forward(x))  # bitsandbytes' own float32 matmul
+
+
+def test_dropout_keeps_the_base_path_undropped() -> None:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 8), rank=4, alpha=4.0, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16, requires_grad=True)
+    torch.manual_seed(3)
+    out = layer(x)
+    out.square().sum().backward()
+    grads = x.grad.clone(), layer.lora_A.grad.clone()
+    x.grad, layer.lora_A.grad = None, None
+    torch.manual_seed(3)  # the same dropout mask through autograd's own graph
+    ref = layer._autograd_forward(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], layer.lora_A.grad)
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def test_fused_blocks_give_the_eager_forward_and_its_gradients() -> None:
+    eager = tiny_llama()
+    fused = copy.deepcopy(eager)
+    assert fuse(fused) == 7 and fuse(fused) == 0  # 2 layers x (2 norms + MLP) + final norm; once only
+    assert isinstance(fused.model.norm, type(eager.model.norm))
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    out, ref = fused(ids).logits, eager(ids).logits
+    assert torch.equal(out, ref)  # op for op transformers' forward
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), eager.parameters(), strict=True):
+        assert rel(p.grad, q.grad) < 1e-5, name
+
+
+def test_fused_norm_and_gate_gradients_match_a_float64_reference() -> None:
+    from loractl.train.fused_blocks import _RMSNorm, _SiluGate
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 7, 32, generator=g, requires_grad=True), torch.randn(32, generator=g, requires_grad=True)
+    gate, up = (
+        torch.randn(3, 7, 40, generator=g, requires_grad=True),
+        torch.randn(3, 7, 40, generator=g, requires_grad=True),
+    )
+    upstream_n, upstream_m = torch.randn(3, 7, 32, generator=g), torch.randn(3, 7, 40, generator=g)
+    (_RMSNorm.apply(x, w, 1e-6) * upstream_n).sum().backward()
+    (_SiluGate.apply(gate, up) * upstream_m).sum().backward()
+    xd, wd, gd, ud = (t.detach().double().requires_grad_() for t in (x, w, gate, up))
+    ((xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6) * wd) * upstream_n.double()).sum().backward()
+    ((gd * torch.sigmoid(gd) * ud) * upstream_m.double()).sum().backward()
+    for ours, ref in ((x, xd), (w, wd), (gate, gd), (up, ud)):
+        assert rel(ours.grad, ref.grad) < 1e-6
+
+
+def test_fused_blocks_save_less_for_the_backward_pass() -> None:
+    def saved_bytes(model: nn.Module) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model.layers[0](model.model.embed_tokens(ids).requires_grad_(),
+                                  position_embeddings=model.model.rotary_emb(torch.zeros(1), torch.arange(64)[None]))  # fmt: skip
+        return sum(seen.values())
+
+    eager = tiny_llama()
+    fused = copy.deepcopy(eager)
+    fuse(fused)
+    assert saved_bytes(fused) < 0.8 * saved_bytes(eager)
+
+
+def test_autocast_runs_the_eager_forward() -> None:
+    eager = tiny_llama()
+    fused = copy.deepcopy(eager)
+    fuse(fused)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out: Any = fused(ids).logits
+        ref: Any = eager(ids).logits
+    assert torch.equal(out, ref)
