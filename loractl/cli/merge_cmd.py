@@ -174,8 +174,7 @@ def _show_report(report: MergeReport) -> None:
     if report.rounding is not None:
         r = report.rounding
         stdout.print(
-            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median), "
-            f"{r['worst']:.2%} at worst",
+            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
             highlight=False,
         )
     stdout.print(
