@@ -26,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")
@@ -34,7 +35,7 @@ PRESETS = {
     "smollm2": SMOLLM2,
     "7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000},
 }
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SHAPE = tuple(SMOLLM2)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -61,53 +62,22 @@ def child(args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    """A random LlamaForCausalLM in the target dtype, built layer by layer from the meta device."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The benchmark's base: loaded from --base through loractl's own loader, or built in memory (random_llama)."""
+    if args.base:
+        from loractl.train.base import load_base
 
-    dtype = getattr(torch, DTYPES[args.base_dtype])
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 2048),
-                         tie_word_embeddings=False, dtype=dtype)  # fmt: skip
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    for module in [model.model.embed_tokens, model.model.norm, model.lm_head, *model.model.layers]:
-        _materialise(module, dtype, generator, args.quantize)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers, computed on the CPU
-    return model
+        return load_base(args.base, dtype=args.base_dtype, quantize=args.quantize)[0]
+    from random_llama import DTYPES
+    from random_llama import build_model as build_random
+
+    dtype = DTYPES[args.base_dtype or "fp32"]
+    return build_random(_config(args, dtype), dtype, args.quantize)
 
 
-def _materialise(module: Any, dtype: Any, generator: Any, quantize: str | None) -> None:
-    import torch
+def _config(args: argparse.Namespace, dtype: Any) -> Any:
+    from random_llama import llama_config
 
-    module.to_empty(device="cpu").to(dtype)  # the meta parameters are float32 whatever config.dtype says
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() == 1:  # the RMSNorm weights
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(dtype) * 0.02)
-    if quantize and hasattr(module, "self_attn"):
-        for name, linear in list(module.named_modules()):
-            if isinstance(linear, torch.nn.Linear):
-                parent, _, leaf = name.rpartition(".")
-                setattr(module.get_submodule(parent), leaf, _quantized(linear, dtype, quantize))
-
-
-def _quantized(linear: Any, dtype: Any, quantize: str) -> Any:
-    """bitsandbytes' layer holding `linear`'s weight, as transformers' BitsAndBytesConfig loads it."""
-    import bitsandbytes as bnb
-
-    if quantize == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
-                                  quant_type=quantize)  # fmt: skip
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quantize)
-    return layer.to("cpu")
+    return llama_config({k: getattr(args, k) for k in SHAPE}, dtype, max(args.seq, 2048))
 
 
 def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
@@ -160,12 +130,14 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2", help="model shape [smollm2]")
-    for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+    for name in SHAPE:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="override the preset")
     for name, default in (("seq", 96), ("batch", 8), ("rank", 16), ("steps", 3), ("warmup", 1), ("rounds", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child [torch's default]")
-    parser.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], help="[fp32; with --base its own]")
+    parser.add_argument("--base", help="load this checkpoint (e.g. one --save-base wrote) instead of building")
+    parser.add_argument("--save-base", metavar="DIR", help="write the random model as a checkpoint and exit")
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"])
     parser.add_argument("--compile", action="store_true", help="loractl variants: --compile")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -174,6 +146,11 @@ def main() -> None:
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.base:  # the token ids must fit its vocabulary
+        args.vocab = json.loads((Path(args.base) / "config.json").read_text())["vocab_size"]
+    if args.save_base:
+        _save(args)
+        return
     if args.variant:
         child(args)
         return
@@ -189,6 +166,13 @@ def main() -> None:
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[variant][-1]), file=sys.stderr)
     _table(results)
+
+
+def _save(args: argparse.Namespace) -> None:
+    from random_llama import DTYPES, save_model
+
+    dtype = DTYPES[args.base_dtype or "fp32"]
+    save_model(_config(args, dtype), dtype, Path(args.save_base))
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
