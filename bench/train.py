@@ -41,13 +41,16 @@ SHAPE = tuple(SMOLLM2)
 def child(args: argparse.Namespace) -> None:
     """Run one variant; print one JSON line: median seconds and tokens/s over the measured steps, peak RSS."""
     import resource
+    import time
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    start = time.perf_counter()
     model = build_model(args)
+    load_s = time.perf_counter() - start
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     times: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
     run = _loractl if args.variant.startswith("loractl") else _peft
@@ -57,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
-           "peak_rss": rss, "trainable": trainable, "total": total}  # fmt: skip
+           "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times}  # fmt: skip
     print(json.dumps(doc))
 
 
