@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputNotFoundError, LoractlError, UsageError
+from ..io.checkpoint import Checkpoint
 from .config import BaseDtype, Quantize
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,21 +34,36 @@ def load_base(
     """
     _check_base(base)
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            MODEL_FOR_CAUSAL_LM_MAPPING,
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            GenerationConfig,
+        )
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        torch_dtype = BASE_DTYPES[dtype] if dtype else _own_dtype(AutoConfig.from_pretrained(base))
-        options: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": device}}
+        config = AutoConfig.from_pretrained(base)  # given, so that transformers does not deep-copy the options
+        torch_dtype = BASE_DTYPES[dtype] if dtype else _own_dtype(config)
+        options: dict[str, Any] = {"config": config, "dtype": torch_dtype, "device_map": {"": device}}
         if quantize is not None:
             options["quantization_config"] = quantization_config(quantize, torch_dtype)
-        with warnings.catch_warnings():  # bitsandbytes' notes on casting inputs, once per layer
+        with warnings.catch_warnings(), ExitStack() as files:  # bitsandbytes' notes on casting inputs, once per layer
             warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(base, **options)
+            state = _read_on_demand(base, files)  # transformers takes weights or a name, not both
+            if state is None:
+                model = AutoModelForCausalLM.from_pretrained(base, **options)
+            else:
+                model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+                model = model_class.from_pretrained(None, state_dict=state, **options)
+                model.name_or_path = model.config.name_or_path = str(base)
+                if (Path(base) / "generation_config.json").is_file():
+                    model.generation_config = GenerationConfig.from_pretrained(base)
         tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:  # KeyError: a config no causal LM class takes
         raise LoractlError(
             f"cannot load base {base}: {str(e).splitlines()[0][:200]}",
             hint="a base is a transformers causal LM directory with its tokenizer",
@@ -80,6 +97,30 @@ def _own_dtype(config: Any) -> torch.dtype:
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def _read_on_demand(base: str | Path, files: ExitStack) -> dict[str, Any] | None:
+    """A local safetensors checkpoint's tensors as slices that `pread` each tensor when transformers converts it.
+
+    transformers otherwise maps every shard (mmap) for the whole load, and every page it reads counts in
+    the process's RSS until the end: loading a bf16 checkpoint cast to another dtype or quantized would
+    peak at the file's size plus the result. Read tensor by tensor, only the result stays. None (transformers
+    reads the files itself) for a Hub id or a directory without safetensors.
+    """
+    if not Path(base).is_dir():
+        return None
+    try:
+        with Checkpoint(base) as checkpoint:
+            shards = list(checkpoint.headers)
+    except LoractlError:
+        return None
+    from safetensors import safe_open
+
+    state: dict[str, Any] = {}
+    for shard in shards:
+        handle = files.enter_context(safe_open(str(shard), framework="pt", device="cpu", backend="pread"))
+        state.update({name: handle.get_slice(name) for name in handle.keys()})  # noqa: SIM118 (not a dict)
+    return state
 
 
 def _check_base(base: str | Path) -> None:
