@@ -95,6 +95,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
             now = time.process_time()
             times.append((args.batch * args.seq / metrics["tokens_per_s"], now - self.cpu))
             self.cpu = now
+            print(f"step {len(times)}: {times[-1][0]:.1f} s", file=sys.stderr, flush=True)
 
     config = TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=steps, batch_size=args.batch,
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
@@ -127,6 +128,7 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append((time.perf_counter() - start, time.process_time() - cpu))
+        print(f"step {len(times)}: {times[-1][0]:.1f} s", file=sys.stderr, flush=True)
     return sum(p.numel() for p in params)
 
 
