@@ -2,16 +2,17 @@
 
 Each variant runs in a fresh child process (this launcher never imports torch, so a child's peak
 RSS is its own), on the same random Llama and the same token batch, interleaved over --rounds.
-The base is built on the meta device and materialised in its target dtype (never in float32
-first), and with --quantize its linear layers are replaced layer by layer by bitsandbytes ones,
-so a 7 B shape fits where its float32 copy would not.
+The base is built on the meta device and materialised in its target dtype (never in float32,
+bench/random_llama.py), and with --quantize its linear layers are replaced layer by layer by
+bitsandbytes ones; or --base loads a saved one through loractl's own loader, on both sides.
 
     python bench/train.py                                   # SmolLM2-135M shapes, seq 96, batch 8, r16
     python bench/train.py --seq 256 --rounds 3
     python bench/train.py --variants loractl+ckpt,peft+ckpt,peft
     python bench/train.py --base-dtype bf16 --variants loractl,peft
     python bench/train.py --quantize nf4 --variants loractl,peft
-    python bench/train.py --preset 7b --base-dtype bf16 --steps 2 --warmup 0 --variants loractl
+    python bench/train.py --preset 7b --base-dtype bf16 --save-base /tmp/llama7b-bf16   # 13.5 GB, 0.6 GB RSS
+    python bench/train.py --base /tmp/llama7b-bf16 --seq 64 --batch 1 --steps 2 --warmup 0 --variants loractl,peft
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
 
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
