@@ -15,15 +15,15 @@ import pytest
 REQUIRED = os.environ.get("LORACTL_REQUIRE_ORACLES") == "1"
 
 
-def oracle(module: str, package: str) -> ModuleType:
-    """Import the consumer `module` (PyPI `package`), or skip/fail the test without it."""
+def oracle(module: str, package: str, extra: str = "interop") -> ModuleType:
+    """Import the consumer `module` (PyPI `package`, in loractl's `extra`), or skip/fail the test without it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        message = f"oracle {package} is not installed ({e}); pip install -e '.[interop]'"
+        message = f"oracle {package} is not installed ({e}); pip install -e '.[{extra}]'"
         if REQUIRED:
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=True)
 
 
 def consumer_version(package: str) -> str:

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from oracles import oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -93,7 +94,7 @@ def test_saved_checkpoint_equals_built_model_and_loads_in_bf16(rl: ModuleType, t
 
 
 def test_quantized_build_replaces_decoder_linears(rl: ModuleType) -> None:
-    pytest.importorskip("bitsandbytes")
+    oracle("bitsandbytes", "bitsandbytes", "qlora")
     import bitsandbytes as bnb
 
     dtype = torch.bfloat16

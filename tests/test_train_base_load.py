@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from oracles import oracle
 
 from loractl.train.base import load_base, quantization_config
 
@@ -36,7 +37,7 @@ def test_load_equals_transformers(dtype: str | None) -> None:
 
 
 def test_quantized_load_equals_transformers() -> None:
-    pytest.importorskip("bitsandbytes")
+    oracle("bitsandbytes", "bitsandbytes", "qlora")
     ours, _ = load_base(TINY, dtype="bf16", quantize="nf4")
     theirs = transformers_load(dtype=torch.bfloat16, quantization_config=quantization_config("nf4", torch.bfloat16))
     assert_same_state(ours, theirs)  # the packed nf4 bytes and their absmax included

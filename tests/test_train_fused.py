@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from oracles import oracle
 from torch import nn
 
 from loractl.errors import UsageError
@@ -101,7 +102,7 @@ def test_bf16_base_matches_peft_on_a_float32_copy_of_its_weights(monkeypatch: py
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_base_computes_with_its_dequantized_weight(quant_type: str) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = oracle("bitsandbytes", "bitsandbytes", "qlora")
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=False)
     quantized = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type=quant_type)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from oracles import oracle
 from torch import nn
 
 from loractl.train import Callback, TrainConfig, inject, train, train_adapter
@@ -15,7 +16,7 @@ from loractl.train.base import load_base
 from loractl.train.data import Example, collate, load_dataset
 
 peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+oracle("bitsandbytes", "bitsandbytes", "qlora")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
