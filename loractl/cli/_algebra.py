@@ -10,7 +10,7 @@ import click
 
 from ..patterns import natural_key
 from ._output import emit_json, stdout, warn
-from ._text import name_table
+from ._text import budget_line, name_table
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -82,12 +82,7 @@ def save_and_report(
         return
     (render or _render)(rows, output, fmt)
     if result.budget is not None:
-        b = result.budget
-        stdout.print(
-            f"budget {b.budget:,} params: used {b.params:,}, total rel. error {b.rel_error:.3g}; "
-            f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3g}",
-            highlight=False,
-        )
+        stdout.print(budget_line(result.budget), highlight=False)
 
 
 def _render(rows: list[dict[str, Any]], output: str, fmt: str) -> None:

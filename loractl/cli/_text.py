@@ -15,9 +15,19 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
+    from ..ops.budget import Allocation
+
 HASH_PREFIX = 19  # "sha256:" and 12 hex digits: unique in any realistic set of versions
 SHA_PREFIX = 12  # git commit shas, as git itself abbreviates them
 _SEGMENT = re.compile(r"(?:\{[^}]*\}|[^.{])+\.?|\.")
+
+
+def budget_line(b: Allocation) -> str:
+    """What `--budget` chose against the uniform rank of the same size (extract and resize print it alike)."""
+    return (
+        f"budget {b.budget:,} params: used {b.params:,}, total rel. error {b.rel_error:.3g}; "
+        f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3g}"
+    )
 
 
 def human_size(n: float) -> str:

@@ -9,7 +9,7 @@ import click
 from ..patterns import natural_key
 from ._device import device_option
 from ._output import emit_json, progress, stdout, warn
-from ._text import name_table
+from ._text import budget_line, name_table
 
 if TYPE_CHECKING:
     from ..ops.extract_plan import ExtractPlan
@@ -118,12 +118,7 @@ def _render(report: ExtractReport) -> None:
         highlight=False,
     )
     if report.budget is not None:
-        b = report.budget
-        stdout.print(
-            f"budget {b.budget:,} params: used {b.params:,}, total rel error {b.rel_error:.3e}; "
-            f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3e}",
-            highlight=False,
-        )
+        stdout.print(budget_line(report.budget), highlight=False)
 
 
 def _plan_rows(plan: ExtractPlan) -> dict[str, object]:
