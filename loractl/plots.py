@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+from .extras import require_extra
 from .io.atomic import atomic_output, ensure_distinct
 from .patterns import natural_key
 
@@ -265,10 +266,7 @@ def _spectrum_panel(axis: Any, title: str, modules: Sequence[tuple[list[float], 
 
 def check_plot(path: str | Path, inputs: Sequence[str | Path]) -> None:
     """Raise `UsageError` when matplotlib is missing or `path` would replace an input: call it before long work."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise UsageError("--plot needs matplotlib, which is not installed", hint="pip install 'loractl[plot]'") from e
+    require_extra("plot", purpose="--plot")
     ensure_distinct(path, list(inputs))
 
 

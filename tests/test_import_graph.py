@@ -24,7 +24,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "loractl"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("loractl.errors", "loractl._version")),
+    ("base", ("loractl.errors", "loractl._version", "loractl.extras")),
     ("io", ("loractl.io",)),
     ("core", ("loractl.findings", "loractl.lineage", "loractl.info", "loractl.adapter", "loractl.origin",
               "loractl.patterns")),

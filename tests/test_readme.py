@@ -23,3 +23,15 @@ def test_readme_main_command_runs_on_the_fixtures(tmp_path: Path) -> None:
         assert out.returncode == 0, (step, out.stderr)
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_ci_runs_the_readme_commands_read_from_the_readme_not_copies() -> None:
+    """`.ci/run` must run what a newcomer runs: a copy there would drift from the README unnoticed."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert len(blocks) >= 2
+    for block in blocks[:2]:
+        for step in block.split("&&"):
+            if "loractl " in step or "pytest" in step:
+                assert step.strip() not in ci, f".ci/run copies {step.strip()!r} instead of reading README.md"
+    assert "readme_command 1" in ci and "readme_command 2" in ci

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputNotFoundError, LoractlError, UsageError
+from ..extras import require_extra
 from ..io.checkpoint import Checkpoint
 from .config import BaseDtype, Quantize
 
@@ -25,25 +26,30 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def load_base(
-    base: str | Path, *, dtype: BaseDtype | None = None, quantize: Quantize | None = None, device: str = "cpu"
+    base: str | Path,
+    *,
+    dtype: BaseDtype | None = None,
+    quantize: Quantize | None = None,
+    device: str = "cpu",
+    purpose: str = "loading a base",
 ) -> tuple[nn.Module, Any]:
     """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
 
     `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
     output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
+    `purpose` (the command) names who needs a missing optional package.
     """
+    require_extra("train", purpose=purpose)
     _check_base(base)
-    try:
-        from transformers import (
-            MODEL_FOR_CAUSAL_LM_MAPPING,
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoTokenizer,
-            GenerationConfig,
-        )
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         config = AutoConfig.from_pretrained(base)  # given, so that transformers does not deep-copy the options
@@ -73,11 +79,9 @@ def load_base(
 
 def quantization_config(quantize: Quantize, compute_dtype: torch.dtype) -> Any:
     """transformers' `BitsAndBytesConfig` for `--quantize` (the output head stays unquantized)."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UsageError("--quantize needs bitsandbytes", hint="pip install 'loractl[qlora]'") from None
+    require_extra("qlora", purpose="--quantize")
+    from transformers import BitsAndBytesConfig
+
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ...errors import FormatError, UsageError
+from ...extras import require_extra
 
 if TYPE_CHECKING:
     from gguf import TensorNameMap
@@ -33,10 +34,9 @@ _BLOCK = re.compile(r"\.(\d+)\.")
 
 def require_gguf() -> ModuleType:
     """The `gguf` package, or a `UsageError` saying how to install it."""
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("GGUF support needs the gguf package", hint="pip install 'loractl[gguf]'") from None
+    require_extra("gguf", purpose="GGUF support")
+    import gguf
+
     return gguf
 
 
