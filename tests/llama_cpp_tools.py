@@ -123,6 +123,7 @@ def hf_to_gguf(model_dir: Path, outtype: str) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    converters_dir()  # before the lock: fetching the converters takes it too (flock is per open file: a deadlock)
     with open(CACHE / ".llama-cpp.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.is_file():
