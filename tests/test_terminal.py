@@ -361,3 +361,16 @@ def test_inspect_of_a_pulled_adapter_shows_the_hash_pull_verified(
     assert code == 0 and "not recorded" not in out
     verified = loractl.load_adapter(TINY_QV).content_hash()[:19]
     assert f"content hash  {verified} (verified by pull)" in out
+
+
+def test_versions_shows_whole_hashes_and_fits_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    repo = f"file://{tmp_path}/{LONG}/alice/lora"
+    message = "retrained model.layers.0.self_attn.q_proj and model.layers.1.self_attn.v_proj on the new data"
+    assert run(capsys, monkeypatch, 80, "push", TINY_QV, repo, "--create", "--tag", "v1", "-m", message)[0] == 0
+    code, out, _ = run(capsys, monkeypatch, 80, "versions", repo)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
+    pushed = loractl.load_adapter(TINY_QV).content_hash()[:19]
+    assert table_column(out, "content hash")[0] == pushed  # whole, not squeezed to "sha256:b734e968…"
+    assert "".join(table_column(out, "message")[0].split()) == "".join(message.split())  # folded, nothing cut
