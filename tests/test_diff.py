@@ -144,6 +144,7 @@ def test_cli_plot(tmp_path: Path) -> None:
     png = tmp_path / "diff.png"
     code, _, err = run_cli("diff", FIXTURES / "tiny-qv", FIXTURES / "tiny-patterns", "--plot", png)
     assert code == 0, err
+    assert f"plot: {png}" in err.splitlines()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

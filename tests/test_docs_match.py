@@ -1,5 +1,7 @@
 """The docs say what the program does: every finding code it can emit is in docs/validate.md's table,
-and every command page's usage names exactly the options its `--help` has."""
+every command page's usage names exactly the options its `--help` has, docs/architecture.md cites only
+files that exist, docs/json.md has every `--json` command, checkpoints are named as train writes them,
+the quickstart installs torch as the README does, and each benchmark summary row is dated and sourced."""
 
 from __future__ import annotations
 
@@ -69,3 +71,57 @@ def test_docs_usage_names_every_option_of_help(name: str) -> None:
     known = {o for p in options for o in p.opts + p.secondary_opts}
     unknown = written - known
     assert not unknown, f"docs/{PAGE.get(name, name)}.md's usage of {name} has options --help lacks: {unknown}"
+
+
+def test_architecture_cites_only_files_in_the_repo() -> None:
+    """Each `file.py` / `file.md` the page names exists: from the root, from loractl/, or from a folder its line names."""
+    missing = []
+    for line in (DOCS / "architecture.md").read_text().splitlines():
+        folders = [ROOT, ROOT / "loractl", *(ROOT / "loractl" / d for d in re.findall(r"`([\w/]+/)`", line))]
+        for cited in re.findall(r"(?<![\w/.<>-])[\w/.-]*\w\.(?:py|md)\b", line):
+            if not any((folder / cited).is_file() or (DOCS / cited).is_file() for folder in folders):
+                missing.append(cited)
+    assert not missing, f"docs/architecture.md cites files the repository lacks: {missing}"
+
+
+def test_json_page_has_a_row_for_every_json_command() -> None:
+    rows = [line.split("|")[1] for line in (DOCS / "json.md").read_text().splitlines() if line.startswith("| ")]
+    documented = {name.strip() for row in rows for name in row.split(",")}
+    with_json = []
+    for name in sorted(COMMANDS):
+        command = cli.get_command(click.Context(cli), name)
+        assert command is not None
+        if any("--json" in p.opts for p in command.params):
+            with_json.append(name)
+    assert len(with_json) > 10
+    assert not set(with_json) - documented, f"docs/json.md lacks {sorted(set(with_json) - documented)}"
+
+
+def test_quickstart_installs_torch_as_the_readme_does() -> None:
+    readme = set(re.findall(r"pip install torch\S*", (ROOT / "README.md").read_text()))
+    quickstart = set(re.findall(r"pip install torch\S*", (DOCS / "quickstart.md").read_text()))
+    assert len(readme) == 1 and quickstart == readme
+
+
+def test_checkpoint_directories_are_named_as_train_writes_them() -> None:
+    """`step-000020` (six digits, as tests/test_train_cli.py sees on disk), never `step-N`, in docs and --help."""
+    from click.testing import CliRunner
+
+    texts = {page.name: page.read_text() for page in DOCS.glob("*.md")}
+    texts["train --help"] = CliRunner().invoke(cli, ["train", "--help"]).output
+    names = {where: re.findall(r"step-[\w{}]+", text) for where, text in texts.items()}
+    wrong = {where: found for where, found in names.items() if any(not re.fullmatch(r"step-\d{6}", n) for n in found)}
+    assert not wrong
+    assert names["train.md"] and names["train --help"]
+
+
+def test_benchmark_summary_rows_each_carry_one_dated_figure_machine_and_command() -> None:
+    text = (DOCS / "benchmarks.md").read_text()
+    machines = set(re.findall(r"^\| \*\*(\w)\*\* \|", text, re.M))
+    summary = text.split("## Summary against the goals the issues set")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in summary.splitlines() if line.startswith("| `")]
+    assert len(rows) > 15 and machines
+    for command, goal, figure, date, machine, run, met in rows:
+        assert re.match(r"20\d\d-\d\d-\d\d", date) and machine in machines and run, (command, goal)
+        assert figure and met and "; " not in date, (command, goal)
+    assert "## History of the summary" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,18 @@ def test_cli_json_registry_version_and_progress_quiet_when_piped(tmp_path: Path)
     assert doc["models"][1]["delta_loss"] == pytest.approx(doc["models"][1]["loss"] - doc["models"][0]["loss"])
     code, out, _ = run_cli("eval", TINY, QV, "--data", TEXT)
     assert code == 0 and "perplexity" in out and max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_text_fits_80_columns_wherever_the_files_are(tmp_path: Path) -> None:
+    long = tmp_path / ("d" * 120)  # a directory name wider than a line
+    shutil.copytree(QV, long / "tiny-qv")
+    shutil.copy(TEXT, long / "eval.jsonl")
+    code, out, err = run_cli("eval", TINY, long / "tiny-qv", QV, "--data", long / "eval.jsonl")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and all(line == line.rstrip() for line in lines)
+    assert lines[0].startswith("…/eval.jsonl: ")
+    assert "adapters/tiny-qv" in out  # two tiny-qv: each by its parent directory too
 
 
 def test_bad_input_is_one_error_line_with_a_hint(tmp_path: Path) -> None:

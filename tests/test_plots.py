@@ -93,6 +93,7 @@ def test_inspect_plot_writes_a_heatmap(capsys: pytest.CaptureFixture[str], fixtu
     code, out, err = run(capsys, "inspect", str(fixtures_dir / "adapters" / "tiny-patterns"), "--plot", str(png))
     assert code == 0, err
     assert "‖ΔW‖" in out  # --plot implies --stats: the table shows the norms it drew
+    assert f"plot: {png}" in err.splitlines()  # says where it wrote
     assert_picture(png, (800, 250))
     image = mpimg.imread(png)
     assert image.shape[1] > 2 * image.shape[0]  # two side-by-side panels, 7 module types by 2 layers
@@ -132,6 +133,7 @@ def test_extract_plot_writes_spectra(
     args = ["extract", str(fixtures_dir / "tiny-llama"), str(finetuned), "-o", str(tmp_path / "lora")]
     code, _, err = run(capsys, *args, "--energy", "0.9", "--plot", str(png))
     assert code == 0, err
+    assert f"plot: {png}" in err.splitlines()
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert_picture(png, (600, 250))
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ from helpers import random_module
 import loractl
 from loractl.adapter import Adapter, AdapterMeta
 from loractl.cli import _output
+from loractl.cli._text import relative
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_LLAMA = ROOT / "fixtures" / "tiny-llama"
 TINY_QV = ROOT / "fixtures" / "adapters" / "tiny-qv"
 WIDTHS = (80, 160)
+LONG = "d" * 120  # a directory name wider than a line: where the files are must not decide the layout
 
 
 @pytest.fixture
@@ -273,3 +276,101 @@ def test_lost_entries_are_objects(tmp_path: Path) -> None:
     what = {k: lost[k] for k in ("what", "count", "modules")}
     assert what == {"what": "DoRA magnitudes", "count": 4, "modules": sorted(loractl.load_adapter(dora).modules)}
     assert {"update_change", "weight_change"} <= lost.keys()
+
+
+def sd_pair(tmp_path: Path) -> tuple[Path, Path, Adapter]:
+    """Two versions of the SD-like adapter under a 120-character directory, every module changed by its own amount."""
+    (tmp_path / LONG).mkdir()
+    a = sd_adapter(tmp_path / LONG / "a")
+    moved = {n: replace(m, B=m.B * (1 + i / 10)) for i, (n, m) in enumerate(sorted(a.modules.items()))}
+    loractl.save_adapter(Adapter(modules=moved, meta=a.meta), tmp_path / LONG / "b")
+    return tmp_path / LONG / "a", tmp_path / LONG / "b", a
+
+
+def test_diff_shows_every_module_name_whole_and_distinct_at_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    a, b, adapter = sd_pair(tmp_path)
+    code, out, _ = run(capsys, monkeypatch, 80, "diff", a, b, "--top", "48")
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80  # the long paths too
+    names = table_column(out, "module")
+    assert sorted(names) == sorted(adapter.modules)  # each whole, none twice
+    assert out.splitlines()[:2] == ["A …/a", "B …/b"]  # each path's end, where the whole is wider than a line
+
+
+def test_no_output_line_ends_in_spaces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    from helpers import run_cli
+
+    a, b, _ = sd_pair(tmp_path)
+    assert run_cli("merge", TINY_LLAMA, TINY_QV, "-o", tmp_path / "ft")[0] == 0
+    for argv in (
+        ("inspect", a, "--stats"),
+        ("validate", a),
+        ("diff", a, b),
+        ("rescale", a, "-o", tmp_path / "r", "--scale", "0.5"),
+        ("resize", a, "-o", tmp_path / "s", "--rank", "2"),
+        ("convert", a, "-o", tmp_path / "c", "--to", "peft", "--rank", "2"),
+        ("merge", TINY_LLAMA, TINY_QV, "-o", tmp_path / "m"),
+        ("merge", TINY_LLAMA, TINY_QV, "--dry-run"),
+        ("extract", TINY_LLAMA, tmp_path / "ft", "-o", tmp_path / "x", "--rank", "2"),
+        ("extract", TINY_LLAMA, tmp_path / "ft", "-o", tmp_path / "x2", "--rank", "2", "--dry-run"),
+    ):
+        code, out, err = run(capsys, monkeypatch, 80, *argv)
+        assert code in (0, 1), (argv, err)
+        trailing = [line for line in (out + err).splitlines() if line != line.rstrip()]
+        assert not trailing, (argv[0], trailing)
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [(0.0, "0"), (0.616, "0.616"), (0.62, "0.620"), (4.1, "4.10"), (6.24e-07, "6.24e-07"), (1e-3, "0.00100"),
+     (123.4, "123"), (2500.0, "2.50e+03"), (None, "n/a"), (float("inf"), "inf")],
+)  # fmt: skip
+def test_one_style_for_relative_figures(x: float | None, text: str) -> None:
+    assert relative(x) == text
+
+
+def test_every_command_prints_relative_errors_in_that_style(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    from helpers import run_cli
+
+    assert run_cli("merge", TINY_LLAMA, TINY_QV, "-o", tmp_path / "ft")[0] == 0
+    extract = ("extract", TINY_LLAMA, tmp_path / "ft", "--rank", "2")
+    code, doc, _ = run(capsys, monkeypatch, 80, *extract, "-o", tmp_path / "x1", "--json")
+    modules = sorted(json.loads(doc)["modules"], key=lambda m: m["module"])
+    code, out, _ = run(capsys, monkeypatch, 80, *extract, "-o", tmp_path / "x2")
+    assert code == 0 and table_column(out, "rel error") == [relative(m["rel_error"]) for m in modules]
+    resize = ("resize", TINY_QV, "--rank", "1")
+    code, doc, _ = run(capsys, monkeypatch, 80, *resize, "-o", tmp_path / "r1", "--json")
+    modules = sorted(json.loads(doc)["modules"], key=lambda m: m["module"])
+    code, out, _ = run(capsys, monkeypatch, 80, *resize, "-o", tmp_path / "r2")
+    assert code == 0 and table_column(out, "rel. error") == [relative(m["rel_error"]) for m in modules]
+
+
+def test_inspect_of_a_pulled_adapter_shows_the_hash_pull_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    repo = f"file://{tmp_path}/registry/alice/lora"
+    assert run(capsys, monkeypatch, 80, "push", TINY_QV, repo, "--create", "--tag", "v1")[0] == 0
+    assert run(capsys, monkeypatch, 80, "pull", f"{repo}@v1", "-o", tmp_path / "out")[0] == 0
+    code, out, _ = run(capsys, monkeypatch, 80, "inspect", tmp_path / "out")
+    assert code == 0 and "not recorded" not in out
+    verified = loractl.load_adapter(TINY_QV).content_hash()[:19]
+    assert f"content hash  {verified} (verified by pull)" in out
+
+
+def test_versions_shows_whole_hashes_and_fits_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: None
+) -> None:
+    repo = f"file://{tmp_path}/{LONG}/alice/lora"
+    message = "retrained model.layers.0.self_attn.q_proj and model.layers.1.self_attn.v_proj on the new data"
+    assert run(capsys, monkeypatch, 80, "push", TINY_QV, repo, "--create", "--tag", "v1", "-m", message)[0] == 0
+    code, out, _ = run(capsys, monkeypatch, 80, "versions", repo)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
+    pushed = loractl.load_adapter(TINY_QV).content_hash()[:19]
+    assert table_column(out, "content hash")[0] == pushed  # whole, not squeezed to "sha256:b734e968…"
+    assert "".join(table_column(out, "message")[0].split()) == "".join(message.split())  # folded, nothing cut

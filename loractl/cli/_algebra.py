@@ -10,7 +10,7 @@ import click
 
 from ..patterns import natural_key
 from ._output import emit_json, stdout, warn
-from ._text import budget_line, name_table
+from ._text import budget_line, name_table, relative
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -87,11 +87,11 @@ def save_and_report(
 
 def _render(rows: list[dict[str, Any]], output: str, fmt: str) -> None:
     table = [
-        (r["module"], str(r["rank_in"]), str(r["rank_out"]), f"{r['rel_error']:.3g}")
+        (r["module"], str(r["rank_in"]), str(r["rank_out"]), relative(r["rel_error"]))
         for r in sorted(rows, key=lambda r: natural_key(r["module"]))
     ]
     stdout.print(name_table(stdout.get(), ("module", "rank in", "rank out", "rel. error"), table))
     worst = max((r["rel_error"] for r in rows), default=0.0)
     ranks = sorted({r["rank_out"] for r in rows})
     span = f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0] if ranks else 0)
-    stdout.print(f"wrote {output} ({fmt}, {len(rows)} modules, rank {span}, max rel. error {worst:.3g})")
+    stdout.print(f"wrote {output} ({fmt}, {len(rows)} modules, rank {span}, max rel. error {relative(worst)})")

@@ -64,8 +64,11 @@ def render(report: Inspection, console: Console) -> None:
 
 def _hash_line(report: Inspection) -> str:
     computed, recorded = short_hash(report.computed_hash), short_hash(report.recorded_hash)
+    pulled = (report.origin or {}).get("content_hash")
     if report.computed_hash is None:
-        return f"{recorded} (recorded)" if report.recorded_hash else "not recorded (use --stats to compute)"
+        if report.recorded_hash:
+            return f"{recorded} (recorded)"
+        return f"{short_hash(str(pulled))} (verified by pull)" if pulled else "not recorded (use --stats to compute)"
     if report.hash_ok is False:
         return f"{computed} [red]MISMATCH[/] (recorded {recorded})"
     return f"{computed} ({'verified' if report.hash_ok else 'computed'})"

@@ -6,16 +6,18 @@ ones that were set and the figures that say how it went. `--json` carries the wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from ._text import short_hash
+from ._text import relative, short_hash
 
 # Metrics worth a place on the line, per operation, with how to print them.
-_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "train": (("steps", "{} steps"), ("train_loss", "train loss {:.4g}"), ("eval_loss", "eval loss {:.4g}")),
-    "resize": (("max_rel_error", "max rel. error {:.3g}"),),
-    "combine": (("max_rel_error", "max rel. error {:.3g}"),),
-}
+_METRICS: dict[str, tuple[tuple[str, Callable[[Any], str]], ...]] = {
+    "train": (("steps", "{} steps".format), ("train_loss", "train loss {:.4g}".format),
+              ("eval_loss", "eval loss {:.4g}".format)),
+    "resize": (("max_rel_error", lambda x: f"max rel. error {relative(x)}"),),
+    "combine": (("max_rel_error", lambda x: f"max rel. error {relative(x)}"),),
+}  # fmt: skip
 _HIDDEN_PARAMS = {"base"}  # shown as its own field
 
 
@@ -39,10 +41,10 @@ def lineage_line(entry: dict[str, Any]) -> str:
 def _metrics(op: str, metrics: Any) -> str:
     if not isinstance(metrics, dict):
         return ""
-    shown = [form.format(metrics[k]) for k, form in _METRICS.get(op, ()) if _is_number(metrics.get(k))]
+    shown = [form(metrics[k]) for k, form in _METRICS.get(op, ()) if _is_number(metrics.get(k))]
     totals = metrics.get("totals")
     if op == "extract" and isinstance(totals, dict) and _is_number(totals.get("rel_error")):
-        shown.append(f"{totals.get('modules', '?')} modules, rel. error {totals['rel_error']:.3g}")
+        shown.append(f"{totals.get('modules', '?')} modules, rel. error {relative(totals['rel_error'])}")
     lost = metrics.get("lost")
     if op == "convert" and isinstance(lost, list) and lost:
         shown.append(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._output import emit_json, progress, stderr, stdout, warn
+from ._text import name_table, percent, relative
 
 if TYPE_CHECKING:
     from ..ops.merge_layouts import Layout
@@ -78,14 +79,12 @@ def _show_plan(plan: PlacedPlan, as_json: bool) -> None:
 
 
 def _show_report(report: PlacedMergeReport) -> None:
-    from rich.table import Column, Table
-
     mods = report.modules
     if len(mods) <= TABLE_ROWS:
-        table = Table(Column("module", overflow="fold"), "type", "rank", "‖ΔW‖/‖W‖", "rounding loss")
-        for m in mods:
-            table.add_row(m.module, m.stored_type, str(m.rank), _fmt(m.relative_delta), _fmt(m.rounding_loss))
-        stdout.print(table)
+        rows = [(m.module, m.stored_type, str(m.rank), relative(m.relative_delta), percent(m.rounding_loss))
+                for m in mods]  # fmt: skip
+        headers = ("module", "type", "rank", "‖ΔW‖/‖W‖", "rounding loss")
+        stdout.print(name_table(stdout.get(), headers, rows))
     if (r := report.rounding) is not None:
         stdout.print(
             f"rounding into the stored types removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
@@ -95,7 +94,3 @@ def _show_report(report: PlacedMergeReport) -> None:
         f"{len(report.plan.updates)} tensors merged, {report.tensors_copied} copied byte for byte into {report.output}",
         highlight=False,
     )
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3e}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -28,7 +30,7 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            console = Console(stderr=self._to_stderr, soft_wrap=True)
+            console = Console(file=cast("IO[str]", _Unpadded(self._to_stderr)), soft_wrap=True)
             if not console.encoding.lower().replace("_", "-").startswith("utf"):
                 console = _spelled_out(console)
             self._console = console
@@ -36,6 +38,40 @@ class LazyConsole:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.get(), name)
+
+
+_PADDING = re.compile(r" +(?=\n)")
+
+
+class _Unpadded(io.TextIOBase):
+    """stdout or stderr (whichever is current) as rich writes to it, without the spaces rich pads lines with.
+
+    Left as is: a terminal's stderr, where live progress bars redraw lines over padded ones.
+    """
+
+    def __init__(self, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
+
+    @property
+    def _stream(self) -> Any:
+        return sys.stderr if self._to_stderr else sys.stdout
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        live = self._to_stderr and self.isatty()
+        return int(self._stream.write(text if live else _PADDING.sub("", text)) or 0)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
 
 
 # What the output's symbols become on a terminal that cannot show them (an ASCII or Latin-1 locale).
@@ -117,6 +153,11 @@ def progress(items: Iterable[T], total: int | None, description: str) -> Iterato
         for item in items:
             yield item
             bar.advance(task)
+
+
+def wrote_plot(path: object) -> None:
+    """Where `--plot` put its picture (on stderr, so that `--json` keeps stdout to its document)."""
+    stderr.print(f"plot: {path}", highlight=False, markup=False)
 
 
 def warn(message: str) -> None:

@@ -1,11 +1,13 @@
-"""Words and numbers for the terminal: sizes, hashes, module names that must stay distinguishable.
+"""Words and numbers for the terminal: sizes, hashes, relative errors, names that must stay distinguishable.
 
 Module names are what tells table rows apart, so they are never cut: a name wider than its
 column is folded at dots (every line a whole path segment), never in the middle of a word.
+Paths in a table fold the same way at slashes; a path in a sentence is shortened from its start.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,15 +21,46 @@ if TYPE_CHECKING:
 
 HASH_PREFIX = 19  # "sha256:" and 12 hex digits: unique in any realistic set of versions
 SHA_PREFIX = 12  # git commit shas, as git itself abbreviates them
-_SEGMENT = re.compile(r"(?:\{[^}]*\}|[^.{])+\.?|\.")
+LONGEST_SEGMENT = 40  # wider than any module segment; only a long directory name is folded inside
+_SEGMENT = re.compile(r"(?:\{[^}]*\}|[^./{])+[./]?|[./]")
 
 
 def budget_line(b: Allocation) -> str:
     """What `--budget` chose against the uniform rank of the same size (extract and resize print it alike)."""
     return (
-        f"budget {b.budget:,} params: used {b.params:,}, total rel. error {b.rel_error:.3g}; "
-        f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {b.uniform_rel_error:.3g}"
+        f"budget {b.budget:,} params: used {b.params:,}, total rel. error {relative(b.rel_error)}; "
+        f"uniform rank {b.uniform_rank} ({b.uniform_params:,} params): {relative(b.uniform_rel_error)}"
     )
+
+
+def relative(x: float | None) -> str:
+    """A relative error or ratio as every command prints one: `0.616`, `4.10`, `6.24e-07`.
+
+    Three significant digits, scientific below 1e-3 and from 1e3, `0` only for an exact zero,
+    `n/a` where there is no figure.
+    """
+    if x is None:
+        return "n/a"
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"  # 0, inf, nan
+    if not 1e-3 <= abs(x) < 1e3:
+        return f"{x:.2e}"
+    return f"{x:#.3g}".rstrip(".")
+
+
+def percent(x: float | None) -> str:
+    """A share of a whole (the rounding loss of a merge) as a percentage: `12.3%`, `n/a` where there is none."""
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def fit_path(path: str | Path, width: int) -> str:
+    """`path` in at most `width` cells: whole if it fits, else `…` and its end (from a slash where one fits)."""
+    text = str(path)
+    if len(text) <= width:
+        return text
+    tail = text[len(text) - width + 1 :]
+    cut = tail.find("/")
+    return "…" + (tail[cut:] if 0 <= cut < len(tail) - 1 else tail)
 
 
 def human_size(n: float) -> str:
@@ -50,24 +83,36 @@ def short_sha(sha: str | None) -> str:
 
 
 def fold_dotted(name: str, width: int) -> str:
-    """`name` on lines of at most `width` cells, broken after dots only (a segment longer is kept whole)."""
+    """`name` on lines of at most `width` cells, broken after dots and slashes (a longer segment over whole lines)."""
     lines = [""]
     for part in segments(name):
         if lines[-1] and len(lines[-1]) + len(part) > width:
             lines.append("")
+        while len(part) > width:
+            lines[-1:] = [part[:width], ""]
+            part = part[width:]
         lines[-1] += part
     return "\n".join(lines)
 
 
 def segments(name: str) -> list[str]:
-    """`name` split after each dot, keeping `{0..31}` ranges whole: the places a name may break."""
+    """`name` split after each dot or slash, keeping `{0..31}` ranges whole: the places a name may break."""
     return _SEGMENT.findall(name) or [name]
 
 
 def adapter_labels(paths: Sequence[str | Path]) -> list[str]:
-    """Each adapter by its file or directory name, or by its whole path where two names are the same."""
-    names = [Path(p).name or str(p) for p in paths]
-    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths, strict=True)]
+    """Each adapter by its file or directory name, or by as many trailing components as tell two apart.
+
+    `a/run1/adapter` and `b/run2/adapter` are `run1/adapter` and `run2/adapter`; paths that no tail
+    tells apart (the same path twice, one spelt two ways) are shown whole.
+    """
+    parts = [Path(p).parts or (str(p),) for p in paths]
+    distinct = len({str(p) for p in paths})
+    for k in range(1, max((len(x) for x in parts), default=0) + 1):
+        labels = [str(Path(*x[-k:])) for x in parts]
+        if len(set(labels)) == distinct:
+            return labels
+    return [str(p) for p in paths]
 
 
 def name_table(
@@ -88,7 +133,8 @@ def name_table(
     widths = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
     chrome = 3 * len(headers) + 1  # borders and one space of padding each side
     others = sum(w for i, w in enumerate(widths) if i != name_column)
-    longest_segment = max([len(headers[name_column]), *(len(p) for r in rows for p in segments(r[name_column]))])
+    segment = max([len(headers[name_column]), *(len(p) for r in rows for p in segments(r[name_column]))])
+    longest_segment = min(segment, max(LONGEST_SEGMENT, len(headers[name_column])))
     width = max(longest_segment, min(widths[name_column], console.width - others - chrome))
     columns = [
         Column(h, no_wrap=True, min_width=width) if i == name_column else Column(h, overflow="fold")

@@ -8,6 +8,7 @@ import click
 
 from ._input_options import ALPHA_HELP, Inputs, input_options
 from ._output import emit_json, stdout, warn
+from ._text import name_table, relative
 
 if TYPE_CHECKING:
     from ..ops.algebra_result import ModuleChange
@@ -88,7 +89,7 @@ def command(
         return
     if report.truncated:
         _print_truncation(report.truncated)
-    check = f"max relative ΔW error {report.max_error:.2e}" if report.verified else "not verified (--no-verify)"
+    check = f"max relative ΔW error {relative(report.max_error)}" if report.verified else "not verified (--no-verify)"
     if report.lost:
         check = f"LOSSY (see 'lost:' above); as planned: {check}"
     stdout.print(
@@ -100,7 +101,5 @@ def command(
 
 def _print_truncation(changes: tuple[ModuleChange, ...]) -> None:
     """Per module: rank before → after and the relative error of the truncation."""
-    from ._text import name_table
-
-    rows = [(c.module, f"{c.rank_in} → {c.rank_out}", f"{c.rel_error:.3e}") for c in changes]
+    rows = [(c.module, f"{c.rank_in} → {c.rank_out}", relative(c.rel_error)) for c in changes]
     stdout.print(name_table(stdout.get(), ("module", "rank", "rel error"), rows, title="truncation per module"))

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import click
 
 from ._input_options import Inputs, input_options
-from ._output import emit_json, stdout
+from ._output import emit_json, stdout, wrote_plot
+from ._text import fit_path, name_table, relative
 
 if TYPE_CHECKING:
     from ..ops.diff import AdapterDiff
 
 SHOWN = 15  # modules in the text summary: one screen
-WIDTH = 80
 
 
 @click.command("diff")
@@ -53,33 +53,32 @@ def command(
     if plot:
         from ..plots import plot_diff
 
-        plot_diff(result, plot, title=f"{a} → {b}", inputs=[a, b])
+        wrote_plot(plot_diff(result, plot, title=f"{a} → {b}", inputs=[a, b]))
     return emit_json({"a": a, "b": b, **result.to_dict()}) if as_json else _render(result, a, b, top)
 
 
 def _render(result: AdapterDiff, a: str, b: str, top: int) -> None:
-    from rich.table import Table
-
+    width = stdout.get().width
     changed = sum(m.config_changed for m in result.modules)
-    overall = "n/a (A is zero)" if result.change is None else f"{result.change:.3g}"
-    stdout.print(f"A {a}\nB {b}", highlight=False)
+    overall = "n/a (A is zero)" if result.change is None else relative(result.change)
+    stdout.print(f"A {fit_path(a, width - 2)}\nB {fit_path(b, width - 2)}", highlight=False)
     stdout.print(
         f"{len(result.modules)} common, {len(result.added)} added, {len(result.removed)} removed, "
         f"{changed} with new rank/alpha/scale; overall change {overall}" + (" (identical)" if result.identical else ""),
         highlight=False,
     )
-    table = Table("module", "rank", "change", "cosine", "overlap", box=None)
-    for m in result.modules[:top]:
-        rank = str(m.rank_a) if m.rank_a == m.rank_b else f"{m.rank_a}→{m.rank_b}"
-        change = "inf" if m.change is None else f"{m.change:.3g}"
-        table.add_row(m.module, rank, change, f"{m.cosine:.3f}", f"{m.overlap:.3f}")
-    stdout.print(table)
+    rows = [
+        (m.module, str(m.rank_a) if m.rank_a == m.rank_b else f"{m.rank_a}→{m.rank_b}",
+         "inf" if m.change is None else relative(m.change), f"{m.cosine:.3f}", f"{m.overlap:.3f}")
+        for m in result.modules[:top]
+    ]  # fmt: skip
+    stdout.print(name_table(stdout.get(), ("module", "rank", "change", "cosine", "overlap"), rows))
     if len(result.modules) > top:
         stdout.print(f"… {len(result.modules) - top} more (--top N, or --json for all)", highlight=False)
     for label, names in (("added", result.added), ("removed", result.removed)):
         if names:
             line = f"{label} ({len(names)}): {', '.join(names)}"
-            stdout.print(line if len(line) <= WIDTH else line[: WIDTH - 1] + "…", highlight=False)
+            stdout.print(line if len(line) <= width else line[: width - 1] + "…", highlight=False)
     full = len(result.full_added) + len(result.full_removed) + len(result.full_changed)
     if full:
         stdout.print(f"full tensors: {len(result.full_added)} added, {len(result.full_removed)} removed, "

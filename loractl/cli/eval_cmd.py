@@ -11,6 +11,7 @@ import click
 
 from ._input_options import Inputs, input_options
 from ._output import emit_json, progress, stdout
+from ._text import adapter_labels, fit_path, name_table
 
 if TYPE_CHECKING:
     from ..train.evaluation import EvalReport
@@ -68,16 +69,17 @@ def _default_device() -> str:
 
 
 def _render(report: EvalReport) -> None:
-    from rich.table import Table
-
-    stdout.print(f"{report.data}: {report.examples} examples, {report.tokens} label tokens", highlight=False)
-    table = Table("model", "loss", "perplexity", "Δ loss", box=None)
+    width = stdout.get().width
+    counts = f": {report.examples} examples, {report.tokens} label tokens"
+    stdout.print(fit_path(report.data, width - len(counts)) + counts, highlight=False)
+    labels = ["base", *adapter_labels([row.name for row in report.rows[1:]])]
     base = report.rows[0].loss
-    for row in report.rows:
-        delta = "" if row.adapter is None else f"{row.loss - base:+.4f}"
-        table.add_row(row.name, f"{row.loss:.4f}", f"{row.perplexity:.3f}", delta)
-    stdout.print(table)
+    rows = [
+        (label, f"{row.loss:.4f}", f"{row.perplexity:.3f}", "" if row.adapter is None else f"{row.loss - base:+.4f}")
+        for label, row in zip(labels, report.rows, strict=True)
+    ]
+    stdout.print(name_table(stdout.get(), ("model", "loss", "perplexity", "Δ loss"), rows))
     if report.prompt is not None:
         stdout.print(f"prompt: {report.prompt}", highlight=False)
-        for row in report.rows:
-            stdout.print(f"[bold]{row.name}[/]: {row.completion}", highlight=False)
+        for label, row in zip(labels, report.rows, strict=True):
+            stdout.print(f"[bold]{label}[/]: {row.completion}", highlight=False)

@@ -8,8 +8,8 @@ import click
 
 from ..patterns import natural_key
 from ._device import device_option
-from ._output import emit_json, progress, stdout, warn
-from ._text import budget_line, name_table
+from ._output import emit_json, progress, stdout, warn, wrote_plot
+from ._text import budget_line, name_table, relative
 
 if TYPE_CHECKING:
     from ..ops.extract_plan import ExtractPlan
@@ -82,7 +82,7 @@ def command(
                          track=lambda items, n: progress(items, n, "extracting"),
                          observe=spectra.observe if spectra else None, device=device)  # fmt: skip
     if plot and spectra:
-        plot_spectra(spectra, report, plot, inputs=[base, finetuned, output])
+        wrote_plot(plot_spectra(spectra, report, plot, inputs=[base, finetuned, output]))
     for message in report.warnings:
         warn(message)
     return emit_json(report.to_dict()) if as_json else _render(report)
@@ -101,8 +101,8 @@ def _budget_params(budget: str | None, dtype: str) -> int | None:
 
 def _render(report: ExtractReport) -> None:
     rows = [
-        (m.module, "×".join(map(str, m.shape)), str(m.rank), f"{m.rel_error:.2e}", f"{m.energy:.4f}",
-         f"{m.delta_ratio:.2e}", m.method)
+        (m.module, "×".join(map(str, m.shape)), str(m.rank), relative(m.rel_error), f"{m.energy:.4f}",
+         relative(m.delta_ratio), m.method)
         for m in sorted(report.modules, key=lambda m: natural_key(m.module))
     ]  # fmt: skip
     headers = ("module", "shape", "rank", "rel error", "energy", "‖ΔW‖/‖W0‖", "svd")
@@ -112,7 +112,7 @@ def _render(report: ExtractReport) -> None:
         stdout.print(f"[yellow]not extracted[/] {n.name}: {n.reason}", highlight=False)
     t = report.totals()
     stdout.print(
-        f"{t['modules']} modules, rel error {t['rel_error']:.2e}, energy {t['energy']:.4f}; "
+        f"{t['modules']} modules, rel error {relative(t['rel_error'])}, energy {t['energy']:.4f}; "
         f"{t['saved_full']} saved full, {t['identical']} identical, {t['not_extracted']} changed but not extracted"
         + (" (pass --save-full to keep them)" if lost else ""),
         highlight=False,

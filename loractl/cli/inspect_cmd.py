@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._input_options import Inputs, input_options
-from ._output import emit_json, stdout
+from ._output import emit_json, stdout, wrote_plot
 
 
 @click.command("inspect")
@@ -46,7 +46,7 @@ def command(
     if plot:
         from ..plots import plot_inspection
 
-        plot_inspection(report, plot)
+        wrote_plot(plot_inspection(report, plot))
     if as_json:
         emit_json(report.to_dict())
     else:

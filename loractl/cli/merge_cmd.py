@@ -13,7 +13,7 @@ from ..patterns import natural_key
 from ._device import device_option
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout, warn
-from ._text import adapter_labels, human_size, name_table
+from ._text import adapter_labels, human_size, name_table, percent, relative
 
 if TYPE_CHECKING:
     from ..ops.merge import MergeProgress, MergeReport
@@ -155,8 +155,8 @@ def _show_report(report: MergeReport) -> None:
                 m.role,
                 f"{m.weight:g}",
                 str(m.rank),
-                "n/a" if m.relative_delta is None else f"{m.relative_delta:.2e}",
-                "n/a" if m.rounding_loss is None else f"{m.rounding_loss:.1%}",
+                relative(m.relative_delta),
+                percent(m.rounding_loss),
             )
             for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
         ]
@@ -166,8 +166,8 @@ def _show_report(report: MergeReport) -> None:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
         if rels:
             stdout.print(
-                f"‖ΔW‖/‖W‖ over {len(rels)} modules: min {rels[0]:.3e}, median {rels[len(rels) // 2]:.3e}, "
-                f"max {rels[-1]:.3e} (all in --json)",
+                f"‖ΔW‖/‖W‖ over {len(rels)} modules: min {relative(rels[0])}, "
+                f"median {relative(rels[len(rels) // 2])}, max {relative(rels[-1])} (all in --json)",
                 highlight=False,
             )
     stdout.print(_summary(report.plan), highlight=False)

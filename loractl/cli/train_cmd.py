@@ -62,7 +62,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
     "--log-every", type=int, help="Log loss to metrics.jsonl (and, off a terminal, stderr) every N steps [1]."
 )
 @click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
-@click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
+@click.option("--resume", type=click.Path(), help="Continue from a checkpoint (a step-000020 directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
 @click.option("--nproc", type=int, help="Launch N processes with torchrun (DDP).")
 @click.option("--fsdp", is_flag=True, default=None,

@@ -8,7 +8,7 @@ import click
 
 from ._hub import quiet_hub_progress, registry_options
 from ._output import emit_json, stdout
-from ._text import short_hash, short_sha
+from ._text import fit_path, short_hash, short_sha
 
 
 @click.command("versions")
@@ -32,9 +32,11 @@ def command(repo: str, branch: str | None, endpoint: str | None, token: str | No
     if as_json:
         emit_json(dataclasses.asdict(listing))
         return
-    table = Table(title=f"{listing.url} ({listing.branch})", title_justify="left")
-    for column in ("commit", "date", "tags", "content hash", "message"):
-        table.add_column(column)
+    branch = f" ({listing.branch})"
+    table = Table(title=fit_path(listing.url, stdout.get().width - len(branch)) + branch, title_justify="left")
+    for column in ("commit", "date", "tags", "content hash"):
+        table.add_column(column, no_wrap=True)  # fixed-width identifiers: never cut
+    table.add_column("message", overflow="fold")  # wraps at spaces; a long word is folded, not cut
     for v in listing.versions:
         date = v.date.strftime("%Y-%m-%d %H:%M") if v.date else "-"
         table.add_row(short_sha(v.sha), date, ", ".join(v.tags), short_hash(v.content_hash), v.title)

@@ -31,7 +31,7 @@ _RESUMABLE_CHANGES = {"steps", "epochs", "save_every", "eval_every", "log_every"
 
 
 def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str, torch.Tensor]) -> Path | None:
-    """Write `directory/step-N` (rank 0; every rank must call it, for the RNG gather); its path on rank 0."""
+    """Write `directory/step-NNNNNN` (rank 0; every rank must call it, for the RNG gather); its path on rank 0."""
     world, position, model = state.world, state.position, state.model
     doc = {
         "step": position.step,
@@ -101,7 +101,9 @@ def latest(path: Path) -> Path:
         return path
     steps = sorted(p for p in path.glob("step-*") if (p / STATE_NAME).is_file()) if path.is_dir() else []
     if not steps:
-        raise InputNotFoundError(f"no checkpoint in {path}", hint="point --resume at a step-N directory or its parent")
+        raise InputNotFoundError(
+            f"no checkpoint in {path}", hint="point --resume at a step-000020 directory or its parent"
+        )
     return steps[-1]
 
 

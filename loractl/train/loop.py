@@ -63,7 +63,7 @@ def train(
     """Train the model's trainable (LoRA) parameters in place on `data` (see `inject`).
 
     `model(input_ids=...)` (plus `position_ids=` for packed rows) must return logits (batch, seq, vocab)
-    or an object with `.logits`, attending causally: rows are right-padded and no mask is passed. Checkpoints go to `checkpoint_dir/step-N` every `save_every` steps and on Ctrl-C.
+    or an object with `.logits`, attending causally: rows are right-padded and no mask is passed. Checkpoints go to `checkpoint_dir/step-NNNNNN` every `save_every` steps and on Ctrl-C.
     """
     config = config or TrainConfig()
     config.check()
