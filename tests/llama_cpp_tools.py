@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 from real_model import CACHE
@@ -187,12 +189,33 @@ def tiny_llama(tokenizer_dir: Path) -> Path:
     return out
 
 
+def model_params() -> Any:
+    """llama.cpp's default model parameters without the CPU "extra buffer types" (AMX, repacked weights).
+
+    On CPUs with AMX (a Xeon with amx_int8, seen here) llama.cpp 0.3.36's AMX path crashes with a segmentation
+    fault on the first eval of the tiny Q8_0 test models, its own converter's output included; the plain CPU
+    kernels compute the same model. This judges the files, not llama.cpp's kernel choice for a CPU.
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = False
+    return params
+
+
+def open_llama(model: Path, **kwargs: Any) -> Any:
+    """`llama_cpp.Llama(model, **kwargs)` loaded with `model_params()`."""
+    import llama_cpp
+    from llama_cpp import llama as module
+
+    with mock.patch.object(module.llama_cpp, "llama_model_default_params", model_params):
+        return llama_cpp.Llama(str(model), **kwargs)
+
+
 def logits(model: Path, tokens: Sequence[int], lora: Path | None = None) -> np.ndarray:
     """llama.cpp's logits (tokens, vocab) for `tokens`, with a LoRA adapter applied at run time if given."""
-    from llama_cpp import Llama
-
     kwargs = {"lora_path": str(lora)} if lora else {}
-    llm = Llama(str(model), n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False, seed=0, **kwargs)
+    llm = open_llama(model, n_ctx=64, n_threads=1, n_batch=64, logits_all=True, verbose=False, seed=0, **kwargs)
     try:
         llm.eval(list(tokens))
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -221,7 +244,7 @@ def lora_refusal(model: Path, lora: Path) -> str | None:
     llama_cpp.llama_backend_init()
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        net = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
+        net = llama_cpp.llama_model_load_from_file(str(model).encode(), model_params())
         assert net, f"llama.cpp cannot load the base {model}"
         try:
             adapter = llama_cpp.llama_adapter_lora_init(net, str(lora).encode())

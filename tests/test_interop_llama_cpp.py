@@ -76,9 +76,11 @@ def test_gguf_is_what_llama_cpp_converter_writes(model: str, cases: dict[str, An
 
 def _llama_logits(llama_cpp: Any, model: Path, ids: list[int], lora: Path | None = None) -> torch.Tensor:
     """llama.cpp's logits with an F32 KV cache (its default F16 cache alone costs ~6e-4 relative)."""
+    from llama_cpp_tools import open_llama
+
     f32 = llama_cpp.GGML_TYPE_F32
-    llm = llama_cpp.Llama(
-        model_path=str(model), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=64, verbose=False,
+    llm = open_llama(
+        model, lora_path=str(lora) if lora else None, logits_all=True, n_ctx=64, verbose=False,
         type_k=f32, type_v=f32,
     )  # fmt: skip
     try:
