@@ -149,7 +149,7 @@ def test_old_mlx_npz_scale_is_still_filled(tmp_path: Path) -> None:
     m = random_module(6, 8, 2)
     np.savez(tmp_path / "adapters.npz", **{"layers.0.attention.wq.lora_a": m.A.T.numpy(),
                                             "layers.0.attention.wq.lora_b": m.B.T.numpy()})  # fmt: skip
-    code, out, err = run_cli("inspect", tmp_path / "adapters.npz", "--scale", f"{tmp_path / 'adapters.npz'}=2")
+    code, _, err = run_cli("inspect", tmp_path / "adapters.npz", "--scale", f"{tmp_path / 'adapters.npz'}=2")
     assert code == 0, err
     adapter = load_adapter(tmp_path / "adapters.npz", options=ReadOptions(scale=2))
     assert adapter.modules["layers.0.attention.wq"].scale == 2.0
