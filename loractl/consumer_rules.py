@@ -174,6 +174,28 @@ def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
     ]
 
 
+def _mlx_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """An mlx file under transformers' names where mlx-lm's differ (GPT-2's `model.h.N`): mlx-lm refuses it."""
+    from .errors import LoractlError
+    from .formats._mlx_names import model_type, to_mlx
+
+    if info.format != "mlx":
+        return []  # loractl's conversion writes mlx-lm's names
+    kind = model_type(base)
+    out = []
+    for name, m in sorted(info.modules.items()):
+        stored = m.keys["A"].rpartition(".")[0]
+        try:
+            expected = to_mlx(name, m.fan_in_fan_out, kind)
+        except LoractlError:
+            continue  # GPT-2 or GPT-BigCode: only --base tells
+        if expected != stored:
+            message = f"mlx-lm names this module {expected!r} and refuses {stored!r}; convert it again with " \
+                "'loractl convert --to mlx', which writes mlx-lm's names"  # fmt: skip
+            out.append(error("unknown-module", message, name))
+    return out
+
+
 def _vllm_rank(info: AdapterInfo, base: Path | None) -> list[Finding]:
     top = max((m.rank for m in info.modules.values()), default=0)
     if top <= VLLM_DEFAULT_MAX_RANK:
@@ -199,7 +221,7 @@ _RULES: dict[str, list[_Rule]] = {
     "mlx": [
         _conv("mlx-lm", "it refuses to make a LoRA layer of a convolution"),
         _bias("mlx-lm", "it refuses the tensor; its LoRA layers have lora_a and lora_b only"),
-        _full_tensors("mlx-lm", "are refused by its adapter loader"),
+        _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
                   _pipeline_component],

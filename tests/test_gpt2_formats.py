@@ -143,3 +143,23 @@ def test_resizing_a_2024_mlx_file_keeps_its_schema(tmp_path: Path) -> None:
     resized = _mlx_config(tmp_path / "small")
     assert resized["lora_layers"] == 2 and resized["use_dora"] is False
     assert "num_layers" not in resized and "fine_tune_type" not in resized
+
+
+def test_validate_target_mlx_flags_transformers_names_mlx_lm_refuses(gpt2: tuple[Path, Path], tmp_path: Path) -> None:
+    """The file earlier versions wrote (GPT-2 under `transformer.h.N`): mlx-lm refuses it (test_interop_mlx.py)."""
+    base, peft = gpt2
+    assert run_cli("convert", peft, "--to", "mlx", "-o", tmp_path / "mlx")[0] == 0
+    code, out, err = run_cli("validate", tmp_path / "mlx", "--target", "mlx", "--base", base)
+    assert code == 0, out + err
+    weights = tmp_path / "mlx" / "adapters.safetensors"
+    save_file({k.replace("model.", "transformer.", 1): v for k, v in load_file(weights).items()}, weights)
+    code, out, err = run_cli("validate", tmp_path / "mlx", "--target", "mlx", "--base", base)
+    assert code == 1 and "mlx-lm names this module 'model.h.0.attn.c_attn'" in out, out + err
+
+
+def test_gpt_neox_gets_mlx_lm_names_and_reads_back(tmp_path: Path) -> None:
+    modules = {f"gpt_neox.layers.{i}.attention.query_key_value": random_module(48, 16, 2, seed=i) for i in range(2)}
+    save_adapter(Adapter(modules=modules, meta=AdapterMeta()), tmp_path / "mlx", format="mlx")
+    keys = set(load_file(tmp_path / "mlx" / "adapters.safetensors"))
+    assert keys == {f"model.h.{i}.attention.query_key_value.lora_{x}" for i in range(2) for x in "ab"}
+    assert set(load_adapter(tmp_path / "mlx").modules) == set(modules)
