@@ -190,20 +190,19 @@ def format_holds(format: str) -> frozenset[Feature]:
     return holds
 
 
-_NO_MODULE_HINT = "an adapter needs at least one LoRA module (an A and a B factor); see 'loractl inspect FILE'"
+_NO_MODULE_HINT = "an adapter needs at least one LoRA module: an A and a B factor of the same rank"
 
 
 def _no_module(file: Path, format: str, full_tensors: list[str], forced: str | None) -> FormatError:
-    """No LoRA module in `file` read as `format`: say what the file holds instead (the safeloras layout named)."""
-    from ._contents import SAFELORAS_HINT, contents, is_safeloras
+    """No LoRA module in `file` read as `format`: say what the file holds instead."""
+    from ._contents import contents
 
     keys = _tensor_keys(file) or full_tensors
-    if is_safeloras(keys):
-        hint = SAFELORAS_HINT
-    elif forced:
-        hint = f"it is not a {forced} adapter: without --from loractl detects the format, or names what it holds"
-    else:
-        hint = _NO_MODULE_HINT
+    hint = (
+        f"it is not a {forced} adapter: without --from loractl detects the format, or names what it holds"
+        if forced
+        else _NO_MODULE_HINT
+    )
     return FormatError(f"no LoRA module read as {format}: the file holds {contents(keys)}", path=file, hint=hint)
 
 

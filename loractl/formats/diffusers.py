@@ -222,8 +222,12 @@ def pipeline_module(module: str) -> bool:
 def _refuse_unheld(adapter: Adapter) -> None:
     for module, m in adapter.modules.items():
         if not pipeline_module(module):
-            what = "is a language model's, not a diffusion transformer's" if _COMPONENT.match(module) else (
-                f"has no pipeline component prefix ({', '.join(c + '.' for c in COMPONENTS)})")  # fmt: skip
+            prefixes = ", ".join(c + "." for c in COMPONENTS)
+            what = (
+                "is a language model's, not a diffusion transformer's"
+                if _COMPONENT.match(module)
+                else f"has no pipeline component prefix ({prefixes})"
+            )
             raise AdapterError(
                 f"module {module!r} {what}",
                 hint="diffusers files are for diffusion pipelines; convert to peft for other models",
