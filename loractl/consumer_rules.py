@@ -177,16 +177,15 @@ def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
 def _mlx_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """An mlx file under transformers' names where mlx-lm's differ (GPT-2's `model.h.N`): mlx-lm refuses it."""
     from .errors import LoractlError
-    from .formats._mlx_names import model_type, to_mlx
+    from .formats.mlx import mlx_name
 
     if info.format != "mlx":
         return []  # loractl's conversion writes mlx-lm's names
-    kind = model_type(base)
     out = []
     for name, m in sorted(info.modules.items()):
         stored = m.keys["A"].rpartition(".")[0]
         try:
-            expected = to_mlx(name, m.fan_in_fan_out, kind)
+            expected = mlx_name(name, m.fan_in_fan_out, base)
         except LoractlError:
             continue  # GPT-2 or GPT-BigCode: only --base tells
         if expected != stored:

@@ -8,7 +8,8 @@ One naming rule for what lives here: a public name is a format or the options al
   name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`, `lycoris`), `peft/` (`config`, `writer`).
 - `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
 - Helpers shared by several formats start with an underscore and stay inside `formats/`:
-  `_global_alpha`, `_modules`, `_reading`, `_record`, `_rope`, `_state_dict`.
+  `_contents` (what a file without a LoRA pair holds), `_global_alpha`, `_mlx_names`, `_modules`,
+  `_reading`, `_record`, `_rope`, `_state_dict`.
 """
 
 from __future__ import annotations

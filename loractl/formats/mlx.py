@@ -142,6 +142,15 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     return path
 
 
+def mlx_name(module: str, conv1d: bool, base: Path | None) -> str:
+    """mlx-lm's path of a transformers module (GPT-2's and GPT-NeoX's differ; `_mlx_names`).
+
+    Raises:
+        AdapterError: a `transformer.h.N` module that only the base's `model_type` can place.
+    """
+    return to_mlx(module, conv1d, model_type(base))
+
+
 def fold(adapter: Adapter) -> Adapter:
     """The adapter as mlx-lm holds it: every module at the largest rank and the most common scale.
 
