@@ -26,6 +26,10 @@ _NO_COMPONENT = (
     "not under a pipeline component (unet., text_encoder., transformer., ...): diffusers ignores it; "
     "prefix the module paths with their component"
 )
+_LANGUAGE_MODEL = (
+    "a language model's module (transformers' transformer.h.N…), not a diffusion pipeline's: diffusers has no "
+    "component for it; keep the adapter in peft for transformers"
+)
 _PEFT_LAYOUT = (
     "a PEFT file's keys start with base_model.model., not with the component: diffusers' load_lora_weights "
     "loads none of them; convert with 'loractl convert --to diffusers'"
@@ -141,13 +145,17 @@ def _pipeline_component(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """load_lora_weights takes only keys that start with a pipeline component: it loads nothing from others."""
     if info.format == "kohya":
         return []  # kohya prefixes name the component
-    if info.format == "diffusers":
-        return _unprefixed_keys(info)
-    return [
-        error("unknown-module", _PEFT_LAYOUT if name.startswith(PIPELINE_COMPONENTS) else _NO_COMPONENT, name)
-        for name in sorted(info.modules)
-        if info.format == "peft" or not name.startswith(PIPELINE_COMPONENTS)
-    ]
+    unprefixed = _unprefixed_keys(info) if info.format == "diffusers" else []
+    return unprefixed + [f for name in sorted(info.modules) for f in _component_findings(name, info.format)]
+
+
+def _component_findings(name: str, format: str) -> list[Finding]:
+    """A pipeline module in a PEFT file: convert it; a language model's `transformer.h.N`: no pipeline at all."""
+    from .formats.diffusers import pipeline_module
+
+    if pipeline_module(name):
+        return [error("unknown-module", _PEFT_LAYOUT, name)] if format == "peft" else []
+    return [error("unknown-module", _LANGUAGE_MODEL if name.startswith(PIPELINE_COMPONENTS) else _NO_COMPONENT, name)]
 
 
 def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
@@ -164,6 +172,27 @@ def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
             "them; convert with 'loractl convert --to diffusers', which writes the unet. prefix",
         )
     ]
+
+
+def _mlx_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """An mlx file under transformers' names where mlx-lm's differ (GPT-2's `model.h.N`): mlx-lm refuses it."""
+    from .errors import LoractlError
+    from .formats.mlx import mlx_name
+
+    if info.format != "mlx":
+        return []  # loractl's conversion writes mlx-lm's names
+    out = []
+    for name, m in sorted(info.modules.items()):
+        stored = m.keys["A"].rpartition(".")[0]
+        try:
+            expected = mlx_name(name, m.fan_in_fan_out, base)
+        except LoractlError:
+            continue  # GPT-2 or GPT-BigCode: only --base tells
+        if expected != stored:
+            message = f"mlx-lm names this module {expected!r} and refuses {stored!r}; convert it again with " \
+                "'loractl convert --to mlx', which writes mlx-lm's names"  # fmt: skip
+            out.append(error("unknown-module", message, name))
+    return out
 
 
 def _vllm_rank(info: AdapterInfo, base: Path | None) -> list[Finding]:
@@ -191,7 +220,7 @@ _RULES: dict[str, list[_Rule]] = {
     "mlx": [
         _conv("mlx-lm", "it refuses to make a LoRA layer of a convolution"),
         _bias("mlx-lm", "it refuses the tensor; its LoRA layers have lora_a and lora_b only"),
-        _full_tensors("mlx-lm", "are refused by its adapter loader"),
+        _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
                   _pipeline_component],

@@ -6,6 +6,7 @@ A and B, so that neither the file nor the reference logits go through loractl.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,21 @@ def rel(a: Any, b: Any) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
     return float((a - b).norm() / b.norm())
+
+
+def tiny_gpt2(root: Path, *, hub_layout: bool = False) -> tuple[Path, Any]:
+    """A 2-layer random GPT-2 in `root/base` and PEFT's LoRA on its Conv1D layers (`fan_in_fan_out`) in `root/peft`.
+
+    `hub_layout`: the base saved as the Hub's gpt2 is (GPT2Model's `h.0…` keys, `n_ctx`), which mlx-lm reads.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    (model.transformer if hub_layout else model).save_pretrained(root / "base")
+    if hub_layout:
+        doc = json.loads((root / "base" / "config.json").read_text())
+        (root / "base" / "config.json").write_text(json.dumps(doc | {"n_ctx": 32}))
+    peft_model = peft_adapter(root / "base", root / "peft", targets=("c_attn", "c_proj"), fan_in_fan_out=True, std=0.1)
+    return root / "base", peft_model

@@ -36,7 +36,7 @@ from hypothesis.strategies import DrawFn, composite
 
 from loractl.adapter import Adapter, AdapterMeta
 from loractl.errors import LoractlError
-from loractl.formats import FORMATS, describe_adapter, detect_format, load_adapter, save_adapter
+from loractl.formats import FORMATS, describe_adapter, detect_format, format_fills, load_adapter, save_adapter
 from loractl.formats.options import ReadOptions, WriteOptions
 from loractl.io.safetensors_header import is_safetensors
 from loractl.validation import validate_adapter
@@ -79,7 +79,7 @@ def _written_seeds(root: Path) -> list[Seed]:
     for fmt in FORMATS:
         path = root / names.get(fmt, fmt)
         save_adapter(clip if fmt == "diffusers" else llama, path, format=fmt, options=WriteOptions(base=BASE, alpha=8))
-        out.append(Seed(f"written-{fmt}", fmt, path, ReadOptions(allow_pickle=True, base=BASE, alpha=8)))
+        out.append(Seed(f"written-{fmt}", fmt, path, ReadOptions(allow_pickle=True, base=BASE, **_lacking(fmt, 8))))
     pickled = root / "peft-bin"  # PEFT's legacy pickle layout
     shutil.copytree(FIXTURES / "adapters" / "tiny-qv", pickled)
     weights = pickled / "adapter_model.safetensors"
@@ -104,8 +104,13 @@ def _shipped_seeds() -> list[Seed]:
     for name, (fmt, file) in real.items():
         path = REAL_ADAPTERS / name / file
         if path.exists():
-            seeds.append(Seed(f"real-{name}", fmt, path, ReadOptions(allow_pickle=True, alpha=16)))
+            seeds.append(Seed(f"real-{name}", fmt, path, ReadOptions(allow_pickle=True, **_lacking(fmt, 16))))
     return seeds
+
+
+def _lacking(fmt: str, alpha: float) -> dict[str, float]:
+    """`alpha` for the formats whose files may lack one; the others refuse it."""
+    return {"alpha": alpha} if "alpha" in format_fills(fmt) else {}
 
 
 @pytest.fixture(scope="module")
@@ -376,14 +381,15 @@ import json, resource, sys
 from pathlib import Path
 import torch, numpy, gguf
 from loractl.errors import LoractlError
-from loractl.formats import describe_adapter, load_adapter
+from loractl.formats import describe_adapter, detect_format, format_fills, load_adapter
 from loractl.formats.options import ReadOptions
 
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
-options = ReadOptions(allow_pickle=True, base=Path(sys.argv[1]), alpha=8.0, scale=10.0)
 for path in sys.argv[2:]:
     try:
+        alpha = 8.0 if "alpha" in format_fills(detect_format(path)) else None  # only where a file may lack it
+        options = ReadOptions(allow_pickle=True, base=Path(sys.argv[1]), alpha=alpha)
         describe_adapter(path, options=options)
         load_adapter(path, options=options)
         outcome = "read"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_module, run_cli
-from interop_models import logits, rel, tokens
+from interop_models import logits, rel, tiny_gpt2, tokens
 from oracles import oracle
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
@@ -119,6 +119,37 @@ def test_loractl_merge_is_mlx_lm_fuse(mlx_lm: Any, smollm2: Path, mlx_adapter: P
         assert rel(fused[name], ours) < 1e-6, name  # float32 rounding of W + ΔW (measured ≤ 7e-9)
         changed += not torch.equal(ours, base[name])
     assert changed == 210  # 30 layers × 7 projections
+
+
+def test_mlx_lm_loads_a_gpt2_adapter_like_peft(mlx_lm: Any, tmp_path: Path) -> None:
+    """GPT-2's transformers names (`transformer.h.N`, Conv1D) become mlx-lm's (`model.h.N`, Linear): mlx-lm's own
+    loader takes the file and gives PEFT's logits; the file under transformers' names is what it refused."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    base, peft_model = tiny_gpt2(tmp_path, hub_layout=True)
+    code, _, err = run_cli("convert", tmp_path / "peft", "--to", "mlx", "-o", tmp_path / "mlx")
+    assert code == 0, err
+
+    def mlx_logits(adapter: Path | None) -> torch.Tensor:
+        net, _ = load_model(base)
+        if adapter is not None:
+            net = load_adapters(net, str(adapter))
+        return torch.from_numpy(np.array(net(mx.array([ids]))[0].astype(mx.float32))).double()
+
+    ids = list(range(3, 15))
+    hf_base, hf_lora = logits(peft_model, ids, adapter=False), logits(peft_model, ids)
+    mlx_base, mlx_lora = mlx_logits(None), mlx_logits(tmp_path / "mlx")
+    assert rel(mlx_base, hf_base) < 1e-5
+    assert rel(mlx_lora - mlx_base, hf_lora - hf_base) < 1e-4  # the adapter's own effect, as PEFT applies it
+    assert rel(hf_lora - hf_base, hf_base) > 1e-3  # and it has one
+
+    weights = mx.load(str(tmp_path / "mlx" / "adapters.safetensors"))
+    mx.save_safetensors(str(tmp_path / "mlx" / "adapters.safetensors"),
+                        {k.replace("model.", "transformer.", 1): v for k, v in weights.items()})  # fmt: skip
+    with pytest.raises(ValueError, match="not an adapter parameter"):
+        mlx_logits(tmp_path / "mlx")
 
 
 _Q = "model.layers.1.self_attn.q_proj"

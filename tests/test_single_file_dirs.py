@@ -48,8 +48,8 @@ def test_directory_reads_as_its_one_file(make, flags: list[str], missing: str, t
         assert code != 0 and missing in out + err and "not a LoRA adapter" not in out + err, command
     code, _, err = run_cli("convert", d, "--to", "peft", "-o", tmp_path / "peft", *flags)
     assert code == 0, err
-    scale = 20.0 if missing == "--scale" else 8 / 4
-    from_file = load_adapter(file, options=ReadOptions(allow_pickle=True, scale=scale, alpha=8))
+    filled = ReadOptions(allow_pickle=True, scale=20.0) if missing == "--scale" else ReadOptions(True, alpha=8)
+    from_file = load_adapter(file, options=filled)  # each option only for the format that lacks it
     back = load_adapter(tmp_path / "peft")
     for name, m in from_file.modules.items():
         assert torch.equal(back.modules[name].delta_weight(), m.delta_weight())

@@ -42,7 +42,7 @@ def load_inputs(paths: list[str], output: str, force: bool, inputs: Inputs) -> l
     ensure_distinct(output, list(paths))
     if Path(output).exists() and not force:
         raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
-    return [load_adapter(p, format=inputs.format, options=inputs.read) for p in paths]
+    return [load_adapter(p, format=inputs.format, options=inputs.options(p)) for p in paths]
 
 
 def save_and_report(

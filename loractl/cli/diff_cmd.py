@@ -47,8 +47,8 @@ def command(
 
         check_plot(plot, [a, b])
     with ExitStack() as stack:
-        first, second = (load_adapter(stack.enter_context(local_copy(p)), format=inputs.format, options=inputs.read)
-                         for p in (a, b))  # fmt: skip
+        first, second = (load_adapter(stack.enter_context(local_copy(p)), format=inputs.format,
+                                      options=inputs.options(p)) for p in (a, b))  # fmt: skip
     result = diff(first, second)
     if plot:
         from ..plots import plot_diff

@@ -51,10 +51,10 @@ def command(
     from ..train.evaluation import evaluate_adapters
 
     require_data_file(data)  # before seconds of loading
-    options = replace(inputs.read, base=Path(base)) if Path(base).is_dir() else inputs.read  # names resolve on BASE
+    on_base = Path(base) if Path(base).is_dir() else None  # names resolve on BASE
     with ExitStack() as stack:
-        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=inputs.format, options=options))
-                  for p in adapters]  # fmt: skip
+        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=inputs.format,
+                                   options=replace(inputs.options(p), base=on_base))) for p in adapters]  # fmt: skip
     report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
                                max_new_tokens=max_new_tokens, chat_template=not no_template,
                                device=device or _default_device(),

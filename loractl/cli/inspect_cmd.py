@@ -42,7 +42,7 @@ def command(
         from ..plots import check_plot
 
         check_plot(plot, [path])
-    report = inspect_adapter(path, stats=stats or bool(plot), format=inputs.format, options=inputs.read)
+    report = inspect_adapter(path, stats=stats or bool(plot), format=inputs.format, options=inputs.options(path))
     if plot:
         from ..plots import plot_inspection
 

@@ -43,7 +43,7 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
     "--allow-base-mismatch", is_flag=True, help="Merge even if an adapter records another base's fingerprint."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@input_options(base=False)
+@input_options(base=False, per_input=False)
 def command(
     base: str,
     adapters: tuple[str, ...],

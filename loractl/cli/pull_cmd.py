@@ -19,7 +19,7 @@ from ._text import short_hash, short_sha
 @click.option("--include", multiple=True, help="Pull only paths matching this glob (repeatable), e.g. 'style-a/*'.")
 @click.option("--exclude", multiple=True, help="Leave out paths matching this glob (repeatable).")
 @registry_options
-@input_options()
+@input_options(per_input=False)
 def command(
     repo: str,
     out: str,

@@ -22,7 +22,7 @@ from ._text import short_hash, short_sha
 @click.option("--private", is_flag=True, help="With --create: make the new repository private.")
 @click.option("--create", is_flag=True, help="Create the repository if it does not exist.")
 @registry_options
-@input_options()
+@input_options(per_input=False)
 def command(
     adapter: str,
     repo: str,

@@ -15,7 +15,7 @@ from ._input_options import Inputs, input_options
 @click.option("--to-scale", type=float, default=None, help="Multiply every ΔW by this factor.")
 @click.option("--to-alpha", type=float, default=None, help="Set every module's alpha, keeping ΔW (folded into B).")
 @output_options
-@input_options()
+@input_options(per_input=False)
 def command(
     adapter: str,
     to_scale: float | None,

@@ -50,7 +50,7 @@ def command(
     from ..validation import validate_adapter
 
     reports = [
-        validate_adapter(p, base=inputs.read.base, format=inputs.format, options=inputs.read, target=target)
+        validate_adapter(p, base=inputs.read.base, format=inputs.format, options=inputs.options(p), target=target)
         for p in progress(paths, len(paths), "validating")
     ]
     from ._validate_render import render

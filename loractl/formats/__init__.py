@@ -8,7 +8,8 @@ One naming rule for what lives here: a public name is a format or the options al
   name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`, `lycoris`), `peft/` (`config`, `writer`).
 - `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
 - Helpers shared by several formats start with an underscore and stay inside `formats/`:
-  `_global_alpha`, `_modules`, `_reading`, `_record`, `_rope`, `_state_dict`.
+  `_contents` (what a file without a LoRA pair holds), `_global_alpha`, `_mlx_names`, `_modules`,
+  `_reading`, `_record`, `_rope`, `_state_dict`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from ..errors import InputNotFoundError, UnknownFormatError, UsageError
+from ..errors import AdapterError, FormatError, InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
 from ..info import AdapterInfo
 from ..io.safetensors_header import damage, is_safetensors, read_header
@@ -77,6 +78,7 @@ def detect_format(path: str | Path) -> str:
     damaged = damage(path)
     if damaged is not None:
         raise damaged
+    _refuse_safeloras(path)
     raise UnknownFormatError(_unknown_message(path), path=path, hint=_unknown_hint(path))
 
 
@@ -98,6 +100,17 @@ def _detect(path: Path) -> str | None:
     return next((name for name, module in FORMATS.items() if module.detect(path)), None)
 
 
+def _refuse_safeloras(path: Path) -> None:
+    """lora_diffusion's numbered modules are named as such, not as an unknown file that `--from` might read."""
+    from ._contents import SAFELORAS_HINT, contents, is_safeloras
+
+    keys = _tensor_keys(path)
+    if is_safeloras(keys):
+        raise UnknownFormatError(
+            f"not a LoRA adapter loractl can read: {contents(keys)}", path=path, hint=SAFELORAS_HINT
+        )
+
+
 def _unknown_hint(path: Path) -> str:
     """What to do next: a model checkpoint is an input of `extract`, anything else may need `--from`."""
     if path.is_dir() and (path / "config.json").is_file() and not (path / "adapter_config.json").exists():
@@ -111,7 +124,12 @@ def describe_adapter(
     """Describe an adapter from its headers and config (no tensor data)."""
     opts = _read_options(options, allow_pickle)
     module = _module(path, format)
-    info: AdapterInfo = module.describe(adapter_file(Path(path), module.NAME), opts)
+    file = adapter_file(Path(path), module.NAME)
+    _refuse_safeloras(file)
+    _check_fills(module, opts, file)
+    info: AdapterInfo = module.describe(file, opts)
+    if not info.modules:
+        raise _no_module(info.files[-1] if info.files else file, module.NAME, list(info.full_tensors), format)
     return _with_unusable_modules(info)
 
 
@@ -121,7 +139,12 @@ def load_adapter(
     """Read an adapter in any registered format into the canonical model."""
     opts = _read_options(options, allow_pickle)
     module = _module(path, format)
-    adapter: Adapter = module.read(adapter_file(Path(path), module.NAME), opts)
+    file = adapter_file(Path(path), module.NAME)
+    _refuse_safeloras(file)
+    _check_fills(module, opts, file)
+    adapter: Adapter = module.read(file, opts)
+    if not adapter.modules:
+        raise _no_module(file, module.NAME, list(adapter.full_tensors), format)
     adapter.check()  # the reader boundary: whatever the file said, A and B fit and every scale is finite
     return adapter
 
@@ -137,14 +160,61 @@ def save_adapter(
     """Write `adapter` atomically in `format`; the record (hash, lineage) goes into the metadata."""
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    if not adapter.modules:
+        raise AdapterError("the adapter has no LoRA module: nothing to write", path=path, hint=_NO_MODULE_HINT)
     opts = options or WriteOptions()
     return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
+
+
+def format_fills(format: str) -> frozenset[str]:
+    """Which of `alpha`, `scale` files of `format` may lack, to be filled from the options (its `FILLS`)."""
+    fills: frozenset[str] = getattr(FORMATS[format], "FILLS", frozenset())
+    return fills
+
+
+def _check_fills(module: ModuleType, options: ReadOptions, file: Path) -> None:
+    """`--alpha`/`--scale` for a format that always records its own: refused, never silently ignored."""
+    for name, value in (("alpha", options.alpha), ("scale", options.scale)):
+        if value is not None and name not in format_fills(module.NAME):
+            takers = ", ".join(f for f in FORMATS if name in format_fills(f))
+            raise UsageError(
+                f"--{name} {value:g} given, but {module.NAME} adapters record their own {name}",
+                path=file,
+                hint=f"--{name} fills only what a file lacks ({takers}): drop it, or give it for another input "
+                f"only as --{name} PATH={value:g}",
+            )
 
 
 def format_holds(format: str) -> frozenset[Feature]:
     """What `format` can store (its `HOLDS`); everything when the module does not say."""
     holds: frozenset[Feature] = getattr(FORMATS[format], "HOLDS", ALL_FEATURES)
     return holds
+
+
+_NO_MODULE_HINT = "an adapter needs at least one LoRA module: an A and a B factor of the same rank"
+
+
+def _no_module(file: Path, format: str, full_tensors: list[str], forced: str | None) -> FormatError:
+    """No LoRA module in `file` read as `format`: say what the file holds instead."""
+    from ._contents import contents
+
+    keys = _tensor_keys(file) or full_tensors
+    hint = (
+        f"it is not a {forced} adapter: without --from loractl detects the format, or names what it holds"
+        if forced
+        else _NO_MODULE_HINT
+    )
+    return FormatError(f"no LoRA module read as {format}: the file holds {contents(keys)}", path=file, hint=hint)
+
+
+def _tensor_keys(file: Path) -> list[str]:
+    """The tensor keys of a safetensors file; [] for anything else (pickles name theirs once loaded)."""
+    if file.is_dir():
+        file = next((f for f in sorted(file.glob("*.safetensors")) if f.is_file()), file)
+    try:
+        return list(read_header(file).tensors) if is_safetensors(file) else []
+    except FormatError:
+        return []
 
 
 def _with_unusable_modules(info: AdapterInfo) -> AdapterInfo:

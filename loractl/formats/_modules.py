@@ -71,6 +71,13 @@ def module_info(
     )
 
 
+def recorded_layout(modules: dict[str, ModuleInfo], record: lineage.Record | None) -> dict[str, ModuleInfo]:
+    """The Conv1D flag (`fan_in_fan_out`) loractl recorded for formats that have no field for it (kohya, GGUF)."""
+    if record is None or not record.fan_in_fan_out:
+        return modules
+    return {n: replace(m, fan_in_fan_out=record.fan_in_fan_out.get(n, m.fan_in_fan_out)) for n, m in modules.items()}
+
+
 def exact_scales(modules: dict[str, ModuleInfo], record: lineage.Record | None) -> dict[str, ModuleInfo]:
     """Prefer the exact scales loractl recorded where a stored alpha or scale rounded them."""
     if record is None or not record.scales:

@@ -1,4 +1,8 @@
-"""The lineage record every writer stores beside the tensors, built the same way for each format."""
+"""The lineage record every writer stores beside the tensors, built the same way for each format.
+
+It also holds what a format has no field for but loractl must not lose: exact scales, and GPT-2's
+Conv1D flag (`fan_in_fan_out`, a layout note: the factors are the same, only a merge transposes ΔW).
+"""
 
 from __future__ import annotations
 
@@ -20,4 +24,5 @@ def record_for(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
         base_fingerprint=adapter.meta.base_fingerprint,
         base_views=adapter.meta.base_views,
         scales=scales,
+        fan_in_fan_out={n: True for n, m in sorted(adapter.modules.items()) if m.fan_in_fan_out},
     )

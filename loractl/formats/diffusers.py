@@ -39,6 +39,13 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
 _COMPONENT = re.compile(rf"^({'|'.join(COMPONENTS)})\.")
+# What LoRA adapts in diffusers' transformer models (SD3, Flux, HunyuanVideo, Wan, Lumina, HiDream, ...):
+# transformers' language models call their trunk `transformer` too (GPT-2's `transformer.h.N`), and are no pipeline.
+_DIFFUSION_TRANSFORMER = re.compile(
+    r"^transformer\.(transformer_blocks|single_transformer_blocks|joint_transformer_blocks|double_stream_blocks"
+    r"|single_stream_blocks|blocks|layers|noise_refiner|context_refiner|x_embedder|context_embedder|time_text_embed"
+    r"|time_embed|proj_out|norm_out|pos_embed|patch_embed|caption_projection|condition_embedder|adaln_single)\."
+)
 # attn-procs names: (a) for the UNet, and the text encoder's CLIP names they stood for.
 _PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _PROC_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
@@ -204,11 +211,25 @@ def _scale_rule(module: str, configs: dict[str, dict[str, Any]], alpha: float | 
     return scale_of
 
 
+def pipeline_module(module: str) -> bool:
+    """Whether `module` is in a diffusion pipeline's component: under `transformer.`, a diffusion transformer's
+    blocks (`transformer_blocks`, `single_transformer_blocks`, ...), not a language model's `transformer.h.N`."""
+    if module.startswith("transformer."):
+        return bool(_DIFFUSION_TRANSFORMER.match(module))
+    return bool(_COMPONENT.match(module))
+
+
 def _refuse_unheld(adapter: Adapter) -> None:
     for module, m in adapter.modules.items():
-        if not _COMPONENT.match(module):
+        if not pipeline_module(module):
+            prefixes = ", ".join(c + "." for c in COMPONENTS)
+            what = (
+                "is a language model's, not a diffusion transformer's"
+                if _COMPONENT.match(module)
+                else f"has no pipeline component prefix ({prefixes})"
+            )
             raise AdapterError(
-                f"module {module!r} has no pipeline component prefix ({', '.join(c + '.' for c in COMPONENTS)})",
+                f"module {module!r} {what}",
                 hint="diffusers files are for diffusion pipelines; convert to peft for other models",
             )
         if m.kind == "embedding" or m.fan_in_fan_out:

@@ -23,7 +23,7 @@ from ..info import AdapterInfo, FullTensorInfo, ModuleInfo
 from ..io.config_json import read_config
 from ..io.values import finite_number
 from ._state_dict import load_entries, save_pickle, sniff_keys
-from .options import Feature, ReadOptions, WriteOptions
+from .options import Feature, ReadOptions, WriteOptions, filled
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 NAME = "loralib"
 HOLDS: frozenset[Feature] = frozenset({"embedding", "full_tensors"})
+FILLS = frozenset({"alpha"})
 ALPHA_KEY = "lora_alpha"
 RANK_KEY = "lora_r"
 _KEY = re.compile(r"^(.+)\.lora_(A|B)$")
@@ -91,7 +92,7 @@ class _Parsed:
     def __init__(self, path: Path, options: ReadOptions) -> None:
         self.path = path
         self.tensors, extras = load_entries(path, options.allow_pickle)
-        alpha = options.alpha if options.alpha is not None else extras.get(ALPHA_KEY)
+        alpha = filled(options.alpha, extras.get(ALPHA_KEY), "--alpha", path)
         if not isinstance(alpha, (int, float)):
             raise UsageError(
                 "loralib checkpoints do not store lora_alpha: pass --alpha",

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,9 @@ from ..info import AdapterInfo, ModuleKind
 from ..io.config_json import read_config
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import finite_number
+from ._mlx_names import from_mlx, is_gpt2_conv1d, model_type, to_mlx
 from ._modules import exact_scales, module_info
-from .options import Feature, ReadOptions, WriteOptions
+from .options import Feature, ReadOptions, WriteOptions, filled
 from .peft.config import most_common
 
 if TYPE_CHECKING:
@@ -34,13 +36,14 @@ if TYPE_CHECKING:
     from ..adapter import Adapter, LoraModule
 
 NAME = "mlx"
-HOLDS: frozenset[Feature] = frozenset({"dora", "embedding"})
+HOLDS: frozenset[Feature] = frozenset({"dora", "embedding", "fan_in_fan_out"})  # Conv1D: GPT-2's mlx names
+FILLS = frozenset({"scale"})
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 LEAVES = {"lora_a": "A", "lora_b": "B", "m": "magnitude"}
 EMBEDDINGS = {"embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding"}  # LoRAEmbedding modules
 _CONFIG_MARKERS = ("lora_parameters", "fine_tune_type", "lora_layers", "num_layers")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 def detect(path: Path) -> bool:
@@ -78,11 +81,12 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         info = module_info(module, keys, canonical, lambda r: (scale, None, "absolute"), findings, kind)
         if info is None:
             continue
+        name, conv1d = from_mlx(module)
         if "rank" in params and params["rank"] != info.rank:
             findings.append(
                 error("config-rank", f"config says rank {params['rank']}, tensors have {info.rank}", module)
             )
-        modules[module] = info
+        modules[name] = replace(info, fan_in_fan_out=conv1d)
     record = lineage.decode(_metadata(weights))
     files = (weights, _root(path) / CONFIG_NAME) if config else (weights,)
     return AdapterInfo(
@@ -100,8 +104,6 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
 
 def read(path: Path, options: ReadOptions) -> Adapter:
     """Load the adapter, transposing `lora_a`/`lora_b` back to A (r, in) / B (out, r)."""
-    from dataclasses import replace
-
     from ._reading import adapter_from_info
 
     info = describe(path, options)
@@ -121,14 +123,18 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ..io.safetensors_writer import save_tensors
     from ._record import record_for
 
+    options = options or WriteOptions()
     folded = fold(adapter)
+    kind = model_type(options.base)
+    names = {module: to_mlx(module, m.fan_in_fan_out, kind) for module, m in folded.modules.items()}
     tensors: dict[str, torch.Tensor] = {}
     for module, m in folded.modules.items():
-        tensors[f"{module}.lora_a"], tensors[f"{module}.lora_b"] = m.A.T.contiguous(), m.B.T.contiguous()
+        key = names[module]
+        tensors[f"{key}.lora_a"], tensors[f"{key}.lora_b"] = m.A.T.contiguous(), m.B.T.contiguous()
         if m.magnitude is not None:
-            tensors[f"{module}.m"] = m.magnitude
+            tensors[f"{key}.m"] = m.magnitude
     metadata = {lineage.METADATA_KEY: lineage.encode(record_for(folded, {}))}
-    config = _config_for(folded, adapter, options or WriteOptions())
+    config = _config_for(folded, adapter, list(names.values()), options)
     with atomic_output(path, force=force) as tmp:
         tmp.mkdir()
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
@@ -136,13 +142,20 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     return path
 
 
+def mlx_name(module: str, conv1d: bool, base: Path | None) -> str:
+    """mlx-lm's path of a transformers module (GPT-2's and GPT-NeoX's differ; `_mlx_names`).
+
+    Raises:
+        AdapterError: a `transformer.h.N` module that only the base's `model_type` can place.
+    """
+    return to_mlx(module, conv1d, model_type(base))
+
+
 def fold(adapter: Adapter) -> Adapter:
     """The adapter as mlx-lm holds it: every module at the largest rank and the most common scale.
 
     Zero-padding ranks is exact; folding s/s_global into B rounds once in B's dtype.
     """
-    from dataclasses import replace
-
     _refuse_unheld(adapter)
     mods = adapter.modules
     rank = max((m.rank for m in mods.values()), default=8)
@@ -152,8 +165,6 @@ def fold(adapter: Adapter) -> Adapter:
 
 
 def _fold_module(m: LoraModule, rank: int, scale: float) -> LoraModule:
-    from dataclasses import replace
-
     import torch
 
     pad = rank - m.rank
@@ -165,39 +176,47 @@ def _fold_module(m: LoraModule, rank: int, scale: float) -> LoraModule:
 
 def _refuse_unheld(adapter: Adapter) -> None:
     for module, m in adapter.modules.items():
-        if m.kind == "conv" or m.bias is not None or m.fan_in_fan_out:
-            raise AdapterError(f"module {module!r}: mlx adapters cannot hold conv LoRA, lora bias or fan_in_fan_out")
+        if m.kind == "conv" or m.bias is not None or (m.fan_in_fan_out and not is_gpt2_conv1d(module)):
+            raise AdapterError(
+                f"module {module!r}: mlx adapters cannot hold conv LoRA, lora bias or fan_in_fan_out (but GPT-2's)"
+            )
     if len({m.magnitude is None for m in adapter.modules.values()}) > 1:
         raise AdapterError("mlx adapters are all DoRA or all LoRA, not a mix", hint="split the adapter first")
     if adapter.full_tensors:
         raise AdapterError("mlx adapters cannot hold full tensors", hint="use 'loractl convert'")
 
 
-def _config_for(folded: Adapter, source: Adapter, options: WriteOptions) -> dict[str, Any]:
-    """adapter_config.json: the source mlx config's training fields, with the adapter's own numbers."""
+def _config_for(folded: Adapter, source: Adapter, names: list[str], options: WriteOptions) -> dict[str, Any]:
+    """adapter_config.json: the source mlx config's training fields and schema (2024's `lora_layers` and
+    `use_dora`, or `num_layers` and `fine_tune_type`), with the adapter's own numbers; `names` are mlx's."""
     mods = folded.modules
     first = next(iter(mods.values()), None)
     config = dict(source.meta.extra.get("mlx_config") or {})
     params = {k: v for k, v in (config.get("lora_parameters") or {}).items() if k not in ("alpha", "rank", "scale")}
     params |= {"rank": first.rank if first else 8, "scale": first.scale if first else 20.0}
     params.setdefault("dropout", 0.0)
-    params["keys"] = sorted({_LAYER.split(m)[-1] if _LAYER.search(m) else m for m in mods})
+    params["keys"] = sorted({_LAYER.split(m)[-1] if _LAYER.search(m) else m for m in names})
     config["lora_parameters"] = params
     dora = first is not None and first.magnitude is not None
-    config["fine_tune_type"] = "dora" if dora else "lora"
-    config["num_layers"] = _num_layers(list(mods), options.base, config.get("num_layers"))
+    if "use_dora" in config and "fine_tune_type" not in config:
+        config["use_dora"] = dora
+    else:
+        config["fine_tune_type"] = "dora" if dora else "lora"
+    layers_key = "lora_layers" if "lora_layers" in config and "num_layers" not in config else "num_layers"
+    config[layers_key] = _num_layers(names, options.base, config.get(layers_key))
     if source.meta.base_model and "model" not in config:
         config["model"] = source.meta.base_model
     return config
 
 
 def _num_layers(modules: list[str], base: Path | None, previous: Any) -> int:
-    """mlx-lm adapts the last N blocks: N = layers − first adapted layer (with a base), else as before, else all."""
+    """mlx-lm adapts the last N blocks: N = layers − first adapted layer, the layers counted by the base or,
+    without one, up to the last adapted layer; an adapter of no numbered layer keeps the previous N (else all)."""
     indices = [int(m.group(1)) for m in map(_LAYER.search, modules) if m]
+    if not indices:
+        return previous if isinstance(previous, int) else -1
     total = _base_layers(base) if base is not None else None
-    if total is not None and indices:
-        return total - min(indices)
-    return previous if isinstance(previous, int) else -1
+    return (total if total is not None else max(indices) + 1) - min(indices)
 
 
 def _base_layers(base: Path) -> int | None:
@@ -223,8 +242,7 @@ def _scale(config: dict[str, Any], options: ReadOptions, weights: Path, findings
         )
     if "scale" in params:
         scale = finite_number(params["scale"], "lora_parameters.scale", weights)
-        if options.scale is not None and float(options.scale) != scale:
-            raise UsageError(f"--scale {options.scale} contradicts the config's scale {params['scale']}")
+        filled(options.scale, scale, "--scale", weights)
         return scale
     if options.scale is None:
         raise UsageError(

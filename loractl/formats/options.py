@@ -7,9 +7,12 @@ Every format module offers the same verbs with the same signatures:
     read(path: Path, options: ReadOptions) -> Adapter
     write(adapter: Adapter, path: Path, *, force: bool, options: WriteOptions) -> Path
     HOLDS: frozenset[Feature]                                      (what the format can store)
+    FILLS: frozenset[str]        ("alpha", "scale": what the format may lack and take from the options)
 
 A format ignores the options it does not need; an option a format needs but did not get
-(loralib's alpha, an old mlx `.npz`'s scale) is a `UsageError` that names the flag.
+(loralib's alpha, an old mlx `.npz`'s scale) is a `UsageError` that names the flag. `alpha` and
+`scale` only fill what a file lacks: given for a file that records its own (another value), or for
+a format that always records it, they are refused (`filled`, and the registry), never applied.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from ..errors import UsageError
 
 Feature = Literal[
     "module_scale",  # a scale per module (else folded into B against one global scale: exact)
@@ -64,3 +69,18 @@ class WriteOptions:
 
     base: Path | None = None
     alpha: float | None = None
+
+
+def filled(given: float | None, recorded: object, flag: str, path: Path) -> object:
+    """The value the file records; `given` (`--alpha`, `--scale`) only where it records none.
+
+    Raises:
+        UsageError: the file records another value than `given`.
+    """
+    if given is None or recorded is None:
+        return given if recorded is None else recorded
+    if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or float(recorded) != float(given):
+        raise UsageError(f"{flag} {given:g} contradicts the {flag[2:]} {recorded} this file records", path=path,
+                         hint=f"{flag} fills only what a file lacks: drop it, or give it for another input only "
+                         f"as {flag} PATH={given:g}")  # fmt: skip
+    return recorded

@@ -24,7 +24,7 @@ from ..info import AdapterInfo, ModuleInfo
 from ..io.values import finite_number, load_json
 from ._rope import RopeHeads, base_config, hf_to_meta, is_rope_module, meta_to_hf
 from ._state_dict import load_entries, save_pickle, sniff_keys
-from .options import Feature, ReadOptions, WriteOptions
+from .options import Feature, ReadOptions, WriteOptions, filled
 from .peft.config import json_number
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 NAME = "torchtune"
 HOLDS: frozenset[Feature] = frozenset({"dora"})
+FILLS = frozenset({"alpha"})
 WEIGHTS_NAME = "adapter_model.pt"
 CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -130,7 +131,7 @@ def _parse(path: Path, options: ReadOptions) -> tuple[AdapterInfo, dict[str, tor
         raise FormatError(f"no {WEIGHTS_NAME} in the directory", path=path)
     config = _config(file.parent / CONFIG_NAME)
     tensors, _ = load_entries(file, options.allow_pickle)
-    alpha = options.alpha if options.alpha is not None else config.get("lora_alpha")
+    alpha = filled(options.alpha, config.get("lora_alpha"), "--alpha", file)
     if alpha is None:
         raise UsageError(
             "torchtune native checkpoints do not store lora_alpha: pass --alpha",

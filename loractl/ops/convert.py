@@ -16,7 +16,7 @@ from typing import Any
 from .. import lineage
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, NumericError, UsageError
-from ..formats import FORMATS, detect_format, format_holds, load_adapter, save_adapter
+from ..formats import FORMATS, detect_format, format_fills, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
 from ..io.atomic import atomic_output, ensure_distinct
 from .algebra_result import ModuleChange
@@ -87,9 +87,15 @@ def convert(
         raise UsageError(f"unknown target format {to!r}", hint=f"choose one of: {', '.join(FORMATS)}")
     ensure_distinct(output, [source])
     base_path = Path(base) if base is not None else None
-    read_options = ReadOptions(allow_pickle=allow_pickle, base=base_path, alpha=alpha, scale=scale)
-    adapter = load_adapter(source, format=source_format, options=read_options)
     src_format = source_format or detect_format(source)
+    fills = format_fills(src_format) if src_format in FORMATS else frozenset()
+    read_options = ReadOptions(
+        allow_pickle=allow_pickle,
+        base=base_path,
+        alpha=alpha if "alpha" in fills else None,  # else --alpha is only the target's global alpha
+        scale=scale,
+    )
+    adapter = load_adapter(source, format=source_format, options=read_options)
     truncated: tuple[ModuleChange, ...] = ()
     cut: Loss | None = None
     if rank is not None:
@@ -110,7 +116,7 @@ def convert(
     target = plan.adapter.with_lineage(entry)
     with atomic_output(output, force=force) as tmp:
         save_adapter(target, tmp, format=to, options=WriteOptions(base=base_path, alpha=alpha))
-        check = _verify(target, tmp, to, base_path, alpha) if verify_output else None
+        check = _verify(target, tmp, to, base_path) if verify_output else None
     return ConvertReport(
         source=source,
         output=output,
@@ -174,9 +180,9 @@ def _strip(m: LoraModule, holds: frozenset[Feature]) -> LoraModule:
     )
 
 
-def _verify(target: Adapter, written: Path, to: str, base: Path | None, alpha: float | None) -> Verification:
-    """Read the written output back and compare it with what was meant to be written."""
-    back = load_adapter(written, format=to, options=ReadOptions(allow_pickle=True, base=base, alpha=alpha))
+def _verify(target: Adapter, written: Path, to: str, base: Path | None) -> Verification:
+    """Read the written output back (it records its own alpha) and compare it with what was meant to be written."""
+    back = load_adapter(written, format=to, options=ReadOptions(allow_pickle=True, base=base))
     check = verify(target, back)
     if check.problems:
         more = f" (and {len(check.problems) - 1} more)" if len(check.problems) > 1 else ""

@@ -46,12 +46,13 @@ class Loss:
     modules: tuple[str, ...]  # module paths, or tensor names for full tensors
     update_change: float | None  # share of the adapter's effect lost; None when it cannot be measured
     weight_change: float | None  # relative change of the merged weights (needs the base)
+    unmeasured: str = "give --base to measure it"  # why `update_change` is None
 
     def describe(self) -> str:
         """`DoRA magnitudes (4 modules): 87% of the adapter's effect, 0.41% of the merged weights`."""
         head = f"{self.what} ({self.count} {'tensor' if self.what == 'full tensors' else 'module'}{'s' * (self.count != 1)})"
         if self.update_change is None:
-            return f"{head}: effect not measured, give --base to measure it"
+            return f"{head}: effect not measured, {self.unmeasured}"
         text = f"{head}: {_percent(self.update_change)} of the adapter's effect"
         return text + (
             f", {_percent(self.weight_change)} of the merged weights" if self.weight_change is not None else ""
@@ -114,12 +115,19 @@ def _measure(adapter: Adapter, feature: Feature, effects: _Effects) -> Loss:
     for name in names:
         pair = effects.lost(name, feature)
         if pair is None:
-            return Loss(LOSS_NAMES[feature], len(names), names, None, None)
+            return Loss(LOSS_NAMES[feature], len(names), names, None, None, _unmeasured(feature, effects))
         lost_sq, merged_sq = lost_sq + pair[0], merged_sq + (pair[1] or 0.0)
     total = effects.total_sq()
     update = math.sqrt(lost_sq / total) if total else None
     weight = math.sqrt(lost_sq / merged_sq) if effects.ckpt is not None and merged_sq else None
-    return Loss(LOSS_NAMES[feature], len(names), names, update, weight)
+    return Loss(LOSS_NAMES[feature], len(names), names, update, weight, _unmeasured(feature, effects))
+
+
+def _unmeasured(feature: Feature, effects: _Effects) -> str:
+    """Why a loss has no share: the Conv1D flag is a layout, not a part of ΔW; else the base is missing or lacks a tensor."""
+    if feature == "fan_in_fan_out":
+        return "a layout the target cannot record: a consumer that does not take it from the base transposes ΔW"
+    return "give --base to measure it" if effects.ckpt is None else "the base lacks a tensor the adapter changes"
 
 
 class _Effects:

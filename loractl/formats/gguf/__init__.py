@@ -20,6 +20,7 @@ from ...errors import FormatError, UsageError
 from ...findings import Finding, error
 from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
 from ...io.values import finite_number, parse_json
+from .._modules import recorded_layout
 from .._rope import RopeHeads, base_config, is_rope_module, meta_to_hf
 from ..options import Feature, ReadOptions, WriteOptions
 from . import names as gguf_names
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from ...adapter import Adapter
 
 NAME = "gguf"
-HOLDS: frozenset[Feature] = frozenset({"module_rank", "embedding"})
+# fan_in_fan_out: the factors are the same; loractl's record keeps the flag (`_record`)
+HOLDS: frozenset[Feature] = frozenset({"module_rank", "embedding", "fan_in_fan_out"})
 MAGIC = b"GGUF"
 LEGACY_MAGICS = (b"ggla", b"algg")  # the old `ggml-adapter-model.bin`, either byte order
 _ROLES = {".lora_a": "A", ".lora_b": "B"}
@@ -130,7 +132,7 @@ class _Layout:
             path=self.path,
             format=NAME,
             files=(self.path,),
-            modules=modules,
+            modules=recorded_layout(modules, record),
             full_tensors={names[k]: FullTensorInfo(k, *self._entry(k)) for k in full if k in names},
             base_model=_str(self.fields.get("general.base_model.0.name")) or (record.base_model if record else None),
             record=record,

@@ -3,8 +3,8 @@
 The file holds one alpha, so per-module scales are folded into B against it (`_global_alpha`);
 ranks stay per module. The architecture and head counts come from `--base`'s config.json
 (or from a GGUF the adapter was read from). What GGUF cannot hold (DoRA magnitudes, lora
-biases, conv modules, full tensors other than norms, the Conv1D flag) is left out: the
-format's `HOLDS` says so, and `convert` lists it as lost.
+biases, conv modules, full tensors other than norms) is left out: the format's `HOLDS` says
+so, and `convert` lists it as lost. GPT-2's Conv1D flag changes no factor: loractl's record keeps it.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def stored_form(adapter: Adapter, alpha: float | None, tmap: TensorNameMap) -> A
 
 
 def _plain(m: LoraModule) -> LoraModule:
-    return replace(m, magnitude=None, bias=None, fan_in_fan_out=False)
+    return replace(m, magnitude=None, bias=None)
 
 
 def _cast(m: LoraModule) -> LoraModule:

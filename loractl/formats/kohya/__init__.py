@@ -23,7 +23,7 @@ from ...findings import Finding, error, warning
 from ...info import AdapterInfo, ModuleInfo, ScaleRule
 from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
 from ...io.values import scalar_alpha
-from .._modules import exact_scales, module_info
+from .._modules import exact_scales, module_info, recorded_layout
 from ..options import Feature, ReadOptions, WriteOptions
 from . import lycoris
 from . import names as kohya_names
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ...adapter import Adapter, LoraModule
 
 NAME = "kohya"
-HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv", "dora"})
+# fan_in_fan_out: the factors are the same; loractl's record keeps the flag (`_record`)
+HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv", "dora", "fan_in_fan_out"})
 NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl's own files need no --base
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
 LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
@@ -76,7 +77,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         path=path,
         format=NAME,
         files=(path,),
-        modules=exact_scales(dict(sorted(modules.items())), record),
+        modules=recorded_layout(exact_scales(dict(sorted(modules.items())), record), record),
         full_tensors={},
         base_model=record.base_model if record else None,
         base_revision=record.base_revision if record else None,
@@ -268,9 +269,9 @@ def _base_shapes(base: Path, modules: list[str]) -> dict[str, tuple[int, ...]]:
 
 def _refuse_unheld(adapter: Adapter) -> None:
     for module, m in adapter.modules.items():
-        if m.kind == "embedding" or m.bias is not None or m.fan_in_fan_out:
+        if m.kind == "embedding" or m.bias is not None:
             raise AdapterError(
-                f"module {module!r}: kohya files cannot hold embedding LoRA, lora bias or fan_in_fan_out",
+                f"module {module!r}: kohya files cannot hold embedding LoRA or lora bias",
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
             )
     if adapter.full_tensors:
