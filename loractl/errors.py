@@ -13,6 +13,7 @@ class LoractlError(Exception):
     """Base class; `exit_code` 1 = failed operation, 2 = usage error."""
 
     exit_code = 1
+    cli_hint: str | None = None  # the hint in the CLI's flags, where `hint` names a Python parameter
 
     def __init__(self, message: str, hint: str | None = None, path: str | Path | None = None) -> None:
         self.message = message
@@ -32,7 +33,13 @@ class InputNotFoundError(UsageError):
 
 
 class OutputExistsError(UsageError):
-    """The output path exists and `--force` was not given."""
+    """The output path exists and replacing it was not asked for (`force=True`; `--force` in the CLI)."""
+
+    cli_hint = "choose another path or pass --force"
+
+    def __init__(self, output: str | Path) -> None:
+        super().__init__(f"output {output} already exists", hint="choose another path, or pass force=True")
+        self.output = str(output)
 
 
 class OutputWriteError(LoractlError):

@@ -61,6 +61,14 @@ MISTAKES = {
     "a zero scale": (["rescale", str(QV), "-o", "x", "--scale", "0"], 2, "non-zero", "--to-scale 0.5"),
     "an output that exists": (["convert", str(QV), "-o", "{work}", "--to", "kohya"], 2, "already exists", "--force"),
     "the output over the input": (["convert", str(QV), "-o", str(QV), "--to", "kohya"], 2, "overwrite the input", ""),
+    "a misspelt command": (["inspct", str(QV)], 2, "no such command 'inspct'. Did you mean 'inspect'?", "loractl --help"),
+    "a misspelt option": (["validate", str(QV), "--formt"], 2, "Did you mean one of: '--format'", "validate --help"),
+    "a missing -o": (["convert", str(QV), "--to", "peft"], 2, "missing option '-o'", "'loractl convert --help'"),
+    "a number that is not one": (
+        ["train", "--base", str(BASE), "--data", "d.jsonl", "-o", "x", "--lr", "abc"], 2, "'abc' is not a valid float",
+        "'loractl train --help'",
+    ),
+    "a misspelt choice": (["validate", str(QV), "--target", "llama.cpp"], 2, "'llama.cpp' is not one of", "--help"),
     "training on a missing file": (
         ["train", "--base", str(BASE), "--data", "data.jsonl", "-o", "x"], 2, "does not exist", "check the path",
     ),
@@ -75,6 +83,26 @@ def test_mistake_is_explained(mistake: str, work: Path, capsys: pytest.CaptureFi
     assert_told(err, code, expected_code, what, next_step)
     assert out == ""
     assert sorted(work.iterdir()) == before  # nothing written, not even a temporary
+
+
+def test_click_usage_errors_are_two_lines(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """click's own errors in loractl's shape: no usage block, no `Try …` line, no capitalised `Error:`."""
+    code, out, err = run(capsys, "convert", str(QV), "--to", "peft")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["error: missing option '-o' / '--output'", "hint: see 'loractl convert --help'"]
+
+
+def test_output_exists_names_force_as_the_caller_passes_it(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Python API's error says `force=True`; the same error from the CLI says `--force`."""
+    from loractl import convert
+    from loractl.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError) as raised:
+        convert(QV, work, to="kohya")
+    assert raised.value.hint is not None and "force=True" in raised.value.hint and "--force" not in str(raised.value)
+    code, _, err = run(capsys, "convert", str(QV), "-o", str(work), "--to", "kohya")
+    assert_told(err, code, 2, "already exists", "--force")
+    assert "force=True" not in err
 
 
 def test_rank_too_high_for_extract(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ none imports torch at module level, so `loractl --help` stays fast.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import signal
@@ -19,6 +20,9 @@ from .._version import __version__
 
 if TYPE_CHECKING:
     from ..errors import LoractlError
+
+# click ≥ 8.2 raises this for `loractl` alone, to print the help and exit 2 (older versions exit 0)
+_HELP_ONLY = tuple(c for c in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if c is not None)
 
 # command name → module under loractl.cli exposing `command`
 COMMANDS = {
@@ -52,6 +56,17 @@ class LazyGroup(click.Group):
         module = importlib.import_module(f".{COMMANDS[name]}", __name__)
         return module.command  # type: ignore[no-any-return]
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """click's, with its "did you mean" over the lazy commands (click suggests only registered ones)."""
+        name = args[0]
+        if name in COMMANDS or name.startswith("-") or ctx.resilient_parsing:
+            return super().resolve_command(ctx, args)
+        close = difflib.get_close_matches(name, COMMANDS)
+        suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise click.UsageError(f"No such command {name!r}.{suggestion}", ctx)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loractl")
@@ -84,9 +99,11 @@ def main(argv: list[str] | None = None) -> Any:
         return result
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _HELP_ONLY as e:  # `loractl` alone: the help, as click shows it
         e.show()
         sys.exit(e.exit_code)
+    except click.ClickException as e:
+        _fail(_click_error(e), argv)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -100,11 +117,27 @@ def main(argv: list[str] | None = None) -> Any:
         _fail(os_error(e), argv)  # a read-only, full or blocked path outside the atomic writers
 
 
+def _click_error(e: click.ClickException) -> LoractlError:
+    """click's own errors (an unknown command or option, a missing or bad value) in loractl's shape.
+
+    click's message is kept (with its "did you mean"), in loractl's case; the hint points at the
+    command's --help, whose usage and options click would have printed.
+    """
+    from ..errors import LoractlError
+
+    message = e.format_message()
+    error = LoractlError(message[:1].lower() + message[1:].removesuffix("."))
+    ctx = e.ctx if isinstance(e, click.UsageError) else None
+    error.hint = f"see '{ctx.command_path if ctx else 'loractl'} --help'"
+    error.exit_code = e.exit_code
+    return error
+
+
 def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
     """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
     if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
         traceback.print_exc()
     click.echo(f"error: {e}", err=True)
-    if e.hint:
-        click.echo(f"hint: {e.hint}", err=True)
+    if hint := e.cli_hint or e.hint:
+        click.echo(f"hint: {hint}", err=True)
     sys.exit(e.exit_code)

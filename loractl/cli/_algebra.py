@@ -41,7 +41,7 @@ def load_inputs(paths: list[str], output: str, force: bool, inputs: Inputs) -> l
 
     ensure_distinct(output, list(paths))
     if Path(output).exists() and not force:
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+        raise OutputExistsError(output)
     return [load_adapter(p, format=inputs.format, options=inputs.read) for p in paths]
 
 

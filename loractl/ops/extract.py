@@ -114,7 +114,7 @@ def extract(
 
     ensure_distinct(output, [base, finetuned])
     if Path(output).exists() and not force:
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+        raise OutputExistsError(output)
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
     make = runner or partial(extract_adapter, device=device)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, UsageError
 from ..io.atomic import check_writable, ensure_distinct
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
@@ -126,9 +126,9 @@ def run_dir_of(output: str | Path) -> Path:
 
 def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) -> None:
     if output.exists() and not (force or resuming):
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+        raise OutputExistsError(output)
     if (run_dir / "checkpoints").exists() and not (force or resuming):
-        raise OutputExistsError(
+        raise UsageError(
             f"{run_dir} holds checkpoints of an earlier run",
             hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force",
         )
