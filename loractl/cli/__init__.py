@@ -135,9 +135,19 @@ def _click_error(e: click.ClickException) -> LoractlError:
 
 def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
     """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
-    if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
+    args = argv if argv is not None else sys.argv[1:]
+    if "--debug" in args or os.environ.get("LORACTL_DEBUG") == "1":
         traceback.print_exc()
     click.echo(f"error: {e}", err=True)
-    if hint := e.cli_hint or e.hint:
-        click.echo(f"hint: {hint}", err=True)
+    click.echo(f"hint: {e.cli_hint or e.hint or _next_step(e, args)}", err=True)
     sys.exit(e.exit_code)
+
+
+def _next_step(e: LoractlError, args: list[str]) -> str:
+    """The hint of an error raised without one: the command's help for a usage error, else the traceback."""
+    from ..errors import UsageError
+
+    command = next((f"loractl {a}" for a in args if a in COMMANDS), "loractl")
+    if isinstance(e, UsageError):
+        return f"see '{command} --help'"
+    return f"'loractl --debug{command.removeprefix('loractl')} …' shows where it failed"

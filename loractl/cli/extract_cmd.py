@@ -63,6 +63,10 @@ def command(
 
     Two single-file Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
+    from ..io.atomic import check_output
+
+    if not dry_run:
+        check_output(output, [base, finetuned], force=force)  # extract checks it again; here before torch
     from ..ops import extract as ops
     from ..ops import extract_sd
     from ..plots import SpectrumRecorder, check_plot, plot_spectra

@@ -64,7 +64,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (step-N directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
-@click.option("--nproc", type=int, help="Launch N processes with torchrun (DDP).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Launch N processes with torchrun (DDP).")
 @click.option("--fsdp", is_flag=True, default=None,
               help="Shard the base over the processes (FSDP) instead of replicating it; no checkpoints.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing output and its checkpoints.")

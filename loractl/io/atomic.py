@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,6 +146,13 @@ def _is_ours(e: OSError, final: Path) -> bool:
     parent = final.parent.resolve()
     path = Path(os.fsdecode(e.filename)).resolve()
     return path == parent or path.is_relative_to(parent) or parent.is_relative_to(path)
+
+
+def check_output(output: str | Path, inputs: Sequence[str | Path], *, force: bool) -> None:
+    """Refuse before any work (and without torch) an output that is an input, or that exists without `force`."""
+    ensure_distinct(output, list(inputs))
+    if Path(output).exists() and not force:
+        raise OutputExistsError(output)
 
 
 def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:

@@ -25,12 +25,18 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def load_base(
-    base: str | Path, *, dtype: BaseDtype | None = None, quantize: Quantize | None = None, device: str = "cpu"
+    base: str | Path,
+    *,
+    dtype: BaseDtype | None = None,
+    quantize: Quantize | None = None,
+    device: str = "cpu",
+    command: str = "train",
 ) -> tuple[nn.Module, Any]:
     """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
 
     `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
     output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
+    `command` (train, eval) is named when a dependency is missing.
     """
     _check_base(base)
     try:
@@ -43,7 +49,7 @@ def load_base(
         )
         from transformers.utils import logging as hf_logging
     except ImportError:
-        raise UsageError("training needs transformers", hint="pip install 'loractl[train]'") from None
+        raise UsageError(f"{command} needs transformers", hint="pip install 'loractl[train]'") from None
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         config = AutoConfig.from_pretrained(base)  # given, so that transformers does not deep-copy the options
