@@ -22,6 +22,7 @@ from .config import BaseDtype, Quantize
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_PROBE_TIMEOUT = 10.0  # seconds the Hub has to answer for a base given by id
 
 
 def load_base(
@@ -38,7 +39,7 @@ def load_base(
     output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
     `command` (train, eval) is named when a dependency is missing.
     """
-    _check_base(base)
+    base = _hub_base(base) if _check_base(base) else base
     try:
         from transformers import (
             MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -129,7 +130,31 @@ def _read_on_demand(base: str | Path, files: ExitStack) -> dict[str, Any] | None
     return state
 
 
-def _check_base(base: str | Path) -> None:
+def _hub_base(repo_id: str | Path) -> str | Path:
+    """A Hub id as transformers should load it: the id when the Hub answers, else the HF cache's snapshot.
+
+    One request with a timeout decides, so that an unreachable Hub (offline mode, no network) ends in
+    one error within seconds, not after huggingface_hub's retries (11 warnings over half a minute).
+    """
+    from ..remote.errors import OfflineError, TransientError
+    from ..remote.hf import HubRemote
+
+    remote = HubRemote(str(repo_id))
+    try:
+        remote.probe(timeout=HUB_PROBE_TIMEOUT)
+        return repo_id
+    except (OfflineError, TransientError):
+        cached = remote.cached()
+    if cached is None:
+        raise OfflineError(
+            f"cannot reach the Hub for base {repo_id}, and the local cache does not hold it",
+            hint="give a local model directory, or run once with the Hub reachable so that it is cached",
+        )
+    return cached
+
+
+def _check_base(base: str | Path) -> bool:
+    """Refuse a base that is neither a model directory nor a Hub id; True for a Hub id."""
     path = Path(base)
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(
@@ -138,3 +163,4 @@ def _check_base(base: str | Path) -> None:
         )
     if not path.exists() and not _HUB_ID.fullmatch(str(base)):
         raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
+    return not path.exists()
