@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> Any:
     from ._output import tolerate_narrow_encodings
 
     tolerate_narrow_encodings()
+    if not _debugging(argv if argv is not None else sys.argv[1:]):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notes on kernels it could not load
     # A file-size limit (ulimit -f) then fails the write with EFBIG, which `atomic_output` turns
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -134,13 +137,22 @@ def _click_error(e: click.ClickException) -> LoractlError:
 
 
 def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
-    """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
+    """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit.
+
+    Under torchrun only the first process of each machine says it: the others fail the same way.
+    """
     args = argv if argv is not None else sys.argv[1:]
-    if "--debug" in args or os.environ.get("LORACTL_DEBUG") == "1":
+    if _debugging(args):
         traceback.print_exc()
+    elif os.environ.get("LOCAL_RANK", "0") != "0":
+        sys.exit(e.exit_code)
     click.echo(f"error: {e}", err=True)
     click.echo(f"hint: {e.cli_hint or e.hint or _next_step(e, args)}", err=True)
     sys.exit(e.exit_code)
+
+
+def _debugging(args: list[str]) -> bool:
+    return "--debug" in args or os.environ.get("LORACTL_DEBUG") == "1"
 
 
 def _next_step(e: LoractlError, args: list[str]) -> str:

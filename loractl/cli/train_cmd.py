@@ -82,7 +82,7 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         from ..train.distributed import launch
 
-        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :])))
+        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
     from ..train import train_adapter
     from ..train.config import load_config
 
