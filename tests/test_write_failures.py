@@ -128,3 +128,26 @@ def test_force_replaces_a_file_with_an_output_directory(tmp_path: Path) -> None:
     assert code == 0, err
     assert (tmp_path / "README.md" / "adapter_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_temporaries_are_shown_as_the_paths_they_become(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nested temporaries (a single-file writer inside convert's) and the old-output and probe names all map back."""
+    from loractl.cli import main
+    from loractl.errors import FormatError
+
+    tmp = f"{TMP_MARKER}123-0abc"
+    assert atomic.user_path(f"/d/..k.safetensors{tmp}{tmp}") == Path("/d/k.safetensors")
+    assert atomic.user_path(f"/d/.out{TMP_MARKER}9-old-ff/adapter_model.safetensors") == Path(
+        "/d/out/adapter_model.safetensors"
+    )
+    assert atomic.user_path(f"/d/.out{TMP_MARKER}9-probe") == Path("/d/out")
+    assert atomic.user_path("/d/.hidden/x") == Path("/d/.hidden/x")
+
+    def failing(*_: object, **__: object) -> None:  # a reader failing on an output being verified
+        raise FormatError("cannot read it back", path=f"/d/.out{tmp}/adapter_model.safetensors")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("loractl.cli.inspect_cmd.command.callback", failing)
+        with pytest.raises(SystemExit):
+            main(["inspect", str(QV)])
+    assert capsys.readouterr().err.splitlines()[0] == "error: /d/out/adapter_model.safetensors: cannot read it back"

@@ -146,9 +146,16 @@ def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
         traceback.print_exc()
     elif os.environ.get("LOCAL_RANK", "0") != "0":
         sys.exit(e.exit_code)
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {_where(e)}{e.message}", err=True)
     click.echo(f"hint: {e.cli_hint or e.hint or _next_step(e, args)}", err=True)
     sys.exit(e.exit_code)
+
+
+def _where(e: LoractlError) -> str:
+    """The error's path as the user named it (a reader may have been reading an output's temporary)."""
+    from ..io.atomic import user_path
+
+    return f"{user_path(e.path)}: " if e.path else ""
 
 
 def _debugging(args: list[str]) -> bool:
