@@ -34,6 +34,12 @@ class InputNotFoundError(UsageError):
 
     default_hint = "check the path"
 
+    @classmethod
+    def check(cls, path: str | Path, what: str = "") -> None:
+        """Raise unless `path` exists; `what` ("checkpoint ", "data file ") names its role."""
+        if not Path(path).exists():
+            raise cls(f"{what}{path} does not exist")
+
 
 class OutputExistsError(UsageError):
     """The output path exists and replacing it was not asked for (`force=True`; `--force` in the CLI)."""

@@ -41,14 +41,17 @@ def output_options(func: F) -> F:
 
 
 def check_output_options(params: dict[str, Any]) -> None:
-    """Before the command reads anything or imports torch: a known --to, and an output that is none of
-    the inputs (ADAPTER or ADAPTERS) and is absent unless --force."""
+    """Before the command reads anything or imports torch: a known --to, inputs (ADAPTER or ADAPTERS)
+    that exist, and an output that is none of them and is absent unless --force."""
+    from ..errors import InputNotFoundError
     from ..formats import check_format
     from ..io.atomic import check_output
 
     if params["to_format"] is not None:
         check_format(params["to_format"], "target ")
     inputs = params["adapters"] if "adapters" in params else [params["adapter"]]
+    for path in inputs:
+        InputNotFoundError.check(path)
     check_output(params["output"], inputs, force=params["force"])
 
 

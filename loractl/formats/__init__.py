@@ -69,8 +69,7 @@ FORMATS: Mapping[str, ModuleType] = _Registry(
 def detect_format(path: str | Path) -> str:
     """The name of the first format that recognises `path`; `UnknownFormatError` with sample keys otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    InputNotFoundError.check(path)
     name = _detect(path) or _detect(adapter_file(path))
     if name is not None:
         return name
@@ -173,8 +172,7 @@ def _module(path: str | Path, format: str | None) -> ModuleType:
     if format is None:
         return FORMATS[detect_format(path)]
     check_format(format)
-    if not Path(path).exists():
-        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    InputNotFoundError.check(path)
     return FORMATS[format]
 
 
