@@ -106,6 +106,7 @@ def _without_torch(*argv: str) -> tuple[int, str]:
 def test_errors_that_need_no_torch_do_not_import_it(fixtures_dir: Path, tmp_path: Path) -> None:
     """An unknown --to or an existing output fails in the time it takes to say so (torch takes seconds)."""
     qv, base, out = str(fixtures_dir / "adapters" / "tiny-qv"), str(fixtures_dir / "tiny-llama"), str(tmp_path)
+    data = str(fixtures_dir / "data" / "train.jsonl")
     cases = [
         ["convert", qv, "-o", str(tmp_path / "new"), "--to", "safetensors"],
         ["resize", qv, "-o", str(tmp_path / "new"), "--rank", "1", "--to", "safetensors"],
@@ -120,6 +121,11 @@ def test_errors_that_need_no_torch_do_not_import_it(fixtures_dir: Path, tmp_path
         ["combine", qv, "no-such-adapter", "-o", str(tmp_path / "new")],
         ["extract", "no-such-adapter", base, "-o", str(tmp_path / "new"), "--rank", "1"],
         ["rescale", qv, "-o", str(tmp_path / "new"), "--to-scale", "0.5", "--from", "kohyaa"],
+        ["diff", qv, "no-such-adapter"],
+        ["eval", base, qv, "no-such-adapter", "--data", data],
+        ["eval", base, qv, "--data", "no-such-data.jsonl"],
+        ["train", "--base", base, "--data", "no-such-data.jsonl", "-o", str(tmp_path / "new")],
+        ["train", "--base", base, "--data", data, "-o", out],
     ]
     told = ("already exists", "unknown target", "does not exist", "unknown format")
     for argv in cases:

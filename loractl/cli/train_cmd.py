@@ -83,6 +83,7 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
         from ..train.distributed import launch
 
         ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
+    _check_paths(output, data, eval_data, force=force or resume is not None)
     from ..train import train_adapter
     from ..train.config import load_config
 
@@ -95,6 +96,17 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
         _report(summary, as_json)
     if summary.result.interrupted:
         ctx.exit(130)
+
+
+def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:
+    """What train checks again, checked before torch is imported: the data files exist, the output does
+    not unless --force (or --resume)."""
+    from ..errors import InputNotFoundError
+    from ..io.atomic import check_output
+
+    for path in (data, eval_data) if eval_data else (data,):
+        InputNotFoundError.check(path, "data file ")
+    check_output(output, [], force=force)
 
 
 def _without_nproc(args: list[str]) -> list[str]:
