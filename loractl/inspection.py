@@ -59,6 +59,11 @@ class Inspection:
     structures: tuple[StructureRow, ...] = ()  # LyCORIS LoHa/LoKr modules
 
     @property
+    def failed(self) -> bool:
+        """Whether a finding is an error (the CLI then exits 1)."""
+        return any(f.severity == "error" for f in self.info.findings)
+
+    @property
     def hash_ok(self) -> bool | None:
         """None when there is nothing to compare."""
         if self.computed_hash is None or self.recorded_hash is None:

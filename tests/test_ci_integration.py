@@ -59,5 +59,5 @@ def test_action_validate_step_prints_annotations(fixtures_dir: Path, tmp_path: P
         "LORACTL_STRICT": strict,
     }
     out = subprocess.run(["bash", "-c", step["run"]], capture_output=True, text=True, env=env)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a missing path is a usage error; the other paths are still annotated
     assert out.stdout.startswith("::error file=") and "missing" in out.stdout

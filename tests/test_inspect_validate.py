@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import loractl
 from loractl.cli import cli
+from loractl.formats.options import ReadOptions
 from loractl.io.checkpoint import Checkpoint
 from loractl.io.safetensors_header import read_header
 from loractl.io.safetensors_writer import save_tensors
@@ -86,6 +87,62 @@ def test_header_path_does_not_import_torch(fixtures_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.split("\nUsage")[0])["modules"] == 4
+
+
+def _without_torch(*argv: str) -> tuple[int, str]:
+    """(exit code, stderr) of `loractl ARGV…` in a fresh interpreter that fails if torch gets imported."""
+    code = (
+        "import sys; from loractl.cli import main\n"
+        "try: main(sys.argv[1:])\n"
+        "except SystemExit as e: code = e.code\n"
+        "else: code = 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+def test_errors_that_need_no_torch_do_not_import_it(fixtures_dir: Path, tmp_path: Path) -> None:
+    """An unknown --to or an existing output fails in the time it takes to say so (torch takes seconds)."""
+    qv, base, out = str(fixtures_dir / "adapters" / "tiny-qv"), str(fixtures_dir / "tiny-llama"), str(tmp_path)
+    data = str(fixtures_dir / "data" / "train.jsonl")
+    cases = [
+        ["convert", qv, "-o", str(tmp_path / "new"), "--to", "safetensors"],
+        ["resize", qv, "-o", str(tmp_path / "new"), "--rank", "1", "--to", "safetensors"],
+        ["convert", qv, "-o", out, "--to", "kohya"],
+        ["resize", qv, "-o", out, "--rank", "1"],
+        ["combine", qv, qv, "-o", out],
+        ["rescale", qv, "-o", out, "--to-scale", "0.5"],
+        ["merge", base, qv, "-o", out],
+        ["extract", base, base, "-o", out, "--rank", "1"],
+        ["convert", "no-such-adapter", "-o", str(tmp_path / "new"), "--to", "peft"],
+        ["resize", "no-such-adapter", "-o", str(tmp_path / "new"), "--rank", "1"],
+        ["combine", qv, "no-such-adapter", "-o", str(tmp_path / "new")],
+        ["extract", "no-such-adapter", base, "-o", str(tmp_path / "new"), "--rank", "1"],
+        ["rescale", qv, "-o", str(tmp_path / "new"), "--to-scale", "0.5", "--from", "kohyaa"],
+        ["diff", qv, "no-such-adapter"],
+        ["eval", base, qv, "no-such-adapter", "--data", data],
+        ["eval", base, qv, "--data", "no-such-data.jsonl"],
+        ["train", "--base", base, "--data", "no-such-data.jsonl", "-o", str(tmp_path / "new")],
+        ["train", "--base", base, "--data", data, "-o", out],
+    ]
+    told = ("already exists", "unknown target", "does not exist", "unknown format")
+    for argv in cases:
+        code, err = _without_torch(*argv)
+        assert code == 2 and err.startswith("error: ") and any(t in err for t in told), (argv, err)
+
+
+def test_header_only_inspect_of_an_npz_does_not_import_torch(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    leaves = {"lora_a": rng.standard_normal((8, 2), dtype=np.float32), "lora_b": np.ones((2, 6), np.float16)}
+    np.savez(tmp_path / "adapters.npz", **{f"layers.0.attention.wq.{k}": v for k, v in leaves.items()})
+    code, err = _without_torch("inspect", str(tmp_path / "adapters.npz"), "--scale", "2", "--json")
+    assert code == 0, err
+    info = loractl.describe_adapter(tmp_path / "adapters.npz", options=ReadOptions(scale=2.0))
+    assert info.dtypes == ["F16", "F32"] and info.modules["layers.0.attention.wq"].rank == 2
 
 
 def test_validate_clean_fixtures_against_base(fixtures_dir: Path) -> None:

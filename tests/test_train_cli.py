@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,35 @@ def test_nproc_2_matches_one_process(tmp_path: Path) -> None:
     a, b = loractl.load_adapter(tmp_path / "one"), loractl.load_adapter(tmp_path / "two")
     for name, m in a.modules.items():
         torch.testing.assert_close(b.modules[name].B, m.B, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failure_under_torchrun_is_one_error(tmp_path: Path) -> None:
+    """--nproc 2: one error and its hint, the process's exit code; no torchrun banner, logs or traceback."""
+    import subprocess
+    import sys
+
+    argv = ["train", "--base", BASE, "--data", DATA, "-o", str(tmp_path / "x"), "--nproc", "2", "--targets", "zzz"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LORACTL_DEBUG")}
+    done = subprocess.run(
+        [sys.executable, "-m", "loractl", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0] == "error: target 'zzz' matches no linear layer", done.stderr
+    assert lines[1].startswith("hint: linear layers in this model end in:")
+
+
+def test_third_party_banners_show_only_with_debug() -> None:
+    """bitsandbytes logs warnings (kernels it could not load) that are not loractl's to show."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; from loractl.cli import main\n"
+        "try: main(sys.argv[1:])\n"
+        "except SystemExit: pass\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('a bitsandbytes banner')\n"
+    )
+    for debug, shown in ((["--debug"], True), ([], False)):
+        done = subprocess.run([sys.executable, "-c", code, *debug, "--version"], capture_output=True, text=True)
+        assert ("a bitsandbytes banner" in done.stderr) == shown, done.stderr

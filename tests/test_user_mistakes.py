@@ -25,6 +25,7 @@ pytest_plugins = ("fakehub",)
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "fixtures" / "tiny-llama"
 QV = ROOT / "fixtures" / "adapters" / "tiny-qv"
+DATA = ROOT / "fixtures" / "data" / "train.jsonl"
 
 
 def assert_told(err: str, code: int, expected_code: int, what: str, next_step: str) -> None:
@@ -61,6 +62,21 @@ MISTAKES = {
     "a zero scale": (["rescale", str(QV), "-o", "x", "--scale", "0"], 2, "non-zero", "--to-scale 0.5"),
     "an output that exists": (["convert", str(QV), "-o", "{work}", "--to", "kohya"], 2, "already exists", "--force"),
     "the output over the input": (["convert", str(QV), "-o", str(QV), "--to", "kohya"], 2, "overwrite the input", ""),
+    "a misspelt command": (["inspct", str(QV)], 2, "no such command 'inspct'. Did you mean 'inspect'?", "loractl --help"),
+    "a misspelt option": (["validate", str(QV), "--formt"], 2, "Did you mean one of: '--format'", "validate --help"),
+    "a missing -o": (["convert", str(QV), "--to", "peft"], 2, "missing option '-o'", "'loractl convert --help'"),
+    "a number that is not one": (
+        ["train", "--base", str(BASE), "--data", "d.jsonl", "-o", "x", "--lr", "abc"], 2, "'abc' is not a valid float",
+        "'loractl train --help'",
+    ),
+    "a misspelt choice": (["validate", str(QV), "--target", "llama.cpp"], 2, "'llama.cpp' is not one of", "--help"),
+    "resize without a rule": (
+        ["resize", str(QV), "-o", "small"], 2, "--rank, --energy, --fro, --ratio, --cumulative, --budget", "--budget 4MB",
+    ),
+    "both --steps and --epochs": (
+        ["train", "--base", str(BASE), "--data", str(DATA), "-o", "x", "--steps", "2", "--epochs", "1"], 2, "not both",
+        "--steps N",
+    ),
     "training on a missing file": (
         ["train", "--base", str(BASE), "--data", "data.jsonl", "-o", "x"], 2, "does not exist", "check the path",
     ),
@@ -75,6 +91,117 @@ def test_mistake_is_explained(mistake: str, work: Path, capsys: pytest.CaptureFi
     assert_told(err, code, expected_code, what, next_step)
     assert out == ""
     assert sorted(work.iterdir()) == before  # nothing written, not even a temporary
+
+
+def test_click_usage_errors_are_two_lines(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """click's own errors in loractl's shape: no usage block, no `Try …` line, no capitalised `Error:`."""
+    code, out, err = run(capsys, "convert", str(QV), "--to", "peft")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["error: missing option '-o' / '--output'", "hint: see 'loractl convert --help'"]
+
+
+def test_output_exists_names_force_as_the_caller_passes_it(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Python API's error says `force=True`; the same error from the CLI says `--force`."""
+    from loractl import convert
+    from loractl.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError) as raised:
+        convert(QV, work, to="kohya")
+    assert raised.value.hint is not None and "force=True" in raised.value.hint and "--force" not in str(raised.value)
+    code, _, err = run(capsys, "convert", str(QV), "-o", str(work), "--to", "kohya")
+    assert_told(err, code, 2, "already exists", "--force")
+    assert "force=True" not in err
+
+
+# every command, with each input path missing in turn: exit 2, one error naming the path, a hint
+MISSING_INPUTS = {
+    "inspect": ["inspect", "{missing}"],
+    "validate": ["validate", str(QV), "{missing}"],
+    "validate --base": ["validate", str(QV), "--base", "{missing}"],
+    "merge BASE": ["merge", "{missing}", str(QV), "-o", "out"],
+    "merge ADAPTER": ["merge", str(BASE), "{missing}", "-o", "out"],
+    "extract BASE": ["extract", "{missing}", str(BASE), "-o", "out", "--rank", "2"],
+    "extract FINETUNED": ["extract", str(BASE), "{missing}", "-o", "out", "--rank", "2"],
+    "diff": ["diff", str(QV), "{missing}"],
+    "eval BASE": ["eval", "{missing}", str(QV), "--data", str(DATA)],
+    "eval ADAPTER": ["eval", str(BASE), "{missing}", "--data", str(DATA)],
+    "eval --data": ["eval", str(BASE), str(QV), "--data", "{missing}"],
+    "combine": ["combine", str(QV), "{missing}", "-o", "out"],
+    "resize": ["resize", "{missing}", "-o", "out", "--rank", "1"],
+    "rescale": ["rescale", "{missing}", "-o", "out", "--to-scale", "0.5"],
+    "convert": ["convert", "{missing}", "-o", "out", "--to", "peft"],
+    "convert --base": ["convert", str(QV), "-o", "out", "--to", "kohya", "--base", "{missing}"],
+    "train --base": ["train", "--base", "{missing}", "--data", str(DATA), "-o", "out"],
+    "train --data": ["train", "--base", str(BASE), "--data", "{missing}", "-o", "out"],
+    "train --eval-data": ["train", "--base", str(BASE), "--data", str(DATA), "--eval-data", "{missing}", "-o", "out"],
+    "push": ["push", "{missing}", "file://{work}/registry/alice/lora", "--create"],
+}
+
+
+@pytest.mark.parametrize("case", MISSING_INPUTS)
+def test_a_missing_input_is_a_usage_error_everywhere(case: str, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a.format(missing="no-such-file", work=work) for a in MISSING_INPUTS[case]]
+    code, out, err = run(capsys, *args)
+    lines = [line.strip() for line in (out + err).strip().splitlines()]  # validate reports on stdout
+    assert code == 2, err
+    assert any(line.startswith(("error: ", "error [")) and "no-such-file" in line for line in lines), err
+    assert lines[-1].startswith("hint: ") and "Traceback" not in err, err
+    assert not (work / "out").exists()
+
+
+def test_an_invalid_adapter_config_has_a_hint(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (work / "bad").mkdir()
+    (work / "bad" / "adapter_model.safetensors").write_bytes((QV / "adapter_model.safetensors").read_bytes())
+    for config, what in [
+        ('{"peft_type": "LORA", "r": "x"}', "r must be a positive integer"),
+        ("[1,", "not valid JSON"),
+    ]:
+        (work / "bad" / "adapter_config.json").write_text(config)
+        code, _, err = run(capsys, "inspect", "bad")
+        assert_told(err, code, 1, what, "fix")
+
+
+def test_a_forced_single_file_format_on_a_directory_lists_its_files(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (work / "two").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (work / "two" / name).write_bytes((QV / "adapter_model.safetensors").read_bytes())
+    code, _, err = run(capsys, "inspect", "two", "--from", "diffusers")
+    assert_told(err, code, 1, "no pytorch_lora_weights.safetensors", "give the weights file itself")
+    assert "a.safetensors, b.safetensors" in err
+    code, _, err = run(capsys, "inspect", str(QV), "--from", "torchtune")
+    assert_told(err, code, 1, "no adapter_model.pt", "adapter_config.json, adapter_model.safetensors")
+
+
+def test_every_error_has_a_hint(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An error raised without a hint gets its kind's next step (the command's --help for a usage error)."""
+    from loractl.errors import FormatError, LoractlError, UsageError
+
+    assert FormatError("x").hint and LoractlError("x", hint="mine").hint == "mine"
+    code, _, err = run(capsys, "train", "--base", str(BASE), "--data", str(DATA), "-o", "x", "--dropout", "1")
+    assert_told(err, code, 2, "dropout 1.0 must be in [0, 1)", "see 'loractl train --help'")
+    code, _, err = run(capsys, "train", "--base", str(BASE), "--data", str(DATA), "-o", "x", "--nproc", "0")
+    assert_told(err, code, 2, "'--nproc': 0 is not in the range", "--help")  # it trained one process before
+    assert UsageError("x").hint is None  # the library has no --help to point at: the CLI adds it
+
+
+def test_eval_without_transformers_names_eval(
+    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    code, _, err = run(capsys, "eval", str(BASE), "--data", str(DATA))
+    assert_told(err, code, 2, "eval needs transformers", "pip install")
+    assert "training" not in err
+
+
+def test_inspect_exits_1_on_error_findings(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PEFT keys read as torchtune printed 24 `error [unknown-key]` lines and exited 0; now no LoRA module is read."""
+    code, out, err = run(
+        capsys, "inspect", str(QV / "adapter_model.safetensors"), "--from", "torchtune", "--alpha", "16"
+    )
+    assert code == 1 and "no LoRA module read as torchtune" in err, out + err
+    assert run(capsys, "inspect", str(QV))[0] == 0
 
 
 def test_rank_too_high_for_extract(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

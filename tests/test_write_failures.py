@@ -93,6 +93,7 @@ def test_write_failure_is_one_error_and_leaves_nothing(
     assert code == 1, (code, err)
     assert lines[-2].startswith("error: ") and lines[-1].startswith("hint: "), err
     assert TOLD[error] in lines[-2] and "Traceback" not in err, err
+    assert TMP_MARKER not in err, err  # the user's path, not a temporary's (a nested one for single files)
     assert not out.exists() and blocker.read_text() == "not a directory"
     left = [p for p in tmp_path.rglob("*") if TMP_MARKER in p.name or p.name.startswith(out_name)]
     if command == "train" and error == "ENOSPC":  # the run trained: its log stays beside the missing adapter
@@ -100,3 +101,53 @@ def test_write_failure_is_one_error_and_leaves_nothing(
     else:
         assert left == [], left
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # inputs untouched
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "command",
+    [["convert", "--to", "kohya"], ["convert", "--to", "peft"], ["resize", "--to", "kohya"], ["merge"], ["train"]],
+    ids=" ".join,
+)
+def test_a_directory_that_takes_no_files_is_named_as_the_user_wrote_it(command: list[str], work: Path) -> None:
+    """/proc refuses to create anything (ENOENT): one line naming /proc/NAME, not `/proc/..NAME.loractl-tmp-…`."""
+    out = Path("/proc") / f"loractl-{os.getpid()}"
+    argv = COMMANDS[command[0]](work, out)
+    code, _, err = run_cli(*[a for a in argv if a not in ("--to", "kohya")], *command[1:])
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines() == [
+        f"error: cannot write {out}: the directory takes no new files; nothing was written",
+        "hint: write the output to an ordinary writable directory",
+    ]
+
+
+def test_force_replaces_a_file_with_an_output_directory(tmp_path: Path) -> None:
+    """`-o README.md --force` for a directory output replaces the file, as it replaces a directory with a file."""
+    (tmp_path / "README.md").write_text("notes")
+    code, _, err = run_cli("convert", QV, "-o", tmp_path / "README.md", "--to", "peft", "--force")
+    assert code == 0, err
+    assert (tmp_path / "README.md" / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_temporaries_are_shown_as_the_paths_they_become(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nested temporaries (a single-file writer inside convert's) and the old-output and probe names all map back."""
+    from loractl.cli import main
+    from loractl.errors import FormatError
+
+    tmp = f"{TMP_MARKER}123-0abc"
+    assert atomic.user_path(f"/d/..k.safetensors{tmp}{tmp}") == Path("/d/k.safetensors")
+    assert atomic.user_path(f"/d/.out{TMP_MARKER}9-old-ff/adapter_model.safetensors") == Path(
+        "/d/out/adapter_model.safetensors"
+    )
+    assert atomic.user_path(f"/d/.out{TMP_MARKER}9-probe") == Path("/d/out")
+    assert atomic.user_path("/d/.hidden/x") == Path("/d/.hidden/x")
+
+    def failing(*_: object, **__: object) -> None:  # a reader failing on an output being verified
+        raise FormatError("cannot read it back", path=f"/d/.out{tmp}/adapter_model.safetensors")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("loractl.cli.inspect_cmd.command.callback", failing)
+        with pytest.raises(SystemExit):
+            main(["inspect", str(QV)])
+    assert capsys.readouterr().err.splitlines()[0] == "error: /d/out/adapter_model.safetensors: cannot read it back"

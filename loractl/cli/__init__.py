@@ -6,7 +6,9 @@ none imports torch at module level, so `loractl --help` stays fast.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -19,6 +21,9 @@ from .._version import __version__
 
 if TYPE_CHECKING:
     from ..errors import LoractlError
+
+# click ≥ 8.2 raises this for `loractl` alone, to print the help and exit 2 (older versions exit 0)
+_HELP_ONLY = tuple(c for c in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if c is not None)
 
 # command name → module under loractl.cli exposing `command`
 COMMANDS = {
@@ -52,6 +57,17 @@ class LazyGroup(click.Group):
         module = importlib.import_module(f".{COMMANDS[name]}", __name__)
         return module.command  # type: ignore[no-any-return]
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """click's, with its "did you mean" over the lazy commands (click suggests only registered ones)."""
+        name = args[0]
+        if name in COMMANDS or name.startswith("-") or ctx.resilient_parsing:
+            return super().resolve_command(ctx, args)
+        close = difflib.get_close_matches(name, COMMANDS)
+        suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise click.UsageError(f"No such command {name!r}.{suggestion}", ctx)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loractl")
@@ -74,6 +90,8 @@ def main(argv: list[str] | None = None) -> Any:
     from ._output import tolerate_narrow_encodings
 
     tolerate_narrow_encodings()
+    if not _debugging(argv if argv is not None else sys.argv[1:]):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notes on kernels it could not load
     # A file-size limit (ulimit -f) then fails the write with EFBIG, which `atomic_output` turns
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -84,9 +102,11 @@ def main(argv: list[str] | None = None) -> Any:
         return result
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _HELP_ONLY as e:  # `loractl` alone: the help, as click shows it
         e.show()
         sys.exit(e.exit_code)
+    except click.ClickException as e:
+        _fail(_click_error(e), argv)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -100,11 +120,53 @@ def main(argv: list[str] | None = None) -> Any:
         _fail(os_error(e), argv)  # a read-only, full or blocked path outside the atomic writers
 
 
+def _click_error(e: click.ClickException) -> LoractlError:
+    """click's own errors (an unknown command or option, a missing or bad value) in loractl's shape.
+
+    click's message is kept (with its "did you mean"), in loractl's case; the hint points at the
+    command's --help, whose usage and options click would have printed.
+    """
+    from ..errors import LoractlError
+
+    message = e.format_message()
+    error = LoractlError(message[:1].lower() + message[1:].removesuffix("."))
+    ctx = e.ctx if isinstance(e, click.UsageError) else None
+    error.hint = f"see '{ctx.command_path if ctx else 'loractl'} --help'"
+    error.exit_code = e.exit_code
+    return error
+
+
 def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
-    """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
-    if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
+    """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit.
+
+    Under torchrun only the first process of each machine says it: the others fail the same way.
+    """
+    args = argv if argv is not None else sys.argv[1:]
+    if _debugging(args):
         traceback.print_exc()
-    click.echo(f"error: {e}", err=True)
-    if e.hint:
-        click.echo(f"hint: {e.hint}", err=True)
+    elif os.environ.get("LOCAL_RANK", "0") != "0":
+        sys.exit(e.exit_code)
+    click.echo(f"error: {_where(e)}{e.message}", err=True)
+    click.echo(f"hint: {e.cli_hint or e.hint or _next_step(e, args)}", err=True)
     sys.exit(e.exit_code)
+
+
+def _where(e: LoractlError) -> str:
+    """The error's path as the user named it (a reader may have been reading an output's temporary)."""
+    from ..io.atomic import user_path
+
+    return f"{user_path(e.path)}: " if e.path else ""
+
+
+def _debugging(args: list[str]) -> bool:
+    return "--debug" in args or os.environ.get("LORACTL_DEBUG") == "1"
+
+
+def _next_step(e: LoractlError, args: list[str]) -> str:
+    """The hint of an error raised without one: the command's help for a usage error, else the traceback."""
+    from ..errors import UsageError
+
+    command = next((f"loractl {a}" for a in args if a in COMMANDS), "loractl")
+    if isinstance(e, UsageError):
+        return f"see '{command} --help'"
+    return f"'loractl --debug{command.removeprefix('loractl')} …' shows where it failed"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -28,20 +28,37 @@ def output_options(func: F) -> F:
         click.option("--force", is_flag=True, help="Replace the output if it exists."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document."),
     ]
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        check_output_options(kwargs)
+        return func(*args, **kwargs)
+
+    wrapped: Any = checked
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapped = option(wrapped)
+    return wrapped  # type: ignore[no-any-return]
 
 
-def load_inputs(paths: list[str], output: str, force: bool, inputs: Inputs) -> list[Adapter]:
-    """Check the output first (distinct from the inputs, absent unless --force), then load the inputs."""
-    from ..errors import OutputExistsError
+def check_output_options(params: dict[str, Any]) -> None:
+    """Before the command reads anything or imports torch: a known --to, inputs (ADAPTER or ADAPTERS)
+    that exist, and an output that is none of them and is absent unless --force."""
+    from ..errors import InputNotFoundError
+    from ..formats import check_format
+    from ..io.atomic import check_output
+
+    if params["to_format"] is not None:
+        check_format(params["to_format"], "target ")
+    inputs = params["adapters"] if "adapters" in params else [params["adapter"]]
+    for path in inputs:
+        InputNotFoundError.check(path)
+    check_output(params["output"], inputs, force=params["force"])
+
+
+def load_inputs(paths: list[str], inputs: Inputs) -> list[Adapter]:
+    """The input adapters (the output was checked by `output_options`)."""
     from ..formats import load_adapter
-    from ..io.atomic import ensure_distinct
 
-    ensure_distinct(output, list(paths))
-    if Path(output).exists() and not force:
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
     return [load_adapter(p, format=inputs.format, options=inputs.options(p)) for p in paths]
 
 

@@ -61,7 +61,11 @@ def input_options(*, base: bool = True, alpha_help: str = ALPHA_HELP, per_input:
     def decorate(command: F) -> F:
         @functools.wraps(command)
         def with_inputs(*args: Any, **kwargs: Any) -> Any:
+            from ..formats import check_format
             from ..formats.options import ReadOptions
+
+            if kwargs["source_format"] is not None:
+                check_format(kwargs["source_format"])  # before the command imports torch
 
             path = kwargs.pop("base") if base else None  # merge keeps its BASE argument
             values = {name: _values(name, kwargs.pop(name), per_input, kwargs) for name in ("alpha", "scale")}

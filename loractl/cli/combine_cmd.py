@@ -78,5 +78,5 @@ def command(
         majority_sign=majority_sign,
         allow_base_mismatch=allow_base_mismatch,
     )
-    sources = load_inputs(list(adapters), output, force, inputs)
+    sources = load_inputs(list(adapters), inputs)
     save_and_report(combine(sources, options, device=device), output, to_format, force, as_json)

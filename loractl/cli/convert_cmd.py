@@ -60,6 +60,13 @@ def command(
       loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
       loractl convert loha.safetensors -o peft-r16 --to peft --rank 16 --allow-loss --base sd15/unet
     """
+    from ..errors import InputNotFoundError
+    from ..formats import check_format
+    from ..io.atomic import check_output
+
+    check_format(to, "target ")  # convert checks these again; here they fail before torch is imported
+    InputNotFoundError.check(adapter)
+    check_output(output, [adapter], force=force)
     from ..ops.convert import convert
     from ..ops.lowrank import RankRule
 

@@ -39,9 +39,9 @@ def command(
       loractl diff old new --json
     """
     from ..formats import load_adapter
-    from ..ops.diff import diff
-    from ..remote.refs import local_copy
+    from ..remote.refs import check_paths, local_copy
 
+    check_paths([a, b])  # both, before the first is read (with torch)
     if plot:
         from ..plots import check_plot
 
@@ -49,6 +49,8 @@ def command(
     with ExitStack() as stack:
         first, second = (load_adapter(stack.enter_context(local_copy(p)), format=inputs.format,
                                       options=inputs.options(p)) for p in (a, b))  # fmt: skip
+    from ..ops.diff import diff
+
     result = diff(first, second)
     if plot:
         from ..plots import plot_diff

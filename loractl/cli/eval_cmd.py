@@ -45,16 +45,20 @@ def command(
       loractl eval ./llama hf://alice/lora@v1 hf://alice/lora@v2 --data val.jsonl --json
       loractl eval ./llama my-adapter --data val.jsonl --prompt "Name three primes."
     """
+    from ..errors import InputNotFoundError
     from ..formats import load_adapter
-    from ..remote.refs import local_copy
-    from ..train.data import require_data_file
-    from ..train.evaluation import evaluate_adapters
+    from ..remote.refs import check_paths, local_copy
 
-    require_data_file(data)  # before seconds of loading
+    InputNotFoundError.check(data, "data file ")  # before seconds of loading (and of importing torch)
+    check_paths(adapters)
     on_base = Path(base) if Path(base).is_dir() else None  # names resolve on BASE
     with ExitStack() as stack:
         loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=inputs.format,
                                    options=replace(inputs.options(p), base=on_base))) for p in adapters]  # fmt: skip
+    from ..train.data import require_data_file
+    from ..train.evaluation import evaluate_adapters
+
+    require_data_file(data)
     report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
                                max_new_tokens=max_new_tokens, chat_template=not no_template,
                                device=device or _default_device(),

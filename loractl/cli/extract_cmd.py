@@ -63,6 +63,13 @@ def command(
 
     Two single-file Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
+    from ..errors import InputNotFoundError
+    from ..io.atomic import check_output
+
+    for path in (base, finetuned):  # extract checks these again; here they fail before torch is imported
+        InputNotFoundError.check(path, "checkpoint ")
+    if not dry_run:
+        check_output(output, [base, finetuned], force=force)
     from ..ops import extract as ops
     from ..ops import extract_sd
     from ..plots import SpectrumRecorder, check_plot, plot_spectra

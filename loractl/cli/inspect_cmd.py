@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ._input_options import Inputs, input_options
@@ -28,7 +30,8 @@ def command(
 ) -> None:
     """Show an adapter's format, ranks, scales, targets, size, hash and lineage.
 
-    Without --stats only headers and config are read (fast on multi-GB files).
+    Without --stats only headers and config are read (fast on multi-GB files). Exit 1 when a
+    finding is an error (the report is still printed), 2 on usage errors.
 
     \b
     Examples:
@@ -53,3 +56,5 @@ def command(
         from ._inspect_render import render
 
         render(report, stdout.get())
+    if report.failed:
+        sys.exit(1)

@@ -47,7 +47,7 @@ def command(
         raise UsageError(
             "give exactly one of --to-scale and --to-alpha", hint="--to-scale 0.5 halves ΔW; --to-alpha 16 keeps it"
         )
-    (source,) = load_inputs([adapter], output, force, inputs)
+    (source,) = load_inputs([adapter], inputs)
     result = rescale(source, scale=to_scale, alpha=to_alpha)
     changes = {
         name: (m.scale, result.adapter.modules[name].scale, m.alpha, result.adapter.modules[name].alpha)

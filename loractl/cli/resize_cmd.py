@@ -54,17 +54,28 @@ def command(
     from ..ops.lowrank import RankRule, common_dtype
     from ..ops.resize import resize, resize_to_budget
 
-    if fro is not None and energy is not None:
-        raise UsageError("give --energy or --fro, not both", hint="--fro F is --energy F²")
+    _check_one_rule(rank=rank, energy=energy, fro=fro, ratio=ratio, cumulative=cumulative, budget=budget)
+    if budget is not None and max_rank is not None:
+        raise UsageError("--budget chooses every rank itself; give it alone", hint="drop --max-rank")
     rule = RankRule(
         rank=rank, energy=fro**2 if fro is not None else energy, ratio=ratio, cumulative=cumulative, max_rank=max_rank
     )
-    if budget is not None and rule.params():
-        raise UsageError("--budget chooses every rank itself; give it alone", hint="drop --rank/--energy/--max-rank")
     if budget is None:
         rule.check()
-    (source,) = load_inputs([adapter], output, force, inputs)
+    (source,) = load_inputs([adapter], inputs)
     if budget is None:
         return save_and_report(resize(source, rule, device=device), output, to_format, force, as_json)
     params = parse_budget(budget, common_dtype(list(source.modules.values())).itemsize)
     save_and_report(resize_to_budget(source, params), output, to_format, force, as_json)
+
+
+def _check_one_rule(**rules: object) -> None:
+    """Exactly one of resize's rules (--fro and --budget are not rank rules of the library: checked here)."""
+    from ..errors import UsageError
+
+    given = [f"--{name}" for name, value in rules.items() if value is not None]
+    if len(given) != 1:
+        raise UsageError(
+            f"give exactly one of {', '.join(f'--{name}' for name in rules)} (got {', '.join(given) or 'none'})",
+            hint="e.g. --rank 16, --energy 0.99 with an optional --max-rank, or --budget 4MB",
+        )

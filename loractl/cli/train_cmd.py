@@ -64,7 +64,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--eval-every", type=int, help="Eval loss every N steps [0: at the end].")
 @click.option("--resume", type=click.Path(), help="Continue from a checkpoint (a step-000020 directory or its parent).")
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
-@click.option("--nproc", type=int, help="Launch N processes with torchrun (DDP).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Launch N processes with torchrun (DDP).")
 @click.option("--fsdp", is_flag=True, default=None,
               help="Shard the base over the processes (FSDP) instead of replicating it; no checkpoints.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing output and its checkpoints.")
@@ -82,7 +82,8 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         from ..train.distributed import launch
 
-        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :])))
+        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
+    _check_paths(output, data, eval_data, force=force or resume is not None)
     from ..train import train_adapter
     from ..train.config import load_config
 
@@ -95,6 +96,17 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
         _report(summary, as_json)
     if summary.result.interrupted:
         ctx.exit(130)
+
+
+def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:
+    """What train checks again, checked before torch is imported: the data files exist, the output does
+    not unless --force (or --resume)."""
+    from ..errors import InputNotFoundError
+    from ..io.atomic import check_output
+
+    for path in (data, eval_data) if eval_data else (data,):
+        InputNotFoundError.check(path, "data file ")
+    check_output(output, [], force=force)
 
 
 def _without_nproc(args: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -39,7 +40,8 @@ def command(
 ) -> None:
     """Check adapters: structure, config vs tensors, NaN/Inf, content hash, and fit to a base.
 
-    Exit 0 when clean, 1 when something fails (warnings only with --strict), 2 on usage errors.
+    Exit 0 when clean, 1 when something fails (warnings only with --strict), 2 on usage errors
+    (a path that does not exist among them: every path is still reported).
 
     \b
     Examples:
@@ -56,4 +58,5 @@ def command(
     from ._validate_render import render
 
     render(reports, "json" if as_json else output, strict, stdout.get())
-    sys.exit(1 if any(r.failed(strict) for r in reports) else 0)
+    missing = any(not os.path.lexists(p) for p in paths)
+    sys.exit(2 if missing else 1 if any(r.failed(strict) for r in reports) else 0)

@@ -70,8 +70,7 @@ FORMATS: Mapping[str, ModuleType] = _Registry(
 def detect_format(path: str | Path) -> str:
     """The name of the first format that recognises `path`; `UnknownFormatError` with sample keys otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    InputNotFoundError.check(path)
     name = _detect(path) or _detect(adapter_file(path))
     if name is not None:
         return name
@@ -233,13 +232,17 @@ def _read_options(options: ReadOptions | None, allow_pickle: bool) -> ReadOption
     return replace(options, allow_pickle=True) if allow_pickle else options
 
 
+def check_format(name: str, role: str = "") -> None:
+    """Refuse a format name no module reads or writes (`--from`, `--to`; `role` "target " says which)."""
+    if name not in FORMATS:
+        raise UsageError(f"unknown {role}format {name!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+
+
 def _module(path: str | Path, format: str | None) -> ModuleType:
     if format is None:
         return FORMATS[detect_format(path)]
-    if format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    if not Path(path).exists():
-        raise InputNotFoundError(f"{path} does not exist", hint="check the path")
+    check_format(format)
+    InputNotFoundError.check(path)
     return FORMATS[format]
 
 

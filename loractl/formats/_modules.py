@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from .. import lineage
+from ..errors import FormatError
 from ..findings import Finding, error
 from ..info import ModuleInfo, ModuleKind, ScaleRule
 
@@ -88,3 +90,14 @@ def exact_scales(modules: dict[str, ModuleInfo], record: lineage.Record | None) 
         if exact is not None and abs(exact - info.scale) <= 1e-6 * abs(info.scale):
             out[name] = replace(info, scale=exact)
     return out
+
+
+def no_weights_in(directory: Path, name: str) -> FormatError:
+    """A directory given to a single-file format without its default file name: the hint lists what it holds."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    shown = ", ".join(files[:5]) + (", …" if len(files) > 5 else "")
+    return FormatError(
+        f"no {name} in the directory",
+        path=directory,
+        hint=f"give the weights file itself (the directory holds: {shown})" if files else "the directory is empty",
+    )

@@ -24,7 +24,7 @@ from ..findings import Finding, error
 from ..info import AdapterInfo, scale_from_alpha
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import parse_json, scalar_alpha
-from ._modules import exact_scales, module_info
+from ._modules import exact_scales, module_info, no_weights_in
 from .options import Feature, ReadOptions, WriteOptions
 from .peft.config import module_alpha_rank
 
@@ -75,7 +75,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     """Group keys into modules and resolve scales from `.alpha` tensors or the LoraConfig metadata."""
     weights = _weights(path)
     if weights is None:
-        raise FormatError(f"no {WEIGHTS_NAME} in the directory", path=path)
+        raise no_weights_in(path, WEIGHTS_NAME)
     header = read_header(weights)
     groups: dict[str, dict[str, str]] = {}
     for key in header.tensors:

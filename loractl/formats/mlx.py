@@ -23,7 +23,7 @@ from ..errors import AdapterError, FormatError, UsageError
 from ..findings import Finding, error, warning
 from ..info import AdapterInfo, ModuleKind
 from ..io.config_json import read_config
-from ..io.safetensors_header import is_safetensors, read_header
+from ..io.safetensors_header import DTYPE_SIZES, is_safetensors, read_header
 from ..io.values import finite_number
 from ._mlx_names import from_mlx, is_gpt2_conv1d, model_type, to_mlx
 from ._modules import exact_scales, module_info
@@ -290,9 +290,7 @@ def _entries(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (t.dtype, t.shape) for k, t in read_header(path).tensors.items()}
     if path.suffix != ".npz":
         raise FormatError("neither safetensors nor .npz", path=path)
-    from ..io.tensor_bytes import dtype_code
-
-    return {k: (dtype_code(t.dtype), tuple(t.shape)) for k, t in _load(path).items()}
+    return {k: (_npy_code(dtype, k, path), shape) for k, (dtype, shape) in _npz_headers(path).items()}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -300,8 +298,8 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         import numpy as np
         import torch
 
+        _npz_headers(path)  # checks every member's size before numpy allocates it
         try:
-            _check_npz_sizes(path)
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -312,22 +310,40 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return {k: ckpt.get(k) for k in ckpt.names}
 
 
-def _check_npz_sizes(path: Path) -> None:
-    """Each `.npy` member must hold the bytes its header declares, so no shape makes numpy allocate more than the file."""
+def _npz_headers(path: Path) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """Each `.npy` member's (numpy dtype, shape) from its header alone, without torch.
+
+    A member must hold the bytes its header declares, so that no shape makes numpy allocate more than the file.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {m.filename.removesuffix(".npy"): _npy_header(z, m, path) for m in z.infolist()}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FormatError(f"cannot read npz ({str(e)[:80]})", path=path) from None
+
+
+def _npy_header(z: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> tuple[Any, tuple[int, ...]]:
     import numpy as np
 
-    with zipfile.ZipFile(path) as z:
-        for member in z.infolist():
-            with z.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-                declared = math.prod(shape) * dtype.itemsize
-                if declared > member.file_size:
-                    raise FormatError(
-                        f"npz member {member.filename!r} declares {shape} ({declared} bytes) but holds {member.file_size}",
-                        path=path,
-                    )
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > member.file_size:
+        raise FormatError(
+            f"npz member {member.filename!r} declares {shape} ({declared} bytes) but holds {member.file_size}",
+            path=path,
+        )
+    return dtype, tuple(shape)
+
+
+def _npy_code(dtype: Any, key: str, path: Path) -> str:
+    """The safetensors code of a numpy dtype (float, int, uint, bool)."""
+    code = "BOOL" if dtype.kind == "b" else f"{dtype.kind.upper()}{dtype.itemsize * 8}"
+    if code not in DTYPE_SIZES or dtype.kind not in "fiub" or dtype.byteorder == ">":
+        raise FormatError(f"npz member {key!r} has dtype {dtype}, not a tensor dtype", path=path)
+    return code
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -18,10 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterError, FormatError, UsageError
+from ..errors import AdapterError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
 from ..io.values import finite_number, load_json
+from ._modules import no_weights_in
 from ._rope import RopeHeads, base_config, hf_to_meta, is_rope_module, meta_to_hf
 from ._state_dict import load_entries, save_pickle, sniff_keys
 from .options import Feature, ReadOptions, WriteOptions, filled
@@ -128,7 +129,7 @@ def native_module(module: str) -> str | None:
 def _parse(path: Path, options: ReadOptions) -> tuple[AdapterInfo, dict[str, torch.Tensor]]:
     file = _native_file(path) if path.is_dir() else path
     if file is None:
-        raise FormatError(f"no {WEIGHTS_NAME} in the directory", path=path)
+        raise no_weights_in(path, WEIGHTS_NAME)
     config = _config(file.parent / CONFIG_NAME)
     tensors, _ = load_entries(file, options.allow_pickle)
     alpha = filled(options.alpha, config.get("lora_alpha"), "--alpha", file)

@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from ..errors import OutputExistsError, OutputWriteError, UsageError
 
 TMP_MARKER = ".loractl-tmp-"
 _STALE = re.compile(re.escape(TMP_MARKER) + r"(\d+)-(old-)?[0-9a-f]+$")
+# A temporary's name, `.NAME.loractl-tmp-PID-HEX` (or `-old-HEX`, `-probe`): NAME is what the user named.
+_TEMPORARY = re.compile(r"\.(.+?)" + re.escape(TMP_MARKER) + r"\d+-(?:old-[0-9a-f]+|[0-9a-f]+|probe)")
 # errno values that mean "no room": a full disk, a quota, or the RLIMIT_FSIZE file-size limit.
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # Why an output cannot be written, and what to do: (what, hint) by errno.
@@ -40,6 +42,8 @@ _CANNOT_WRITE = {
     errno.EISDIR: ("a directory is in the way of the file", "choose another output path, or remove that directory"),
 }
 WRITE_ERRNOS = frozenset({*_NO_ROOM, *_CANNOT_WRITE})
+# Only when creating the temporary itself: a directory that takes no new files (/proc, /sys).
+_CANNOT_CREATE = ("the directory takes no new files", "write the output to an ordinary writable directory")
 
 
 @contextmanager
@@ -50,7 +54,7 @@ def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         _prepare(final)
         if final.exists() and not force:
-            raise OutputExistsError(f"output {final} already exists", hint="choose another path or pass --force")
+            raise OutputExistsError(final)
         yield tmp
         _fsync_tree(tmp)
         _replace(tmp, final)
@@ -62,15 +66,32 @@ def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
         _remove(tmp)
 
 
+def user_path(path: str | Path) -> Path:
+    """`path` as the user named it: each temporary on it (`.NAME.loractl-tmp-…`, nested too) read as NAME."""
+    parts = []
+    for part in Path(path).parts:
+        while m := _TEMPORARY.fullmatch(part):
+            part = m[1]
+        parts.append(part)
+    return Path(*parts)
+
+
 def write_error(e: OSError, final: Path) -> OutputWriteError:
-    """The one-line error (and hint) for an OSError that stopped writing `final`; nothing is left behind."""
-    where = f" ({e.filename})" if e.filename and Path(e.filename) != final else ""
+    """The one-line error (and hint) for an OSError that stopped writing `final`; nothing is left behind.
+
+    It names the user's paths, never a temporary: `final` may be an outer writer's temporary.
+    """
+    final = user_path(final)
+    shown = user_path(os.fsdecode(e.filename)) if e.filename else final
+    where = f" ({shown})" if shown != final else ""
     if e.errno in _NO_ROOM:
         return OutputWriteError(
             f"no room to write {final} ({e.strerror}); nothing was written",
             hint="free disk space, or raise the file-size limit (ulimit -f), then run again",
         )
     what, hint = _CANNOT_WRITE.get(e.errno or 0, (e.strerror or str(e), "check the output path"))
+    if e.errno == errno.ENOENT and shown == final:  # the temporary could not be made in an existing directory
+        what, hint = _CANNOT_CREATE
     return OutputWriteError(f"cannot write {final}: {what}{where}; nothing was written", hint=hint)
 
 
@@ -79,7 +100,7 @@ def os_error(e: OSError) -> OutputWriteError:
     what, hint = _CANNOT_WRITE.get(e.errno or 0, (e.strerror or str(e), "check the path and the disk"))
     if e.errno in _NO_ROOM:
         what, hint = f"no room ({e.strerror})", "free disk space, or raise the file-size limit (ulimit -f)"
-    return OutputWriteError(what, path=os.fsdecode(e.filename) if e.filename else None, hint=hint)
+    return OutputWriteError(what, path=user_path(os.fsdecode(e.filename)) if e.filename else None, hint=hint)
 
 
 def check_writable(final: str | Path) -> None:
@@ -95,7 +116,8 @@ def check_writable(final: str | Path) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
         _create_probe(probe)
     except OSError as e:
-        raise write_error(e, final) from e
+        on_probe = e.filename is not None and Path(os.fsdecode(e.filename)) == probe
+        raise write_error(OSError(e.errno, e.strerror, os.fspath(final)) if on_probe else e, final) from e
     finally:
         _remove(probe)
 
@@ -111,7 +133,12 @@ def _prepare(final: Path) -> None:
 
 
 def _is_ours(e: OSError, final: Path) -> bool:
-    """An error of writing (no file named, or one at or beside the output), not of reading an input."""
+    """An error of writing (no file named, or one at or beside the output), not of reading an input.
+
+    Any error on the temporary itself is one (creating it in /proc fails with ENOENT).
+    """
+    if e.filename and user_path(Path(os.fsdecode(e.filename)).absolute()) == user_path(final.absolute()):
+        return True
     if e.errno not in WRITE_ERRNOS:
         return False
     if not e.filename:
@@ -119,6 +146,13 @@ def _is_ours(e: OSError, final: Path) -> bool:
     parent = final.parent.resolve()
     path = Path(os.fsdecode(e.filename)).resolve()
     return path == parent or path.is_relative_to(parent) or parent.is_relative_to(path)
+
+
+def check_output(output: str | Path, inputs: Sequence[str | Path], *, force: bool) -> None:
+    """Refuse before any work (and without torch) an output that is an input, or that exists without `force`."""
+    ensure_distinct(output, list(inputs))
+    if Path(output).exists() and not force:
+        raise OutputExistsError(output)
 
 
 def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:
@@ -131,11 +165,12 @@ def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:
 
 
 def _replace(tmp: Path, final: Path) -> None:
-    if final.is_dir() and not final.is_symlink():
+    """Rename `tmp` to `final`; a directory at `final`, or a file where a directory goes, is set aside first."""
+    if (final.is_dir() or (tmp.is_dir() and final.exists())) and not final.is_symlink():
         old = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-old-{secrets.token_hex(4)}"
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.replace(tmp, final)
 

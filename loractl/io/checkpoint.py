@@ -141,8 +141,7 @@ class Checkpoint:
 
 
 def _shard_files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise InputNotFoundError(f"checkpoint {path} does not exist")
+    InputNotFoundError.check(path, "checkpoint ")
     if path.is_file():
         return [path]
     index = path / INDEX_NAME

@@ -15,6 +15,8 @@ from typing import Any
 from ..errors import FormatError
 
 MAX_JSON_BYTES = 16 << 20  # configs and metadata records are kilobytes
+_FIX_JSON = "the JSON is damaged: fix it, or get the file again"
+_FIX_VALUE = "fix that value in the file, or get the file again"
 
 
 def load_json(path: Path) -> Any:
@@ -26,7 +28,7 @@ def load_json(path: Path) -> Any:
     except OSError as e:
         raise FormatError(f"cannot read: {e.strerror}", path=path) from None
     except (ValueError, RecursionError) as e:
-        raise FormatError(f"not valid JSON ({str(e)[:80]})", path=path) from None
+        raise FormatError(f"not valid JSON ({str(e)[:80]})", path=path, hint=_FIX_JSON) from None
 
 
 def parse_json(raw: str, what: str, path: Path) -> Any:
@@ -34,13 +36,13 @@ def parse_json(raw: str, what: str, path: Path) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
-        raise FormatError(f"{what} is not valid JSON", path=path) from None
+        raise FormatError(f"{what} is not valid JSON", path=path, hint=_FIX_JSON) from None
 
 
 def finite_number(value: Any, field: str, path: Path | None = None) -> float:
     """`value` as a finite float; bools, strings, NaN and infinities are refused naming `field`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path=path)
+        raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path=path, hint=_FIX_VALUE)
     return float(value)
 
 
@@ -54,5 +56,5 @@ def scalar_alpha(tensor: Any, key: str, path: Path) -> float:
 def positive_int(value: Any, field: str, path: Path | None = None) -> int:
     """`value` as an int ≥ 1; anything else is refused naming `field`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{field} must be a positive integer, not {str(value)[:40]!r}", path=path)
+        raise FormatError(f"{field} must be a positive integer, not {str(value)[:40]!r}", path=path, hint=_FIX_VALUE)
     return value

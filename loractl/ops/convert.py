@@ -15,10 +15,10 @@ from typing import Any
 
 from .. import lineage
 from ..adapter import Adapter, LoraModule
-from ..errors import AdapterError, NumericError, UsageError
-from ..formats import FORMATS, detect_format, format_fills, format_holds, load_adapter, save_adapter
+from ..errors import AdapterError, NumericError
+from ..formats import FORMATS, check_format, detect_format, format_fills, format_holds, load_adapter, save_adapter
 from ..formats.options import Feature, ReadOptions, WriteOptions
-from ..io.atomic import atomic_output, ensure_distinct
+from ..io.atomic import atomic_output, check_output
 from .algebra_result import ModuleChange
 from .convert_loss import LOSS_NAMES, TRUNCATION, Loss, affected, measure_losses, truncation_loss
 from .convert_verify import Verification, verify
@@ -83,9 +83,8 @@ def convert(
         NumericError: the read-back ΔW differs from the source's beyond tolerance (nothing written).
     """
     source, output = Path(source), Path(output)
-    if to not in FORMATS:
-        raise UsageError(f"unknown target format {to!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    ensure_distinct(output, [source])
+    check_format(to, "target ")
+    check_output(output, [source], force=force)
     base_path = Path(base) if base is not None else None
     src_format = source_format or detect_format(source)
     fills = format_fills(src_format) if src_format in FORMATS else frozenset()

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..errors import LoractlError, NumericError, OutputExistsError, UsageError
-from ..io.atomic import ensure_distinct
+from ..errors import LoractlError, NumericError, UsageError
+from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, FingerprintViews, feed_fingerprint
 from ..io.dtypes import parse_dtype
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
@@ -110,13 +110,10 @@ def extract(
     single-file Stable Diffusion checkpoints). `device` (cpu, cuda, mps, auto) runs each truncated
     SVD there; reading and the reported figures stay on the CPU.
     """
-    from ..formats import FORMATS, save_adapter
+    from ..formats import check_format, save_adapter
 
-    ensure_distinct(output, [base, finetuned])
-    if Path(output).exists() and not force:
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
-    if format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
+    check_output(output, [base, finetuned], force=force)
+    check_format(format)
     make = runner or partial(extract_adapter, device=device)
     result = make(base, finetuned, config, track=track, observe=observe)
     if not result.adapter.modules and not result.adapter.full_tensors:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import IntegrityError, LoractlError, NumericError
-from ..io.atomic import atomic_output, ensure_distinct
+from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint, same_base
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
@@ -203,7 +203,7 @@ def execute_merge(
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
     plan.check()
     output = Path(output)
-    ensure_distinct(output, [plan.base, *(a.path for a in plan.adapters)])
+    check_output(output, [plan.base, *(a.path for a in plan.adapters)], force=force)  # before torch is imported
     stop_hash = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="fingerprint") as aside:
         prints = aside.submit(_fingerprints, plan, stop_hash)  # first: it needs no torch

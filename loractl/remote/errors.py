@@ -8,6 +8,8 @@ from ..errors import LoractlError, UsageError
 class RemoteError(LoractlError):
     """Base class of everything a registry can refuse or fail at."""
 
+    default_hint = "try again; 'loractl --debug …' shows the registry's answer"
+
 
 class RemoteURIError(UsageError):
     """A REPO argument that names no registry loractl knows."""
@@ -24,21 +26,31 @@ class RepoNotFoundError(RemoteError):
 class RevisionNotFoundError(RemoteError):
     """No branch, tag or commit of that name."""
 
+    default_hint = "'loractl versions REPO' lists them"
+
 
 class RemoteFileNotFoundError(RemoteError):
     """A file the commit lists could not be fetched."""
+
+    default_hint = "the registry lost a file of this commit: pull another version, or push this one again"
 
 
 class ConflictError(RemoteError):
     """Someone else moved the branch since this push read it; nothing was overwritten."""
 
+    default_hint = "someone else pushed meanwhile: look at 'loractl versions REPO', then push again"
+
 
 class TagExistsError(ConflictError):
     """Tags are immutable: the name already points at another commit."""
 
+    default_hint = "tags do not move by accident: choose another name"
+
 
 class TransientError(RemoteError):
     """A server or network failure that persisted through the retries."""
+
+    default_hint = "the registry kept failing after retries; try again later"
 
 
 class OfflineError(RemoteError):

@@ -105,6 +105,20 @@ class HubRemote:
         folder = self._read(lambda: self._download(sha, offline))
         return Snapshot(sha, files, {p: Path(folder) / p for p in files}, disposable=True)
 
+    def probe(self, timeout: float) -> None:
+        """One request for the repository, without retries; a `RemoteError` when it fails (unreachable: offline)."""
+        self._call(lambda: self.api.model_info(self.repo_id, timeout=timeout))
+
+    def cached(self, revision: str = "main") -> Path | None:
+        """The directory of the HF cache's snapshot of `revision`; None when the cache holds none."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(self.repo_id, revision=revision, local_files_only=True, **self._dl_args()))
+        except LocalEntryNotFoundError:
+            return None
+
     def read_text(self, sha: str, path: str) -> str | None:
         from huggingface_hub import hf_hub_download
 

@@ -7,9 +7,11 @@ Commands that only read adapters (diff, eval) accept these beside paths: the ver
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import InputNotFoundError
 
 SCHEMES = ("hf://", "file://")
 
@@ -17,6 +19,13 @@ SCHEMES = ("hf://", "file://")
 def is_reference(text: str | Path) -> bool:
     """Whether `text` names a registry version rather than a local path."""
     return isinstance(text, str) and text.startswith(SCHEMES)
+
+
+def check_paths(refs: Iterable[str | Path]) -> None:
+    """Every argument that is a path exists (a registry version is checked when it is pulled)."""
+    for ref in refs:
+        if not is_reference(ref):
+            InputNotFoundError.check(ref)
 
 
 @contextmanager

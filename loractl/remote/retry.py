@@ -21,8 +21,4 @@ def with_retries(call: Callable[[], T]) -> T:
             return call()
         except TransientError:
             time.sleep(delay)
-    try:
-        return call()
-    except TransientError as e:
-        e.hint = e.hint or f"the registry kept failing after {len(DELAYS)} retries; try again later"
-        raise
+    return call()  # the last failure propagates, with its hint

@@ -23,6 +23,7 @@ from .config import BaseDtype, Quantize
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_PROBE_TIMEOUT = 10.0  # seconds the Hub has to answer for a base given by id
 
 
 def load_base(
@@ -31,16 +32,16 @@ def load_base(
     dtype: BaseDtype | None = None,
     quantize: Quantize | None = None,
     device: str = "cpu",
-    purpose: str = "loading a base",
+    command: str = "train",
 ) -> tuple[nn.Module, Any]:
     """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
 
     `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
     output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
-    `purpose` (the command) names who needs a missing optional package.
+    `command` (train, eval) is named when a dependency is missing.
     """
-    require_extra("train", purpose=purpose)
-    _check_base(base)
+    require_extra("train", purpose=command)
+    base = _hub_base(base) if _check_base(base) else base
     from transformers import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         AutoConfig,
@@ -127,7 +128,31 @@ def _read_on_demand(base: str | Path, files: ExitStack) -> dict[str, Any] | None
     return state
 
 
-def _check_base(base: str | Path) -> None:
+def _hub_base(repo_id: str | Path) -> str | Path:
+    """A Hub id as transformers should load it: the id when the Hub answers, else the HF cache's snapshot.
+
+    One request with a timeout decides, so that an unreachable Hub (offline mode, no network) ends in
+    one error within seconds, not after huggingface_hub's retries (11 warnings over half a minute).
+    """
+    from ..remote.errors import OfflineError, TransientError
+    from ..remote.hf import HubRemote
+
+    remote = HubRemote(str(repo_id))
+    try:
+        remote.probe(timeout=HUB_PROBE_TIMEOUT)
+        return repo_id
+    except (OfflineError, TransientError):
+        cached = remote.cached()
+    if cached is None:
+        raise OfflineError(
+            f"cannot reach the Hub for base {repo_id}, and the local cache does not hold it",
+            hint="give a local model directory, or run once with the Hub reachable so that it is cached",
+        )
+    return cached
+
+
+def _check_base(base: str | Path) -> bool:
+    """Refuse a base that is neither a model directory nor a Hub id; True for a Hub id."""
     path = Path(base)
     if path.is_dir() and not (path / "config.json").is_file():
         raise UsageError(
@@ -136,3 +161,4 @@ def _check_base(base: str | Path) -> None:
         )
     if not path.exists() and not _HUB_ID.fullmatch(str(base)):
         raise InputNotFoundError(f"base {base} does not exist", hint="give a model directory or a Hub id owner/name")
+    return not path.exists()

@@ -67,9 +67,12 @@ class TrainConfig:
         if not 0 <= self.dropout < 1:
             raise UsageError(f"dropout {self.dropout} must be in [0, 1)")
         if self.steps is not None and self.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both")
+            raise UsageError(
+                "give --steps or --epochs, not both",
+                hint="keep one: --steps N counts optimizer steps, --epochs E passes over the data",
+            )
         if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
-            raise UsageError("--steps and --epochs must be positive")
+            raise UsageError("--steps and --epochs must be positive", hint="e.g. --steps 200 or --epochs 1")
         _choice(self, "schedule", ("cosine", "linear", "constant"))
         _choice(self, "precision", ("fp32", "bf16", "fp16"))
         _choice(self, "init", ("kaiming", "gaussian"))

@@ -65,8 +65,9 @@ class Dataset:
 def require_data_file(path: str | Path) -> Path:
     """The data file's path; `InputNotFoundError` when it is not a file."""
     path = Path(path)
+    InputNotFoundError.check(path, "data file ")
     if not path.is_file():
-        raise InputNotFoundError(f"data file {path} does not exist", hint="check the path")
+        raise InputNotFoundError(f"data file {path} is a directory", hint="give a JSONL file")
     return path
 
 

@@ -156,14 +156,39 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def launch(nproc: int, args: Sequence[str]) -> int:
-    """Re-run `loractl train ARGS` under torchrun with `nproc` processes on this machine; its exit code."""
+# torchrun's main, quiet, with a failed child's exit code instead of torchrun's logs and traceback
+# (LORACTL_DEBUG=1 keeps them)
+_TORCHRUN = """import logging, os, sys
+debug = os.environ.get("LORACTL_DEBUG") == "1"
+if not debug:
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+if not debug:
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    if debug:
+        raise
+    sys.exit(max(1, e.get_first_failure()[1].exitcode))
+"""
+
+
+def launch(nproc: int, args: Sequence[str], *, debug: bool = False) -> int:
+    """Re-run `loractl train ARGS` under torchrun with `nproc` processes on this machine; its exit code.
+
+    Unless `debug`, torchrun is quiet: no OMP_NUM_THREADS banner (it is set to torchrun's default, 1,
+    when unset), no logs, no traceback when a process fails (that process's error line says why).
+    """
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env |= {"LORACTL_DEBUG": "1"} if debug else {}
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        _TORCHRUN,
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
@@ -172,7 +197,7 @@ def launch(nproc: int, args: Sequence[str]) -> int:
         *args,
     ]
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except OSError as e:
         raise LoractlError(f"cannot start torchrun: {e.strerror}", hint="run torchrun yourself") from None
 

@@ -75,7 +75,7 @@ def evaluate_adapters(
 ) -> EvalReport:
     """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily."""
     require_data_file(data)
-    model, tokenizer = load_base(base, purpose="eval")
+    model, tokenizer = load_base(base, command="eval")
     for label, candidate in adapters:
         check_fits(model, candidate, label)
     dataset = load_dataset(data, tokenizer, max_len)

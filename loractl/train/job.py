@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, UsageError
 from ..io.atomic import check_writable, ensure_distinct
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
@@ -63,7 +63,7 @@ def train_adapter(
     if config.fsdp:  # before the base is loaded
         distributed.check_fsdp(world)
     model, tokenizer = load_base(
-        base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, purpose="train"
+        base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
@@ -128,9 +128,9 @@ def run_dir_of(output: str | Path) -> Path:
 
 def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) -> None:
     if output.exists() and not (force or resuming):
-        raise OutputExistsError(f"output {output} already exists", hint="choose another path or pass --force")
+        raise OutputExistsError(output)
     if (run_dir / "checkpoints").exists() and not (force or resuming):
-        raise OutputExistsError(
+        raise UsageError(
             f"{run_dir} holds checkpoints of an earlier run",
             hint=f"continue it with --resume {run_dir / 'checkpoints'}, or pass --force",
         )
