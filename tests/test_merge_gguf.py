@@ -401,6 +401,35 @@ def test_llama_cpp_runs_the_merge_like_the_adapter(outtype: str, tiny_llama: Pat
     assert control > 10 * tolerance, control
 
 
+@pytest.mark.interop
+def test_llama_cpp_loads_the_provenance_entry(tiny_llama: Path, tmp_path: Path) -> None:
+    """The `loractl.merge` KV entry is one llama.cpp ignores: a merge with weight 0 changes no weight, so
+    llama.cpp must give the base's logits exactly from the file that carries it. The adapter records the
+    Hugging Face base's fingerprint: llama.cpp's own F32 conversion of that base has it, its F16 one is
+    the same base in another dtype."""
+    import json
+    from dataclasses import replace
+
+    from llama_cpp_tools import hf_to_gguf, logits
+
+    from loractl.io.checkpoint import Checkpoint
+
+    base = hf_to_gguf(tiny_llama, "f32")
+    a = _llama_adapter(tiny_llama, range(2), 0.3)
+    with Checkpoint(tiny_llama) as ckpt:
+        names = sorted(f"{m}.weight" for m in a.modules)
+        meta = AdapterMeta(base_fingerprint=ckpt.fingerprint(names), base_views=ckpt.fingerprint_views(names))
+    save_adapter(replace(a, meta=meta), tmp_path / "peft", format="peft")
+    report = merge(base, [tmp_path / "peft"], tmp_path / "merged.gguf", weights=[0.0])
+    assert report.fingerprints == (meta.base_fingerprint,) and report.base_notes == ()
+    record = json.loads(gguf.GGUFReader(tmp_path / "merged.gguf").fields["loractl.merge"].contents())
+    assert record["adapters"] == [{"content_hash": report.adapter_hashes[0], "format": "peft", "weight": 0.0,
+                                   "base_fingerprint": meta.base_fingerprint}]  # fmt: skip
+    assert np.array_equal(logits(tmp_path / "merged.gguf", TOKENS), logits(base, TOKENS))
+    f16 = merge(hf_to_gguf(tiny_llama, "f16"), [tmp_path / "peft"], tmp_path / "f16.gguf")
+    assert "another floating dtype" in f16.base_notes[0]
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_merge_into_the_real_q4_1_smollm2(smollm2: Path, tmp_path: Path) -> None:
     from llama_cpp_tools import smollm2_q4_1
