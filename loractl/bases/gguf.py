@@ -156,17 +156,25 @@ class GgufBase:
         heads = self.heads.heads_for(module) if self.heads and is_rope_module(module) else None
         return Placement(key, rope_heads=heads)
 
-    def fingerprint(self, modules: Iterable[str], stop: Callable[[], bool] | None = None) -> str | None:
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
         """`Checkpoint.fingerprint` of the Hugging Face checkpoint this file was converted from, when its
-        tensors are stored unquantized (F32, F16, BF16: q/k rows put back in Hugging Face's order); else None."""
+        tensors are stored unquantized (F32, F16, BF16: q/k rows put back in Hugging Face's order); else None.
+        Remembered per file identity (`io.fingerprint_cache`) unless `fresh`."""
+        from ..io.fingerprint_cache import remembered
+
+        placed = self._placed(modules)
+        if placed is None:
+            return None
+        return remembered("gguf", [self.path], [n for n, _ in placed], lambda: self._hash(placed, stop), fresh=fresh)
+
+    def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None) -> str:
         import hashlib
 
         from ..io.checkpoint import feed_fingerprint
         from ..io.safetensors_header import TensorInfo
 
-        placed = self._placed(modules)
-        if placed is None:
-            return None
         h = hashlib.sha256()
         for name, p in placed:
             if stop is not None and stop():
@@ -176,12 +184,18 @@ class GgufBase:
         return "sha256:" + h.hexdigest()
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
+        from ..io.fingerprint_cache import remembered
+
+        placed = self._placed(modules) or []
+        return remembered("gguf-views", [self.path], [n for n, _ in placed], lambda: self._views(placed))
+
+    def _views(self, placed: list[tuple[str, Placement]]) -> dict[str, str]:
         from ..formats._rope import meta_to_hf
         from ..io.checkpoint import FingerprintViews
         from ..io.tensor_bytes import torch_dtype
 
         views = FingerprintViews()
-        for name, p in self._placed(modules) or []:
+        for name, p in placed:
             values = self.read_float32(p.key).to(torch_dtype(self.type_name(p.key)))
             views.feed(name, meta_to_hf(values, p.rope_heads) if p.rope_heads else values)
         return views.digests()

@@ -54,9 +54,12 @@ class Base(Protocol):
 
     def read_float32(self, name: str) -> torch.Tensor: ...
 
-    def fingerprint(self, modules: Iterable[str], stop: Callable[[], bool] | None = None) -> str | None:
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
         """The fingerprint of the weights `modules` apply to, in the adapter's terms (`<module>.weight`
-        as a Hugging Face checkpoint stores it); None when the stored values cannot say (quantized)."""
+        as a Hugging Face checkpoint stores it); None when the stored values cannot say (quantized).
+        Remembered per file identity (`io.fingerprint_cache`); `fresh` hashes again."""
         ...
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:

@@ -65,8 +65,10 @@ class CheckpointBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.ckpt.get(name).float()
 
-    def fingerprint(self, modules: Iterable[str], stop: Callable[[], bool] | None = None) -> str | None:
-        return self.ckpt.fingerprint(touched_weight_names(modules, self.ckpt), stop)
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
+        return self.ckpt.fingerprint(touched_weight_names(modules, self.ckpt), stop, fresh=fresh)
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         return self.ckpt.fingerprint_views(touched_weight_names(modules, self.ckpt))

@@ -131,16 +131,24 @@ class SingleFileBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.ckpt.get(name).float()
 
-    def fingerprint(self, modules: Iterable[str], stop: Callable[[], bool] | None = None) -> str | None:
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
         """`Checkpoint.fingerprint` of the weights in diffusers' terms (`unet.….weight`, the fused q/k/v's rows);
-        None when one is stored transposed."""
-        import hashlib
-
-        from ..io.safetensors_header import TensorInfo
+        None when one is stored transposed. Remembered per file identity (`io.fingerprint_cache`) unless `fresh`."""
+        from ..io.fingerprint_cache import remembered
 
         sources = self._sources(modules)
         if sources is None:
             return None
+        names = [n for n, _ in sources]
+        return remembered("sd", [self.path], names, lambda: self._hash(sources, stop), fresh=fresh)
+
+    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None) -> str:
+        import hashlib
+
+        from ..io.safetensors_header import TensorInfo
+
         h = hashlib.sha256()
         for name, src in sources:
             if stop is not None and stop():
@@ -150,12 +158,18 @@ class SingleFileBase:
         return "sha256:" + h.hexdigest()
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
+        from ..io.fingerprint_cache import remembered
+
+        sources = self._sources(modules) or []
+        return remembered("sd-views", [self.path], [n for n, _ in sources], lambda: self._views(sources))
+
+    def _views(self, sources: list[tuple[str, _Src]]) -> dict[str, str]:
         import torch
 
         from ..io.tensor_bytes import torch_dtype
 
         views = FingerprintViews()
-        for name, src in self._sources(modules) or []:
+        for name, src in sources:
             dtype = torch_dtype(self.ckpt.info(src.key).dtype)
             views.feed(name, torch.from_numpy(self._rows(src).copy()).view(dtype).reshape(src.shape))
         return views.digests()
