@@ -205,20 +205,31 @@ def _pickled_peft(adapter: Adapter, root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["pickle", "loralib"])
+def _old_mlx_npz(adapter: Adapter, path: Path) -> Path:
+    """mlx-examples' first format: factors as (in, r) and (r, out), no scale stored."""
+    import numpy as np
+
+    arrays = {f"{n}.lora_{x}": t.T.numpy() for n, m in adapter.modules.items() for x, t in (("a", m.A), ("b", m.B))}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", ["pickle", "loralib", "npz"])
 def test_reading_options_reach_a_single_file_merge(
     case: str, sd: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--allow-pickle, --from and --alpha were dropped for single-file bases: each now makes the adapter
-    readable, and the merge equals the merge of the same adapter as a diffusers file."""
+    """--allow-pickle, --from, --alpha and --scale were dropped for single-file bases: each now makes the
+    adapter readable, and the merge equals the merge of the same adapter as a diffusers file."""
     adapter = _linear_only(_lora(sd))
     save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
     merge(sd.single_file, [tmp_path / "lora.safetensors"], tmp_path / "want.safetensors")
     if case == "pickle":
         source, argv = _pickled_peft(adapter, tmp_path / "pickled"), ["--allow-pickle"]
-    else:
+    elif case == "loralib":
         source = save_adapter(adapter, tmp_path / "lora.bin", format="loralib")
         argv = ["--from", "loralib", "--allow-pickle", "--alpha", "2"]  # rank 4, scale 0.5
+    else:
+        source, argv = _old_mlx_npz(adapter, tmp_path / "adapters.npz"), ["--scale", "0.5"]
     out = tmp_path / "got.safetensors"
     code, _, err = run(capsys, "merge", str(sd.single_file), str(source), "-o", str(out))
     assert code != 0 and any(flag in err for flag in argv) and not out.exists()
