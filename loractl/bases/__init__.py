@@ -36,7 +36,7 @@ def detect_base(path: str | Path) -> str:
 
 
 def open_base(path: str | Path) -> Base:
-    """The base at `path`, opened from its headers (close it, or use `with`)."""
+    """The base at `path`, opened from its headers (close it: `with contextlib.closing(open_base(path))`)."""
     base: Base = _module(KINDS[detect_base(path)]).open(Path(path))
     return base
 

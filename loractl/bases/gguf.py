@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,12 +94,6 @@ class GgufBase:
             shutil.rmtree(self._config_dir, ignore_errors=True)
             self._config_dir = None
 
-    def __enter__(self) -> GgufBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def block_count(self) -> int:
         return int(self.fields.get(f"{self.arch}.block_count") or 1)
@@ -170,18 +164,13 @@ class GgufBase:
         return remembered("gguf", [self.path], [n for n, _ in placed], lambda: self._hash(placed, stop), fresh=fresh)
 
     def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None) -> str:
-        import hashlib
+        from ..io.checkpoint import fingerprint_of
 
-        from ..io.checkpoint import feed_fingerprint
-        from ..io.safetensors_header import TensorInfo
+        tensors = [(n, self.type_name(p.key), self.shape(p.key), partial(self._hf_bytes, p)) for n, p in placed]
+        return fingerprint_of(tensors, stop)
 
-        h = hashlib.sha256()
-        for name, p in placed:
-            if stop is not None and stop():
-                return ""
-            raw = self._hf_rows(p).tobytes()
-            feed_fingerprint(h, name, TensorInfo(self.type_name(p.key), self.shape(p.key), (0, len(raw))), raw)
-        return "sha256:" + h.hexdigest()
+    def _hf_bytes(self, p: Placement) -> bytes:
+        return bytes(self._hf_rows(p).tobytes())
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered

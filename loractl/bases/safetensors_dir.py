@@ -41,12 +41,6 @@ class CheckpointBase:
         self.path = Path(path)
         self.ckpt = Checkpoint(path)
 
-    def __enter__(self) -> CheckpointBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self.ckpt.close()
 

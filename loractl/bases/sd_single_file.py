@@ -17,15 +17,17 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import Checkpoint, FingerprintViews, feed_fingerprint
+from ..io.checkpoint import FingerprintViews, fingerprint_of
 from ._placement import Placement
-from .protocol import BaseTensor, TensorSink
+from .protocol import TensorSink
+from .safetensors_dir import CheckpointBase
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
@@ -105,22 +108,17 @@ class SingleFileBase:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.ckpt = Checkpoint(path)
+        self.files = CheckpointBase(self.path)  # tensors, reading and closing are a checkpoint's
+        self.ckpt = self.files.ckpt
         self.kind = check_single_file(self.ckpt.names, self.path)
         self.shapes = {n: self.ckpt.info(n).shape for n in self.ckpt.names}
         self.names = diffusers_names(self.shapes)
 
-    def __enter__(self) -> SingleFileBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
-        self.ckpt.close()
+        self.files.close()
 
     def tensors(self) -> dict[str, BaseTensor]:
-        return {n: BaseTensor(n, s, self.ckpt.info(n).dtype) for n, s in self.shapes.items()}
+        return self.files.tensors()
 
     def read_options(self, fmt: str, options: ReadOptions) -> ReadOptions:
         return options
@@ -129,7 +127,7 @@ class SingleFileBase:
         return place(self.names, self.shapes, module)
 
     def read_float32(self, name: str) -> torch.Tensor:
-        return self.ckpt.get(name).float()
+        return self.files.read_float32(name)
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
@@ -145,17 +143,11 @@ class SingleFileBase:
         return remembered("sd", [self.path], names, lambda: self._hash(sources, stop), fresh=fresh)
 
     def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None) -> str:
-        import hashlib
+        dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
+        return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
 
-        from ..io.safetensors_header import TensorInfo
-
-        h = hashlib.sha256()
-        for name, src in sources:
-            if stop is not None and stop():
-                return ""
-            raw = self._rows(src).tobytes()
-            feed_fingerprint(h, name, TensorInfo(self.ckpt.info(src.key).dtype, src.shape, (0, len(raw))), raw)
-        return "sha256:" + h.hexdigest()
+    def _bytes(self, src: _Src) -> bytes:
+        return bytes(self._rows(src).tobytes())
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered

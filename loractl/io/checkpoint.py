@@ -206,6 +206,20 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
         )
 
 
+def fingerprint_of(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes]]], stop: Callable[[], bool] | None = None
+) -> str:
+    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand) in
+    the order given (sorted by name); '' once `stop` returns true. For bases that store tensors otherwise."""
+    h = hashlib.sha256()
+    for name, dtype, shape, read in tensors:
+        if stop is not None and stop():
+            return ""
+        raw = read()
+        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+    return "sha256:" + h.hexdigest()
+
+
 def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryview) -> None:
     """Add one tensor to a fingerprint hash; callers that read tensors anyway hash them in the same pass."""
     h.update(f"{name}:{info.dtype}:{list(info.shape)}:".encode())

@@ -18,7 +18,8 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -35,6 +36,7 @@ from .merge_shared import (
     ROUNDING_WARN,
     MergeProgress,
     check_base_fingerprints,
+    figures_json,
     recorded_fingerprint,
     round_figure,
     rounding_summary,
@@ -144,12 +146,7 @@ class MergeReport:
             "shards": list(self.shards),
             "tensors_checked": self.tensors_checked,
             "nonfinite": 0,
-            "fingerprints": list(self.fingerprints),
-            "base_notes": list(self.base_notes),
-            "adapter_hashes": list(self.adapter_hashes),
-            "rounding_loss": self.rounding,
-            "warnings": self.warnings,
-            "modules": [asdict(m) for m in self.modules],
+            **figures_json(self),
         }
 
 
@@ -269,7 +266,7 @@ def _run(
         # before a byte is written: each adapter's recorded base against this base
         notes: tuple[str, ...] = ()
         if any(recorded_fingerprint(a.info) for a in plan.adapters):
-            with open_base(plan.base) as base:
+            with closing(open_base(plan.base)) as base:
                 pairs = [(a.path, a.info) for a in plan.adapters]
                 notes = check_base_fingerprints(base, pairs, prints.result(), allow_mismatch)
         stream = _Stream(plan, reader, adapters, progress, queue, device)
@@ -399,7 +396,7 @@ def _check_copies(plan: MergePlan, copies: list[TensorPlan]) -> None:
 def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str | None, ...]:
     """Per adapter, the fingerprint of the base weights it touches (`Base.fingerprint`);
     abandoned once `stop` is set (the merge failed)."""
-    with open_base(plan.base) as base:
+    with closing(open_base(plan.base)) as base:
         return tuple(base.fingerprint(list(a.info.modules), stop.is_set) for a in plan.adapters)
 
 

@@ -8,10 +8,10 @@ losses and base fingerprints the same way, from here.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import IntegrityError
 from ..io.checkpoint import same_base
@@ -32,6 +32,40 @@ class MergeProgress:
     tensors_total: int
     bytes_done: int
     bytes_total: int
+
+
+class Figures(Protocol):
+    """What every merge report holds beside its plan (`MergeReport`, `PlacedMergeReport`)."""
+
+    @property
+    def fingerprints(self) -> tuple[str | None, ...]: ...
+
+    @property
+    def base_notes(self) -> tuple[str, ...]: ...
+
+    @property
+    def adapter_hashes(self) -> tuple[str, ...]: ...
+
+    @property
+    def modules(self) -> Sequence[Any]: ...
+
+    @property
+    def rounding(self) -> dict[str, float] | None: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+
+def figures_json(report: Figures) -> dict[str, Any]:
+    """The keys every merge report has in `--json`, after its own."""
+    return {
+        "fingerprints": list(report.fingerprints),
+        "base_notes": list(report.base_notes),
+        "adapter_hashes": list(report.adapter_hashes),
+        "rounding_loss": report.rounding,
+        "warnings": report.warnings,
+        "modules": [asdict(m) for m in report.modules],
+    }
 
 
 def rounding_summary(losses: Iterable[float | None]) -> dict[str, float] | None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..bases._placement import Placement
 from ..errors import ShapeMismatchError
 from ..findings import Finding, error
+from .merge_shared import ROUNDING_WARN, figures_json, rounding_summary
 
 if TYPE_CHECKING:
     import torch
@@ -233,22 +234,16 @@ class PlacedMergeReport:
     @property
     def rounding(self) -> dict[str, float] | None:
         """Median and worst rounding loss over the merged modules, as every merge reports them."""
-        from .merge_shared import rounding_summary
-
         return rounding_summary(m.rounding_loss for m in self.modules)
 
     @property
     def warnings(self) -> list[str]:
         """The rounding warning, with the ways out, when the worst loss passes `ROUNDING_WARN`."""
-        from .merge_shared import ROUNDING_WARN
-
-        r = self.rounding
-        if r is None or r["worst"] <= ROUNDING_WARN:
-            return []
+        worst = (self.rounding or {}).get("worst", 0.0)
         return [
-            f"rounding into the stored types removes up to {r['worst']:.0%} of a module's ΔW "
+            f"rounding into the stored types removes up to {worst:.0%} of a module's ΔW "
             "(the rounding-loss column); merge into a wider base (F16/F32) or apply the adapter at run time"
-        ]
+        ] if worst > ROUNDING_WARN else []  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         plan = {k: v for k, v in self.plan.to_json().items() if k not in ("updates", "problems")}
@@ -256,12 +251,7 @@ class PlacedMergeReport:
             "output": self.output,
             **plan,
             "tensors_copied": self.tensors_copied,
-            "fingerprints": list(self.fingerprints),
-            "base_notes": list(self.base_notes),
-            "adapter_hashes": list(self.adapter_hashes),
-            "rounding_loss": self.rounding,
-            "warnings": self.warnings,
-            "modules": [asdict(m) for m in self.modules],
+            **figures_json(self),
         }
 
 
