@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._version import __version__
 from ..bases import open_base
@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 
 def open_rewritable(path: str | Path) -> RewritableBase:
     """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
-    base: Any = open_base(path)
-    rewritable: RewritableBase = base
-    return rewritable
+    return cast("RewritableBase", open_base(path))
 
 
 def plan_placed_merge(
