@@ -22,9 +22,9 @@ import torch
 from timing import timed
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.bases.gguf import GgufBase
 from loractl.formats import save_adapter
-from loractl.formats.gguf.model import GgufBase
-from loractl.ops.merge_gguf import merge_gguf
+from loractl.ops.merge import merge
 
 
 def adapter(gguf: GgufBase) -> Adapter:
@@ -53,7 +53,7 @@ def main() -> None:
             out = Path(tmp) / "out.gguf"
             copy_s, _ = timed(lambda: shutil.copyfile(model, out), args.repeats)  # noqa: B023
             open_s, _ = timed(lambda: GgufBase(model), args.repeats)  # noqa: B023  (gguf-py parses the header)
-            merge_s, report = timed(lambda: merge_gguf(model, [Path(tmp) / "lora"], out, force=True), args.repeats)  # noqa: B023
+            merge_s, report = timed(lambda: merge(model, [Path(tmp) / "lora"], out, force=True), args.repeats)  # noqa: B023
             for kind in sorted({m.stored_type for m in report.modules}):
                 losses = [m.rounding_loss for m in report.modules if m.stored_type == kind]
                 rows.append({"model": model.name, "type": kind, "modules": len(losses),

@@ -35,6 +35,12 @@ def _seeded_global_rngs() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fingerprint_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Base fingerprints are remembered under pytest's temp dir (subprocesses too), never in the user's cache."""
+    os.environ["LORACTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("loractl-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models run ~10x faster on one torch thread than on two cores shared with other work."""

@@ -7,6 +7,7 @@ Layers, lowest first; a module may import its own layer and the layers below it:
     io       io/                              files: safetensors, checkpoints, atomic output, JSON
     core     findings, lineage, info, adapter, origin, patterns
     formats  formats/                         every format at the edge, the registry
+    bases    bases/                           bases a LoRA merges into: GGUF, single-file SD, checkpoints
     ops      ops/                             pure operations on adapters and checkpoints
     reports  stats, inspection, validation, consumer_rules, plots
     remote   remote/                          registries, push/pull
@@ -29,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("loractl.findings", "loractl.lineage", "loractl.info", "loractl.adapter", "loractl.origin",
               "loractl.patterns")),
     ("formats", ("loractl.formats",)),
+    ("bases", ("loractl.bases",)),
     ("ops", ("loractl.ops",)),
     ("reports", ("loractl.stats", "loractl.inspection", "loractl.validation", "loractl.consumer_rules", "loractl.plots")),
     ("remote", ("loractl.remote",)),

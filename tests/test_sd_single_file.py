@@ -14,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sd_pipelines import TinySD, tiny_sd, to_diffusers, unet_to_ldm
 
+from loractl import merge
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.bases.sd_single_file import diffusers_names
 from loractl.formats import load_adapter, save_adapter
-from loractl.formats.sd_single_file import diffusers_names
 from loractl.ops.extract import ExtractConfig
 from loractl.ops.extract_sd import extract_sd_adapter
-from loractl.ops.merge_sd import merge_sd
 
 pytest.importorskip("diffusers")
 
@@ -119,7 +119,7 @@ def test_merge_into_single_file_equals_diffusers_fusing(sd: TinySD, tmp_path: Pa
     assert len(changed) == len(adapter.modules)  # diffusers' fusing changed one weight per module
     for source in ("diffusers", "kohya"):
         out = tmp_path / f"merged-{source}.safetensors"
-        report = merge_sd(sd.single_file, [tmp_path / f"{source}.safetensors"], out)
+        report = merge(sd.single_file, [tmp_path / f"{source}.safetensors"], out)
         assert len(report.modules) == len(adapter.modules)
         merged = to_diffusers(sd.kind, load_file(out))
         for component, want in reference.items():
@@ -140,7 +140,7 @@ def test_half_precision_file_reports_rounding_loss(sd: TinySD, tmp_path: Path) -
     save_file({k: v.half() for k, v in load_file(sd.single_file).items()}, half)
     adapter = _lora(sd)
     save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
-    report = merge_sd(half, [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    report = merge(half, [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
     base, out = load_file(half), load_file(tmp_path / "out.safetensors")
     for m in report.modules:
         assert out[m.tensor].dtype == torch.float16 and m.stored_type == "F16"
@@ -158,7 +158,7 @@ def test_extract_recovers_the_adapter(sd: TinySD, tmp_path: Path, capsys: pytest
     adapter = _lora(sd)
     save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
     finetuned = tmp_path / "ft.safetensors"
-    merge_sd(sd.single_file, [tmp_path / "lora.safetensors"], finetuned)
+    merge(sd.single_file, [tmp_path / "lora.safetensors"], finetuned)
     code, out, err = run(capsys, "extract", str(sd.single_file), str(finetuned), "-o", str(tmp_path / "x.safetensors"),
                          "--rank", "4", "--targets", ".*", "--format", "kohya", "--json")  # fmt: skip
     assert code == 0, err
@@ -192,3 +192,98 @@ def test_unknown_layouts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = run(capsys, "merge", str(sd3), str(lora), "-o", str(tmp_path / "out.safetensors"))
     assert code == 2 and "unknown layout" in err and "hint:" in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _linear_only(adapter: Adapter) -> Adapter:
+    return Adapter(modules={k: m for k, m in adapter.modules.items() if m.kind == "linear"}, meta=AdapterMeta())
+
+
+def _pickled_peft(adapter: Adapter, root: Path) -> Path:
+    save_adapter(adapter, root, format="peft")
+    torch.save(load_file(root / "adapter_model.safetensors"), root / "adapter_model.bin")
+    (root / "adapter_model.safetensors").unlink()
+    return root
+
+
+def _old_mlx_npz(adapter: Adapter, path: Path) -> Path:
+    """mlx-examples' first format: factors as (in, r) and (r, out), no scale stored."""
+    import numpy as np
+
+    arrays = {f"{n}.lora_{x}": t.T.numpy() for n, m in adapter.modules.items() for x, t in (("a", m.A), ("b", m.B))}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", ["pickle", "loralib", "npz"])
+def test_reading_options_reach_a_single_file_merge(
+    case: str, sd: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--allow-pickle, --from, --alpha and --scale were dropped for single-file bases: each now makes the
+    adapter readable, and the merge equals the merge of the same adapter as a diffusers file."""
+    adapter = _linear_only(_lora(sd))
+    save_adapter(adapter, tmp_path / "lora.safetensors", format="diffusers")
+    merge(sd.single_file, [tmp_path / "lora.safetensors"], tmp_path / "want.safetensors")
+    if case == "pickle":
+        source, argv = _pickled_peft(adapter, tmp_path / "pickled"), ["--allow-pickle"]
+    elif case == "loralib":
+        source = save_adapter(adapter, tmp_path / "lora.bin", format="loralib")
+        argv = ["--from", "loralib", "--allow-pickle", "--alpha", "2"]  # rank 4, scale 0.5
+    else:
+        source, argv = _old_mlx_npz(adapter, tmp_path / "adapters.npz"), ["--scale", "0.5"]
+    out = tmp_path / "got.safetensors"
+    code, _, err = run(capsys, "merge", str(sd.single_file), str(source), "-o", str(out))
+    assert code != 0 and any(flag in err for flag in argv) and not out.exists()
+    code, _, err = run(capsys, "merge", str(sd.single_file), str(source), "-o", str(out), *argv)
+    assert code == 0, err
+    got, want = load_file(out), load_file(tmp_path / "want.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_from_and_device_reach_a_single_file_merge(
+    sd: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_adapter(_lora(sd), tmp_path / "lora.safetensors", format="diffusers")
+    out, argv = tmp_path / "out.safetensors", ["merge", str(sd.single_file), str(tmp_path / "lora.safetensors")]
+    code, _, err = run(capsys, *argv, "-o", str(out), "--from", "mlx")
+    assert code != 0 and "error:" in err and not out.exists()
+    code, _, err = run(capsys, *argv, "-o", str(out), "--device", "tpu")
+    assert code == 2 and "tpu" in err and not out.exists()
+
+
+def _diffusers_fingerprint(sd: TinySD, adapter: Adapter, tmp: Path) -> str:
+    """The fingerprint of the adapter's weights in diffusers' own layout (the reference a record holds)."""
+    from loractl.io.checkpoint import Checkpoint
+
+    converted = {c: _norm(v) for c, v in to_diffusers(sd.kind, load_file(sd.single_file)).items()}
+    state = {}
+    for module in adapter.modules:
+        component, _, rest = module.partition(".")
+        state[f"{module}.weight"] = converted[component][rest.removeprefix("text_model.") + ".weight"].contiguous()
+    (tmp / "ref").mkdir()
+    save_file(state, tmp / "ref" / "model.safetensors")
+    with Checkpoint(tmp / "ref") as ckpt:
+        return ckpt.fingerprint(sorted(state))
+
+
+def test_single_file_base_fingerprint_is_checked(
+    sd: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from loractl.errors import IntegrityError
+
+    adapter = _lora(sd)
+    recorded = _diffusers_fingerprint(sd, adapter, tmp_path)
+    save_adapter(replace(adapter, meta=AdapterMeta(base_fingerprint=recorded)), tmp_path / "mine.safetensors",
+                 format="diffusers")  # fmt: skip
+    other = replace(adapter, meta=AdapterMeta(base_fingerprint="sha256:" + "0" * 64))
+    save_adapter(other, tmp_path / "theirs.safetensors", format="diffusers")
+    report = merge(sd.single_file, [tmp_path / "mine.safetensors"], tmp_path / "a.safetensors")
+    assert report.fingerprints == (recorded,) and report.base_notes == ()
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["loractl_merge"])["adapters"][0]["base_fingerprint"] == recorded
+    with pytest.raises(IntegrityError, match="made for another base"):
+        merge(sd.single_file, [tmp_path / "theirs.safetensors"], tmp_path / "b.safetensors")
+    code, _, err = run(capsys, "merge", str(sd.single_file), str(tmp_path / "theirs.safetensors"),
+                       "-o", str(tmp_path / "b.safetensors"), "--allow-base-mismatch")  # fmt: skip
+    assert code == 0 and "merged anyway" in err

@@ -16,8 +16,10 @@ from ._output import emit_json, stderr, stdout, warn
 from ._text import adapter_labels, human_size, name_table, percent, relative
 
 if TYPE_CHECKING:
-    from ..ops.merge import MergeProgress, MergeReport
+    from ..ops.merge import MergedModule, MergeReport
     from ..ops.merge_plan import MergePlan
+    from ..ops.merge_shared import MergeProgress
+    from ..ops.placement import PlacedMergeReport, PlacedPlan
 
 TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 
@@ -74,15 +76,8 @@ def command(
     report gives each module's rounding loss, the share of ΔW the stored type removes.
     """
     from ..errors import UsageError
-    from ..ops.merge_layouts import base_layout
     from ..ops.merge_plan import plan_merge
 
-    if (layout := base_layout(base)) is not None:  # a GGUF model or a single-file SD checkpoint
-        from . import _merge_layouts
-
-        _merge_layouts.run(layout, base, adapters, output, weights=weights, dtype=dtype,
-                           max_shard_size=max_shard_size, dry_run=dry_run, force=force, as_json=as_json)  # fmt: skip
-        return
     plan = plan_merge(
         base,
         list(adapters),
@@ -98,7 +93,7 @@ def command(
             sys.exit(1)  # the plan is shown; its problems are the result
         return
     if output is None:
-        raise UsageError("missing -o/--output", hint="name the output directory, or pass --dry-run")
+        raise UsageError("missing -o/--output", hint="name the output, or pass --dry-run")
     from ..ops.merge import execute_merge  # imports torch itself, once the base's hash is under way
 
     with _progress() as progress:
@@ -115,25 +110,40 @@ def command(
         _show_report(report)
 
 
-def _show_plan(plan: MergePlan, as_json: bool) -> None:
+def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
+    from ..ops.placement import PlacedPlan
+
     if as_json:
         emit_json(plan.to_json())
         return
-    labels = adapter_labels([a.path for a in plan.adapters])
-    rows = []
-    for t in plan.tensors:
-        if t.action != "copy":
-            updates = ", ".join(labels[u.adapter] + ("" if u.role == "lora" else f" ({u.role})") for u in t.updates)
-            from_ = "adapter" if t.source is None else ("" if t.source == t.name else t.source)
-            rows.append((t.name, t.action, from_, str(list(t.shape)), t.dtype, updates))
-    headers = ("tensor", "action", "from", "shape", "dtype", "updates")
-    stdout.print(name_table(stdout.get(), headers, rows, title=f"merge plan for {plan.base}"))
+    rows: list[tuple[str, ...]]
+    if isinstance(plan, PlacedPlan):
+        labels = adapter_labels(list(plan.adapters))
+        rows = [(k, ", ".join(f"{labels[u.adapter]}: {u.module}" for u in us)) for k, us in plan.updates.items()]
+        stdout.print(name_table(stdout.get(), ("tensor", "updates"), rows, title=f"merge plan for {plan.base}"))
+    else:
+        labels = adapter_labels([a.path for a in plan.adapters])
+        rows = []
+        for t in plan.tensors:
+            if t.action != "copy":
+                updates = ", ".join(labels[u.adapter] + ("" if u.role == "lora" else f" ({u.role})") for u in t.updates)
+                from_ = "adapter" if t.source is None else ("" if t.source == t.name else t.source)
+                rows.append((t.name, t.action, from_, str(list(t.shape)), t.dtype, updates))
+        headers = ("tensor", "action", "from", "shape", "dtype", "updates")
+        stdout.print(name_table(stdout.get(), headers, rows, title=f"merge plan for {plan.base}"))
     stdout.print(_summary(plan), highlight=False)
     for p in plan.problems:
         stderr.print(f"[red]problem:[/] {p.path}: {p.render()}", highlight=False)
 
 
-def _summary(plan: MergePlan) -> str:
+def _summary(plan: MergePlan | PlacedPlan) -> str:
+    from ..ops.placement import PlacedPlan
+
+    if isinstance(plan, PlacedPlan):
+        n = len(plan.updates)
+        return (
+            f"{plan.kind}: {n} of {plan.tensors_total} tensors merged in their own types, the others copied as they are"
+        )
     counts = ", ".join(f"{plan.count(a)} {a}" for a in ("merge", "replace", "untie", "copy"))
     lines = [f"{len(plan.tensors)} tensors ({counts}), {human_size(plan.total_bytes)}"]
     lines += [
@@ -144,15 +154,20 @@ def _summary(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def _show_report(report: MergeReport) -> None:
-    mods = report.modules
-    labels = adapter_labels([a.path for a in report.plan.adapters])
+def _show_report(report: MergeReport | PlacedMergeReport) -> None:
+    """One table for every kind of base: the third column is the role (checkpoints) or the stored type."""
+    from ..ops.placement import PlacedMergeReport, PlacedModuleReport
+
+    placed = isinstance(report, PlacedMergeReport)
+    mods: tuple[MergedModule | PlacedModuleReport, ...] = report.modules
+    paths = report.plan.adapters if isinstance(report, PlacedMergeReport) else [a.path for a in report.plan.adapters]
+    labels = adapter_labels(list(paths))
     if len(mods) <= TABLE_ROWS:
         rows = [
             (
                 labels[m.adapter],
                 m.module,
-                m.role,
+                m.stored_type if isinstance(m, PlacedModuleReport) else m.role,
                 f"{m.weight:g}",
                 str(m.rank),
                 relative(m.relative_delta),
@@ -160,7 +175,7 @@ def _show_report(report: MergeReport) -> None:
             )
             for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
         ]
-        headers = ("adapter", "module", "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
+        headers = ("adapter", "module", "type" if placed else "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
         stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
     else:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
@@ -173,14 +188,22 @@ def _show_report(report: MergeReport) -> None:
     stdout.print(_summary(report.plan), highlight=False)
     if report.rounding is not None:
         r = report.rounding
+        into = "the stored types" if placed else "the output dtype"
         stdout.print(
-            f"rounding into the output dtype removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
+            f"rounding into {into} removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
             highlight=False,
         )
-    stdout.print(
-        f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
-        highlight=False,
-    )
+    if isinstance(report, PlacedMergeReport):
+        if (error := report.worst_rounding_error) is not None:
+            stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
+                         "(requantization noise included)", highlight=False)  # fmt: skip
+        stdout.print(f"{len(report.plan.updates)} tensors merged, {report.tensors_copied} copied byte for byte "
+                     f"into {report.output}", highlight=False)  # fmt: skip
+    else:
+        stdout.print(
+            f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
+            highlight=False,
+        )
 
 
 @contextmanager

@@ -86,13 +86,21 @@ class Checkpoint:
         f.seek(header.data_start + info.offsets[0])
         return f.read(info.nbytes)
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None) -> str:
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
         """sha256 over the named tensors (name, dtype, shape, bytes) in sorted order.
 
-        Read in chunks into one small buffer: hashing a 2 GB embedding costs 16 MB of memory.
-        `stop` returning true between chunks abandons the hash (returns ''): a caller hashing on a
-        thread beside its own work need not wait GBs of it after that work failed.
+        Remembered per file identity (`fingerprint_cache`): a second call on unchanged files hashes
+        nothing; `fresh` hashes anyway (to confirm a mismatch). Read in chunks into one small buffer:
+        hashing a 2 GB embedding costs 16 MB of memory. `stop` returning true between chunks abandons
+        the hash (returns ''): a caller hashing on a thread beside its own work need not wait GBs of it
+        after that work failed.
         """
+        from .fingerprint_cache import remembered
+
+        files = {self._where[n] for n in names}
+        return remembered("safetensors", files, names, lambda: self._hash(names, stop), fresh=fresh)
+
+    def _hash(self, names: list[str], stop: Callable[[], bool] | None) -> str:
         h = hashlib.sha256()
         chunk = memoryview(bytearray(FINGERPRINT_CHUNK))
         for name in sorted(names):
@@ -112,11 +120,17 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()
 
     def fingerprint_views(self, names: list[str]) -> dict[str, str]:
-        """The fingerprints the named tensors would have if stored in each of `VIEW_DTYPES` (see `FingerprintViews`)."""
-        views = FingerprintViews()
-        for name in sorted(names):
-            views.feed(name, self.get(name))
-        return views.digests()
+        """The fingerprints the named tensors would have if stored in each of `VIEW_DTYPES` (see
+        `FingerprintViews`); remembered as `fingerprint` is."""
+        from .fingerprint_cache import remembered
+
+        def compute() -> dict[str, str]:
+            views = FingerprintViews()
+            for name in sorted(names):
+                views.feed(name, self.get(name))
+            return views.digests()
+
+        return remembered("safetensors-views", {self._where[n] for n in names}, names, compute)
 
     def config(self) -> dict[str, Any]:
         """The transformers `config.json` beside the weights ({} when absent or unreadable)."""
@@ -189,6 +203,20 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
         raise FormatError(
             f"{len(extra)} tensors in the shards are missing from the index (e.g. {extra[0]!r})", path=index
         )
+
+
+def fingerprint_of(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes]]], stop: Callable[[], bool] | None = None
+) -> str:
+    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand) in
+    the order given (sorted by name); '' once `stop` returns true. For bases that store tensors otherwise."""
+    h = hashlib.sha256()
+    for name, dtype, shape, read in tensors:
+        if stop is not None and stop():
+            return ""
+        raw = read()
+        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+    return "sha256:" + h.hexdigest()
 
 
 def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryview) -> None:

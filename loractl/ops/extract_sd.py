@@ -1,7 +1,7 @@
 """Extract a LoRA from two single-file Stable Diffusion checkpoints (sd-scripts' `extract_lora_from_models.py`).
 
 The modules are the diffusers ones (`unet.down_blocks.…`, `text_encoder.text_model.…`), found in the
-single files through diffusers' own conversion map (`formats/sd_single_file`), so the adapter loads
+single files through diffusers' own conversion map (`bases/sd_single_file`), so the adapter loads
 in diffusers, and in kohya format in A1111/ComfyUI. OpenCLIP's fused q/k/v weight gives three
 modules, each factored on its own rows. By default the linear layers and 1×1 convolutions of the
 UNet and text encoders are factored, as sd-scripts does; `--targets` chooses others (3×3 convs).
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..bases import sd_single_file
 from ..errors import ShapeMismatchError, UsageError
-from ..formats import sd_single_file
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import linalg
@@ -36,16 +36,14 @@ _NOT_LORA = re.compile(r"(token_embedding|position_embedding|text_projection)$")
 
 def is_sd_pair(base: str | Path, finetuned: str | Path) -> bool:
     """Whether both inputs are single-file SD checkpoints (one safetensors file with `model.diffusion_model.*`)."""
-    from .merge_layouts import base_layout
+    from ..bases import detect_base
 
-    return base_layout(base) == "sd" and base_layout(finetuned) == "sd"
+    return detect_base(base) == "sd" and detect_base(finetuned) == "sd"
 
 
 def plan_sd_extract(base: Checkpoint, finetuned: Checkpoint, config: ExtractConfig) -> ExtractPlan:
     """Entries named by diffusers module, with the stored tensor in `reason` (from headers only)."""
-    from .merge_sd import check_single_file
-
-    kinds = {check_single_file(c.names, c.path) for c in (base, finetuned)}
+    kinds = {sd_single_file.check_single_file(c.names, c.path) for c in (base, finetuned)}
     shapes = {n: base.info(n).shape for n in base.names}
     if len(kinds) > 1 or shapes != {n: finetuned.info(n).shape for n in finetuned.names}:
         raise ShapeMismatchError(

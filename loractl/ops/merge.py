@@ -16,32 +16,43 @@ import json
 import math
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from functools import partial
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from .._version import __version__
-from ..errors import IntegrityError, LoractlError, NumericError
+from ..bases import open_base
+from ..errors import LoractlError, NumericError
 from ..io.atomic import atomic_output, check_output
-from ..io.checkpoint import Checkpoint, same_base
+from ..io.checkpoint import Checkpoint
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorData, TensorSpec
-from .merge_plan import AdapterPlan, MergePlan, TensorPlan, Update, plan_merge
+from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
+from .merge_shared import (
+    ROUNDING_WARN,
+    MergeProgress,
+    check_base_fingerprints,
+    figures_json,
+    recorded_fingerprint,
+    round_figure,
+    rounding_summary,
+)
+from .placement import PlacedMergeReport, PlacedPlan
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter
+    from ..formats.options import ReadOptions
     from ..io.write_queue import WriteQueue
     from .merge_io import ReusingReader
     from .merge_kernel import BlockStats, Delta
 
 RECORD_NAME = "loractl_merge.json"
-ROUNDING_WARN = 0.1  # warn when rounding into the output dtype removes more than this share of a ΔW
 
 
 @dataclass(frozen=True)
@@ -65,17 +76,6 @@ class MergedModule:
 
 
 @dataclass(frozen=True)
-class MergeProgress:
-    """Where a running merge is, after each written tensor."""
-
-    tensor: str
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
-
-
-@dataclass(frozen=True)
 class MergeReport:
     """What a merge wrote; `fingerprints[i]` is the base fingerprint over adapter i's weights."""
 
@@ -83,7 +83,7 @@ class MergeReport:
     plan: MergePlan
     modules: tuple[MergedModule, ...]
     shards: tuple[str, ...]
-    fingerprints: tuple[str, ...]
+    fingerprints: tuple[str | None, ...]
     adapter_hashes: tuple[str, ...]
     tensors_checked: int
     base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, or a mismatch allowed
@@ -122,8 +122,8 @@ class MergeReport:
             {
                 "adapter": m.adapter,
                 "module": m.module,
-                "relative_delta": _round(m.relative_delta),
-                "rounding_loss": _round(m.rounding_loss),
+                "relative_delta": round_figure(m.relative_delta),
+                "rounding_loss": round_figure(m.rounding_loss),
             }
             for m in self.modules
         ]
@@ -146,21 +146,8 @@ class MergeReport:
             "shards": list(self.shards),
             "tensors_checked": self.tensors_checked,
             "nonfinite": 0,
-            "fingerprints": list(self.fingerprints),
-            "base_notes": list(self.base_notes),
-            "adapter_hashes": list(self.adapter_hashes),
-            "rounding_loss": self.rounding,
-            "warnings": self.warnings,
-            "modules": [asdict(m) for m in self.modules],
+            **figures_json(self),
         }
-
-
-def rounding_summary(losses: Iterable[float | None]) -> dict[str, float] | None:
-    """Median and worst of the modules' rounding losses (None when no module has one): every merge's summary."""
-    known = sorted(x for x in losses if x is not None)
-    if not known:
-        return None
-    return {"median": _round(known[len(known) // 2]) or 0.0, "worst": _round(known[-1]) or 0.0}
 
 
 def merge(
@@ -171,36 +158,64 @@ def merge(
     weights: Sequence[float] | None = None,
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
+    format: str | None = None,
+    read_options: ReadOptions | None = None,
     force: bool = False,
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
-) -> MergeReport:
-    """Write base + Σ wᵢ·ΔWᵢ to `output` (a directory), streaming; see `plan_merge` for the arguments.
+) -> MergeReport | PlacedMergeReport:
+    """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
-    `device` (cpu, cuda, mps, auto) runs the row blocks' arithmetic there; the bytes are the CPU's.
+    The base is any kind `loractl.bases` knows: a Hugging Face checkpoint gives an output directory
+    (`MergeReport`), a GGUF model or a single-file SD checkpoint one file in the base's own types
+    (`PlacedMergeReport`). `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
 
-    Raises `MergePlanError` listing every mismatch before anything is written; `NumericError` when a
-    written tensor would hold NaN/Inf, `IntegrityError` when an adapter records another base's
-    fingerprint (the same weights in another floating dtype are that base; `allow_base_mismatch`
-    merges anyway and says so in the report): in every failure nothing is left at `output`.
+    Raises `MergePlanError` / `PlacedPlanError` listing every mismatch before anything is written;
+    `NumericError` when a written tensor would hold NaN/Inf, `IntegrityError` when an adapter records
+    another base's fingerprint (the same weights in another floating dtype are that base;
+    `allow_base_mismatch` merges anyway and says so in the report): in every failure nothing is left at `output`.
     """
-    plan = plan_merge(base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size)
+    plan = plan_merge(
+        base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size, format=format,
+        read_options=read_options,
+    )  # fmt: skip
     return execute_merge(
         plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
     )
 
 
+@overload
 def execute_merge(
-    plan: MergePlan,
+    plan: MergePlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
+    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
+) -> MergeReport: ...  # fmt: skip
+@overload
+def execute_merge(
+    plan: PlacedPlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
+    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
+) -> PlacedMergeReport: ...  # fmt: skip
+@overload
+def execute_merge(
+    plan: MergePlan | PlacedPlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
+    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
+) -> MergeReport | PlacedMergeReport: ...  # fmt: skip
+def execute_merge(
+    plan: MergePlan | PlacedPlan,
     output: str | Path,
     *,
     force: bool = False,
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
-) -> MergeReport:
+) -> MergeReport | PlacedMergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
+    if isinstance(plan, PlacedPlan):
+        from .merge_placed import execute_placed_merge
+
+        return execute_placed_merge(
+            plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
+        )
     plan.check()
     output = Path(output)
     check_output(output, [plan.base, *(a.path for a in plan.adapters)], force=force)  # before torch is imported
@@ -231,7 +246,7 @@ def _run(
     allow_mismatch: bool,
     device: torch.device,
     aside: ThreadPoolExecutor,
-    prints: Future[tuple[str, ...]],
+    prints: Future[tuple[str | None, ...]],
 ) -> MergeReport:
     from ..formats import load_adapter
     from ..formats.options import ReadOptions
@@ -249,7 +264,11 @@ def _run(
         WriteQueue(BLOCK_ELEMENTS * 8) as queue,
     ):
         # before a byte is written: each adapter's recorded base against this base
-        notes = _check_fingerprints(plan, prints, allow_mismatch) if any(_recorded(a) for a in plan.adapters) else ()
+        notes: tuple[str, ...] = ()
+        if any(recorded_fingerprint(a.info) for a in plan.adapters):
+            with closing(open_base(plan.base)) as base:
+                pairs = [(a.path, a.info) for a in plan.adapters]
+                notes = check_base_fingerprints(base, pairs, prints.result(), allow_mismatch)
         stream = _Stream(plan, reader, adapters, progress, queue, device)
         copied = aside.submit(_check_copies, plan, stream.copies)
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
@@ -374,39 +393,11 @@ def _check_copies(plan: MergePlan, copies: list[TensorPlan]) -> None:
                     )
 
 
-def _recorded(a: AdapterPlan) -> str | None:
-    return a.info.record.base_fingerprint if a.info.record else None
-
-
-def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str, ...]:
-    """Per adapter, the fingerprint of the base weights it touches (`Checkpoint.fingerprint`);
+def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str | None, ...]:
+    """Per adapter, the fingerprint of the base weights it touches (`Base.fingerprint`);
     abandoned once `stop` is set (the merge failed)."""
-    with Checkpoint(plan.base) as ckpt:
-        return tuple(ckpt.fingerprint(list(a.fingerprint_names), stop.is_set) for a in plan.adapters)
-
-
-def _check_fingerprints(plan: MergePlan, prints: Future[tuple[str, ...]], allow_mismatch: bool) -> tuple[str, ...]:
-    """Before a byte is written: each adapter's recorded base against this base (in any floating dtype)."""
-    fingerprints, notes = prints.result(), []
-    with Checkpoint(plan.base) as ckpt:
-        for a, actual in zip(plan.adapters, fingerprints, strict=True):
-            recorded = _recorded(a)
-            if a.info.record is None or not recorded or recorded == actual:
-                continue
-            views, names = a.info.record.base_views, list(a.fingerprint_names)
-            if same_base(recorded, views, actual, partial(ckpt.fingerprint_views, names)):
-                notes.append(f"{a.path}: this base holds the adapter's base weights in another floating dtype")
-            elif allow_mismatch:
-                notes.append(f"{a.path}: made for another base (fingerprint {recorded[:19]}…), merged anyway")
-            else:
-                raise IntegrityError(
-                    f"the adapter was made for another base (its base fingerprint {recorded[:19]}…, "
-                    f"this base {actual[:19]}…); nothing was written",
-                    path=a.path,
-                    hint="merge it into the base it was trained or extracted on "
-                    "(--allow-base-mismatch merges anyway if you know they match)",
-                )
-    return tuple(notes)
+    with closing(open_base(plan.base)) as base:
+        return tuple(base.fingerprint(list(a.info.modules), stop.is_set) for a in plan.adapters)
 
 
 def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
@@ -421,7 +412,3 @@ def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
         else:
             shutil.copyfile(src, tmp / src.name)
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else float(f"{x:.6g}")

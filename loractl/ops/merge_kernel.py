@@ -183,8 +183,10 @@ def block_bounds(rows: int, cols: int) -> list[int]:
     return [i * rows // count for i in range(count + 1)]
 
 
-def merged_float32(weight: torch.Tensor, deltas: Sequence[Delta]) -> tuple[torch.Tensor, float]:
-    """W + every delta as one float32 tensor of `weight`'s shape, and ‖W‖_F: `merged_blocks` for
+def merged_float32(
+    weight: torch.Tensor, deltas: Sequence[Delta], device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
+    """W + every delta as one float32 tensor of `weight`'s shape, and ‖W‖_F: `merged_blocks` (on `device`) for
     callers that hold the whole tensor anyway (convert's loss measure, GGUF and single-file SD merges)."""
     rows = weight.shape[0] if weight.ndim else 1
     src = weight.reshape(rows, -1)
@@ -197,7 +199,7 @@ def merged_float32(weight: torch.Tensor, deltas: Sequence[Delta]) -> tuple[torch
         return raw[offset - nbytes : offset], None
 
     stats = BlockStats()
-    for _ in merged_blocks(lambda a, b: src[a:b], (rows, src.shape[1]), deltas, torch.float32, into_out, stats):
+    for _ in merged_blocks(lambda a, b: src[a:b], (rows, src.shape[1]), deltas, torch.float32, into_out, stats, device):
         pass
     return out.view(weight.shape), math.sqrt(stats.weight_sq)
 

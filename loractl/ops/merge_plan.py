@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import FormatError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
-from ..io.checkpoint import Checkpoint, touched_weight_names
+from ..io.checkpoint import Checkpoint
 from ..io.checkpoint_writer import parse_size
 from ..io.config_json import read_config
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
+from .merge_shared import stored_shape
 from .weights import check_weights
 
 if TYPE_CHECKING:
     from ..formats.options import ReadOptions
+    from .placement import PlacedPlan
 
 Role = Literal["lora", "dora", "bias", "full"]
 # Input embeddings an untied `lm_head` can take its starting weight from.
@@ -75,7 +77,6 @@ class AdapterPlan:
     path: Path
     weight: float
     info: AdapterInfo
-    fingerprint_names: tuple[str, ...]  # the base tensors its fingerprint covers
 
 
 @dataclass(frozen=True)
@@ -153,22 +154,48 @@ def plan_merge(
     max_shard_size: str | int | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
-) -> MergePlan:
+) -> MergePlan | PlacedPlan:
     """Match every adapter module and full tensor to a base tensor, from headers only.
 
-    `format` and `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...);
-    their `base` is always `base`.
+    The base is any kind `loractl.bases` detects: a Hugging Face checkpoint
+    gives a `MergePlan`, a GGUF model or a single-file SD checkpoint a `PlacedPlan` (they are
+    rewritten in their own types: `dtype` and `max_shard_size` do not apply). `format` and
+    `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...); their `base` is
+    always `base`.
 
-    Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in
-    `MergePlan.problems` (call `check()` to raise them all at once).
+    Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in the
+    plan's `problems` (call `check()` to raise them all at once).
     """
+    from ..bases import detect_base
+
+    checked = _weights(adapters, weights)
+    _check_order(Path(base), adapters)
+    if detect_base(base) != "safetensors":
+        from .merge_placed import plan_placed_merge
+
+        if dtype is not None or max_shard_size is not None:
+            raise UsageError(
+                "--dtype and --max-shard-size apply to Hugging Face checkpoints, not to a GGUF or single-file base",
+                hint="this merge writes one file and keeps every tensor's type; drop the option",
+            )
+        return plan_placed_merge(base, adapters, weights=checked, format=format, read_options=read_options)
+    return _plan_checkpoint_merge(Path(base), adapters, checked, dtype, max_shard_size, format, read_options)
+
+
+def _plan_checkpoint_merge(
+    base: Path,
+    adapters: Sequence[str | Path],
+    weights: list[float],
+    dtype: str | None,
+    max_shard_size: str | int | None,
+    format: str | None,
+    read_options: ReadOptions | None,
+) -> MergePlan:
+    """`plan_merge` for a Hugging Face checkpoint (streamed into new shards by `merge.execute_merge`)."""
     from ..formats import describe_adapter
     from ..formats.options import ReadOptions
 
-    base = Path(base)
     read_options = replace(read_options or ReadOptions(), base=base)
-    weights = _weights(adapters, weights)
-    _check_order(base, adapters)
     code = parse_dtype(dtype) if dtype is not None else None
     with Checkpoint(base) as ckpt:
         config = _read_config(ckpt)
@@ -177,8 +204,7 @@ def plan_merge(
         for i, (path, weight) in enumerate(zip(adapters, weights, strict=True)):
             info = describe_adapter(path, format=format, options=read_options)
             planner.add_adapter(i, info, weight)
-            names = tuple(touched_weight_names(info.modules, ckpt))
-            plans.append(AdapterPlan(Path(path), weight, info, names))
+            plans.append(AdapterPlan(Path(path), weight, info))
         tensors = planner.tensors()
         files = ckpt.other_files()
         return MergePlan(
@@ -216,7 +242,7 @@ class _Planner:
                 self.problems.append(replace(problem, path=where))
 
     def _module(self, i: int, module: str, m: ModuleInfo, weight: float) -> list[Finding]:
-        target, expected = f"{module}.weight", _stored_shape(m)
+        target, expected = f"{module}.weight", stored_shape(m)
         source = self._source(target, expected)
         if source is None:
             hint = " (an untied lm_head needs config.json with tie_word_embeddings)" if _HEAD.match(target) else ""
@@ -295,21 +321,12 @@ class _Planner:
         return tuple(out)
 
 
-def _stored_shape(m: ModuleInfo) -> tuple[int, ...]:
-    """The shape the base stores the module's weight in (see `loractl.adapter` for the layouts)."""
-    if m.kind == "conv":
-        return (m.out_features, m.in_features, *m.kernel)
-    if m.kind == "embedding" or m.fan_in_fan_out:
-        return (m.in_features, m.out_features)
-    return (m.out_features, m.in_features)
-
-
 def _shape_message(m: ModuleInfo, source: str, actual: tuple[int, ...]) -> str:
     layout = " (fan_in_fan_out: stored as in × out)" if m.fan_in_fan_out else ""
     made = (
         f"{m.structure.describe()}" if m.structure else f"adapter A {tuple(m.shapes['A'])} and B {tuple(m.shapes['B'])}"
     )
-    return f"{made} make{'s' * bool(m.structure)} a {m.kind} ΔW of {_stored_shape(m)}{layout}, but base {source!r} is {actual}"
+    return f"{made} make{'s' * bool(m.structure)} a {m.kind} ΔW of {stored_shape(m)}{layout}, but base {source!r} is {actual}"
 
 
 def _tensor_json(t: TensorPlan) -> dict[str, Any]:

@@ -10,18 +10,21 @@ transposed, or fused (OpenCLIP's `in_proj_weight` holds q, k and v). A `Placemen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..bases._placement import Placement
 from ..errors import ShapeMismatchError
 from ..findings import Finding, error
-from ..formats._placement import Placement
+from .merge_shared import ROUNDING_WARN, figures_json, rounding_summary
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraModule
+    from ..bases.protocol import Base, BaseTensor
+    from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
     from .merge_kernel import Delta
 
@@ -41,12 +44,15 @@ class PlacedPlan:
     """Every update grouped by stored tensor, and every problem found (from headers alone)."""
 
     base: str
-    kind: str  # "gguf" or the single-file layout ("sd1", "sdxl", …)
+    kind: str  # "gguf <arch>" or the single-file layout ("sd1", "sdxl", …)
     adapters: tuple[str, ...]
     weights: tuple[float, ...]
     updates: dict[str, tuple[PlacedUpdate, ...]]
     problems: tuple[Finding, ...]
     tensors_total: int
+    infos: tuple[AdapterInfo, ...] = ()  # how each adapter was described (its format, its recorded base)
+    stored: dict[str, BaseTensor] = field(default_factory=dict)  # each updated tensor as the base stores it
+    read_options: ReadOptions | None = None  # how the adapters were read (pickle, alpha, scale)
 
     def check(self) -> None:
         """Raise `PlacedPlanError` listing every problem, if there is any."""
@@ -84,36 +90,30 @@ class PlacedPlanError(ShapeMismatchError):
         )
 
 
-Resolver = Callable[[int, str, "ModuleInfo"], "Placement | Finding"]  # (adapter index, module, info)
-
-
 def plan_placements(
-    base: str,
-    kind: str,
-    infos: Sequence[AdapterInfo],
-    weights: Sequence[float],
-    resolve: Resolver,
-    shapes: dict[str, tuple[int, ...]],
+    base: Base, infos: Sequence[AdapterInfo], weights: Sequence[float], read_options: ReadOptions
 ) -> PlacedPlan:
-    """Place every module of every adapter with `resolve`, checking each against the stored `shapes`."""
+    """Place every module of every adapter with `base.place`, checking each against the stored shapes."""
+    tensors = base.tensors()
     updates: dict[str, list[PlacedUpdate]] = {}
     problems: list[Finding] = []
     for i, (info, weight) in enumerate(zip(infos, weights, strict=True)):
         found = [*info.errors, *_unsupported(info)]
         for module, m in info.modules.items():
-            where = resolve(i, module, m)
+            where = base.place(module, m, info)
             if isinstance(where, Finding):
                 found.append(where)
                 continue
-            problem = _check_shape(module, m, where, shapes[where.key])
+            problem = _check_shape(module, m, where, tensors[where.key].shape)
             if problem is not None:
                 found.append(problem)
                 continue
             updates.setdefault(where.key, []).append(PlacedUpdate(i, module, where, weight))
         problems += [replace(f, path=str(info.path)) for f in found]
     return PlacedPlan(
-        base, kind, tuple(str(i.path) for i in infos), tuple(weights), {k: tuple(v) for k, v in updates.items()},
-        tuple(problems), len(shapes),
+        str(base.path), base.kind, tuple(str(i.path) for i in infos), tuple(weights),
+        {k: tuple(v) for k, v in updates.items()}, tuple(problems), len(tensors), tuple(infos),
+        {k: tensors[k] for k in updates}, read_options,
     )  # fmt: skip
 
 
@@ -131,9 +131,9 @@ def _check_shape(module: str, m: ModuleInfo, p: Placement, stored: tuple[int, ..
     """None when the module's ΔW fits the stored tensor (or its rows) as placed."""
     if m.dora and p.rows is not None:
         return error("dora-fused", f"DoRA cannot be merged into a slice of the fused tensor {p.key!r}", module)
-    from .merge_plan import _stored_shape  # ΔW's shape as a Hugging Face base stores it
+    from .merge_shared import stored_shape  # ΔW's shape as a Hugging Face base stores it
 
-    expected = _stored_shape(m)
+    expected = stored_shape(m)
     if p.transposed:
         expected = (expected[1], expected[0], *expected[2:])
     have = stored if p.rows is None else (p.rows[1] - p.rows[0], *stored[1:])
@@ -176,20 +176,43 @@ class TensorMerge:
     total_delta_norm: float  # ‖Σ ΔW‖_F (from the dense difference)
 
 
-def merge_tensor(start: torch.Tensor, deltas: Sequence[Delta]) -> TensorMerge:
-    """W + Σ deltas in float32 (`merge_kernel.merged_float32`), and the norms the report needs."""
+def merge_tensor(start: torch.Tensor, deltas: Sequence[Delta], device: torch.device | None = None) -> TensorMerge:
+    """W + Σ deltas in float32 (`merge_kernel.merged_float32`, on `device`), and the norms the report needs."""
     from .merge_kernel import deltas_norm, merged_float32
 
-    merged, base_norm = merged_float32(start, deltas)
+    merged, base_norm = merged_float32(start, deltas, device)
     total = float((merged.double() - start.double()).norm())
     return TensorMerge(merged, base_norm, tuple(deltas_norm([d]) for d in deltas), total)
 
 
-def rounding_loss(merged: torch.Tensor, stored: torch.Tensor, delta_norm: float) -> float | None:
-    """‖round(W + ΔW) − (W + ΔW)‖_F / ‖ΔW‖_F: the share of the update the stored type removes."""
-    if delta_norm == 0:
+def rounding_error(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor) -> float | None:
+    """‖stored − merged‖_F / ‖ΔW‖_F: how far the stored tensor is from W + ΔW, in units of ΔW (None when ΔW = 0).
+
+    For a float type it equals the rounding loss; for a block-quantized type it also counts the noise
+    that requantizing whole blocks adds, so it can pass 1: the report shows it beside the loss, so that
+    a loss near 0 never hides a stored tensor that moved further than ΔW.
+    """
+    delta_norm = float((merged.double() - start.double()).norm())
+    return float((stored.double() - merged.double()).norm()) / delta_norm if delta_norm > 0 else None
+
+
+def rounding_loss(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor, quantized: bool) -> float | None:
+    """The share of ΔW = merged − start that storing `merged` removes (None when ΔW = 0).
+
+    Float types round each value on its own: the loss is ‖stored − merged‖_F / ‖ΔW‖_F. A block-quantized
+    type (Q8_0, Q4_K, …) requantizes whole blocks, so storing W + ΔW also moves values ΔW does not touch
+    (a new block scale): that noise is not a loss of ΔW, and the relative error can pass 100%. There the
+    loss is 1 − ⟨ΔW_s, ΔW⟩ / ‖ΔW‖²_F clipped to [0, 1], ΔW_s = stored − start being the change the file
+    carries: the share of ΔW that does not survive requantization (docs/merge.md).
+    """
+    delta = merged.double() - start.double()
+    norm_sq = float(delta.square().sum())
+    if norm_sq == 0:
         return None
-    return float((stored.double() - merged.double()).norm()) / delta_norm
+    if quantized:
+        carried = float(((stored.double() - start.double()) * delta).sum()) / norm_sq
+        return 1.0 - min(1.0, max(0.0, carried))
+    return float((stored.double() - merged.double()).norm()) / math.sqrt(norm_sq)
 
 
 @dataclass(frozen=True)
@@ -203,24 +226,41 @@ class PlacedModuleReport:
     weight: float
     rank: int
     relative_delta: float | None  # ‖weight·ΔW‖_F / ‖W‖_F
-    rounding_loss: float | None  # ‖round(W + ΣΔW) − (W + ΣΔW)‖_F / ‖ΣΔW‖_F
+    rounding_loss: float | None  # the share of ΣΔW the stored type removes (`rounding_loss`)
+    rounding_error: float | None = None  # ‖stored − (W + ΣΔW)‖ / ‖ΣΔW‖ (`rounding_error`)
 
 
 @dataclass(frozen=True)
 class PlacedMergeReport:
-    """What a merge into a GGUF or single-file base wrote."""
+    """What a merge into a GGUF or single-file base wrote; `fingerprints[i]` is the base fingerprint over
+    adapter i's weights (None where the base's stored values cannot give it: quantized tensors)."""
 
     output: str
     plan: PlacedPlan
     modules: tuple[PlacedModuleReport, ...]
     tensors_copied: int
+    fingerprints: tuple[str | None, ...] = ()
+    adapter_hashes: tuple[str, ...] = ()
+    base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, a mismatch allowed, a check not possible
 
     @property
     def rounding(self) -> dict[str, float] | None:
         """Median and worst rounding loss over the merged modules, as every merge reports them."""
-        from .merge import rounding_summary
-
         return rounding_summary(m.rounding_loss for m in self.modules)
+
+    @property
+    def worst_rounding_error(self) -> float | None:
+        """The largest `rounding_error` over the merged modules (None when none has one)."""
+        return max((m.rounding_error for m in self.modules if m.rounding_error is not None), default=None)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The rounding warning, with the ways out, when the worst loss passes `ROUNDING_WARN`."""
+        worst = (self.rounding or {}).get("worst", 0.0)
+        return [
+            f"rounding into the stored types removes up to {worst:.0%} of a module's ΔW "
+            "(the rounding-loss column); merge into a wider base (F16/F32) or apply the adapter at run time"
+        ] if worst > ROUNDING_WARN else []  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         plan = {k: v for k, v in self.plan.to_json().items() if k not in ("updates", "problems")}
@@ -228,8 +268,8 @@ class PlacedMergeReport:
             "output": self.output,
             **plan,
             "tensors_copied": self.tensors_copied,
-            "rounding_loss": self.rounding,
-            "modules": [asdict(m) for m in self.modules],
+            "worst_rounding_error": self.worst_rounding_error,
+            **figures_json(self),
         }
 
 
@@ -240,10 +280,12 @@ def module_reports(
     ranks: Sequence[int],
     result: TensorMerge,
     loss: float | None,
+    error: float | None = None,
 ) -> list[PlacedModuleReport]:
     """The report rows of one merged tensor."""
     base = result.base_norm
     return [
-        PlacedModuleReport(u.adapter, u.module, key, stored_type, u.weight, r, d / base if base > 0 else None, loss)
+        PlacedModuleReport(u.adapter, u.module, key, stored_type, u.weight, r, d / base if base > 0 else None, loss,
+                           error)
         for u, r, d in zip(updates, ranks, result.delta_norms, strict=True)
     ]  # fmt: skip

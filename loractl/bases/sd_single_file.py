@@ -6,18 +6,36 @@ and `conditioner.embedders.1.model.*` (OpenCLIP bigG, q/k/v fused in one `in_pro
 The name map is not written here: it is what diffusers' own single-file conversion functions do,
 run on stand-ins that record which stored tensor (and which rows of it, transposed or not) each
 diffusers weight comes from. So loractl and `from_single_file` can never disagree.
+
+As a base (`SingleFileBase`) it is rewritten as one safetensors file with the same names, dtypes and
+metadata, plus loractl's provenance (`loractl_merge`), one tensor at a time.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
+from ..io.checkpoint import FingerprintViews, fingerprint_of
 from ._placement import Placement
+from .protocol import TensorSink
+from .safetensors_dir import CheckpointBase
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..formats.options import ReadOptions
+    from ..info import AdapterInfo, ModuleInfo
+    from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
@@ -57,6 +75,132 @@ class _Src:
         return self
 
     detach = contiguous = clone
+
+
+RECORD_KEY = "loractl_merge"  # the metadata entry that holds loractl's provenance in a merged file
+
+
+def detect(path: Path) -> bool:
+    """One safetensors file with `model.diffusion_model.*` tensors."""
+    from ..io.safetensors_header import is_safetensors, read_header
+
+    return path.is_file() and is_safetensors(path) and any(n.startswith(UNET) for n in read_header(path).tensors)
+
+
+def open(path: Path) -> SingleFileBase:
+    return SingleFileBase(path)
+
+
+def check_single_file(names: list[str], path: str | Path) -> str:
+    """The single file's layout, or a `UsageError` for one loractl cannot map."""
+    kind = layout(names)
+    if kind in (None, "unet-only"):
+        raise UsageError(
+            f"{path}: a single-file checkpoint of an unknown layout (no SD 1.x/2.x/SDXL text encoder beside "
+            "model.diffusion_model.*)",
+            hint="loractl merges into SD 1.x, 2.x and SDXL single files; convert others to diffusers first",
+        )
+    return kind
+
+
+class SingleFileBase:
+    """A single-file SD checkpoint as a base: diffusers' module names placed on its stored tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.files = CheckpointBase(self.path)  # tensors, reading and closing are a checkpoint's
+        self.ckpt = self.files.ckpt
+        self.kind = check_single_file(self.ckpt.names, self.path)
+        self.shapes = {n: self.ckpt.info(n).shape for n in self.ckpt.names}
+        self.names = diffusers_names(self.shapes)
+
+    def close(self) -> None:
+        self.files.close()
+
+    def tensors(self) -> dict[str, BaseTensor]:
+        return self.files.tensors()
+
+    def read_options(self, fmt: str, options: ReadOptions) -> ReadOptions:
+        return options
+
+    def place(self, module: str, m: ModuleInfo, adapter: AdapterInfo) -> Placement | Finding:
+        return place(self.names, self.shapes, module)
+
+    def read_float32(self, name: str) -> torch.Tensor:
+        return self.files.read_float32(name)
+
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
+        """`Checkpoint.fingerprint` of the weights in diffusers' terms (`unet.….weight`, the fused q/k/v's rows);
+        None when one is stored transposed. Remembered per file identity (`io.fingerprint_cache`) unless `fresh`."""
+        from ..io.fingerprint_cache import remembered
+
+        sources = self._sources(modules)
+        if sources is None:
+            return None
+        names = [n for n, _ in sources]
+        return remembered("sd", [self.path], names, lambda: self._hash(sources, stop), fresh=fresh)
+
+    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None) -> str:
+        dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
+        return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
+
+    def _bytes(self, src: _Src) -> bytes:
+        return bytes(self._rows(src).tobytes())
+
+    def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
+        from ..io.fingerprint_cache import remembered
+
+        sources = self._sources(modules) or []
+        return remembered("sd-views", [self.path], [n for n, _ in sources], lambda: self._views(sources))
+
+    def _views(self, sources: list[tuple[str, _Src]]) -> dict[str, str]:
+        import torch
+
+        from ..io.tensor_bytes import torch_dtype
+
+        views = FingerprintViews()
+        for name, src in sources:
+            dtype = torch_dtype(self.ckpt.info(src.key).dtype)
+            views.feed(name, torch.from_numpy(self._rows(src).copy()).view(dtype).reshape(src.shape))
+        return views.digests()
+
+    def _sources(self, modules: Iterable[str]) -> list[tuple[str, _Src]] | None:
+        found = [(f"{m}.weight", s) for m in modules if (s := self._source(m)) is not None]
+        return None if any(s.transposed for _, s in found) else sorted(found, key=lambda x: x[0])
+
+    def _source(self, module: str) -> _Src | None:
+        component, _, rest = module.partition(".")
+        return next((s for c in _spellings(component, rest) if (s := self.names.get(f"{c}.weight"))), None)
+
+    def _rows(self, src: _Src) -> np.ndarray[Any, Any]:
+        import numpy as np
+
+        raw = np.frombuffer(self.ckpt.raw_bytes(src.key), dtype=np.uint8).reshape(self.shapes[src.key][0], -1)
+        return raw if src.rows is None else raw[src.rows[0] : src.rows[1]]
+
+    def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
+        """Every tensor in the writer's order: copied, or merged by `sink` and rounded to its dtype."""
+        from ..io.safetensors_writer import StreamWriter, TensorSpec
+        from ..io.tensor_bytes import torch_dtype
+
+        header = next(iter(self.ckpt.headers.values()))
+        metadata = {**header.metadata, RECORD_KEY: json.dumps(provenance, sort_keys=True)}
+        specs = [TensorSpec(n, self.ckpt.info(n).dtype, s) for n, s in self.shapes.items()]
+        merged = set(names)
+        writer = StreamWriter(tmp, specs, metadata)
+        try:
+            for spec in writer.order:
+                tensor = self.ckpt.get(spec.name)
+                if spec.name in merged:
+                    tensor = sink.merged(spec.name, tensor.float()).to(torch_dtype(spec.dtype))
+                    sink.stored(spec.name, tensor.float())
+                writer.write(spec.name, tensor)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
 
 def layout(names: list[str]) -> str | None:

@@ -1,0 +1,83 @@
+"""The interface every kind of base offers (see `loractl.bases` for the kinds and their detection)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..findings import Finding
+    from ..formats.options import ReadOptions
+    from ..info import AdapterInfo, ModuleInfo
+    from ._placement import Placement
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    """One stored tensor, from the header: its shape as Hugging Face orders it and its stored type."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored_type: str  # a safetensors dtype code (F32, BF16, …) or a GGML type name (Q8_0, …)
+    quantized: bool = False  # block-quantized: storing a value moves its block's other values too
+
+
+class TensorSink(Protocol):
+    """The merge, as a base writing itself calls it for each tensor that changes."""
+
+    def merged(self, name: str, start: torch.Tensor) -> torch.Tensor:
+        """W + ΔW in float32, from the stored W (`start`, float32)."""
+        ...
+
+    def stored(self, name: str, values: torch.Tensor) -> None:
+        """What the output now holds for `name`, read back as float32."""
+        ...
+
+
+class Base(Protocol):
+    """A base a LoRA can be merged into, as read (see the module docstring)."""
+
+    path: Path
+    kind: str  # what the report calls it: "gguf llama", "sd1", "sdxl", …
+
+    def tensors(self) -> dict[str, BaseTensor]: ...
+
+    def read_options(self, fmt: str, options: ReadOptions) -> ReadOptions:
+        """How to read an adapter of format `fmt` merged into this base."""
+        ...
+
+    def place(self, module: str, m: ModuleInfo, adapter: AdapterInfo) -> Placement | Finding: ...
+
+    def read_float32(self, name: str) -> torch.Tensor: ...
+
+    def fingerprint(
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
+    ) -> str | None:
+        """The fingerprint of the weights `modules` apply to, in the adapter's terms (`<module>.weight`
+        as a Hugging Face checkpoint stores it); None when the stored values cannot say (quantized).
+        Remembered per file identity (`io.fingerprint_cache`); `fresh` hashes again."""
+        ...
+
+    def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
+        """The same fingerprint with the weights cast to bf16 and fp16 (`io.checkpoint.FingerprintViews`)."""
+        ...
+
+    def close(self) -> None:
+        """Release the files (callers use `contextlib.closing`)."""
+        ...
+
+
+class RewritableBase(Base, Protocol):
+    """A base merged by rewriting it in its own storage, tensor for tensor (GGUF, single-file SD).
+
+    A Hugging Face checkpoint is not one of them: its merge streams row blocks into new shards
+    (`ops/merge.py`), may change the dtype, and writes provenance as a file beside the weights.
+    """
+
+    def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
+        """The base at `tmp` with loractl's `provenance` in its metadata, the tensors `names` merged by `sink`."""
+        ...

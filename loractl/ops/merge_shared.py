@@ -1,0 +1,124 @@
+"""What both merge pipelines share: progress, the rounding summary, the base check, ΔW's stored shape.
+
+A Hugging Face checkpoint streams through `merge_plan` → `merge`; a base rewritten in its own
+types (GGUF, single-file SD) through `placement` → `merge_placed`. Both report progress, rounding
+losses and base fingerprints the same way, from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import IntegrityError
+from ..io.checkpoint import same_base
+
+if TYPE_CHECKING:
+    from ..bases.protocol import Base
+    from ..info import AdapterInfo, ModuleInfo
+
+ROUNDING_WARN = 0.1  # warn when rounding into the output dtype removes more than this share of a ΔW
+
+
+@dataclass(frozen=True)
+class MergeProgress:
+    """Where a running merge is, after each written tensor."""
+
+    tensor: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+class Figures(Protocol):
+    """What every merge report holds beside its plan (`MergeReport`, `PlacedMergeReport`)."""
+
+    @property
+    def fingerprints(self) -> tuple[str | None, ...]: ...
+
+    @property
+    def base_notes(self) -> tuple[str, ...]: ...
+
+    @property
+    def adapter_hashes(self) -> tuple[str, ...]: ...
+
+    @property
+    def modules(self) -> Sequence[Any]: ...
+
+    @property
+    def rounding(self) -> dict[str, float] | None: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+
+def figures_json(report: Figures) -> dict[str, Any]:
+    """The keys every merge report has in `--json`, after its own."""
+    return {
+        "fingerprints": list(report.fingerprints),
+        "base_notes": list(report.base_notes),
+        "adapter_hashes": list(report.adapter_hashes),
+        "rounding_loss": report.rounding,
+        "warnings": report.warnings,
+        "modules": [asdict(m) for m in report.modules],
+    }
+
+
+def rounding_summary(losses: Iterable[float | None]) -> dict[str, float] | None:
+    """Median and worst of the modules' rounding losses (None when no module has one): every merge's summary."""
+    known = sorted(x for x in losses if x is not None)
+    if not known:
+        return None
+    return {"median": round_figure(known[len(known) // 2]) or 0.0, "worst": round_figure(known[-1]) or 0.0}
+
+
+def recorded_fingerprint(info: AdapterInfo) -> str | None:
+    return info.record.base_fingerprint if info.record else None
+
+
+def check_base_fingerprints(
+    base: Base, adapters: Sequence[tuple[Path, AdapterInfo]], fingerprints: Sequence[str | None], allow_mismatch: bool
+) -> tuple[str, ...]:
+    """Before a byte is written: each adapter's recorded base against this base (in any floating dtype),
+    whatever the kind of base. Returns the notes for the report; raises `IntegrityError` on a mismatch."""
+    notes = []
+    for (path, info), actual in zip(adapters, fingerprints, strict=True):
+        recorded = recorded_fingerprint(info)
+        if info.record is None or not recorded or recorded == actual:
+            continue
+        if actual is not None:  # a remembered fingerprint is confirmed before it refuses anything
+            actual = base.fingerprint(list(info.modules), fresh=True)
+            if recorded == actual:
+                continue
+        if actual is None:
+            notes.append(f"{path}: its recorded base cannot be checked against quantized tensors")
+        elif same_base(recorded, info.record.base_views, actual, partial(base.fingerprint_views, list(info.modules))):
+            notes.append(f"{path}: this base holds the adapter's base weights in another floating dtype")
+        elif allow_mismatch:
+            notes.append(f"{path}: made for another base (fingerprint {recorded[:19]}…), merged anyway")
+        else:
+            raise IntegrityError(
+                f"the adapter was made for another base (its base fingerprint {recorded[:19]}…, "
+                f"this base {actual[:19]}…); nothing was written",
+                path=path,
+                hint="merge it into the base it was trained or extracted on "
+                "(--allow-base-mismatch merges anyway if you know they match)",
+            )
+    return tuple(notes)
+
+
+def stored_shape(m: ModuleInfo) -> tuple[int, ...]:
+    """The shape the base stores the module's weight in (see `loractl.adapter` for the layouts)."""
+    if m.kind == "conv":
+        return (m.out_features, m.in_features, *m.kernel)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        return (m.in_features, m.out_features)
+    return (m.out_features, m.in_features)
+
+
+def round_figure(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")
