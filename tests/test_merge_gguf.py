@@ -212,6 +212,7 @@ def test_requantized_rounding_loss_is_the_share_of_delta_w_lost(tmp_path: Path) 
             assert m.rounding_loss is not None and 0 <= m.rounding_loss <= 1, (kind, m.module, m.rounding_loss)
             assert m.rounding_loss == pytest.approx(want, abs=1e-6), (kind, m.module)
             relative.append(np.linalg.norm(stored - delta) / np.linalg.norm(delta))
+            assert m.rounding_error == pytest.approx(relative[-1], rel=1e-5), (kind, m.module)  # shown beside it
     assert max(relative) > 1  # these cases reproduce "removes 135% of ΔW"
 
 
