@@ -40,7 +40,6 @@ def test_ci_runs_the_readme_commands_read_from_the_readme_not_copies() -> None:
 def test_a_test_run_keeps_only_caches_and_failed_tests_temporaries() -> None:
     """A run used to leave 2.4 GB of pytest temporaries (three runs kept) and an undocumented 1.1 GB cache."""
     import tomllib
-
     from real_model import CACHE
 
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
