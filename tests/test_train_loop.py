@@ -283,3 +283,29 @@ def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> No
         train(model, [ex], config, callbacks=[losses])
         out.append(losses.losses)
     torch.testing.assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-5, atol=0)
+
+
+def test_tokens_per_second_is_the_mean_after_the_first_step_not_one_step_s_rate() -> None:
+    from loractl.train.loop import Throughput
+
+    rate = Throughput()
+    assert rate.add(1000, 10.0) == 100.0  # the first step (its warm-up) alone, until there is a second
+    durations = [0.15, 10.0, 0.15, 10.0]  # steps whose own rates swing 6,600 ↔ 100 tok/s
+    shown = [rate.add(1000, d) for d in durations]
+    assert shown[0] == pytest.approx(1000 / 0.15)
+    assert shown[-1] == pytest.approx(4000 / sum(durations)) and max(shown[1:]) / min(shown[1:]) < 2
+
+
+def test_logged_tokens_per_second_covers_every_step_since_the_first() -> None:
+    rates: list[tuple[int, float, float]] = []
+
+    class Record(Callback):
+        def on_step(self, metrics: dict[str, Any]) -> bool | None:
+            rates.append((metrics["tokens"], metrics["elapsed_s"], metrics["tokens_per_s"]))
+            return None
+
+    model = ToyLM()
+    inject(model, TrainConfig(targets=["proj"], rank=2))
+    train(model, toy_data(), TrainConfig(targets=["proj"], rank=2, steps=4, batch_size=2), callbacks=[Record()])
+    (t1, e1, _), (t4, e4, r4) = rates[0], rates[-1]
+    assert r4 >= (t4 - t1) / (e4 - e1) * 0.999  # step time only: at least the wall-clock rate since step 1
