@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputExistsError, OutputWriteError, UsageError
+from . import interrupt
 
 TMP_MARKER = ".loractl-tmp-"
 _STALE = re.compile(re.escape(TMP_MARKER) + r"(\d+)-(old-)?[0-9a-f]+$")
@@ -52,6 +53,7 @@ def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
         if final.exists() and not force:
             raise OutputExistsError(f"output {final} already exists", hint="choose another path or pass --force")
         yield tmp
+        interrupt.check()  # a Ctrl-C swallowed while writing: never commit
         _fsync_tree(tmp)
         _replace(tmp, final)
     except OSError as e:

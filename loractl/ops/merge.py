@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import IntegrityError, LoractlError, NumericError
+from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct
 from ..io.checkpoint import Checkpoint, same_base
 from ..io.checkpoint_writer import write_sharded
@@ -292,6 +293,7 @@ class _Stream:
         self.tensors_done = self.bytes_done = 0
 
     def produce(self, name: str) -> TensorData:
+        interrupt.check()  # Ctrl-C stops the merge at the next tensor, even if its KeyboardInterrupt was lost
         t = self.by_name[name]
         if t.source is not None and _unchanged(t, self.reader):
             return self.reader.file_range(t.source)
