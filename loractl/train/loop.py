@@ -179,7 +179,8 @@ class _Run:
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         self.loss, grad_norm = optimizer_step(state, batches, targets, config)
-        tokens_per_s = self.rate.add(int(tokens), time.perf_counter() - tick)
+        seconds = time.perf_counter() - tick
+        tokens_per_s = self.rate.add(int(tokens), seconds)
         position.step += 1
         position.tokens += int(tokens)
         metrics = {
@@ -190,6 +191,7 @@ class _Run:
             "grad_norm": grad_norm,
             "tokens": position.tokens,
             "tokens_per_s": tokens_per_s,
+            "step_s": seconds,  # this step's own time (tokens_per_s is the run's mean, `Throughput`)
             "elapsed_s": time.perf_counter() - self.start,
         }
         if self._due(config.log_every) or position.step == total:
