@@ -66,6 +66,7 @@ def train(
 
     `model(input_ids=...)` (plus `position_ids=` for packed rows) must return logits (batch, seq, vocab)
     or an object with `.logits`, attending causally: rows are right-padded and no mask is passed. Checkpoints go to `checkpoint_dir/step-N` every `save_every` steps and on Ctrl-C.
+    A `resume` from a checkpoint already at the last step runs nothing (`finished_before`); one past it raises.
     """
     config = config or TrainConfig()
     config.check()
