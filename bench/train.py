@@ -94,7 +94,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
 
         def on_step(self, metrics: dict[str, float]) -> None:
             now = time.process_time()
-            times.append((args.batch * args.seq / metrics["tokens_per_s"], now - self.cpu))
+            times.append((metrics["step_s"], now - self.cpu))
             self.cpu = now
             print(f"step {len(times)}: {times[-1][0]:.1f} s", file=sys.stderr, flush=True)
 

@@ -153,7 +153,7 @@ def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
 
 
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
-    from .io.checkpoint import Checkpoint, same_base, touched_weight_names
+    from .io.checkpoint import Checkpoint, other_base
 
     with Checkpoint(base) as ckpt:
         out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]
@@ -167,10 +167,8 @@ def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
                 )
         recorded = info.record.base_fingerprint if info.record else None
         if recorded and not any(f.severity == "error" for f in out):
-            names = touched_weight_names(info.modules, ckpt)
-            actual = ckpt.fingerprint(names)
             assert info.record is not None
-            if not same_base(recorded, info.record.base_views, actual, lambda: ckpt.fingerprint_views(names)):
+            if (actual := other_base(ckpt, info.modules, recorded, info.record.base_views)) is not None:
                 out.append(
                     error(
                         "base-fingerprint",

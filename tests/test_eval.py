@@ -15,9 +15,10 @@ import torch
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.formats import load_adapter, save_adapter
+from loractl.io.checkpoint import Checkpoint, touched_weight_names
 from loractl.train.data import load_dataset
 from loractl.train.evaluation import evaluate_adapters
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
@@ -138,3 +139,28 @@ def test_bad_input_is_one_error_line_with_a_hint(tmp_path: Path) -> None:
         lines = err.strip().splitlines()
         assert code != 0 and out == "" and len(lines) == 2, err
         assert lines[0].startswith("error: ") and expected in lines[0] and lines[1].startswith("hint: ")
+
+
+def test_an_adapter_made_for_another_base_is_refused_as_merge_refuses_it(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other"  # the same architecture, q_proj of layer 0 changed by 1%
+    shutil.copytree(TINY, other)
+    weights = tensors(TINY / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] *= 1.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    adapter = load_adapter(QV)
+    with Checkpoint(TINY) as ckpt:
+        fingerprint = ckpt.fingerprint(touched_weight_names(adapter.modules, ckpt))
+    save_adapter(replace(adapter, meta=replace(adapter.meta, base_fingerprint=fingerprint)), tmp_path / "made")
+    code, out, err = run_cli("merge", other, tmp_path / "made", "-o", tmp_path / "merged")
+    assert code == 1 and "made for another base" in err  # merge's verdict on the pair
+    code, out, err = run_cli("eval", other, tmp_path / "made", "--data", TEXT)
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 2, err  # was: exit 0, losses of the wrong pair
+    assert "the adapter was made for another base" in lines[0] and "--allow-base-mismatch" in lines[1]
+    code, out, err = run_cli("eval", other, tmp_path / "made", "--data", TEXT, "--allow-base-mismatch", "--json")
+    assert code == 0 and "made for another base" in err and "evaluated anyway" in err
+    assert json.loads(out)["base_notes"] and len(json.loads(out)["models"]) == 2
+    code, out, err = run_cli("eval", TINY, tmp_path / "made", "--data", TEXT)
+    assert code == 0 and err == "", err  # its own base

@@ -393,6 +393,24 @@ def test_extract_undoes_merge(tmp_path: Path, fixtures_dir: Path, fixture: str, 
             assert result.adapter.modules[name].rank == m.rank
 
 
+def test_swapped_base_and_finetuned_are_refused_as_merge_refuses_a_swap(tmp_path: Path, fixtures_dir: Path) -> None:
+    from loractl.ops.merge import RECORD_NAME, merge
+    from tests.helpers import run_cli
+
+    base, merged, out = fixtures_dir / "tiny-llama", tmp_path / "merged", tmp_path / "out"
+    merge(base, [fixtures_dir / "adapters" / "tiny-qv"], merged)
+    code, _, err = run_cli("merge", fixtures_dir / "adapters" / "tiny-qv", base, "-o", tmp_path / "m")
+    assert code == 2 and "did you swap" in err  # merge's own swap check
+    code, stdout, err = run_cli("extract", merged, base, "-o", out, "--rank", "8")
+    lines = err.strip().splitlines()
+    assert code == 2 and stdout == "" and len(lines) == 2 and not out.exists(), err  # was: exit 0, −ΔW extracted
+    assert "is a merge into" in lines[0] and "did you swap BASE and FINETUNED?" in lines[0]
+    assert lines[1] == f"hint: the base comes first: loractl extract {base} {merged} -o OUTPUT"
+    assert run_cli("extract", base, merged, "-o", out, "--rank", "8")[0] == 0  # the right order
+    (merged / RECORD_NAME).write_text("{not json")  # a damaged record is no evidence: no refusal
+    assert run_cli("extract", merged, base, "-o", tmp_path / "x", "--rank", "8")[0] == 0
+
+
 def test_read_ahead_prepares_in_order_one_ahead_and_surfaces_errors_at_their_item() -> None:
     """The next item is prepared while the caller works on the current one; order and errors are kept."""
     prepared: list[int] = []

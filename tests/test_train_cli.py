@@ -57,6 +57,25 @@ def test_resume_through_the_cli_gives_the_same_adapter(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["content_hash"] == json.loads(straight.stdout)["content_hash"]
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, checkpoints = tmp_path / "a", tmp_path / "a.train" / "checkpoints"
+    common = ["train", "--base", BASE, "--data", DATA, "--steps", "2", "--batch-size", "2", "-o", str(out)]
+    assert CliRunner().invoke(cli, [*common, "--save-every", "2"]).exit_code == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    again = CliRunner().invoke(cli, [*common, "--resume", str(checkpoints)])
+    assert again.exit_code == 0, again.output  # was: the output rewritten, then a TypeError formatting no loss
+    assert "the run was already finished" in again.stdout and "nothing was written" in again.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]
+    doc = json.loads(CliRunner().invoke(cli, [*common, "--resume", str(checkpoints), "--json"]).stdout)
+    assert doc["finished_before"] is True and doc["output"] is None and doc["steps"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common[:5], "--steps", "1", "--batch-size", "2", "-o", str(out), "--resume", str(checkpoints)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "past the 1 steps of this run" in err and "hint: resume with --steps 2" in err
+
+
 def test_config_file_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"rank": 2, "targets": ["o_proj"], "steps": 1, "lr": 0.5}))

@@ -283,3 +283,30 @@ def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> No
         train(model, [ex], config, callbacks=[losses])
         out.append(losses.losses)
     torch.testing.assert_close(torch.tensor(out[1]), torch.tensor(out[0]), rtol=1e-5, atol=0)
+
+
+def test_tokens_per_second_is_the_mean_after_the_first_step_not_one_step_s_rate() -> None:
+    from loractl.train.loop import Throughput
+
+    rate = Throughput()
+    assert rate.add(1000, 10.0) == 100.0  # the first step (its warm-up) alone, until there is a second
+    durations = [0.15, 10.0, 0.15, 10.0]  # steps whose own rates swing 6,600 ↔ 100 tok/s
+    shown = [rate.add(1000, d) for d in durations]
+    assert shown[0] == pytest.approx(1000 / 0.15)
+    assert shown[-1] == pytest.approx(4000 / sum(durations)) and max(shown[1:]) / min(shown[1:]) < 2
+
+
+def test_logged_tokens_per_second_covers_every_step_since_the_first() -> None:
+    rates: list[tuple[int, float, float]] = []
+
+    class Record(Callback):
+        def on_step(self, metrics: dict[str, Any]) -> bool | None:
+            rates.append((metrics["tokens"], metrics["step_s"], metrics["tokens_per_s"]))
+            return None
+
+    model = ToyLM()
+    inject(model, TrainConfig(targets=["proj"], rank=2))
+    train(model, toy_data(), TrainConfig(targets=["proj"], rank=2, steps=4, batch_size=2), callbacks=[Record()])
+    assert rates[0][2] == pytest.approx(rates[0][0] / rates[0][1])  # the first step alone
+    tokens, seconds = rates[-1][0] - rates[0][0], sum(s for _, s, _ in rates[1:])
+    assert rates[-1][2] == pytest.approx(tokens / seconds)  # then every step since the first, not the last one

@@ -120,3 +120,24 @@ def test_train_adapter_saves_a_peft_adapter_with_the_files_fingerprint(tmp_path:
     assert config_doc["r"] == 4  # an ordinary PEFT adapter
     peft_model = peft.PeftModel.from_pretrained(load_base(TINY)[0], tmp_path / "out")
     assert sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n) == len(adapter.modules)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_parameter_counts_are_peft_s_on_a_quantized_base(quantize: str) -> None:
+    """A 4-bit weight packs two parameters per byte: the total is the base's real count, as PEFT says."""
+    plain, _ = load_base(TINY)
+    injection = inject(plain, config())
+    model, _ = load_base(TINY, quantize=quantize)
+    ours = inject(model, config())
+    twin, _ = load_base(TINY, quantize=quantize)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    theirs = peft.get_peft_model(twin, lora).get_nb_trainable_parameters()
+    assert (ours.trainable, ours.total) == theirs == (injection.trainable, injection.total)  # was 4.87% of too few
+    sizes: list[dict[str, Any]] = []
+
+    class Sizes(Callback):
+        def on_start(self, info: dict[str, Any]) -> None:
+            sizes.append(info)
+
+    train(model, examples(load_base(TINY)[1]), config(quantize=quantize, steps=1), callbacks=[Sizes()])
+    assert (sizes[0]["trainable"], sizes[0]["total"]) == theirs

@@ -87,6 +87,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI and turn `LoractlError`s into `error:`/`hint:` lines."""
     from ..errors import LoractlError
+    from ..io.interrupt import check as check_interrupt
+    from ..io.interrupt import sigint_recorded
     from ._output import tolerate_narrow_encodings
 
     tolerate_narrow_encodings()
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> Any:
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        result = cli.main(args=argv, prog_name="loractl", standalone_mode=False)
+        with sigint_recorded():  # a Ctrl-C some library swallows still stops the command (io/interrupt.py)
+            result = cli.main(args=argv, prog_name="loractl", standalone_mode=False)
+            check_interrupt()  # one held until an import ended, or swallowed, that nothing checked yet
         if isinstance(result, int) and not isinstance(result, bool) and result:
             sys.exit(result)  # without standalone mode, click returns a command's ctx.exit(code)
         return result
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         _fail(_click_error(e), argv)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
     except LoractlError as e:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ._input_options import Inputs, input_options
-from ._output import emit_json, progress, stdout
+from ._output import emit_json, progress, stdout, warn
 from ._text import adapter_labels, fit_path, name_table
 
 if TYPE_CHECKING:
@@ -27,11 +27,14 @@ if TYPE_CHECKING:
 @click.option("--max-len", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per forward pass.")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option(
+    "--allow-base-mismatch", is_flag=True, help="Evaluate even if an adapter records another base's fingerprint."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON document.")
 @input_options(base=False)
 def command(
     base: str, adapters: tuple[str, ...], data: str, prompt: str | None, max_new_tokens: int, no_template: bool,
-    max_len: int, batch_size: int, device: str | None, as_json: bool, inputs: Inputs,
+    max_len: int, batch_size: int, device: str | None, allow_base_mismatch: bool, as_json: bool, inputs: Inputs,
 ) -> None:  # fmt: skip
     """Score DATA under BASE alone and under BASE + each ADAPTER: mean loss per label token and perplexity.
 
@@ -61,8 +64,10 @@ def command(
     require_data_file(data)
     report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
                                max_new_tokens=max_new_tokens, chat_template=not no_template,
-                               device=device or _default_device(),
+                               device=device or _default_device(), allow_base_mismatch=allow_base_mismatch,
                                track=lambda items, n, name: progress(items, n, f"eval {name}"))  # fmt: skip
+    for note in report.base_notes:
+        warn(note)
     return emit_json(report.to_dict()) if as_json else _render(report)
 
 

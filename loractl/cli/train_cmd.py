@@ -129,9 +129,13 @@ def _report(summary: Any, as_json: bool) -> None:
            "trainable": summary.injection.trainable, "total": summary.injection.total,
            "modules": len(summary.injection.modules), "examples": summary.examples, "dropped": summary.dropped,
            "content_hash": summary.content_hash, "run_dir": str(summary.run_dir), "interrupted": r.interrupted,
-           "checkpoint": str(r.checkpoint) if r.checkpoint else None}  # fmt: skip
+           "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+           "finished_before": r.finished_before}  # fmt: skip
     if as_json:
         emit_json(doc)
+    elif r.finished_before:
+        stdout.print(f"the run was already finished: {r.checkpoint} is at its last step ({r.steps}); "
+                     "nothing was written", highlight=False)  # fmt: skip
     elif r.interrupted and r.checkpoint is None:
         stderr.print(f"interrupted at step {r.steps}; no checkpoint was written", highlight=False)
     elif r.interrupted:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputExistsError, OutputWriteError, UsageError
+from . import interrupt
 
 TMP_MARKER = ".loractl-tmp-"
 _STALE = re.compile(re.escape(TMP_MARKER) + r"(\d+)-(old-)?[0-9a-f]+$")
@@ -56,6 +57,7 @@ def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
         if final.exists() and not force:
             raise OutputExistsError(final)
         yield tmp
+        interrupt.check()  # a Ctrl-C swallowed while writing: never commit
         _fsync_tree(tmp)
         _replace(tmp, final)
     except OSError as e:

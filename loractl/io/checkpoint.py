@@ -267,6 +267,14 @@ def same_base(
     return recorded in actual_views().values()
 
 
+def other_base(ckpt: Checkpoint, modules: Iterable[str], recorded: str, recorded_views: dict[str, str]) -> str | None:
+    """This base's fingerprint over the weights `modules` adapt when it is not the `recorded` base's
+    (in any floating dtype, `same_base`); None when it is."""
+    names = touched_weight_names(modules, ckpt)
+    actual = ckpt.fingerprint(names)
+    return None if same_base(recorded, recorded_views, actual, lambda: ckpt.fingerprint_views(names)) else actual
+
+
 def touched_weight_names(modules: Iterable[str], ckpt: Checkpoint) -> list[str]:
     """The base tensors an adapter's modules apply to (`<module>.weight`), as far as the base has them.
 

@@ -27,6 +27,7 @@ from .lowrank import (
     LowRankFit,
     RankRule,
     common_dtype,
+    factored_distance,
     factored_svd,
     matrices,
     rebuild,
@@ -105,11 +106,7 @@ def _combine_module(
         b, a = _linear(name, present)
         exact_b, exact_a = _stacked(present)
         norm = linalg.factored_frobenius(exact_b, exact_a)
-        gap = (
-            linalg.factored_frobenius(torch.cat([exact_b, -b], 1), torch.cat([exact_a, a], 0)) / norm
-            if norm > 0
-            else 0.0
-        )
+        gap = factored_distance(exact_b, exact_a, b, a) / norm if norm > 0 else 0.0
         return rebuild(like, b, a, 1.0, dtype), ModuleChange(name, rank_in, int(a.shape[0]), gap)
     rule = options.rule or RankRule(rank=max(m.rank for _, m in present))
     cut = _svd_cut(present, options, generator, rule, device)

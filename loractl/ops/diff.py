@@ -1,8 +1,8 @@
 """Diff two adapters (two versions of one adapter): which modules came and went, and how each ΔW moved.
 
 Per common module, with ΔW_A = s_A B_A A_A and ΔW_B = s_B B_B A_B (never formed):
-    change   ‖ΔW_A − ΔW_B‖_F / ‖ΔW_A‖_F: ‖core‖_F of the stacked factors (`lowrank.factored_core`),
-             stable when the versions nearly agree (a Gram expansion would cancel)
+    change   ‖ΔW_A − ΔW_B‖_F / ‖ΔW_A‖_F (`lowrank.factored_distance`): 0 for equal factors, else stable
+             when the versions nearly agree (a Gram expansion would cancel)
     cosine   ⟨ΔW_A, ΔW_B⟩_F / (‖ΔW_A‖_F ‖ΔW_B‖_F), ⟨·,·⟩ = Σ (B_Aᵀ B_B) ⊙ (A_A A_Bᵀ): two r × r Grams
     overlap  mean cos² of the principal angles between the column spaces of ΔW_A and ΔW_B:
              ‖U_Aᵀ U_B‖²_F / min(k_A, k_B) with U from the factored SVD (k = numerical rank)
@@ -19,7 +19,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import ShapeMismatchError, UsageError
 from .linalg import factored_frobenius
-from .lowrank import factored_core, factored_svd, matrices
+from .lowrank import factored_distance, factored_svd, matrices
 
 RANK_TOL = 1e-9  # singular values below this share of σ₁ are rounding, not directions of ΔW
 _SAME_BASE_HINT = "diff compares versions of one adapter for one base; check both with 'loractl inspect'"
@@ -117,7 +117,7 @@ def diff_module(name: str, a: LoraModule, b: LoraModule) -> ModuleDiff:
             hint=_SAME_BASE_HINT,
         )
     norm_a, norm_b = factored_frobenius(ba, aa), factored_frobenius(bb, ab)
-    distance = 0.0 if _same_delta(a, b) else float(torch.linalg.matrix_norm(factored_core([ba, -bb], [aa, ab])[1]))
+    distance = factored_distance(ba, aa, bb, ab)
     inner = float(((ba.T @ bb) * (aa @ ab.T)).sum())
     cosine = inner / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
     change = distance / norm_a if norm_a > 0 else (0.0 if distance == 0 else None)
@@ -149,11 +149,6 @@ def _column_space(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def _describe(m: LoraModule) -> str:
     return f"{m.out_features}×{m.A.flatten(1).shape[1]} ({m.kind})"
-
-
-def _same_delta(a: LoraModule, b: LoraModule) -> bool:
-    """The same factors and scale: ΔW equal bit for bit (then the change is exactly 0, not QR rounding)."""
-    return a.scale == b.scale and _same_tensor(a.A, b.A) and _same_tensor(a.B, b.B)
 
 
 def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
 from . import linalg
 from .budget import allocate
-from .extract_plan import ExtractPlan, PlanEntry, plan_extract
+from .extract_plan import ExtractPlan, PlanEntry, check_order, plan_extract
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
 if TYPE_CHECKING:
@@ -151,6 +151,7 @@ def extract_adapter(
     where = resolve_device(device)
     with Checkpoint(base) as b, Checkpoint(finetuned) as f:
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+        check_order(b, f)
         run = _Run(b, f, config, observe, where)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)

@@ -5,7 +5,8 @@ factored), `full` (kept whole because `--save-full` names its module) or `compar
 representable as LoRA: it is read only to learn whether it changed, so the report can say
 what the adapter does not reproduce). Mismatches that make the pair meaningless — a
 tensor missing from one side, a shape that differs outside a vocabulary, a rank larger
-than a matrix — are raised here, before any tensor data is read.
+than a matrix — are raised here, before any tensor data is read. `check_order` catches a
+swapped pair (BASE a loractl merge into FINETUNED), hashing the weights that merge changed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ..errors import ShapeMismatchError, UsageError
+from ..errors import LoractlError, ShapeMismatchError, UsageError
 from ..info import ModuleKind
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, touched_weight_names
 from ..io.dtypes import FLOAT_CODES
+from ..io.values import load_json
+from .merge import RECORD_NAME
 
 Action = Literal["lowrank", "full", "compare"]
 
@@ -103,6 +106,38 @@ def plan_extract(
     if rank is not None:
         _check_rank(entries, rank)
     return ExtractPlan(tuple(entries), tuple(warnings))
+
+
+def check_order(base: Checkpoint, finetuned: Checkpoint) -> None:
+    """Refuse BASE and FINETUNED given the wrong way round: BASE is a loractl merge into FINETUNED.
+
+    A merge's record holds, per adapter, the fingerprint of the base weights it changed (as `merge`
+    checks an adapter's base): FINETUNED's weights hashing to it are that base, so the pair is swapped.
+    """
+    for fingerprint, modules in _merged_into(base):
+        names = touched_weight_names(modules, finetuned)
+        if names and finetuned.fingerprint(names) == fingerprint:
+            raise UsageError(
+                f"{base.path} is a merge into {finetuned.path} (its {RECORD_NAME} says so): "
+                "did you swap BASE and FINETUNED?",
+                hint=f"the base comes first: loractl extract {finetuned.path} {base.path} -o OUTPUT",
+            )
+
+
+def _merged_into(ckpt: Checkpoint) -> list[tuple[str, list[str]]]:
+    """(base fingerprint, modules) per adapter of the merge that wrote `ckpt`; none for other checkpoints."""
+    record = ckpt.path / RECORD_NAME
+    if not record.is_file():
+        return []
+    try:
+        doc = load_json(record)
+        return [
+            (str(a["base_fingerprint"]), [str(m["module"]) for m in doc["modules"] if m["adapter"] == i])
+            for i, a in enumerate(doc["adapters"])
+            if a["base_fingerprint"]
+        ]
+    except (LoractlError, LookupError, TypeError):
+        return []  # a damaged record is no evidence either way
 
 
 def _classify(

@@ -102,6 +102,18 @@ def factored_core(
     return qb_t, rb @ ra.T, qa_t
 
 
+def factored_distance(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """‖B₁A₁ − B₂A₂‖_F from the factors, in float64: exactly 0 when the factors are equal.
+
+    Otherwise ‖core‖_F of the stacked factors (`factored_core`), which does not cancel as a Gram
+    expansion would: that left √(float64 eps) ≈ 1e-8 between a module and its bit-identical copy.
+    """
+    same = b1.shape == b2.shape and a1.shape == a2.shape
+    if same and bool(torch.equal(b1.double(), b2.double())) and bool(torch.equal(a1.double(), a2.double())):
+        return 0.0
+    return float(torch.linalg.matrix_norm(factored_core([b1, -b2], [a1, a2])[1]))
+
+
 def factored_svd(Bs: list[torch.Tensor], As: list[torch.Tensor], device: torch.device | None = None) -> SVD:
     """The exact thin SVD of Σ Bᵢ Aᵢ from the factors, Bᵢ (out, rᵢ) and Aᵢ (rᵢ, in); k = min(R, out, in).
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, overload
 from .._version import __version__
 from ..bases import open_base
 from ..errors import LoractlError, NumericError
+from ..io import interrupt
 from ..io.atomic import atomic_output, check_output
 from ..io.checkpoint import Checkpoint
 from ..io.checkpoint_writer import write_sharded
@@ -311,6 +312,7 @@ class _Stream:
         self.tensors_done = self.bytes_done = 0
 
     def produce(self, name: str) -> TensorData:
+        interrupt.check()  # Ctrl-C stops the merge at the next tensor, even if its KeyboardInterrupt was lost
         t = self.by_name[name]
         if t.source is not None and _unchanged(t, self.reader):
             return self.reader.file_range(t.source)

@@ -21,6 +21,7 @@ from ..bases.protocol import RewritableBase
 from ..errors import LoractlError, NumericError
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
+from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct
 from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
 from .weights import check_weights
@@ -122,6 +123,7 @@ class _Sink:
         from .merge_kernel import all_finite
         from .placement import merge_tensor, placed_delta
 
+        interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
         updates = self.plan.updates[name]
         deltas = [placed_delta(self.adapters[u.adapter].modules[u.module], u.weight, u.placement, start.shape[0])
                   for u in updates]  # fmt: skip

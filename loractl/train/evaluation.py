@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import Adapter, LoraModule
-from ..errors import AdapterError, ShapeMismatchError, UsageError
+from ..errors import AdapterError, IntegrityError, LoractlError, ShapeMismatchError, UsageError
+from ..io.checkpoint import Checkpoint, other_base
 from .base import load_base
 from .base_matmul import is_conv1d
 from .data import IGNORE, Example, collate, load_dataset, require_data_file
@@ -52,12 +53,14 @@ class EvalReport:
     tokens: int  # label tokens scored per model
     rows: tuple[EvalRow, ...]
     prompt: str | None = None
+    base_notes: tuple[str, ...] = ()  # adapters made for another base, evaluated anyway (allow_base_mismatch)
 
     def to_dict(self) -> dict[str, object]:
         base = self.rows[0].loss
         rows = [{**vars(r), "delta_loss": r.loss - base} for r in self.rows]
         return {"data": self.data, "data_sha256": self.data_sha256, "examples": self.examples,
-                "tokens": self.tokens, "prompt": self.prompt, "models": rows}  # fmt: skip
+                "tokens": self.tokens, "prompt": self.prompt, "base_notes": list(self.base_notes),
+                "models": rows}  # fmt: skip
 
 
 def evaluate_adapters(
@@ -72,9 +75,15 @@ def evaluate_adapters(
     chat_template: bool = True,
     device: str = "cpu",
     track: Track | None = None,
+    allow_base_mismatch: bool = False,
 ) -> EvalReport:
-    """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily."""
+    """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily.
+
+    An adapter that records another base's fingerprint is refused (`IntegrityError`) before the base
+    loads, as merge refuses it; `allow_base_mismatch` evaluates it anyway and says so in `base_notes`.
+    """
     require_data_file(data)
+    notes = check_bases(base, adapters, allow_base_mismatch)
     model, tokenizer = load_base(base, command="eval")
     for label, candidate in adapters:
         check_fits(model, candidate, label)
@@ -89,7 +98,38 @@ def evaluate_adapters(
             loss = mean_loss(model, (track or _untracked)(batches, len(batches), name), pad, device)
             completion = _complete(model, tokenizer, prompt, max_new_tokens, chat_template, device) if prompt else None
         rows.append(EvalRow(name, None if adapter is None else name, loss, _perplexity(loss), completion))
-    return EvalReport(str(data), dataset.sha256, len(dataset), tokens, tuple(rows), prompt)
+    return EvalReport(str(data), dataset.sha256, len(dataset), tokens, tuple(rows), prompt, notes)
+
+
+def check_bases(base: str | Path, adapters: Sequence[tuple[str, Adapter]], allow_mismatch: bool) -> tuple[str, ...]:
+    """Each adapter's recorded base fingerprint against a local safetensors `base` (merge's check).
+
+    Notes for the mismatches `allow_mismatch` lets through. A Hub id, or a base without safetensors,
+    has no files to fingerprint: it is not checked.
+    """
+    recorded = [(label, a, a.meta.base_fingerprint) for label, a in adapters if a.meta.base_fingerprint]
+    if not recorded or not Path(base).is_dir():
+        return ()
+    try:
+        ckpt = Checkpoint(base)
+    except LoractlError:
+        return ()
+    notes = []
+    with ckpt:
+        for label, adapter, fingerprint in recorded:
+            actual = other_base(ckpt, adapter.modules, fingerprint, adapter.meta.base_views)
+            if actual is None:
+                continue
+            if not allow_mismatch:
+                raise IntegrityError(
+                    f"the adapter was made for another base (its base fingerprint {fingerprint[:19]}…, "
+                    f"this base {actual[:19]}…)",
+                    path=label,
+                    hint="evaluate it on the base it was trained or extracted on "
+                    "(--allow-base-mismatch evaluates anyway if you know they match)",
+                )
+            notes.append(f"{label}: made for another base (fingerprint {fingerprint[:19]}…), evaluated anyway")
+    return tuple(notes)
 
 
 def mean_loss(model: nn.Module, batches: Iterable[Sequence[Example]], pad_id: int, device: str = "cpu") -> float:

@@ -61,8 +61,21 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
         )
         setattr(parent, leaf, layer)
     fuse(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Injection(tuple(chosen), trainable, sum(p.numel() for p in model.parameters()))
+    return Injection(tuple(chosen), *parameter_counts(model))
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of `model`, as PEFT's `print_trainable_parameters` counts them.
+
+    A bitsandbytes 4-bit weight (`Params4bit`) packs two values per byte of its storage, so its numel
+    is half (or less) of the parameters it holds: it counts numel × 2 × its element size, as in PEFT.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
 
 
 def select_modules(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[str]:

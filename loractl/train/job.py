@@ -29,7 +29,7 @@ from .loop import TrainResult, train
 
 @dataclass(frozen=True)
 class TrainSummary:
-    """What `train_adapter` produced; `output` is None when the run was interrupted."""
+    """What `train_adapter` produced; `output` is None when the run was interrupted or had finished before."""
 
     output: Path | None
     run_dir: Path
@@ -83,7 +83,7 @@ def train_adapter(
         world=world,
     )
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
-    if result.interrupted:
+    if result.interrupted or result.finished_before:
         return summary
     adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
     content_hash = None

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .data import Example, collate
 from .distributed import World
 from .export import unwrap
+from .inject import parameter_counts
 from .loss import CausalLMLoss
 from .schedule import BatchOrder, lr_at
 from .state import TrainState
@@ -46,6 +47,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     adapter: Adapter | None = None  # FSDP runs: the trained adapter, gathered on rank 0 (the model stays sharded)
+    finished_before: bool = False  # resumed from a checkpoint at the last step: nothing ran, write nothing
 
 
 def train(
@@ -64,6 +66,7 @@ def train(
 
     `model(input_ids=...)` (plus `position_ids=` for packed rows) must return logits (batch, seq, vocab)
     or an object with `.logits`, attending causally: rows are right-padded and no mask is passed. Checkpoints go to `checkpoint_dir/step-NNNNNN` every `save_every` steps and on Ctrl-C.
+    A `resume` from a checkpoint already at the last step runs nothing (`finished_before`); one past it raises.
     """
     config = config or TrainConfig()
     config.check()
@@ -73,6 +76,8 @@ def train(
         distributed.check_fsdp(world)
     info = _sizes(model, len(data))
     state = _setup(model, config, world, resume)
+    if resume is not None and state.position.step >= (total := config.total_steps(len(data), world.size)):
+        return _finished(state.position.step, total, state.position.tokens, checkpoints.latest(resume))
     hooks = callbacks if world.is_main else ()
     run = _Run(state, config, data, eval_data, pad_id, hooks, checkpoint_dir)
     return run.until_done(info)
@@ -107,6 +112,26 @@ def _setup(model: nn.Module, config: TrainConfig, world: World, resume: Path | N
 
 
 @dataclass
+class Throughput:
+    """Tokens per second over this run's steps after its first, whose warm-up (allocation, compilation)
+    would skew a mean; the first step's own rate until a second one is done. Eval and checkpoints
+    are not counted. One step alone is no measure: its rate swung 60-fold between steps in piped logs.
+    """
+
+    tokens: int = 0
+    seconds: float = 0.0
+    first: float | None = None
+
+    def add(self, tokens: int, seconds: float) -> float:
+        """Count one step; the rate to report after it."""
+        if self.first is None:
+            self.first = tokens / seconds
+            return self.first
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        return self.tokens / self.seconds
+
+
+@dataclass
 class _Run:
     """The step loop of one run, and what it has produced so far (last losses, last checkpoint)."""
 
@@ -120,6 +145,7 @@ class _Run:
     loss: float | None = None
     eval_loss: float | None = None
     saved: Path | None = None
+    rate: Throughput = field(default_factory=Throughput)
 
     def until_done(self, info: dict[str, Any]) -> TrainResult:
         world, position = self.state.world, self.state.position
@@ -154,6 +180,8 @@ class _Run:
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         self.loss, grad_norm = optimizer_step(state, batches, targets, config)
+        seconds = time.perf_counter() - tick
+        tokens_per_s = self.rate.add(int(tokens), seconds)
         position.step += 1
         position.tokens += int(tokens)
         metrics = {
@@ -163,7 +191,8 @@ class _Run:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": position.tokens,
-            "tokens_per_s": tokens / (time.perf_counter() - tick),
+            "tokens_per_s": tokens_per_s,
+            "step_s": seconds,  # this step's own time (tokens_per_s is the run's mean, `Throughput`)
             "elapsed_s": time.perf_counter() - self.start,
         }
         if self._due(config.log_every) or position.step == total:
@@ -205,6 +234,17 @@ class _Run:
         return distributed.gather_adapter(self.state.net, self.state.world) if self.config.fsdp else None
 
 
+def _finished(step: int, total: int, tokens: int, checkpoint: Path) -> TrainResult:
+    """A resumed run whose checkpoint is at its last step: nothing to do (past it: a `UsageError`)."""
+    if step > total:
+        raise UsageError(
+            f"the checkpoint is at step {step}, past the {total} steps of this run",
+            path=checkpoint,
+            hint=f"resume with --steps {step} or more, or start a new run with --force",
+        )
+    return TrainResult(step, tokens, None, None, 0.0, checkpoint=checkpoint, finished_before=True)
+
+
 def _check_inputs(model: nn.Module, data: Sequence[Example], config: TrainConfig, checkpoint_dir: Path | None) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError("the model has no trainable parameters", hint="call loractl.train.inject(model, config) first")
@@ -216,8 +256,7 @@ def _check_inputs(model: nn.Module, data: Sequence[Example], config: TrainConfig
 
 def _sizes(model: nn.Module, examples: int) -> dict[str, Any]:
     """Parameter counts for `on_start`, taken before any wrapper reshapes the parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    everything = sum(p.numel() for p in model.parameters())
+    trainable, everything = parameter_counts(model)
     return {"trainable": trainable, "total": everything, "ratio": trainable / everything, "examples": examples}
 
 
