@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -20,8 +21,19 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where and how the result goes: -o/--output, --to, --force, --json."""
+
+    output: str
+    to_format: str | None
+    force: bool
+    as_json: bool
+
+
 def output_options(func: F) -> F:
-    """-o/--output, --to, --force, --json (the inputs' options come from `input_options`)."""
+    """-o/--output, --to, --force, --json, passed to the command as one `target: Target` (the inputs'
+    options come from `input_options`)."""
     options = [
         click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path."),
         click.option("--to", "to_format", default=None, help="Output format (default: the input's)."),
@@ -32,7 +44,8 @@ def output_options(func: F) -> F:
     @functools.wraps(func)
     def checked(*args: Any, **kwargs: Any) -> Any:
         check_output_options(kwargs)
-        return func(*args, **kwargs)
+        target = Target(*(kwargs.pop(k) for k in ("output", "to_format", "force", "as_json")))
+        return func(*args, target=target, **kwargs)
 
     wrapped: Any = checked
     for option in reversed(options):
@@ -64,10 +77,7 @@ def load_inputs(paths: list[str], inputs: Inputs) -> list[Adapter]:
 
 def save_and_report(
     result: AlgebraResult,
-    output: str,
-    to_format: str | None,
-    force: bool,
-    as_json: bool,
+    target: Target,
     render: Callable[[list[dict[str, Any]], str, str], None] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
@@ -78,6 +88,7 @@ def save_and_report(
     """
     from ..formats import FORMATS, save_adapter
 
+    output, to_format, force, as_json = target.output, target.to_format, target.force, target.as_json
     source = result.adapter.meta.source_format
     fmt = to_format or (source if source is not None and source in FORMATS else "peft")
     save_adapter(result.adapter, output, format=fmt, force=force)

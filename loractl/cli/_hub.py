@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ._output import stderr
+from ._output import emit_json, stderr
+
+if TYPE_CHECKING:
+    from ._input_options import Inputs
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
 def registry_options(func: F) -> F:
@@ -30,3 +35,16 @@ def quiet_hub_progress() -> Iterator[None]:
 
     with disable_progress_bars():
         yield
+
+
+def run_transfer(
+    call: Callable[..., R], endpoint: str | None, token: str | None, as_json: bool, inputs: Inputs
+) -> R | None:
+    """`push` or `pull` (`call`, its own arguments bound) with the registry and reading options, quietly;
+    None when the result went out as `--json`, else the result to render."""
+    with quiet_hub_progress():
+        result = call(endpoint=endpoint, token=token, format=inputs.format, read_options=inputs.read)
+    if as_json:
+        emit_json(dataclasses.asdict(result))  # type: ignore[call-overload]  # push and pull return dataclasses
+        return None
+    return result

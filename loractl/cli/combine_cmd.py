@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._algebra import load_inputs, output_options, save_and_report
+from ._algebra import Target, load_inputs, output_options, save_and_report
 from ._device import device_option
 from ._input_options import Inputs, input_options
 
@@ -47,10 +47,7 @@ def command(
     majority_sign: str,
     allow_base_mismatch: bool,
     device: str,
-    output: str,
-    to_format: str | None,
-    force: bool,
-    as_json: bool,
+    target: Target,
     inputs: Inputs,
 ) -> None:
     """Combine ADAPTERS module by module into one adapter; a module missing in one counts as zero.
@@ -79,4 +76,4 @@ def command(
         allow_base_mismatch=allow_base_mismatch,
     )
     sources = load_inputs(list(adapters), inputs)
-    save_and_report(combine(sources, options, device=device), output, to_format, force, as_json)
+    save_and_report(combine(sources, options, device=device), target)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+from functools import partial
 
 import click
 
-from ._hub import quiet_hub_progress, registry_options
+from ._hub import registry_options, run_transfer
 from ._input_options import Inputs, input_options
-from ._output import emit_json, stdout
+from ._output import stdout
 from ._text import short_hash, short_sha
 
 
@@ -45,20 +45,8 @@ def command(
     """
     from ..remote import pull
 
-    with quiet_hub_progress():
-        result = pull(
-            repo,
-            out,
-            include=include,
-            exclude=exclude,
-            force=force,
-            endpoint=endpoint,
-            token=token,
-            format=inputs.format,
-            read_options=inputs.read,
-        )
-    if as_json:
-        emit_json(dataclasses.asdict(result))
+    call = partial(pull, repo, out, include=include, exclude=exclude, force=force)
+    if (result := run_transfer(call, endpoint, token, as_json, inputs)) is None:
         return
     stdout.print(
         f"pulled {result.url}@{result.revision} = {short_sha(result.sha)} into {result.out} "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+from functools import partial
 
 import click
 
-from ._hub import quiet_hub_progress, registry_options
+from ._hub import registry_options, run_transfer
 from ._input_options import Inputs, input_options
-from ._output import emit_json, stdout
+from ._output import stdout
 from ._text import short_hash, short_sha
 
 
@@ -50,23 +50,9 @@ def command(
     """
     from ..remote import push
 
-    with quiet_hub_progress():
-        result = push(
-            adapter,
-            repo,
-            branch=branch,
-            tag=tag,
-            force_tag=force_tag,
-            message=message,
-            private=private,
-            create=create,
-            endpoint=endpoint,
-            token=token,
-            format=inputs.format,
-            read_options=inputs.read,
-        )
-    if as_json:
-        emit_json(dataclasses.asdict(result))
+    call = partial(push, adapter, repo, branch=branch, tag=tag, force_tag=force_tag, message=message,
+                   private=private, create=create)  # fmt: skip
+    if (result := run_transfer(call, endpoint, token, as_json, inputs)) is None:
         return
     sha, content = short_sha(result.sha), f"content {short_hash(result.content_hash)}"
     if result.changed:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import click
 
-from ._algebra import load_inputs, output_options, save_and_report
+from ._algebra import Target, load_inputs, output_options, save_and_report
 from ._input_options import Inputs, input_options
 
 
@@ -20,10 +20,7 @@ def command(
     adapter: str,
     to_scale: float | None,
     to_alpha: float | None,
-    output: str,
-    to_format: str | None,
-    force: bool,
-    as_json: bool,
+    target: Target,
     inputs: Inputs,
 ) -> None:
     """Change ADAPTER's strength (--to-scale) or its alpha without changing ΔW (--to-alpha).
@@ -56,10 +53,7 @@ def command(
     scales = [{"module": n, "scale": [c[0], c[1]], "alpha": [c[2], c[3]]} for n, c in changes.items()]
     save_and_report(
         result,
-        output,
-        to_format,
-        force,
-        as_json,
+        target,
         render=lambda _rows, out, fmt: _render(changes, out, fmt),
         extra={"scales": scales},  # [old, new] per module
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._algebra import load_inputs, output_options, save_and_report
+from ._algebra import Target, load_inputs, output_options, save_and_report
 from ._device import device_option
 from ._input_options import Inputs, input_options
 
@@ -35,10 +35,7 @@ def command(
     max_rank: int | None,
     budget: str | None,
     device: str,
-    output: str,
-    to_format: str | None,
-    force: bool,
-    as_json: bool,
+    target: Target,
     inputs: Inputs,
 ) -> None:
     """Shrink every module of ADAPTER to a lower rank, optimally, reporting rank and error per module.
@@ -64,9 +61,9 @@ def command(
         rule.check()
     (source,) = load_inputs([adapter], inputs)
     if budget is None:
-        return save_and_report(resize(source, rule, device=device), output, to_format, force, as_json)
+        return save_and_report(resize(source, rule, device=device), target)
     params = parse_budget(budget, common_dtype(list(source.modules.values())).itemsize)
-    save_and_report(resize_to_budget(source, params), output, to_format, force, as_json)
+    save_and_report(resize_to_budget(source, params), target)
 
 
 def _check_one_rule(**rules: object) -> None:
