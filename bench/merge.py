@@ -9,7 +9,8 @@ then times, interleaved and repeated, each contender in its own child process: w
 child's own peak RSS (`os.wait4`). This driver never imports torch, so a child's peak RSS is its
 own and not inherited from the launcher (PERF.md). The page cache is warmed first, and the
 outputs are compared (loractl vs PEFT) at the end. loractl fsyncs its output before the rename;
-PEFT and cp do not.
+PEFT and cp do not. loractl runs with its fingerprint cache warm (a second merge of the same base), and
+once more with an empty one ("first"), which hashes the base.
 """
 
 from __future__ import annotations
@@ -200,10 +201,21 @@ def run(args: argparse.Namespace) -> None:
         )
     size = sum(p.stat().st_size for p in (work / "base").iterdir())
     subprocess.run(f"cat {work}/base/* > /dev/null", shell=True, check=True)  # warm page cache
+    cold, warm = work / "cache-cold", work / "cache-warm"  # loractl's fingerprint cache (LORACTL_CACHE_DIR)
+    cli = [sys.executable, "-m", "loractl", "merge", str(work / "base"), str(work / "adapter"), "-o"]
+    shutil.rmtree(warm, ignore_errors=True)
+    _child(["env", f"LORACTL_CACHE_DIR={warm}", *cli, str(work / "out-warmup")])  # fills the warm cache
+    shutil.rmtree(work / "out-warmup")
     contenders = {
         "cp -r (I/O floor)": (["cp", "-r", str(work / "base"), str(work / "out-cp")], "out-cp"),
+        "loractl merge, first (base hashed)": (
+            ["env", f"LORACTL_CACHE_DIR={cold}", *cli, str(work / "out-first")],
+            "out-first",
+        ),
         "loractl merge": (
             [
+                "env",
+                f"LORACTL_CACHE_DIR={warm}",
                 sys.executable,
                 "-m",
                 "loractl",
@@ -216,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
             "out-loractl",
         ),
         "loractl merge() in-process": (
-            [sys.executable, "-m", "bench.merge", "library", "--work", str(work)],
+            ["env", f"LORACTL_CACHE_DIR={warm}", sys.executable, "-m", "bench.merge", "library", "--work", str(work)],
             "out-library",
         ),
         "PEFT merge_and_unload": ([sys.executable, "-m", "bench.merge", "peft", "--work", str(work)], "out-peft"),
@@ -239,6 +251,7 @@ def run(args: argparse.Namespace) -> None:
     for _ in range(args.reps):
         for name, (cmd, out) in contenders.items():
             shutil.rmtree(work / out, ignore_errors=True)
+            shutil.rmtree(cold, ignore_errors=True)
             results[name].append(_child(cmd, roots[name]))
     _child([sys.executable, "-m", "bench.merge", "compare", "--work", str(work)])
     _table(results, size, args)
