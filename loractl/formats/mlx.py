@@ -23,7 +23,7 @@ from ..findings import Finding, error, warning
 from ..info import AdapterInfo, ModuleKind
 from ..io.config_json import read_config
 from ..io.safetensors_header import is_safetensors, read_header
-from ..io.values import finite_number
+from ..io.values import finite_number, load_json
 from ._modules import exact_scales, module_info
 from .options import Feature, ReadOptions, WriteOptions
 from .peft.config import most_common
@@ -252,8 +252,8 @@ def _config(path: Path) -> dict[str, Any] | None:
     if not file.is_file() or (path.is_file() and path.suffix == ".npz"):
         return None
     try:
-        doc = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError):
+        doc = load_json(file)
+    except FormatError:
         return None
     return doc if isinstance(doc, dict) and any(k in doc for k in _CONFIG_MARKERS) else None
 

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import FormatError
 
 MAX_JSON_BYTES = 16 << 20  # configs and metadata records are kilobytes
+MAX_INT = 2**31  # ranks, layer counts: a larger one is no real model's
 
 
 def load_json(path: Path) -> Any:
@@ -38,10 +39,20 @@ def parse_json(raw: str, what: str, path: Path) -> Any:
 
 
 def finite_number(value: Any, field: str, path: Path | None = None) -> float:
-    """`value` as a finite float; bools, strings, NaN and infinities are refused naming `field`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path=path)
-    return float(value)
+    """`value` as a finite float; bools, strings, NaN, infinities and integers beyond a float are refused naming `field`."""
+    number = _as_float(value)
+    if number is None or not math.isfinite(number):
+        raise FormatError(f"{field} must be a finite number, not {shown(value)}", path=path)
+    return number
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 309 digits or more
+        return None
 
 
 def scalar_alpha(tensor: Any, key: str, path: Path) -> float:
@@ -52,7 +63,14 @@ def scalar_alpha(tensor: Any, key: str, path: Path) -> float:
 
 
 def positive_int(value: Any, field: str, path: Path | None = None) -> int:
-    """`value` as an int ≥ 1; anything else is refused naming `field`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{field} must be a positive integer, not {str(value)[:40]!r}", path=path)
+    """`value` as an int in [1, 2^31); anything else is refused naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_INT:
+        raise FormatError(f"{field} must be a positive integer below 2^31, not {shown(value)}", path=path)
     return value
+
+
+def shown(value: Any) -> str:
+    """A value read from a file, cut to fit in one line of an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(str(value)[:40])
