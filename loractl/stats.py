@@ -16,8 +16,10 @@ def delta_norm(m: LoraModule) -> float:
 
 
 def nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf values (0 for integer tensors)."""
-    return int((~torch.isfinite(t)).sum().item()) if t.is_floating_point() else 0
+    """Number of NaN/Inf values (0 for integer tensors); float8 is counted in float32 (it has no isfinite kernel)."""
+    if not t.is_floating_point():
+        return 0
+    return int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum().item())
 
 
 def module_stats(m: LoraModule) -> tuple[float, int]:

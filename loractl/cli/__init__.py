@@ -104,7 +104,9 @@ def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
     """Render one error as `error:` and `hint:` lines on stderr (the traceback only when debugging) and exit."""
     if "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("LORACTL_DEBUG") == "1":
         traceback.print_exc()
-    click.echo(f"error: {e}", err=True)
+    from ._text import printable
+
+    click.echo(f"error: {printable(str(e))}", err=True)
     if e.hint:
-        click.echo(f"hint: {e.hint}", err=True)
+        click.echo(f"hint: {printable(e.hint)}", err=True)
     sys.exit(e.exit_code)

@@ -64,6 +64,8 @@ def run(
 
 
 def _show_plan(plan: PlacedPlan, as_json: bool) -> None:
+    from rich.markup import escape
+
     if as_json:
         emit_json(plan.to_json())
         return
@@ -74,7 +76,7 @@ def _show_plan(plan: PlacedPlan, as_json: bool) -> None:
         highlight=False,
     )
     for p in plan.problems:
-        stderr.print(f"[red]problem:[/] {p.path}: {p.render()}", highlight=False)
+        stderr.print(f"[red]problem:[/] {escape(f'{p.path}: {p.render()}')}", highlight=False)
 
 
 def _show_report(report: PlacedMergeReport) -> None:

@@ -100,6 +100,8 @@ def _budget_params(budget: str | None, dtype: str) -> int | None:
 
 
 def _render(report: ExtractReport) -> None:
+    from rich.markup import escape
+
     rows = [
         (m.module, "×".join(map(str, m.shape)), str(m.rank), f"{m.rel_error:.2e}", f"{m.energy:.4f}",
          f"{m.delta_ratio:.2e}", m.method)
@@ -109,7 +111,7 @@ def _render(report: ExtractReport) -> None:
     stdout.print(name_table(stdout.get(), headers, rows, title="extracted modules"))
     lost = report.not_extracted()
     for n in lost:
-        stdout.print(f"[yellow]not extracted[/] {n.name}: {n.reason}", highlight=False)
+        stdout.print(f"[yellow]not extracted[/] {escape(f'{n.name}: {n.reason}')}", highlight=False)
     t = report.totals()
     stdout.print(
         f"{t['modules']} modules, rel error {t['rel_error']:.2e}, energy {t['energy']:.4f}; "

@@ -23,7 +23,7 @@ from ..findings import Finding, error, warning
 from ..info import AdapterInfo, ModuleKind
 from ..io.config_json import read_config
 from ..io.safetensors_header import is_safetensors, read_header
-from ..io.values import finite_number, load_json
+from ..io.values import finite_number, load_json, positive_int, tensor_name
 from ._modules import exact_scales, module_info
 from .options import Feature, ReadOptions, WriteOptions
 from .peft.config import most_common
@@ -40,7 +40,8 @@ WEIGHTS_NAME = "adapters.safetensors"
 LEAVES = {"lora_a": "A", "lora_b": "B", "m": "magnitude"}
 EMBEDDINGS = {"embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding"}  # LoRAEmbedding modules
 _CONFIG_MARKERS = ("lora_parameters", "fine_tune_type", "lora_layers", "num_layers")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_MAX_EXPANSION = 64  # unpacked / packed bytes of an .npz: random factors do not compress, zeros 1000-fold
+_LAYER = re.compile(r"\.layers\.(\d{1,9})\.")  # a longer digit run is no layer index
 
 
 def detect(path: Path) -> bool:
@@ -65,6 +66,8 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     params = config.get("lora_parameters") or {}
     findings: list[Finding] = []
     scale = _scale(config, options, weights, findings)
+    if "rank" in params:
+        positive_int(params["rank"], "lora_parameters.rank", _root(path) / CONFIG_NAME)
     groups: dict[str, dict[str, str]] = {}
     for key in entries:
         module, _, leaf = key.rpartition(".")
@@ -299,7 +302,16 @@ def _check_npz_sizes(path: Path) -> None:
     import numpy as np
 
     with zipfile.ZipFile(path) as z:
-        for member in z.infolist():
+        members = z.infolist()
+        unpacked, size = sum(m.file_size for m in members), path.stat().st_size
+        if unpacked > _MAX_EXPANSION * max(size, 1 << 20):
+            raise FormatError(
+                f"npz members unpack to {unpacked} bytes from {size}",
+                path=path,
+                hint="LoRA factors barely compress: this archive is a zip bomb or not an adapter",
+            )
+        for member in members:
+            tensor_name(member.filename, path)
             with z.open(member) as f:
                 version = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import FormatError
 
 MAX_JSON_BYTES = 16 << 20  # configs and metadata records are kilobytes
+MAX_NAME_CHARS = 1024  # tensor names: real ones are under 300 characters
 MAX_INT = 2**31  # ranks, layer counts: a larger one is no real model's
 
 
@@ -74,3 +75,14 @@ def shown(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
     return repr(str(value)[:40])
+
+
+def tensor_name(name: str, path: Path) -> str:
+    """A tensor name from a file, refused when longer than any real one (it would flood every message naming it)."""
+    if len(name) > MAX_NAME_CHARS:
+        raise FormatError(
+            f"a tensor name of {len(name)} characters exceeds the cap of {MAX_NAME_CHARS}",
+            path=path,
+            hint="tensor names are module paths; this file was not written by a training library",
+        )
+    return name
