@@ -77,12 +77,14 @@ def _f32(rng: random.Random, *shape: int) -> tuple[str, list[int], bytes]:
     return "F32", list(shape), struct.pack(f"<{n}f", *(rng.uniform(-1, 1) for _ in range(n)))
 
 
-def lora_pairs(rng: random.Random, key: Callable[[str, str], str], modules: list[str]) -> dict[str, Any]:
+def lora_pairs(
+    rng: random.Random, key: Callable[[str, str], str], modules: list[str], rank: int = RANK
+) -> dict[str, Any]:
     """A and B for each module of tiny-llama named `modules`, keyed by `key(module, role)`."""
     out: dict[str, Any] = {}
     for m in modules:
         width = HIDDEN // 2 if m.endswith(("k_proj", "v_proj")) else HIDDEN
-        shapes = {"A": (RANK, HIDDEN), "B": (width, RANK)}
+        shapes = {"A": (rank, HIDDEN), "B": (width, rank)}
         for role, shape in shapes.items():
             out[key(m, role)] = _f32(rng, *(shape[::-1] if key is mlx_key else shape))  # mlx stores Aᵀ, Bᵀ
     return out
@@ -252,11 +254,11 @@ def safetensors_cases(root: Path, rng: random.Random, with_big: bool) -> Iterato
 
 
 def _sparse(root: Path, layout: Layout, rng: random.Random) -> Path:
-    """An A of (16, 2^27) F16 (2^31 elements, 4 GiB) whose data is a hole: a few KB on disk."""
-    pairs = lora_pairs(rng, layout.key, MODULES)
+    """A rank-16 module whose A is (16, 2^27) F16 (2^31 elements, 4 GiB) and a hole: a few KB on disk."""
+    pairs = {**lora_pairs(rng, layout.key, MODULES[1:]), **lora_pairs(rng, layout.key, MODULES[:1], rank=16)}
     key = layout.key(MODULES[0], "A")
     hole = 2 * 2**31
-    data = safetensors_bytes({**pairs, key: ("F16", [16, 2**27], b"\0" * 0)})
+    data = safetensors_bytes({**pairs, key: ("F16", [2**27, 16] if layout.key is mlx_key else [16, 2**27], b"")})
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     offset = 0

@@ -24,7 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "fixtures" / "tiny-llama"
 WORKER = Path(__file__).with_name("hostile_worker.py")
 SECONDS, PEAK_MB = 5.0, 512
-SAMPLE = 24
+SAMPLE = 16
+ISSUE_CASES = {  # issue 22, items 19, 21 and 22: always run
+    "peft/rank_pattern-backtrack-0", "peft/alpha_pattern-backtrack-1", "gguf/gguf-block-index-10^12",
+    "gguf/gguf-block-index-2^40", "gguf/gguf-tensor-count-2^62", "peft/lora_alpha-huge-integer",
+    "peft/alpha_pattern-huge-integer", "gguf/gguf-rope-heads-strings", "peft/layer-index-20-digits",
+    "mlx/layer-index-5000-digits", "npz/npz-huge-layer-index", "peft/lineage-wrong-types",
+    "gguf/gguf-record-wrong-types", "peft/F8_E4M3-dtype", "diffusers/F8_E4M3-dtype", "peft/ansi-name",
+    "kohya/ansi-name", "npz/npz-ansi-name", "gguf/gguf-ansi-name",
+}  # fmt: skip
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 
 
@@ -96,10 +104,12 @@ def check(cases: list[Case], root: Path, out: Path) -> None:
 
 
 def test_hostile_sample(tmp_path: Path) -> None:
-    """A seeded sample of the small cases, every hostile-name case included."""
+    """The cases issue 22 names (small ones) and a seeded sample of the others."""
     cases = build(tmp_path / "corpus", seed=0, big=False)
+    named = [c for c in cases if c.name in ISSUE_CASES]
+    assert len(named) == len(ISSUE_CASES)
     rng = random.Random(0)
-    sample = [c for c in cases if c.accepted] + rng.sample([c for c in cases if not c.accepted], SAMPLE)
+    sample = named + rng.sample([c for c in cases if c not in named], SAMPLE)
     (tmp_path / "out").mkdir()
     check(sample, tmp_path / "corpus", tmp_path / "out")
 
@@ -109,3 +119,18 @@ def test_hostile_corpus(tmp_path: Path) -> None:
     """The whole corpus, big files included (about 2 GB written, much of it sparse)."""
     (tmp_path / "out").mkdir()
     check(build(tmp_path / "corpus", seed=0), tmp_path / "corpus", tmp_path / "out")
+
+
+def test_names_reach_the_terminal_escaped_and_json_intact(tmp_path: Path) -> None:
+    """A tensor name holding escape sequences and rich markup: shown escaped in text, kept exact in --json."""
+    from hostile_corpus import ESC, LAYOUTS, MODULES, lora_pairs, safetensors_bytes
+    from helpers import run_cli
+
+    modules = [*MODULES[:-1], MODULES[-1] + ESC]
+    path = LAYOUTS[0].write(tmp_path / "a", safetensors_bytes(lora_pairs(random.Random(0), LAYOUTS[0].key, modules)))
+    code, out, err = run_cli("inspect", path)
+    assert code == 0 and not CONTROL.search(out + err), out + err
+    assert r"v_proj\x1b]0;pwned\x07\x1b[2J\x1b[31m[/]\r" in out
+    code, out, _ = run_cli("inspect", path, "--json")
+    assert code == 0 and "\x1b" not in out  # JSON escapes it: \u001b
+    assert "v_proj" + ESC in json.loads(out)["target_modules"]

@@ -57,7 +57,15 @@ def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     """
     if is_safetensors(path):
         from ..io.checkpoint import Checkpoint
+        from ._modules import MAX_FACTOR_ELEMENTS
 
+        huge = [(k, t.shape) for k, t in read_header(path).tensors.items() if t.numel > MAX_FACTOR_ELEMENTS]
+        if huge:
+            raise FormatError(
+                f"tensor {huge[0][0]!r} is {list(huge[0][1])}: more than {MAX_FACTOR_ELEMENTS:,} elements",
+                path=path,
+                hint="no LoRA factor is that large: the header does not describe an adapter",
+            )
         with Checkpoint(path) as ckpt:
             return {name: ckpt.get(name) for name in ckpt.names}, {}
     obj = load_pickle(path, allow_pickle)

@@ -40,6 +40,7 @@ WEIGHTS_NAME = "adapters.safetensors"
 LEAVES = {"lora_a": "A", "lora_b": "B", "m": "magnitude"}
 EMBEDDINGS = {"embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding"}  # LoRAEmbedding modules
 _CONFIG_MARKERS = ("lora_parameters", "fine_tune_type", "lora_layers", "num_layers")
+_MAX_NPZ_MEMBERS = 20_000  # an old mlx-examples .npz: two per module of a Llama or Mistral
 _MAX_EXPANSION = 64  # unpacked / packed bytes of an .npz: random factors do not compress, zeros 1000-fold
 _LAYER = re.compile(r"\.layers\.(\d{1,9})\.")  # a longer digit run is no layer index
 
@@ -303,6 +304,12 @@ def _check_npz_sizes(path: Path) -> None:
 
     with zipfile.ZipFile(path) as z:
         members = z.infolist()
+        if len(members) > _MAX_NPZ_MEMBERS:
+            raise FormatError(
+                f"npz holds {len(members)} members, over the cap of {_MAX_NPZ_MEMBERS}",
+                path=path,
+                hint="an mlx-examples adapter holds two arrays per adapted module",
+            )
         unpacked, size = sum(m.file_size for m in members), path.stat().st_size
         if unpacked > _MAX_EXPANSION * max(size, 1 << 20):
             raise FormatError(

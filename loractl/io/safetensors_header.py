@@ -20,6 +20,8 @@ from .values import tensor_name
 # Caps a hostile header meets before any work proportional to what it declares.
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_TENSORS = 200_000  # a single-file MoE model has tens of thousands; parsing 200,000 entries takes ~200 MB
+MAX_ENTRY_BYTES = 2048  # one tensor's entry: a name of up to 1,024 characters, dtype, shape, offsets
+MAX_METADATA_BYTES = 16 << 20  # kohya's training metadata (tag frequencies) reaches a few MB
 MAX_NDIM = 8
 MAX_DEPTH = 4  # a real header nests 3 deep: {name: {"shape": [...]}}; metadata is {str: str}
 _ESCAPES = re.compile(rb"\\.", re.DOTALL)
@@ -117,11 +119,21 @@ def _check_shape_of_json(path: Path, raw: bytes) -> None:
     whose memory is linear in the header, however long its strings); every pass then deletes the
     innermost bracket pairs, so pairs left after `MAX_DEPTH` passes nest deeper than the cap.
     """
-    structure = _ESCAPES.sub(b"", raw).translate(None, _NOT_STRUCTURE)  # quotes and brackets only
+    # Quotes and brackets only; then the strings, most of them empty now (a C-speed replace), the few
+    # holding brackets by a pattern whose matches are counted first (each match costs memory).
+    structure = _ESCAPES.sub(b"", raw).translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    bracketed = structure.count(b'"') // 2
+    if bracketed > MAX_TENSORS:
+        raise FormatError(f"header holds about {bracketed} strings with brackets inside", path=path)
     brackets = _STRINGS.sub(b"", structure)
     entries = brackets.count(b"{") - 1  # one object per tensor (and one for __metadata__)
     if entries > MAX_TENSORS + 1:
         raise FormatError(f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path)
+    if len(raw) > entries * MAX_ENTRY_BYTES + MAX_METADATA_BYTES:
+        raise FormatError(
+            f"header of {len(raw)} bytes for about {entries} tensors: over the metadata cap of {MAX_METADATA_BYTES}",
+            path=path,
+        )
     for _ in range(MAX_DEPTH):
         brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
     if b"[]" in brackets or b"{}" in brackets:

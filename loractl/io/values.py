@@ -56,11 +56,13 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-def scalar_alpha(tensor: Any, key: str, path: Path) -> float:
-    """A stored alpha tensor's one finite value (kohya, diffusers `.alpha` keys)."""
-    if tensor.numel() != 1:
-        raise FormatError(f"tensor {key!r} is {list(tensor.shape)}, not a scalar alpha", path=path)
-    return finite_number(float(tensor.float().item()), key, path)
+def scalar_alpha(checkpoint: Any, key: str, path: Path) -> float:
+    """A stored alpha tensor's one finite value (kohya, diffusers `.alpha` keys) in an open `Checkpoint`, its
+    shape checked before it is read."""
+    shape = checkpoint.info(key).shape
+    if math.prod(shape) != 1:
+        raise FormatError(f"tensor {key!r} is {list(shape)}, not a scalar alpha", path=path)
+    return finite_number(float(checkpoint.get(key).float().item()), key, path)
 
 
 def positive_int(value: Any, field: str, path: Path | None = None) -> int:
