@@ -16,10 +16,12 @@ def delta_norm(m: LoraModule) -> float:
 
 
 def nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf values (0 for integer tensors); float8 is counted in float32 (it has no isfinite kernel)."""
+    """Number of NaN/Inf values (0 for integer tensors), counted in blocks of 2^24 elements (a few tens of MB of
+    temporaries whatever the tensor's size); float8 is counted in float32 (it has no isfinite kernel)."""
     if not t.is_floating_point():
         return 0
-    return int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum().item())
+    blocks = torch.split(t.reshape(-1), 1 << 24)
+    return sum(int((~torch.isfinite(b.float() if b.element_size() == 1 else b)).sum().item()) for b in blocks)
 
 
 def module_stats(m: LoraModule) -> tuple[float, int]:
