@@ -109,9 +109,11 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     from ._reading import adapter_from_info
 
     info = describe(path, options)
-    raw = _load(info.files[0])
+    raw: dict[str, torch.Tensor] = {}
 
     def get(key: str) -> torch.Tensor:
+        if not raw:  # loaded on first use: an adapter with structural errors is refused before any data is read
+            raw.update(_load(info.files[0]))
         t = raw[key]
         return t.T.contiguous() if key.endswith((".lora_a", ".lora_b")) else t
 
