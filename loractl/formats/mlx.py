@@ -25,6 +25,7 @@ from ..io.config_json import read_config
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import finite_number, load_json, positive_int, tensor_name
 from ._modules import exact_scales, module_info
+from ._state_dict import zip_entries
 from .options import Feature, ReadOptions, WriteOptions
 from .peft.config import most_common
 
@@ -304,14 +305,15 @@ def _check_npz_sizes(path: Path) -> None:
     """Each `.npy` member must hold the bytes its header declares, so no shape makes numpy allocate more than the file."""
     import numpy as np
 
+    count = zip_entries(path) or 0  # from the file's tail, before zipfile parses every entry
+    if count > _MAX_NPZ_MEMBERS:
+        raise FormatError(
+            f"npz holds {count} members, over the cap of {_MAX_NPZ_MEMBERS}",
+            path=path,
+            hint="an mlx-examples adapter holds two arrays per adapted module",
+        )
     with zipfile.ZipFile(path) as z:
         members = z.infolist()
-        if len(members) > _MAX_NPZ_MEMBERS:
-            raise FormatError(
-                f"npz holds {len(members)} members, over the cap of {_MAX_NPZ_MEMBERS}",
-                path=path,
-                hint="an mlx-examples adapter holds two arrays per adapted module",
-            )
         unpacked, size = sum(m.file_size for m in members), path.stat().st_size
         if unpacked > _MAX_EXPANSION * max(size, 1 << 20):
             raise FormatError(
