@@ -97,7 +97,8 @@ def name_table(
     from rich.markup import escape
     from rich.table import Column, Table
 
-    widths = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+    rows = [[printable(str(c)) for c in r] for r in rows]  # measured as they will be shown
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     chrome = 3 * len(headers) + 1  # borders and one space of padding each side
     others = sum(w for i, w in enumerate(widths) if i != name_column)
     longest_segment = max([len(headers[name_column]), *(len(p) for r in rows for p in segments(r[name_column]))])
