@@ -26,6 +26,7 @@ MAX_NDIM = 8
 MAX_DEPTH = 4  # a real header nests 3 deep: {name: {"shape": [...]}}; metadata is {str: str}
 _ESCAPES = re.compile(rb"\\.", re.DOTALL)
 _STRINGS = re.compile(rb'"[^"]*"')  # once escapes are gone: no alternation, so no backtracking stack
+_NOT_WRITTEN = "no training or conversion library writes such a header: the file is damaged or made to attack readers"
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 DTYPE_SIZES = {
@@ -124,15 +125,18 @@ def _check_shape_of_json(path: Path, raw: bytes) -> None:
     structure = _ESCAPES.sub(b"", raw).translate(None, _NOT_STRUCTURE).replace(b'""', b"")
     bracketed = structure.count(b'"') // 2
     if bracketed > MAX_TENSORS:
-        raise FormatError(f"header holds about {bracketed} strings with brackets inside", path=path)
+        raise FormatError(f"header holds about {bracketed} strings with brackets inside", path=path, hint=_NOT_WRITTEN)
     brackets = _STRINGS.sub(b"", structure)
     entries = brackets.count(b"{") - 1  # one object per tensor (and one for __metadata__)
     if entries > MAX_TENSORS + 1:
-        raise FormatError(f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path)
+        raise FormatError(
+            f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path, hint=_NOT_WRITTEN
+        )
     if len(raw) > entries * MAX_ENTRY_BYTES + MAX_METADATA_BYTES:
         raise FormatError(
             f"header of {len(raw)} bytes for about {entries} tensors: over the metadata cap of {MAX_METADATA_BYTES}",
             path=path,
+            hint=_NOT_WRITTEN,
         )
     for _ in range(MAX_DEPTH):
         brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
