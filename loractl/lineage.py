@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
+from .errors import FormatError
+from .io.values import finite_number
 
 METADATA_KEY = "loractl"
 RECORD_VERSION = 1
@@ -71,7 +73,11 @@ def encode(record: Record) -> str:
 
 
 def decode(metadata: dict[str, str]) -> Record | None:
-    """The record in a header's metadata, or None when loractl did not write the file (or it is mangled)."""
+    """The record in a header's metadata, or None when loractl did not write the file (or it is mangled).
+
+    Mangled includes any field of the wrong type (the file may come from anyone): callers get a
+    record whose types are the ones declared, or none.
+    """
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return None
@@ -79,15 +85,22 @@ def decode(metadata: dict[str, str]) -> Record | None:
         doc = json.loads(raw)
         base = doc.get("base") or {}
         return Record(
-            content_hash=doc.get("content_hash"),
+            content_hash=_text(doc.get("content_hash")),
             lineage=tuple(e for e in doc.get("lineage", []) if isinstance(e, dict)),
-            base_model=base.get("model"),
-            base_revision=base.get("revision"),
-            base_fingerprint=base.get("fingerprint"),
+            base_model=_text(base.get("model")),
+            base_revision=_text(base.get("revision")),
+            base_fingerprint=_text(base.get("fingerprint")),
             base_views={str(k): str(v) for k, v in (base.get("views") or {}).items()},
-            scales={str(k): float(v) for k, v in (doc.get("scales") or {}).items()},
+            scales={str(k): finite_number(v, "scale") for k, v in (doc.get("scales") or {}).items()},
             fan_in_fan_out={str(k): bool(v) for k, v in (doc.get("fan_in_fan_out") or {}).items()},
             padded_bias=tuple(str(m) for m in doc.get("padded_bias") or ()),
         )
-    except (ValueError, TypeError, AttributeError, RecursionError):
+    except (ValueError, TypeError, AttributeError, RecursionError, FormatError):
         return None
+
+
+def _text(value: Any) -> str | None:
+    """A string field of the record (None when absent); any other type makes the record mangled."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value

@@ -6,13 +6,13 @@ indices and a projection name.
 
 from __future__ import annotations
 
-import itertools
+import math
 import os
 import re
 from collections.abc import Hashable, Mapping
 from typing import TypeVar
 
-_NUM = re.compile(r"^\d+$")
+_NUM = re.compile(r"^\d{1,18}$")  # an index; longer digit runs (a hostile name's) are words
 K = TypeVar("K", bound=Hashable)
 
 
@@ -39,13 +39,13 @@ def summarize(modules: Mapping[str, K]) -> list[tuple[str, K, int]]:
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """Numbers by value, so that `h.2` sorts before `h.10`."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
+    return tuple((0, int(p)) if _NUM.match(p) else (1, p) for p in re.split(r"(\d+)", name) if p)
 
 
 def _fill(template: str, numbers: frozenset[tuple[int, ...]]) -> str:
     """Replace each '#' by the range of values at that position (exact when the set is a product)."""
     columns = [sorted(set(c)) for c in zip(*numbers, strict=True)] if numbers else []
-    product = len(numbers) == len(list(itertools.product(*columns))) if columns else True
+    product = len(numbers) == math.prod(map(len, columns)) if columns else True
     parts, i = template.split("."), 0
     out = []
     for p in parts:
@@ -60,7 +60,7 @@ def _fill(template: str, numbers: frozenset[tuple[int, ...]]) -> str:
 def _ranges(values: list[int]) -> str:
     if len(values) == 1:
         return str(values[0])
-    if values == list(range(values[0], values[-1] + 1)):
+    if values[-1] - values[0] + 1 == len(values):  # sorted and distinct: a run without gaps
         return f"{{{values[0]}..{values[-1]}}}"
     return "{" + ",".join(map(str, values)) + "}"
 

@@ -16,8 +16,12 @@ def delta_norm(m: LoraModule) -> float:
 
 
 def nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN/Inf values (0 for integer tensors)."""
-    return int((~torch.isfinite(t)).sum().item()) if t.is_floating_point() else 0
+    """Number of NaN/Inf values (0 for integer tensors), counted in blocks of 2^24 elements (a few tens of MB of
+    temporaries whatever the tensor's size); float8 is counted in float32 (it has no isfinite kernel)."""
+    if not t.is_floating_point():
+        return 0
+    blocks = torch.split(t.reshape(-1), 1 << 24)
+    return sum(int((~torch.isfinite(b.float() if b.element_size() == 1 else b)).sum().item()) for b in blocks)
 
 
 def module_stats(m: LoraModule) -> tuple[float, int]:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import LoractlError
 from .findings import Finding, error, warning
 from .formats import describe_adapter
 from .formats.options import ReadOptions
 from .info import AdapterInfo
+
+if TYPE_CHECKING:
+    from .ops.merge_io import ReusingReader
+
+SCAN_BYTES = 64 << 20  # rows read at once when scanning for NaN/Inf
 
 
 @dataclass(frozen=True)
@@ -142,14 +147,47 @@ def _data_findings(info: AdapterInfo, structural_ok: bool, options: ReadOptions)
 
 
 def _nonfinite_tensors(weights: Path) -> list[tuple[str, int]]:
-    """(key, count) for every tensor with NaN/Inf values, reading one tensor at a time."""
+    """(key, count) for every tensor with NaN/Inf values, reading blocks of rows into one reused buffer.
+
+    Memory stays near `SCAN_BYTES` (or one row) whatever a header declares, a sparse file's 4 GiB hole included.
+    """
     from .io.checkpoint import Checkpoint
-    from .stats import nonfinite
+    from .ops.merge_io import ReusingReader
 
     if weights.suffix != ".safetensors":
         return []  # pickles are scanned through the loaded adapter's hash path only
-    with Checkpoint(weights) as ckpt:
-        return [(key, bad) for key in ckpt.names if (bad := nonfinite(ckpt.get(key)))]
+    with Checkpoint(weights) as ckpt, ReusingReader(ckpt) as reader:
+        return [(key, bad) for key in ckpt.names if (bad := _count_nonfinite(reader, key))]
+
+
+def _count_nonfinite(reader: ReusingReader, key: str) -> int:
+    from .io.safetensors_header import DTYPE_SIZES
+    from .ops.merge_io import matrix_shape
+    from .stats import nonfinite
+
+    info, where = reader.ckpt.info(key), reader.file_range(key)
+    rows, cols = matrix_shape(info.shape)
+    row_bytes = cols * DTYPE_SIZES[info.dtype]
+    step = max(1, SCAN_BYTES // max(1, row_bytes))
+    bad = 0
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        if not _is_hole(where.path, where.offset + start * row_bytes, where.offset + stop * row_bytes):
+            bad += nonfinite(reader.rows(key, start, stop))
+    return bad
+
+
+def _is_hole(path: Path, start: int, stop: int) -> bool:
+    """Whether bytes [start, stop) of `path` were never written (a sparse file's hole reads as zeros: finite)."""
+    import os
+
+    if not hasattr(os, "SEEK_DATA"):
+        return False
+    with path.open("rb") as f:
+        try:
+            return os.lseek(f.fileno(), start, os.SEEK_DATA) >= stop
+        except OSError:  # ENXIO: no data from `start` to the end of the file
+            return True
 
 
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:

@@ -150,8 +150,10 @@ def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
         traceback.print_exc()
     elif os.environ.get("LOCAL_RANK", "0") != "0":
         sys.exit(e.exit_code)
-    click.echo(f"error: {_where(e)}{e.message}", err=True)
-    click.echo(f"hint: {e.cli_hint or e.hint or _next_step(e, args)}", err=True)
+    from ._text import printable
+
+    click.echo(f"error: {printable(_where(e) + e.message)}", err=True)
+    click.echo(f"hint: {printable(e.cli_hint or e.hint or _next_step(e, args))}", err=True)
     sys.exit(e.exit_code)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..inspection import Inspection
@@ -37,8 +38,8 @@ def render(report: Inspection, console: Console) -> None:
         rows += [("pulled from", f"{o.get('source', '?')}@{o.get('revision', '?')}"), ("pulled", _pulled_line(report))]
     if doc["base_fingerprint"]:
         rows.append(("base fingerprint", short_hash(doc["base_fingerprint"])))
-    for key, value in rows:
-        head.add_row(key, str(value))
+    for key, value in rows:  # values from files are escaped; the two lines with markup escape their own parts
+        head.add_row(key, value if key in ("content hash", "pulled") else escape(str(value)))
     console.print(head)
     patterns = [
         (p.pattern, str(p.rank), f"{p.alpha:g}" if p.alpha is not None else "-", f"{p.scale:.6g}", str(p.count))
@@ -59,11 +60,11 @@ def render(report: Inspection, console: Console) -> None:
     for entry in doc["lineage"]:
         console.print(f"lineage: {lineage_line(entry)}", highlight=False, markup=False)
     for f in report.info.findings:
-        console.print(f"[yellow]{f.severity}[/] \\[{f.code}] {f.render()}", highlight=False)
+        console.print(f"[yellow]{f.severity}[/] \\[{f.code}] {escape(f.render())}", highlight=False)
 
 
 def _hash_line(report: Inspection) -> str:
-    computed, recorded = short_hash(report.computed_hash), short_hash(report.recorded_hash)
+    computed, recorded = escape(short_hash(report.computed_hash)), escape(short_hash(report.recorded_hash))
     pulled = (report.origin or {}).get("content_hash")
     if report.computed_hash is None:
         if report.recorded_hash:
@@ -77,9 +78,9 @@ def _hash_line(report: Inspection) -> str:
 def _pulled_line(report: Inspection) -> str:
     """The commit `pull` resolved and the content hash it verified (flagged if the files changed since)."""
     o = report.origin or {}
-    line = f"commit {short_sha(str(o.get('commit') or ''))}"
+    line = f"commit {escape(short_sha(str(o.get('commit') or '')))}"
     if o.get("content_hash"):
-        line += f", verified {short_hash(o['content_hash'])}"
+        line += f", verified {escape(short_hash(str(o['content_hash'])))}"
     current = report.computed_hash or report.recorded_hash
     if o.get("content_hash") and current and o["content_hash"] != current:
         line += " [red]changed since the pull[/]"

@@ -31,9 +31,8 @@ class LazyConsole:
             from rich.console import Console
 
             console = Console(file=cast("IO[str]", _Unpadded(self._to_stderr)), soft_wrap=True)
-            if not console.encoding.lower().replace("_", "-").startswith("utf"):
-                console = _spelled_out(console)
-            self._console = console
+            narrow = not console.encoding.lower().replace("_", "-").startswith("utf")
+            self._console = _sanitized(console, spell_out=narrow)
         return self._console
 
     def __getattr__(self, name: str) -> Any:
@@ -81,16 +80,20 @@ ASCII_FALLBACKS = {
 }  # fmt: skip
 
 
-def _spelled_out(console: Console) -> Console:
-    """A console that writes symbols its stream cannot encode as their ASCII spelling *before* rich
-    measures the text, so table columns stay aligned (the stream's error handler is the last resort)."""
-    table = str.maketrans(ASCII_FALLBACKS)
+def _sanitized(console: Console, *, spell_out: bool) -> Console:
+    """A console that shows control characters escaped (`printable`: a name from a file cannot drive the
+    terminal) and, with `spell_out`, writes symbols its stream cannot encode as their ASCII spelling;
+    both before rich measures the text, so table columns stay aligned (the stream's error handler is
+    the last resort)."""
+    from ._text import printable
+
+    table = str.maketrans(ASCII_FALLBACKS) if spell_out else {}
     render_str = console.render_str
 
-    def spelled(text: str, **kwargs: Any) -> Any:
-        return render_str(text.translate(table), **kwargs)
+    def sanitized(text: str, **kwargs: Any) -> Any:
+        return render_str(printable(text).translate(table), **kwargs)
 
-    console.render_str = spelled  # type: ignore[method-assign]
+    console.render_str = sanitized  # type: ignore[method-assign]
     return console
 
 
@@ -161,4 +164,6 @@ def wrote_plot(path: object) -> None:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)

@@ -23,6 +23,17 @@ HASH_PREFIX = 19  # "sha256:" and 12 hex digits: unique in any realistic set of 
 SHA_PREFIX = 12  # git commit shas, as git itself abbreviates them
 LONGEST_SEGMENT = 40  # wider than any module segment; only a long directory name is folded inside
 _SEGMENT = re.compile(r"(?:\{[^}]*\}|[^./{])+[./]?|[./]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown escaped (`\\x1b`), never sent: text output only (`--json` is JSON).
+
+    Names come from files anyone can write, and a terminal obeys an escape sequence inside one
+    (it retitles the window, clears the screen, moves the cursor to fake a line). Tab and newline
+    are the output's own layout and pass.
+    """
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def budget_line(b: Allocation) -> str:
@@ -128,9 +139,11 @@ def name_table(
     The other columns hold short figures and keep their natural width; the names wrap onto
     more lines instead of being cut, whatever the terminal width.
     """
+    from rich.markup import escape
     from rich.table import Column, Table
 
-    widths = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+    rows = [[printable(str(c)) for c in r] for r in rows]  # measured as they will be shown
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     chrome = 3 * len(headers) + 1  # borders and one space of padding each side
     others = sum(w for i, w in enumerate(widths) if i != name_column)
     segment = max([len(headers[name_column]), *(len(p) for r in rows for p in segments(r[name_column]))])
@@ -141,7 +154,6 @@ def name_table(
         for i, h in enumerate(headers)
     ]
     table = Table(*columns, title=title, title_justify="left")
-    for r in rows:
-        cells = [fold_dotted(c, width) if i == name_column else c for i, c in enumerate(r)]
-        table.add_row(*cells)
+    for r in rows:  # cells are text, not markup: a name from a file may hold '[/]'
+        table.add_row(*(escape(fold_dotted(c, width) if i == name_column else c) for i, c in enumerate(r)))
     return table

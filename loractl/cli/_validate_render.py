@@ -8,6 +8,7 @@ from ..findings import Finding
 from ..patterns import summarize
 from ..validation import ValidationReport
 from ._output import emit_json
+from ._text import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -68,5 +69,5 @@ def _with_hint(f: Finding) -> str:
 
 def _escape(text: str, prop: bool) -> str:
     """GitHub workflow-command escaping (properties also escape ':' and ',')."""
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    text = printable(text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
     return text.replace(":", "%3A").replace(",", "%2C") if prop else text

@@ -107,6 +107,8 @@ def _budget_params(budget: str | None, dtype: str) -> int | None:
 
 
 def _render(report: ExtractReport) -> None:
+    from rich.markup import escape
+
     rows = [
         (m.module, "×".join(map(str, m.shape)), str(m.rank), relative(m.rel_error), f"{m.energy:.4f}",
          relative(m.delta_ratio), m.method)
@@ -116,7 +118,7 @@ def _render(report: ExtractReport) -> None:
     stdout.print(name_table(stdout.get(), headers, rows, title="extracted modules"))
     lost = report.not_extracted()
     for n in lost:
-        stdout.print(f"[yellow]not extracted[/] {n.name}: {n.reason}", highlight=False)
+        stdout.print(f"[yellow]not extracted[/] {escape(f'{n.name}: {n.reason}')}", highlight=False)
     t = report.totals()
     stdout.print(
         f"{t['modules']} modules, rel error {relative(t['rel_error'])}, energy {t['energy']:.4f}; "

@@ -111,6 +111,8 @@ def command(
 
 
 def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
+    from rich.markup import escape
+
     from ..ops.placement import PlacedPlan
 
     if as_json:
@@ -133,7 +135,7 @@ def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
         stdout.print(name_table(stdout.get(), headers, rows, title=f"merge plan for {plan.base}"))
     stdout.print(_summary(plan), highlight=False)
     for p in plan.problems:
-        stderr.print(f"[red]problem:[/] {p.path}: {p.render()}", highlight=False)
+        stderr.print(f"[red]problem:[/] {escape(f'{p.path}: {p.render()}')}", highlight=False)
 
 
 def _summary(plan: MergePlan | PlacedPlan) -> str:

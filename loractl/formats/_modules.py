@@ -13,6 +13,9 @@ from ..findings import Finding, error
 from ..info import ModuleInfo, ModuleKind, ScaleRule
 
 Shape = tuple[int, ...]
+# Elements of one factor: an embedding's A for a 256k vocabulary at rank 1,024 is 2^28; a header declaring more
+# (a sparse file's hole, say) would make every command that reads the data allocate gigabytes for nothing.
+MAX_FACTOR_ELEMENTS = 2**30
 
 
 def module_info(
@@ -44,6 +47,13 @@ def module_info(
     a, b = shapes["A"], shapes["B"]
     if len(a) < 2 or len(b) < 2 or a[0] != b[1] or a[0] == 0:
         findings.append(error("rank-mismatch", f"A is {list(a)} but B is {list(b)}: ranks differ", module))
+        return None
+    huge = [role for role in ("A", "B") if math.prod(shapes[role]) > MAX_FACTOR_ELEMENTS]
+    if huge:
+        what = (
+            f"{huge[0]} is {list(shapes[huge[0]])}: more than {MAX_FACTOR_ELEMENTS:,} elements, no LoRA factor's size"
+        )
+        findings.append(error("factor-size", what, module))
         return None
     for role in ("magnitude", "bias"):  # PEFT's conv DoRA magnitude is (1, out, 1, 1): one value per output
         if role in shapes and (

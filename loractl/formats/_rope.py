@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..io.config_json import CONFIG_NAME, read_config
+from ..io.values import positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +57,7 @@ class RopeHeads:
         if not isinstance(n_heads, int) or n_heads <= 0:
             raise FormatError("the base config.json has no num_attention_heads", hint="pass the base model directory")
         n_kv = config.get("num_key_value_heads") or n_heads
-        return cls(n_heads, int(n_kv))
+        return cls(n_heads, positive_int(n_kv, "num_key_value_heads"))
 
 
 def is_rope_module(module: str) -> bool:

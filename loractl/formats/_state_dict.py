@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import pickletools
+import struct
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from ..io.safetensors_header import is_safetensors, read_header
 if TYPE_CHECKING:
     import torch
 
+MAX_ZIP_ENTRIES = 200_000  # a torch zip holds one entry per storage; parsing 200,000 takes about a second
+_EOCD_SPAN = 22 + 0xFFFF + 20 + 56  # the record, its longest comment, the zip64 locator and record
 _MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds names and storage ids only; anything bigger is not a checkpoint
 
 
@@ -38,7 +41,7 @@ def sniff_keys(path: Path) -> list[str] | None:
 def pickle_strings(path: Path) -> list[str] | None:
     """The string constants of a torch zip checkpoint's pickle, without unpickling it; None if not one."""
     try:
-        if not zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(path) or (zip_entries(path) or 0) > MAX_ZIP_ENTRIES:
             return None
         with zipfile.ZipFile(path) as z:
             member = next((i for i in z.infolist() if i.filename.endswith("data.pkl")), None)
@@ -50,6 +53,26 @@ def pickle_strings(path: Path) -> list[str] | None:
         return None
 
 
+def zip_entries(path: Path) -> int | None:
+    """The entry count a zip's end-of-central-directory record declares (zip64 too), read from the file's
+    tail: checked before `zipfile` parses a directory of millions of entries. None if there is no record."""
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - _EOCD_SPAN))
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return None
+    (count,) = struct.unpack_from("<H", tail, at + 10)
+    locator = at - 20  # a zip64 file: the count is in the zip64 record the locator points to
+    if count == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        (record,) = struct.unpack_from("<Q", tail, locator + 8)
+        at64 = record - (size - len(tail))  # the record's place in `tail`
+        if at64 >= 0 and at64 + 40 <= len(tail):
+            (count,) = struct.unpack_from("<Q", tail, at64 + 32)
+    return int(count)
+
+
 def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of a state dict file, and the non-tensor values beside them (e.g. a stored alpha).
 
@@ -57,7 +80,15 @@ def load_entries(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     """
     if is_safetensors(path):
         from ..io.checkpoint import Checkpoint
+        from ._modules import MAX_FACTOR_ELEMENTS
 
+        huge = [(k, t.shape) for k, t in read_header(path).tensors.items() if t.numel > MAX_FACTOR_ELEMENTS]
+        if huge:
+            raise FormatError(
+                f"tensor {huge[0][0]!r} is {list(huge[0][1])}: more than {MAX_FACTOR_ELEMENTS:,} elements",
+                path=path,
+                hint="no LoRA factor is that large: the header does not describe an adapter",
+            )
         with Checkpoint(path) as ckpt:
             return {name: ckpt.get(name) for name in ckpt.names}, {}
     obj = load_pickle(path, allow_pickle)

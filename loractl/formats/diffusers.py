@@ -187,7 +187,7 @@ def _alphas(path: Path, groups: dict[str, dict[str, str]]) -> dict[str, float]:
     from ..io.checkpoint import Checkpoint
 
     with Checkpoint(path) as ckpt:
-        return {m: scalar_alpha(ckpt.get(k), k, path) for m, k in keys.items()}
+        return {m: scalar_alpha(ckpt, k, path) for m, k in keys.items()}
 
 
 def _scale_rule(module: str, configs: dict[str, dict[str, Any]], alpha: float | None, findings: list[Finding]) -> Any:

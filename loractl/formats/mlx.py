@@ -24,9 +24,10 @@ from ..findings import Finding, error, warning
 from ..info import AdapterInfo, ModuleKind
 from ..io.config_json import read_config
 from ..io.safetensors_header import DTYPE_SIZES, is_safetensors, read_header
-from ..io.values import finite_number
+from ..io.values import finite_number, load_json, positive_int, tensor_name
 from ._mlx_names import from_mlx, is_gpt2_conv1d, model_type, to_mlx
 from ._modules import exact_scales, module_info
+from ._state_dict import zip_entries
 from .options import Feature, ReadOptions, WriteOptions, filled
 from .peft.config import most_common
 
@@ -43,7 +44,9 @@ WEIGHTS_NAME = "adapters.safetensors"
 LEAVES = {"lora_a": "A", "lora_b": "B", "m": "magnitude"}
 EMBEDDINGS = {"embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embedding"}  # LoRAEmbedding modules
 _CONFIG_MARKERS = ("lora_parameters", "fine_tune_type", "lora_layers", "num_layers")
-_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+_MAX_NPZ_MEMBERS = 20_000  # an old mlx-examples .npz: two per module of a Llama or Mistral
+_MAX_EXPANSION = 64  # unpacked / packed bytes of an .npz: random factors do not compress, zeros 1000-fold
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d{1,9})\.")  # a longer digit run is no layer index
 
 
 def detect(path: Path) -> bool:
@@ -68,6 +71,8 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     params = config.get("lora_parameters") or {}
     findings: list[Finding] = []
     scale = _scale(config, options, weights, findings)
+    if "rank" in params:
+        positive_int(params["rank"], "lora_parameters.rank", _root(path) / CONFIG_NAME)
     groups: dict[str, dict[str, str]] = {}
     for key in entries:
         module, _, leaf = key.rpartition(".")
@@ -107,9 +112,11 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     from ._reading import adapter_from_info
 
     info = describe(path, options)
-    raw = _load(info.files[0])
+    raw: dict[str, torch.Tensor] = {}
 
     def get(key: str) -> torch.Tensor:
+        if not raw:  # loaded on first use: an adapter with structural errors is refused before any data is read
+            raw.update(_load(info.files[0]))
         t = raw[key]
         return t.T.contiguous() if key.endswith((".lora_a", ".lora_b")) else t
 
@@ -270,8 +277,8 @@ def _config(path: Path) -> dict[str, Any] | None:
     if not file.is_file() or (path.is_file() and path.suffix == ".npz"):
         return None
     try:
-        doc = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError):
+        doc = load_json(file)
+    except FormatError:
         return None
     return doc if isinstance(doc, dict) and any(k in doc for k in _CONFIG_MARKERS) else None
 
@@ -315,9 +322,24 @@ def _npz_headers(path: Path) -> dict[str, tuple[Any, tuple[int, ...]]]:
 
     A member must hold the bytes its header declares, so that no shape makes numpy allocate more than the file.
     """
+    count = zip_entries(path) or 0  # from the file's tail, before zipfile parses every entry
+    if count > _MAX_NPZ_MEMBERS:
+        raise FormatError(
+            f"npz holds {count} members, over the cap of {_MAX_NPZ_MEMBERS}",
+            path=path,
+            hint="an mlx-examples adapter holds two arrays per adapted module",
+        )
     try:
         with zipfile.ZipFile(path) as z:
-            return {m.filename.removesuffix(".npy"): _npy_header(z, m, path) for m in z.infolist()}
+            members = z.infolist()
+            unpacked, size = sum(m.file_size for m in members), path.stat().st_size
+            if unpacked > _MAX_EXPANSION * max(size, 1 << 20):
+                raise FormatError(
+                    f"npz members unpack to {unpacked} bytes from {size}",
+                    path=path,
+                    hint="LoRA factors barely compress: this archive is a zip bomb or not an adapter",
+                )
+            return {tensor_name(m.filename, path).removesuffix(".npy"): _npy_header(z, m, path) for m in members}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FormatError(f"cannot read npz ({str(e)[:80]})", path=path) from None
 

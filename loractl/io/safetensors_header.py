@@ -15,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, TruncatedFileError
+from .values import tensor_name
 
 # Caps a hostile header meets before any work proportional to what it declares.
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-MAX_TENSORS = 1_000_000
+MAX_TENSORS = 200_000  # a single-file MoE model has tens of thousands; parsing 200,000 entries takes ~200 MB
+MAX_ENTRY_BYTES = 2048  # one tensor's entry: a name of up to 1,024 characters, dtype, shape, offsets
+MAX_METADATA_BYTES = 16 << 20  # kohya's training metadata (tag frequencies) reaches a few MB
 MAX_NDIM = 8
 MAX_DEPTH = 4  # a real header nests 3 deep: {name: {"shape": [...]}}; metadata is {str: str}
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ESCAPES = re.compile(rb"\\.", re.DOTALL)
+_STRINGS = re.compile(rb'"[^"]*"')  # once escapes are gone: no alternation, so no backtracking stack
+_NOT_WRITTEN = "no training or conversion library writes such a header: the file is damaged or made to attack readers"
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -111,13 +116,28 @@ def _parse(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
 def _check_shape_of_json(path: Path, raw: bytes) -> None:
     """Caps on nesting depth and entry count, checked on the raw bytes before `json.loads` builds anything.
 
-    Strings are dropped and only brackets kept (C-speed passes); every pass then deletes the
+    Escapes are dropped, then everything but quotes and brackets, then strings (C-speed passes
+    whose memory is linear in the header, however long its strings); every pass then deletes the
     innermost bracket pairs, so pairs left after `MAX_DEPTH` passes nest deeper than the cap.
     """
-    brackets = _STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    # Quotes and brackets only; then the strings, most of them empty now (a C-speed replace), the few
+    # holding brackets by a pattern whose matches are counted first (each match costs memory).
+    structure = _ESCAPES.sub(b"", raw).translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    bracketed = structure.count(b'"') // 2
+    if bracketed > MAX_TENSORS:
+        raise FormatError(f"header holds about {bracketed} strings with brackets inside", path=path, hint=_NOT_WRITTEN)
+    brackets = _STRINGS.sub(b"", structure)
     entries = brackets.count(b"{") - 1  # one object per tensor (and one for __metadata__)
     if entries > MAX_TENSORS + 1:
-        raise FormatError(f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path)
+        raise FormatError(
+            f"header declares about {entries} tensors, over the cap of {MAX_TENSORS}", path=path, hint=_NOT_WRITTEN
+        )
+    if len(raw) > entries * MAX_ENTRY_BYTES + MAX_METADATA_BYTES:
+        raise FormatError(
+            f"header of {len(raw)} bytes for about {entries} tensors: over the metadata cap of {MAX_METADATA_BYTES}",
+            path=path,
+            hint=_NOT_WRITTEN,
+        )
     for _ in range(MAX_DEPTH):
         brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
     if b"[]" in brackets or b"{}" in brackets:
@@ -138,7 +158,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _entry(path: Path, name: str, v: Any) -> TensorInfo:
-    where = f"tensor {name!r}"
+    where = f"tensor {tensor_name(name, path)!r}"
     if not isinstance(v, dict):
         raise FormatError(f"{where}: header entry is not an object", path=path)
     dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")

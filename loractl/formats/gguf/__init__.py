@@ -19,7 +19,7 @@ from ... import lineage
 from ...errors import FormatError, UsageError
 from ...findings import Finding, error
 from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
-from ...io.values import finite_number, parse_json
+from ...io.values import finite_number, parse_json, positive_int, tensor_name
 from .._modules import recorded_layout
 from .._rope import RopeHeads, base_config, is_rope_module, meta_to_hf
 from ..options import Feature, ReadOptions, WriteOptions
@@ -105,7 +105,7 @@ class _Layout:
             return RopeHeads.from_config(config)
         recorded = self.fields.get(HEADS_KEY)
         if isinstance(recorded, list) and len(recorded) == 2:
-            return RopeHeads(int(recorded[0]), int(recorded[1]))
+            return RopeHeads(*(positive_int(n, HEADS_KEY, self.path) for n in recorded))
         raise UsageError(
             f"the q/k rows of this {self.arch} adapter are in llama.cpp's RoPE order; undoing it needs the head counts",
             path=self.path,
@@ -144,7 +144,7 @@ class _Layout:
         groups: dict[str, dict[str, str]] = {}
         full = []
         for t in self.reader.tensors:
-            suffix = t.name[-len(".lora_a") :]
+            suffix = tensor_name(t.name, self.path)[-len(".lora_a") :]
             if suffix in _ROLES:
                 stem = t.name[: -len(suffix)].removesuffix(".weight")
                 groups.setdefault(stem, {})[_ROLES[suffix]] = t.name
@@ -156,7 +156,10 @@ class _Layout:
 
     def _names(self, stems: list[str]) -> dict[str, str]:
         config = base_config(self.options.base)
-        tmap = gguf_names.name_map(self.arch, gguf_names.block_count(stems, config))
+        try:
+            tmap = gguf_names.name_map(self.arch, gguf_names.block_count(stems, config))
+        except FormatError as e:
+            raise FormatError(e.message, hint=e.hint, path=self.path) from None
         recorded = self.fields.get(MODULES_KEY)
         recorded_map = parse_json(recorded, MODULES_KEY, self.path) if isinstance(recorded, str) else {}
         if not isinstance(recorded_map, dict):

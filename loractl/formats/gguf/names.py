@@ -29,7 +29,8 @@ EMBEDDING = "token_embd"
 _ARCH_ALIASES = {"mistral": "llama", "mixtral": "llama"}
 # Architectures whose converter applies `LlamaModel.permute` to q/k rows (LlamaModel and its subclasses).
 PERMUTED_ARCHS = frozenset({"llama", "granite", "granitemoe", "deci", "minicpm"})
-_BLOCK = re.compile(r"\.(\d+)\.")
+_BLOCK = re.compile(r"\.(\d{1,9})\.")  # a longer digit run is no layer index
+MAX_BLOCKS = 4096  # layers: the deepest models have a few hundred, and gguf-py maps each one
 
 
 def require_gguf() -> ModuleType:
@@ -67,8 +68,15 @@ def name_map(arch: str, n_blocks: int) -> TensorNameMap:
 def block_count(names: list[str], config: dict[str, Any] | None = None) -> int:
     """Enough blocks for every index in `names` (module paths or GGUF names), at least the config's."""
     found = [int(m) for n in names for m in _BLOCK.findall(f".{n}.")]
-    configured = int((config or {}).get("num_hidden_layers") or 0)
-    return max([configured, *(i + 1 for i in found)], default=1) or 1
+    layers = (config or {}).get("num_hidden_layers")
+    configured = layers if isinstance(layers, int) and not isinstance(layers, bool) else 0
+    count = max([configured, *(i + 1 for i in found)], default=1) or 1
+    if count > MAX_BLOCKS:
+        raise FormatError(
+            f"block index {count - 1} is beyond the cap of {MAX_BLOCKS} layers",
+            hint="`blk.N` indices are the base model's layers: this file names a layer no model has",
+        )
+    return count
 
 
 def to_gguf(tmap: TensorNameMap, module: str) -> str | None:

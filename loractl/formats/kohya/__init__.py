@@ -69,7 +69,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     base_shapes = _base_shapes(options.base, flattened) if options.base is not None and flattened else {}
     with Checkpoint(path) as ckpt:
         for name, keys in groups.items():
-            alpha = scalar_alpha(ckpt.get(keys["alpha"]), keys["alpha"], path) if "alpha" in keys else None
+            alpha = scalar_alpha(ckpt, keys["alpha"], path) if "alpha" in keys else None
             info = _module_info(paths[name], keys, header.tensors, alpha, base_shapes.get(paths[name]), findings)
             if info is not None:
                 modules[paths[name]] = info

@@ -52,9 +52,9 @@ def detect(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        doc = json.loads(config.read_text())
-    except (ValueError, OSError, RecursionError):
-        return True  # claims to be PEFT; `describe` reports the broken config
+        doc = load_json(config)
+    except FormatError:
+        return True  # claims to be PEFT; `describe` reports the broken (or oversized) config
     return isinstance(doc, dict) and ("peft_type" in doc or "lora_alpha" in doc or "r" in doc)
 
 

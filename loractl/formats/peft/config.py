@@ -1,20 +1,21 @@
 """PEFT's `adapter_config.json` semantics: per-module rank and alpha, and how to write them back.
 
 Pattern resolution mirrors PEFT (`utils/other.py: get_pattern_key`): keys are tried in
-insertion order, and the first with `re.match(rf"(.*\\.)?({key})$", module)` wins.
+insertion order, and the first with `re.match(rf"(.*\\.)?({key})$", module)` wins; `pattern_keys`
+matches them without running that backtracking expression.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ...errors import FormatError
 from ...info import scale_from_alpha
-from ...io.values import finite_number, positive_int
+from ...io.values import finite_number, positive_int, shown
+from .pattern_keys import compile_keys
 
 # Heads PEFT adds to modules_to_save by task type, although the config says null.
 IMPLICIT_HEADS = {
@@ -32,12 +33,12 @@ def check_config(config: dict[str, Any], path: Path) -> None:
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
             raise FormatError(f"{key} must map module patterns to values", path=path)
+        try:
+            compile_keys(tuple(patterns))
+        except FormatError as e:
+            raise FormatError(f"{key}: {e.message}", hint=e.hint, path=path) from None
         for pattern, value in patterns.items():
-            check(value, f"{key}[{pattern!r}]", path)
-            try:
-                re.compile(pattern)
-            except re.error:
-                raise FormatError(f"{key} key {pattern!r} is not a regular expression", path=path) from None
+            check(value, f"{key}[{shown(pattern)}]", path)
     for key in ("modules_to_save", "base_model_name_or_path", "revision", "task_type"):
         value = config.get(key)
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value) if key == "modules_to_save" else True
@@ -46,11 +47,9 @@ def check_config(config: dict[str, Any], path: Path) -> None:
 
 
 def pattern_value(patterns: dict[str, Any], module: str) -> Any | None:
-    """The value of the first pattern matching `module`, as PEFT resolves rank/alpha patterns."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
+    """The value of the first pattern matching `module`, as PEFT resolves rank/alpha patterns (`pattern_keys`)."""
+    index = compile_keys(tuple(patterns)).first(module) if patterns else None
+    return None if index is None else list(patterns.values())[index]
 
 
 def module_alpha_rank(config: dict[str, Any], module: str) -> tuple[float, int]:
