@@ -37,7 +37,10 @@ def test_a_commands_ctx_exit_code_reaches_the_process(monkeypatch: pytest.Monkey
     def boom(ctx: click.Context) -> None:
         ctx.exit(3)
 
+    from loractl.cli import COMMANDS
+
     monkeypatch.setattr(cli, "get_command", lambda ctx, name: boom if name == "boom" else None)
+    monkeypatch.setitem(COMMANDS, "boom", "boom_cmd")  # a known name: unknown ones are usage errors
     with pytest.raises(SystemExit) as e:
         main(["boom"])
     assert e.value.code == 3

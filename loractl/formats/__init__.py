@@ -127,7 +127,7 @@ def describe_adapter(
     _refuse_safeloras(file)
     _check_fills(module, opts, file)
     info: AdapterInfo = module.describe(file, opts)
-    if not info.modules:
+    if not info.modules and not any(f.severity == "error" for f in info.findings):  # those say what is wrong
         raise _no_module(info.files[-1] if info.files else file, module.NAME, list(info.full_tensors), format)
     return _with_unusable_modules(info)
 
