@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from ..io.safetensors_header import TensorInfo
 
 
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
@@ -246,6 +247,9 @@ class GgufBase:
         align = int(self.reader.alignment)
         return header + b"\0" * (-len(header) % align), data_start
 
+    def weights(self) -> GgufWeights:
+        return GgufWeights(self)
+
     def read_float32(self, key: str) -> torch.Tensor:
         """The tensor dequantized to float32, in numpy order."""
         import numpy as np
@@ -288,6 +292,50 @@ class GgufBase:
                 hint="llama.cpp's q/k row order cannot be matched without the head counts",
             )
         return RopeHeads(n, kv)
+
+
+class GgufWeights:
+    """The model as the Hugging Face checkpoint it was converted from (`protocol.Weights`, for `extract`):
+    names mapped back by gguf-py's map (unmapped ones keep their GGUF name), q/k rows put back in Hugging
+    Face's order, F32/F16/BF16 tensors in their own dtype, quantized ones dequantized (`info` says F32)."""
+
+    def __init__(self, base: GgufBase) -> None:
+        self.base, self.path, self.files = base, base.path, [base.path]
+        hf, _ = gguf_names.from_gguf(base.tmap, list(base.tensors_by_name), None, {})
+        self._key = {hf.get(k, k): k for k in base.tensors_by_name}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._key)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._key
+
+    def info(self, name: str) -> TensorInfo:
+        from ..io.safetensors_header import TensorInfo
+        from ..io.tensor_bytes import torch_dtype
+
+        dtype, shape = self._dtype(name), self.base.shape(self._key[name])
+        return TensorInfo(dtype, shape, (0, math.prod(shape) * torch_dtype(dtype).itemsize))
+
+    def get(self, name: str) -> torch.Tensor:
+        from ..formats._rope import meta_to_hf
+        from ..io.tensor_bytes import torch_dtype
+
+        values = self.base.read_float32(self._key[name]).to(torch_dtype(self._dtype(name)))  # F16, BF16: exact
+        module = name.removesuffix(".weight")
+        heads = self.base.heads.heads_for(module) if self.base.heads and is_rope_module(module) else None
+        return meta_to_hf(values, heads) if heads else values
+
+    def config(self) -> dict[str, Any]:
+        return self.base.config()
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+
+    def _dtype(self, name: str) -> str:
+        kind = self.base.type_name(self._key[name])
+        return kind if kind in FLOAT_TYPES else "F32"
 
 
 def _nbytes(field: Any) -> int:

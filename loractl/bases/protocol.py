@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..findings import Finding
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from ..io.safetensors_header import TensorInfo
     from ._placement import Placement
 
 
@@ -35,6 +36,31 @@ class TensorSink(Protocol):
 
     def stored(self, name: str, values: torch.Tensor) -> None:
         """What the output now holds for `name`, read back as float32."""
+        ...
+
+
+class Weights(Protocol):
+    """A base read as the Hugging Face checkpoint it holds, tensor by tensor (what `extract` compares):
+    `io.checkpoint.Checkpoint` is one; a GGUF model maps its names and rows back (`gguf.GgufWeights`)."""
+
+    path: Path
+    files: list[Path]  # what the tensors are read from (the fingerprint cache's key)
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo:
+        """The tensor's dtype (a safetensors code: what `get` returns) and shape, from the header."""
+        ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        """`Checkpoint.fingerprint` of the named tensors ('' when the stored values cannot say)."""
         ...
 
 
@@ -64,6 +90,10 @@ class Base(Protocol):
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         """The same fingerprint with the weights cast to bf16 and fp16 (`io.checkpoint.FingerprintViews`)."""
+        ...
+
+    def weights(self) -> Weights:
+        """The tensors in Hugging Face's names, order and dtypes (quantized ones as float32), for `extract`."""
         ...
 
     def close(self) -> None:

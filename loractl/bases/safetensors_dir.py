@@ -59,6 +59,9 @@ class CheckpointBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.ckpt.get(name).float()
 
+    def weights(self) -> Checkpoint:
+        return self.ckpt
+
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
     ) -> str | None:

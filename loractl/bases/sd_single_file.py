@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import FingerprintViews, fingerprint_of
+from ..io.checkpoint import Checkpoint, FingerprintViews, fingerprint_of
 from ._placement import Placement
 from .protocol import TensorSink
 from .safetensors_dir import CheckpointBase
@@ -128,6 +128,10 @@ class SingleFileBase:
 
     def read_float32(self, name: str) -> torch.Tensor:
         return self.files.read_float32(name)
+
+    def weights(self) -> Checkpoint:
+        """The stored tensors, in the file's own names (`extract_sd` pairs them in diffusers' terms)."""
+        return self.ckpt
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False

@@ -1,8 +1,10 @@
 """Extract a LoRA adapter from a fine-tuned checkpoint: truncated SVD of ΔW = W_ft − W0.
 
-Plan from headers (`extract_plan`), then stream: one pair of tensors in memory at a time,
-read once, factored (`linalg`), hashed for the fingerprints in the same pass. Everything
-that is not factored is listed in the report, so nothing is dropped silently.
+Both checkpoints are read through `bases` (a Hugging Face checkpoint, a GGUF model, in any
+mix; two single-file SD checkpoints go to `extract_sd`). Plan from headers (`extract_plan`),
+then stream: one pair of tensors in memory at a time, read once, factored (`linalg`), hashed for
+the fingerprints in the same pass unless `io.fingerprint_cache` remembers them for this very pair
+of files. Everything that is not factored is listed in the report, so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..errors import LoractlError, NumericError, UsageError
+from ..bases import detect_base, open_base
+from ..errors import LoractlError, NumericError, ShapeMismatchError, UsageError
+from ..io import fingerprint_cache
 from ..io.atomic import check_output
-from ..io.checkpoint import Checkpoint, FingerprintViews, feed_fingerprint
+from ..io.checkpoint import VIEW_DTYPES, FingerprintViews, feed_fingerprint
 from ..io.dtypes import parse_dtype
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
 from ..lineage import new_entry
@@ -31,6 +35,7 @@ from .extract_plan import ExtractPlan, PlanEntry, check_order, plan_extract
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
 if TYPE_CHECKING:
+    from ..bases.protocol import Weights
     from .budget import Allocation
 
 Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
@@ -101,21 +106,18 @@ def extract(
     force: bool = False,
     track: Track | None = None,
     observe: Observe | None = None,
-    runner: Callable[..., Extraction] | None = None,
     device: str = "cpu",
 ) -> ExtractReport:
-    """Extract an adapter and write it to `output` atomically; nothing is written on any error.
+    """Extract an adapter (`extract_adapter`) and write it to `output` atomically; nothing is written on any error.
 
-    `runner` makes the adapter: `extract_adapter` by default (`extract_sd.extract_sd_adapter` for
-    single-file Stable Diffusion checkpoints). `device` (cpu, cuda, mps, auto) runs each truncated
-    SVD there; reading and the reported figures stay on the CPU.
+    `device` (cpu, cuda, mps, auto) runs each truncated SVD there; reading and the reported figures stay
+    on the CPU.
     """
     from ..formats import check_format, save_adapter
 
     check_output(output, [base, finetuned], force=force)
     check_format(format)
-    make = runner or partial(extract_adapter, device=device)
-    result = make(base, finetuned, config, track=track, observe=observe)
+    result = extract_adapter(base, finetuned, config, track=track, observe=observe, device=device)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError(
             "nothing to extract: no targeted weight differs between the checkpoints",
@@ -127,9 +129,32 @@ def extract(
 
 def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
+    from .extract_sd import dry_run_sd
+
     config.check()
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    if _sd_pair(base, finetuned):
+        return dry_run_sd(base, finetuned, config)
+    with _opened(base, finetuned) as (b, f):
         return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+
+
+def _sd_pair(base: str | Path, finetuned: str | Path) -> bool:
+    """Whether both are single-file SD checkpoints (`extract_sd`); a mixed pair with one is refused."""
+    kinds = [detect_base(p) for p in (base, finetuned)]
+    if kinds.count("sd") == 1:
+        raise ShapeMismatchError(
+            f"{base} is a {kinds[0]} checkpoint but {finetuned} is a {kinds[1]} one: "
+            "a single-file Stable Diffusion checkpoint pairs only with another",
+            hint="give two single-file SD checkpoints, or two Hugging Face / GGUF checkpoints (--dry-run shows the plan)",
+        )
+    return kinds == ["sd", "sd"]
+
+
+@contextmanager
+def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[Weights, Weights]]:
+    """Both checkpoints as Hugging Face-named tensors (`bases.protocol.Weights`), closed on leaving."""
+    with closing(open_base(base)) as b, closing(open_base(finetuned)) as f:
+        yield b.weights(), f.weights()
 
 
 def extract_adapter(
@@ -144,15 +169,21 @@ def extract_adapter(
     """The adapter and its report, in memory (the factors are small; the checkpoints are streamed).
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
+    Two single-file SD checkpoints are extracted by `extract_sd.extract_sd_adapter`.
     """
     from .devices import resolve_device
+    from .extract_sd import extract_sd_adapter
 
     config.check()
+    if _sd_pair(base, finetuned):
+        return extract_sd_adapter(base, finetuned, config, track=track, observe=observe, device=device)
     where = resolve_device(device)
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    with _opened(base, finetuned) as (b, f):
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
         check_order(b, f)
-        run = _Run(b, f, config, observe, where)
+        key = _fingerprints_key(b, f, plan)
+        known = _remembered(key)
+        run = _Run(b, f, config, observe, where, hashing=known is None)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
         entries = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
@@ -160,16 +191,41 @@ def extract_adapter(
             for entry, prepared in ahead:
                 run.step(entry, prepared)
         chosen = run.spend(config.budget) if config.budget is not None else None
+        digests = known or run.digests()
+        if known is None:
+            fingerprint_cache.remember(key, digests)
         report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings, chosen)
-        params = {**config.params(), "base": run.identity(b, run.base_all), "finetuned": run.identity(f, run.ft_all)}
+        params = {
+            **config.params(),
+            "base": _identity(b, digests["base"]),
+            "finetuned": _identity(f, digests["finetuned"]),
+        }
         meta = AdapterMeta(
             base_model=str(base),
-            base_fingerprint="sha256:" + run.base_touched.hexdigest(),
-            base_views=run.base_views.digests(),
+            base_fingerprint=digests["touched"],
+            base_views={code: digests[code] for code in VIEW_DTYPES},
             task_type=_task_type(b),
         )
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
     return Extraction(adapter.with_lineage(new_entry("extract", params, [], report.to_dict())), report)
+
+
+def _fingerprints_key(b: Weights, f: Weights, plan: ExtractPlan) -> str | None:
+    """The fingerprint cache's key for this pair's fingerprints: both sides' files as they are now, in
+    their roles, and what the plan does with each tensor (which weights the base fingerprint may cover)."""
+    roles = [f"{role}={w.path.resolve()}" for role, w in (("base", b), ("finetuned", f))]
+    return fingerprint_cache.identity(
+        "extract", [*b.files, *f.files], roles + [f"{e.action}:{e.name}" for e in plan.entries]
+    )
+
+
+def _remembered(key: str | None) -> dict[str, str] | None:
+    found = fingerprint_cache.recall(key)
+    return found if isinstance(found, dict) and set(found) >= {"base", "finetuned", "touched", *VIEW_DTYPES} else None
+
+
+def _identity(w: Weights, fingerprint: str) -> dict[str, str]:
+    return {"path": str(w.path), "fingerprint": fingerprint}
 
 
 @dataclass
@@ -214,12 +270,14 @@ class ReadAhead(Generic[T]):
 
 
 class _Run:
-    """The streaming pass: what has been extracted so far, and the fingerprints being hashed."""
+    """The streaming pass: what has been extracted so far, and the fingerprints being hashed (when `hashing`)."""
 
     def __init__(
-        self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig, observe: Observe | None, device: torch.device
-    ) -> None:
+        self, base: Weights, ft: Weights, config: ExtractConfig, observe: Observe | None, device: torch.device,
+        *, hashing: bool = True,
+    ) -> None:  # fmt: skip
         self.base, self.ft, self.config, self.observe, self.device = base, ft, config, observe, device
+        self.hashing = hashing
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, torch.Tensor] = {}
         self.reports: list[ExtractedModule] = []
@@ -244,7 +302,7 @@ class _Run:
                 f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
             )
         base_sq, delta_sq = linalg.frobenius_sq(w0), linalg.frobenius_sq(delta)
-        if delta_sq != 0.0:
+        if delta_sq != 0.0 and self.hashing:
             feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
             self.base_views.feed(entry.name, w0)
         return _Prepared(delta=delta, delta_sq=delta_sq, base_sq=base_sq)
@@ -264,8 +322,10 @@ class _Run:
             self.notes.append(TensorNote(entry.name, "identical" if same else "not-extracted", entry.reason))
 
     def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tensors, hashed into the whole-checkpoint fingerprints on the way."""
+        """Both tensors, hashed into the whole-checkpoint fingerprints on the way (when `hashing`)."""
         w0, w1 = self.base.get(name), self.ft.get(name)
+        if not self.hashing:
+            return w0, w1
         feed_fingerprint(self.base_all, name, self.base.info(name), _bytes(w0))
         feed_fingerprint(self.ft_all, name, self.ft.info(name), _bytes(w1))
         return w0, w1
@@ -305,8 +365,11 @@ class _Run:
             self.reports.append(report)
         return chosen
 
-    def identity(self, ckpt: Checkpoint, h: Any) -> dict[str, str]:
-        return {"path": str(ckpt.path), "fingerprint": "sha256:" + h.hexdigest()}
+    def digests(self) -> dict[str, str]:
+        """What the pass hashed: both whole checkpoints, the base weights ΔW changes (the adapter's base
+        fingerprint), and their views (`FingerprintViews`)."""
+        hashed = {"base": self.base_all, "finetuned": self.ft_all, "touched": self.base_touched}
+        return {k: "sha256:" + h.hexdigest() for k, h in hashed.items()} | self.base_views.digests()
 
 
 def factor(
@@ -416,7 +479,7 @@ def _check_finite(name: str, w0: torch.Tensor, w1: torch.Tensor) -> None:
             )
 
 
-def _task_type(base: Checkpoint) -> str | None:
+def _task_type(base: Weights) -> str | None:
     """CAUSAL_LM when the base's config.json names a *ForCausalLM architecture (PEFT then builds the right wrapper)."""
     architectures = base.config().get("architectures") or []
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
