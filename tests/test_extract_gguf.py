@@ -40,7 +40,9 @@ NAMES = {  # Hugging Face tensor name → (GGUF tensor name, shape), written out
     "lm_head.weight": ("output.weight", (VOCAB, HIDDEN)),
 }
 NAMES |= {
-    f"model.layers.{i}.{hf}.weight": (f"blk.{i}.{g}.weight", shape) for i in range(2) for hf, (g, shape) in LAYER.items()
+    f"model.layers.{i}.{hf}.weight": (f"blk.{i}.{g}.weight", shape)
+    for i in range(2)
+    for hf, (g, shape) in LAYER.items()
 }
 CHANGED = {  # module → the rank of its ΔW (q/k: rows permuted by llama.cpp in the GGUF)
     "model.layers.0.self_attn.q_proj": 4,
@@ -131,7 +133,9 @@ def test_gguf_pair_matches_a_dense_float64_svd(kind: str, tmp_path: Path) -> Non
             true = w1[f"{module}.weight"].double() - w0[f"{module}.weight"].double()
             assert rel(got, true) < 1e-5, module
     notes = {n.name: n.status for n in result.report.notes}
-    assert notes["model.norm.weight"] == "not-extracted" and notes["model.layers.0.input_layernorm.weight"] == "identical"
+    assert (
+        notes["model.norm.weight"] == "not-extracted" and notes["model.layers.0.input_layernorm.weight"] == "identical"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -23,6 +23,7 @@ from ..bases import sd_single_file
 from ..errors import ShapeMismatchError, UsageError
 from ..lineage import new_entry
 from . import linalg
+from .extract_factor import ExtractConfig, Extraction, Observe, Track, factor
 from .extract_plan import ExtractPlan, PlanEntry, matches
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
     from ..bases.sd_single_file import SingleFileBase, _Src
     from ..io.checkpoint import Checkpoint
-    from .extract import ExtractConfig, Extraction, Observe, Track
 
 _NOT_LORA = re.compile(r"(token_embedding|position_embedding|text_projection)$")
 
@@ -76,7 +76,6 @@ def extract_sd_adapter(
 ) -> Extraction:  # fmt: skip
     """The adapter and its report; one stored tensor pair in memory at a time (each SVD on `device`)."""
     from .devices import resolve_device
-    from .extract import Extraction
 
     config.check()
     if config.budget is not None:
@@ -97,8 +96,6 @@ def _factor_all(
     b: Checkpoint, f: Checkpoint, entries: Iterable[PlanEntry], sources: dict[str, _Src],
     config: ExtractConfig, observe: Observe | None, device: torch.device,
 ) -> tuple[dict[str, LoraModule], list[ExtractedModule], list[TensorNote]]:  # fmt: skip
-    from .extract import factor
-
     modules: dict[str, LoraModule] = {}
     reports: list[ExtractedModule] = []
     notes: list[TensorNote] = []
