@@ -175,6 +175,19 @@ def test_gguf_to_gguf_cli_and_merge_back(tmp_path: Path) -> None:
         assert rel(merged[f"{module}.weight"], want[f"{module}.weight"]) < 1e-6
 
 
+def test_a_quantized_base_records_no_fingerprint(tmp_path: Path) -> None:
+    """As merge takes none of a quantized GGUF base: the adapter merges into it with a note, and into the
+    Hugging Face checkpoint it was quantized from without a refusal."""
+    w0, w1 = hf_pair()
+    base, ft = write_gguf(tmp_path / "base.gguf", w0, "Q8_0"), write_gguf(tmp_path / "ft.gguf", w1, "Q8_0")
+    extract_ops.extract(base, ft, tmp_path / "lora", ExtractConfig(rank=RANK))
+    adapter = loractl.load_adapter(tmp_path / "lora")
+    assert adapter.meta.base_fingerprint is None and adapter.meta.base_views == {}
+    report = loractl.merge(base, [tmp_path / "lora"], tmp_path / "merged.gguf")
+    assert report.fingerprints == (None,)
+    loractl.merge(write_dir(tmp_path / "hf", w0), [tmp_path / "lora"], tmp_path / "merged-hf")
+
+
 def test_a_single_file_sd_checkpoint_pairs_only_with_another(tmp_path: Path) -> None:
     sd = tmp_path / "sd.safetensors"
     save_tensors(sd, {"model.diffusion_model.out.2.weight": torch.zeros(4, 4)})

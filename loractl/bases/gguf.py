@@ -303,6 +303,7 @@ class GgufWeights:
         self.base, self.path, self.files = base, base.path, [base.path]
         hf, _ = gguf_names.from_gguf(base.tmap, list(base.tensors_by_name), None, {})
         self._key = {hf.get(k, k): k for k in base.tensors_by_name}
+        self.quantized = frozenset(n for n, k in self._key.items() if base.type_name(k) not in FLOAT_TYPES)
 
     @property
     def names(self) -> list[str]:
@@ -334,8 +335,7 @@ class GgufWeights:
         return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
 
     def _dtype(self, name: str) -> str:
-        kind = self.base.type_name(self._key[name])
-        return kind if kind in FLOAT_TYPES else "F32"
+        return "F32" if name in self.quantized else self.base.type_name(self._key[name])
 
 
 def _nbytes(field: Any) -> int:

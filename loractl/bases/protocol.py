@@ -45,6 +45,7 @@ class Weights(Protocol):
 
     path: Path
     files: list[Path]  # what the tensors are read from (the fingerprint cache's key)
+    quantized: frozenset[str]  # tensors `get` dequantizes: no stored float bytes for a fingerprint to cover
 
     @property
     def names(self) -> list[str]: ...

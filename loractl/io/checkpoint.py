@@ -26,6 +26,8 @@ FINGERPRINT_CHUNK = 1 << 24
 class Checkpoint:
     """A read-only view of a checkpoint; use as a context manager to close file handles."""
 
+    quantized: frozenset[str] = frozenset()  # every tensor is read as stored (`bases.protocol.Weights`)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.headers: dict[Path, SafetensorsHeader] = {}

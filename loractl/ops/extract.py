@@ -24,7 +24,7 @@ from ..bases import detect_base, open_base
 from ..errors import LoractlError, NumericError, ShapeMismatchError
 from ..io import fingerprint_cache
 from ..io.atomic import check_output
-from ..io.checkpoint import VIEW_DTYPES, FingerprintViews, feed_fingerprint
+from ..io.checkpoint import VIEW_DTYPES, FingerprintViews, feed_fingerprint, touched_weight_names
 from ..io.tensor_bytes import dtype_code, tensor_to_bytes
 from ..lineage import new_entry
 from . import linalg
@@ -145,10 +145,11 @@ def extract_adapter(
             "base": _identity(b, digests["base"]),
             "finetuned": _identity(f, digests["finetuned"]),
         }
+        exact = not b.quantized.intersection(touched_weight_names(run.modules, b))  # merge's rule for GGUF
         meta = AdapterMeta(
             base_model=str(base),
-            base_fingerprint=digests["touched"],
-            base_views={code: digests[code] for code in VIEW_DTYPES},
+            base_fingerprint=digests["touched"] if exact else None,
+            base_views={code: digests[code] for code in VIEW_DTYPES} if exact else {},
             task_type=_task_type(b),
         )
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
