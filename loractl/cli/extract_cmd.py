@@ -60,8 +60,10 @@ def command(
       loractl extract base ft -o lora --rank 16 --plot spectra.png
       loractl extract base ft -o lora --budget 20MB --dtype bfloat16
       loractl extract v1-5.safetensors finetune.safetensors -o lora.safetensors --rank 32 --format kohya
+      loractl extract base.gguf finetune.gguf -o lora --rank 16
 
-    Two single-file Stable Diffusion checkpoints give a LoRA with diffusers module names.
+    BASE and FINETUNED are Hugging Face checkpoints or GGUF models, in any mix; two single-file
+    Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
     from ..errors import InputNotFoundError
     from ..io.atomic import check_output
