@@ -14,6 +14,8 @@ from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, lla
 import loractl
 from loractl.bases import open_base
 from loractl.errors import ShapeMismatchError
+from loractl.formats import save_adapter
+from loractl.formats.options import WriteOptions
 from loractl.io.checkpoint import Checkpoint, FingerprintViews, touched_weight_names
 from loractl.io.safetensors_writer import save_tensors
 from loractl.ops import extract as extract_ops
@@ -198,6 +200,16 @@ def test_a_single_file_sd_checkpoint_pairs_only_with_another(tmp_path: Path) -> 
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and lines[0].startswith("error:") and "pairs only with another" in lines[0]
     assert lines[1].startswith("hint:") and not (tmp_path / "out").exists()
+
+
+def test_a_gguf_adapter_is_no_checkpoint(tmp_path: Path, fixtures_dir: Path) -> None:
+    w0 = hf_pair()[0]
+    base = write_gguf(tmp_path / "base.gguf", w0, "F32")
+    lora = tmp_path / "a.gguf"
+    adapter = loractl.Adapter(modules={"model.layers.0.self_attn.v_proj": random_module(KV, HIDDEN, 2)})
+    save_adapter(adapter, lora, format="gguf", options=WriteOptions(base=fixtures_dir / "tiny-llama"))
+    code, _, err = run_cli("extract", base, lora, "-o", tmp_path / "out", "--rank", "2")
+    assert code != 0 and "not a model" in err and "merge bases" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture

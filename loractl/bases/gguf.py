@@ -72,7 +72,8 @@ class GgufBase:
             raise FormatError(
                 f"GGUF file of type {fields['general.type']!r}, not a model",
                 path=path,
-                hint="merge bases are GGUF models; a GGUF LoRA adapter goes after the base, as ADAPTER",
+                hint="a merge base and both checkpoints of extract are GGUF models; a GGUF LoRA adapter is "
+                "an ADAPTER (loractl merge BASE ADAPTER)",
             )
         self.fields = fields
         self.arch = str(fields.get("general.architecture", ""))
