@@ -68,8 +68,10 @@ def hf_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 
 
 def write_gguf(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> Path:
-    """The tensors as llama.cpp's converter lays them out: GGUF names, q/k rows permuted, 2-D weights in `kind`."""
+    """The tensors as llama.cpp's converter lays them out: GGUF names, q/k rows permuted, 2-D weights in `kind`,
+    and Llama 3's `rope_freqs`, which the converter computes from the config (no checkpoint has it)."""
     w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("rope_freqs.weight", np.linspace(1, 8, HIDDEN // HEADS // 2, dtype=np.float32))
     w.add_block_count(2)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
@@ -99,6 +101,8 @@ def stored_hf(path: Path, kind: str) -> dict[str, torch.Tensor]:
     inverse = {g: hf for hf, (g, _) in NAMES.items()}
     out = {}
     for t in gguf.GGUFReader(path).tensors:
+        if t.name == "rope_freqs.weight":
+            continue
         hf = inverse[t.name]
         values = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64))
         values = values.reshape(NAMES[hf][1])

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as safetensors stores them: the fingerprint can be taken
+GENERATED = "rope_"  # rope_freqs, rope_factors_*: computed from the config by llama.cpp's converter, in no checkpoint
 
 
 def detect(path: Path) -> bool:
@@ -298,12 +299,14 @@ class GgufBase:
 class GgufWeights:
     """The model as the Hugging Face checkpoint it was converted from (`protocol.Weights`, for `extract`):
     names mapped back by gguf-py's map (unmapped ones keep their GGUF name), q/k rows put back in Hugging
-    Face's order, F32/F16/BF16 tensors in their own dtype, quantized ones dequantized (`info` says F32)."""
+    Face's order, F32/F16/BF16 tensors in their own dtype, quantized ones dequantized (`info` says F32);
+    the tensors the converter computes from the config (`GENERATED`) are left out, as no checkpoint has them."""
 
     def __init__(self, base: GgufBase) -> None:
         self.base, self.path, self.files = base, base.path, [base.path]
-        hf, _ = gguf_names.from_gguf(base.tmap, list(base.tensors_by_name), None, {})
-        self._key = {hf.get(k, k): k for k in base.tensors_by_name}
+        stored = [k for k in base.tensors_by_name if not k.startswith(GENERATED)]
+        hf, _ = gguf_names.from_gguf(base.tmap, stored, None, {})
+        self._key = {hf.get(k, k): k for k in stored}
         self.quantized = frozenset(n for n, k in self._key.items() if base.type_name(k) not in FLOAT_TYPES)
 
     @property
