@@ -27,7 +27,7 @@ from ..findings import Finding, error
 from ..formats._rope import RopeHeads, is_rope_module
 from ..formats.gguf import names as gguf_names
 from ._placement import Placement
-from .protocol import BaseTensor, TensorSink
+from .protocol import BaseTensor, TensorSink, Weights
 
 if TYPE_CHECKING:
     import numpy as np
@@ -249,7 +249,7 @@ class GgufBase:
         align = int(self.reader.alignment)
         return header + b"\0" * (-len(header) % align), data_start
 
-    def weights(self) -> GgufWeights:
+    def weights(self) -> Weights:
         return GgufWeights(self)
 
     def read_float32(self, key: str) -> torch.Tensor:

@@ -44,8 +44,16 @@ class Weights(Protocol):
     `io.checkpoint.Checkpoint` is one; a GGUF model maps its names and rows back (`gguf.GgufWeights`)."""
 
     path: Path
-    files: list[Path]  # what the tensors are read from (the fingerprint cache's key)
-    quantized: frozenset[str]  # tensors `get` dequantizes: no stored float bytes for a fingerprint to cover
+
+    @property
+    def files(self) -> list[Path]:
+        """What the tensors are read from (the fingerprint cache's key)."""
+        ...
+
+    @property
+    def quantized(self) -> frozenset[str]:
+        """The tensors `get` dequantizes: no stored float bytes for a fingerprint to cover."""
+        ...
 
     @property
     def names(self) -> list[str]: ...
@@ -69,7 +77,11 @@ class Base(Protocol):
     """A base a LoRA can be merged into, as read (see the module docstring)."""
 
     path: Path
-    kind: str  # what the report calls it: "gguf llama", "sd1", "sdxl", …
+
+    @property
+    def kind(self) -> str:
+        """What the report calls it: "gguf llama", "sd1", "sdxl", …"""
+        ...
 
     def tensors(self) -> dict[str, BaseTensor]: ...
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from .protocol import Weights
 
 
 def detect(path: Path) -> bool:
@@ -59,7 +60,7 @@ class CheckpointBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.ckpt.get(name).float()
 
-    def weights(self) -> Checkpoint:
+    def weights(self) -> Weights:
         return self.ckpt
 
     def fingerprint(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import Checkpoint, FingerprintViews, fingerprint_of
+from ..io.checkpoint import FingerprintViews, fingerprint_of
 from ._placement import Placement
 from .protocol import TensorSink
 from .safetensors_dir import CheckpointBase
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
-    from .protocol import BaseTensor
+    from .protocol import BaseTensor, Weights
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
@@ -129,7 +129,7 @@ class SingleFileBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.files.read_float32(name)
 
-    def weights(self) -> Checkpoint:
+    def weights(self) -> Weights:
         """The stored tensors, in the file's own names (`extract_sd` pairs them in diffusers' terms)."""
         return self.ckpt
 
