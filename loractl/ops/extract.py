@@ -145,15 +145,21 @@ def extract_adapter(
             "base": _identity(b, digests["base"]),
             "finetuned": _identity(f, digests["finetuned"]),
         }
-        exact = not b.quantized.intersection(touched_weight_names(run.modules, b))  # merge's rule for GGUF
-        meta = AdapterMeta(
-            base_model=str(base),
-            base_fingerprint=digests["touched"] if exact else None,
-            base_views={code: digests[code] for code in VIEW_DTYPES} if exact else {},
-            task_type=_task_type(b),
-        )
+        meta = _meta(base, b, run.modules, digests)
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
     return Extraction(adapter.with_lineage(new_entry("extract", params, [], report.to_dict())), report)
+
+
+def _meta(path: str | Path, b: Weights, modules: Iterable[str], digests: dict[str, str]) -> AdapterMeta:
+    """The adapter's base: its path, fingerprint and views, task type. A base whose weights under the
+    modules are quantized records no fingerprint (merge takes none of a quantized GGUF either)."""
+    exact = not b.quantized.intersection(touched_weight_names(modules, b))
+    return AdapterMeta(
+        base_model=str(path),
+        base_fingerprint=digests["touched"] if exact else None,
+        base_views={code: digests[code] for code in VIEW_DTYPES} if exact else {},
+        task_type=_task_type(b),
+    )
 
 
 def _fingerprints_key(b: Weights, f: Weights, plan: ExtractPlan) -> str | None:
