@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, llama_cpp_permute
+from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, llama_cpp_permute, write_gguf_model
 
 import loractl
 from loractl.bases import open_base
@@ -70,24 +70,13 @@ def hf_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 def write_gguf(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> Path:
     """The tensors as llama.cpp's converter lays them out: GGUF names, q/k rows permuted, 2-D weights in `kind`,
     and Llama 3's `rope_freqs`, which the converter computes from the config (no checkpoint has it)."""
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_tensor("rope_freqs.weight", np.linspace(1, 8, HIDDEN // HEADS // 2, dtype=np.float32))
-    w.add_block_count(2)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_embedding_length(HIDDEN)
+    tensors_out = [("rope_freqs.weight", np.linspace(1, 8, HIDDEN // HEADS // 2, dtype=np.float32), "F32")]
     for hf, (name, _) in NAMES.items():
         t = tensors[hf]
         if ".q_proj." in hf or ".k_proj." in hf:
             t = llama_cpp_permute(t, HEADS, KV_HEADS if ".k_proj." in hf else HEADS)
-        qtype = T[kind] if t.dim() == 2 else T.F32
-        q = gguf.quants.quantize(t.float().numpy(), qtype)
-        w.add_tensor(name, q, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        tensors_out.append((name, t.float().numpy(), kind if t.dim() == 2 else "F32"))
+    return write_gguf_model(path, tensors_out)
 
 
 def write_dir(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Path:
