@@ -8,6 +8,9 @@ and torchtune's `_permute_lora_matrix` (Meta → HF, models/convert_weights.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -82,3 +85,24 @@ def assert_same_delta(source: Adapter, back: Adapter, rtol: float = 1e-6) -> Non
         assert got.shape == expected.shape, name
         err = (got - expected).norm() / expected.norm()
         assert err <= rtol, f"{name}: relative error {err:.3g}"
+
+
+def write_gguf_model(path: Path, tensors: Iterable[tuple[str, Any, str]], arch: str = "llama") -> Path:
+    """A GGUF model of the tiny Llama's shape (2 blocks, its head counts): each (GGUF name, float32 values,
+    GGML type name) quantized by gguf-py into that type; values of another dtype are taken as raw bytes."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(2)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_embedding_length(HIDDEN)
+    for name, values, kind in tensors:
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = gguf.quants.quantize(values, qtype) if values.dtype.name == "float32" else values
+        w.add_tensor(name, data, raw_dtype=None if kind in ("F32", "F16") else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run
-from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, llama_cpp_permute, module
+from llama_adapters import HEADS, HIDDEN, INTERMEDIATE, KV, KV_HEADS, VOCAB, llama_cpp_permute, module, write_gguf_model
 
 from loractl import merge, plan_merge
 from loractl.adapter import Adapter, AdapterMeta
@@ -35,25 +35,15 @@ ADAPTED = {  # module → its GGUF tensor and the heads llama.cpp permuted its r
 def tiny_gguf(path: Path, kind: str, arch: str = "llama", odd: dict[str, str] | None = None) -> Path:
     """A tiny llama GGUF model: the adapted tensors in type `kind`, the rest F32 (and `odd` overrides)."""
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(2)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_embedding_length(HIDDEN)
     adapted = {t for t, _ in ADAPTED.values()}
+    tensors = []
     for name, shape in SHAPES.items():
-        qtype = T[(odd or {}).get(name) or (kind if name in adapted else "F32")]
+        qtype = (odd or {}).get(name) or (kind if name in adapted else "F32")
         data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        if qtype == T.IQ4_NL:  # gguf-py cannot quantize to it: raw bytes of the right size
-            w.add_tensor(name, np.zeros((shape[0], shape[1] // 32 * 18), np.uint8), raw_dtype=qtype)
-            continue
-        q = gguf.quants.quantize(data, qtype)
-        w.add_tensor(name, q, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        if qtype == "IQ4_NL":  # gguf-py cannot quantize to it: raw bytes of the right size
+            data = np.zeros((shape[0], shape[1] // 32 * 18), np.uint8)
+        tensors.append((name, data, qtype))
+    return write_gguf_model(path, tensors, arch)
 
 
 def adapter(scale: float = 1.0) -> Adapter:

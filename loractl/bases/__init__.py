@@ -4,7 +4,8 @@ A base lists its tensors (name, shape, stored type) from headers, says where an 
 lands (`place`: the name map and the layout — llama.cpp's q/k row order, OpenCLIP's fused q/k/v,
 kohya's SGM names — belong to the base), reads one tensor as float32, writes merged tensors back
 in its own storage (same dtype, same quantization type), fingerprints the tensors an adapter
-touches in the adapter's terms, and records loractl's provenance in its own metadata.
+touches in the adapter's terms, records loractl's provenance in its own metadata, and gives its
+tensors as the Hugging Face checkpoint it holds (`weights`: what `extract` reads, on either side).
 
 Kinds, in detection order (the first that claims a path wins):
     gguf            a llama.cpp GGUF model file (`gguf.py`)

@@ -27,7 +27,7 @@ from ..findings import Finding, error
 from ..formats._rope import RopeHeads, is_rope_module
 from ..formats.gguf import names as gguf_names
 from ._placement import Placement
-from .protocol import BaseTensor, TensorSink
+from .protocol import BaseTensor, TensorSink, Weights
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,10 +36,12 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from ..io.safetensors_header import TensorInfo
 
 
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as safetensors stores them: the fingerprint can be taken
+GENERATED = "rope_"  # rope_freqs, rope_factors_*: computed from the config by llama.cpp's converter, in no checkpoint
 
 
 def detect(path: Path) -> bool:
@@ -71,7 +73,8 @@ class GgufBase:
             raise FormatError(
                 f"GGUF file of type {fields['general.type']!r}, not a model",
                 path=path,
-                hint="merge bases are GGUF models; a GGUF LoRA adapter goes after the base, as ADAPTER",
+                hint="a merge base and both checkpoints of extract are GGUF models; a GGUF LoRA adapter is "
+                "an ADAPTER (loractl merge BASE ADAPTER)",
             )
         self.fields = fields
         self.arch = str(fields.get("general.architecture", ""))
@@ -246,6 +249,9 @@ class GgufBase:
         align = int(self.reader.alignment)
         return header + b"\0" * (-len(header) % align), data_start
 
+    def weights(self) -> Weights:
+        return GgufWeights(self)
+
     def read_float32(self, key: str) -> torch.Tensor:
         """The tensor dequantized to float32, in numpy order."""
         import numpy as np
@@ -288,6 +294,52 @@ class GgufBase:
                 hint="llama.cpp's q/k row order cannot be matched without the head counts",
             )
         return RopeHeads(n, kv)
+
+
+class GgufWeights:
+    """The model as the Hugging Face checkpoint it was converted from (`protocol.Weights`, for `extract`):
+    names mapped back by gguf-py's map (unmapped ones keep their GGUF name), q/k rows put back in Hugging
+    Face's order, F32/F16/BF16 tensors in their own dtype, quantized ones dequantized (`info` says F32);
+    the tensors the converter computes from the config (`GENERATED`) are left out, as no checkpoint has them."""
+
+    def __init__(self, base: GgufBase) -> None:
+        self.base, self.path, self.files = base, base.path, [base.path]
+        stored = [k for k in base.tensors_by_name if not k.startswith(GENERATED)]
+        hf, _ = gguf_names.from_gguf(base.tmap, stored, None, {})
+        self._key = {hf.get(k, k): k for k in stored}
+        self.quantized = frozenset(n for n, k in self._key.items() if base.type_name(k) not in FLOAT_TYPES)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._key)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._key
+
+    def info(self, name: str) -> TensorInfo:
+        from ..io.safetensors_header import TensorInfo
+        from ..io.tensor_bytes import torch_dtype
+
+        dtype, shape = self._dtype(name), self.base.shape(self._key[name])
+        return TensorInfo(dtype, shape, (0, math.prod(shape) * torch_dtype(dtype).itemsize))
+
+    def get(self, name: str) -> torch.Tensor:
+        from ..formats._rope import meta_to_hf
+        from ..io.tensor_bytes import torch_dtype
+
+        values = self.base.read_float32(self._key[name]).to(torch_dtype(self._dtype(name)))  # F16, BF16: exact
+        module = name.removesuffix(".weight")
+        heads = self.base.heads.heads_for(module) if self.base.heads and is_rope_module(module) else None
+        return meta_to_hf(values, heads) if heads else values
+
+    def config(self) -> dict[str, Any]:
+        return self.base.config()
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+
+    def _dtype(self, name: str) -> str:
+        return "F32" if name in self.quantized else self.base.type_name(self._key[name])
 
 
 def _nbytes(field: Any) -> int:

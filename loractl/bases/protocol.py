@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..findings import Finding
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from ..io.safetensors_header import TensorInfo
     from ._placement import Placement
 
 
@@ -38,11 +39,49 @@ class TensorSink(Protocol):
         ...
 
 
+class Weights(Protocol):
+    """A base read as the Hugging Face checkpoint it holds, tensor by tensor (what `extract` compares):
+    `io.checkpoint.Checkpoint` is one; a GGUF model maps its names and rows back (`gguf.GgufWeights`)."""
+
+    path: Path
+
+    @property
+    def files(self) -> list[Path]:
+        """What the tensors are read from (the fingerprint cache's key)."""
+        ...
+
+    @property
+    def quantized(self) -> frozenset[str]:
+        """The tensors `get` dequantizes: no stored float bytes for a fingerprint to cover."""
+        ...
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo:
+        """The tensor's dtype (a safetensors code: what `get` returns) and shape, from the header."""
+        ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        """`Checkpoint.fingerprint` of the named tensors ('' when the stored values cannot say)."""
+        ...
+
+
 class Base(Protocol):
     """A base a LoRA can be merged into, as read (see the module docstring)."""
 
     path: Path
-    kind: str  # what the report calls it: "gguf llama", "sd1", "sdxl", …
+
+    @property
+    def kind(self) -> str:
+        """What the report calls it: "gguf llama", "sd1", "sdxl", …"""
+        ...
 
     def tensors(self) -> dict[str, BaseTensor]: ...
 
@@ -64,6 +103,10 @@ class Base(Protocol):
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         """The same fingerprint with the weights cast to bf16 and fp16 (`io.checkpoint.FingerprintViews`)."""
+        ...
+
+    def weights(self) -> Weights:
+        """The tensors in Hugging Face's names, order and dtypes (quantized ones as float32), for `extract`."""
         ...
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
+    from .protocol import Weights
 
 
 def detect(path: Path) -> bool:
@@ -58,6 +59,9 @@ class CheckpointBase:
 
     def read_float32(self, name: str) -> torch.Tensor:
         return self.ckpt.get(name).float()
+
+    def weights(self) -> Weights:
+        return self.ckpt
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False

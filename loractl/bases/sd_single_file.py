@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
-    from .protocol import BaseTensor
+    from .protocol import BaseTensor, Weights
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
@@ -128,6 +128,10 @@ class SingleFileBase:
 
     def read_float32(self, name: str) -> torch.Tensor:
         return self.files.read_float32(name)
+
+    def weights(self) -> Weights:
+        """The stored tensors, in the file's own names (`extract_sd` pairs them in diffusers' terms)."""
+        return self.ckpt
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False

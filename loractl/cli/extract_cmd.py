@@ -60,8 +60,10 @@ def command(
       loractl extract base ft -o lora --rank 16 --plot spectra.png
       loractl extract base ft -o lora --budget 20MB --dtype bfloat16
       loractl extract v1-5.safetensors finetune.safetensors -o lora.safetensors --rank 32 --format kohya
+      loractl extract base.gguf finetune.gguf -o lora --rank 16
 
-    Two single-file Stable Diffusion checkpoints give a LoRA with diffusers module names.
+    BASE and FINETUNED are Hugging Face checkpoints or GGUF models, in any mix; two single-file
+    Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
     from ..errors import InputNotFoundError
     from ..io.atomic import check_output
@@ -71,21 +73,19 @@ def command(
     if not dry_run:
         check_output(output, [base, finetuned], force=force)
     from ..ops import extract as ops
-    from ..ops import extract_sd
     from ..plots import SpectrumRecorder, check_plot, plot_spectra
 
     config = ops.ExtractConfig(
         rank=rank, energy=energy, budget=_budget_params(budget, dtype), max_rank=max_rank, targets=targets,
         save_full=save_full, alpha=alpha, dtype=dtype,
     )  # fmt: skip
-    sd = extract_sd.is_sd_pair(base, finetuned)  # two single-file SD checkpoints: diffusers module names
     if dry_run:
-        plan = (extract_sd.dry_run_sd if sd else ops.dry_run)(base, finetuned, config)
+        plan = ops.dry_run(base, finetuned, config)
         return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
     spectra = SpectrumRecorder(2 * (rank or max_rank or 0)) if plot else None
     if plot:
         check_plot(plot, [base, finetuned, output])
-    report = (extract_sd.extract_sd if sd else ops.extract)(base, finetuned, output, config, format=format, force=force,
+    report = ops.extract(base, finetuned, output, config, format=format, force=force,
                          track=lambda items, n: progress(items, n, "extracting"),
                          observe=spectra.observe if spectra else None, device=device)  # fmt: skip
     if plot and spectra:

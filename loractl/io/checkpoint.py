@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -25,6 +25,8 @@ FINGERPRINT_CHUNK = 1 << 24
 
 class Checkpoint:
     """A read-only view of a checkpoint; use as a context manager to close file handles."""
+
+    quantized: frozenset[str] = frozenset()  # every tensor is read as stored (`bases.protocol.Weights`)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -61,7 +63,12 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
-    def __contains__(self, name: str) -> bool:
+    @property
+    def files(self) -> list[Path]:
+        """The shards, in the order they were found."""
+        return list(self.headers)
+
+    def __contains__(self, name: object) -> bool:
         return name in self._where
 
     def info(self, name: str) -> TensorInfo:
@@ -275,7 +282,7 @@ def other_base(ckpt: Checkpoint, modules: Iterable[str], recorded: str, recorded
     return None if same_base(recorded, recorded_views, actual, lambda: ckpt.fingerprint_views(names)) else actual
 
 
-def touched_weight_names(modules: Iterable[str], ckpt: Checkpoint) -> list[str]:
+def touched_weight_names(modules: Iterable[str], ckpt: Container[str]) -> list[str]:
     """The base tensors an adapter's modules apply to (`<module>.weight`), as far as the base has them.
 
     This set defines the base fingerprint, so merge, extract, train and validate agree on it.

@@ -44,17 +44,28 @@ def remembered(
 ) -> T:
     """`compute()`, or the value it gave before for the same files (unchanged) and names; `fresh` computes
     (and keeps) it whatever is remembered. A falsy value (a hash abandoned half way) is not kept."""
-    key = _key(kind, files, names)
-    found = _read(key) if key and not fresh else None
+    key = identity(kind, files, names)
+    found = recall(key) if not fresh else None
     if found is not None:
         return found  # type: ignore[return-value]
     value = compute()
-    if key and value:
-        _write(key, value)
+    remember(key, value)
     return value
 
 
-def _key(kind: str, files: Iterable[Path], names: Iterable[str]) -> str | None:
+def recall(key: str | None) -> str | dict[str, str] | None:
+    """The value kept under `key` (`identity`), if any: for callers that hash in a pass of their own."""
+    return _read(key) if key else None
+
+
+def remember(key: str | None, value: str | dict[str, str]) -> None:
+    """Keep `value` under `key` (taken before the files were read); a falsy value is not kept."""
+    if key and value:
+        _write(key, value)
+
+
+def identity(kind: str, files: Iterable[Path], names: Iterable[str]) -> str | None:
+    """The key of a value of `kind` over `names` in `files` as they are now; None when a file cannot be stat'ed."""
     stats = []
     try:
         for path in files:

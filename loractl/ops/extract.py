@@ -1,94 +1,47 @@
 """Extract a LoRA adapter from a fine-tuned checkpoint: truncated SVD of ΔW = W_ft − W0.
 
-Plan from headers (`extract_plan`), then stream: one pair of tensors in memory at a time,
-read once, factored (`linalg`), hashed for the fingerprints in the same pass. Everything
-that is not factored is listed in the report, so nothing is dropped silently.
+Both checkpoints are read through `bases` (a Hugging Face checkpoint, a GGUF model, in any
+mix; two single-file SD checkpoints go to `extract_sd`). Plan from headers (`extract_plan`),
+then stream: one pair of tensors in memory at a time, read once, factored (`linalg`), hashed for
+the fingerprints in the same pass unless `io.fingerprint_cache` remembers them for this very pair
+of files. Everything that is not factored is listed in the report, so nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from functools import partial
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
-from ..errors import LoractlError, NumericError, UsageError
+from ..bases import detect_base, open_base
+from ..errors import LoractlError, NumericError, ShapeMismatchError
+from ..io import fingerprint_cache
 from ..io.atomic import check_output
-from ..io.checkpoint import Checkpoint, FingerprintViews, feed_fingerprint
-from ..io.dtypes import parse_dtype
-from ..io.tensor_bytes import dtype_code, tensor_to_bytes, torch_dtype
+from ..io.checkpoint import VIEW_DTYPES, FingerprintViews, feed_fingerprint, touched_weight_names
+from ..io.tensor_bytes import dtype_code, tensor_to_bytes
 from ..lineage import new_entry
 from . import linalg
 from .budget import allocate
+from .extract_factor import ExtractConfig, Extraction, Observe, Track, build_module, cut_factors, factor
 from .extract_plan import ExtractPlan, PlanEntry, check_order, plan_extract
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
+from .extract_sd import dry_run_sd, extract_sd_adapter
+
+__all__ = ["ExtractConfig", "Extraction", "Observe", "Track", "dry_run", "extract", "extract_adapter"]
 
 if TYPE_CHECKING:
+    from ..bases.protocol import Weights
     from .budget import Allocation
 
-Track = Callable[[Iterable[PlanEntry], int], Iterable[PlanEntry]]
-Observe = Callable[[str, torch.Tensor], None]  # (module, ΔW as the (d, k) matrix factored): e.g. to plot spectra
 T = TypeVar("T")
 BUDGET_HEADROOM = 4  # without --max-rank, a budgeted module may reach this many times the uniform rank
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Every extraction parameter with its default; exactly one of `rank`, `energy` and `budget`.
-
-    Attributes:
-        rank: the same rank for every module.
-        energy: per module, the smallest rank keeping this fraction of ‖ΔW‖²_F (0 < energy ≤ 1).
-        budget: total factor parameters; the ranks are chosen together to lose the least (`budget.allocate`).
-        max_rank: cap on the energy- or budget-chosen rank (budget default: 4× the uniform rank).
-        targets: module patterns to factor (PEFT's suffix-regex rule); default every 2-D or conv
-            weight except embeddings and output heads.
-        save_full: module patterns whose tensors are stored whole (PEFT's modules_to_save).
-        alpha: the adapter's alpha; default alpha = rank, so scale = 1.
-        dtype: the factors' dtype (safetensors code or torch name).
-    """
-
-    rank: int | None = None
-    energy: float | None = None
-    budget: int | None = None
-    max_rank: int | None = None
-    targets: tuple[str, ...] = ()
-    save_full: tuple[str, ...] = ()
-    alpha: float | None = None
-    dtype: str = "F32"
-
-    def check(self) -> None:
-        """Raise `UsageError` on inconsistent parameters."""
-        if sum(x is not None for x in (self.rank, self.energy, self.budget)) != 1:
-            raise UsageError(
-                "give exactly one of --rank, --energy and --budget",
-                hint="e.g. --rank 16 for the same rank everywhere, or --energy 0.9 to choose it per module",
-            )
-        if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank {self.rank} must be at least 1", hint="e.g. --rank 16, or --energy 0.9")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise UsageError(f"--energy {self.energy} must be in (0, 1]", hint="e.g. --energy 0.9 keeps 90% of ‖ΔW‖²")
-        if self.max_rank is not None and (self.rank is not None or self.max_rank < 1):
-            raise UsageError("--max-rank needs --energy or --budget and must be at least 1")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise UsageError(f"--alpha {self.alpha} must be a positive number")
-        parse_dtype(self.dtype)
-
-    def params(self) -> dict[str, Any]:
-        return {**asdict(self), "targets": list(self.targets), "save_full": list(self.save_full)}
-
-
-@dataclass(frozen=True)
-class Extraction:
-    adapter: Adapter
-    report: ExtractReport
 
 
 def extract(
@@ -101,21 +54,18 @@ def extract(
     force: bool = False,
     track: Track | None = None,
     observe: Observe | None = None,
-    runner: Callable[..., Extraction] | None = None,
     device: str = "cpu",
 ) -> ExtractReport:
-    """Extract an adapter and write it to `output` atomically; nothing is written on any error.
+    """Extract an adapter (`extract_adapter`) and write it to `output` atomically; nothing is written on any error.
 
-    `runner` makes the adapter: `extract_adapter` by default (`extract_sd.extract_sd_adapter` for
-    single-file Stable Diffusion checkpoints). `device` (cpu, cuda, mps, auto) runs each truncated
-    SVD there; reading and the reported figures stay on the CPU.
+    `device` (cpu, cuda, mps, auto) runs each truncated SVD there; reading and the reported figures stay
+    on the CPU.
     """
     from ..formats import check_format, save_adapter
 
     check_output(output, [base, finetuned], force=force)
     check_format(format)
-    make = runner or partial(extract_adapter, device=device)
-    result = make(base, finetuned, config, track=track, observe=observe)
+    result = extract_adapter(base, finetuned, config, track=track, observe=observe, device=device)
     if not result.adapter.modules and not result.adapter.full_tensors:
         raise LoractlError(
             "nothing to extract: no targeted weight differs between the checkpoints",
@@ -128,8 +78,29 @@ def extract(
 def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
     config.check()
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    if _sd_pair(base, finetuned):
+        return dry_run_sd(base, finetuned, config)
+    with _opened(base, finetuned) as (b, f):
         return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+
+
+def _sd_pair(base: str | Path, finetuned: str | Path) -> bool:
+    """Whether both are single-file SD checkpoints (`extract_sd`); a mixed pair with one is refused."""
+    kinds = [detect_base(p) for p in (base, finetuned)]
+    if kinds.count("sd") == 1:
+        raise ShapeMismatchError(
+            f"{base} is a {kinds[0]} checkpoint but {finetuned} is a {kinds[1]} one: "
+            "a single-file Stable Diffusion checkpoint pairs only with another",
+            hint="give two single-file SD checkpoints, or two Hugging Face / GGUF checkpoints (--dry-run shows the plan)",
+        )
+    return kinds == ["sd", "sd"]
+
+
+@contextmanager
+def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[Weights, Weights]]:
+    """Both checkpoints as Hugging Face-named tensors (`bases.protocol.Weights`), closed on leaving."""
+    with closing(open_base(base)) as b, closing(open_base(finetuned)) as f:
+        yield b.weights(), f.weights()
 
 
 def extract_adapter(
@@ -144,15 +115,20 @@ def extract_adapter(
     """The adapter and its report, in memory (the factors are small; the checkpoints are streamed).
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
+    Two single-file SD checkpoints are extracted by `extract_sd.extract_sd_adapter`.
     """
     from .devices import resolve_device
 
     config.check()
+    if _sd_pair(base, finetuned):
+        return extract_sd_adapter(base, finetuned, config, track=track, observe=observe, device=device)
     where = resolve_device(device)
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    with _opened(base, finetuned) as (b, f):
         plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
         check_order(b, f)
-        run = _Run(b, f, config, observe, where)
+        key = _fingerprints_key(b, f, plan)
+        known = _remembered(key)
+        run = _Run(b, f, config, observe, where, hashing=known is None)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
         entries = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
@@ -160,16 +136,48 @@ def extract_adapter(
             for entry, prepared in ahead:
                 run.step(entry, prepared)
         chosen = run.spend(config.budget) if config.budget is not None else None
+        digests = known or run.digests()
+        if known is None:
+            fingerprint_cache.remember(key, digests)
         report = ExtractReport(tuple(run.reports), tuple(run.notes), plan.warnings, chosen)
-        params = {**config.params(), "base": run.identity(b, run.base_all), "finetuned": run.identity(f, run.ft_all)}
-        meta = AdapterMeta(
-            base_model=str(base),
-            base_fingerprint="sha256:" + run.base_touched.hexdigest(),
-            base_views=run.base_views.digests(),
-            task_type=_task_type(b),
-        )
+        params = {
+            **config.params(),
+            "base": _identity(b, digests["base"]),
+            "finetuned": _identity(f, digests["finetuned"]),
+        }
+        meta = _meta(base, b, run.modules, digests)
     adapter = Adapter(modules=run.modules, full_tensors=run.full, meta=meta)
     return Extraction(adapter.with_lineage(new_entry("extract", params, [], report.to_dict())), report)
+
+
+def _meta(path: str | Path, b: Weights, modules: Iterable[str], digests: dict[str, str]) -> AdapterMeta:
+    """The adapter's base: its path, fingerprint and views, task type. A base whose weights under the
+    modules are quantized records no fingerprint (merge takes none of a quantized GGUF either)."""
+    exact = not b.quantized.intersection(touched_weight_names(modules, b))
+    return AdapterMeta(
+        base_model=str(path),
+        base_fingerprint=digests["touched"] if exact else None,
+        base_views={code: digests[code] for code in VIEW_DTYPES} if exact else {},
+        task_type=_task_type(b),
+    )
+
+
+def _fingerprints_key(b: Weights, f: Weights, plan: ExtractPlan) -> str | None:
+    """The fingerprint cache's key for this pair's fingerprints: both sides' files as they are now, in
+    their roles, and what the plan does with each tensor (which weights the base fingerprint may cover)."""
+    roles = [f"{role}={w.path.resolve()}" for role, w in (("base", b), ("finetuned", f))]
+    return fingerprint_cache.identity(
+        "extract", [*b.files, *f.files], roles + [f"{e.action}:{e.name}" for e in plan.entries]
+    )
+
+
+def _remembered(key: str | None) -> dict[str, str] | None:
+    found = fingerprint_cache.recall(key)
+    return found if isinstance(found, dict) and set(found) >= {"base", "finetuned", "touched", *VIEW_DTYPES} else None
+
+
+def _identity(w: Weights, fingerprint: str) -> dict[str, str]:
+    return {"path": str(w.path), "fingerprint": fingerprint}
 
 
 @dataclass
@@ -214,12 +222,14 @@ class ReadAhead(Generic[T]):
 
 
 class _Run:
-    """The streaming pass: what has been extracted so far, and the fingerprints being hashed."""
+    """The streaming pass: what has been extracted so far, and the fingerprints being hashed (when `hashing`)."""
 
     def __init__(
-        self, base: Checkpoint, ft: Checkpoint, config: ExtractConfig, observe: Observe | None, device: torch.device
-    ) -> None:
+        self, base: Weights, ft: Weights, config: ExtractConfig, observe: Observe | None, device: torch.device,
+        *, hashing: bool = True,
+    ) -> None:  # fmt: skip
         self.base, self.ft, self.config, self.observe, self.device = base, ft, config, observe, device
+        self.hashing = hashing
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, torch.Tensor] = {}
         self.reports: list[ExtractedModule] = []
@@ -244,7 +254,7 @@ class _Run:
                 f"tensor {entry.name!r}: ΔW overflows float32", hint="the checkpoints' values are out of range"
             )
         base_sq, delta_sq = linalg.frobenius_sq(w0), linalg.frobenius_sq(delta)
-        if delta_sq != 0.0:
+        if delta_sq != 0.0 and self.hashing:
             feed_fingerprint(self.base_touched, entry.name, self.base.info(entry.name), _bytes(w0))
             self.base_views.feed(entry.name, w0)
         return _Prepared(delta=delta, delta_sq=delta_sq, base_sq=base_sq)
@@ -264,8 +274,10 @@ class _Run:
             self.notes.append(TensorNote(entry.name, "identical" if same else "not-extracted", entry.reason))
 
     def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tensors, hashed into the whole-checkpoint fingerprints on the way."""
+        """Both tensors, hashed into the whole-checkpoint fingerprints on the way (when `hashing`)."""
         w0, w1 = self.base.get(name), self.ft.get(name)
+        if not self.hashing:
+            return w0, w1
         feed_fingerprint(self.base_all, name, self.base.info(name), _bytes(w0))
         feed_fingerprint(self.ft_all, name, self.ft.info(name), _bytes(w1))
         return w0, w1
@@ -300,75 +312,16 @@ class _Run:
         for name, (t, entry, delta_sq, base_sq) in self.pending.items():
             cut = t.head(chosen.ranks[name])
             residual = max(delta_sq - cut.energy(), 0.0)
-            factors = _factors(cut, self.config)
+            factors = cut_factors(cut, self.config)
             self.modules[name], report = build_module(cut, factors, entry, residual, delta_sq, base_sq)
             self.reports.append(report)
         return chosen
 
-    def identity(self, ckpt: Checkpoint, h: Any) -> dict[str, str]:
-        return {"path": str(ckpt.path), "fingerprint": "sha256:" + h.hexdigest()}
-
-
-def factor(
-    m: torch.Tensor,
-    entry: PlanEntry,
-    config: ExtractConfig,
-    delta_sq: float,
-    base_sq: float,
-    device: torch.device | None = None,
-) -> tuple[LoraModule, ExtractedModule]:
-    """Factor one ΔW matrix m (d, k) into a LoraModule laid out for `entry.kind`, and report the loss."""
-    m = m.to(device or "cpu")
-    if config.rank is not None:
-        t = linalg.truncated_svd(m, config.rank, total=delta_sq)
-    else:
-        t = linalg.svd_by_energy(m, config.energy or 1.0, config.max_rank, total=delta_sq)
-    b, a, alpha = _factors(t, config)
-    residual = linalg.residual_sq(m, b.float(), a.float(), alpha / t.rank)
-    return build_module(t, (b.cpu(), a.cpu(), alpha), entry, residual, delta_sq, base_sq)
-
-
-def _factors(t: linalg.Truncation, config: ExtractConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B (d, r), A (r, k), alpha) in the configured dtype, alpha = rank unless --alpha (scale alpha / rank)."""
-    alpha = float(t.rank) if config.alpha is None else config.alpha
-    dtype = torch_dtype(parse_dtype(config.dtype))
-    b, a = (x.to(dtype) for x in linalg.balanced_factors(t, alpha / t.rank))
-    return b, a, alpha
-
-
-def build_module(
-    t: linalg.Truncation,
-    factors: tuple[torch.Tensor, torch.Tensor, float],
-    entry: PlanEntry,
-    residual: float,
-    delta_sq: float,
-    base_sq: float,
-) -> tuple[LoraModule, ExtractedModule]:
-    """The LoraModule of `factors` (B, A, alpha) of truncation `t`, laid out for `entry.kind`, and its report."""
-    b, a, alpha = factors
-    scale = alpha / t.rank
-    if entry.kind == "conv":
-        b, a = b.reshape(*b.shape, *[1] * (len(entry.shape) - 2)), a.reshape(t.rank, *entry.shape[1:])
-    module = LoraModule(
-        A=a.contiguous(),
-        B=b.contiguous(),
-        scale=scale,
-        alpha=alpha,
-        kind=entry.kind,
-        fan_in_fan_out=entry.fan_in_fan_out,
-    )
-    report = ExtractedModule(
-        module=entry.module,
-        shape=entry.shape,
-        rank=t.rank,
-        rel_error=linalg.relative(residual, delta_sq),
-        energy=min(t.energy() / delta_sq, 1.0),
-        delta_ratio=linalg.relative(delta_sq, base_sq),
-        method=t.method,
-        delta_sq=delta_sq,
-        residual_sq=residual,
-    )
-    return module, report
+    def digests(self) -> dict[str, str]:
+        """What the pass hashed: both whole checkpoints, the base weights ΔW changes (the adapter's base
+        fingerprint), and their views (`FingerprintViews`)."""
+        hashed = {"base": self.base_all, "finetuned": self.ft_all, "touched": self.base_touched}
+        return {k: "sha256:" + h.hexdigest() for k, h in hashed.items()} | self.base_views.digests()
 
 
 def _budget_cap(plan: ExtractPlan, config: ExtractConfig) -> int:
@@ -416,7 +369,7 @@ def _check_finite(name: str, w0: torch.Tensor, w1: torch.Tensor) -> None:
             )
 
 
-def _task_type(base: Checkpoint) -> str | None:
+def _task_type(base: Weights) -> str | None:
     """CAUSAL_LM when the base's config.json names a *ForCausalLM architecture (PEFT then builds the right wrapper)."""
     architectures = base.config().get("architectures") or []
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None

@@ -15,14 +15,17 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import LoractlError, ShapeMismatchError, UsageError
 from ..info import ModuleKind
-from ..io.checkpoint import Checkpoint, touched_weight_names
+from ..io.checkpoint import touched_weight_names
 from ..io.dtypes import FLOAT_CODES
 from ..io.values import load_json
 from .merge import RECORD_NAME
+
+if TYPE_CHECKING:
+    from ..bases.protocol import Weights
 
 Action = Literal["lowrank", "full", "compare"]
 
@@ -77,8 +80,8 @@ def matches(patterns: Sequence[str], module: str) -> bool:
 
 
 def plan_extract(
-    base: Checkpoint,
-    finetuned: Checkpoint,
+    base: Weights,
+    finetuned: Weights,
     *,
     targets: Sequence[str] = (),
     save_full: Sequence[str] = (),
@@ -108,7 +111,7 @@ def plan_extract(
     return ExtractPlan(tuple(entries), tuple(warnings))
 
 
-def check_order(base: Checkpoint, finetuned: Checkpoint) -> None:
+def check_order(base: Weights, finetuned: Weights) -> None:
     """Refuse BASE and FINETUNED given the wrong way round: BASE is a loractl merge into FINETUNED.
 
     A merge's record holds, per adapter, the fingerprint of the base weights it changed (as `merge`
@@ -124,7 +127,7 @@ def check_order(base: Checkpoint, finetuned: Checkpoint) -> None:
             )
 
 
-def _merged_into(ckpt: Checkpoint) -> list[tuple[str, list[str]]]:
+def _merged_into(ckpt: Weights) -> list[tuple[str, list[str]]]:
     """(base fingerprint, modules) per adapter of the merge that wrote `ckpt`; none for other checkpoints."""
     record = ckpt.path / RECORD_NAME
     if not record.is_file():
@@ -140,9 +143,7 @@ def _merged_into(ckpt: Checkpoint) -> list[tuple[str, list[str]]]:
         return []  # a damaged record is no evidence either way
 
 
-def _classify(
-    base: Checkpoint, ft: Checkpoint, name: str, targets: Sequence[str], save_full: Sequence[str]
-) -> PlanEntry:
+def _classify(base: Weights, ft: Weights, name: str, targets: Sequence[str], save_full: Sequence[str]) -> PlanEntry:
     b, f = base.info(name), ft.info(name)
     module, _, leaf = name.rpartition(".")
     vocab = bool(EMBEDDINGS.match(module) or HEADS.match(module))
@@ -190,7 +191,7 @@ def _check_regex(pattern: str) -> None:
         raise UsageError(f"pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
-def _check_names(base: Checkpoint, ft: Checkpoint) -> None:
+def _check_names(base: Weights, ft: Weights) -> None:
     for missing, here, there in ((set(base.names) - set(ft.names), "base", "fine-tuned"),
                                  (set(ft.names) - set(base.names), "fine-tuned", "base")):  # fmt: skip
         if missing:

@@ -2,7 +2,8 @@
 
 The modules are the diffusers ones (`unet.down_blocks.…`, `text_encoder.text_model.…`), found in the
 single files through diffusers' own conversion map (`bases/sd_single_file`), so the adapter loads
-in diffusers, and in kohya format in A1111/ComfyUI. OpenCLIP's fused q/k/v weight gives three
+in diffusers, and in kohya format in A1111/ComfyUI. `extract.extract` and `extract.extract_adapter` come
+here for a pair of single-file checkpoints; both are read through their base (`bases.sd_single_file`). OpenCLIP's fused q/k/v weight gives three
 modules, each factored on its own rows. By default the linear layers and 1×1 convolutions of the
 UNet and text encoders are factored, as sd-scripts does; `--targets` chooses others (3×3 convs).
 """
@@ -11,47 +12,46 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..bases import sd_single_file
 from ..errors import ShapeMismatchError, UsageError
-from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import linalg
+from .extract_factor import ExtractConfig, Extraction, Observe, Track, factor
 from .extract_plan import ExtractPlan, PlanEntry, matches
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
 
 if TYPE_CHECKING:
     import torch
 
-    from .extract import ExtractConfig, Extraction, Observe, Track
+    from ..bases.sd_single_file import SingleFileBase, _Src
+    from ..io.checkpoint import Checkpoint
 
 _NOT_LORA = re.compile(r"(token_embedding|position_embedding|text_projection)$")
 
 
-def is_sd_pair(base: str | Path, finetuned: str | Path) -> bool:
-    """Whether both inputs are single-file SD checkpoints (one safetensors file with `model.diffusion_model.*`)."""
-    from ..bases import detect_base
+@contextmanager
+def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[SingleFileBase, SingleFileBase]]:
+    with closing(sd_single_file.open(Path(base))) as b, closing(sd_single_file.open(Path(finetuned))) as f:
+        yield b, f
 
-    return detect_base(base) == "sd" and detect_base(finetuned) == "sd"
 
-
-def plan_sd_extract(base: Checkpoint, finetuned: Checkpoint, config: ExtractConfig) -> ExtractPlan:
+def plan_sd_extract(base: SingleFileBase, finetuned: SingleFileBase, config: ExtractConfig) -> ExtractPlan:
     """Entries named by diffusers module, with the stored tensor in `reason` (from headers only)."""
-    kinds = {sd_single_file.check_single_file(c.names, c.path) for c in (base, finetuned)}
-    shapes = {n: base.info(n).shape for n in base.names}
-    if len(kinds) > 1 or shapes != {n: finetuned.info(n).shape for n in finetuned.names}:
+    if base.kind != finetuned.kind or base.shapes != finetuned.shapes:
         raise ShapeMismatchError(
-            f"{base.path} and {finetuned.path} are not the same model (layouts {sorted(kinds)} or tensor shapes differ)",
+            f"{base.path} and {finetuned.path} are not the same model "
+            f"(layouts {sorted({base.kind, finetuned.kind})} or tensor shapes differ)",
             hint="extract from a fine-tune of this very checkpoint",
         )
     entries = []
-    for key, src in sorted(sd_single_file.diffusers_names(shapes).items()):
+    for key, src in sorted(base.names.items()):
         module = key.removesuffix(".weight")
         if not key.endswith(".weight") or len(src.shape) not in (2, 4) or _NOT_LORA.search(module):
             continue
@@ -63,21 +63,10 @@ def plan_sd_extract(base: Checkpoint, finetuned: Checkpoint, config: ExtractConf
     return ExtractPlan(tuple(entries))
 
 
-def extract_sd(
-    base: str | Path, finetuned: str | Path, output: str | Path, config: ExtractConfig, *, format: str = "peft",
-    force: bool = False, track: Track | None = None, observe: Observe | None = None, device: str = "cpu",
-) -> ExtractReport:  # fmt: skip
-    """`extract.extract` for two single-file SD checkpoints: the adapter written to `output` atomically."""
-    from .extract import extract
-
-    return extract(base, finetuned, output, config, format=format, force=force, track=track, observe=observe,
-                   runner=partial(extract_sd_adapter, device=device))  # fmt: skip
-
-
 def dry_run_sd(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
     config.check()
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    with _opened(base, finetuned) as (b, f):
         return plan_sd_extract(b, f, config)
 
 
@@ -87,18 +76,16 @@ def extract_sd_adapter(
 ) -> Extraction:  # fmt: skip
     """The adapter and its report; one stored tensor pair in memory at a time (each SVD on `device`)."""
     from .devices import resolve_device
-    from .extract import Extraction
 
     config.check()
     if config.budget is not None:
         raise UsageError("--budget is not supported for single-file SD checkpoints yet", hint="use --rank or --energy")
-    with Checkpoint(base) as b, Checkpoint(finetuned) as f:
+    with _opened(base, finetuned) as (b, f):
         plan = plan_sd_extract(b, f, config)
-        shapes = {n: b.info(n).shape for n in b.names}
-        sources = sd_single_file.diffusers_names(shapes)
+        sources = b.names
         entries: Iterable[PlanEntry] = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
-        modules, reports, notes = _factor_all(b, f, entries, sources, config, observe, resolve_device(device))
-        notes += _unextracted(b, f, {sources[e.name].key for e in plan.entries})
+        modules, reports, notes = _factor_all(b.ckpt, f.ckpt, entries, sources, config, observe, resolve_device(device))
+        notes += _unextracted(b.ckpt, f.ckpt, {sources[e.name].key for e in plan.entries})
     report = ExtractReport(tuple(reports), tuple(notes))
     params = {**config.params(), "base": str(base), "finetuned": str(finetuned)}
     adapter = Adapter(modules=modules, meta=AdapterMeta(base_model=str(base)))
@@ -106,11 +93,9 @@ def extract_sd_adapter(
 
 
 def _factor_all(
-    b: Checkpoint, f: Checkpoint, entries: Iterable[PlanEntry], sources: dict[str, sd_single_file._Src],
+    b: Checkpoint, f: Checkpoint, entries: Iterable[PlanEntry], sources: dict[str, _Src],
     config: ExtractConfig, observe: Observe | None, device: torch.device,
 ) -> tuple[dict[str, LoraModule], list[ExtractedModule], list[TensorNote]]:  # fmt: skip
-    from .extract import factor
-
     modules: dict[str, LoraModule] = {}
     reports: list[ExtractedModule] = []
     notes: list[TensorNote] = []
