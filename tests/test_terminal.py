@@ -122,7 +122,12 @@ def test_merge_names_adapters_by_path_and_sizes_in_human_units(
     code, out, _ = run(capsys, monkeypatch, width, "merge", TINY_LLAMA, TINY_QV, "-o", tmp_path / "m")
     assert code == 0, out
     assert table_width(out) <= width
-    assert set(table_column(out, "adapter")) == {"tiny-qv"}
+    if width <= 80:  # the names need the room: the columns that repeat one value move to the caption
+        assert "every row: adapter tiny-qv, role lora, weight 1, rank 8" in out
+        lines = out.splitlines()
+        assert all(any(m in line for line in lines) for m in loractl.load_adapter(TINY_QV).modules)  # one line each
+    else:
+        assert set(table_column(out, "adapter")) == {"tiny-qv"}
     modules = table_column(out, "module")
     assert sorted(modules) == sorted(loractl.load_adapter(TINY_QV).modules)
     from loractl.ops.merge_plan import plan_merge

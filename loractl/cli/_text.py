@@ -136,13 +136,15 @@ def name_table(
 ) -> Table:
     """A rich table whose name column gets the width the others leave, its cells folded at dots.
 
-    The other columns hold short figures and keep their natural width; the names wrap onto
-    more lines instead of being cut, whatever the terminal width.
+    The other columns hold short figures and keep their natural width. Where the names would not
+    fit on one line, a column that holds the same value in every row leaves the table for its
+    caption (`every row: rank 8`); names that still do not fit wrap onto more lines, never cut.
     """
     from rich.markup import escape
     from rich.table import Column, Table
 
     rows = [[printable(str(c)) for c in r] for r in rows]  # measured as they will be shown
+    headers, rows, name_column, caption = _without_constant_columns(console, headers, rows, name_column)
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     chrome = 3 * len(headers) + 1  # borders and one space of padding each side
     others = sum(w for i, w in enumerate(widths) if i != name_column)
@@ -153,7 +155,25 @@ def name_table(
         Column(h, no_wrap=True, min_width=width) if i == name_column else Column(h, overflow="fold")
         for i, h in enumerate(headers)
     ]
-    table = Table(*columns, title=title, title_justify="left")
+    table = Table(*columns, title=title, title_justify="left", caption=caption, caption_justify="left")
     for r in rows:  # cells are text, not markup: a name from a file may hold '[/]'
         table.add_row(*(escape(fold_dotted(c, width) if i == name_column else c) for i, c in enumerate(r)))
     return table
+
+
+def _without_constant_columns(
+    console: Console, headers: Sequence[str], rows: Sequence[Sequence[str]], name_column: int
+) -> tuple[Sequence[str], Sequence[Sequence[str]], int, str | None]:
+    """The table without the columns that repeat one value in every row, when the names need their room;
+    those columns become a caption (escaped: values come from files)."""
+    from rich.markup import escape
+
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    if len(rows) < 2 or sum(widths) + 3 * len(headers) + 1 <= console.width:
+        return headers, rows, name_column, None
+    same = [i for i in range(len(headers)) if i != name_column and len({r[i] for r in rows}) == 1]
+    if not same:
+        return headers, rows, name_column, None
+    keep = [i for i in range(len(headers)) if i not in same]
+    caption = "every row: " + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same)
+    return [headers[i] for i in keep], [[r[i] for i in keep] for r in rows], keep.index(name_column), escape(caption)
