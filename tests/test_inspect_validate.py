@@ -283,3 +283,22 @@ def test_inspect_shows_where_a_pulled_adapter_came_from(tmp_path: Path) -> None:
     line = next(x for x in out.output.splitlines() if x.startswith("pulled  "))
     assert pushed.sha[:12] in line and "changed" not in out.output
     assert f"verified {pushed.content_hash[:19]}" in line  # the hash pull checked, not one computed now
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_scan_counts_across_blocks_smaller_than_a_row(
+    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan reads raw blocks of SCAN_BYTES whatever the row length (a hostile file's 256 MiB rows once took
+    512 MB): made tiny here, every count must still equal torch's."""
+    import loractl.validation as validation
+
+    monkeypatch.setattr(validation, "SCAN_BYTES", 40)
+    t = torch.randn(3, 50).to(dtype)
+    t.view(-1)[[0, 7, 19, 20, 149]] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan"), 1e30]).to(
+        dtype
+    )
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, {"a": t, "b": torch.ones(4, 4, dtype=dtype)})
+    expected = int((~torch.isfinite(t)).sum())
+    assert validation._nonfinite_tensors(path) == [("a", expected)]

@@ -127,7 +127,8 @@ def describe_adapter(
     _refuse_safeloras(file)
     _check_fills(module, opts, file)
     info: AdapterInfo = module.describe(file, opts)
-    if not info.modules and not any(f.severity == "error" for f in info.findings):  # those say what is wrong
+    if not info.modules and not any(f.severity == "error" and f.code != "unknown-key" for f in info.findings):
+        # a broken module's own finding says more than "no LoRA module"; keys of another format do not
         raise _no_module(info.files[-1] if info.files else file, module.NAME, list(info.full_tensors), format)
     return _with_unusable_modules(info)
 
