@@ -171,10 +171,10 @@ def _count_nonfinite(reader: ReusingReader, key: str) -> int:
     from .stats import nonfinite
 
     info, where = reader.ckpt.info(key), reader.file_range(key)
-    if info.dtype not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+    if info.dtype not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2") or where.nbytes == 0:
         return 0  # integers and booleans are always finite
     size = DTYPE_SIZES[info.dtype]
-    block = bytearray(SCAN_BYTES - SCAN_BYTES % size)
+    block = bytearray(min(where.nbytes, SCAN_BYTES - SCAN_BYTES % size))
     bad = 0
     with where.path.open("rb") as f:
         for start in range(0, where.nbytes, len(block)):

@@ -299,6 +299,6 @@ def test_nonfinite_scan_counts_across_blocks_smaller_than_a_row(
         dtype
     )
     path = tmp_path / "w.safetensors"
-    save_tensors(path, {"a": t, "b": torch.ones(4, 4, dtype=dtype)})
+    save_tensors(path, {"a": t, "b": torch.ones(4, 4, dtype=dtype), "empty": torch.ones(0, 4, dtype=dtype)})
     expected = int((~torch.isfinite(t)).sum())
     assert validation._nonfinite_tensors(path) == [("a", expected)]
