@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
             "out-old-library",
         )
         roots |= {"previous loractl merge": old, "previous merge() in-process": old}
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contenders}
     for _ in range(args.reps):
         for name, (cmd, out) in contenders.items():
             shutil.rmtree(work / out, ignore_errors=True)
@@ -257,9 +257,10 @@ def run(args: argparse.Namespace) -> None:
     _table(results, size, args)
 
 
-def _child(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process with `root`'s loractl; a child printing
-    `inner=<s>` times itself."""
+def _child(cmd: list[str], root: Path = ROOT) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GB, CPU seconds) of one child process with `root`'s loractl; a child
+    printing `inner=<s>` times itself. CPU time shows work done on side threads, which wall time hides
+    (the base hash runs beside the merge)."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"}
     with tempfile.TemporaryFile("w+") as out:
@@ -273,20 +274,22 @@ def _child(cmd: list[str], root: Path = ROOT) -> tuple[float, float]:
     inner = [float(line[6:]) for line in text.splitlines() if line.startswith("inner=")]
     if text.startswith("{"):
         print(text.strip())
-    return (inner[0] if inner else wall), usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime
+    return (inner[0] if inner else wall), usage.ru_maxrss / 1e6, cpu  # ru_maxrss is in KiB on Linux
 
 
-def _table(results: dict[str, list[tuple[float, float]]], size: int, args: argparse.Namespace) -> None:
-    cp = statistics.median(w for w, _ in results["cp -r (I/O floor)"])
-    peft = statistics.median(w for w, _ in results.get("PEFT merge_and_unload", [(math.nan, 0.0)]))
+def _table(results: dict[str, list[tuple[float, float, float]]], size: int, args: argparse.Namespace) -> None:
+    cp = statistics.median(w for w, _, _ in results["cp -r (I/O floor)"])
+    peft = statistics.median(w for w, _, _ in results.get("PEFT merge_and_unload", [(math.nan, 0.0, 0.0)]))
     print(f"\nbase {size / 1e9:.2f} GB bf16, {args.layers} layers, vocab {args.vocab}; median of {args.reps} runs")
-    print("| contender | wall s (median) | runs | peak RSS GB | × cp | PEFT ÷ it |")
-    print("|---|---|---|---|---|---|")
+    print("| contender | wall s (median) | runs | CPU s (median) | peak RSS GB | × cp | PEFT ÷ it |")
+    print("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        rss = max(r for _, r in runs)
-        walls = ", ".join(f"{w:.2f}" for w, _ in runs)
-        print(f"| {name} | {wall:.2f} | {walls} | {rss:.2f} | {wall / cp:.1f} | {peft / wall:.1f} |")
+        wall = statistics.median(w for w, _, _ in runs)
+        cpu = statistics.median(c for _, _, c in runs)
+        rss = max(r for _, r, _ in runs)
+        walls = ", ".join(f"{w:.2f}" for w, _, _ in runs)
+        print(f"| {name} | {wall:.2f} | {walls} | {cpu:.2f} | {rss:.2f} | {wall / cp:.1f} | {peft / wall:.1f} |")
 
 
 if __name__ == "__main__":
