@@ -11,50 +11,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..bases import open_base
-from ..bases.protocol import RewritableBase
 from ..errors import LoractlError, NumericError
 from ..formats.options import ReadOptions
-from ..info import AdapterInfo
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct
-from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
-from .weights import check_weights
+from .merge_report import MergedModule, MergeReport
+from .placement import PlacedPlan, PlacedUpdate, open_rewritable
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from ..adapter import Adapter, LoraModule
     from .merge_shared import MergeProgress
     from .placement import TensorMerge
-
-
-def open_rewritable(path: str | Path) -> RewritableBase:
-    """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
-    return cast("RewritableBase", open_base(path))
-
-
-def plan_placed_merge(
-    base: str | Path,
-    adapters: Sequence[str | Path],
-    *,
-    weights: Sequence[float] | None = None,
-    format: str | None = None,
-    read_options: ReadOptions | None = None,
-) -> PlacedPlan:
-    """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
-    options = replace(read_options or ReadOptions(), base=None)
-    rewritable = open_rewritable(base)
-    try:
-        infos = [_describe(rewritable, a, format, options) for a in adapters]
-        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
-    finally:
-        rewritable.close()
 
 
 def execute_placed_merge(
@@ -65,7 +38,7 @@ def execute_placed_merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
-) -> PlacedMergeReport:
+) -> MergeReport:
     """Write the base with Σ wᵢ·ΔWᵢ merged in to the file `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
@@ -92,15 +65,9 @@ def execute_placed_merge(
         ) from e  # fmt: skip
     finally:
         base.close()
-    copied = plan.tensors_total - len(plan.updates)
-    return PlacedMergeReport(str(output), plan, tuple(sink.rows), copied, prints, hashes, notes)
-
-
-def _describe(base: RewritableBase, path: str | Path, fmt: str | None, options: ReadOptions) -> AdapterInfo:
-    from ..formats import describe_adapter, detect_format
-
-    fmt = fmt or detect_format(path)
-    return describe_adapter(path, format=fmt, options=base.read_options(fmt, options))
+    merged = len(plan.updates)
+    return MergeReport(Path(output), plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
+                       tensors_copied=plan.tensors_total - merged, base_notes=notes)  # fmt: skip
 
 
 class _Sink:
@@ -114,7 +81,7 @@ class _Sink:
         progress: Callable[[MergeProgress], None] | None,
     ) -> None:
         self.plan, self.adapters, self.device, self.progress = plan, adapters, device, progress
-        self.rows: list[PlacedModuleReport] = []
+        self.rows: list[MergedModule] = []
         self._start: torch.Tensor | None = None  # the tensor being merged, until the base stores it
         self._result: TensorMerge | None = None
         self._done = self._bytes = 0
@@ -142,8 +109,8 @@ class _Sink:
         tensor, updates = self.plan.stored[name], self.plan.updates[name]
         loss = rounding_loss(self._start, self._result.merged, values, tensor.quantized)
         error = rounding_error(self._start, self._result.merged, values)
-        ranks = [self.adapters[u.adapter].modules[u.module].rank for u in updates]
-        self.rows += module_reports(name, tensor.stored_type, updates, ranks, self._result, loss, error)
+        modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
+        self.rows += _module_rows(name, tensor.stored_type, updates, modules, self._result, loss, error)
         self._done += 1
         self._bytes += _float32_bytes(tensor.shape)
         if self.progress is not None:
@@ -151,6 +118,24 @@ class _Sink:
             self.progress(
                 MergeProgress(name, self._done, len(total), self._bytes, sum(_float32_bytes(t.shape) for t in total))
             )
+
+
+def _module_rows(
+    key: str,
+    stored_type: str,
+    updates: Sequence[PlacedUpdate],
+    modules: Sequence[LoraModule],
+    result: TensorMerge,
+    loss: float | None,
+    error: float | None,
+) -> list[MergedModule]:
+    """The report rows of one merged tensor: the loss and error are the tensor's, shared by its updates."""
+    base = result.base_norm
+    return [
+        MergedModule(u.adapter, u.module, key, "lora" if m.magnitude is None else "dora", stored_type, u.weight,
+                     m.scale, m.rank, d / base if base > 0 else None, loss, error)
+        for u, m, d in zip(updates, modules, result.delta_norms, strict=True)
+    ]  # fmt: skip
 
 
 def _float32_bytes(shape: tuple[int, ...]) -> int:
