@@ -14,6 +14,7 @@ metadata, plus loractl's provenance (`loractl_merge`), one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
-    from .protocol import BaseTensor, Weights
+    from ..io.safetensors_header import TensorInfo
+    from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
 # layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
@@ -129,9 +131,8 @@ class SingleFileBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.files.read_float32(name)
 
-    def weights(self) -> Weights:
-        """The stored tensors, in the file's own names (`extract_sd` pairs them in diffusers' terms)."""
-        return self.ckpt
+    def weights(self) -> SdWeights:
+        return SdWeights(self)
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
@@ -171,10 +172,13 @@ class SingleFileBase:
         return views.digests()
 
     def _sources(self, modules: Iterable[str]) -> list[tuple[str, _Src]] | None:
+        """Each module's weight, named as the adapter names it (the fingerprint is in the adapter's terms),
+        sorted; None when one is stored transposed."""
         found = [(f"{m}.weight", s) for m in modules if (s := self._source(m)) is not None]
         return None if any(s.transposed for _, s in found) else sorted(found, key=lambda x: x[0])
 
     def _source(self, module: str) -> _Src | None:
+        """Where a module's weight is stored, under either spelling of the text encoders' names."""
         component, _, rest = module.partition(".")
         return next((s for c in _spellings(component, rest) if (s := self.names.get(f"{c}.weight"))), None)
 
@@ -205,6 +209,57 @@ class SingleFileBase:
             writer.abort()
             raise
         writer.close()
+
+
+class SdWeights:
+    """The single file as a diffusers checkpoint (`protocol.Weights`, for `extract`): every tensor diffusers'
+    conversion takes from the file under its diffusers name (`unet.…`, `text_encoder.…`; a fused q/k/v as
+    three row ranges), the stored tensors it takes nothing from (the VAE, …) or takes transposed under their
+    own names, so that every stored tensor is compared."""
+
+    quantized: frozenset[str] = frozenset()
+
+    def __init__(self, base: SingleFileBase) -> None:
+        self.base, self.path, self.files = base, base.path, [base.path]
+        mapped = {n: s for n, s in base.names.items() if not s.transposed}
+        covered = {s.key for s in mapped.values()}
+        self.sources = mapped | {k: _Src(k, shape) for k, shape in base.shapes.items() if k not in covered}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def __contains__(self, name: object) -> bool:
+        """Also under the text encoders' other spelling (with or without `text_model.`), as an adapter may
+        name its modules: `touched_weight_names` then finds them, and `fingerprint` takes them."""
+        if not isinstance(name, str):
+            return False
+        return name in self.sources or self.base._source(name.removesuffix(".weight")) is not None
+
+    def info(self, name: str) -> TensorInfo:
+        from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
+
+        src = self.sources[name]
+        dtype = self.base.ckpt.info(src.key).dtype
+        return TensorInfo(dtype, src.shape, (0, math.prod(src.shape) * DTYPE_SIZES[dtype]))
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        stored = self.base.ckpt.get(src.key)
+        return stored if src.rows is None else stored[src.rows[0] : src.rows[1]]
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+
+    def merge_record(self) -> Any:
+        header = next(iter(self.base.ckpt.headers.values()))
+        try:
+            return json.loads(header.metadata[RECORD_KEY]) if RECORD_KEY in header.metadata else None
+        except ValueError:
+            return None  # a damaged record is no evidence
 
 
 def layout(names: list[str]) -> str | None:

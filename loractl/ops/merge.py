@@ -27,7 +27,7 @@ from ..bases import open_base
 from ..errors import LoractlError, NumericError
 from ..io import interrupt
 from ..io.atomic import atomic_output, check_output
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import RECORD_NAME, Checkpoint
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorData, TensorSpec
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from ..io.write_queue import WriteQueue
     from .merge_io import ReusingReader
     from .merge_kernel import BlockStats, Delta
-
-RECORD_NAME = "loractl_merge.json"
 
 
 def merge(

@@ -149,4 +149,8 @@ def _record(plan: PlacedPlan, hashes: Sequence[str], prints: Sequence[str | None
         {"content_hash": h, "format": i.format, "weight": w, "base_fingerprint": fp}
         for h, i, w, fp in zip(hashes, plan.infos, plan.weights, prints, strict=True)
     ]
-    return {"op": "merge", "loractl_version": __version__, "layout": plan.kind, "adapters": adapters}
+    modules = sorted({(u.adapter, u.module) for us in plan.updates.values() for u in us})
+    return {
+        "op": "merge", "loractl_version": __version__, "layout": plan.kind, "adapters": adapters,
+        "modules": [{"adapter": i, "module": m} for i, m in modules],  # what `extract` checks a swapped pair by
+    }  # fmt: skip
