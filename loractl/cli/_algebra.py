@@ -94,21 +94,10 @@ def save_and_report(
     save_adapter(result.adapter, output, format=fmt, force=force)
     for message in result.warnings:
         warn(message)
-    rows = [vars(r) for r in result.report]
     if as_json:
-        emit_json(
-            {
-                "output": output,
-                "format": fmt,
-                "content_hash": result.adapter.content_hash(),
-                "modules": rows,
-                "warnings": list(result.warnings),
-                **({"budget": result.budget.to_dict()} if result.budget is not None else {}),
-                **(extra or {}),
-            }
-        )
+        emit_json({"output": output, "format": fmt, **result.to_dict(), **(extra or {})})
         return
-    (render or _render)(rows, output, fmt)
+    (render or _render)([vars(r) for r in result.report], output, fmt)
     if result.budget is not None:
         stdout.print(budget_line(result.budget), highlight=False)
 

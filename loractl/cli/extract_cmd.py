@@ -81,7 +81,7 @@ def command(
     )  # fmt: skip
     if dry_run:
         plan = ops.dry_run(base, finetuned, config)
-        return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
+        return emit_json(plan.to_dict()) if as_json else _render_plan(plan)
     spectra = SpectrumRecorder(2 * (rank or max_rank or 0)) if plot else None
     if plot:
         check_plot(plot, [base, finetuned, output])
@@ -128,14 +128,6 @@ def _render(report: ExtractReport) -> None:
     )
     if report.budget is not None:
         stdout.print(budget_line(report.budget), highlight=False)
-
-
-def _plan_rows(plan: ExtractPlan) -> dict[str, object]:
-    rows = [
-        {"name": e.name, "action": e.action, "kind": e.kind, "shape": list(e.shape), "reason": e.reason}
-        for e in plan.entries
-    ]
-    return {"entries": rows, "warnings": list(plan.warnings)}
 
 
 def _render_plan(plan: ExtractPlan) -> None:

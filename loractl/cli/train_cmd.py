@@ -124,15 +124,8 @@ def _without_nproc(args: list[str]) -> list[str]:
 
 def _report(summary: Any, as_json: bool) -> None:
     r = summary.result
-    doc = {"output": str(summary.output) if summary.output else None, "steps": r.steps, "tokens": r.tokens,
-           "train_loss": r.train_loss, "eval_loss": r.eval_loss, "seconds": round(r.seconds, 2),
-           "trainable": summary.injection.trainable, "total": summary.injection.total,
-           "modules": len(summary.injection.modules), "examples": summary.examples, "dropped": summary.dropped,
-           "content_hash": summary.content_hash, "run_dir": str(summary.run_dir), "interrupted": r.interrupted,
-           "checkpoint": str(r.checkpoint) if r.checkpoint else None,
-           "finished_before": r.finished_before}  # fmt: skip
     if as_json:
-        emit_json(doc)
+        emit_json(summary.to_dict())
     elif r.finished_before:
         stdout.print(f"the run was already finished: {r.checkpoint} is at its last step ({r.steps}); "
                      "nothing was written", highlight=False)  # fmt: skip

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ShapeMismatchError, UsageError
 from ..info import ModuleKind
@@ -67,6 +67,13 @@ class ExtractPlan:
 
     def by_action(self, action: Action) -> list[PlanEntry]:
         return [e for e in self.entries if e.action == action]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [
+            {"name": e.name, "action": e.action, "kind": e.kind, "shape": list(e.shape), "reason": e.reason}
+            for e in self.entries
+        ]
+        return {"entries": rows, "warnings": list(self.warnings)}
 
 
 def _is_conv1d(e: PlanEntry) -> bool:
