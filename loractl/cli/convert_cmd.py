@@ -80,12 +80,9 @@ def command(
         output,
         to=to,
         source_format=inputs.format,
-        base=inputs.read.base,
-        alpha=inputs.options(adapter).alpha,
-        scale=inputs.options(adapter).scale,
+        read_options=inputs.options(adapter),
         allow_loss=allow_loss,
         verify_output=not no_verify,
-        allow_pickle=inputs.read.allow_pickle,
         force=force,
         rank=rule,
     )
