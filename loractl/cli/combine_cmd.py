@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from ..choices import COMBINE_METHODS, MAJORITY_SIGNS
-from ._algebra import Target, load_inputs, output_options, save_and_report
+from ._algebra import load_inputs, save_and_report
 from ._device import device_option
 from ._input_options import Inputs, input_options
+from ._output_options import Target, output_options
 
 
 @click.command("combine")
@@ -34,7 +35,7 @@ from ._input_options import Inputs, input_options
 )
 @click.option("--allow-base-mismatch", is_flag=True, help="Accept different base model names (same base).")
 @device_option
-@output_options
+@output_options()
 @input_options()
 def command(
     adapters: tuple[str, ...],
