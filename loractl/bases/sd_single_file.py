@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
-# layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
+# variant → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
 _ENCODERS = {
     "sd1": (("cond_stage_model.transformer.", "text_encoder", "clip"),),
     "sd2": (("cond_stage_model.model.", "text_encoder", "open_clip"),),
@@ -50,7 +50,7 @@ _ENCODERS = {
     ),
     "sdxl-refiner": (("conditioner.embedders.0.model.", "text_encoder_2", "open_clip"),),
 }
-_LAYOUT_HINT = "loractl merges into SD 1.x, 2.x and SDXL single files (model.diffusion_model.input_blocks…)"
+_VARIANT_HINT = "loractl merges into SD 1.x, 2.x and SDXL single files (model.diffusion_model.input_blocks…)"
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def open(path: Path) -> SingleFileBase:
 
 
 def check_single_file(names: list[str], path: str | Path) -> str:
-    """The single file's layout, or a `UsageError` for one loractl cannot map."""
-    kind = layout(names)
+    """The single file's variant ("sd1", "sdxl", …), or a `UsageError` for one loractl cannot map."""
+    kind = variant(names)
     if kind in (None, "unet-only"):
         raise UsageError(
             f"{path}: a single-file checkpoint of an unknown layout (no SD 1.x/2.x/SDXL text encoder beside "
@@ -262,7 +262,7 @@ class SdWeights:
             return None  # a damaged record is no evidence
 
 
-def layout(names: list[str]) -> str | None:
+def variant(names: list[str]) -> str | None:
     """ "sd1", "sd2", "sdxl", "sdxl-refiner"; None when `names` are not a single-file SD checkpoint."""
     if not any(n.startswith(UNET) for n in names):
         return None
@@ -276,7 +276,7 @@ def layout(names: list[str]) -> str | None:
 
 def diffusers_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, _Src]:
     """`unet.…` / `text_encoder.…` / `text_encoder_2.…` tensor names → where each is stored, by diffusers' code."""
-    kind = layout(list(shapes))
+    kind = variant(list(shapes))
     if kind is None:
         raise FormatError("not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* tensors)")
     srcs = {k: _Src(k, s) for k, s in shapes.items()}
@@ -313,7 +313,7 @@ def _unet(srcs: dict[str, _Src]) -> dict[str, Any]:
     outputs = len({n.split(".")[1] for n in names if n.startswith("output_blocks.")})
     if not outputs or outputs % levels:
         raise UsageError(
-            f"unknown UNet layout in the single file ({outputs} output blocks over {levels} levels)", hint=_LAYOUT_HINT
+            f"unknown UNet layout in the single file ({outputs} output blocks over {levels} levels)", hint=_VARIANT_HINT
         )
     config: dict[str, Any] = {"layers_per_block": outputs // levels - 1}
     if f"{UNET}label_emb.0.0.weight" in srcs:

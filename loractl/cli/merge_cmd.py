@@ -16,10 +16,10 @@ from ._output import emit_json, stderr, stdout, warn
 from ._text import adapter_labels, human_size, name_table, percent, relative
 
 if TYPE_CHECKING:
+    from ..ops.merge_placed_plan import PlacedPlan
     from ..ops.merge_plan import MergePlan
     from ..ops.merge_report import MergeReport
     from ..ops.merge_shared import MergeProgress
-    from ..ops.placement import PlacedPlan
 
 TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 
@@ -113,7 +113,7 @@ def command(
 def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
     from rich.markup import escape
 
-    from ..ops.placement import PlacedPlan
+    from ..ops.merge_placed_plan import PlacedPlan
 
     if as_json:
         emit_json(plan.to_dict())
@@ -139,7 +139,7 @@ def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
 
 
 def _summary(plan: MergePlan | PlacedPlan) -> str:
-    from ..ops.placement import PlacedPlan
+    from ..ops.merge_placed_plan import PlacedPlan
 
     if isinstance(plan, PlacedPlan):
         n = len(plan.updates)

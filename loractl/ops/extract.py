@@ -126,7 +126,7 @@ def extract_adapter(
         check_order(b, f)
         key = _fingerprints_key(b, f, plan)
         known = _remembered(key)
-        run = _Run(b, f, config, observe, where, hashing=known is None)
+        run = _Pass(b, f, config, observe, where, hashing=known is None)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
         entries = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
@@ -180,7 +180,7 @@ def _identity(w: Weights, fingerprint: str) -> dict[str, str]:
 
 @dataclass
 class _Prepared:
-    """One entry after `_Run.prepare`: both tensors (entries not factored), or ΔW in float32 and the two norms."""
+    """One entry after `_Pass.prepare`: both tensors (entries not factored), or ΔW in float32 and the two norms."""
 
     w0: torch.Tensor | None = None
     w1: torch.Tensor | None = None
@@ -219,7 +219,7 @@ class ReadAhead(Generic[T]):
             yield pending[0], pending[1].result()
 
 
-class _Run:
+class _Pass:
     """The streaming pass: what has been extracted so far, and the fingerprints being hashed (when `hashing`)."""
 
     def __init__(

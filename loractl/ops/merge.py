@@ -31,11 +31,11 @@ from ..io.checkpoint import RECORD_NAME, Checkpoint
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorData, TensorSpec
+from .merge_placed_plan import PlacedPlan
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
 from .merge_report import ROUNDING_WARN as ROUNDING_WARN  # the public name, re-exported
 from .merge_report import MergedModule, MergeReport, round_figure
 from .merge_shared import MergeProgress, check_base_fingerprints, recorded_fingerprint
-from .placement import PlacedPlan
 
 if TYPE_CHECKING:
     import torch

@@ -19,15 +19,15 @@ from ..errors import LoractlError, NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct
+from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable
 from .merge_report import MergedModule, MergeReport
-from .placement import PlacedPlan, PlacedUpdate, open_rewritable
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter, LoraModule
+    from .merge_placed_plan import TensorMerge
     from .merge_shared import MergeProgress
-    from .placement import TensorMerge
 
 
 def execute_placed_merge(
@@ -88,7 +88,7 @@ class _Sink:
 
     def merged(self, name: str, start: torch.Tensor) -> torch.Tensor:
         from .merge_kernel import all_finite
-        from .placement import merge_tensor, placed_delta
+        from .merge_placed_plan import merge_tensor, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
         updates = self.plan.updates[name]
@@ -102,8 +102,8 @@ class _Sink:
         return self._result.merged
 
     def stored(self, name: str, values: torch.Tensor) -> None:
+        from .merge_placed_plan import rounding_error, rounding_loss
         from .merge_shared import MergeProgress
-        from .placement import rounding_error, rounding_loss
 
         assert self._start is not None and self._result is not None
         tensor, updates = self.plan.stored[name], self.plan.updates[name]

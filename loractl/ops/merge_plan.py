@@ -25,7 +25,7 @@ from .weights import check_weights
 
 if TYPE_CHECKING:
     from ..formats.options import ReadOptions
-    from .placement import PlacedPlan
+    from .merge_placed_plan import PlacedPlan
 
 Role = Literal["lora", "dora", "bias", "full"]
 # Input embeddings an untied `lm_head` can take its starting weight from.
@@ -175,7 +175,7 @@ def plan_merge(
     checked = _weights(adapters, weights)
     _check_order(Path(base), adapters)
     if detect_base(base) != "safetensors":
-        from .placement import plan_placed_merge
+        from .merge_placed_plan import plan_placed_merge
 
         if dtype is not None or max_shard_size is not None:
             raise UsageError(

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .merge_placed_plan import PlacedPlan
     from .merge_plan import MergePlan
-    from .placement import PlacedPlan
 
 ROUNDING_WARN = 0.1  # warn when rounding into the output type removes more than this share of a ΔW
 
@@ -60,7 +60,7 @@ class MergeReport:
     @property
     def rewritten(self) -> bool:
         """Whether the base was rewritten in its own types (GGUF, single file) rather than resharded."""
-        from .placement import PlacedPlan
+        from .merge_placed_plan import PlacedPlan
 
         return isinstance(self.plan, PlacedPlan)
 
@@ -85,7 +85,7 @@ class MergeReport:
         if r is None or r["worst"] <= ROUNDING_WARN:
             return []
         bad = sum(1 for m in self.modules if (m.rounding_loss or 0.0) > ROUNDING_WARN)
-        from .placement import PlacedPlan
+        from .merge_placed_plan import PlacedPlan
 
         if isinstance(self.plan, PlacedPlan):
             into, way_out = "the stored types", "merge into a wider base (F16/F32) or apply the adapter at run time"

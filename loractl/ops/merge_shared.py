@@ -1,7 +1,7 @@
 """What both merge pipelines share: progress, the base fingerprint check, ΔW's stored shape.
 
 A Hugging Face checkpoint streams through `merge_plan` → `merge`; a base rewritten in its own
-types (GGUF, single-file SD) through `placement` → `merge_placed`. Both report progress and check
+types (GGUF, single-file SD) through `merge_placed_plan` → `merge_placed`. Both report progress and check
 base fingerprints the same way, from here, and both return a `merge_report.MergeReport`.
 """
 

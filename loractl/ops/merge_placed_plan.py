@@ -1,4 +1,5 @@
-"""Where an adapter module lands in a base stored in another layout (a GGUF model, a single-file SD checkpoint).
+"""The plan of a merge into a base rewritten in its own types (a GGUF model, a single-file SD checkpoint):
+where each adapter module lands (`bases._placement.Placement`), checked from headers, and one stored tensor merged.
 
 Adapters name modules the Hugging Face way (`model.layers.0.self_attn.q_proj`, `unet.down_blocks…`);
 those bases store the same weights under other names, sometimes reordered (llama.cpp's q/k rows),
@@ -48,7 +49,7 @@ class PlacedPlan:
     """Every update grouped by stored tensor, and every problem found (from headers alone)."""
 
     base: str
-    kind: str  # "gguf <arch>" or the single-file layout ("sd1", "sdxl", …)
+    kind: str  # the base's `Base.kind`: "gguf <arch>" or the single-file variant ("sd1", "sdxl", …)
     adapters: tuple[str, ...]
     weights: tuple[float, ...]
     updates: dict[str, tuple[PlacedUpdate, ...]]
