@@ -95,9 +95,7 @@ def execute_merge(
     if isinstance(plan, PlacedPlan):
         from .merge_placed import execute_placed_merge
 
-        return execute_placed_merge(
-            plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
-        )
+        return execute_placed_merge(plan, output, force, allow_base_mismatch, progress, device)
     plan.check()
     output = Path(output)
     check_output(output, [plan.base, *(a.path for a in plan.adapters)], force=force)  # before torch is imported

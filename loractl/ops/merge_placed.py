@@ -31,15 +31,11 @@ if TYPE_CHECKING:
 
 
 def execute_placed_merge(
-    plan: PlacedPlan,
-    output: str | Path,
-    *,
-    force: bool = False,
-    allow_base_mismatch: bool = False,
-    progress: Callable[[MergeProgress], None] | None = None,
-    device: str = "cpu",
-) -> MergeReport:
-    """Write the base with Σ wᵢ·ΔWᵢ merged in to the file `output`; nothing is written on error."""
+    plan: PlacedPlan, output: str | Path, force: bool, allow_mismatch: bool,
+    progress: Callable[[MergeProgress], None] | None, device: str,
+) -> MergeReport:  # fmt: skip
+    """`merge.execute_merge` for a placed plan: the base with Σ wᵢ·ΔWᵢ merged in, written to the file
+    `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
     from .merge_shared import check_base_fingerprints
@@ -53,7 +49,7 @@ def execute_placed_merge(
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
         prints = tuple(base.fingerprint(list(i.modules)) for i in plan.infos)
-        notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_base_mismatch)
+        notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_mismatch)
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
         with atomic_output(output, force=force) as tmp:
