@@ -99,8 +99,8 @@ def main() -> None:
             opts = ReadOptions(base=base)
             read_s, _ = timed(lambda p=path, o=opts: load_adapter(p, options=o), args.repeats)
             conv_s, _ = timed(
-                lambda p=path: convert(
-                    p, d / "out", to="peft", base=base, rank=RankRule(rank=16), allow_loss=True, force=True
+                lambda p=path, o=opts: convert(
+                    p, d / "out", to="peft", read_options=o, rank=RankRule(rank=16), allow_loss=True, force=True
                 ),
                 args.repeats,
             )

@@ -18,6 +18,9 @@ _EXPORTS = {
     "scale_from_alpha": "info",
     "LoractlError": "errors",
     "Checkpoint": "io.checkpoint",
+    "ReadOptions": "formats.options",
+    "WriteOptions": "formats.options",
+    "MergeReport": "ops.merge_report",
     "load_adapter": "formats",
     "save_adapter": "formats",
     "detect_format": "formats",
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from .adapter import Adapter, AdapterMeta, LoraModule
     from .errors import LoractlError
     from .formats import describe_adapter, detect_format, load_adapter, save_adapter
+    from .formats.options import ReadOptions, WriteOptions
     from .info import scale_from_alpha
     from .inspection import inspect_adapter
     from .io.checkpoint import Checkpoint
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from .ops.lowrank import RankRule
     from .ops.merge import merge
     from .ops.merge_plan import plan_merge
+    from .ops.merge_report import MergeReport
     from .ops.rescale import rescale
     from .ops.resize import resize, resize_to_budget
     from .remote.transfer import pull, push, versions

@@ -46,6 +46,21 @@ class ValidationReport:
         }
 
 
+@dataclass(frozen=True)
+class ValidationRun:
+    """Several adapters validated together (`loractl validate PATHS`): `ok` unless one fails."""
+
+    reports: list[ValidationReport]
+    strict: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.failed(self.strict) for r in self.reports)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "strict": self.strict, "reports": [r.to_dict() for r in self.reports]}
+
+
 def validate_adapter(
     path: str | Path,
     *,

@@ -12,6 +12,7 @@ import torch
 from loractl.adapter import Adapter, LoraModule
 from loractl.errors import AdapterError
 from loractl.formats import load_adapter, save_adapter
+from loractl.formats.options import ReadOptions
 from loractl.io.checkpoint import Checkpoint
 from loractl.io.safetensors_header import read_header
 from loractl.ops.convert import convert, plan_conversion
@@ -53,16 +54,18 @@ def test_lossy_conversion_is_refused_and_measured(fixtures_dir: Path, tmp_path: 
         convert(src, out, to="loralib")
     assert "--allow-loss" in (e.value.hint or "") and "kohya" in (e.value.hint or "")
     with pytest.raises(AdapterError, match=r"of the adapter's effect"):
-        convert(src, out, to="loralib", base=fixtures_dir / "tiny-llama")
+        convert(src, out, to="loralib", read_options=ReadOptions(base=fixtures_dir / "tiny-llama"))
     assert list(tmp_path.iterdir()) == []
-    report = convert(src, out, to="loralib", base=fixtures_dir / "tiny-llama", allow_loss=True)
+    report = convert(
+        src, out, to="loralib", read_options=ReadOptions(base=fixtures_dir / "tiny-llama"), allow_loss=True
+    )
     (loss,) = report.lost
     share, weights = _dense_loss(fixtures_dir)
     assert loss.update_change == pytest.approx(share, rel=1e-5)  # float32 merge vs float64 reference
     assert loss.weight_change == pytest.approx(weights, rel=1e-5)
     assert loss.count == 4 and len(loss.modules) == 4
     gguf = tmp_path / "l.gguf"  # a target that records lineage in the file
-    convert(src, gguf, to="gguf", base=fixtures_dir / "tiny-llama", allow_loss=True)
+    convert(src, gguf, to="gguf", read_options=ReadOptions(base=fixtures_dir / "tiny-llama"), allow_loss=True)
     kept = load_adapter(gguf).lineage[-1]["metrics"]["lost"]
     assert kept[0]["what"] == "DoRA magnitudes" and kept[0]["update_change"] == pytest.approx(share, rel=1e-5)
 
@@ -70,7 +73,9 @@ def test_lossy_conversion_is_refused_and_measured(fixtures_dir: Path, tmp_path: 
 def test_exact_folds_stay_silent(fixtures_dir: Path, tmp_path: Path) -> None:
     """tiny-dora's magnitudes equal ‖W + ΔW‖: dropping them is exact on its base, so nothing is lost."""
     src = fixtures_dir / "adapters" / "tiny-dora"
-    report = convert(src, tmp_path / "l.safetensors", to="loralib", base=fixtures_dir / "tiny-llama")
+    report = convert(
+        src, tmp_path / "l.safetensors", to="loralib", read_options=ReadOptions(base=fixtures_dir / "tiny-llama")
+    )
     assert report.lost == () and any("DoRA magnitudes (4) dropped" in f for f in report.folded)
     code, out, err = run_cli("convert", src, "-o", tmp_path / "m.safetensors", "--to", "loralib",
                              "--base", fixtures_dir / "tiny-llama")  # fmt: skip

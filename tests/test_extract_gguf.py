@@ -170,6 +170,20 @@ def test_gguf_to_gguf_cli_and_merge_back(tmp_path: Path) -> None:
         assert rel(merged[f"{module}.weight"], want[f"{module}.weight"]) < 1e-6
 
 
+def test_a_swapped_gguf_pair_is_refused_as_merge_refuses_a_swap(tmp_path: Path) -> None:
+    """BASE a loractl merge into FINETUNED: the merge record in the GGUF's KV metadata says so, as the
+    record beside a checkpoint does (tests/test_extract.py)."""
+    w0, w1 = hf_pair()
+    base, ft = write_gguf(tmp_path / "base.gguf", w0, "F32"), write_gguf(tmp_path / "ft.gguf", w1, "F32")
+    extract_ops.extract(base, ft, tmp_path / "lora", ExtractConfig(rank=RANK))
+    merged = tmp_path / "merged.gguf"
+    loractl.merge(base, [tmp_path / "lora"], merged)
+    code, out, err = run_cli("extract", merged, base, "-o", tmp_path / "x", "--rank", str(RANK))
+    assert code == 2 and out == "" and "did you swap BASE and FINETUNED?" in err and not (tmp_path / "x").exists()
+    assert f"hint: the base comes first: loractl extract {base} {merged}" in err
+    assert run_cli("extract", base, merged, "-o", tmp_path / "y", "--rank", str(RANK))[0] == 0  # the right order
+
+
 def test_a_quantized_base_records_no_fingerprint(tmp_path: Path) -> None:
     """As merge takes none of a quantized GGUF base: the adapter merges into it with a note, and into the
     Hugging Face checkpoint it was quantized from without a refusal."""

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("loractl.errors", "loractl._version", "loractl.extras")),
     ("io", ("loractl.io",)),
     ("core", ("loractl.findings", "loractl.lineage", "loractl.info", "loractl.adapter", "loractl.origin",
-              "loractl.patterns")),
+              "loractl.patterns", "loractl.choices")),
     ("formats", ("loractl.formats",)),
     ("bases", ("loractl.bases",)),
     ("ops", ("loractl.ops",)),

@@ -190,9 +190,11 @@ def test_truncation_error_is_the_svd_tail(lycoris: Any, tmp_path: Path, config: 
     ref = _reference(net)
     k = 3
     with pytest.raises(AdapterError, match="rank truncation"):
-        convert(path, tmp_path / "refused", to="peft", base=base, rank=RankRule(rank=k))
+        convert(path, tmp_path / "refused", to="peft", read_options=ReadOptions(base=base), rank=RankRule(rank=k))
     assert not (tmp_path / "refused").exists()
-    report = convert(path, tmp_path / "out", to="peft", base=base, rank=RankRule(rank=k), allow_loss=True)
+    report = convert(
+        path, tmp_path / "out", to="peft", read_options=ReadOptions(base=base), rank=RankRule(rank=k), allow_loss=True
+    )
     written = load_adapter(tmp_path / "out")
     for change in report.truncated:
         delta = ref[change.module].flatten(1)
@@ -209,7 +211,14 @@ def test_energy_rule(lycoris: Any, tmp_path: Path) -> None:
     """--energy E keeps, per module, the smallest rank whose σ² reach E of ‖ΔW‖²."""
     base, path, net, _ = _write(lycoris, tmp_path, "loha")
     ref = _reference(net)
-    report = convert(path, tmp_path / "out", to="peft", base=base, rank=RankRule(energy=0.9), allow_loss=True)
+    report = convert(
+        path,
+        tmp_path / "out",
+        to="peft",
+        read_options=ReadOptions(base=base),
+        rank=RankRule(energy=0.9),
+        allow_loss=True,
+    )
     for change in report.truncated:
         s2 = torch.linalg.svdvals(ref[change.module].flatten(1)).square()
         share = torch.cumsum(s2, 0) / s2.sum()

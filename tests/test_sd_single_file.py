@@ -17,9 +17,9 @@ from sd_pipelines import TinySD, tiny_sd, to_diffusers, unet_to_ldm
 from loractl import merge
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
 from loractl.bases.sd_single_file import diffusers_names
+from loractl.errors import IntegrityError, UsageError
 from loractl.formats import load_adapter, save_adapter
-from loractl.ops.extract import ExtractConfig
-from loractl.ops.extract_sd import extract_sd_adapter
+from loractl.ops.extract import ExtractConfig, extract_adapter
 
 pytest.importorskip("diffusers")
 
@@ -173,13 +173,28 @@ def test_extract_recovers_the_adapter(sd: TinySD, tmp_path: Path, capsys: pytest
         err_rel = (got.modules[name].delta_weight(torch.float64) - expected).norm() / expected.norm()
         assert err_rel < 1e-5, (name, float(err_rel))
     assert report["totals"]["modules"] == len(want)
-    default = extract_sd_adapter(sd.single_file, finetuned, ExtractConfig(rank=4))  # sd-scripts' default: no 3×3 convs
+    default = extract_adapter(sd.single_file, finetuned, ExtractConfig(rank=4))  # sd-scripts' default: no 3×3 convs
     assert set(default.adapter.modules) == set(want) - {"unet.up_blocks.1.resnets.0.conv1"}
-    assert [n.name for n in default.report.not_extracted()] == [
-        unet_to_ldm(
-            {"up_blocks.1.resnets.0.conv1.weight": torch.zeros(1)}, 2, tuple(sd.unet.config.up_block_types)
-        ).popitem()[0]
-    ]
+    # named in diffusers' terms, as the adapter's modules are (was: the stored name, when SD had a loop of its own)
+    assert [n.name for n in default.report.not_extracted()] == ["unet.up_blocks.1.resnets.0.conv1.weight"]
+
+
+def test_extract_records_the_base_fingerprint_and_refuses_a_swapped_pair(sd: TinySD, tmp_path: Path) -> None:
+    """One extract loop for every kind: an SD pair's adapter records its base's fingerprint, which merge checks
+    (the base takes it, the fine-tune refuses it), and a merge given as BASE is named as a swap."""
+    save_adapter(_lora(sd), tmp_path / "lora.safetensors", format="diffusers")
+    finetuned = tmp_path / "ft.safetensors"
+    merge(sd.single_file, [tmp_path / "lora.safetensors"], finetuned)
+    extracted = extract_adapter(sd.single_file, finetuned, ExtractConfig(rank=4)).adapter
+    assert extracted.meta.base_fingerprint and extracted.meta.base_views
+    save_adapter(extracted, tmp_path / "x", format="peft")
+    assert merge(sd.single_file, [tmp_path / "x"], tmp_path / "again.safetensors").fingerprints[0] == (
+        extracted.meta.base_fingerprint
+    )
+    with pytest.raises(IntegrityError, match="made for another base"):
+        merge(finetuned, [tmp_path / "x"], tmp_path / "wrong.safetensors")
+    with pytest.raises(UsageError, match="did you swap BASE and FINETUNED"):
+        extract_adapter(finetuned, sd.single_file, ExtractConfig(rank=4))
 
 
 def test_unknown_layouts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,7 @@
 """Where an adapter module lands in a base stored in another layout (a GGUF model, a single-file SD checkpoint).
 
 Each base's `place` (`gguf.py`, `sd_single_file.py`, `safetensors_dir.py`) answers with a `Placement`;
-the merge and its arithmetic live in `ops/placement.py`.
+the plan of the merge and its arithmetic live in `ops/merge_placed_plan.py`.
 """
 
 from __future__ import annotations

@@ -338,8 +338,19 @@ class GgufWeights:
     def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
         return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
 
+    def merge_record(self) -> Any:
+        return _json_or_none(self.base.fields.get(RECORD_KEY))
+
     def _dtype(self, name: str) -> str:
         return "F32" if name in self.quantized else self.base.type_name(self._key[name])
+
+
+def _json_or_none(text: Any) -> Any:
+    """A provenance record stored as JSON text in a base's metadata; None when absent or damaged."""
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _nbytes(field: Any) -> int:

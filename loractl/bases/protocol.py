@@ -72,6 +72,11 @@ class Weights(Protocol):
         """`Checkpoint.fingerprint` of the named tensors ('' when the stored values cannot say)."""
         ...
 
+    def merge_record(self) -> Any:
+        """The provenance loractl wrote when this checkpoint was a merge's output (None otherwise or unreadable):
+        per adapter its `base_fingerprint`, and `modules` as `{"adapter": i, "module": name}`."""
+        ...
+
 
 class Base(Protocol):
     """A base a LoRA can be merged into, as read (see the module docstring)."""

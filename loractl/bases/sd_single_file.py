@@ -14,6 +14,7 @@ metadata, plus loractl's provenance (`loractl_merge`), one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -35,10 +36,11 @@ if TYPE_CHECKING:
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
-    from .protocol import BaseTensor, Weights
+    from ..io.safetensors_header import TensorInfo
+    from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
-# layout → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
+# variant → (text encoder prefix, diffusers component, kind) in the order diffusers checks them
 _ENCODERS = {
     "sd1": (("cond_stage_model.transformer.", "text_encoder", "clip"),),
     "sd2": (("cond_stage_model.model.", "text_encoder", "open_clip"),),
@@ -48,7 +50,7 @@ _ENCODERS = {
     ),
     "sdxl-refiner": (("conditioner.embedders.0.model.", "text_encoder_2", "open_clip"),),
 }
-_LAYOUT_HINT = "loractl merges into SD 1.x, 2.x and SDXL single files (model.diffusion_model.input_blocks…)"
+_VARIANT_HINT = "loractl merges into SD 1.x, 2.x and SDXL single files (model.diffusion_model.input_blocks…)"
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,8 @@ def open(path: Path) -> SingleFileBase:
 
 
 def check_single_file(names: list[str], path: str | Path) -> str:
-    """The single file's layout, or a `UsageError` for one loractl cannot map."""
-    kind = layout(names)
+    """The single file's variant ("sd1", "sdxl", …), or a `UsageError` for one loractl cannot map."""
+    kind = variant(names)
     if kind in (None, "unet-only"):
         raise UsageError(
             f"{path}: a single-file checkpoint of an unknown layout (no SD 1.x/2.x/SDXL text encoder beside "
@@ -129,9 +131,8 @@ class SingleFileBase:
     def read_float32(self, name: str) -> torch.Tensor:
         return self.files.read_float32(name)
 
-    def weights(self) -> Weights:
-        """The stored tensors, in the file's own names (`extract_sd` pairs them in diffusers' terms)."""
-        return self.ckpt
+    def weights(self) -> SdWeights:
+        return SdWeights(self)
 
     def fingerprint(
         self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
@@ -171,10 +172,13 @@ class SingleFileBase:
         return views.digests()
 
     def _sources(self, modules: Iterable[str]) -> list[tuple[str, _Src]] | None:
+        """Each module's weight, named as the adapter names it (the fingerprint is in the adapter's terms),
+        sorted; None when one is stored transposed."""
         found = [(f"{m}.weight", s) for m in modules if (s := self._source(m)) is not None]
         return None if any(s.transposed for _, s in found) else sorted(found, key=lambda x: x[0])
 
     def _source(self, module: str) -> _Src | None:
+        """Where a module's weight is stored, under either spelling of the text encoders' names."""
         component, _, rest = module.partition(".")
         return next((s for c in _spellings(component, rest) if (s := self.names.get(f"{c}.weight"))), None)
 
@@ -207,7 +211,58 @@ class SingleFileBase:
         writer.close()
 
 
-def layout(names: list[str]) -> str | None:
+class SdWeights:
+    """The single file as a diffusers checkpoint (`protocol.Weights`, for `extract`): every tensor diffusers'
+    conversion takes from the file under its diffusers name (`unet.…`, `text_encoder.…`; a fused q/k/v as
+    three row ranges), the stored tensors it takes nothing from (the VAE, …) or takes transposed under their
+    own names, so that every stored tensor is compared."""
+
+    quantized: frozenset[str] = frozenset()
+
+    def __init__(self, base: SingleFileBase) -> None:
+        self.base, self.path, self.files = base, base.path, [base.path]
+        mapped = {n: s for n, s in base.names.items() if not s.transposed}
+        covered = {s.key for s in mapped.values()}
+        self.sources = mapped | {k: _Src(k, shape) for k, shape in base.shapes.items() if k not in covered}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def __contains__(self, name: object) -> bool:
+        """Also under the text encoders' other spelling (with or without `text_model.`), as an adapter may
+        name its modules: `touched_weight_names` then finds them, and `fingerprint` takes them."""
+        if not isinstance(name, str):
+            return False
+        return name in self.sources or self.base._source(name.removesuffix(".weight")) is not None
+
+    def info(self, name: str) -> TensorInfo:
+        from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
+
+        src = self.sources[name]
+        dtype = self.base.ckpt.info(src.key).dtype
+        return TensorInfo(dtype, src.shape, (0, math.prod(src.shape) * DTYPE_SIZES[dtype]))
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self.sources[name]
+        stored = self.base.ckpt.get(src.key)
+        return stored if src.rows is None else stored[src.rows[0] : src.rows[1]]
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+
+    def merge_record(self) -> Any:
+        header = next(iter(self.base.ckpt.headers.values()))
+        try:
+            return json.loads(header.metadata[RECORD_KEY]) if RECORD_KEY in header.metadata else None
+        except ValueError:
+            return None  # a damaged record is no evidence
+
+
+def variant(names: list[str]) -> str | None:
     """ "sd1", "sd2", "sdxl", "sdxl-refiner"; None when `names` are not a single-file SD checkpoint."""
     if not any(n.startswith(UNET) for n in names):
         return None
@@ -221,7 +276,7 @@ def layout(names: list[str]) -> str | None:
 
 def diffusers_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, _Src]:
     """`unet.…` / `text_encoder.…` / `text_encoder_2.…` tensor names → where each is stored, by diffusers' code."""
-    kind = layout(list(shapes))
+    kind = variant(list(shapes))
     if kind is None:
         raise FormatError("not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* tensors)")
     srcs = {k: _Src(k, s) for k, s in shapes.items()}
@@ -258,7 +313,7 @@ def _unet(srcs: dict[str, _Src]) -> dict[str, Any]:
     outputs = len({n.split(".")[1] for n in names if n.startswith("output_blocks.")})
     if not outputs or outputs % levels:
         raise UsageError(
-            f"unknown UNet layout in the single file ({outputs} output blocks over {levels} levels)", hint=_LAYOUT_HINT
+            f"unknown UNet layout in the single file ({outputs} output blocks over {levels} levels)", hint=_VARIANT_HINT
         )
     config: dict[str, Any] = {"layers_per_block": outputs // levels - 1}
     if f"{UNET}label_emb.0.0.weight" in srcs:

@@ -1,13 +1,10 @@
-"""What combine, resize and rescale share on the command line: output options, saving, the report."""
+"""What combine, resize and rescale share on the command line: reading the inputs, saving, the report
+(their output options are `_output_options`)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import click
 
 from ..patterns import natural_key
 from ._output import emit_json, stdout, warn
@@ -17,55 +14,9 @@ if TYPE_CHECKING:
     from ..adapter import Adapter
     from ..ops.algebra_result import AlgebraResult
     from ._input_options import Inputs
+    from ._output_options import Target
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where and how the result goes: -o/--output, --to, --force, --json."""
-
-    output: str
-    to_format: str | None
-    force: bool
-    as_json: bool
-
-
-def output_options(func: F) -> F:
-    """-o/--output, --to, --force, --json, passed to the command as one `target: Target` (the inputs'
-    options come from `input_options`)."""
-    options = [
-        click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path."),
-        click.option("--to", "to_format", default=None, help="Output format (default: the input's)."),
-        click.option("--force", is_flag=True, help="Replace the output if it exists."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document."),
-    ]
-
-    @functools.wraps(func)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        check_output_options(kwargs)
-        target = Target(*(kwargs.pop(k) for k in ("output", "to_format", "force", "as_json")))
-        return func(*args, target=target, **kwargs)
-
-    wrapped: Any = checked
-    for option in reversed(options):
-        wrapped = option(wrapped)
-    return wrapped  # type: ignore[no-any-return]
-
-
-def check_output_options(params: dict[str, Any]) -> None:
-    """Before the command reads anything or imports torch: a known --to, inputs (ADAPTER or ADAPTERS)
-    that exist, and an output that is none of them and is absent unless --force."""
-    from ..errors import InputNotFoundError
-    from ..formats import check_format
-    from ..io.atomic import check_output
-
-    if params["to_format"] is not None:
-        check_format(params["to_format"], "target ")
-    inputs = params["adapters"] if "adapters" in params else [params["adapter"]]
-    for path in inputs:
-        InputNotFoundError.check(path)
-    check_output(params["output"], inputs, force=params["force"])
 
 
 def load_inputs(paths: list[str], inputs: Inputs) -> list[Adapter]:
@@ -94,21 +45,10 @@ def save_and_report(
     save_adapter(result.adapter, output, format=fmt, force=force)
     for message in result.warnings:
         warn(message)
-    rows = [vars(r) for r in result.report]
     if as_json:
-        emit_json(
-            {
-                "output": output,
-                "format": fmt,
-                "content_hash": result.adapter.content_hash(),
-                "modules": rows,
-                "warnings": list(result.warnings),
-                **({"budget": result.budget.to_dict()} if result.budget is not None else {}),
-                **(extra or {}),
-            }
-        )
+        emit_json({"output": output, "format": fmt, **result.to_dict(), **(extra or {})})
         return
-    (render or _render)(rows, output, fmt)
+    (render or _render)([vars(r) for r in result.report], output, fmt)
     if result.budget is not None:
         stdout.print(budget_line(result.budget), highlight=False)
 

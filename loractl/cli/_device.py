@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ..choices import DEVICES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -16,5 +18,5 @@ def device_option(func: F) -> F:
         "--device",
         default="cpu",
         show_default=True,
-        help="Where the arithmetic runs: auto, cpu, cuda[:N], mps.",
+        help=f"Where the arithmetic runs: {', '.join(d + ('[:N]' if d == 'cuda' else '') for d in DEVICES)}.",
     )(func)

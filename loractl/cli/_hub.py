@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ._output import emit_json, stderr
+from ._output import Report, emit_json, stderr
 
 if TYPE_CHECKING:
     from ._input_options import Inputs
 
 F = TypeVar("F", bound=Callable[..., Any])
-R = TypeVar("R")
+R = TypeVar("R", bound=Report)
 
 
 def registry_options(func: F) -> F:
@@ -45,6 +44,6 @@ def run_transfer(
     with quiet_hub_progress():
         result = call(endpoint=endpoint, token=token, format=inputs.format, read_options=inputs.read)
     if as_json:
-        emit_json(dataclasses.asdict(result))  # type: ignore[call-overload]  # push and pull return dataclasses
+        emit_json(result.to_dict())
         return None
     return result

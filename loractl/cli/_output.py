@@ -7,7 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -124,6 +124,12 @@ stderr = LazyConsole(to_stderr=True)
 
 
 JSON_SCHEMA_VERSION = 1  # raised when a document changes incompatibly (a key removed or its meaning changed)
+
+
+class Report(Protocol):
+    """What every library result a command reports has: its `--json` document (`emit_json` prints it)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def emit_json(doc: dict[str, Any]) -> None:

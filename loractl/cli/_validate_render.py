@@ -18,13 +18,9 @@ GROUP_AFTER = 3  # more findings of one code than this print as one line with a 
 
 def render(reports: list[ValidationReport], style: str, strict: bool, console: Console) -> None:
     if style == "json":
-        emit_json(
-            {
-                "ok": not any(r.failed(strict) for r in reports),
-                "strict": strict,
-                "reports": [r.to_dict() for r in reports],
-            }
-        )
+        from ..validation import ValidationRun
+
+        emit_json(ValidationRun(reports, strict).to_dict())
     elif style == "github":
         for r in reports:
             for f in r.findings:

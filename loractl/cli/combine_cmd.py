@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import click
 
-from ._algebra import Target, load_inputs, output_options, save_and_report
+from ..choices import COMBINE_METHODS, MAJORITY_SIGNS
+from ._algebra import load_inputs, save_and_report
 from ._device import device_option
 from ._input_options import Inputs, input_options
+from ._output_options import Target, output_options
 
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--method",
-    type=click.Choice(["cat", "svd", "linear", "ties", "dare", "dare_ties"]),
+    type=click.Choice(COMBINE_METHODS),
     default="svd",
     show_default=True,
     help="How to combine (see docs/combine.md).",
@@ -26,14 +28,14 @@ from ._input_options import Inputs, input_options
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop.")
 @click.option(
     "--majority-sign",
-    type=click.Choice(["total", "frequency"]),
+    type=click.Choice(MAJORITY_SIGNS),
     default="total",
     show_default=True,
     help="ties/dare_ties: elect the sign by summed values or by counts.",
 )
 @click.option("--allow-base-mismatch", is_flag=True, help="Accept different base model names (same base).")
 @device_option
-@output_options
+@output_options()
 @input_options()
 def command(
     adapters: tuple[str, ...],

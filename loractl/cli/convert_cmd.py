@@ -8,6 +8,7 @@ import click
 
 from ._input_options import ALPHA_HELP, Inputs, input_options
 from ._output import emit_json, stdout, warn
+from ._output_options import Target, output_options
 from ._text import name_table, relative
 
 if TYPE_CHECKING:
@@ -16,8 +17,11 @@ if TYPE_CHECKING:
 
 @click.command("convert")
 @click.argument("adapter", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
-@click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, mlx, gguf, ...")
+@output_options(
+    to_help="Target: peft, kohya, diffusers, mlx, gguf, ...",
+    to_required=True,
+    output_help="Output path (file or directory, per format).",
+)
 @click.option(
     "--allow-loss", is_flag=True, help="Write even if the target cannot hold all of the adapter (recorded as lost)."
 )
@@ -25,20 +29,15 @@ if TYPE_CHECKING:
 @click.option("--energy", type=float, default=None, help="Truncate each module to keep this share of ‖ΔW‖²_F.")
 @click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy chooses.")
 @click.option("--no-verify", is_flag=True, help="Skip reading the output back and comparing ΔW.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @input_options(alpha_help=ALPHA_HELP + " Also the target's global alpha.")
 def command(
     adapter: str,
-    output: str,
-    to: str,
+    target: Target,
     allow_loss: bool,
     rank: int | None,
     energy: float | None,
     max_rank: int | None,
     no_verify: bool,
-    force: bool,
-    as_json: bool,
     inputs: Inputs,
 ) -> None:
     """Convert ADAPTER to another format; every module's scale·B·A is checked after writing.
@@ -60,13 +59,6 @@ def command(
       loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
       loractl convert loha.safetensors -o peft-r16 --to peft --rank 16 --allow-loss --base sd15/unet
     """
-    from ..errors import InputNotFoundError
-    from ..formats import check_format
-    from ..io.atomic import check_output
-
-    check_format(to, "target ")  # convert checks these again; here they fail before torch is imported
-    InputNotFoundError.check(adapter)
-    check_output(output, [adapter], force=force)
     from ..ops.convert import convert
     from ..ops.lowrank import RankRule
 
@@ -75,18 +67,16 @@ def command(
         rule = RankRule(rank=rank, energy=energy, max_rank=max_rank)
         rule.check()
 
+    output, as_json = target.output, target.as_json
     report = convert(
         adapter,
         output,
-        to=to,
+        to=str(target.to_format),
         source_format=inputs.format,
-        base=inputs.read.base,
-        alpha=inputs.options(adapter).alpha,
-        scale=inputs.options(adapter).scale,
+        read_options=inputs.options(adapter),
         allow_loss=allow_loss,
         verify_output=not no_verify,
-        allow_pickle=inputs.read.allow_pickle,
-        force=force,
+        force=target.force,
         rank=rule,
     )
     for note in (*report.warnings, *(f"lost: {x.describe()}" for x in report.lost)):

@@ -2,52 +2,85 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ..patterns import natural_key
 from ._device import device_option
 from ._output import emit_json, progress, stdout, warn, wrote_plot
+from ._output_options import Target, output_options
 from ._text import budget_line, name_table, relative
 
 if TYPE_CHECKING:
+    from ..ops.extract_factor import ExtractConfig
     from ..ops.extract_plan import ExtractPlan
     from ..ops.extract_report import ExtractReport
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def extract_config_options(func: F) -> F:
+    """--rank, --energy, --budget, --max-rank, --targets, --save-full, --alpha and --dtype, given to the
+    command as one `ExtractConfig` (which checks them: `ExtractConfig.check`)."""
+    budget_help = "Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least."
+    options = [
+        click.option("--rank", type=int, default=None, help="The same rank for every module."),
+        click.option("--energy", type=float, default=None,
+                     help="Per module, the smallest rank keeping this share of ‖ΔW‖²_F."),
+        click.option("--budget", default=None, help=budget_help),
+        click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy or --budget chooses."),
+        click.option("--targets", multiple=True,
+                     help="Module pattern to factor (regex on the path or a dotted suffix; repeatable)."),
+        click.option("--save-full", multiple=True, help="Module pattern whose tensors are stored whole (modules_to_save)."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha (default: alpha = rank, so scale 1)."),
+        click.option("--dtype", default="float32", show_default=True, help="Factor dtype: float32, bfloat16 or float16."),
+    ]  # fmt: skip
+    names = ("rank", "energy", "budget", "max_rank", "targets", "save_full", "alpha", "dtype")
+
+    @functools.wraps(func)
+    def configured(*args: Any, **kwargs: Any) -> Any:
+        from ..ops.extract_factor import ExtractConfig
+
+        given = {k: kwargs.pop(k) for k in names}
+        given["budget"] = _budget_params(given["budget"], given["dtype"])
+        return func(*args, config=ExtractConfig(**given), **kwargs)
+
+    wrapped: Any = configured
+    for option in reversed(options):
+        wrapped = option(wrapped)
+    return wrapped  # type: ignore[no-any-return]
+
+
+def _budget_params(budget: str | None, dtype: str) -> int | None:
+    """--budget as a parameter count (a size is divided by the factor dtype's width)."""
+    if budget is None:
+        return None
+    from ..io.dtypes import parse_dtype
+    from ..io.tensor_bytes import torch_dtype
+    from ..ops.budget import parse_budget
+
+    return parse_budget(budget, torch_dtype(parse_dtype(dtype)).itemsize)
 
 
 @click.command("extract")
 @click.argument("base", type=click.Path())
 @click.argument("finetuned", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter path.")
-@click.option("--rank", type=int, default=None, help="The same rank for every module.")
-@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²_F.")
-@click.option(
-    "--budget",
-    default=None,
-    help="Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least.",
-)
-@click.option("--max-rank", type=int, default=None, help="Upper bound for the rank --energy or --budget chooses.")
-@click.option(
-    "--targets", multiple=True, help="Module pattern to factor (regex on the path or a dotted suffix; repeatable)."
-)
-@click.option("--save-full", multiple=True, help="Module pattern whose tensors are stored whole (modules_to_save).")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: alpha = rank, so scale 1).")
-@click.option("--dtype", default="float32", show_default=True, help="Factor dtype: float32, bfloat16 or float16.")
-@click.option("--format", "--to", "format", default="peft", show_default=True, help="Output format.")
-@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@output_options(
+    to_flags=("--format", "--to"), to_default="peft", to_help="Output format.",
+    inputs=("base", "finetuned"), input_kind="checkpoint ", unless="dry_run",
+)  # fmt: skip
+@extract_config_options
 @click.option("--dry-run", is_flag=True, help="Show the plan from the headers; read no tensor data, write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw ΔW's singular-value spectra to this PNG."
 )
 @device_option
 def command(
-    base: str, finetuned: str, output: str, rank: int | None, energy: float | None, budget: str | None,
-    max_rank: int | None,
-    targets: tuple[str, ...], save_full: tuple[str, ...], alpha: float | None, dtype: str, format: str,
-    force: bool, dry_run: bool, as_json: bool, plot: str | None, device: str,
-) -> None:  # fmt: skip
+    base: str, finetuned: str, target: Target, config: ExtractConfig, dry_run: bool, plot: str | None, device: str
+) -> None:
     """Extract a LoRA adapter from BASE and FINETUNED checkpoints by truncated SVD of W_ft − W0.
 
     Every tensor that is not factored (norms, biases, embeddings unless targeted) is listed;
@@ -65,27 +98,17 @@ def command(
     BASE and FINETUNED are Hugging Face checkpoints or GGUF models, in any mix; two single-file
     Stable Diffusion checkpoints give a LoRA with diffusers module names.
     """
-    from ..errors import InputNotFoundError
-    from ..io.atomic import check_output
-
-    for path in (base, finetuned):  # extract checks these again; here they fail before torch is imported
-        InputNotFoundError.check(path, "checkpoint ")
-    if not dry_run:
-        check_output(output, [base, finetuned], force=force)
     from ..ops import extract as ops
     from ..plots import SpectrumRecorder, check_plot, plot_spectra
 
-    config = ops.ExtractConfig(
-        rank=rank, energy=energy, budget=_budget_params(budget, dtype), max_rank=max_rank, targets=targets,
-        save_full=save_full, alpha=alpha, dtype=dtype,
-    )  # fmt: skip
+    output, as_json = target.output, target.as_json
     if dry_run:
         plan = ops.dry_run(base, finetuned, config)
-        return emit_json(_plan_rows(plan)) if as_json else _render_plan(plan)
-    spectra = SpectrumRecorder(2 * (rank or max_rank or 0)) if plot else None
+        return emit_json(plan.to_dict()) if as_json else _render_plan(plan)
+    spectra = SpectrumRecorder(2 * (config.rank or config.max_rank or 0)) if plot else None
     if plot:
         check_plot(plot, [base, finetuned, output])
-    report = ops.extract(base, finetuned, output, config, format=format, force=force,
+    report = ops.extract(base, finetuned, output, config, format=str(target.to_format), force=target.force,
                          track=lambda items, n: progress(items, n, "extracting"),
                          observe=spectra.observe if spectra else None, device=device)  # fmt: skip
     if plot and spectra:
@@ -93,17 +116,6 @@ def command(
     for message in report.warnings:
         warn(message)
     return emit_json(report.to_dict()) if as_json else _render(report)
-
-
-def _budget_params(budget: str | None, dtype: str) -> int | None:
-    """--budget as a parameter count (a size is divided by the factor dtype's width)."""
-    if budget is None:
-        return None
-    from ..io.dtypes import parse_dtype
-    from ..io.tensor_bytes import torch_dtype
-    from ..ops.budget import parse_budget
-
-    return parse_budget(budget, torch_dtype(parse_dtype(dtype)).itemsize)
 
 
 def _render(report: ExtractReport) -> None:
@@ -128,14 +140,6 @@ def _render(report: ExtractReport) -> None:
     )
     if report.budget is not None:
         stdout.print(budget_line(report.budget), highlight=False)
-
-
-def _plan_rows(plan: ExtractPlan) -> dict[str, object]:
-    rows = [
-        {"name": e.name, "action": e.action, "kind": e.kind, "shape": list(e.shape), "reason": e.reason}
-        for e in plan.entries
-    ]
-    return {"entries": rows, "warnings": list(plan.warnings)}
 
 
 def _render_plan(plan: ExtractPlan) -> None:

@@ -16,10 +16,10 @@ from ._output import emit_json, stderr, stdout, warn
 from ._text import adapter_labels, human_size, name_table, percent, relative
 
 if TYPE_CHECKING:
-    from ..ops.merge import MergedModule, MergeReport
+    from ..ops.merge_placed_plan import PlacedPlan
     from ..ops.merge_plan import MergePlan
+    from ..ops.merge_report import MergeReport
     from ..ops.merge_shared import MergeProgress
-    from ..ops.placement import PlacedMergeReport, PlacedPlan
 
 TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 
@@ -105,7 +105,7 @@ def command(
     for w in report.warnings:
         warn(w)
     if as_json:
-        emit_json(report.to_json())
+        emit_json(report.to_dict())
     else:
         _show_report(report)
 
@@ -113,18 +113,18 @@ def command(
 def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
     from rich.markup import escape
 
-    from ..ops.placement import PlacedPlan
+    from ..ops.merge_placed_plan import PlacedPlan
 
     if as_json:
-        emit_json(plan.to_json())
+        emit_json(plan.to_dict())
         return
     rows: list[tuple[str, ...]]
     if isinstance(plan, PlacedPlan):
-        labels = adapter_labels(list(plan.adapters))
+        labels = adapter_labels(plan.adapter_paths)
         rows = [(k, ", ".join(f"{labels[u.adapter]}: {u.module}" for u in us)) for k, us in plan.updates.items()]
         stdout.print(name_table(stdout.get(), ("tensor", "updates"), rows, title=f"merge plan for {plan.base}"))
     else:
-        labels = adapter_labels([a.path for a in plan.adapters])
+        labels = adapter_labels(plan.adapter_paths)
         rows = []
         for t in plan.tensors:
             if t.action != "copy":
@@ -139,7 +139,7 @@ def _show_plan(plan: MergePlan | PlacedPlan, as_json: bool) -> None:
 
 
 def _summary(plan: MergePlan | PlacedPlan) -> str:
-    from ..ops.placement import PlacedPlan
+    from ..ops.merge_placed_plan import PlacedPlan
 
     if isinstance(plan, PlacedPlan):
         n = len(plan.updates)
@@ -156,20 +156,16 @@ def _summary(plan: MergePlan | PlacedPlan) -> str:
     return "\n".join(lines)
 
 
-def _show_report(report: MergeReport | PlacedMergeReport) -> None:
+def _show_report(report: MergeReport) -> None:
     """One table for every kind of base: the third column is the role (checkpoints) or the stored type."""
-    from ..ops.placement import PlacedMergeReport, PlacedModuleReport
-
-    placed = isinstance(report, PlacedMergeReport)
-    mods: tuple[MergedModule | PlacedModuleReport, ...] = report.modules
-    paths = report.plan.adapters if isinstance(report, PlacedMergeReport) else [a.path for a in report.plan.adapters]
-    labels = adapter_labels(list(paths))
+    mods = report.modules
+    labels = adapter_labels(report.adapter_paths)
     if len(mods) <= TABLE_ROWS:
         rows = [
             (
                 labels[m.adapter],
                 m.module,
-                m.stored_type if isinstance(m, PlacedModuleReport) else m.role,
+                m.stored_type if report.rewritten else m.role,
                 f"{m.weight:g}",
                 str(m.rank),
                 relative(m.relative_delta),
@@ -177,7 +173,7 @@ def _show_report(report: MergeReport | PlacedMergeReport) -> None:
             )
             for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
         ]
-        headers = ("adapter", "module", "type" if placed else "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
+        headers = ("adapter", "module", "type" if report.rewritten else "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
         stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
     else:
         rels = sorted(m.relative_delta for m in mods if m.relative_delta is not None)
@@ -188,24 +184,21 @@ def _show_report(report: MergeReport | PlacedMergeReport) -> None:
                 highlight=False,
             )
     stdout.print(_summary(report.plan), highlight=False)
-    if report.rounding is not None:
-        r = report.rounding
-        into = "the stored types" if placed else "the output dtype"
+    if (r := report.rounding) is not None:
+        into = "the stored types" if report.rewritten else "the output dtype"
         stdout.print(
             f"rounding into {into} removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
             highlight=False,
         )
-    if isinstance(report, PlacedMergeReport):
-        if (error := report.worst_rounding_error) is not None:
-            stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
-                         "(requantization noise included)", highlight=False)  # fmt: skip
-        stdout.print(f"{len(report.plan.updates)} tensors merged, {report.tensors_copied} copied byte for byte "
-                     f"into {report.output}", highlight=False)  # fmt: skip
-    else:
-        stdout.print(
-            f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",
-            highlight=False,
-        )
+    if (error := report.worst_rounding_error) is not None:
+        stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
+                     "(requantization noise included)", highlight=False)  # fmt: skip
+    shards = f"; {len(report.shards)} shard(s)" if report.shards else ""
+    stdout.print(
+        f"{report.tensors_checked} tensors checked: no NaN/Inf, {report.tensors_copied} copied byte for byte"
+        f"{shards} in {report.output}",
+        highlight=False,
+    )
 
 
 @contextmanager

@@ -6,15 +6,16 @@ from dataclasses import replace
 
 import click
 
-from ._algebra import Target, load_inputs, output_options, save_and_report
+from ._algebra import load_inputs, save_and_report
 from ._input_options import Inputs, input_options
+from ._output_options import Target, output_options
 
 
 @click.command("rescale")
 @click.argument("adapter", type=click.Path())
 @click.option("--to-scale", type=float, default=None, help="Multiply every ΔW by this factor.")
 @click.option("--to-alpha", type=float, default=None, help="Set every module's alpha, keeping ΔW (folded into B).")
-@output_options
+@output_options()
 @input_options(per_input=False)
 def command(
     adapter: str,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._algebra import Target, load_inputs, output_options, save_and_report
+from ._algebra import load_inputs, save_and_report
 from ._device import device_option
 from ._input_options import Inputs, input_options
+from ._output_options import Target, output_options
 
 
 @click.command("resize")
@@ -23,7 +24,7 @@ from ._input_options import Inputs, input_options
     help="Total size of the factors: N parameters, or bytes like 50MB; ranks chosen together to lose least.",
 )
 @device_option
-@output_options
+@output_options()
 @input_options()
 def command(
     adapter: str,

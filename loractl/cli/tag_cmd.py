@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from ._hub import quiet_hub_progress, registry_options
@@ -33,7 +31,7 @@ def command(
     with quiet_hub_progress():
         result = tag(repo, name, delete=delete, force=force, endpoint=endpoint, token=token)
     if as_json:
-        emit_json(dataclasses.asdict(result))
+        emit_json(result.to_dict())
     elif result.sha is None:
         stdout.print(f"deleted tag {name} (was {short_sha(result.previous)}) in {result.url}", highlight=False)
     elif result.previous not in (None, result.sha):

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..choices import BASE_DTYPES, DEVICES, INITS, PRECISIONS, QUANTIZE, SCHEDULES
 from ._output import emit_json, stderr, stdout
 
 _SUFFIXES = re.compile(r"[\w.]+(,[\w.]+)*")
@@ -34,27 +35,21 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--exclude", help="Suffixes or a regex of modules to leave out.")
 @click.option("--rslora", is_flag=True, default=None, help="Scale alpha/sqrt(r) (rsLoRA).")
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
-@click.option("--init", type=click.Choice(["kaiming", "gaussian"]), help="Initialization of A [kaiming].")
+@click.option("--init", type=click.Choice(INITS), help="Initialization of A [kaiming].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")
 @click.option("--epochs", type=float, help="Passes over the data (instead of --steps).")
 @click.option("--lr", type=float, help="Peak learning rate [2e-4].")
 @click.option("--warmup", type=int, help="Linear warmup steps [0].")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR schedule [cosine].")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help="LR schedule [cosine].")
 @click.option("--batch-size", type=int, help="Examples per micro-batch per process [8].")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
 @click.option("--max-len", type=int, help="Truncate examples to this many tokens [512].")
 @click.option("--packing", is_flag=True, default=None, help="Pack short examples into rows of --max-len.")
 @click.option("--grad-checkpointing", is_flag=True, default=None, help="Recompute activations in backward.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
-@click.option(
-    "--base-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Hold the frozen base in this dtype [its own]."
-)
-@click.option(
-    "--quantize", type=click.Choice(["nf4", "fp4", "int8"]), help="Load the base quantized by bitsandbytes (QLoRA)."
-)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Where to train [auto: CUDA if present]."
-)
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision [fp32].")
+@click.option("--base-dtype", type=click.Choice(BASE_DTYPES), help="Hold the frozen base in this dtype [its own].")
+@click.option("--quantize", type=click.Choice(QUANTIZE), help="Load the base quantized by bitsandbytes (QLoRA).")
+@click.option("--device", type=click.Choice(DEVICES), help="Where to train [auto: CUDA if present].")
 @click.option("--compile", is_flag=True, default=None, help="torch.compile each decoder layer.")
 @click.option("--seed", type=int, help="Seed for A's init, data order and dropout [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps into OUTPUT.train/checkpoints [0: never].")
@@ -124,15 +119,8 @@ def _without_nproc(args: list[str]) -> list[str]:
 
 def _report(summary: Any, as_json: bool) -> None:
     r = summary.result
-    doc = {"output": str(summary.output) if summary.output else None, "steps": r.steps, "tokens": r.tokens,
-           "train_loss": r.train_loss, "eval_loss": r.eval_loss, "seconds": round(r.seconds, 2),
-           "trainable": summary.injection.trainable, "total": summary.injection.total,
-           "modules": len(summary.injection.modules), "examples": summary.examples, "dropped": summary.dropped,
-           "content_hash": summary.content_hash, "run_dir": str(summary.run_dir), "interrupted": r.interrupted,
-           "checkpoint": str(r.checkpoint) if r.checkpoint else None,
-           "finished_before": r.finished_before}  # fmt: skip
     if as_json:
-        emit_json(doc)
+        emit_json(summary.to_dict())
     elif r.finished_before:
         stdout.print(f"the run was already finished: {r.checkpoint} is at its last step ({r.steps}); "
                      "nothing was written", highlight=False)  # fmt: skip

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..consumer_rules import TARGETS
 from ._input_options import Inputs, input_options
 from ._output import progress, stdout
 
@@ -25,7 +26,7 @@ from ._output import progress, stdout
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
 @click.option(
     "--target",
-    type=click.Choice(["peft", "llamacpp", "mlx", "diffusers", "vllm"]),
+    type=click.Choice(TARGETS),
     default=None,
     help="Also report what this consumer would refuse or silently drop.",
 )

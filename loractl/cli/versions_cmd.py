@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from ._hub import quiet_hub_progress, registry_options
@@ -30,7 +28,7 @@ def command(repo: str, branch: str | None, endpoint: str | None, token: str | No
     with quiet_hub_progress():
         listing = versions(repo, branch=branch, endpoint=endpoint, token=token)
     if as_json:
-        emit_json(dataclasses.asdict(listing))
+        emit_json(listing.to_dict())
         return
     branch = f" ({listing.branch})"
     table = Table(title=fit_path(listing.url, stdout.get().width - len(branch)) + branch, title_justify="left")

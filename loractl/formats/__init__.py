@@ -122,10 +122,7 @@ def describe_adapter(
 ) -> AdapterInfo:
     """Describe an adapter from its headers and config (no tensor data)."""
     opts = _read_options(options, allow_pickle)
-    module = _module(path, format)
-    file = adapter_file(Path(path), module.NAME)
-    _refuse_safeloras(file)
-    _check_fills(module, opts, file)
+    module, file = _reader(path, format, opts)
     info: AdapterInfo = module.describe(file, opts)
     if not info.modules and not any(f.severity == "error" and f.code != "unknown-key" for f in info.findings):
         # a broken module's own finding says more than "no LoRA module"; keys of another format do not
@@ -138,10 +135,7 @@ def load_adapter(
 ) -> Adapter:
     """Read an adapter in any registered format into the canonical model."""
     opts = _read_options(options, allow_pickle)
-    module = _module(path, format)
-    file = adapter_file(Path(path), module.NAME)
-    _refuse_safeloras(file)
-    _check_fills(module, opts, file)
+    module, file = _reader(path, format, opts)
     adapter: Adapter = module.read(file, opts)
     if not adapter.modules:
         raise _no_module(file, module.NAME, list(adapter.full_tensors), format)
@@ -225,6 +219,15 @@ def _with_unusable_modules(info: AdapterInfo) -> AdapterInfo:
         if m.rank < 1 or not math.isfinite(m.scale)
     ]
     return replace(info, findings=(*info.findings, *bad)) if bad else info
+
+
+def _reader(path: str | Path, format: str | None, opts: ReadOptions) -> tuple[ModuleType, Path]:
+    """The format module that reads `path` and the file it reads, with `opts` checked against it first."""
+    module = _module(path, format)
+    file = adapter_file(Path(path), module.NAME)
+    _refuse_safeloras(file)
+    _check_fills(module, opts, file)
+    return module, file
 
 
 def _read_options(options: ReadOptions | None, allow_pickle: bool) -> ReadOptions:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+RECORD_NAME = "loractl_merge.json"  # the provenance a loractl merge writes beside the weights
 SINGLE_NAME = "model.safetensors"
 FINGERPRINT_CHUNK = 1 << 24
 
@@ -49,6 +50,19 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def merge_record(self) -> Any:
+        """The provenance a loractl merge wrote beside this checkpoint (`RECORD_NAME`); None without one
+        or when it cannot be read (a damaged record is no evidence)."""
+        from .values import load_json
+
+        record = self.path / RECORD_NAME
+        if not (self.path.is_dir() and record.is_file()):
+            return None
+        try:
+            return load_json(record)
+        except FormatError:
+            return None
 
     def close(self) -> None:
         for f in self._files.values():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -28,6 +28,15 @@ class AlgebraResult:
     report: tuple[ModuleChange, ...]
     warnings: tuple[str, ...] = ()
     budget: Allocation | None = None  # set by `resize_to_budget`
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` document (the CLI adds where it wrote the adapter, in which format)."""
+        return {
+            "content_hash": self.adapter.content_hash(),
+            "modules": [vars(r) for r in self.report],
+            "warnings": list(self.warnings),
+            **({"budget": self.budget.to_dict()} if self.budget is not None else {}),
+        }
 
     def metrics(self) -> dict[str, object]:
         """Error figures for the lineage record."""

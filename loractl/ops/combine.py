@@ -20,6 +20,7 @@ import torch
 
 from .. import lineage
 from ..adapter import Adapter, AdapterMeta, LoraModule
+from ..choices import COMBINE_METHODS, MAJORITY_SIGNS
 from ..errors import AdapterError, ShapeMismatchError, UsageError
 from . import linalg
 from .algebra_result import AlgebraResult, ModuleChange
@@ -37,7 +38,7 @@ from .lowrank import (
 )
 from .weights import check_weights
 
-METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare", "dare_ties")
+METHODS = COMBINE_METHODS  # the one list lives in `loractl.choices`
 LINEAR_WARNING = (
     "method 'linear' mixes A's and B's separately (PEFT's semantics): the result is not the weighted sum "
     "of the adapters' ΔW; use 'cat' (exact) or 'svd' (exact, then truncated) for that"
@@ -224,7 +225,7 @@ def _check_options(options: CombineOptions) -> None:
                 hint="use --method svd to choose the output rank",
             )
         options.rule.check()
-    if options.majority_sign not in ("total", "frequency"):
+    if options.majority_sign not in MAJORITY_SIGNS:
         raise UsageError(f"unknown majority sign method {options.majority_sign!r}", hint="choose total or frequency")
     trimming = options.method in ("ties", "dare", "dare_ties")
     if trimming and (options.density is None or not 0 < options.density <= 1):

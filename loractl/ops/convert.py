@@ -64,17 +64,17 @@ def convert(
     *,
     to: str,
     source_format: str | None = None,
-    base: str | Path | None = None,
-    alpha: float | None = None,
-    scale: float | None = None,
+    read_options: ReadOptions | None = None,
     allow_loss: bool = False,
     verify_output: bool = True,
-    allow_pickle: bool = False,
     force: bool = False,
     rank: RankRule | None = None,
 ) -> ConvertReport:
     """Convert `source` to format `to` at `output`; with `rank`, every module is first truncated to the
     rank the rule chooses (optimally, from its factors), the error per module in the report.
+    `read_options` read the source (`--base`, `--allow-pickle`, `--alpha`, `--scale`); its `base` also
+    measures what the target format drops, and its `alpha`, where the source records its own, is the
+    target's global alpha.
 
     Raises:
         UsageError: unknown format, output equal to the input, a missing --base/--alpha/--scale.
@@ -85,16 +85,13 @@ def convert(
     source, output = Path(source), Path(output)
     check_format(to, "target ")
     check_output(output, [source], force=force)
-    base_path = Path(base) if base is not None else None
+    given = read_options or ReadOptions()
+    base_path, alpha, scale = given.base, given.alpha, given.scale
     src_format = source_format or detect_format(source)
     fills = format_fills(src_format) if src_format in FORMATS else frozenset()
-    read_options = ReadOptions(
-        allow_pickle=allow_pickle,
-        base=base_path,
-        alpha=alpha if "alpha" in fills else None,  # else --alpha is only the target's global alpha
-        scale=scale,
-    )
-    adapter = load_adapter(source, format=source_format, options=read_options)
+    # --alpha fills a source that lacks it; otherwise it is only the target's global alpha
+    reading = replace(given, alpha=alpha if "alpha" in fills else None)
+    adapter = load_adapter(source, format=source_format, options=reading)
     truncated: tuple[ModuleChange, ...] = ()
     cut: Loss | None = None
     if rank is not None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..choices import DEVICES
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
 
     kind = name.split(":")[0].lower()
     if kind not in DEVICES:
-        raise UsageError(f"unknown device {name!r}", hint="choose auto, cpu, cuda (or cuda:N) or mps")
+        raise UsageError(f"unknown device {name!r}", hint=f"choose one of {', '.join(DEVICES)} (or cuda:N)")
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if _has_mps() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """Extract a LoRA adapter from a fine-tuned checkpoint: truncated SVD of ΔW = W_ft − W0.
 
 Both checkpoints are read through `bases` (a Hugging Face checkpoint, a GGUF model, in any
-mix; two single-file SD checkpoints go to `extract_sd`). Plan from headers (`extract_plan`),
-then stream: one pair of tensors in memory at a time, read once, factored (`linalg`), hashed for
+mix; or two single-file SD checkpoints, in diffusers' names). Plan from headers (`extract_plan`;
+`extract_sd` for single files, which chooses other targets), then stream, whatever the kind: one pair of tensors in memory at a time, read once, factored (`linalg`), hashed for
 the fingerprints in the same pass unless `io.fingerprint_cache` remembers them for this very pair
 of files. Everything that is not factored is listed in the report, so nothing is dropped silently.
 """
@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..bases import detect_base, open_base
+from ..bases.sd_single_file import SdWeights
 from ..errors import LoractlError, NumericError, ShapeMismatchError
 from ..io import fingerprint_cache
 from ..io.atomic import check_output
@@ -32,7 +33,7 @@ from .budget import allocate
 from .extract_factor import ExtractConfig, Extraction, Observe, Track, build_module, cut_factors, factor
 from .extract_plan import ExtractPlan, PlanEntry, check_order, plan_extract
 from .extract_report import ExtractedModule, ExtractReport, TensorNote
-from .extract_sd import dry_run_sd, extract_sd_adapter
+from .extract_sd import plan_sd_extract
 
 __all__ = ["ExtractConfig", "Extraction", "Observe", "Track", "dry_run", "extract", "extract_adapter"]
 
@@ -78,14 +79,20 @@ def extract(
 def dry_run(base: str | Path, finetuned: str | Path, config: ExtractConfig) -> ExtractPlan:
     """The plan alone, from headers (no tensor data is read)."""
     config.check()
-    if _sd_pair(base, finetuned):
-        return dry_run_sd(base, finetuned, config)
     with _opened(base, finetuned) as (b, f):
-        return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+        return _plan(b, f, config)
 
 
-def _sd_pair(base: str | Path, finetuned: str | Path) -> bool:
-    """Whether both are single-file SD checkpoints (`extract_sd`); a mixed pair with one is refused."""
+def _plan(b: Weights, f: Weights, config: ExtractConfig) -> ExtractPlan:
+    if isinstance(b, SdWeights) and isinstance(f, SdWeights):
+        return plan_sd_extract(b, f, config)
+    return plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+
+
+@contextmanager
+def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[Weights, Weights]]:
+    """Both checkpoints as Hugging Face-named tensors (`bases.protocol.Weights`), closed on leaving; a
+    single-file SD checkpoint pairs only with another (its names are diffusers')."""
     kinds = [detect_base(p) for p in (base, finetuned)]
     if kinds.count("sd") == 1:
         raise ShapeMismatchError(
@@ -93,12 +100,6 @@ def _sd_pair(base: str | Path, finetuned: str | Path) -> bool:
             "a single-file Stable Diffusion checkpoint pairs only with another",
             hint="give two single-file SD checkpoints, or two Hugging Face / GGUF checkpoints (--dry-run shows the plan)",
         )
-    return kinds == ["sd", "sd"]
-
-
-@contextmanager
-def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[Weights, Weights]]:
-    """Both checkpoints as Hugging Face-named tensors (`bases.protocol.Weights`), closed on leaving."""
     with closing(open_base(base)) as b, closing(open_base(finetuned)) as f:
         yield b.weights(), f.weights()
 
@@ -115,20 +116,17 @@ def extract_adapter(
     """The adapter and its report, in memory (the factors are small; the checkpoints are streamed).
 
     `observe` sees each ΔW matrix before it is factored (the only moment it exists), read-only.
-    Two single-file SD checkpoints are extracted by `extract_sd.extract_sd_adapter`.
     """
     from .devices import resolve_device
 
     config.check()
-    if _sd_pair(base, finetuned):
-        return extract_sd_adapter(base, finetuned, config, track=track, observe=observe, device=device)
     where = resolve_device(device)
     with _opened(base, finetuned) as (b, f):
-        plan = plan_extract(b, f, targets=config.targets, save_full=config.save_full, rank=config.rank)
+        plan = _plan(b, f, config)
         check_order(b, f)
         key = _fingerprints_key(b, f, plan)
         known = _remembered(key)
-        run = _Run(b, f, config, observe, where, hashing=known is None)
+        run = _Pass(b, f, config, observe, where, hashing=known is None)
         if config.budget is not None:
             run.cap = _budget_cap(plan, config)
         entries = (track or (lambda items, _: items))(plan.entries, len(plan.entries))
@@ -182,7 +180,7 @@ def _identity(w: Weights, fingerprint: str) -> dict[str, str]:
 
 @dataclass
 class _Prepared:
-    """One entry after `_Run.prepare`: both tensors (entries not factored), or ΔW in float32 and the two norms."""
+    """One entry after `_Pass.prepare`: both tensors (entries not factored), or ΔW in float32 and the two norms."""
 
     w0: torch.Tensor | None = None
     w1: torch.Tensor | None = None
@@ -221,7 +219,7 @@ class ReadAhead(Generic[T]):
             yield pending[0], pending[1].result()
 
 
-class _Run:
+class _Pass:
     """The streaming pass: what has been extracted so far, and the fingerprints being hashed (when `hashing`)."""
 
     def __init__(

@@ -6,7 +6,8 @@ representable as LoRA: it is read only to learn whether it changed, so the repor
 what the adapter does not reproduce). Mismatches that make the pair meaningless — a
 tensor missing from one side, a shape that differs outside a vocabulary, a rank larger
 than a matrix — are raised here, before any tensor data is read. `check_order` catches a
-swapped pair (BASE a loractl merge into FINETUNED), hashing the weights that merge changed.
+swapped pair (BASE a loractl merge into FINETUNED, whatever the kind of checkpoint), hashing the
+weights that merge changed.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import LoractlError, ShapeMismatchError, UsageError
+from ..errors import ShapeMismatchError, UsageError
 from ..info import ModuleKind
 from ..io.checkpoint import touched_weight_names
 from ..io.dtypes import FLOAT_CODES
-from ..io.values import load_json
-from .merge import RECORD_NAME
 
 if TYPE_CHECKING:
     from ..bases.protocol import Weights
@@ -68,6 +67,13 @@ class ExtractPlan:
 
     def by_action(self, action: Action) -> list[PlanEntry]:
         return [e for e in self.entries if e.action == action]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [
+            {"name": e.name, "action": e.action, "kind": e.kind, "shape": list(e.shape), "reason": e.reason}
+            for e in self.entries
+        ]
+        return {"entries": rows, "warnings": list(self.warnings)}
 
 
 def _is_conv1d(e: PlanEntry) -> bool:
@@ -121,7 +127,7 @@ def check_order(base: Weights, finetuned: Weights) -> None:
         names = touched_weight_names(modules, finetuned)
         if names and finetuned.fingerprint(names) == fingerprint:
             raise UsageError(
-                f"{base.path} is a merge into {finetuned.path} (its {RECORD_NAME} says so): "
+                f"{base.path} is a merge into {finetuned.path} (its loractl merge record says so): "
                 "did you swap BASE and FINETUNED?",
                 hint=f"the base comes first: loractl extract {finetuned.path} {base.path} -o OUTPUT",
             )
@@ -129,17 +135,16 @@ def check_order(base: Weights, finetuned: Weights) -> None:
 
 def _merged_into(ckpt: Weights) -> list[tuple[str, list[str]]]:
     """(base fingerprint, modules) per adapter of the merge that wrote `ckpt`; none for other checkpoints."""
-    record = ckpt.path / RECORD_NAME
-    if not record.is_file():
+    doc = ckpt.merge_record()
+    if doc is None:
         return []
     try:
-        doc = load_json(record)
         return [
             (str(a["base_fingerprint"]), [str(m["module"]) for m in doc["modules"] if m["adapter"] == i])
             for i, a in enumerate(doc["adapters"])
             if a["base_fingerprint"]
         ]
-    except (LoractlError, LookupError, TypeError):
+    except (LookupError, TypeError):
         return []  # a damaged record is no evidence either way
 
 

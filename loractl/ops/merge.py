@@ -19,30 +19,23 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..bases import open_base
 from ..errors import LoractlError, NumericError
 from ..io import interrupt
 from ..io.atomic import atomic_output, check_output
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import RECORD_NAME, Checkpoint
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
 from ..io.safetensors_writer import TensorData, TensorSpec
+from .merge_placed_plan import PlacedPlan
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
-from .merge_shared import (
-    ROUNDING_WARN,
-    MergeProgress,
-    check_base_fingerprints,
-    figures_json,
-    recorded_fingerprint,
-    round_figure,
-    rounding_summary,
-)
-from .placement import PlacedMergeReport, PlacedPlan
+from .merge_report import ROUNDING_WARN as ROUNDING_WARN  # the public name, re-exported
+from .merge_report import MergedModule, MergeReport, round_figure
+from .merge_shared import MergeProgress, check_base_fingerprints, recorded_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -52,103 +45,6 @@ if TYPE_CHECKING:
     from ..io.write_queue import WriteQueue
     from .merge_io import ReusingReader
     from .merge_kernel import BlockStats, Delta
-
-RECORD_NAME = "loractl_merge.json"
-
-
-@dataclass(frozen=True)
-class MergedModule:
-    """One adapter module as merged.
-
-    `relative_delta` is ‖w·scale·B·A‖_F / ‖W‖_F (None when ‖W‖ = 0); `rounding_loss` is
-    ‖round(W') − W'‖_F / ‖ΔW‖_F, the share of the tensor's update that rounding into the output
-    dtype removes (W' = W + ΔW in float32; 0 for float32 outputs; None when ΔW = 0).
-    """
-
-    adapter: int
-    module: str
-    tensor: str
-    role: str
-    weight: float
-    scale: float
-    rank: int
-    relative_delta: float | None
-    rounding_loss: float | None = None
-
-
-@dataclass(frozen=True)
-class MergeReport:
-    """What a merge wrote; `fingerprints[i]` is the base fingerprint over adapter i's weights."""
-
-    output: Path
-    plan: MergePlan
-    modules: tuple[MergedModule, ...]
-    shards: tuple[str, ...]
-    fingerprints: tuple[str | None, ...]
-    adapter_hashes: tuple[str, ...]
-    tensors_checked: int
-    base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, or a mismatch allowed
-
-    @property
-    def rounding(self) -> dict[str, float] | None:
-        """Median and worst rounding loss over the merged modules (None when there is none)."""
-        return rounding_summary(m.rounding_loss for m in self.modules)
-
-    @property
-    def warnings(self) -> list[str]:
-        """The rounding warning, with the way out, when the worst loss passes `ROUNDING_WARN`."""
-        r = self.rounding
-        if r is None or r["worst"] <= ROUNDING_WARN:
-            return []
-        bad = sum(1 for m in self.modules if (m.rounding_loss or 0.0) > ROUNDING_WARN)
-        dtype = (self.plan.dtype or "the base's dtype").lower()
-        return [
-            f"rounding into {dtype} removes more than {ROUNDING_WARN:.0%} of ΔW in {bad} module(s) "
-            f"(worst {r['worst']:.1%}); merge with --dtype float32 to keep the whole update"
-        ]
-
-    def record(self) -> dict[str, Any]:
-        """The provenance written to OUT/loractl_merge.json: no paths, no times, so the bytes are deterministic."""
-        adapters = [
-            {
-                "content_hash": h,
-                "format": a.info.format,
-                "weight": a.weight,
-                "base_model": a.info.base_model,
-                "base_fingerprint": fp,
-            }
-            for a, h, fp in zip(self.plan.adapters, self.adapter_hashes, self.fingerprints, strict=True)
-        ]
-        modules = [
-            {
-                "adapter": m.adapter,
-                "module": m.module,
-                "relative_delta": round_figure(m.relative_delta),
-                "rounding_loss": round_figure(m.rounding_loss),
-            }
-            for m in self.modules
-        ]
-        return {
-            "op": "merge",
-            "loractl_version": __version__,
-            "adapters": adapters,
-            "dtype": self.plan.dtype,
-            "untied": self.plan.untied,
-            "config_updates": self.plan.config_updates,
-            "rounding_loss": self.rounding,
-            "modules": modules,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        plan = self.plan
-        return {
-            "output": str(self.output),
-            **{k: v for k, v in plan.to_json().items() if k not in ("tensors", "problems")},
-            "shards": list(self.shards),
-            "tensors_checked": self.tensors_checked,
-            "nonfinite": 0,
-            **figures_json(self),
-        }
 
 
 def merge(
@@ -165,12 +61,12 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
-) -> MergeReport | PlacedMergeReport:
+) -> MergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
-    The base is any kind `loractl.bases` knows: a Hugging Face checkpoint gives an output directory
-    (`MergeReport`), a GGUF model or a single-file SD checkpoint one file in the base's own types
-    (`PlacedMergeReport`). `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
+    The base is any kind `loractl.bases` knows: a Hugging Face checkpoint gives an output directory,
+    a GGUF model or a single-file SD checkpoint one file in the base's own types; both report in a
+    `MergeReport`. `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
 
     Raises `MergePlanError` / `PlacedPlanError` listing every mismatch before anything is written;
     `NumericError` when a written tensor would hold NaN/Inf, `IntegrityError` when an adapter records
@@ -186,21 +82,6 @@ def merge(
     )
 
 
-@overload
-def execute_merge(
-    plan: MergePlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
-    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
-) -> MergeReport: ...  # fmt: skip
-@overload
-def execute_merge(
-    plan: PlacedPlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
-    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
-) -> PlacedMergeReport: ...  # fmt: skip
-@overload
-def execute_merge(
-    plan: MergePlan | PlacedPlan, output: str | Path, *, force: bool = ..., allow_base_mismatch: bool = ...,
-    progress: Callable[[MergeProgress], None] | None = ..., device: str = ...,
-) -> MergeReport | PlacedMergeReport: ...  # fmt: skip
 def execute_merge(
     plan: MergePlan | PlacedPlan,
     output: str | Path,
@@ -209,14 +90,12 @@ def execute_merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
-) -> MergeReport | PlacedMergeReport:
+) -> MergeReport:
     """Carry out a checked plan (the CLI plans first to show a dry run or size a progress bar)."""
     if isinstance(plan, PlacedPlan):
         from .merge_placed import execute_placed_merge
 
-        return execute_placed_merge(
-            plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device
-        )
+        return execute_placed_merge(plan, output, force, allow_base_mismatch, progress, device)
     plan.check()
     output = Path(output)
     check_output(output, [plan.base, *(a.path for a in plan.adapters)], force=force)  # before torch is imported
@@ -282,10 +161,11 @@ def _run(
         output=output,
         plan=plan,
         modules=tuple(sorted(stream.modules, key=lambda m: (m.adapter, m.module))),
-        shards=tuple(p.name for p in shards),
         fingerprints=fingerprints,
         adapter_hashes=tuple(a.content_hash() for a in adapters),
         tensors_checked=stream.tensors_done,
+        tensors_copied=len(stream.copies),
+        shards=tuple(p.name for p in shards),
         base_notes=notes,
     )
     _copy_files(plan, tmp, report)
@@ -369,7 +249,9 @@ class _Stream:
         dora = any(x.magnitude is not None for x in deltas)
         change = math.sqrt(stats.change_sq) if dora else deltas_norm(deltas)
         loss = math.sqrt(stats.rounding_sq) / change if change > 0 else None
-        return MergedModule(u.adapter, u.module, t.name, u.role, weight, module.scale, module.rank, rel, loss)
+        return MergedModule(
+            u.adapter, u.module, t.name, u.role, t.dtype, weight, module.scale, module.rank, rel, rounding_loss=loss
+        )
 
 
 def _unchanged(t: TensorPlan, reader: ReusingReader) -> bool:
@@ -404,7 +286,7 @@ def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str | None, .
 
 def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
     """Non-weight files byte for byte, config.json with the plan's updates, and the provenance record."""
-    record = report.record()
+    record = _record(plan, report)
     for src in plan.files:
         if src.name == "config.json" and plan.config_updates:
             config = {**(read_config(src) or {}), **plan.config_updates}
@@ -414,3 +296,36 @@ def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
         else:
             shutil.copyfile(src, tmp / src.name)
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _record(plan: MergePlan, report: MergeReport) -> dict[str, Any]:
+    """The provenance written to OUT/loractl_merge.json: no paths, no times, so the bytes are deterministic."""
+    adapters = [
+        {
+            "content_hash": h,
+            "format": a.info.format,
+            "weight": a.weight,
+            "base_model": a.info.base_model,
+            "base_fingerprint": fp,
+        }
+        for a, h, fp in zip(plan.adapters, report.adapter_hashes, report.fingerprints, strict=True)
+    ]
+    modules = [
+        {
+            "adapter": m.adapter,
+            "module": m.module,
+            "relative_delta": round_figure(m.relative_delta),
+            "rounding_loss": round_figure(m.rounding_loss),
+        }
+        for m in report.modules
+    ]
+    return {
+        "op": "merge",
+        "loractl_version": __version__,
+        "adapters": adapters,
+        "dtype": plan.dtype,
+        "untied": plan.untied,
+        "config_updates": plan.config_updates,
+        "rounding_loss": report.rounding,
+        "modules": modules,
+    }

@@ -11,62 +11,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..bases import open_base
-from ..bases.protocol import RewritableBase
 from ..errors import LoractlError, NumericError
 from ..formats.options import ReadOptions
-from ..info import AdapterInfo
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct
-from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
-from .weights import check_weights
+from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable
+from .merge_report import MergedModule, MergeReport
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from ..adapter import Adapter, LoraModule
+    from .merge_placed_plan import TensorMerge
     from .merge_shared import MergeProgress
-    from .placement import TensorMerge
-
-
-def open_rewritable(path: str | Path) -> RewritableBase:
-    """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
-    return cast("RewritableBase", open_base(path))
-
-
-def plan_placed_merge(
-    base: str | Path,
-    adapters: Sequence[str | Path],
-    *,
-    weights: Sequence[float] | None = None,
-    format: str | None = None,
-    read_options: ReadOptions | None = None,
-) -> PlacedPlan:
-    """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
-    options = replace(read_options or ReadOptions(), base=None)
-    rewritable = open_rewritable(base)
-    try:
-        infos = [_describe(rewritable, a, format, options) for a in adapters]
-        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
-    finally:
-        rewritable.close()
 
 
 def execute_placed_merge(
-    plan: PlacedPlan,
-    output: str | Path,
-    *,
-    force: bool = False,
-    allow_base_mismatch: bool = False,
-    progress: Callable[[MergeProgress], None] | None = None,
-    device: str = "cpu",
-) -> PlacedMergeReport:
-    """Write the base with Σ wᵢ·ΔWᵢ merged in to the file `output`; nothing is written on error."""
+    plan: PlacedPlan, output: str | Path, force: bool, allow_mismatch: bool,
+    progress: Callable[[MergeProgress], None] | None, device: str,
+) -> MergeReport:  # fmt: skip
+    """`merge.execute_merge` for a placed plan: the base with Σ wᵢ·ΔWᵢ merged in, written to the file
+    `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
     from .merge_shared import check_base_fingerprints
@@ -80,7 +49,7 @@ def execute_placed_merge(
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
         prints = tuple(base.fingerprint(list(i.modules)) for i in plan.infos)
-        notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_base_mismatch)
+        notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_mismatch)
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
         with atomic_output(output, force=force) as tmp:
@@ -92,15 +61,9 @@ def execute_placed_merge(
         ) from e  # fmt: skip
     finally:
         base.close()
-    copied = plan.tensors_total - len(plan.updates)
-    return PlacedMergeReport(str(output), plan, tuple(sink.rows), copied, prints, hashes, notes)
-
-
-def _describe(base: RewritableBase, path: str | Path, fmt: str | None, options: ReadOptions) -> AdapterInfo:
-    from ..formats import describe_adapter, detect_format
-
-    fmt = fmt or detect_format(path)
-    return describe_adapter(path, format=fmt, options=base.read_options(fmt, options))
+    merged = len(plan.updates)
+    return MergeReport(Path(output), plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
+                       tensors_copied=plan.tensors_total - merged, base_notes=notes)  # fmt: skip
 
 
 class _Sink:
@@ -114,14 +77,14 @@ class _Sink:
         progress: Callable[[MergeProgress], None] | None,
     ) -> None:
         self.plan, self.adapters, self.device, self.progress = plan, adapters, device, progress
-        self.rows: list[PlacedModuleReport] = []
+        self.rows: list[MergedModule] = []
         self._start: torch.Tensor | None = None  # the tensor being merged, until the base stores it
         self._result: TensorMerge | None = None
         self._done = self._bytes = 0
 
     def merged(self, name: str, start: torch.Tensor) -> torch.Tensor:
         from .merge_kernel import all_finite
-        from .placement import merge_tensor, placed_delta
+        from .merge_placed_plan import merge_tensor, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
         updates = self.plan.updates[name]
@@ -135,15 +98,15 @@ class _Sink:
         return self._result.merged
 
     def stored(self, name: str, values: torch.Tensor) -> None:
+        from .merge_placed_plan import rounding_error, rounding_loss
         from .merge_shared import MergeProgress
-        from .placement import rounding_error, rounding_loss
 
         assert self._start is not None and self._result is not None
         tensor, updates = self.plan.stored[name], self.plan.updates[name]
         loss = rounding_loss(self._start, self._result.merged, values, tensor.quantized)
         error = rounding_error(self._start, self._result.merged, values)
-        ranks = [self.adapters[u.adapter].modules[u.module].rank for u in updates]
-        self.rows += module_reports(name, tensor.stored_type, updates, ranks, self._result, loss, error)
+        modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
+        self.rows += _module_rows(name, tensor.stored_type, updates, modules, self._result, loss, error)
         self._done += 1
         self._bytes += _float32_bytes(tensor.shape)
         if self.progress is not None:
@@ -151,6 +114,24 @@ class _Sink:
             self.progress(
                 MergeProgress(name, self._done, len(total), self._bytes, sum(_float32_bytes(t.shape) for t in total))
             )
+
+
+def _module_rows(
+    key: str,
+    stored_type: str,
+    updates: Sequence[PlacedUpdate],
+    modules: Sequence[LoraModule],
+    result: TensorMerge,
+    loss: float | None,
+    error: float | None,
+) -> list[MergedModule]:
+    """The report rows of one merged tensor: the loss and error are the tensor's, shared by its updates."""
+    base = result.base_norm
+    return [
+        MergedModule(u.adapter, u.module, key, "lora" if m.magnitude is None else "dora", stored_type, u.weight,
+                     m.scale, m.rank, d / base if base > 0 else None, loss, error)
+        for u, m, d in zip(updates, modules, result.delta_norms, strict=True)
+    ]  # fmt: skip
 
 
 def _float32_bytes(shape: tuple[int, ...]) -> int:
@@ -164,4 +145,8 @@ def _record(plan: PlacedPlan, hashes: Sequence[str], prints: Sequence[str | None
         {"content_hash": h, "format": i.format, "weight": w, "base_fingerprint": fp}
         for h, i, w, fp in zip(hashes, plan.infos, plan.weights, prints, strict=True)
     ]
-    return {"op": "merge", "loractl_version": __version__, "layout": plan.kind, "adapters": adapters}
+    modules = sorted({(u.adapter, u.module) for us in plan.updates.values() for u in us})
+    return {
+        "op": "merge", "loractl_version": __version__, "layout": plan.kind, "adapters": adapters,
+        "modules": [{"adapter": i, "module": m} for i, m in modules],  # what `extract` checks a swapped pair by
+    }  # fmt: skip

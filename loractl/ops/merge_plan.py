@@ -25,7 +25,7 @@ from .weights import check_weights
 
 if TYPE_CHECKING:
     from ..formats.options import ReadOptions
-    from .placement import PlacedPlan
+    from .merge_placed_plan import PlacedPlan
 
 Role = Literal["lora", "dora", "bias", "full"]
 # Input embeddings an untied `lm_head` can take its starting weight from.
@@ -95,6 +95,10 @@ class MergePlan:
     read_options: ReadOptions | None = None  # how the adapters were read (base, pickle, alpha, scale)
 
     @property
+    def adapter_paths(self) -> list[Path]:
+        return [a.path for a in self.adapters]
+
+    @property
     def untied(self) -> list[str]:
         return [t.name for t in self.tensors if t.action == "untie"]
 
@@ -110,7 +114,7 @@ class MergePlan:
         if self.problems:
             raise MergePlanError(self)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "base": str(self.base),
             "adapters": [
@@ -171,7 +175,7 @@ def plan_merge(
     checked = _weights(adapters, weights)
     _check_order(Path(base), adapters)
     if detect_base(base) != "safetensors":
-        from .merge_placed import plan_placed_merge
+        from .merge_placed_plan import plan_placed_merge
 
         if dtype is not None or max_shard_size is not None:
             raise UsageError(

@@ -1,17 +1,17 @@
-"""What both merge pipelines share: progress, the rounding summary, the base check, ΔW's stored shape.
+"""What both merge pipelines share: progress, the base fingerprint check, ΔW's stored shape.
 
 A Hugging Face checkpoint streams through `merge_plan` → `merge`; a base rewritten in its own
-types (GGUF, single-file SD) through `placement` → `merge_placed`. Both report progress, rounding
-losses and base fingerprints the same way, from here.
+types (GGUF, single-file SD) through `merge_placed_plan` → `merge_placed`. Both report progress and check
+base fingerprints the same way, from here, and both return a `merge_report.MergeReport`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
 from ..io.checkpoint import same_base
@@ -19,8 +19,6 @@ from ..io.checkpoint import same_base
 if TYPE_CHECKING:
     from ..bases.protocol import Base
     from ..info import AdapterInfo, ModuleInfo
-
-ROUNDING_WARN = 0.1  # warn when rounding into the output dtype removes more than this share of a ΔW
 
 
 @dataclass(frozen=True)
@@ -32,48 +30,6 @@ class MergeProgress:
     tensors_total: int
     bytes_done: int
     bytes_total: int
-
-
-class Figures(Protocol):
-    """What every merge report holds beside its plan (`MergeReport`, `PlacedMergeReport`)."""
-
-    @property
-    def fingerprints(self) -> tuple[str | None, ...]: ...
-
-    @property
-    def base_notes(self) -> tuple[str, ...]: ...
-
-    @property
-    def adapter_hashes(self) -> tuple[str, ...]: ...
-
-    @property
-    def modules(self) -> Sequence[Any]: ...
-
-    @property
-    def rounding(self) -> dict[str, float] | None: ...
-
-    @property
-    def warnings(self) -> list[str]: ...
-
-
-def figures_json(report: Figures) -> dict[str, Any]:
-    """The keys every merge report has in `--json`, after its own."""
-    return {
-        "fingerprints": list(report.fingerprints),
-        "base_notes": list(report.base_notes),
-        "adapter_hashes": list(report.adapter_hashes),
-        "rounding_loss": report.rounding,
-        "warnings": report.warnings,
-        "modules": [asdict(m) for m in report.modules],
-    }
-
-
-def rounding_summary(losses: Iterable[float | None]) -> dict[str, float] | None:
-    """Median and worst of the modules' rounding losses (None when no module has one): every merge's summary."""
-    known = sorted(x for x in losses if x is not None)
-    if not known:
-        return None
-    return {"median": round_figure(known[len(known) // 2]) or 0.0, "worst": round_figure(known[-1]) or 0.0}
 
 
 def recorded_fingerprint(info: AdapterInfo) -> str | None:
@@ -118,7 +74,3 @@ def stored_shape(m: ModuleInfo) -> tuple[int, ...]:
     if m.kind == "embedding" or m.fan_in_fan_out:
         return (m.in_features, m.out_features)
     return (m.out_features, m.in_features)
-
-
-def round_figure(x: float | None) -> float | None:
-    return None if x is None else float(f"{x:.6g}")

@@ -13,11 +13,11 @@ import secrets
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, IntegrityError, UsageError
 from ..io.atomic import atomic_output
@@ -49,6 +49,9 @@ class PushResult:
     content_hash: str
     files: tuple[str, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class PullResult:
@@ -60,6 +63,9 @@ class PullResult:
     out: Path
     files: tuple[str, ...]
     content_hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class VersionList:
     branch: str
     versions: tuple[Version, ...]
     tags: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def push(
@@ -138,6 +147,9 @@ class TagResult:
     tag: str
     sha: str | None
     previous: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def tag(

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..choices import BaseDtype, Quantize
 from ..errors import InputNotFoundError, LoractlError, UsageError
 from ..extras import require_extra
 from ..io.checkpoint import Checkpoint
-from .config import BaseDtype, Quantize
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

@@ -9,16 +9,24 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from ..choices import (
+    BASE_DTYPES,
+    DEVICES,
+    INITS,
+    PRECISIONS,
+    QUANTIZE,
+    SCHEDULES,
+    BaseDtype,
+    Device,
+    Init,
+    Precision,
+    Quantize,
+    Schedule,
+)
 from ..errors import InputNotFoundError, UsageError
 
-Schedule = Literal["cosine", "linear", "constant"]
-Precision = Literal["fp32", "bf16", "fp16"]
-Init = Literal["kaiming", "gaussian"]
-BaseDtype = Literal["bf16", "fp16", "fp32"]
-Quantize = Literal["nf4", "fp4", "int8"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
 # Targets: a tuple of module-name suffixes, "all-linear", or a regex matched against full module paths.
 Targets = tuple[str, ...] | str
 DEFAULT_STEPS = 100
@@ -73,14 +81,14 @@ class TrainConfig:
             )
         if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
             raise UsageError("--steps and --epochs must be positive", hint="e.g. --steps 200 or --epochs 1")
-        _choice(self, "schedule", ("cosine", "linear", "constant"))
-        _choice(self, "precision", ("fp32", "bf16", "fp16"))
-        _choice(self, "init", ("kaiming", "gaussian"))
-        _choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        _choice(self, "schedule", SCHEDULES)
+        _choice(self, "precision", PRECISIONS)
+        _choice(self, "init", INITS)
+        _choice(self, "device", DEVICES)
         if self.base_dtype is not None:
-            _choice(self, "base_dtype", ("bf16", "fp16", "fp32"))
+            _choice(self, "base_dtype", BASE_DTYPES)
         if self.quantize is not None:
-            _choice(self, "quantize", ("nf4", "fp4", "int8"))
+            _choice(self, "quantize", QUANTIZE)
         if self.fsdp and self.quantize is not None:
             raise UsageError(
                 "--fsdp does not shard a --quantize base (bitsandbytes weights are not FSDP parameters)",

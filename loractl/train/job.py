@@ -39,6 +39,16 @@ class TrainSummary:
     dropped: int
     content_hash: str | None
 
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {"output": str(self.output) if self.output else None, "steps": r.steps, "tokens": r.tokens,
+                "train_loss": r.train_loss, "eval_loss": r.eval_loss, "seconds": round(r.seconds, 2),
+                "trainable": self.injection.trainable, "total": self.injection.total,
+                "modules": len(self.injection.modules), "examples": self.examples, "dropped": self.dropped,
+                "content_hash": self.content_hash, "run_dir": str(self.run_dir), "interrupted": r.interrupted,
+                "checkpoint": str(r.checkpoint) if r.checkpoint else None,
+                "finished_before": r.finished_before}  # fmt: skip
+
 
 def train_adapter(
     base: str | Path,

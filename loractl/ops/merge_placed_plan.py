@@ -1,4 +1,5 @@
-"""Where an adapter module lands in a base stored in another layout (a GGUF model, a single-file SD checkpoint).
+"""The plan of a merge into a base rewritten in its own types (a GGUF model, a single-file SD checkpoint):
+where each adapter module lands (`bases._placement.Placement`), checked from headers, and one stored tensor merged.
 
 Adapters name modules the Hugging Face way (`model.layers.0.self_attn.q_proj`, `unet.down_blocks…`);
 those bases store the same weights under other names, sometimes reordered (llama.cpp's q/k rows),
@@ -12,20 +13,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+from ..bases import open_base
 from ..bases._placement import Placement
+from ..bases.protocol import RewritableBase
 from ..errors import ShapeMismatchError
 from ..findings import Finding, error
-from .merge_shared import ROUNDING_WARN, figures_json, rounding_summary
+from ..formats.options import ReadOptions
+from ..info import AdapterInfo
+from .weights import check_weights
 
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraModule
     from ..bases.protocol import Base, BaseTensor
-    from ..formats.options import ReadOptions
-    from ..info import AdapterInfo, ModuleInfo
+    from ..info import ModuleInfo
     from .merge_kernel import Delta
 
 
@@ -44,7 +49,7 @@ class PlacedPlan:
     """Every update grouped by stored tensor, and every problem found (from headers alone)."""
 
     base: str
-    kind: str  # "gguf <arch>" or the single-file layout ("sd1", "sdxl", …)
+    kind: str  # the base's `Base.kind`: "gguf <arch>" or the single-file variant ("sd1", "sdxl", …)
     adapters: tuple[str, ...]
     weights: tuple[float, ...]
     updates: dict[str, tuple[PlacedUpdate, ...]]
@@ -59,7 +64,11 @@ class PlacedPlan:
         if self.problems:
             raise PlacedPlanError(self)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def adapter_paths(self) -> list[str]:
+        return list(self.adapters)
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "base": self.base,
             "layout": self.kind,
@@ -90,6 +99,29 @@ class PlacedPlanError(ShapeMismatchError):
         )
 
 
+def open_rewritable(path: str | Path) -> RewritableBase:
+    """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
+    return cast("RewritableBase", open_base(path))
+
+
+def plan_placed_merge(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    *,
+    weights: Sequence[float] | None = None,
+    format: str | None = None,
+    read_options: ReadOptions | None = None,
+) -> PlacedPlan:
+    """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
+    options = replace(read_options or ReadOptions(), base=None)
+    rewritable = open_rewritable(base)
+    try:
+        infos = [_describe(rewritable, a, format, options) for a in adapters]
+        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+    finally:
+        rewritable.close()
+
+
 def plan_placements(
     base: Base, infos: Sequence[AdapterInfo], weights: Sequence[float], read_options: ReadOptions
 ) -> PlacedPlan:
@@ -115,6 +147,13 @@ def plan_placements(
         {k: tuple(v) for k, v in updates.items()}, tuple(problems), len(tensors), tuple(infos),
         {k: tensors[k] for k in updates}, read_options,
     )  # fmt: skip
+
+
+def _describe(base: RewritableBase, path: str | Path, fmt: str | None, options: ReadOptions) -> AdapterInfo:
+    from ..formats import describe_adapter, detect_format
+
+    fmt = fmt or detect_format(path)
+    return describe_adapter(path, format=fmt, options=base.read_options(fmt, options))
 
 
 def _unsupported(info: AdapterInfo) -> list[Finding]:
@@ -213,79 +252,3 @@ def rounding_loss(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tenso
         carried = float(((stored.double() - start.double()) * delta).sum()) / norm_sq
         return 1.0 - min(1.0, max(0.0, carried))
     return float((stored.double() - merged.double()).norm()) / math.sqrt(norm_sq)
-
-
-@dataclass(frozen=True)
-class PlacedModuleReport:
-    """One merged module; `rounding_loss` is its stored tensor's (shared by every update of that tensor)."""
-
-    adapter: int
-    module: str
-    tensor: str
-    stored_type: str
-    weight: float
-    rank: int
-    relative_delta: float | None  # ‖weight·ΔW‖_F / ‖W‖_F
-    rounding_loss: float | None  # the share of ΣΔW the stored type removes (`rounding_loss`)
-    rounding_error: float | None = None  # ‖stored − (W + ΣΔW)‖ / ‖ΣΔW‖ (`rounding_error`)
-
-
-@dataclass(frozen=True)
-class PlacedMergeReport:
-    """What a merge into a GGUF or single-file base wrote; `fingerprints[i]` is the base fingerprint over
-    adapter i's weights (None where the base's stored values cannot give it: quantized tensors)."""
-
-    output: str
-    plan: PlacedPlan
-    modules: tuple[PlacedModuleReport, ...]
-    tensors_copied: int
-    fingerprints: tuple[str | None, ...] = ()
-    adapter_hashes: tuple[str, ...] = ()
-    base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, a mismatch allowed, a check not possible
-
-    @property
-    def rounding(self) -> dict[str, float] | None:
-        """Median and worst rounding loss over the merged modules, as every merge reports them."""
-        return rounding_summary(m.rounding_loss for m in self.modules)
-
-    @property
-    def worst_rounding_error(self) -> float | None:
-        """The largest `rounding_error` over the merged modules (None when none has one)."""
-        return max((m.rounding_error for m in self.modules if m.rounding_error is not None), default=None)
-
-    @property
-    def warnings(self) -> list[str]:
-        """The rounding warning, with the ways out, when the worst loss passes `ROUNDING_WARN`."""
-        worst = (self.rounding or {}).get("worst", 0.0)
-        return [
-            f"rounding into the stored types removes up to {worst:.0%} of a module's ΔW "
-            "(the rounding-loss column); merge into a wider base (F16/F32) or apply the adapter at run time"
-        ] if worst > ROUNDING_WARN else []  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        plan = {k: v for k, v in self.plan.to_json().items() if k not in ("updates", "problems")}
-        return {
-            "output": self.output,
-            **plan,
-            "tensors_copied": self.tensors_copied,
-            "worst_rounding_error": self.worst_rounding_error,
-            **figures_json(self),
-        }
-
-
-def module_reports(
-    key: str,
-    stored_type: str,
-    updates: Sequence[PlacedUpdate],
-    ranks: Sequence[int],
-    result: TensorMerge,
-    loss: float | None,
-    error: float | None = None,
-) -> list[PlacedModuleReport]:
-    """The report rows of one merged tensor."""
-    base = result.base_norm
-    return [
-        PlacedModuleReport(u.adapter, u.module, key, stored_type, u.weight, r, d / base if base > 0 else None, loss,
-                           error)
-        for u, r, d in zip(updates, ranks, result.delta_norms, strict=True)
-    ]  # fmt: skip
