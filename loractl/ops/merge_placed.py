@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,11 +19,11 @@ from typing import TYPE_CHECKING, Any, cast
 from .._version import __version__
 from ..bases import open_base
 from ..bases.protocol import RewritableBase
-from ..errors import LoractlError, NumericError
+from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
 from ..io import interrupt
-from ..io.atomic import atomic_output, ensure_distinct
+from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from .placement import PlacedMergeReport, PlacedModuleReport, PlacedPlan, module_reports, plan_placements
 from .weights import check_weights
 
@@ -75,7 +76,7 @@ def execute_placed_merge(
     ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
     base = open_rewritable(plan.base)
-    try:
+    with closing(base), io_errors(output):
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
@@ -85,13 +86,6 @@ def execute_placed_merge(
         hashes = tuple(a.content_hash() for a in loaded)
         with atomic_output(output, force=force) as tmp:
             base.write(tmp, _record(plan, hashes, prints), list(plan.updates), sink)
-    except OSError as e:
-        raise LoractlError(
-            f"I/O error: {e.strerror or e}", path=e.filename or output,
-            hint="check that the output's directory is writable and the disk has room; nothing was written",
-        ) from e  # fmt: skip
-    finally:
-        base.close()
     copied = plan.tensors_total - len(plan.updates)
     return PlacedMergeReport(str(output), plan, tuple(sink.rows), copied, prints, hashes, notes)
 
