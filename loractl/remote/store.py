@@ -328,7 +328,7 @@ def _check_commit(doc: Any, path: Path) -> None:
         and all(isinstance(doc.get(k), str) for k in ("date", "title", "message"))
         and isinstance(doc.get("files"), dict)
     )
-    bad = None if fields_ok else "its fields"
+    bad = None if fields_ok else "its fields are malformed"
     for name, entry in doc.get("files", {}).items() if fields_ok else ():
         size = entry.get("size") if isinstance(entry, dict) else None
         if not (
@@ -338,10 +338,10 @@ def _check_commit(doc: Any, path: Path) -> None:
             and hex_of(entry.get("sha1"), _SHA)
             and hex_of(entry.get("sha256"), _SHA256)
         ):
-            bad = f"the entry of {name[:80]!r} (size, sha1, sha256)"
+            bad = f"the entry of {name[:80]!r} is malformed (its size, sha1 and sha256 as hex digests)"
             break
     if bad:
-        raise RegistryDamagedError(f"commit record with malformed {bad}", path=path)
+        raise RegistryDamagedError(f"commit record: {bad}", path=path)
 
 
 def _write_atomic(path: Path, content: str | bytes) -> None:
