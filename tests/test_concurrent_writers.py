@@ -124,3 +124,22 @@ def test_racing_merges_into_one_output(tmp_path: Path) -> None:
         assert (out / "model.safetensors").is_file() or any(out.glob("*.safetensors"))
         assert not [p for p in tmp_path.iterdir() if TMP_MARKER in p.name]
         time.sleep(0.1)
+
+
+def test_without_hard_links_a_file_is_claimed_by_an_exclusive_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without renameat2's flag nor hard links (vfat, some FUSE): still never replaced."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(atomic, "_renameat2", lambda: None)
+    monkeypatch.setattr(os, "link", no_links)
+    with atomic_output(tmp_path / "out") as tmp:
+        tmp.write_text("first")
+    with pytest.raises(OutputExistsError), atomic_output(tmp_path / "late") as tmp:
+        tmp.write_text("mine")
+        (tmp_path / "late").write_text("someone else's")
+    assert (tmp_path / "out").read_text() == "first" and (tmp_path / "late").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "out"]

@@ -108,11 +108,11 @@ def io_errors(output: str | Path) -> Iterator[None]:
         raise io_error(e, output) from e
 
 
-def io_error(e: OSError, output: str | Path | None = None) -> LoractlError:
+def io_error(e: OSError, output: str | Path) -> LoractlError:
     """`e` as one line: a failure to write `output` (`write_error`), else one naming the file it happened on."""
-    if output is not None and _is_ours(e, Path(output)):
+    if _is_ours(e, Path(output)):
         return write_error(e, Path(output))
-    if e.errno in WRITE_ERRNOS or output is None:
+    if e.errno in WRITE_ERRNOS:
         return os_error(e)
     return LoractlError(
         f"I/O error: {e.strerror or e}",
@@ -259,15 +259,22 @@ def _rename_noreplace(tmp: Path, final: Path) -> bool:
 
 def _claim_by_link(tmp: Path, final: Path) -> bool:
     """Without renameat2: a file is hard-linked at `final` (refused if taken); a directory claims
-    `final` with `mkdir`, then replaces that empty directory (a kill between the two leaves it empty).
+    `final` with `mkdir`, a file on a file system without hard links with an exclusive create, then
+    replaces what it made (a kill between the two leaves that empty directory or file).
     """
     try:
         if tmp.is_dir():
             final.mkdir()
-            os.replace(tmp, final)
         else:
-            os.link(tmp, final)
-            tmp.unlink()
+            try:
+                os.link(tmp, final)
+                tmp.unlink()
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+            os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.replace(tmp, final)
     except FileExistsError:
         return False
     return True
