@@ -39,8 +39,8 @@ _CTX.set_forkserver_preload(["torch", "loractl.cli", "loractl.formats", "loractl
 HOOKS = [
     ("loractl.io.safetensors_writer.StreamWriter.write", 2),
     ("os.fsync", 1),
-    ("os.replace", 1),
-    ("os.replace", 2),
+    ("loractl.io.atomic.claim", 1),  # the final rename, by whichever call (renameat2 without --force)
+    ("os.replace", 2),  # with --force over an old directory: between moving it aside and moving the new in
 ]
 
 
@@ -257,7 +257,7 @@ def test_a_kill_before_the_final_rename_leaves_nothing(inputs: dict[str, Path], 
     scenario = _scenarios(inputs)["convert"]
     out = tmp_path / "work" / scenario.output_name
     out.parent.mkdir()
-    run = run_cli(scenario.argv(out), tmp_path, hook=("os.replace", 1))
+    run = run_cli(scenario.argv(out), tmp_path, hook=("loractl.io.atomic.claim", 1))
     assert run.code == -signal.SIGKILL and not out.exists()
     assert [n for n in os.listdir(out.parent) if TMP_MARKER in n], "the kill came before anything was written"
     _assert_after_kill(scenario, out, None)

@@ -110,6 +110,44 @@ def test_the_first_ctrl_c_stops_a_merge_at_any_moment(tmp_path: Path) -> None:
     assert control.wait(timeout=120) == 0 and (tmp_path / "control").is_dir()  # without Ctrl-C it merges
 
 
+# After the output is in place the command has succeeded: a Ctrl-C then must not end it as interrupted
+# (issue 27 item 7: exit 130 "aborted" with a complete output, or killed by SIGINT, exit -2).
+LATE_MOMENTS = {
+    "just after the output is renamed into place": f"""
+from loractl.io import atomic
+original = atomic.claim
+def claim(*a, **k):
+    original(*a, **k)
+    {SEND}
+atomic.claim = claim
+""",
+    "before the report is shown": f"""
+from loractl.ops import merge
+original = merge.execute_merge
+def execute_merge(*a, **k):
+    report = original(*a, **k)
+    {SEND}
+    return report
+merge.execute_merge = execute_merge
+""",
+}
+
+
+def test_a_ctrl_c_after_the_output_is_in_place_changes_nothing(tmp_path: Path) -> None:
+    runs = {moment: (tmp_path / f"out{i}", _merge(tmp_path / f"out{i}", hook)) for i, (moment, hook) in
+            enumerate(LATE_MOMENTS.items())}  # fmt: skip
+    code = f"import sys\nsys.argv = ['loractl', 'merge', {str(BASE)!r}, {str(ADAPTER)!r}, '-o', {str(tmp_path / 'last')!r}]"
+    code += f"\nfrom loractl.cli import main\nmain()\n{SEND}\nimport time\ntime.sleep(1)"  # the CLI returned
+    runs["after the command returned"] = (tmp_path / "last", subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, preexec_fn=_sigint_default))  # fmt: skip
+    for moment, (out, run) in runs.items():
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, (moment, run.returncode, stderr[-2000:])
+        assert "aborted" not in stderr and "Traceback" not in stderr, (moment, stderr[-2000:])
+        assert (out / "model.safetensors").is_file() and not list(out.parent.glob(f".{out.name}*")), moment
+
+
 @pytest.mark.usefixtures("python_sigint")
 def test_a_swallowed_ctrl_c_never_commits_an_output(tmp_path: Path) -> None:
     with sigint_recorded(), pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "out") as tmp:
@@ -171,4 +209,8 @@ def test_timed_ctrl_c_over_a_300_mb_merge(tmp_path: Path) -> None:
             shutil.rmtree(out)
             continue
         run.send_signal(signal.SIGINT)
+        if run.wait(timeout=120) == 0:  # the Ctrl-C came after the output was in place: the merge succeeded
+            assert (out / "model.safetensors").is_file()
+            shutil.rmtree(out)
+            continue
         _stopped_cleanly(run, out, f"{delay:.1f} s in")

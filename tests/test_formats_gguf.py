@@ -190,3 +190,33 @@ def test_write_errors(base: Path, tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match="no GGUF name"):
         _write(odd, tmp_path / "b.gguf", base)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("heads", [[0, 0], [3, 1], [64, 64], [4, 8], [-4, 4], [2**20, 1], ["4", "4"]])
+def test_recorded_head_counts_that_cannot_be_right_need_base(
+    heads: list[object], base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27 item 9: `loractl.rope_heads` is a hint, not a proof; [0, 0] skipped the q/k un-permutation."""
+    from cli_runner import run
+
+    q = module(64, 64, 4, 16.0, False, seed=7)
+    path = tmp_path / "lying.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 16.0)
+    w.add_array("loractl.rope_heads", heads)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", q.A.numpy())
+    w.add_tensor("blk.0.attn_q.weight.lora_b", llama_cpp_permute(q.B, HEADS, HEADS).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UsageError, match="cannot be this adapter's head counts") as refused:
+        load_adapter(path)
+    assert "--base" in (refused.value.hint or "")
+    code, _, err = run(capsys, "convert", str(path), "--to", "peft", "-o", str(tmp_path / "out"))
+    assert code == 2 and "--base" in err and not (tmp_path / "out").exists()
+    assert_same_delta(
+        Adapter(modules={"model.layers.0.self_attn.q_proj": q}), load_adapter(path, options=ReadOptions(base=base))
+    )

@@ -185,3 +185,40 @@ def test_third_party_banners_show_only_with_debug() -> None:
     for debug, shown in ((["--debug"], True), ([], False)):
         done = subprocess.run([sys.executable, "-c", code, *debug, "--version"], capture_output=True, text=True)
         assert ("a bitsandbytes banner" in done.stderr) == shown, done.stderr
+
+
+DISK_FILLS_AFTER_THE_FIRST_CHECKPOINT = """
+import resource, sys
+from loractl.train import checkpoints
+real = checkpoints.save
+def save(directory, *a, **k):
+    path = real(directory, *a, **k)
+    if path is not None:  # the disk fills: the next state.pt cannot be written whole (EFBIG, as a quota)
+        limit = (path / "state.pt").stat().st_size - 1
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return path
+checkpoints.save = save
+from loractl.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_keeps_the_last_good_one(tmp_path: Path) -> None:
+    """Issue 27 item 8: was `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos`."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "adapter"
+    argv = ["train", "--base", BASE, "--data", DATA, "-o", str(out), "--steps", "4", "--batch-size", "2",
+            "--save-every", "2"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", DISK_FILLS_AFTER_THE_FIRST_CHECKPOINT, *argv], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(FIXTURES.parent)})  # fmt: skip
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    checkpoints = out.parent / "adapter.train" / "checkpoints"
+    assert lines[-2].startswith("error: no room to write") and str(checkpoints / "step-000004") in lines[-2], lines
+    assert lines[-1] == f"hint: free disk space, then continue the run with --resume {checkpoints / 'step-000002'}"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]  # the last good one, and no temporary
+    state = torch.load(checkpoints / "step-000002" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and loractl.load_adapter(checkpoints / "step-000002" / "adapter").modules
+    assert not out.exists()

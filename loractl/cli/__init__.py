@@ -87,8 +87,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI and turn `LoractlError`s into `error:`/`hint:` lines."""
     from ..errors import LoractlError
+    from ..io.interrupt import LATE, sigint_recorded
     from ..io.interrupt import check as check_interrupt
-    from ..io.interrupt import sigint_recorded
     from ._output import tolerate_narrow_encodings
 
     tolerate_narrow_encodings()
@@ -98,9 +98,12 @@ def main(argv: list[str] | None = None) -> Any:
     # into an error with a hint, instead of SIGXFSZ killing the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        with sigint_recorded():  # a Ctrl-C some library swallows still stops the command (io/interrupt.py)
+        # a Ctrl-C some library swallows still stops the command; one after its output is in place does not
+        with sigint_recorded(ignore_when_done=argv is None):  # (io/interrupt.py)
             result = cli.main(args=argv, prog_name="loractl", standalone_mode=False)
             check_interrupt()  # one held until an import ended, or swallowed, that nothing checked yet
+            if LATE.is_set():
+                click.echo("note: Ctrl-C came after the output was complete; it is kept", err=True)
         if isinstance(result, int) and not isinstance(result, bool) and result:
             sys.exit(result)  # without standalone mode, click returns a command's ctx.exit(code)
         return result

@@ -5,20 +5,27 @@ content when `force` replaces it); the temporary is removed on failure and ignor
 everything else (its name starts with '.' and contains `TMP_MARKER`). Temporaries carry
 the writer's pid (`.<name>.loractl-tmp-<pid>-<hex>`), so a process killed with SIGKILL
 leaves nothing the next write into the same directory cannot clean up (`_clean_stale`).
+
+This module is the output policy of every writer: `refuse_existing` is the one "output
+exists" check, `claim` the one final rename (without `force` it never replaces anything, so
+of several writers racing for one path exactly one succeeds), `io_errors` the one wrapper
+that turns an OSError into a one-line error.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 
-from ..errors import OutputExistsError, OutputWriteError, UsageError
+from ..errors import LoractlError, OutputExistsError, OutputWriteError, UsageError
 from . import interrupt
 
 TMP_MARKER = ".loractl-tmp-"
@@ -48,24 +55,70 @@ _CANNOT_CREATE = ("the directory takes no new files", "write the output to an or
 
 
 @contextmanager
-def atomic_output(final: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to fill (file or directory); rename it to `final` on success."""
+def atomic_output(final: str | Path, *, force: bool = False, completes: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to fill (file or directory); rename it to `final` on success.
+
+    `completes`: `final` is the command's output, so once it is in place the command has
+    succeeded and a later Ctrl-C no longer interrupts it (`interrupt.completing`). A step
+    on the way (a training checkpoint) passes False.
+    """
     final = Path(final)
     tmp = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         _prepare(final)
-        if final.exists() and not force:
-            raise OutputExistsError(final)
+        refuse_existing(final, force=force)
         yield tmp
         interrupt.check()  # a Ctrl-C swallowed while writing: never commit
         _fsync_tree(tmp)
-        _replace(tmp, final)
+        with interrupt.completing() if completes else nullcontext():
+            claim(tmp, final, force=force)
     except OSError as e:
         if not _is_ours(e, final):
             raise
         raise write_error(e, final) from e
     finally:
         _remove(tmp)
+
+
+def refuse_existing(output: str | Path, *, force: bool) -> None:
+    """The one "output exists" check: `OutputExistsError` for anything at `output` (a dangling link too)."""
+    if not force and (Path(output).exists() or Path(output).is_symlink()):
+        raise OutputExistsError(user_path(output))
+
+
+def claim(tmp: Path, final: Path, *, force: bool) -> None:
+    """Put the finished `tmp` at `final`: replacing what is there with `force`, else only if nothing is.
+
+    Without `force` the rename itself is the check (`renameat2(RENAME_NOREPLACE)`, or a `link`
+    / `mkdir` claim where the kernel or file system lacks it), so of several writers that found
+    `final` free at their start, one wins and every other gets `OutputExistsError`.
+    """
+    if force:
+        _replace(tmp, final)
+    elif not _rename_noreplace(tmp, final):
+        raise OutputExistsError(user_path(final))
+
+
+@contextmanager
+def io_errors(output: str | Path) -> Iterator[None]:
+    """The one I/O-error wrapper: an OSError inside becomes a one-line `LoractlError` (see `io_error`)."""
+    try:
+        yield
+    except OSError as e:
+        raise io_error(e, output) from e
+
+
+def io_error(e: OSError, output: str | Path) -> LoractlError:
+    """`e` as one line: a failure to write `output` (`write_error`), else one naming the file it happened on."""
+    if _is_ours(e, Path(output)):
+        return write_error(e, Path(output))
+    if e.errno in WRITE_ERRNOS:
+        return os_error(e)
+    return LoractlError(
+        f"I/O error: {e.strerror or e}",
+        path=user_path(os.fsdecode(e.filename)) if e.filename else user_path(output),
+        hint="check that the inputs are readable and the output's disk has room; nothing was written",
+    )
 
 
 def user_path(path: str | Path) -> Path:
@@ -151,10 +204,12 @@ def _is_ours(e: OSError, final: Path) -> bool:
 
 
 def check_output(output: str | Path, inputs: Sequence[str | Path], *, force: bool) -> None:
-    """Refuse before any work (and without torch) an output that is an input, or that exists without `force`."""
+    """Refuse before any work (and without torch) an output that is an input, or that exists without `force`.
+
+    An early courtesy only: `claim` decides at the end, when several writers race for `output`.
+    """
     ensure_distinct(output, list(inputs))
-    if Path(output).exists() and not force:
-        raise OutputExistsError(output)
+    refuse_existing(output, force=force)
 
 
 def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:
@@ -167,14 +222,73 @@ def ensure_distinct(output: str | Path, inputs: list[str | Path]) -> None:
 
 
 def _replace(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; a directory at `final`, or a file where a directory goes, is set aside first."""
-    if (final.is_dir() or (tmp.is_dir() and final.exists())) and not final.is_symlink():
+    """Rename `tmp` to `final`; a directory at `final`, or anything where a directory goes, is set aside first.
+
+    A symbolic link at `final` is replaced as a link (its target is never written nor removed).
+    """
+    there = final.exists() or final.is_symlink()
+    if (final.is_dir() and not final.is_symlink()) or (tmp.is_dir() and there):
         old = final.parent / f".{final.name}{TMP_MARKER}{os.getpid()}-old-{secrets.token_hex(4)}"
         os.replace(final, old)
         os.replace(tmp, final)
         _remove(old)
     else:
         os.replace(tmp, final)
+
+
+# renameat2's flag (linux/fs.h); AT_FDCWD: paths relative to the working directory.
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+# errnos after which renameat2 cannot be used here (no such call, or a file system without the flag)
+_NO_RENAMEAT2 = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _rename_noreplace(tmp: Path, final: Path) -> bool:
+    """Rename `tmp` to `final` unless something is there (False then); atomic against other writers."""
+    call = _renameat2()
+    if call is not None:
+        if call(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(final), _RENAME_NOREPLACE) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        if code not in _NO_RENAMEAT2:
+            raise OSError(code, os.strerror(code), os.fspath(final))
+    return _claim_by_link(tmp, final)
+
+
+def _claim_by_link(tmp: Path, final: Path) -> bool:
+    """Without renameat2: a file is hard-linked at `final` (refused if taken); a directory claims
+    `final` with `mkdir`, a file on a file system without hard links with an exclusive create, then
+    replaces what it made (a kill between the two leaves that empty directory or file).
+    """
+    try:
+        if tmp.is_dir():
+            final.mkdir()
+        else:
+            try:
+                os.link(tmp, final)
+                tmp.unlink()
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+            os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.replace(tmp, final)
+    except FileExistsError:
+        return False
+    return True
+
+
+@cache
+def _renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's `renameat2` (glibc 2.28+), or None where this libc lacks it."""
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's among them
+    call = getattr(libc, "renameat2", None)
+    if call is not None:
+        call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        call.restype = ctypes.c_int
+    return call
 
 
 def _clean_stale(final: Path) -> None:

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..bases import open_base
-from ..errors import LoractlError, NumericError
+from ..errors import NumericError
 from ..io import interrupt
-from ..io.atomic import atomic_output, check_output
+from ..io.atomic import atomic_output, check_output, io_errors
 from ..io.checkpoint import RECORD_NAME, Checkpoint
 from ..io.checkpoint_writer import write_sharded
 from ..io.config_json import read_config
@@ -106,14 +106,8 @@ def execute_merge(
             from .devices import resolve_device  # torch, imported while the hash runs
 
             where = resolve_device(device)
-            with atomic_output(output, force=force) as tmp:
+            with io_errors(output), atomic_output(output, force=force) as tmp:
                 return _run(plan, tmp, output, progress, allow_base_mismatch, where, aside, prints)
-        except OSError as e:
-            raise LoractlError(
-                f"I/O error: {e.strerror or e}",
-                path=e.filename or output,
-                hint="check that the output's directory is writable and the disk has room; nothing was written",
-            ) from e
         finally:
             stop_hash.set()  # a failure does not wait for the rest of the hash (after success it is done)
 

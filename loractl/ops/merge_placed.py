@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..errors import LoractlError, NumericError
+from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
-from ..io.atomic import atomic_output, ensure_distinct
+from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable
 from .merge_report import MergedModule, MergeReport
 
@@ -44,7 +45,7 @@ def execute_placed_merge(
     ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
     base = open_rewritable(plan.base)
-    try:
+    with closing(base), io_errors(output):
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
@@ -54,13 +55,6 @@ def execute_placed_merge(
         hashes = tuple(a.content_hash() for a in loaded)
         with atomic_output(output, force=force) as tmp:
             base.write(tmp, _record(plan, hashes, prints), list(plan.updates), sink)
-    except OSError as e:
-        raise LoractlError(
-            f"I/O error: {e.strerror or e}", path=e.filename or output,
-            hint="check that the output's directory is writable and the disk has room; nothing was written",
-        ) from e  # fmt: skip
-    finally:
-        base.close()
     merged = len(plan.updates)
     return MergeReport(Path(output), plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
                        tensors_copied=plan.tensors_total - merged, base_notes=notes)  # fmt: skip

@@ -13,6 +13,7 @@ from .errors import (
     AuthError,
     ConflictError,
     OfflineError,
+    RegistryDamagedError,
     RemoteError,
     RemoteFileNotFoundError,
     RemoteURIError,
@@ -27,6 +28,7 @@ from .uri import RemoteURI, open_remote, parse_uri
 
 __all__ = [
     "ORIGIN_FILE", "AuthError", "Commit", "ConflictError", "OfflineError", "PullResult", "PushResult", "Refs",
+    "RegistryDamagedError",
     "Remote", "RemoteError", "RemoteFile", "RemoteFileNotFoundError", "RemoteURI", "RemoteURIError",
     "RepoNotFoundError", "RevisionNotFoundError", "Snapshot", "TagExistsError", "TagResult", "TransientError",
     "UnsafePathError", "Version", "VersionList", "open_remote", "parse_uri", "pull", "push", "read_origin", "tag",

@@ -8,6 +8,7 @@ their head, immutable tags, and files identified by their git-blob sha1 and sha2
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -76,6 +77,7 @@ class Snapshot:
     files: dict[str, RemoteFile]
     sources: dict[str, Path]
     disposable: bool = False  # sources are a cache copy: a bad one may be deleted so the next pull refetches
+    root: Path | None = None  # the directory every source must lie in (links resolved)
 
 
 class Remote(Protocol):
@@ -146,6 +148,19 @@ def check_file(path: Path, expected: RemoteFile) -> str | None:
     if not expected.sha256 and expected.git_oid and got.git_oid != expected.git_oid:
         return f"git blob {got.git_oid[:12]}… but the registry says {expected.git_oid[:12]}…"
     return None
+
+
+def check_names(names: Iterable[str]) -> None:
+    """Refuse a commit's file list that cannot be written under one directory: an unsafe name
+    (`safe_relpath`), or a name that is both a file and a folder of another (`sub`, `sub/inner.txt`)."""
+    listed = set(names)
+    for name in sorted(listed):
+        for parent in safe_relpath(name).parents:
+            if str(parent) in listed:
+                raise UnsafePathError(
+                    f"the registry lists both a file {str(parent)!r} and {name!r} inside it",
+                    hint="the repository is damaged or hostile; nothing was written",
+                )
 
 
 def safe_relpath(name: str) -> PurePosixPath:

@@ -35,6 +35,13 @@ class RemoteFileNotFoundError(RemoteError):
     default_hint = "the registry lost a file of this commit: pull another version, or push this one again"
 
 
+class RegistryDamagedError(RemoteError):
+    """The registry itself is damaged or hostile: a record that is not what loractl writes, an object
+    that is a link out, a special file, or not the size its record states; nothing was written."""
+
+    default_hint = "the registry is damaged: restore it from a backup, or push this version again"
+
+
 class ConflictError(RemoteError):
     """Someone else moved the branch since this push read it; nothing was overwritten."""
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import Commit, LocalFile, Refs, RemoteFile, Snapshot, safe_relpath
-from .errors import OfflineError, RemoteFileNotFoundError
+from .base import Commit, LocalFile, Refs, RemoteFile, Snapshot, check_names
+from .errors import OfflineError, RegistryDamagedError, RemoteFileNotFoundError
 from .hf_errors import translate
+from .registry_files import MAX_TEXT_BYTES, read_bounded
 from .retry import with_retries
+from .store import MAX_HISTORY
 
 T = TypeVar("T")
 _SHA = 40
@@ -61,7 +64,11 @@ class HubRemote:
         }
 
     def commits(self, branch: str) -> list[Commit]:
-        log = self._read(lambda: list(self.api.list_repo_commits(self.repo_id, revision=branch)))
+        log = self._read(
+            lambda: list(islice(self.api.list_repo_commits(self.repo_id, revision=branch), MAX_HISTORY + 1))
+        )
+        if len(log) > MAX_HISTORY:
+            raise RegistryDamagedError(f"the history of {branch!r} goes deeper than {MAX_HISTORY:,} commits")
         return [Commit(c.commit_id, c.created_at, c.title, c.message) for c in log]
 
     def commit(
@@ -100,10 +107,9 @@ class HubRemote:
             offline = False
         except OfflineError:
             sha, files, offline = self._cached(revision)
-        for name in files:
-            safe_relpath(name)
+        check_names(files)
         folder = self._read(lambda: self._download(sha, offline))
-        return Snapshot(sha, files, {p: Path(folder) / p for p in files}, disposable=True)
+        return Snapshot(sha, files, {p: Path(folder) / p for p in files}, disposable=True, root=self._storage())
 
     def probe(self, timeout: float) -> None:
         """One request for the repository, without retries; a `RemoteError` when it fails (unreachable: offline)."""
@@ -126,7 +132,7 @@ class HubRemote:
             local = self._read(lambda: hf_hub_download(self.repo_id, path, revision=sha, **self._dl_args()))
         except RemoteFileNotFoundError:
             return None
-        return Path(local).read_text()
+        return read_bounded(Path(local), self._storage(), path, MAX_TEXT_BYTES).decode("utf-8", "replace")
 
     # -- internals ------------------------------------------------------------------------------
     def _resolve_online(self, revision: str) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Commit, LocalFile, Refs, RemoteFile, Snapshot, safe_relpath
+from .base import Commit, LocalFile, Refs, RemoteFile, Snapshot, check_names
+from .registry_files import MAX_TEXT_BYTES
 from .store import RepoStore
 
 
@@ -56,10 +57,10 @@ class LocalRemote:
     def fetch(self, revision: str) -> Snapshot:
         sha = self.store.resolve(revision)
         files = self.store.files(sha)
-        for name in files:
-            safe_relpath(name)
-        return Snapshot(sha, files, {p: self.store.blob(f.sha256 or "") for p, f in files.items()})
+        check_names(files)
+        sources = {p: self.store.blob(f.sha256 or "") for p, f in files.items()}
+        return Snapshot(sha, files, sources, root=self.store.path)
 
     def read_text(self, sha: str, path: str) -> str | None:
         f = self.store.files(sha).get(path)
-        return self.store.blob(f.sha256).read_text() if f and f.sha256 else None
+        return self.store.read_object(f, MAX_TEXT_BYTES).decode("utf-8", "replace") if f else None

@@ -13,6 +13,11 @@ A commit's sha is the sha1 of its canonical JSON, so it names its content, paren
 Ref updates happen under the lock and by `os.replace`, so concurrent writers (threads or
 processes) see compare-and-swap semantics: a commit whose parent is no longer the head
 is refused, never applied on top.
+
+The directory may be hostile (anyone who can write it can plant anything): every record is
+read bounded (`registry_files`), a commit must hash to its name, every hash in it must be a
+hex digest of its length (never a path), every ref a full sha, and history is walked with a
+visited set and a depth cap. What fails is a `RegistryDamagedError` naming the record.
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,14 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..io.atomic import atomic_output
 from .base import DEFAULT_BRANCH, Commit, LocalFile, RemoteFile, local_file, safe_relpath
-from .errors import ConflictError, RepoNotFoundError, RevisionNotFoundError, TagExistsError
+from .errors import ConflictError, RegistryDamagedError, RepoNotFoundError, RevisionNotFoundError, TagExistsError
+from .registry_files import read_bounded
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _SHA = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHORT = re.compile(r"[0-9a-f]{5,39}")
 _REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+MAX_RECORD_BYTES = 64 << 20  # a commit record of a million files is about 200 MB: no adapter has that many
+MAX_REF_BYTES = 4096  # a ref holds one sha
+MAX_HISTORY = 100_000  # commits walked from a head
 
 
 class RepoStore:
@@ -52,7 +61,8 @@ class RepoStore:
 
     @property
     def private(self) -> bool:
-        return bool(self._json(self.path / "repo.json").get("private"))
+        doc = self._json(self.path / "repo.json", "repo.json")
+        return bool(doc.get("private")) if isinstance(doc, dict) else False
 
     def create(self, *, private: bool) -> bool:
         """Create with an initial `.gitattributes` commit on main; False when it already existed."""
@@ -65,7 +75,7 @@ class RepoStore:
             attrs = local_file(".gitattributes", data=GITATTRIBUTES)
             self.put(attrs)
             sha = self._write_commit(None, {attrs.path: _entry(attrs)}, "initial commit", "")
-            _write_atomic(self._ref("heads", DEFAULT_BRANCH), sha)
+            _write_atomic(self._ref_path("heads", DEFAULT_BRANCH), sha)
             _write_atomic(self.path / "repo.json", json.dumps({"private": private}))
             return True
 
@@ -79,7 +89,18 @@ class RepoStore:
 
     # -- blobs --------------------------------------------------------------------------------
     def blob(self, sha256: str) -> Path:
+        """Where the object of that digest lies; a digest that is not 64 hex digits names no path."""
+        if not _SHA256.fullmatch(sha256):
+            raise RegistryDamagedError(f"{sha256[:80]!r} is not a sha256 digest", path=self.path)
         return self.path / "objects" / sha256
+
+    def read_object(self, f: RemoteFile, limit: int) -> bytes:
+        """A small file of a commit (a model card), bounded by its stated size and `limit`, hash-checked."""
+        what = f"the object of {f.path!r}"
+        data = read_bounded(self.blob(f.sha256 or ""), self.path, what, limit, f.size)
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            raise RegistryDamagedError(f"{what} does not match its sha256", path=self.blob(f.sha256 or ""))
+        return data
 
     def put(self, f: LocalFile) -> None:
         """Store a file's bytes under their sha256 (no-op when present)."""
@@ -103,8 +124,8 @@ class RepoStore:
         self.require()
         for kind in ("heads", "tags"):
             ref = self._ref(kind, revision)
-            if _inside(ref, self.path / "refs" / kind) and ref.is_file():
-                return ref.read_text().strip()
+            if ref is not None and (ref.exists() or ref.is_symlink()):
+                return self._read_ref(ref)
         if _SHA.fullmatch(revision) and (self.path / "commits" / f"{revision}.json").is_file():
             return revision
         if _SHORT.fullmatch(revision):
@@ -119,7 +140,7 @@ class RepoStore:
     def create_branch(self, name: str, sha: str) -> None:
         check_ref_name(name)
         with self.locked():
-            ref = self._ref("heads", name)
+            ref = self._ref_path("heads", name)
             if ref.exists():
                 raise ConflictError(f"branch {name!r} already exists in {self.name}")
             _write_atomic(ref, sha)
@@ -128,19 +149,19 @@ class RepoStore:
         """Tags are immutable: an existing name is refused even when it points at `sha`."""
         check_ref_name(name)
         with self.locked():
-            ref = self._ref("tags", name)
-            if ref.exists():
-                raise TagExistsError(f"tag {name!r} already exists in {self.name}, on {ref.read_text().strip()[:12]}")
+            ref = self._ref_path("tags", name)
+            if ref.exists() or ref.is_symlink():
+                raise TagExistsError(f"tag {name!r} already exists in {self.name}, on {self._read_ref(ref)[:12]}")
             _write_atomic(ref, sha)
 
     def delete_tag(self, name: str) -> str:
         """Remove a tag on purpose (`loractl tag --delete`, `push --force-tag`); returns the sha it named."""
         check_ref_name(name)
         with self.locked():
-            ref = self._ref("tags", name)
-            if not (_inside(ref, self.path / "refs" / "tags") and ref.is_file()):
+            ref = self._ref_path("tags", name)
+            if not (ref.exists() or ref.is_symlink()):
                 raise RevisionNotFoundError(f"no tag {name!r} in {self.name}")
-            sha = ref.read_text().strip()
+            sha = self._read_ref(ref)
             ref.unlink()
             return sha
 
@@ -162,7 +183,7 @@ class RepoStore:
             files = {k: v for k, v in self.tree(head).items() if k not in deletes}
             files.update({f.path: _entry(f) for f in adds})
             sha = self._write_commit(head, files, title, message)
-            _write_atomic(self._ref("heads", branch), sha)
+            _write_atomic(self._ref_path("heads", branch), sha)
             return sha
 
     def plant(self, branch: str, path: str, data: bytes) -> str:
@@ -172,7 +193,7 @@ class RepoStore:
         with self.locked():
             head = self._head(branch)
             sha = self._write_commit(head, {**self.tree(head), path: _entry(f)}, f"plant {path}", "")
-            _write_atomic(self._ref("heads", branch), sha)
+            _write_atomic(self._ref_path("heads", branch), sha)
             return sha
 
     def tree(self, sha: str) -> dict[str, dict[str, Any]]:
@@ -183,13 +204,23 @@ class RepoStore:
 
     def info(self, sha: str) -> Commit:
         doc = self._commit_doc(sha)
-        date = datetime.strptime(doc["date"], DATE_FORMAT).replace(tzinfo=timezone.utc)
+        try:
+            date = datetime.strptime(doc["date"], DATE_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise RegistryDamagedError(
+                f"commit {sha[:12]} has a date that is not one", path=self._commit_path(sha)
+            ) from None
         return Commit(sha, date, doc["title"], doc["message"])
 
     def log(self, sha: str) -> Iterator[Commit]:
-        """`sha` and its ancestors, newest first."""
+        """`sha` and its ancestors, newest first; a loop or a history deeper than `MAX_HISTORY` is refused."""
+        seen: set[str] = set()
         current: str | None = sha
         while current:
+            if current in seen or len(seen) >= MAX_HISTORY:
+                why = "loops back to" if current in seen else f"goes deeper than {MAX_HISTORY:,} commits at"
+                raise RegistryDamagedError(f"the history of {sha[:12]} {why} {current[:12]}", path=self.path)
+            seen.add(current)
             yield self.info(current)
             current = self._commit_doc(current)["parent"]
 
@@ -212,23 +243,49 @@ class RepoStore:
     def _head(self, branch: str) -> str:
         self.require()
         ref = self._ref("heads", branch)
-        if not (_inside(ref, self.path / "refs" / "heads") and ref.is_file()):
+        if ref is None or not (ref.exists() or ref.is_symlink()):
             raise RevisionNotFoundError(f"no branch {branch!r} in {self.name}")
-        return ref.read_text().strip()
+        return self._read_ref(ref)
 
-    def _ref(self, kind: str, name: str) -> Path:
+    def _ref(self, kind: str, name: str) -> Path | None:
+        """The file of ref `name`, or None for a name no ref can have (an absolute path, `..`, ...)."""
+        try:
+            check_ref_name(name)
+        except UsageError:
+            return None
+        return self._ref_path(kind, name)
+
+    def _ref_path(self, kind: str, name: str) -> Path:
         return self.path / "refs" / kind / name
+
+    def _read_ref(self, ref: Path) -> str:
+        """A ref's sha, read bounded; anything but a 40-hex sha is damage."""
+        what = f"ref {ref.relative_to(self.path).as_posix()}"
+        text = read_bounded(ref, self.path, what, MAX_REF_BYTES).decode("ascii", "replace").strip()
+        if not _SHA.fullmatch(text):
+            raise RegistryDamagedError(f"{what} holds {text[:60]!r}, not a commit sha", path=ref)
+        return text
 
     def _refs(self, kind: str) -> dict[str, str]:
         self.require()
         base = self.path / "refs" / kind
-        return {p.relative_to(base).as_posix(): p.read_text().strip() for p in sorted(base.rglob("*")) if p.is_file()}
+        found = sorted(p for p in base.rglob("*") if p.is_symlink() or not p.is_dir())
+        return {p.relative_to(base).as_posix(): self._read_ref(p) for p in found}
+
+    def _commit_path(self, sha: str) -> Path:
+        return self.path / "commits" / f"{sha}.json"
 
     def _commit_doc(self, sha: str) -> dict[str, Any]:
-        path = self.path / "commits" / f"{sha}.json"
-        if not (_SHA.fullmatch(sha) and path.is_file()):
+        """A commit record, checked: it hashes to `sha`, and every field is what `_write_commit` writes."""
+        path = self._commit_path(sha)
+        if not (_SHA.fullmatch(sha) and (path.exists() or path.is_symlink())):
             raise RevisionNotFoundError(f"no commit {sha!r} in {self.name}")
-        return self._json(path)
+        raw = read_bounded(path, self.path, f"commit {sha[:12]}", MAX_RECORD_BYTES)
+        if hashlib.sha1(raw).hexdigest() != sha:
+            raise RegistryDamagedError(f"commit {sha[:12]} does not hash to its name", path=path)
+        doc = _parse(raw, path)
+        _check_commit(doc, path)
+        return doc  # type: ignore[no-any-return]
 
     def _write_commit(self, parent: str | None, files: dict[str, Any], title: str, message: str) -> str:
         date = datetime.now(timezone.utc).strftime(DATE_FORMAT)
@@ -238,9 +295,8 @@ class RepoStore:
         _write_atomic(self.path / "commits" / f"{sha}.json", raw)
         return sha
 
-    @staticmethod
-    def _json(path: Path) -> dict[str, Any]:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    def _json(self, path: Path, what: str) -> Any:
+        return _parse(read_bounded(path, self.path, what, MAX_REF_BYTES), path)
 
 
 def check_ref_name(name: str) -> None:
@@ -253,12 +309,42 @@ def _entry(f: LocalFile) -> dict[str, Any]:
     return {"size": f.size, "sha1": f.git_oid, "sha256": f.sha256}
 
 
-def _inside(path: Path, base: Path) -> bool:
-    return ".." not in path.relative_to(base).parts
+def _parse(raw: bytes, path: Path) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise RegistryDamagedError("a record that is not JSON", path=path) from None
+
+
+def _check_commit(doc: Any, path: Path) -> None:
+    """Refuse a commit record whose fields are not what `_write_commit` writes (hashes as hex digests)."""
+
+    def hex_of(value: Any, pattern: re.Pattern[str]) -> bool:
+        return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+    fields_ok = (
+        isinstance(doc, dict)
+        and (doc.get("parent") is None or hex_of(doc.get("parent"), _SHA))
+        and all(isinstance(doc.get(k), str) for k in ("date", "title", "message"))
+        and isinstance(doc.get("files"), dict)
+    )
+    bad = None if fields_ok else "its fields are malformed"
+    for name, entry in doc.get("files", {}).items() if fields_ok else ():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if not (
+            isinstance(size, int)
+            and not isinstance(size, bool)
+            and size >= 0
+            and hex_of(entry.get("sha1"), _SHA)
+            and hex_of(entry.get("sha256"), _SHA256)
+        ):
+            bad = f"the entry of {name[:80]!r} is malformed (its size, sha1 and sha256 as hex digests)"
+            break
+    if bad:
+        raise RegistryDamagedError(f"commit record: {bad}", path=path)
 
 
 def _write_atomic(path: Path, content: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(tmp, path)
+    """Write a record or object whole, or not at all: a failure (a full disk) leaves no temporary and names `path`."""
+    with atomic_output(path, force=True, completes=False) as tmp:
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)

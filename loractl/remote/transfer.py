@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +23,8 @@ from ..io.atomic import atomic_output
 from ..origin import ORIGIN_FILE
 from .base import DEFAULT_BRANCH, LocalFile, Remote, Snapshot, check_file, local_file, safe_relpath
 from .card import card_content_hash, model_card
-from .errors import ConflictError, RevisionNotFoundError, TagExistsError, TransientError
+from .errors import ConflictError, RegistryDamagedError, RevisionNotFoundError, TagExistsError, TransientError
+from .registry_files import copy_exact
 from .retry import DELAYS
 from .uri import RemoteURI, open_remote, parse_uri
 
@@ -324,6 +324,11 @@ def _selected(names: list[str], include: Sequence[str], exclude: Sequence[str], 
             if (not include or any(fnmatch(n, p) for p in include)) and not any(fnmatch(n, p) for p in exclude)
         )
     )
+    if not names:
+        raise UsageError(
+            f"{where} holds no file to pull (only {', '.join(sorted(_HOUSEKEEPING))}: the repository's first commit?)",
+            hint=f"pull a version 'loractl versions' lists with a content hash, e.g. {where.split('@')[0]}@main",
+        )
     if not kept:
         raise UsageError(
             f"--include/--exclude select no file of {where}",
@@ -344,15 +349,24 @@ def _adapter_root(tmp: Path, names: tuple[str, ...], where: str) -> Path:
 
 
 def _copy_verified(snap: Snapshot, name: str, dest: Path) -> None:
-    """Copy one fetched file and check it against the registry's hashes; a bad cached copy is evicted."""
+    """Copy one fetched file, never more bytes than its record states, and check it against the
+    registry's hashes; a bad cached copy is evicted (pull again), a bad registry object is named."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(snap.sources[name], dest)
-    problem = check_file(dest, snap.files[name])
+    expected, source = snap.files[name], snap.sources[name]
+    what = f"the object of {name!r} at {snap.sha[:12]}"
+    try:
+        copy_exact(source, snap.root, what, expected.size, dest)
+        problem = check_file(dest, expected)
+    except RegistryDamagedError as e:
+        if not snap.disposable:
+            raise
+        problem = e.message
     if problem is None:
         return
     if snap.disposable:
-        _evict(snap.sources[name])
-    raise IntegrityError(f"{name} at {snap.sha[:12]}: {problem}", hint="the download was corrupted; pull again")
+        _evict(source)
+        raise IntegrityError(f"{name} at {snap.sha[:12]}: {problem}", hint="the download was corrupted; pull again")
+    raise RegistryDamagedError(f"{what}: {problem}", path=source)
 
 
 def _evict(source: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, InputNotFoundError, UsageError
+from ..formats._state_dict import save_pickle
 from ..io.atomic import atomic_output
 from .config import TrainConfig
 from .distributed import World, barrier, broadcast, gather, gather_adapter
@@ -50,9 +51,9 @@ def save(directory: Path, state: TrainState, config: TrainConfig, rng: dict[str,
     doc["optimizer"] = state.optimizer.state_dict()
     from ..formats import save_adapter
 
-    with atomic_output(final, force=True) as tmp:
+    with atomic_output(final, force=True, completes=False) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(doc, tmp / STATE_NAME)
+        save_pickle(tmp / STATE_NAME, doc)  # a full disk is an OSError naming the file, not torch's RuntimeError
         save_adapter(adapter_from_model(model), tmp / "adapter")
     return final
 
@@ -64,7 +65,7 @@ def _save_sharded(final: Path, state: TrainState, doc: dict[str, Any]) -> Path |
     from ..formats import save_adapter
 
     world = state.world
-    with atomic_output(final, force=True) if world.is_main else nullcontext(None) as mine:
+    with atomic_output(final, force=True, completes=False) if world.is_main else nullcontext(None) as mine:
         tmp = Path(str(broadcast(str(mine), world)))
         if world.is_main:
             tmp.mkdir(parents=True)
@@ -72,7 +73,7 @@ def _save_sharded(final: Path, state: TrainState, doc: dict[str, Any]) -> Path |
         save_shards(_sharded_state(state), checkpoint_id=tmp / SHARDED_NAME)
         adapter = gather_adapter(state.net, world)  # one unit at a time, never the whole base
         if world.is_main and adapter is not None:
-            torch.save(doc, tmp / STATE_NAME)
+            save_pickle(tmp / STATE_NAME, doc)
             save_adapter(adapter, tmp / "adapter")
         barrier(world)  # every shard is written before rank 0 renames
     return final if world.is_main else None

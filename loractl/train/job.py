@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import OutputExistsError, UsageError
-from ..io.atomic import check_writable, ensure_distinct
+from ..errors import UsageError
+from ..io.atomic import check_writable, ensure_distinct, refuse_existing
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
 from . import distributed
@@ -137,8 +137,7 @@ def run_dir_of(output: str | Path) -> Path:
 
 
 def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) -> None:
-    if output.exists() and not (force or resuming):
-        raise OutputExistsError(output)
+    refuse_existing(output, force=force or resuming)
     if (run_dir / "checkpoints").exists() and not (force or resuming):
         raise UsageError(
             f"{run_dir} holds checkpoints of an earlier run",

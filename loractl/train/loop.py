@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import UsageError
+from ..errors import OutputWriteError, UsageError
 from . import checkpoints, distributed
 from .callbacks import Hooks
 from .config import TrainConfig
@@ -216,7 +216,12 @@ class _Run:
     def save(self, rng: dict[str, torch.Tensor]) -> None:
         if self.checkpoint_dir is None:
             return
-        self.saved = checkpoints.save(self.checkpoint_dir, self.state, self.config, rng)
+        try:
+            self.saved = checkpoints.save(self.checkpoint_dir, self.state, self.config, rng)
+        except OutputWriteError as e:  # a full disk: the checkpoints saved before are intact
+            if self.saved is not None:
+                e.hint = f"free disk space, then continue the run with --resume {self.saved}"
+            raise
         for hook in self.hooks:
             hook.on_save(self.saved, self.state.position.step)  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from ... import lineage
 from ...errors import FormatError, UsageError
 from ...findings import Finding, error
 from ...info import AdapterInfo, FullTensorInfo, ModuleInfo
-from ...io.values import finite_number, parse_json, positive_int, tensor_name
+from ...io.values import MAX_INT, finite_number, parse_json, shown, tensor_name
 from .._modules import recorded_layout
 from .._rope import RopeHeads, base_config, is_rope_module, meta_to_hf
 from ..options import Feature, ReadOptions, WriteOptions
@@ -103,14 +103,40 @@ class _Layout:
         config = base_config(self.options.base)
         if config is not None:
             return RopeHeads.from_config(config)
+        hint = "pass --base with the base model's directory (its config.json)"
         recorded = self.fields.get(HEADS_KEY)
-        if isinstance(recorded, list) and len(recorded) == 2:
-            return RopeHeads(*(positive_int(n, HEADS_KEY, self.path) for n in recorded))
-        raise UsageError(
-            f"the q/k rows of this {self.arch} adapter are in llama.cpp's RoPE order; undoing it needs the head counts",
-            path=self.path,
-            hint="pass --base with the base model's directory (its config.json)",
-        )
+        if recorded is None:
+            raise UsageError(
+                f"the q/k rows of this {self.arch} adapter are in llama.cpp's RoPE order; "
+                "undoing it needs the head counts",
+                path=self.path,
+                hint=hint,
+            )
+        heads = self._recorded_heads(recorded)
+        if heads is None:  # written by loractl, but a hint, not a proof: these cannot be right
+            raise UsageError(
+                f"{HEADS_KEY} {shown(recorded)} cannot be this adapter's head counts; "
+                "undoing llama.cpp's RoPE order of its q/k rows needs the right ones",
+                path=self.path,
+                hint=hint,
+            )
+        return heads
+
+    def _recorded_heads(self, recorded: Any) -> RopeHeads | None:
+        """`loractl.rope_heads` when it can be right: two positive counts, kv dividing q, each q/k
+        module's rows splitting into heads of even size; None otherwise."""
+        if not (isinstance(recorded, list) and len(recorded) == 2):
+            return None
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < MAX_INT for n in recorded):
+            return None
+        heads = RopeHeads(*recorded)
+        if heads.n_kv_heads > heads.n_heads or heads.n_heads % heads.n_kv_heads:
+            return None
+        for name, module in self.info.modules.items():
+            n = heads.heads_for(name)
+            if n is not None and module.out_features % (2 * n):
+                return None
+        return heads
 
     def _describe(self) -> AdapterInfo:
         groups, full = self._group()
