@@ -27,6 +27,16 @@ class BaseTensor:
     quantized: bool = False  # block-quantized: storing a value moves its block's other values too
 
 
+@dataclass(frozen=True)
+class OutputChoices:
+    """What `merge` asks of a rewritten base's output beyond the merge (`--dtype`, `--keep-quant`,
+    `--max-shard-size`); only the kinds whose module sets `TAKES_OUTPUT_CHOICES` take a dtype or a size."""
+
+    dtype: str | None = None  # a safetensors float code: write every floating tensor so, dequantized
+    keep_quant: bool = False  # requantize merged weights in the base's own scheme and keep its config
+    max_shard_bytes: int | None = None
+
+
 class TensorSink(Protocol):
     """The merge, as a base writing itself calls it for each tensor that changes."""
 

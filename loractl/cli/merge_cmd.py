@@ -38,6 +38,9 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 )
 @click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
+@click.option(
+    "--keep-quant", is_flag=True, help="Requantize a bitsandbytes base's merged weights as they were (FP8: the default)."
+)
 @device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -53,6 +56,7 @@ def command(
     weights: tuple[float, ...],
     dtype: str | None,
     max_shard_size: str | None,
+    keep_quant: bool,
     device: str,
     dry_run: bool,
     force: bool,
@@ -73,7 +77,9 @@ def command(
 
     A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
     written as one file: every tensor keeps its type (quantized ones are requantized), and the
-    report gives each module's rounding loss, the share of ΔW the stored type removes.
+    report gives each module's rounding loss, the share of ΔW the stored type removes. A
+    bitsandbytes checkpoint is written dequantized (--keep-quant: requantized); an FP8 one stays
+    FP8 (--dtype: dequantized).
     """
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge
@@ -86,6 +92,7 @@ def command(
         max_shard_size=max_shard_size,
         format=inputs.format,
         read_options=inputs.read,
+        keep_quant=keep_quant,
     )
     if dry_run:
         _show_plan(plan, as_json)

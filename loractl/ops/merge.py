@@ -165,12 +165,14 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
+    keep_quant: bool = False,
 ) -> MergeReport | PlacedMergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
     The base is any kind `loractl.bases` knows: a Hugging Face checkpoint gives an output directory
     (`MergeReport`), a GGUF model or a single-file SD checkpoint one file in the base's own types
-    (`PlacedMergeReport`). `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
+    (`PlacedMergeReport`), a bitsandbytes or FP8 checkpoint a directory, dequantized or (`keep_quant`)
+    requantized (`PlacedMergeReport`). `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
 
     Raises `MergePlanError` / `PlacedPlanError` listing every mismatch before anything is written;
     `NumericError` when a written tensor would hold NaN/Inf, `IntegrityError` when an adapter records
@@ -179,7 +181,7 @@ def merge(
     """
     plan = plan_merge(
         base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size, format=format,
-        read_options=read_options,
+        read_options=read_options, keep_quant=keep_quant,
     )  # fmt: skip
     return execute_merge(
         plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .._version import __version__
 from ..bases import open_base
-from ..bases.protocol import RewritableBase
+from ..bases.protocol import OutputChoices, RewritableBase
 from ..errors import LoractlError, NumericError
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
@@ -34,9 +34,10 @@ if TYPE_CHECKING:
     from .placement import TensorMerge
 
 
-def open_rewritable(path: str | Path) -> RewritableBase:
-    """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
-    return cast("RewritableBase", open_base(path))
+def open_rewritable(path: str | Path, output: OutputChoices | None = None) -> RewritableBase:
+    """The GGUF, single-file or quantized base at `path` (the caller knows it is one: `bases.detect_base`),
+    opened for the `output` the merge asks for."""
+    return cast("RewritableBase", open_base(path, output))
 
 
 def plan_placed_merge(
@@ -46,13 +47,15 @@ def plan_placed_merge(
     weights: Sequence[float] | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
+    output: OutputChoices | None = None,
 ) -> PlacedPlan:
     """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
     options = replace(read_options or ReadOptions(), base=None)
-    rewritable = open_rewritable(base)
+    rewritable = open_rewritable(base, output)
     try:
         infos = [_describe(rewritable, a, format, options) for a in adapters]
-        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        plan = plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        return replace(plan, output=output)
     finally:
         rewritable.close()
 
@@ -74,7 +77,7 @@ def execute_placed_merge(
     plan.check()
     ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
-    base = open_rewritable(plan.base)
+    base = open_rewritable(plan.base, plan.output)
     try:
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraModule
-    from ..bases.protocol import Base, BaseTensor
+    from ..bases.protocol import Base, BaseTensor, OutputChoices
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
     from .merge_kernel import Delta
@@ -53,6 +53,7 @@ class PlacedPlan:
     infos: tuple[AdapterInfo, ...] = ()  # how each adapter was described (its format, its recorded base)
     stored: dict[str, BaseTensor] = field(default_factory=dict)  # each updated tensor as the base stores it
     read_options: ReadOptions | None = None  # how the adapters were read (pickle, alpha, scale)
+    output: OutputChoices | None = None  # what the merge asks of the output (--dtype, --keep-quant)
 
     def check(self) -> None:
         """Raise `PlacedPlanError` listing every problem, if there is any."""
