@@ -124,7 +124,9 @@ class QuantizedCheckpoint:
         if key not in self.plain:
             return error("not-in-base", f"the base has no tensor {key!r}", module)
         if self.ckpt.info(key).dtype not in FLOAT_CODES:
-            return error("base-dtype", f"base tensor {key!r} is {self.ckpt.info(key).dtype}, not floating point", module)
+            return error(
+                "base-dtype", f"base tensor {key!r} is {self.ckpt.info(key).dtype}, not floating point", module
+            )
         return Placement(key)
 
     def read_float32(self, name: str) -> torch.Tensor:
@@ -338,4 +340,3 @@ def quant_method(path: Path) -> str | None:
 def quantization_config(ckpt: Checkpoint) -> dict[str, Any]:
     q = ckpt.config().get("quantization_config")
     return q if isinstance(q, dict) else {}
-

@@ -80,7 +80,8 @@ class BnbCodec:
         import bitsandbytes.functional as F
 
         if w.scheme == "INT8":
-            return F.int8_vectorwise_dequant(ckpt.get(w.name), ckpt.get(w.keys[1]).float()).float()
+            values: torch.Tensor = F.int8_vectorwise_dequant(ckpt.get(w.name), ckpt.get(w.keys[1]).float())
+            return values.float()
         return F.dequantize_4bit(ckpt.get(w.name), self._quant_state(ckpt, w)).float()
 
     def encode(self, ckpt: Checkpoint, w: Stored, start: torch.Tensor, values: torch.Tensor) -> Encoded:
@@ -113,10 +114,11 @@ class BnbCodec:
         return _DTYPES.get(str(name), "BF16")
 
     def _quant_state(self, ckpt: Checkpoint, w: Stored) -> Any:
+        import torch
         from bitsandbytes.functional import QuantState
 
         parts = {k.removeprefix(w.name + "."): ckpt.get(k) for k in w.keys[1:-1]}
-        return QuantState.from_dict({**parts, **self.states[w.name]}, device="cpu")
+        return QuantState.from_dict({**parts, **self.states[w.name]}, device=torch.device("cpu"))
 
 
 def _state(ckpt: Checkpoint, name: str, kind: str) -> dict[str, Any]:
@@ -175,8 +177,7 @@ def _eight_bit(ckpt: Checkpoint, name: str) -> Stored:
     scb, fmt = ckpt.info(f"{module}.SCB"), f"{name}_format"
     if len(shape) != 2 or scb.dtype != "F32" or scb.shape != (shape[0],) or fmt not in ckpt:
         raise FormatError(
-            f"{name}: an 8-bit weight {list(shape)} needs {module}.SCB as F32 [{shape[0] if shape else 0}] "
-            f"and {fmt}",
+            f"{name}: an 8-bit weight {list(shape)} needs {module}.SCB as F32 [{shape[0] if shape else 0}] and {fmt}",
             path=ckpt.path,
             hint="the checkpoint is damaged; save it again with transformers (save_pretrained)",
         )

@@ -39,7 +39,9 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
 @click.option(
-    "--keep-quant", is_flag=True, help="Requantize a bitsandbytes base's merged weights as they were (FP8: the default)."
+    "--keep-quant",
+    is_flag=True,
+    help="Requantize a bitsandbytes base's merged weights as they were (FP8: the default).",
 )
 @device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
