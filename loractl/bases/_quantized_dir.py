@@ -102,16 +102,23 @@ class QuantizedCheckpoint:
 
     @property
     def kind(self) -> str:
-        return f"{self.codec.method} {'/'.join(sorted({w.scheme.lower() for w in self.stored.values()}))}"
+        """ "bitsandbytes nf4", "fp8 f8_e4m3"; ", written as BF16" when the merge writes it dequantized."""
+        schemes = "/".join(sorted({w.scheme.lower() for w in self.stored.values()}))
+        return f"{self.codec.method} {schemes}" + ("" if self.keep else f", written as {self.dtype}")
 
     def close(self) -> None:
         self.ckpt.close()
 
     def tensors(self) -> dict[str, BaseTensor]:
         """Logical tensors with the type the merge writes them in (a quantized scheme only when kept)."""
-        out = {n: BaseTensor(n, (i := self.ckpt.info(n)).shape, self._plain_dtype(i.dtype)) for n in self.plain}
+        out = {}
+        for n in self.plain:
+            info = self.ckpt.info(n)
+            dtype = self._plain_dtype(info.dtype)
+            out[n] = BaseTensor(n, info.shape, dtype, converted=dtype != info.dtype)
         for n, w in self.stored.items():
-            out[n] = BaseTensor(n, w.shape, w.scheme, True) if self.keep else BaseTensor(n, w.shape, self.dtype)
+            keep = BaseTensor(n, w.shape, w.scheme, quantized=True)
+            out[n] = keep if self.keep else BaseTensor(n, w.shape, self.dtype, converted=True)
         return out
 
     def read_options(self, fmt: str, options: ReadOptions) -> ReadOptions:

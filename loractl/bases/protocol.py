@@ -25,6 +25,7 @@ class BaseTensor:
     shape: tuple[int, ...]
     stored_type: str  # a safetensors dtype code (F32, BF16, …) or a GGML type name (Q8_0, …)
     quantized: bool = False  # block-quantized: storing a value moves its block's other values too
+    converted: bool = False  # written converted (dequantized, cast) even where no adapter touches it
 
 
 @dataclass(frozen=True)

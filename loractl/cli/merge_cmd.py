@@ -151,7 +151,9 @@ def _summary(plan: MergePlan | PlacedPlan) -> str:
     from ..ops.placement import PlacedPlan
 
     if isinstance(plan, PlacedPlan):
-        n = len(plan.updates)
+        n, converted = len(plan.updates), plan.tensors_converted
+        if converted:
+            return f"{plan.kind}: {n} of {plan.tensors_total} tensors merged, {converted} converted, the others copied"
         return (
             f"{plan.kind}: {n} of {plan.tensors_total} tensors merged in their own types, the others copied as they are"
         )
@@ -208,8 +210,9 @@ def _show_report(report: MergeReport | PlacedMergeReport) -> None:
         if (error := report.worst_rounding_error) is not None:
             stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
                          "(requantization noise included)", highlight=False)  # fmt: skip
-        stdout.print(f"{len(report.plan.updates)} tensors merged, {report.tensors_copied} copied byte for byte "
-                     f"into {report.output}", highlight=False)  # fmt: skip
+        converted = f"{report.plan.tensors_converted} converted, " if report.plan.tensors_converted else ""
+        stdout.print(f"{len(report.plan.updates)} tensors merged, {converted}{report.tensors_copied} copied byte "
+                     f"for byte into {report.output}", highlight=False)  # fmt: skip
     else:
         stdout.print(
             f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",

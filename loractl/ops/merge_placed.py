@@ -95,7 +95,7 @@ def execute_placed_merge(
         ) from e  # fmt: skip
     finally:
         base.close()
-    copied = plan.tensors_total - len(plan.updates)
+    copied = plan.tensors_total - len(plan.updates) - plan.tensors_converted
     return PlacedMergeReport(str(output), plan, tuple(sink.rows), copied, prints, hashes, notes)
 
 
