@@ -114,6 +114,7 @@ def test_keep_quant_is_loaded_by_transformers(kind: str, quantized: dict[str, Pa
     assert code == 0, err
     config = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert config(out) == config(base)
+    assert not list(out.glob(".*")), "the spill file is removed before the output is renamed"
     base_raw, out_raw = raw(base), raw(out)
     touched = ("layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj", "layers.1.self_attn.q_proj",
                "layers.1.self_attn.v_proj")  # fmt: skip

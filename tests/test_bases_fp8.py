@@ -115,6 +115,7 @@ def test_merge_keeps_fp8_and_recomputes_touched_blocks(case: tuple[Path, Path, i
     code, out, err = run_cli("merge", base, lora, "-o", tmp_path / "fp8", "--json")
     assert code == 0, err
     assert json.loads((tmp_path / "fp8" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert not list((tmp_path / "fp8").glob(".*")), "the spill file is removed before the output is renamed"
     ours, before, ours_raw, base_raw = tensors(tmp_path / "fp8"), tensors(base), raw(tmp_path / "fp8"), raw(base)
     merged = {f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
     for name in base_raw:

@@ -7,8 +7,8 @@ fingerprints logical tensors, and writes itself as a checkpoint directory, one t
 merged weights requantized in their own scheme (`keep`), or every quantized weight written
 dequantized in a float dtype with `quantization_config` removed from config.json. The writer orders
 tensors by dtype width, so a merged weight's scales (float32) are written before its codes (one
-byte): the codes computed with them wait in a spill file inside the output's temporary directory,
-never in memory.
+byte): the codes computed with them wait in a spill file inside the output's temporary directory
+(removed before it is renamed), never in memory.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class QuantizedCheckpoint:
         the base's other files, config.json without `quantization_config` unless kept, and the record."""
         from ..io.checkpoint_writer import write_sharded
 
+        tmp.mkdir()
         writer = _Writer(self, set(names), sink, tmp)
         try:
             write_sharded(tmp, writer.specs, writer.produce, self._shard_bytes(writer.specs), {"format": "pt"})
@@ -205,7 +206,7 @@ class _Writer:
 
     def __init__(self, base: QuantizedCheckpoint, merged: set[str], sink: TensorSink, tmp: Path) -> None:
         self.base, self.merged, self.sink = base, merged, sink
-        self.spill = _Spill(tmp.with_name(tmp.name + ".spill"))
+        self.spill = _Spill(tmp / ".loractl-spill")  # inside the temporary: a killed run's is cleaned with it
         self.spilled: dict[str, FileRange] = {}
         self.specs = [self._spec(n) for n in base.plain]
         for w in base.stored.values():
