@@ -186,3 +186,15 @@ def test_a_damaged_quant_state_is_named(quantized: dict[str, Path], tmp_path: Pa
     code, _, err = run_cli("merge", damaged, ADAPTER, "-o", tmp_path / "o")
     assert code != 0 and f"error: {damaged}" in err and "not a bitsandbytes 4-bit state" in err and "hint:" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_api_and_the_report_say_what_was_converted(quantized: dict[str, Path], tmp_path: Path) -> None:
+    import loractl
+
+    kept = loractl.merge(quantized["fp4"], [ADAPTER], tmp_path / "kept", keep_quant=True)
+    assert kept.plan.kind == "bitsandbytes fp4" and kept.plan.tensors_converted == 0 and kept.tensors_copied == 17
+    code, out, err = run_cli("merge", quantized["fp4"], ADAPTER, "-o", tmp_path / "plain")
+    assert code == 0, err
+    # 14 quantized projections: 4 merged, the other 10 dequantized; embeddings, norms and head copied
+    assert "bitsandbytes fp4, written as float32: 4 of 21 tensors merged, 10 converted, the others copied" in out
+    assert "4 tensors merged, 10 converted, 7 copied byte for byte" in out
