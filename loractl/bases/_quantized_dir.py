@@ -104,7 +104,9 @@ class QuantizedCheckpoint:
     def kind(self) -> str:
         """ "bitsandbytes nf4", "fp8 f8_e4m3"; ", written as bfloat16" when the merge writes it dequantized."""
         schemes = "/".join(sorted({w.scheme.lower() for w in self.stored.values()}))
-        return f"{self.codec.method} {schemes}" + ("" if self.keep else f", written as {CONFIG_NAMES.get(self.dtype, self.dtype)}")
+        return f"{self.codec.method} {schemes}" + (
+            "" if self.keep else f", written as {CONFIG_NAMES.get(self.dtype, self.dtype)}"
+        )
 
     def close(self) -> None:
         self.ckpt.close()
