@@ -198,3 +198,14 @@ def test_the_api_and_the_report_say_what_was_converted(quantized: dict[str, Path
     # 14 quantized projections: 4 merged, the other 10 dequantized; embeddings, norms and head copied
     assert "bitsandbytes fp4, written as float32: 4 of 21 tensors merged, 10 converted, the others copied" in out
     assert "4 tensors merged, 10 converted, 7 copied byte for byte" in out
+
+
+def test_validate_reads_the_shapes_the_quantized_weights_stand_for(quantized: dict[str, Path], tmp_path: Path) -> None:
+    from helpers import qv_adapter, save
+
+    for kind in ("nf4-double", "int8"):  # packed (n/2, 1) codes, int8 rows: both are (64, 64) weights
+        code, out, err = run_cli("validate", ADAPTER, "--base", quantized[kind])
+        assert code == 0 and "ok" in out, out + err
+    wrong = save(qv_adapter(layers=2, hidden=16), tmp_path / "wrong")
+    code, out, _ = run_cli("validate", wrong, "--base", quantized["nf4-double"])
+    assert code != 0 and "base-shape" in out and "[64, 64]" in out
