@@ -17,6 +17,8 @@ from .formats.options import ReadOptions
 from .info import AdapterInfo
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .ops.merge_io import ReusingReader
 
 SCAN_BYTES = 64 << 20  # rows read at once when scanning for NaN/Inf
@@ -218,28 +220,48 @@ def _is_hole(path: Path, start: int, stop: int) -> bool:
 
 
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
-    from .io.checkpoint import Checkpoint, other_base
+    from contextlib import closing
 
+    from .bases import detect_base, open_base
+    from .io.checkpoint import Checkpoint, other_base, same_base
+
+    if detect_base(base) in ("bnb", "fp8"):  # quantized weights are checked as the tensors they stand for
+        with closing(open_base(base)) as b:
+
+            def other_quantized(recorded: str, views: dict[str, str]) -> str | None:
+                actual = b.fingerprint(list(info.modules))  # None: quantized weights cannot say
+                same = actual is None or same_base(recorded, views, actual, lambda: b.fingerprint_views(info.modules))
+                return None if same else actual
+
+            return _checked_against(info, b.weights(), other_quantized)
     with Checkpoint(base) as ckpt:
-        out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, ckpt)) is not None]
-        for key, t in info.full_tensors.items():
-            if key in ckpt and tuple(ckpt.info(key).shape) != tuple(t.shape):
-                out.append(
-                    error(
-                        "base-shape",
-                        f"full tensor {key!r} is {list(t.shape)} but the base has {list(ckpt.info(key).shape)}",
-                    )
+        return _checked_against(info, ckpt, lambda recorded, views: other_base(ckpt, info.modules, recorded, views))
+
+
+def _checked_against(
+    info: AdapterInfo, tensors: Any, other: Callable[[str, dict[str, str]], str | None]
+) -> list[Finding]:
+    """The adapter's shapes against the base's `tensors`; its recorded base against `other` (the base's
+    fingerprint when it is another base, else None)."""
+    out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, tensors)) is not None]
+    for key, t in info.full_tensors.items():
+        if key in tensors and tuple(tensors.info(key).shape) != tuple(t.shape):
+            out.append(
+                error(
+                    "base-shape",
+                    f"full tensor {key!r} is {list(t.shape)} but the base has {list(tensors.info(key).shape)}",
                 )
-        recorded = info.record.base_fingerprint if info.record else None
-        if recorded and not any(f.severity == "error" for f in out):
-            assert info.record is not None
-            if (actual := other_base(ckpt, info.modules, recorded, info.record.base_views)) is not None:
-                out.append(
-                    error(
-                        "base-fingerprint",
-                        f"the adapter was made for another base (fingerprint {recorded[:19]}…, this base {actual[:19]}…)",
-                    )
+            )
+    recorded = info.record.base_fingerprint if info.record else None
+    if recorded and not any(f.severity == "error" for f in out):
+        assert info.record is not None
+        if (actual := other(recorded, info.record.base_views)) is not None:
+            out.append(
+                error(
+                    "base-fingerprint",
+                    f"the adapter was made for another base (fingerprint {recorded[:19]}…, this base {actual[:19]}…)",
                 )
+            )
     return out
 
 

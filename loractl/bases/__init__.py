@@ -10,6 +10,8 @@ tensors as the Hugging Face checkpoint it holds (`weights`: what `extract` reads
 Kinds, in detection order (the first that claims a path wins):
     gguf            a llama.cpp GGUF model file (`gguf.py`)
     sd              a single-file Stable Diffusion checkpoint (`sd_single_file.py`)
+    bnb             a checkpoint saved by transformers with bitsandbytes 4-/8-bit weights (`bnb.py`)
+    fp8             a checkpoint of FP8 weights with block scales, DeepSeek-V3's layout (`fp8.py`)
     safetensors     a Hugging Face checkpoint: a directory, sharded or not, or one file (`safetensors_dir.py`)
 
 The interface is `protocol.Base` (and `protocol.RewritableBase`). A new kind of base is one module
@@ -22,10 +24,14 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .protocol import Base
+from ..errors import UsageError
 
-KINDS = {"gguf": "gguf", "sd": "sd_single_file", "safetensors": "safetensors_dir"}  # detection order
+if TYPE_CHECKING:
+    from .protocol import Base, OutputChoices
+
+KINDS = {
+    "gguf": "gguf", "sd": "sd_single_file", "bnb": "bnb", "fp8": "fp8", "safetensors": "safetensors_dir",
+}  # detection order  # fmt: skip
 
 
 def detect_base(path: str | Path) -> str:
@@ -36,10 +42,24 @@ def detect_base(path: str | Path) -> str:
     return "safetensors"
 
 
-def open_base(path: str | Path) -> Base:
-    """The base at `path`, opened from its headers (close it: `with contextlib.closing(open_base(path))`)."""
-    base: Base = _module(KINDS[detect_base(path)]).open(Path(path))
-    return base
+def open_base(path: str | Path, output: OutputChoices | None = None) -> Base:
+    """The base at `path`, opened from its headers (close it: `with contextlib.closing(open_base(path))`).
+
+    `output` is what a merge asks of the output (`protocol.OutputChoices`); a dtype or a shard size is a
+    `UsageError` for a kind rewritten in its own types (GGUF, single-file SD)."""
+    module = _module(KINDS[detect_base(path)])
+    if output is None:
+        base: Base = module.open(Path(path))
+        return base
+    if getattr(module, "TAKES_OUTPUT_CHOICES", False):
+        chosen: Base = module.open(Path(path), output)
+        return chosen
+    if output.dtype is not None or output.max_shard_bytes is not None:
+        raise UsageError(
+            "--dtype and --max-shard-size apply to Hugging Face checkpoints, not to a GGUF or single-file base",
+            hint="this merge writes one file and keeps every tensor's type; drop the option",
+        )
+    return open_base(path)
 
 
 def _module(name: str) -> Any:

@@ -25,6 +25,17 @@ class BaseTensor:
     shape: tuple[int, ...]
     stored_type: str  # a safetensors dtype code (F32, BF16, …) or a GGML type name (Q8_0, …)
     quantized: bool = False  # block-quantized: storing a value moves its block's other values too
+    converted: bool = False  # written converted (dequantized, cast) even where no adapter touches it
+
+
+@dataclass(frozen=True)
+class OutputChoices:
+    """What `merge` asks of a rewritten base's output beyond the merge (`--dtype`, `--keep-quant`,
+    `--max-shard-size`); only the kinds whose module sets `TAKES_OUTPUT_CHOICES` take a dtype or a size."""
+
+    dtype: str | None = None  # a safetensors float code: write every floating tensor so, dequantized
+    keep_quant: bool = False  # requantize merged weights in the base's own scheme and keep its config
+    max_shard_bytes: int | None = None
 
 
 class TensorSink(Protocol):

@@ -38,6 +38,11 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 )
 @click.option("--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16 (default: the base's).")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 5GB (default: the base's largest shard).")
+@click.option(
+    "--keep-quant",
+    is_flag=True,
+    help="Requantize a bitsandbytes base's merged weights as they were (FP8: the default).",
+)
 @device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan from headers only; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -53,6 +58,7 @@ def command(
     weights: tuple[float, ...],
     dtype: str | None,
     max_shard_size: str | None,
+    keep_quant: bool,
     device: str,
     dry_run: bool,
     force: bool,
@@ -73,7 +79,9 @@ def command(
 
     A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
     written as one file: every tensor keeps its type (quantized ones are requantized), and the
-    report gives each module's rounding loss, the share of ΔW the stored type removes.
+    report gives each module's rounding loss, the share of ΔW the stored type removes. A
+    bitsandbytes checkpoint is written dequantized (--keep-quant: requantized); an FP8 one stays
+    FP8 (--dtype: dequantized).
     """
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge
@@ -86,6 +94,7 @@ def command(
         max_shard_size=max_shard_size,
         format=inputs.format,
         read_options=inputs.read,
+        keep_quant=keep_quant,
     )
     if dry_run:
         _show_plan(plan, as_json)
@@ -142,7 +151,9 @@ def _summary(plan: MergePlan | PlacedPlan) -> str:
     from ..ops.merge_placed_plan import PlacedPlan
 
     if isinstance(plan, PlacedPlan):
-        n = len(plan.updates)
+        n, converted = len(plan.updates), plan.tensors_converted
+        if converted:
+            return f"{plan.kind}: {n} of {plan.tensors_total} tensors merged, {converted} converted, the others copied"
         return (
             f"{plan.kind}: {n} of {plan.tensors_total} tensors merged in their own types, the others copied as they are"
         )
@@ -194,9 +205,11 @@ def _show_report(report: MergeReport) -> None:
         stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
                      "(requantization noise included)", highlight=False)  # fmt: skip
     shards = f"; {len(report.shards)} shard(s)" if report.shards else ""
+    converted = getattr(report.plan, "tensors_converted", 0)
+    converted = f", {converted} converted" if converted else ""
     stdout.print(
-        f"{report.tensors_checked} tensors checked: no NaN/Inf, {report.tensors_copied} copied byte for byte"
-        f"{shards} in {report.output}",
+        f"{report.tensors_checked} tensors checked: no NaN/Inf{converted}, {report.tensors_copied} copied byte "
+        f"for byte{shards} in {report.output}",
         highlight=False,
     )
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "loractl_merge.json"  # the provenance a loractl merge writes beside the weights
 SINGLE_NAME = "model.safetensors"
+# Weight files that must not travel to a merge's output: they would hold the unmerged weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
 FINGERPRINT_CHUNK = 1 << 24
 
 

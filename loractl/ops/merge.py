@@ -61,11 +61,13 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
+    keep_quant: bool = False,
 ) -> MergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
     The base is any kind `loractl.bases` knows: a Hugging Face checkpoint gives an output directory,
-    a GGUF model or a single-file SD checkpoint one file in the base's own types; both report in a
+    a GGUF model or a single-file SD checkpoint one file in the base's own types, a bitsandbytes or
+    FP8 checkpoint a directory, dequantized or (`keep_quant`) requantized; all report in a
     `MergeReport`. `device` (cpu, cuda, mps, auto) runs the arithmetic there; the bytes are the CPU's.
 
     Raises `MergePlanError` / `PlacedPlanError` listing every mismatch before anything is written;
@@ -75,7 +77,7 @@ def merge(
     """
     plan = plan_merge(
         base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size, format=format,
-        read_options=read_options,
+        read_options=read_options, keep_quant=keep_quant,
     )  # fmt: skip
     return execute_merge(
         plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device

@@ -44,7 +44,7 @@ def execute_placed_merge(
     plan.check()
     ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
-    base = open_rewritable(plan.base)
+    base = open_rewritable(plan.base, plan.output)
     with closing(base), io_errors(output):
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
@@ -57,7 +57,8 @@ def execute_placed_merge(
             base.write(tmp, _record(plan, hashes, prints), list(plan.updates), sink)
     merged = len(plan.updates)
     return MergeReport(Path(output), plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
-                       tensors_copied=plan.tensors_total - merged, base_notes=notes)  # fmt: skip
+                       tensors_copied=plan.tensors_total - merged - plan.tensors_converted,
+                       base_notes=notes)  # fmt: skip
 
 
 class _Sink:

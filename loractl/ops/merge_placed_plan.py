@@ -11,7 +11,7 @@ transposed, or fused (OpenCLIP's `in_proj_weight` holds q, k and v). A `Placemen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import LoraModule
-    from ..bases.protocol import Base, BaseTensor
+    from ..bases.protocol import Base, BaseTensor, OutputChoices
     from ..info import ModuleInfo
     from .merge_kernel import Delta
 
@@ -58,6 +58,8 @@ class PlacedPlan:
     infos: tuple[AdapterInfo, ...] = ()  # how each adapter was described (its format, its recorded base)
     stored: dict[str, BaseTensor] = field(default_factory=dict)  # each updated tensor as the base stores it
     read_options: ReadOptions | None = None  # how the adapters were read (pickle, alpha, scale)
+    output: OutputChoices | None = None  # what the merge asks of the output (--dtype, --keep-quant)
+    tensors_converted: int = 0  # tensors no adapter touches that the output stores converted (dequantized, cast)
 
     def check(self) -> None:
         """Raise `PlacedPlanError` listing every problem, if there is any."""
@@ -76,6 +78,7 @@ class PlacedPlan:
             "weights": list(self.weights),
             "tensors_total": self.tensors_total,
             "tensors_merged": len(self.updates),
+            "tensors_converted": self.tensors_converted,
             "updates": {
                 k: [{"adapter": u.adapter, "module": u.module, "weight": u.weight} for u in us]
                 for k, us in self.updates.items()
@@ -99,9 +102,10 @@ class PlacedPlanError(ShapeMismatchError):
         )
 
 
-def open_rewritable(path: str | Path) -> RewritableBase:
-    """The GGUF or single-file base at `path` (the caller knows it is one: `bases.detect_base`)."""
-    return cast("RewritableBase", open_base(path))
+def open_rewritable(path: str | Path, output: OutputChoices | None = None) -> RewritableBase:
+    """The GGUF, single-file or quantized base at `path` (the caller knows it is one: `bases.detect_base`),
+    opened for the `output` the merge asks for."""
+    return cast("RewritableBase", open_base(path, output))
 
 
 def plan_placed_merge(
@@ -111,13 +115,15 @@ def plan_placed_merge(
     weights: Sequence[float] | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
+    output: OutputChoices | None = None,
 ) -> PlacedPlan:
     """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
     options = replace(read_options or ReadOptions(), base=None)
-    rewritable = open_rewritable(base)
+    rewritable = open_rewritable(base, output)
     try:
         infos = [_describe(rewritable, a, format, options) for a in adapters]
-        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        plan = plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        return replace(plan, output=output)
     finally:
         rewritable.close()
 
@@ -146,6 +152,7 @@ def plan_placements(
         str(base.path), base.kind, tuple(str(i.path) for i in infos), tuple(weights),
         {k: tuple(v) for k, v in updates.items()}, tuple(problems), len(tensors), tuple(infos),
         {k: tensors[k] for k in updates}, read_options,
+        tensors_converted=sum(t.converted for k, t in tensors.items() if k not in updates),
     )  # fmt: skip
 
 
@@ -220,8 +227,21 @@ def merge_tensor(start: torch.Tensor, deltas: Sequence[Delta], device: torch.dev
     from .merge_kernel import deltas_norm, merged_float32
 
     merged, base_norm = merged_float32(start, deltas, device)
-    total = float((merged.double() - start.double()).norm())
+    total = math.sqrt(sum(float((m - s).square().sum()) for s, m in _float64_rows(start, merged)))
     return TensorMerge(merged, base_norm, tuple(deltas_norm([d]) for d in deltas), total)
+
+
+def _float64_rows(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The same rows of each tensor, a block of about a million elements at a time, in float64: the
+    figures below are float64 sums, and a float64 copy of a whole tensor is twice its float32 size."""
+    from .merge_io import matrix_shape
+    from .merge_kernel import BLOCK_ELEMENTS
+
+    rows, cols = matrix_shape(tuple(tensors[0].shape))
+    flat = [t.reshape(rows, cols) for t in tensors]
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for a in range(0, rows, step):
+        yield tuple(t[a : a + step].double() for t in flat)
 
 
 def rounding_error(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor) -> float | None:
@@ -231,8 +251,11 @@ def rounding_error(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tens
     that requantizing whole blocks adds, so it can pass 1: the report shows it beside the loss, so that
     a loss near 0 never hides a stored tensor that moved further than ΔW.
     """
-    delta_norm = float((merged.double() - start.double()).norm())
-    return float((stored.double() - merged.double()).norm()) / delta_norm if delta_norm > 0 else None
+    delta_sq = error_sq = 0.0
+    for s, m, st in _float64_rows(start, merged, stored):
+        delta_sq += float((m - s).square().sum())
+        error_sq += float((st - m).square().sum())
+    return math.sqrt(error_sq / delta_sq) if delta_sq > 0 else None
 
 
 def rounding_loss(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor, quantized: bool) -> float | None:
@@ -244,11 +267,14 @@ def rounding_loss(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tenso
     loss is 1 − ⟨ΔW_s, ΔW⟩ / ‖ΔW‖²_F clipped to [0, 1], ΔW_s = stored − start being the change the file
     carries: the share of ΔW that does not survive requantization (docs/merge.md).
     """
-    delta = merged.double() - start.double()
-    norm_sq = float(delta.square().sum())
+    norm_sq = carried = error_sq = 0.0
+    for s, m, st in _float64_rows(start, merged, stored):
+        delta = m - s
+        norm_sq += float(delta.square().sum())
+        carried += float(((st - s) * delta).sum())
+        error_sq += float((st - m).square().sum())
     if norm_sq == 0:
         return None
     if quantized:
-        carried = float(((stored.double() - start.double()) * delta).sum()) / norm_sq
-        return 1.0 - min(1.0, max(0.0, carried))
-    return float((stored.double() - merged.double()).norm()) / math.sqrt(norm_sq)
+        return 1.0 - min(1.0, max(0.0, carried / norm_sq))
+    return math.sqrt(error_sq / norm_sq)

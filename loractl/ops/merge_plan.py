@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import FormatError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..info import AdapterInfo, ModuleInfo
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import WEIGHT_SUFFIXES, Checkpoint
 from ..io.checkpoint_writer import parse_size
 from ..io.config_json import read_config
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
@@ -31,8 +31,6 @@ Role = Literal["lora", "dora", "bias", "full"]
 # Input embeddings an untied `lm_head` can take its starting weight from.
 _EMBEDDING = re.compile(r"(^|.*\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings|shared)\.weight$")
 _HEAD = re.compile(r"(^|.*\.)(lm_head|embed_out)\.weight$")
-# Weight files that must not travel to the output: they would hold the unmerged weights.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
 
 
 @dataclass(frozen=True)
@@ -158,12 +156,15 @@ def plan_merge(
     max_shard_size: str | int | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
+    keep_quant: bool = False,
 ) -> MergePlan | PlacedPlan:
     """Match every adapter module and full tensor to a base tensor, from headers only.
 
     The base is any kind `loractl.bases` detects: a Hugging Face checkpoint
     gives a `MergePlan`, a GGUF model or a single-file SD checkpoint a `PlacedPlan` (they are
-    rewritten in their own types: `dtype` and `max_shard_size` do not apply). `format` and
+    rewritten in their own types: `dtype` and `max_shard_size` do not apply), and so does a quantized
+    checkpoint (bitsandbytes, FP8), written dequantized (in `dtype`) or, with `keep_quant` (FP8's
+    default), requantized in its own scheme. `format` and
     `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...); their `base` is
     always `base`.
 
@@ -175,14 +176,14 @@ def plan_merge(
     checked = _weights(adapters, weights)
     _check_order(Path(base), adapters)
     if detect_base(base) != "safetensors":
+        from ..bases.protocol import OutputChoices
         from .merge_placed_plan import plan_placed_merge
 
-        if dtype is not None or max_shard_size is not None:
-            raise UsageError(
-                "--dtype and --max-shard-size apply to Hugging Face checkpoints, not to a GGUF or single-file base",
-                hint="this merge writes one file and keeps every tensor's type; drop the option",
-            )
-        return plan_placed_merge(base, adapters, weights=checked, format=format, read_options=read_options)
+        output = OutputChoices(
+            parse_dtype(dtype) if dtype is not None else None, keep_quant, _requested_size(max_shard_size)
+        )
+        return plan_placed_merge(base, adapters, weights=checked, format=format, read_options=read_options,
+                                 output=output)  # fmt: skip
     return _plan_checkpoint_merge(Path(base), adapters, checked, dtype, max_shard_size, format, read_options)
 
 
@@ -218,8 +219,8 @@ def _plan_checkpoint_merge(
             problems=tuple(planner.problems),
             max_shard_bytes=_shard_bytes(ckpt, max_shard_size),
             dtype=code,
-            files=tuple(p for p in files if not p.name.endswith(_WEIGHT_SUFFIXES)),
-            skipped_files=tuple(p for p in files if p.name.endswith(_WEIGHT_SUFFIXES)),
+            files=tuple(p for p in files if not p.name.endswith(WEIGHT_SUFFIXES)),
+            skipped_files=tuple(p for p in files if p.name.endswith(WEIGHT_SUFFIXES)),
             config_updates=_config_updates(config, code, any(t.action == "untie" for t in tensors)),
             read_options=read_options,
         )
@@ -369,10 +370,17 @@ def _weights(adapters: Sequence[str | Path], weights: Sequence[float] | None) ->
     return check_weights(weights or None, len(adapters))
 
 
+def _requested_size(max_shard_size: str | int | None) -> int | None:
+    if max_shard_size is None:
+        return None
+    return parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+
+
 def _shard_bytes(ckpt: Checkpoint, max_shard_size: str | int | None) -> int:
     """The requested limit, or the base's largest shard (so the output shards like the input)."""
-    if max_shard_size is not None:
-        return parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    requested = _requested_size(max_shard_size)
+    if requested is not None:
+        return requested
     sizes = [sum(t.nbytes for t in h.tensors.values()) for h in ckpt.headers.values()]
     return max([*sizes, 1])
 
