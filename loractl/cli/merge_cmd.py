@@ -44,6 +44,12 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.option(
     "--allow-base-mismatch", is_flag=True, help="Merge even if an adapter records another base's fingerprint."
 )
+@click.option(
+    "--imatrix",
+    type=click.Path(),
+    help="llama.cpp's importance matrix (imatrix.gguf or .dat) to requantize a GGUF base's tensors with; "
+    "needed for IQ2_XXS, IQ2_XS, IQ1_S.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @input_options(base=False, per_input=False)
 def command(
@@ -57,6 +63,7 @@ def command(
     dry_run: bool,
     force: bool,
     allow_base_mismatch: bool,
+    imatrix: str | None,
     as_json: bool,
     inputs: Inputs,
 ) -> None:
@@ -69,6 +76,7 @@ def command(
       loractl merge base a --dry-run --json
       loractl merge base a -o merged --device auto
       loractl merge model.Q8_0.gguf adapter -o merged.Q8_0.gguf
+      loractl merge model-Q4_K_M-00001-of-00002.gguf adapter -o merged.Q4_K_M.gguf
       loractl merge sd_xl_base_1.0.safetensors kohya_lora.safetensors -o merged.safetensors
 
     A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
@@ -86,6 +94,7 @@ def command(
         max_shard_size=max_shard_size,
         format=inputs.format,
         read_options=inputs.read,
+        imatrix=imatrix,
     )
     if dry_run:
         _show_plan(plan, as_json)
@@ -196,11 +205,15 @@ def _show_report(report: MergeReport | PlacedMergeReport) -> None:
             highlight=False,
         )
     if isinstance(report, PlacedMergeReport):
+        for kind, kept in report.rounding_by_type.items():
+            stdout.print(f"{kind}: {kept['survives_median']:.1%} of ΔW survives (median), "
+                         f"{kept['survives_worst']:.1%} at worst, over {kept['modules']:g} modules", highlight=False)  # fmt: skip
         if (error := report.worst_rounding_error) is not None:
             stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
                          "(requantization noise included)", highlight=False)  # fmt: skip
+        shards = f" (and {len(report.files) - 1} more shards)" if len(report.files) > 1 else ""
         stdout.print(f"{len(report.plan.updates)} tensors merged, {report.tensors_copied} copied byte for byte "
-                     f"into {report.output}", highlight=False)  # fmt: skip
+                     f"into {report.output}{shards}", highlight=False)  # fmt: skip
     else:
         stdout.print(
             f"{report.tensors_checked} tensors checked: no NaN/Inf; {len(report.shards)} shard(s) in {report.output}",

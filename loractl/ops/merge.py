@@ -165,6 +165,7 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
+    imatrix: str | Path | None = None,
 ) -> MergeReport | PlacedMergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
@@ -179,7 +180,7 @@ def merge(
     """
     plan = plan_merge(
         base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size, format=format,
-        read_options=read_options,
+        read_options=read_options, imatrix=imatrix,
     )  # fmt: skip
     return execute_merge(
         plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device

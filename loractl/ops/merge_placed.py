@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .._version import __version__
 from ..bases import open_base
 from ..bases.protocol import RewritableBase
-from ..errors import LoractlError, NumericError
+from ..errors import LoractlError, NumericError, UsageError
 from ..formats.options import ReadOptions
 from ..info import AdapterInfo
 from ..io import interrupt
@@ -46,15 +47,49 @@ def plan_placed_merge(
     weights: Sequence[float] | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
+    imatrix: str | Path | None = None,
 ) -> PlacedPlan:
-    """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
+    """Place every adapter module on a tensor of the base, from headers only; problems are collected.
+    `imatrix` (a GGUF base only) is llama.cpp's importance matrix the quantized tensors it covers are
+    requantized with (`--imatrix`)."""
     options = replace(read_options or ReadOptions(), base=None)
     rewritable = open_rewritable(base)
     try:
+        _use_imatrix(rewritable, imatrix)
         infos = [_describe(rewritable, a, format, options) for a in adapters]
-        return plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        plan = plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
+        return replace(plan, imatrix=None if imatrix is None else str(imatrix))
     finally:
         rewritable.close()
+
+
+def _use_imatrix(base: RewritableBase, imatrix: str | Path | None) -> None:
+    from ..bases.gguf import GgufBase
+
+    if imatrix is None:
+        return
+    if not isinstance(base, GgufBase):
+        raise UsageError("--imatrix applies to GGUF bases (llama.cpp's importance matrix)",
+                         hint="drop --imatrix for this base")  # fmt: skip
+    base.use_importance(Path(imatrix))
+
+
+def _files(base: RewritableBase, output: Path) -> tuple[list[Path], list[Path]]:
+    """What the merge writes and what it reads: one file each, or one per shard of a split GGUF."""
+    from ..bases.gguf import GgufBase
+
+    if isinstance(base, GgufBase):
+        return base.output_files(output), base.paths
+    return [output], [base.path]
+
+
+def _write(base: RewritableBase, tmps: list[Path], record: dict[str, Any], names: list[str], sink: _Sink) -> None:
+    from ..bases.gguf import GgufBase
+
+    if isinstance(base, GgufBase):
+        base.write(tmps[0], record, names, sink, shards=tmps[1:])
+    else:
+        base.write(tmps[0], record, names, sink)
 
 
 def execute_placed_merge(
@@ -72,10 +107,13 @@ def execute_placed_merge(
     from .merge_shared import check_base_fingerprints
 
     plan.check()
-    ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
     base = open_rewritable(plan.base)
     try:
+        _use_imatrix(base, plan.imatrix)
+        files, read = _files(base, Path(output))
+        for file in files:
+            ensure_distinct(file, [*read, *plan.adapters])
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
@@ -83,8 +121,9 @@ def execute_placed_merge(
         notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_base_mismatch)
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
-        with atomic_output(output, force=force) as tmp:
-            base.write(tmp, _record(plan, hashes, prints), list(plan.updates), sink)
+        with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
+            tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
+            _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
     except OSError as e:
         raise LoractlError(
             f"I/O error: {e.strerror or e}", path=e.filename or output,
@@ -93,7 +132,8 @@ def execute_placed_merge(
     finally:
         base.close()
     copied = plan.tensors_total - len(plan.updates)
-    return PlacedMergeReport(str(output), plan, tuple(sink.rows), copied, prints, hashes, notes)
+    return PlacedMergeReport(str(files[0]), plan, tuple(sink.rows), copied, prints, hashes, notes,
+                             tuple(str(f) for f in files))  # fmt: skip
 
 
 def _describe(base: RewritableBase, path: str | Path, fmt: str | None, options: ReadOptions) -> AdapterInfo:

@@ -154,6 +154,7 @@ def plan_merge(
     max_shard_size: str | int | None = None,
     format: str | None = None,
     read_options: ReadOptions | None = None,
+    imatrix: str | Path | None = None,
 ) -> MergePlan | PlacedPlan:
     """Match every adapter module and full tensor to a base tensor, from headers only.
 
@@ -161,7 +162,8 @@ def plan_merge(
     gives a `MergePlan`, a GGUF model or a single-file SD checkpoint a `PlacedPlan` (they are
     rewritten in their own types: `dtype` and `max_shard_size` do not apply). `format` and
     `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...); their `base` is
-    always `base`.
+    always `base`. `imatrix` is llama.cpp's importance matrix for a GGUF base (`--imatrix`: the
+    IQ types that need one, and every quantized tensor it covers, are requantized with it).
 
     Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in the
     plan's `problems` (call `check()` to raise them all at once).
@@ -178,7 +180,12 @@ def plan_merge(
                 "--dtype and --max-shard-size apply to Hugging Face checkpoints, not to a GGUF or single-file base",
                 hint="this merge writes one file and keeps every tensor's type; drop the option",
             )
-        return plan_placed_merge(base, adapters, weights=checked, format=format, read_options=read_options)
+        return plan_placed_merge(
+            base, adapters, weights=checked, format=format, read_options=read_options, imatrix=imatrix
+        )
+    if imatrix is not None:
+        raise UsageError("--imatrix applies to GGUF bases (llama.cpp's importance matrix)",
+                         hint="drop --imatrix for this base")  # fmt: skip
     return _plan_checkpoint_merge(Path(base), adapters, checked, dtype, max_shard_size, format, read_options)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..bases._placement import Placement
 from ..errors import ShapeMismatchError
 from ..findings import Finding, error
-from .merge_shared import ROUNDING_WARN, figures_json, rounding_summary
+from .merge_shared import ROUNDING_WARN, figures_json, round_figure, rounding_summary
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
     from .merge_kernel import Delta
+
+
+VANISH = 0.5  # a type keeping less of a ΔW than this: the update is smaller than its quantization step
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class PlacedPlan:
     infos: tuple[AdapterInfo, ...] = ()  # how each adapter was described (its format, its recorded base)
     stored: dict[str, BaseTensor] = field(default_factory=dict)  # each updated tensor as the base stores it
     read_options: ReadOptions | None = None  # how the adapters were read (pickle, alpha, scale)
+    imatrix: str | None = None  # llama.cpp's importance matrix the quantized tensors are requantized with
 
     def check(self) -> None:
         """Raise `PlacedPlanError` listing every problem, if there is any."""
@@ -242,6 +246,7 @@ class PlacedMergeReport:
     fingerprints: tuple[str | None, ...] = ()
     adapter_hashes: tuple[str, ...] = ()
     base_notes: tuple[str, ...] = ()  # a base recognised in another dtype, a mismatch allowed, a check not possible
+    files: tuple[str, ...] = ()  # every file written: `output`, or each shard of a split GGUF from `output` on
 
     @property
     def rounding(self) -> dict[str, float] | None:
@@ -254,13 +259,39 @@ class PlacedMergeReport:
         return max((m.rounding_error for m in self.modules if m.rounding_error is not None), default=None)
 
     @property
+    def rounding_by_type(self) -> dict[str, dict[str, float]]:
+        """Per stored type (F16, Q8_0, Q4_K, …): the merged modules on it, and the share of their ΔW the stored
+        tensors carry, 1 − `rounding_loss` (median and worst)."""
+        kept: dict[str, list[float]] = {}
+        for m in self.modules:
+            if m.rounding_loss is not None:
+                kept.setdefault(m.stored_type, []).append(1.0 - m.rounding_loss)
+        return {
+            kind: {"modules": len(xs), "survives_median": round_figure(sorted(xs)[len(xs) // 2]) or 0.0,
+                   "survives_worst": round_figure(min(xs)) or 0.0}
+            for kind, xs in sorted(kept.items())
+        }  # fmt: skip
+
+    @property
     def warnings(self) -> list[str]:
-        """The rounding warning, with the ways out, when the worst loss passes `ROUNDING_WARN`."""
-        worst = (self.rounding or {}).get("worst", 0.0)
-        return [
-            f"rounding into the stored types removes up to {worst:.0%} of a module's ΔW "
-            "(the rounding-loss column); merge into a wider base (F16/F32) or apply the adapter at run time"
-        ] if worst > ROUNDING_WARN else []  # fmt: skip
+        """Per stored type whose worst loss passes `ROUNDING_WARN`: how much of ΔW survives, why when most of it
+        vanishes (ΔW smaller than the type's step), and the ways out."""
+        out = []
+        for kind, kept in self.rounding_by_type.items():
+            if 1.0 - kept["survives_worst"] <= ROUNDING_WARN:
+                continue
+            line = (f"rounding into {kind}: {kept['survives_worst']:.0%} of a module's ΔW survives at worst "
+                    f"({kept['survives_median']:.0%} median)")  # fmt: skip
+            if kept["survives_worst"] < VANISH:
+                m = max((m for m in self.modules if m.stored_type == kind and m.rounding_loss is not None),
+                        key=lambda m: m.rounding_loss or 0.0)  # fmt: skip
+                if m.relative_delta and m.rounding_error:
+                    line += (f"; {m.module}'s ΔW is {m.relative_delta:.2%} of ‖W‖, smaller than a {kind} step "
+                             f"(requantizing moves W by {m.rounding_error * m.relative_delta:.2%} of ‖W‖), so it "
+                             "mostly vanishes")  # fmt: skip
+            out.append(line + "; merge into an F16/F32 GGUF (convert_hf_to_gguf.py --outtype f16), or the Hugging "
+                       "Face checkpoint with --dtype float16, or apply the adapter at run time")  # fmt: skip
+        return out
 
     def to_json(self) -> dict[str, Any]:
         plan = {k: v for k, v in self.plan.to_json().items() if k not in ("updates", "problems")}
@@ -269,6 +300,8 @@ class PlacedMergeReport:
             **plan,
             "tensors_copied": self.tensors_copied,
             "worst_rounding_error": self.worst_rounding_error,
+            "rounding_by_type": self.rounding_by_type,
+            "files": list(self.files) or [self.output],
             **figures_json(self),
         }
 
