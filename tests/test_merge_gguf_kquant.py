@@ -93,7 +93,9 @@ def write_model(path: Path, kind: str, *, imatrix: bool = False, split: int = 1)
         data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
         if name in adapted and kind != "F32":
             raw = REF.quantize(data, kind, importance(name) if imatrix else None)
-            w.add_tensor(name, np.frombuffer(raw, np.uint8).reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType[kind])
+            w.add_tensor(
+                name, np.frombuffer(raw, np.uint8).reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType[kind]
+            )
         else:
             w.add_tensor(name, data)
     w.write_header_to_file()

@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 
 HINT = "pip install 'loractl[gguf-quant]' (llama-cpp-python, which ships llama.cpp's quantizer)"
 # The storage types `ggml_quantize_chunk` takes (any other aborts the process): ggml.c's switch.
-QUANTIZABLE = frozenset(
-    "Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 MXFP4 Q2_K Q3_K Q4_K Q5_K Q6_K TQ1_0 TQ2_0 IQ2_XXS IQ2_XS IQ3_XXS IQ3_S IQ2_S "
-    "IQ1_S IQ1_M IQ4_NL IQ4_XS".split()
-)
+QUANTIZABLE = frozenset({
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
+    "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS",
+})  # fmt: skip
 CHUNK_ROWS = 64  # rows per quantize call: small enough to spread over the cores, large enough to amortize a call
 
 
@@ -118,9 +118,7 @@ def dequantize(raw: np.ndarray[Any, Any], name: str, count: int) -> np.ndarray[A
 
     src = np.ascontiguousarray(raw)
     out = np.empty(count, dtype=np.float32)
-    _TO_FLOAT(library().ggml_get_type_traits(type_id(name)).contents.to_float)(
-        src.ctypes.data, out.ctypes.data, count
-    )
+    _TO_FLOAT(library().ggml_get_type_traits(type_id(name)).contents.to_float)(src.ctypes.data, out.ctypes.data, count)
     return out
 
 

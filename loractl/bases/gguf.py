@@ -257,7 +257,13 @@ class GgufBase:
         return [output.with_name(f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
     def write(
-        self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink, *, shards: Iterable[Path] = ()
+        self,
+        tmp: Path,
+        provenance: dict[str, Any],
+        names: Iterable[str],
+        sink: TensorSink,
+        *,
+        shards: Iterable[Path] = (),
     ) -> None:
         """The model with `provenance` in its KV metadata; each tensor of `names` merged by `sink`, requantized
         into its own type and written over its bytes (the others are copied as they are). A split model's
@@ -417,7 +423,7 @@ def _shards(path: Path, first: Any, fields: dict[str, Any]) -> tuple[list[Path],
         raise FormatError(
             f"shard {no + 1} of a model split in {count}",
             path=path,
-            hint="name the first shard, NAME-00001-of-%05d.gguf, as llama.cpp loads a split model" % count,
+            hint=f"name the first shard, NAME-00001-of-{count:05d}.gguf, as llama.cpp loads a split model",
         )
     paths = [path.with_name(f"{named['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     readers = [first]
