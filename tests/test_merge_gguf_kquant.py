@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -311,3 +312,107 @@ def test_split_gguf_is_merged_shard_for_shard(tmp_path: Path, capsys: pytest.Cap
     with pytest.raises(FormatError, match="shard 2 of 3 is missing"):
         merge(first, [tmp_path / "peft"], tmp_path / "x.gguf")
     assert not list(tmp_path.glob("x*"))
+
+
+# Through llama.cpp, on SmolLM2 quantized by llama.cpp itself (cached after the first run).
+TOKENS = [1, 504, 3458, 282, 4287, 314, 253, 1345, 30, 378, 2106, 4704, 17]
+PROMPTS = ["The capital of France is Paris, and the capital of Italy is Rome.",
+           "def add(a, b):\n    return a + b\n", "Photosynthesis turns light, water and carbon dioxide into sugar."]  # fmt: skip
+
+
+def smollm2_adapter(model_dir: Path, layers: range, std: float) -> Adapter:
+    """A rank-8 LoRA on q, k, v and down_proj (Q4_K_M stores some down_proj and v as Q6_K: both types are hit)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, heads, kv, ffn = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                  "intermediate_size"))  # fmt: skip
+    kv_dim = hidden // heads * kv
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for layer in layers:
+        for leaf, out, inp in (("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", kv_dim, hidden),
+                               ("self_attn.v_proj", kv_dim, hidden), ("mlp.down_proj", hidden, ffn)):  # fmt: skip
+            a, b = torch.randn(8, inp, generator=g) / inp**0.5, torch.randn(out, 8, generator=g) * std
+            mods[f"model.layers.{layer}.{leaf}"] = LoraModule(A=a, B=b, scale=2.0, alpha=16.0)
+    return Adapter(modules=mods, meta=AdapterMeta())
+
+
+@pytest.fixture(scope="module")
+def smollm2_ggufs(smollm2: Path) -> dict[str, tuple[Path, Path | None]]:
+    """SmolLM2 as llama.cpp's converter writes it (F32) and as llama_model_quantize quantizes that: Q4_K_M,
+    Q5_K_M, Q6_K, and IQ4_XS with an importance matrix (ours: `activation_imatrix`, llama-imatrix's statistic)."""
+    from llama_cpp_tools import activation_imatrix, hf_to_gguf, llama_quantize, write_imatrix
+
+    f32 = hf_to_gguf(smollm2, "f32")
+    imatrix_file = f32.with_name(f32.name.replace(".f32.", ".imatrix."))
+    if not imatrix_file.is_file():
+        tmp = imatrix_file.with_name(imatrix_file.name + f".tmp{os.getpid()}")
+        write_imatrix(tmp, activation_imatrix(smollm2, PROMPTS), count=len(PROMPTS))
+        tmp.rename(imatrix_file)
+    from loractl.bases.gguf_imatrix import read_imatrix
+
+    out: dict[str, tuple[Path, Path | None]] = {"F32": (f32, None)}
+    for name in ("Q4_K_M", "Q5_K_M", "Q6_K"):
+        out[name] = (llama_quantize(f32, name), None)
+    out["IQ4_XS"] = (llama_quantize(f32, "IQ4_XS", read_imatrix(imatrix_file)), imatrix_file)
+    return out
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"])
+def test_llama_cpp_runs_the_merge_into_smollm2_quantized_by_llama_cpp(
+    name: str, smollm2: Path, smollm2_ggufs: dict[str, tuple[Path, Path | None]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Each requantized tensor is llama.cpp's bytes for the merged floats; llama.cpp's logits on the merged file
+    are closer to the float merge's (the same adapter merged into the F32 GGUF) than the base's own
+    quantization error is (the quantized base against the F32 base)."""
+    from llama_cpp_tools import ggml_quantize_chunk, logits
+
+    from loractl.bases.gguf_imatrix import read_imatrix
+
+    f32, _ = smollm2_ggufs["F32"]
+    quant, imatrix = smollm2_ggufs[name]
+    save_adapter(smollm2_adapter(smollm2, range(0, 30, 3), 0.05), tmp_path / "peft", format="peft")
+    floats = merged_floats(monkeypatch)
+    report = merge(quant, [tmp_path / "peft"], tmp_path / "merged.gguf", imatrix=imatrix)
+    weights = read_imatrix(imatrix) if imatrix else {}
+    stored = tensors(tmp_path / "merged.gguf")
+    kinds = {stored[k].tensor_type.name for k in floats}
+    assert len(kinds) >= 1 and kinds == set(report.rounding_by_type)
+    for key, values in floats.items():
+        kind = stored[key].tensor_type.name
+        assert stored[key].data.tobytes() == ggml_quantize_chunk(values, kind, weights.get(key)), key
+    merge(f32, [tmp_path / "peft"], tmp_path / "float.gguf")
+    base_f, base_q = logits(f32, TOKENS), logits(quant, TOKENS)
+    want, got = logits(tmp_path / "float.gguf", TOKENS), logits(tmp_path / "merged.gguf", TOKENS)
+    effect = np.linalg.norm(want - base_f)
+    merge_error, base_error = np.linalg.norm(got - want), np.linalg.norm(base_q - base_f)
+    print(f"{name}: ‖merged − float merge‖ {merge_error:.4g}, ‖base − F32 base‖ {base_error:.4g}, "
+          f"adapter effect {effect:.4g}, survives {report.rounding_by_type}")  # fmt: skip
+    assert effect > base_error  # the adapter moves the logits more than quantization does: a visible test
+    assert merge_error < base_error, (merge_error, base_error)
+
+
+@pytest.mark.interop
+def test_llama_cpp_loads_a_merged_split_gguf(tiny_llama: Path, tmp_path: Path) -> None:
+    """A split GGUF written by llama.cpp's converter (--split-max-tensors), merged: llama.cpp loads the merged
+    shards and answers exactly as from the same merge into the unsplit file."""
+    from llama_cpp_tools import hf_to_gguf, hf_to_split_gguf, logits
+
+    first = hf_to_split_gguf(tiny_llama, "q8_0", 8)
+    assert len(list(first.parent.glob("*.gguf"))) > 2
+    save_adapter(smollm2_adapter(tiny_llama, range(2), 0.3), tmp_path / "peft", format="peft")
+    report = merge(first, [tmp_path / "peft"], tmp_path / "merged.gguf")
+    assert len(report.files) == len(list(first.parent.glob("*.gguf")))
+    merge(hf_to_gguf(tiny_llama, "q8_0"), [tmp_path / "peft"], tmp_path / "whole.gguf")
+    got = logits(Path(report.files[0]), TOKENS)
+    assert np.array_equal(got, logits(tmp_path / "whole.gguf", TOKENS))
+    assert not np.array_equal(got, logits(first, TOKENS))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2: Path) -> Path:
+    from llama_cpp_tools import tiny_llama
+
+    return tiny_llama(smollm2)
