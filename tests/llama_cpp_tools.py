@@ -256,3 +256,134 @@ def lora_refusal(model: Path, lora: Path) -> str | None:
             llama_cpp.llama_model_free(net)
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def ggml_quantize_chunk(values: np.ndarray, kind: str, imatrix: np.ndarray | None = None) -> bytes:
+    """llama.cpp's `ggml_quantize_chunk` on `values` (rows × n_per_row) into the GGML type `kind`, in one call,
+    through llama-cpp-python's own library handle: the reference loractl's requantized bytes must equal."""
+    import ctypes
+
+    import gguf
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    lib.ggml_quantize_chunk.restype = lib.ggml_row_size.restype = ctypes.c_size_t
+    t = int(gguf.GGMLQuantizationType[kind])
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    rows, n = src.reshape(-1, src.shape[-1]).shape
+    out = ctypes.create_string_buffer(rows * lib.ggml_row_size(t, ctypes.c_int64(n)))
+    w = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).ctypes.data_as(ctypes.c_void_p)
+    size = lib.ggml_quantize_chunk(t, src.ctypes.data_as(ctypes.c_void_p), out, ctypes.c_int64(0),
+                                   ctypes.c_int64(rows), ctypes.c_int64(n), w)  # fmt: skip
+    assert size == len(out.raw)
+    return out.raw
+
+
+def llama_quantize(source: Path, name: str, imatrix: dict[str, np.ndarray] | None = None) -> Path:
+    """`source` quantized by llama.cpp's `llama_model_quantize` to the mix `name` (Q4_K_M, IQ4_XS, …), with
+    the importance matrix `imatrix` (GGUF tensor name → column weights) if given; cached beside `source`."""
+    import ctypes
+
+    import llama_cpp
+
+    tag = f"{name}-imatrix" if imatrix else name
+    out = source.with_name(source.name.replace(".f32.", f".{tag}."))
+    if out.is_file():
+        return out
+    with open(CACHE / ".llama-cpp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+        params.nthread = os.cpu_count() or 1
+        keep = []
+        if imatrix:
+            entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+            for i, (key, values) in enumerate(imatrix.items()):
+                entry, data = entries[i], np.ascontiguousarray(values, dtype=np.float32)
+                keep.append(data)
+                entry.name, entry.size = key.encode(), data.size
+                entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            params.imatrix = entries  # the last entry's NULL name ends the list
+        tmp = out.with_name(out.name + ".tmp")
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) == 0
+        tmp.rename(out)
+    return out
+
+
+def activation_imatrix(model_dir: Path, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """An importance matrix as llama-imatrix computes one (the mean squared input of every column of every
+    linear weight over the tokens seen), here over `prompts` through transformers' model, under GGUF names.
+
+    llama-cpp-python ships no `llama-imatrix`; this is its statistic, sum(x²) / tokens per input column,
+    gathered by forward hooks on the Hugging Face model the GGUF was converted from (the q/k row order
+    llama.cpp permutes does not touch the columns)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loractl.formats.gguf import names
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tmap = names.name_map("llama", model.config.num_hidden_layers)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(key: str) -> Any:
+        def keep(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + x.square().sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        return keep
+
+    handles = []
+    for name, module in model.named_modules():
+        stem = names.to_gguf(tmap, name) if isinstance(module, torch.nn.Linear) else None
+        if stem is not None and name != "lm_head":
+            handles.append(module.register_forward_pre_hook(hook(f"{stem}.weight")))
+    with torch.no_grad():
+        for prompt in prompts:
+            model(**tokenizer(prompt, return_tensors="pt"))
+    for h in handles:
+        h.remove()
+    return {k: (sums[k] / counts[k]).float().numpy() for k in sums}
+
+
+def write_imatrix(path: Path, imatrix: dict[str, np.ndarray], count: int = 1) -> Path:
+    """`imatrix` in llama-imatrix's GGUF layout (`<name>.in_sum2` = weights × count, `<name>.counts` = count)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, None)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["loractl tests"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, values in imatrix.items():
+        w.add_tensor(f"{name}.in_sum2", (values * np.float32(count)).reshape(1, -1).astype(np.float32))
+        w.add_tensor(f"{name}.counts", np.array([[count]], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_to_split_gguf(model_dir: Path, outtype: str, max_tensors: int) -> Path:
+    """`convert_hf_to_gguf.py MODEL --split-max-tensors N`: llama.cpp's split layout; the first shard's path."""
+    out = CACHE / "gguf" / f"{model_dir.name}.{outtype}.split{max_tensors}.llama.cpp-{llama_cpp_version()}"
+    if out.is_dir():
+        return sorted(out.glob("*-00001-of-*.gguf"))[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    converters_dir()
+    with open(CACHE / ".llama-cpp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_dir():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            run_converter("convert_hf_to_gguf.py", [model_dir, "--outtype", outtype, "--outfile", tmp / "model.gguf",
+                                                    "--split-max-tensors", str(max_tensors)])  # fmt: skip
+            tmp.rename(out)
+    return sorted(out.glob("*-00001-of-*.gguf"))[0]

@@ -40,8 +40,8 @@ def tiny_gguf(path: Path, kind: str, arch: str = "llama", odd: dict[str, str] | 
     for name, shape in SHAPES.items():
         qtype = (odd or {}).get(name) or (kind if name in adapted else "F32")
         data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        if qtype == "IQ4_NL":  # gguf-py cannot quantize to it: raw bytes of the right size
-            data = np.zeros((shape[0], shape[1] // 32 * 18), np.uint8)
+        if qtype == "I8":  # integers: neither gguf-py nor llama.cpp quantizes a float tensor into them
+            data = np.zeros(shape, np.int8)
         tensors.append((name, data, qtype))
     return write_gguf_model(path, tensors, arch)
 
@@ -114,9 +114,9 @@ def test_gguf_adapter_and_weights(tmp_path: Path, fixtures_dir: Path) -> None:
 
 def test_refusals_write_nothing(tmp_path: Path, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save_adapter(adapter(), tmp_path / "peft", format="peft")
-    odd = tiny_gguf(tmp_path / "odd.gguf", "F32", odd={"blk.0.attn_q.weight": "IQ4_NL"})
+    odd = tiny_gguf(tmp_path / "odd.gguf", "F32", odd={"blk.0.attn_q.weight": "I8"})
     code, _, err = run(capsys, "merge", str(odd), str(tmp_path / "peft"), "-o", str(tmp_path / "out.gguf"))
-    assert code == 1 and "IQ4_NL" in err and "Q8_0" in err and "hint:" in err
+    assert code == 1 and "is I8" in err and "Q8_0" in err and "Q4_K" in err and "hint:" in err
     assert not (tmp_path / "out.gguf").exists()
 
     other = tiny_gguf(tmp_path / "gpt2.gguf", "F32", arch="gpt2")

@@ -3,16 +3,21 @@
 Module paths map to GGUF names with gguf-py's own name map (`names`), as for GGUF adapters;
 q/k weights of Llama-family architectures hold their rows in Meta's RoPE order (`rope.py`), so a
 ΔW is permuted the way llama.cpp's converter permuted the base. A tensor is rewritten in its own
-type: gguf-py must both dequantize and quantize it (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, … —
-probed, not listed, so a newer gguf-py widens the set by itself). The output keeps every tensor
-info and byte of the base; loractl's provenance is one more KV entry (`loractl.merge`), which
-llama.cpp ignores.
+type: by gguf-py where it can both dequantize and quantize it (F32, F16, BF16, Q8_0, Q4_0/1,
+Q5_0/1, … — probed, not listed), by llama.cpp's own quantizer otherwise (`ggml_quant`: K-quants,
+IQ types; those that need an importance matrix take `--imatrix`, `gguf_imatrix`, which then
+requantizes every tensor it covers, as `llama-quantize --imatrix` does). The output keeps every
+tensor info and byte of the base; loractl's provenance is one more KV entry (`loractl.merge`),
+which llama.cpp ignores. A split model (llama.cpp's `gguf-split`: `NAME-00001-of-00003.gguf`, the
+metadata in the first shard, `split.*` entries in each) is read from its first shard and written
+back split the same way, shard for shard.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 import tempfile
@@ -26,6 +31,7 @@ from ..errors import FormatError
 from ..findings import Finding, error
 from ..formats._rope import RopeHeads, is_rope_module
 from ..formats.gguf import names as gguf_names
+from . import ggml_quant
 from ._placement import Placement
 from .protocol import BaseTensor, TensorSink, Weights
 
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as safetensors stores them: the fingerprint can be taken
 GENERATED = "rope_"  # rope_freqs, rope_factors_*: computed from the config by llama.cpp's converter, in no checkpoint
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's llama_split_path
 
 
 def detect(path: Path) -> bool:
@@ -60,15 +67,9 @@ class GgufBase:
     """The parsed header of a GGUF model file; tensor data is read one tensor at a time (memory-mapped)."""
 
     def __init__(self, path: str | Path) -> None:
-        gguf = gguf_names.require_gguf()
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-            fields = {
-                k: f.contents() for k, f in self.reader.fields.items() if not k.startswith(("GGUF.", "tokenizer."))
-            }
-        except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
-            raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+        self.reader = _read(self.path)
+        fields = _fields(self.reader, self.path)
         if fields.get("general.type", "model") != "model":
             raise FormatError(
                 f"GGUF file of type {fields['general.type']!r}, not a model",
@@ -78,7 +79,11 @@ class GgufBase:
             )
         self.fields = fields
         self.arch = str(fields.get("general.architecture", ""))
-        self.tensors_by_name: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
+        self.paths, self.readers = _shards(self.path, self.reader, fields)
+        self.tensors_by_name: dict[str, ReaderTensor] = {t.name: t for r in self.readers for t in r.tensors}
+        self.shard_of = {t.name: i for i, r in enumerate(self.readers) for t in r.tensors}
+        self.importance: dict[str, np.ndarray[Any, Any]] = {}  # --imatrix: column weights per tensor
+        self.imatrix_path: Path | None = None
         self.tmap = gguf_names.name_map(self.arch, self.block_count)
         self.heads = self._heads()
         self._config_dir: Path | None = None
@@ -135,14 +140,41 @@ class GgufBase:
         found = self._where(module)
         if isinstance(found, Finding):
             return found
-        kind = self.type_name(found.key)
-        if not writable(kind):
-            return error(
-                "base-type",
-                f"{found.key} is {kind}, which gguf-py cannot quantize back (it can: {', '.join(writable_types())})",
-                module,
-            )
+        return self._check_type(found, module)
+
+    def _check_type(self, found: Placement, module: str) -> Placement | Finding:
+        """`found`, or why its tensor cannot be written back in its own type."""
+        key, kind = found.key, self.type_name(found.key)
+        if writable(kind) and key not in self.importance:
+            return found
+        if kind not in ggml_quant.QUANTIZABLE:
+            return error("base-type", f"{key} is {kind}, which neither gguf-py nor llama.cpp can quantize "
+                         f"(writable: {', '.join(sorted({*writable_types(), *ggml_quant.QUANTIZABLE}))})",
+                         module)  # fmt: skip
+        ggml_quant.library()  # the extra to install, before any work
+        if ggml_quant.requires_imatrix(kind) and key not in self.importance:
+            where = f"{self.imatrix_path} has no entry for it" if self.imatrix_path else "pass --imatrix FILE"
+            return error("base-type", f"{key} is {kind}, which llama.cpp quantizes only with an importance "
+                         f"matrix: {where} (llama.cpp's imatrix GGUF or .dat)", module)  # fmt: skip
         return found
+
+    def use_importance(self, path: Path) -> None:
+        """Requantize with the importance matrix at `path` (`--imatrix`): each tensor it covers, whatever its
+        quantized type, goes through llama.cpp's quantizer with its column weights, as llama-quantize does."""
+        from .gguf_imatrix import read_imatrix
+
+        self.imatrix_path = Path(path)
+        for name, weights in read_imatrix(self.imatrix_path).items():
+            t = self.tensors_by_name.get(name)
+            if t is None or self.type_name(name) in FLOAT_TYPES:
+                continue
+            rows = self.shape(name)
+            matrices = math.prod(rows[:-2]) if len(rows) > 2 else 1
+            if weights.size != rows[-1] * matrices:
+                raise FormatError(f"importance matrix entry {name!r} has {weights.size} values; the tensor needs "
+                                  f"{rows[-1] * matrices}", path=self.imatrix_path)  # fmt: skip
+            if self.type_name(name) in ggml_quant.QUANTIZABLE:
+                self.importance[name] = weights
 
     def _where(self, module: str) -> Placement | Finding:
         stem = gguf_names.to_gguf(self.tmap, module)
@@ -164,7 +196,7 @@ class GgufBase:
         placed = self._placed(modules)
         if placed is None:
             return None
-        return remembered("gguf", [self.path], [n for n, _ in placed], lambda: self._hash(placed, stop), fresh=fresh)
+        return remembered("gguf", self.paths, [n for n, _ in placed], lambda: self._hash(placed, stop), fresh=fresh)
 
     def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None) -> str:
         from ..io.checkpoint import fingerprint_of
@@ -179,7 +211,7 @@ class GgufBase:
         from ..io.fingerprint_cache import remembered
 
         placed = self._placed(modules) or []
-        return remembered("gguf-views", [self.path], [n for n, _ in placed], lambda: self._views(placed))
+        return remembered("gguf-views", self.paths, [n for n, _ in placed], lambda: self._views(placed))
 
     def _views(self, placed: list[tuple[str, Placement]]) -> dict[str, str]:
         from ..formats._rope import meta_to_hf
@@ -214,40 +246,46 @@ class GgufBase:
         out[meta_of] = rows
         return out
 
-    def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
-        """The model with `provenance` in its KV metadata; each tensor of `names` merged by `sink`, requantized
-        into its own type and written over its bytes (the others are copied as they are)."""
-        header, data_start = self._header_with(json.dumps(provenance, sort_keys=True))
-        shift = len(header) - data_start
-        with self.path.open("rb") as src, tmp.open("wb") as out:
-            out.write(header)
-            src.seek(data_start)
-            shutil.copyfileobj(src, out, 1 << 24)
-            for key in names:
-                merged = sink.merged(key, self.read_float32(key))
-                raw, stored = self.encode(key, merged)
-                out.seek(self.offset(key) + shift)
-                out.write(raw)
-                sink.stored(key, stored)
+    def output_files(self, output: Path) -> list[Path]:
+        """The files a merge into this base writes for `-o output`: `output` itself, or for a split model one
+        shard each, named as llama.cpp names them (`output` may name the first shard or the prefix + .gguf)."""
+        if len(self.paths) == 1:
+            return [output]
+        n = len(self.paths)
+        named = SPLIT_NAME.match(output.name)
+        prefix = named["prefix"] if named and int(named["count"]) == n else output.name.removesuffix(".gguf")
+        return [output.with_name(f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
-    def _header_with(self, record: str) -> tuple[bytes, int]:
-        """The header with `RECORD_KEY` set to `record` (replacing one a merged base has), padded to the
-        alignment; and where the base's tensor data starts."""
-        gguf = gguf_names.require_gguf()
-        raw, data_start = self.reader.data, int(self.reader.data_offset)
-        kv = [f for k, f in self.reader.fields.items() if not k.startswith("GGUF.")]
-        infos = [t.field for t in self.reader.tensors]
-        kv_bytes = b"".join(bytes(raw[f.offset : f.offset + _nbytes(f)]) for f in kv if f.name != RECORD_KEY)
-        info_start = min((f.offset for f in infos), default=data_start)
-        info_end = max((f.offset + _nbytes(f) for f in infos), default=info_start)
-        key, value = RECORD_KEY.encode(), record.encode()
-        entry = struct.pack(
-            f"<Q{len(key)}sIQ{len(value)}s", len(key), key, gguf.GGUFValueType.STRING, len(value), value
-        )
-        counts = struct.pack("<QQ", len(infos), len(kv) - (RECORD_KEY in self.reader.fields) + 1)
-        header = bytes(raw[:8]) + counts + kv_bytes + entry + bytes(raw[info_start:info_end])
-        align = int(self.reader.alignment)
-        return header + b"\0" * (-len(header) % align), data_start
+    def write(
+        self,
+        tmp: Path,
+        provenance: dict[str, Any],
+        names: Iterable[str],
+        sink: TensorSink,
+        *,
+        shards: Iterable[Path] = (),
+    ) -> None:
+        """The model with `provenance` in its KV metadata; each tensor of `names` merged by `sink`, requantized
+        into its own type and written over its bytes (the others are copied as they are). A split model's
+        other shards go to `shards` (in order: `output_files`), each with its own tensors."""
+        targets = [tmp, *shards]
+        if len(targets) != len(self.paths):
+            raise ValueError(f"a model in {len(self.paths)} shards is written to as many files, not {len(targets)}")
+        record = json.dumps(provenance, sort_keys=True)
+        todo = list(names)
+        for i, (path, reader, target) in enumerate(zip(self.paths, self.readers, targets, strict=True)):
+            header, data_start = _header_with(reader, record if i == 0 else None)
+            shift = len(header) - data_start
+            with path.open("rb") as src, target.open("wb") as out:
+                out.write(header)
+                src.seek(data_start)
+                shutil.copyfileobj(src, out, 1 << 24)
+                for key in (k for k in todo if self.shard_of[k] == i):
+                    merged = sink.merged(key, self.read_float32(key))
+                    raw, stored = self.encode(key, merged)
+                    out.seek(self.offset(key) + shift)
+                    out.write(raw)
+                    sink.stored(key, stored)
 
     def weights(self) -> Weights:
         return GgufWeights(self)
@@ -258,8 +296,11 @@ class GgufBase:
         import torch
 
         gguf = gguf_names.require_gguf()
-        t = self.tensors_by_name[key]
-        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        t, kind = self.tensors_by_name[key], self.type_name(key)
+        if kind in FLOAT_TYPES or writable(kind) or kind not in ggml_quant.QUANTIZABLE or not ggml_quant.available():
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        else:  # llama.cpp's own dequantizer: the same values, in C, without gguf-py's full-size temporaries
+            values = ggml_quant.dequantize(t.data, kind, math.prod(self.shape(key)))
         return torch.from_numpy(
             np.array(values, dtype=np.float32).reshape(self.shape(key))
         )  # a copy: the map is read-only
@@ -270,7 +311,13 @@ class GgufBase:
         import torch
 
         gguf = gguf_names.require_gguf()
-        t = self.tensors_by_name[key]
+        t, kind = self.tensors_by_name[key], self.type_name(key)
+        if kind not in FLOAT_TYPES and (key in self.importance or not writable(kind)):
+            raw = ggml_quant.quantize(values.numpy(), kind, self.importance.get(key))
+            if len(raw) != int(t.n_bytes):
+                raise FormatError(f"internal: {key} requantized to {len(raw)} bytes, not {t.n_bytes}", path=self.path)
+            back = ggml_quant.dequantize(np.frombuffer(raw, dtype=np.uint8), kind, values.numel())
+            return raw, torch.from_numpy(back.reshape(values.shape))
         data = gguf.quants.quantize(values.numpy(), t.tensor_type)
         raw = np.ascontiguousarray(data).tobytes()
         if len(raw) != int(t.n_bytes):
@@ -279,7 +326,7 @@ class GgufBase:
         return raw, torch.from_numpy(np.array(back, dtype=np.float32).reshape(values.shape))
 
     def offset(self, key: str) -> int:
-        """Where the tensor's bytes start in the file."""
+        """Where the tensor's bytes start in its file (its shard's, for a split model)."""
         return int(self.tensors_by_name[key].data_offset)
 
     def _heads(self) -> RopeHeads | None:
@@ -303,7 +350,7 @@ class GgufWeights:
     the tensors the converter computes from the config (`GENERATED`) are left out, as no checkpoint has them."""
 
     def __init__(self, base: GgufBase) -> None:
-        self.base, self.path, self.files = base, base.path, [base.path]
+        self.base, self.path, self.files = base, base.path, list(base.paths)
         stored = [k for k in base.tensors_by_name if not k.startswith(GENERATED)]
         hf, _ = gguf_names.from_gguf(base.tmap, stored, None, {})
         self._key = {hf.get(k, k): k for k in stored}
@@ -355,6 +402,77 @@ def _json_or_none(text: Any) -> Any:
 
 def _nbytes(field: Any) -> int:
     return sum(int(part.nbytes) for part in field.parts)
+
+
+def _read(path: Path) -> Any:
+    gguf = gguf_names.require_gguf()
+    try:
+        return gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise FormatError("file not found", path=path) from None
+    except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
+        raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+
+
+def _fields(reader: Any, path: Path) -> dict[str, Any]:
+    try:
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("GGUF.", "tokenizer."))}
+    except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
+        raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+
+
+def _shards(path: Path, first: Any, fields: dict[str, Any]) -> tuple[list[Path], list[Any]]:
+    """Every shard of the model whose first file is `path` (just `path` when it is not split), checked
+    against the `split.*` entries llama.cpp writes: the number, the order, the tensor count."""
+    count, no = fields.get("split.count", 1), fields.get("split.no", 0)
+    if not isinstance(count, int) or not isinstance(no, int) or count < 1 or not 0 <= no < count:
+        raise FormatError(f"split.count {count!r} / split.no {no!r} are not a shard number", path=path)
+    if count == 1:
+        return [path], [first]
+    named = SPLIT_NAME.match(path.name)
+    if no != 0 or named is None or int(named["count"]) != count:
+        raise FormatError(
+            f"shard {no + 1} of a model split in {count}",
+            path=path,
+            hint=f"name the first shard, NAME-00001-of-{count:05d}.gguf, as llama.cpp loads a split model",
+        )
+    paths = [path.with_name(f"{named['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    readers = [first]
+    for i, shard in enumerate(paths[1:], start=1):
+        if not shard.is_file():
+            raise FormatError(f"shard {i + 1} of {count} is missing", path=shard,
+                              hint="every shard of a split model sits beside the first, named as gguf-split names them")  # fmt: skip
+        reader = _read(shard)
+        got = _fields(reader, shard)
+        if (got.get("split.no"), got.get("split.count")) != (i, count):
+            raise FormatError(f"not shard {i + 1} of {count} (split.no {got.get('split.no')!r}, split.count "
+                              f"{got.get('split.count')!r})", path=shard)  # fmt: skip
+        readers.append(reader)
+    total = sum(len(r.tensors) for r in readers)
+    if fields.get("split.tensors.count", total) != total:
+        raise FormatError(f"the shards hold {total} tensors, split.tensors.count says {fields['split.tensors.count']}",
+                          path=path)  # fmt: skip
+    return paths, readers
+
+
+def _header_with(reader: Any, record: str | None) -> tuple[bytes, int]:
+    """The header of `reader`'s file with `RECORD_KEY` set to `record` (replacing one a merged base has),
+    padded to the alignment, or as it is when `record` is None; and where the file's tensor data starts."""
+    gguf = gguf_names.require_gguf()
+    raw, data_start = reader.data, int(reader.data_offset)
+    if record is None:
+        return bytes(raw[:data_start]), data_start
+    kv = [f for k, f in reader.fields.items() if not k.startswith("GGUF.")]
+    infos = [t.field for t in reader.tensors]
+    kv_bytes = b"".join(bytes(raw[f.offset : f.offset + _nbytes(f)]) for f in kv if f.name != RECORD_KEY)
+    info_start = min((f.offset for f in infos), default=data_start)
+    info_end = max((f.offset + _nbytes(f) for f in infos), default=info_start)
+    key, value = RECORD_KEY.encode(), record.encode()
+    entry = struct.pack(f"<Q{len(key)}sIQ{len(value)}s", len(key), key, gguf.GGUFValueType.STRING, len(value), value)
+    counts = struct.pack("<QQ", len(infos), len(kv) - (RECORD_KEY in reader.fields) + 1)
+    header = bytes(raw[:8]) + counts + kv_bytes + entry + bytes(raw[info_start:info_end])
+    align = int(reader.alignment)
+    return header + b"\0" * (-len(header) % align), data_start
 
 
 def adapter_architecture(info_config: dict[str, Any], fmt: str) -> str | None:

@@ -49,6 +49,12 @@ TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
 @click.option(
     "--allow-base-mismatch", is_flag=True, help="Merge even if an adapter records another base's fingerprint."
 )
+@click.option(
+    "--imatrix",
+    type=click.Path(),
+    help="llama.cpp's importance matrix (imatrix.gguf or .dat) to requantize a GGUF base's tensors with; "
+    "needed for IQ2_XXS, IQ2_XS, IQ1_S.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @input_options(base=False, per_input=False)
 def command(
@@ -63,6 +69,7 @@ def command(
     dry_run: bool,
     force: bool,
     allow_base_mismatch: bool,
+    imatrix: str | None,
     as_json: bool,
     inputs: Inputs,
 ) -> None:
@@ -75,6 +82,7 @@ def command(
       loractl merge base a --dry-run --json
       loractl merge base a -o merged --device auto
       loractl merge model.Q8_0.gguf adapter -o merged.Q8_0.gguf
+      loractl merge model-Q4_K_M-00001-of-00002.gguf adapter -o merged.Q4_K_M.gguf
       loractl merge sd_xl_base_1.0.safetensors kohya_lora.safetensors -o merged.safetensors
 
     A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
@@ -95,6 +103,7 @@ def command(
         format=inputs.format,
         read_options=inputs.read,
         keep_quant=keep_quant,
+        imatrix=imatrix,
     )
     if dry_run:
         _show_plan(plan, as_json)
@@ -201,6 +210,9 @@ def _show_report(report: MergeReport) -> None:
             f"rounding into {into} removes {r['median']:.2%} of ΔW (median), {r['worst']:.2%} at worst",
             highlight=False,
         )
+    for kind, kept in report.rounding_by_type.items():
+        stdout.print(f"{kind}: {kept['survives_median']:.1%} of ΔW survives (median), "
+                     f"{kept['survives_worst']:.1%} at worst, over {kept['modules']:g} modules", highlight=False)  # fmt: skip
     if (error := report.worst_rounding_error) is not None:
         stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
                      "(requantization noise included)", highlight=False)  # fmt: skip

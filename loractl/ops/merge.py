@@ -62,6 +62,7 @@ def merge(
     progress: Callable[[MergeProgress], None] | None = None,
     device: str = "cpu",
     keep_quant: bool = False,
+    imatrix: str | Path | None = None,
 ) -> MergeReport:
     """Write base + Σ wᵢ·ΔWᵢ to `output`, streaming; see `plan_merge` for the arguments.
 
@@ -77,7 +78,7 @@ def merge(
     """
     plan = plan_merge(
         base, adapters, weights=weights, dtype=dtype, max_shard_size=max_shard_size, format=format,
-        read_options=read_options, keep_quant=keep_quant,
+        read_options=read_options, keep_quant=keep_quant, imatrix=imatrix,
     )  # fmt: skip
     return execute_merge(
         plan, output, force=force, allow_base_mismatch=allow_base_mismatch, progress=progress, device=device

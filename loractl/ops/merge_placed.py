@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..bases.protocol import RewritableBase
 from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct, io_errors
-from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable
+from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
 
 if TYPE_CHECKING:
@@ -29,6 +30,24 @@ if TYPE_CHECKING:
     from ..adapter import Adapter, LoraModule
     from .merge_placed_plan import TensorMerge
     from .merge_shared import MergeProgress
+
+
+def _files(base: RewritableBase, output: Path) -> tuple[list[Path], list[Path]]:
+    """What the merge writes and what it reads: one file each, or one per shard of a split GGUF."""
+    from ..bases.gguf import GgufBase
+
+    if isinstance(base, GgufBase):
+        return base.output_files(output), base.paths
+    return [output], [base.path]
+
+
+def _write(base: RewritableBase, tmps: list[Path], record: dict[str, Any], names: list[str], sink: _Sink) -> None:
+    from ..bases.gguf import GgufBase
+
+    if isinstance(base, GgufBase):
+        base.write(tmps[0], record, names, sink, shards=tmps[1:])
+    else:
+        base.write(tmps[0], record, names, sink)
 
 
 def execute_placed_merge(
@@ -42,10 +61,13 @@ def execute_placed_merge(
     from .merge_shared import check_base_fingerprints
 
     plan.check()
-    ensure_distinct(output, [plan.base, *plan.adapters])
     options = plan.read_options or ReadOptions()
     base = open_rewritable(plan.base, plan.output)
     with closing(base), io_errors(output):
+        use_imatrix(base, plan.imatrix)
+        files, read = _files(base, Path(output))
+        for file in files:
+            ensure_distinct(file, [*read, *plan.adapters])
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
@@ -53,11 +75,13 @@ def execute_placed_merge(
         notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_mismatch)
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
-        with atomic_output(output, force=force) as tmp:
-            base.write(tmp, _record(plan, hashes, prints), list(plan.updates), sink)
+        with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
+            tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
+            _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
     merged = len(plan.updates)
-    return MergeReport(Path(output), plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
+    return MergeReport(files[0], plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
                        tensors_copied=plan.tensors_total - merged - plan.tensors_converted,
+                       shards=tuple(str(f) for f in files) if len(files) > 1 else (),
                        base_notes=notes)  # fmt: skip
 
 

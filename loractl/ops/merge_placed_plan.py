@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from .merge_kernel import Delta
 
 
+VANISH = 0.5  # a type keeping less of a ΔW than this: the update is smaller than its quantization step
+
+
 @dataclass(frozen=True)
 class PlacedUpdate:
     """Adapter `adapter`'s `module`, added to `placement.key` with the adapter's weight."""
@@ -60,6 +63,7 @@ class PlacedPlan:
     read_options: ReadOptions | None = None  # how the adapters were read (pickle, alpha, scale)
     output: OutputChoices | None = None  # what the merge asks of the output (--dtype, --keep-quant)
     tensors_converted: int = 0  # tensors no adapter touches that the output stores converted (dequantized, cast)
+    imatrix: str | None = None  # llama.cpp's importance matrix the quantized tensors are requantized with
 
     def check(self) -> None:
         """Raise `PlacedPlanError` listing every problem, if there is any."""
@@ -116,16 +120,33 @@ def plan_placed_merge(
     format: str | None = None,
     read_options: ReadOptions | None = None,
     output: OutputChoices | None = None,
+    imatrix: str | Path | None = None,
 ) -> PlacedPlan:
-    """Place every adapter module on a tensor of the base, from headers only; problems are collected."""
+    """Place every adapter module on a tensor of the base, from headers only; problems are collected.
+    `imatrix` (a GGUF base only) is llama.cpp's importance matrix the quantized tensors it covers are
+    requantized with (`--imatrix`)."""
     options = replace(read_options or ReadOptions(), base=None)
     rewritable = open_rewritable(base, output)
     try:
+        use_imatrix(rewritable, imatrix)
         infos = [_describe(rewritable, a, format, options) for a in adapters]
         plan = plan_placements(rewritable, infos, check_weights(weights, len(adapters)), options)
-        return replace(plan, output=output)
+        return replace(plan, output=output, imatrix=None if imatrix is None else str(imatrix))
     finally:
         rewritable.close()
+
+
+def use_imatrix(base: RewritableBase, imatrix: str | Path | None) -> None:
+    """Requantize `base`'s tensors with llama.cpp's importance matrix `imatrix` (a GGUF base only)."""
+    from ..bases.gguf import GgufBase
+    from ..errors import UsageError
+
+    if imatrix is None:
+        return
+    if not isinstance(base, GgufBase):
+        raise UsageError("--imatrix applies to GGUF bases (llama.cpp's importance matrix)",
+                         hint="drop --imatrix for this base")  # fmt: skip
+    base.use_importance(Path(imatrix))
 
 
 def plan_placements(

@@ -157,6 +157,7 @@ def plan_merge(
     format: str | None = None,
     read_options: ReadOptions | None = None,
     keep_quant: bool = False,
+    imatrix: str | Path | None = None,
 ) -> MergePlan | PlacedPlan:
     """Match every adapter module and full tensor to a base tensor, from headers only.
 
@@ -166,7 +167,8 @@ def plan_merge(
     checkpoint (bitsandbytes, FP8), written dequantized (in `dtype`) or, with `keep_quant` (FP8's
     default), requantized in its own scheme. `format` and
     `read_options` say how to read the adapters (`--from`, `--allow-pickle`, ...); their `base` is
-    always `base`.
+    always `base`. `imatrix` is llama.cpp's importance matrix for a GGUF base (`--imatrix`: the
+    IQ types that need one, and every quantized tensor it covers, are requantized with it).
 
     Raises `UsageError` for inconsistent arguments; adapter/base mismatches are collected in the
     plan's `problems` (call `check()` to raise them all at once).
@@ -183,7 +185,10 @@ def plan_merge(
             parse_dtype(dtype) if dtype is not None else None, keep_quant, _requested_size(max_shard_size)
         )
         return plan_placed_merge(base, adapters, weights=checked, format=format, read_options=read_options,
-                                 output=output)  # fmt: skip
+                                 output=output, imatrix=imatrix)  # fmt: skip
+    if imatrix is not None:
+        raise UsageError("--imatrix applies to GGUF bases (llama.cpp's importance matrix)",
+                         hint="drop --imatrix for this base")  # fmt: skip
     return _plan_checkpoint_merge(Path(base), adapters, checked, dtype, max_shard_size, format, read_options)
 
 

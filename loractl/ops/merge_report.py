@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .merge_plan import MergePlan
 
 ROUNDING_WARN = 0.1  # warn when rounding into the output type removes more than this share of a ΔW
+VANISH = 0.5  # a type keeping less of a ΔW than this: the update is smaller than its quantization step
 
 
 @dataclass(frozen=True)
@@ -79,23 +80,55 @@ class MergeReport:
         return max((m.rounding_error for m in self.modules if m.rounding_error is not None), default=None)
 
     @property
+    def rounding_by_type(self) -> dict[str, dict[str, float]]:
+        """Per stored type of a base rewritten in its own types (F16, Q8_0, Q4_K, …): the merged modules on
+        it, and the share of their ΔW the stored tensors carry, 1 − `rounding_loss` (median and worst)."""
+        if not self.rewritten:
+            return {}
+        kept: dict[str, list[float]] = {}
+        for m in self.modules:
+            if m.rounding_loss is not None:
+                kept.setdefault(m.stored_type, []).append(1.0 - m.rounding_loss)
+        return {
+            kind: {"modules": len(xs), "survives_median": round_figure(sorted(xs)[len(xs) // 2]) or 0.0,
+                   "survives_worst": round_figure(min(xs)) or 0.0}
+            for kind, xs in sorted(kept.items())
+        }  # fmt: skip
+
+    @property
     def warnings(self) -> list[str]:
-        """The rounding warning, with the way out, when the worst loss passes `ROUNDING_WARN`."""
+        """The rounding warning, with the way out, when the worst loss passes `ROUNDING_WARN`: per stored
+        type for a base rewritten in its own types (why, when most of ΔW vanishes under a quantization step)."""
+        if self.rewritten:
+            return self._type_warnings()
         r = self.rounding
         if r is None or r["worst"] <= ROUNDING_WARN:
             return []
         bad = sum(1 for m in self.modules if (m.rounding_loss or 0.0) > ROUNDING_WARN)
-        from .merge_placed_plan import PlacedPlan
-
-        if isinstance(self.plan, PlacedPlan):
-            into, way_out = "the stored types", "merge into a wider base (F16/F32) or apply the adapter at run time"
-        else:
-            into = (self.plan.dtype or "the base's dtype").lower()
-            way_out = "merge with --dtype float32 to keep the whole update"
+        into = (self.plan.dtype or "the base's dtype").lower()  # type: ignore[union-attr]
+        way_out = "merge with --dtype float32 to keep the whole update"
         return [
             f"rounding into {into} removes more than {ROUNDING_WARN:.0%} of ΔW in {bad} module(s) "
             f"(worst {r['worst']:.1%}); {way_out}"
         ]
+
+    def _type_warnings(self) -> list[str]:
+        out = []
+        for kind, kept in self.rounding_by_type.items():
+            if 1.0 - kept["survives_worst"] <= ROUNDING_WARN:
+                continue
+            line = (f"rounding into {kind}: {kept['survives_worst']:.0%} of a module's ΔW survives at worst "
+                    f"({kept['survives_median']:.0%} median)")  # fmt: skip
+            if kept["survives_worst"] < VANISH:
+                m = max((m for m in self.modules if m.stored_type == kind and m.rounding_loss is not None),
+                        key=lambda m: m.rounding_loss or 0.0)  # fmt: skip
+                if m.relative_delta and m.rounding_error:
+                    line += (f"; {m.module}'s ΔW is {m.relative_delta:.2%} of ‖W‖, smaller than a {kind} step "
+                             f"(requantizing moves W by {m.rounding_error * m.relative_delta:.2%} of ‖W‖), so it "
+                             "mostly vanishes")  # fmt: skip
+            out.append(line + "; merge into an F16/F32 GGUF (convert_hf_to_gguf.py --outtype f16), or the Hugging "
+                       "Face checkpoint with --dtype float16, or apply the adapter at run time")  # fmt: skip
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` document: the plan's summary (not its per-tensor rows), then what was written."""
@@ -111,6 +144,7 @@ class MergeReport:
             "base_notes": list(self.base_notes),
             "adapter_hashes": list(self.adapter_hashes),
             "rounding_loss": self.rounding,
+            "rounding_by_type": self.rounding_by_type,
             "worst_rounding_error": self.worst_rounding_error,
             "warnings": self.warnings,
             "modules": [asdict(m) for m in self.modules],
