@@ -53,6 +53,12 @@ def test_vllm_rank_limit_and_llama_cpp_unknown_module(tmp_path: Path, fixtures_d
     )
     path = save_adapter(adapter, tmp_path / "peft", format="peft")
     assert "rank-above-limit" in _codes(path, "vllm")
+    (rank,) = [f for f in validate_adapter(path, target="vllm").findings if f.code == "rank-above-limit"]
+    assert rank.severity == "warning" and "--max-lora-rank 32 " in rank.message
+    huge = save_adapter(Adapter(modules={"model.layers.0.foo": random_module(8, 600, 513)}, meta=AdapterMeta()),
+                        tmp_path / "huge", format="peft")  # fmt: skip
+    (rank,) = [f for f in validate_adapter(huge, target="vllm").findings if f.code == "rank-above-limit"]
+    assert rank.severity == "error" and "512" in rank.message
     findings = validate_adapter(path, target="llamacpp", base=fixtures_dir / "tiny-llama").findings
     assert [f.module for f in findings if f.code == "unknown-module"] == ["model.layers.0.foo"]
 
@@ -71,7 +77,7 @@ def test_cli_target_reports_the_way_out(fixtures_dir: Path, output: str) -> None
 
 def test_severities_and_targets_follow_what_the_consumers_showed(tmp_path: Path) -> None:
     """(The interop tests show each with the real package.) A lora_B bias is refused by llama.cpp's converter and
-    mlx-lm (error), llama.cpp skips norms too, diffusers applies embedding LoRA and loads no PEFT-layout key."""
+    mlx-lm (error), vLLM refuses it and norms, llama.cpp skips norms too, diffusers applies embedding LoRA and loads no PEFT-layout key."""
     q, emb = "text_encoder.encoder.layers.0.self_attn.q_proj", "text_encoder.embeddings.token_embedding"
     adapter = Adapter(
         modules={q: random_module(8, 8, 2, bias=torch.ones(8)), emb: random_module(8, 20, 2, kind="embedding")},
@@ -83,7 +89,7 @@ def test_severities_and_targets_follow_what_the_consumers_showed(tmp_path: Path)
              for t in ("llamacpp", "mlx", "diffusers", "vllm")}  # fmt: skip
     assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["llamacpp"]
     assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["mlx"]
-    assert ("bias-dropped", "warning", q) in found["vllm"]  # read from vLLM's docs, not run
+    assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["vllm"]  # it refuses
     assert found["diffusers"] == {("unknown-module", "error", q), ("unknown-module", "error", emb),
                                   ("full-tensors-dropped", "error", None)}  # fmt: skip
 
