@@ -31,7 +31,7 @@ _Q = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2: Path) -> Any:
+def engine(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One vLLM engine for every test here (the venv built first where it is missing)."""
     from vllm_tools import Engine, vllm_python
 
@@ -42,7 +42,7 @@ def engine(smollm2: Path) -> Any:
         if REQUIRED:
             pytest.fail(message)
         pytest.skip(message)
-    started = Engine(smollm2, MAX_LORA_RANK)
+    started = Engine(smollm2, MAX_LORA_RANK, tmp_path_factory.mktemp("vllm") / "engine.log")
     yield started
     started.close()
 

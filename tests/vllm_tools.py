@@ -21,7 +21,6 @@ import selectors
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +70,10 @@ class VllmError(Exception):
 class Engine:
     """One vLLM engine (`LLM(model, enable_lora=True, max_lora_rank=...)`, float32, eager) in a child process."""
 
-    def __init__(self, model: Path, max_lora_rank: int) -> None:
-        self.model, self.max_lora_rank = model, max_lora_rank
+    def __init__(self, model: Path, max_lora_rank: int, log: Path) -> None:
+        """`log`: where vLLM's own output goes (every engine's, one after another)."""
+        self.model, self.max_lora_rank, self.log = model, max_lora_rank, log
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="vllm-engine-", suffix=".log", delete=False)  # noqa: SIM115
         self.starts = 0
         self.start_seconds: list[float] = []
 
@@ -117,10 +116,11 @@ class Engine:
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
         env.pop("PYTHONPATH", None)  # the test venv's packages must not shadow vLLM's
-        self._proc = subprocess.Popen(
-            [str(vllm_python()), str(DRIVER), str(self.model), str(self.max_lora_rank)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, bufsize=0,
-        )  # fmt: skip
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen(
+                [str(vllm_python()), str(DRIVER), str(self.model), str(self.max_lora_rank)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, bufsize=0,
+            )  # fmt: skip
         self.starts += 1
         self.start_seconds.append(float(self._read(START_TIMEOUT_S)["ready"]))
 
@@ -142,7 +142,7 @@ class Engine:
         return answer
 
     def log_tail(self, chars: int = 4000) -> str:
-        return Path(self._log.name).read_text(errors="replace")[-chars:]
+        return self.log.read_text(errors="replace")[-chars:]
 
     def close(self) -> None:
         if self._proc is not None:
