@@ -10,6 +10,7 @@ import torch
 from helpers import random_module, run_cli
 
 from loractl.adapter import Adapter, AdapterMeta
+from loractl.consumer_rules import vllm_max_lora_rank
 from loractl.formats import load_adapter, save_adapter
 from loractl.io.safetensors_writer import save_tensors
 from loractl.validation import validate_adapter
@@ -55,6 +56,7 @@ def test_vllm_rank_limit_and_llama_cpp_unknown_module(tmp_path: Path, fixtures_d
     assert "rank-above-limit" in _codes(path, "vllm")
     (rank,) = [f for f in validate_adapter(path, target="vllm").findings if f.code == "rank-above-limit"]
     assert rank.severity == "warning" and "--max-lora-rank 32 " in rank.message
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 12, 16, 17, 320, 321, 513)] == [1, 8, 16, 16, 32, 320, 512, None]
     huge = save_adapter(Adapter(modules={"model.layers.0.foo": random_module(8, 600, 513)}, meta=AdapterMeta()),
                         tmp_path / "huge", format="peft")  # fmt: skip
     (rank,) = [f for f in validate_adapter(huge, target="vllm").findings if f.code == "rank-above-limit"]
