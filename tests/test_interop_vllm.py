@@ -166,8 +166,9 @@ def _findings(path: Path) -> list[dict[str, Any]]:
 def test_a_fresh_engine_answers_after_an_engine_error(
     engine: Any, smollm2: Path, smollm2_lora: tuple[Path, Any], reference: Any, tmp_path: Path
 ) -> None:
-    """An adapter error inside the engine (a module SmolLM2 does not have, which the config checks pass) leaves
-    vLLM's in-process engine unable to answer: the harness starts a fresh one, which gives PEFT's logprobs."""
+    """An adapter error inside the engine (a module SmolLM2 does not have, which the config checks pass, and
+    `validate --base` flags) leaves vLLM's in-process engine unable to answer: the harness starts a fresh one,
+    which gives PEFT's logprobs."""
     from vllm_tools import VllmError
 
     stranger = Adapter(modules={"model.layers.0.mlp.stranger": random_module(576, 576, 2)}, meta=AdapterMeta())
@@ -176,5 +177,6 @@ def test_a_fresh_engine_answers_after_an_engine_error(
     starts = engine.starts
     with pytest.raises(VllmError, match="expected target modules"):
         engine.logprobs(tokens(smollm2), path)
+    assert "model.layers.0.mlp.stranger" in target_findings(path, "vllm", "--base", smollm2)["base-missing"]
     _assert_like_peft(engine, smollm2_lora[0], *reference)
     assert engine.starts == starts + 1

@@ -113,8 +113,7 @@ class Engine:
         return refused
 
     def _start(self) -> None:
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the driver sets vLLM's own variables
         env.pop("PYTHONPATH", None)  # the test venv's packages must not shadow vLLM's
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
