@@ -221,6 +221,7 @@ def _vllm_skips(key: str) -> bool:
     return key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
 
 
+_VLLM_FULL = "make it refuse the adapter (its modules_to_save takes only a classification head: classifier, score)"
 _GGUF_FULL = "are refused by convert_lora_to_gguf.py, except norms, which llama.cpp skips at load"
 _RULES: dict[str, list[_Rule]] = {
     "peft": [],
@@ -241,8 +242,7 @@ _RULES: dict[str, list[_Rule]] = {
         _dora("vLLM", "it refuses the adapter: 'vLLM does not yet support DoRA'"),
         _conv("vLLM", "per its documentation"),
         _bias("vLLM", "it refuses the adapter: 'vLLM does not support LoRA bias'"),
-        _full_tensors("vLLM", "make it refuse the adapter (its modules_to_save takes only a classifier's score)",
-                      keep=_vllm_skips),
+        _full_tensors("vLLM", _VLLM_FULL, keep=_vllm_skips),
         _vllm_rank,
     ],
 }  # fmt: skip
