@@ -5,7 +5,7 @@ a GGUF LoRA, diffusers ignores keys that do not start with a pipeline component 
 reader loses per-module alphas; other things the consumer refuses outright (a lora_B bias in
 llama.cpp's converter and mlx-lm, a conv module). Each rule is a finding with a code and the way
 out. The llama.cpp, mlx-lm and diffusers rules are each shown by the real package in a test
-(docs/validate.md names it), against the versions in docs/formats.md; vLLM's are read from its docs.
+(docs/validate.md names it), against the versions in docs/formats.md; so is every vLLM rule but conv.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .info import AdapterInfo, ModuleInfo
 
 TARGETS = ("peft", "llamacpp", "mlx", "diffusers", "vllm")
 VLLM_DEFAULT_MAX_RANK = 16  # vLLM's --max-lora-rank default
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values its --max-lora-rank takes
 PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.", "prior.")
 
 _Rule = Callable[[AdapterInfo, Path | None], list[Finding]]
@@ -54,9 +55,8 @@ def _each(test: Callable[[ModuleInfo], bool], finding: Callable[[str], Finding])
     return rule
 
 
-def _dora(consumer: str) -> _Rule:
-    message = f"{consumer} has no DoRA: without the magnitude vector the output differs; merge it into the base " \
-        "(loractl merge) or retrain without DoRA"  # fmt: skip
+def _dora(consumer: str, how: str) -> _Rule:
+    message = f"{consumer} has no DoRA ({how}); merge it into the base (loractl merge) or retrain without DoRA"
     return _each(lambda m: m.dora, lambda name: error("dora-dropped", message, name))
 
 
@@ -65,18 +65,16 @@ def _conv(consumer: str, how: str) -> _Rule:
     return _each(lambda m: m.kind == "conv", lambda name: error("conv-unsupported", message, name))
 
 
-def _bias(consumer: str, how: str, refused: bool = True) -> _Rule:
+def _bias(consumer: str, how: str) -> _Rule:
     message = f"{consumer} has no lora_B bias ({how}); merge it into the base (loractl merge)"
-
-    def finding(name: str) -> Finding:
-        return error("bias-dropped", message, name) if refused else warning("bias-dropped", message, name)
-
-    return _each(lambda m: m.bias, finding)
+    return _each(lambda m: m.bias, lambda name: error("bias-dropped", message, name))
 
 
 def _full_tensors(consumer: str, how: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
+    """`keep(key)`: a tensor, by its key in the file, that the consumer takes or rightly ignores."""
+
     def rule(info: AdapterInfo, base: Path | None) -> list[Finding]:
-        dropped = sorted(k for k in info.full_tensors if not keep(k))
+        dropped = sorted(k for k, t in info.full_tensors.items() if not keep(t.key))
         if not dropped:
             return []
         return [
@@ -88,11 +86,6 @@ def _full_tensors(consumer: str, how: str, keep: Callable[[str], bool] = lambda 
         ]
 
     return rule
-
-
-def _embedding(consumer: str) -> _Rule:
-    message = f"{consumer} has no embedding LoRA; merge it into the base (loractl merge)"
-    return _each(lambda m: m.kind == "embedding", lambda name: error("embedding-unsupported", message, name))
 
 
 def _one_alpha_file(info: AdapterInfo, base: Path | None) -> list[Finding]:
@@ -195,24 +188,45 @@ def _mlx_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
     return out
 
 
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM takes that holds `rank` (a rank-12 adapter needs 16), None above 512."""
+    return next((m for m in VLLM_MAX_LORA_RANKS if m >= rank), None)
+
+
 def _vllm_rank(info: AdapterInfo, base: Path | None) -> list[Finding]:
     top = max((m.rank for m in info.modules.values()), default=0)
     if top <= VLLM_DEFAULT_MAX_RANK:
         return []
+    needed = vllm_max_lora_rank(top)
+    if needed is None:
+        return [
+            error(
+                "rank-above-limit",
+                f"rank {top} is above {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM takes: it "
+                "refuses the adapter; shrink it (loractl resize) or merge it into the base (loractl merge)",
+            )
+        ]
     return [
         warning(
             "rank-above-limit",
-            f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}: start vLLM with "
-            f"--max-lora-rank {top} or more, or shrink it (loractl resize)",
+            f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}, which refuses it: start "
+            f"vLLM with --max-lora-rank {needed} (it takes only {', '.join(map(str, VLLM_MAX_LORA_RANKS))}), or "
+            "shrink it (loractl resize)",
         )
     ]
 
 
+def _vllm_skips(key: str) -> bool:
+    """The base's embeddings PEFT saves beside an embed_tokens / lm_head LoRA: vLLM skips them (its own are used)."""
+    return key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
+
+
+_VLLM_FULL = "make it refuse the adapter (its modules_to_save takes only a classification head: classifier, score)"
 _GGUF_FULL = "are refused by convert_lora_to_gguf.py, except norms, which llama.cpp skips at load"
 _RULES: dict[str, list[_Rule]] = {
     "peft": [],
     "llamacpp": [
-        _dora("llama.cpp"),
+        _dora("llama.cpp", "convert_lora_to_gguf.py refuses the magnitude; a GGUF LoRA has no place for it"),
         _conv("llama.cpp", "it refuses a conv module's factors as the wrong shape"),
         _bias("llama.cpp", "convert_lora_to_gguf.py refuses it; a GGUF LoRA has no place for it"),
         _full_tensors("llama.cpp", _GGUF_FULL), _one_alpha_file, _gguf_names,
@@ -225,9 +239,10 @@ _RULES: dict[str, list[_Rule]] = {
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
                   _pipeline_component],
     "vllm": [
-        _dora("vLLM"), _conv("vLLM", "per its documentation"), _bias("vLLM", "it is dropped", refused=False),
-        _embedding("vLLM"),
-        _full_tensors("vLLM", "are dropped", keep=lambda k: k.startswith(("lm_head", "model.embed_tokens"))),
+        _dora("vLLM", "it refuses the adapter: 'vLLM does not yet support DoRA'"),
+        _conv("vLLM", "per its documentation"),
+        _bias("vLLM", "it refuses the adapter: 'vLLM does not support LoRA bias'"),
+        _full_tensors("vLLM", _VLLM_FULL, keep=_vllm_skips),
         _vllm_rank,
     ],
 }  # fmt: skip

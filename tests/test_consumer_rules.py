@@ -10,6 +10,7 @@ import torch
 from helpers import random_module, run_cli
 
 from loractl.adapter import Adapter, AdapterMeta
+from loractl.consumer_rules import vllm_max_lora_rank
 from loractl.formats import load_adapter, save_adapter
 from loractl.io.safetensors_writer import save_tensors
 from loractl.validation import validate_adapter
@@ -53,6 +54,13 @@ def test_vllm_rank_limit_and_llama_cpp_unknown_module(tmp_path: Path, fixtures_d
     )
     path = save_adapter(adapter, tmp_path / "peft", format="peft")
     assert "rank-above-limit" in _codes(path, "vllm")
+    (rank,) = [f for f in validate_adapter(path, target="vllm").findings if f.code == "rank-above-limit"]
+    assert rank.severity == "warning" and "--max-lora-rank 32 " in rank.message
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 12, 16, 17, 320, 321, 513)] == [1, 8, 16, 16, 32, 320, 512, None]
+    huge = save_adapter(Adapter(modules={"model.layers.0.foo": random_module(8, 600, 513)}, meta=AdapterMeta()),
+                        tmp_path / "huge", format="peft")  # fmt: skip
+    (rank,) = [f for f in validate_adapter(huge, target="vllm").findings if f.code == "rank-above-limit"]
+    assert rank.severity == "error" and "512" in rank.message
     findings = validate_adapter(path, target="llamacpp", base=fixtures_dir / "tiny-llama").findings
     assert [f.module for f in findings if f.code == "unknown-module"] == ["model.layers.0.foo"]
 
@@ -71,7 +79,7 @@ def test_cli_target_reports_the_way_out(fixtures_dir: Path, output: str) -> None
 
 def test_severities_and_targets_follow_what_the_consumers_showed(tmp_path: Path) -> None:
     """(The interop tests show each with the real package.) A lora_B bias is refused by llama.cpp's converter and
-    mlx-lm (error), llama.cpp skips norms too, diffusers applies embedding LoRA and loads no PEFT-layout key."""
+    mlx-lm (error), vLLM refuses it and norms, llama.cpp skips norms too, diffusers applies embedding LoRA and loads no PEFT-layout key."""
     q, emb = "text_encoder.encoder.layers.0.self_attn.q_proj", "text_encoder.embeddings.token_embedding"
     adapter = Adapter(
         modules={q: random_module(8, 8, 2, bias=torch.ones(8)), emb: random_module(8, 20, 2, kind="embedding")},
@@ -83,7 +91,7 @@ def test_severities_and_targets_follow_what_the_consumers_showed(tmp_path: Path)
              for t in ("llamacpp", "mlx", "diffusers", "vllm")}  # fmt: skip
     assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["llamacpp"]
     assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["mlx"]
-    assert ("bias-dropped", "warning", q) in found["vllm"]  # read from vLLM's docs, not run
+    assert {("bias-dropped", "error", q), ("full-tensors-dropped", "error", None)} <= found["vllm"]  # it refuses
     assert found["diffusers"] == {("unknown-module", "error", q), ("unknown-module", "error", emb),
                                   ("full-tensors-dropped", "error", None)}  # fmt: skip
 
