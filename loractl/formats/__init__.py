@@ -166,6 +166,17 @@ def save_adapter(
     return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
 
 
+def in_layout(adapter: Adapter, format: str) -> Adapter:
+    """`adapter` with its diffusion-transformer modules (Flux) named as `format` writes them: diffusers' split
+    q/k/v or the original fused projections (exact both ways; `_dit`). Other adapters come back unchanged."""
+    layout = getattr(FORMATS[format], "LAYOUT", None)
+    if layout is None:
+        return adapter
+    from ._dit import relayout
+
+    return relayout(adapter, layout)
+
+
 def format_fills(format: str) -> frozenset[str]:
     """Which of `alpha`, `scale` files of `format` may lack, to be filled from the options (its `FILLS`)."""
     fills: frozenset[str] = getattr(FORMATS[format], "FILLS", frozenset())

@@ -23,6 +23,8 @@ from ...findings import Finding, error, warning
 from ...info import AdapterInfo, ModuleInfo, ScaleRule
 from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
 from ...io.values import scalar_alpha
+from .._dit import COMPONENT as TRANSFORMER
+from .._dit import Layout, recognise, relayout
 from .._modules import exact_scales, module_info, recorded_layout
 from ..options import Feature, ReadOptions, WriteOptions
 from . import lycoris
@@ -40,6 +42,7 @@ NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
 LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
 FULL_DELTAS = ("diff", "diff_b", "w_norm", "b_norm", "bias", "scale", "on_input", "weight")
+LAYOUT: Layout = "original"  # diffusion transformers (Flux): the original repository's fused modules, as sd-scripts
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
@@ -61,7 +64,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     header = read_header(path)
     groups = _group_keys(path, list(header.tensors))
     recorded = _recorded_names(header.metadata)
-    paths = kohya_names.resolve(groups, base=options.base, recorded=recorded)
+    paths = _transformer_paths(kohya_names.resolve(groups, base=options.base, recorded=recorded))
     record = lineage.decode(header.metadata)
     findings: list[Finding] = []
     modules = {}
@@ -118,6 +121,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ...io.atomic import atomic_output
     from ...io.safetensors_writer import save_tensors
 
+    adapter = relayout(adapter, LAYOUT)
     _refuse_unheld(adapter)
     names = _kohya_names(list(adapter.modules))
     tensors: dict[str, torch.Tensor] = {}
@@ -278,11 +282,43 @@ def _refuse_unheld(adapter: Adapter) -> None:
         raise AdapterError("kohya files cannot hold full tensors", hint="use 'loractl convert'")
 
 
+def _transformer_paths(paths: dict[str, str]) -> dict[str, str]:
+    """sd-scripts names a diffusion transformer's modules `lora_unet_` and Flux's T5 `lora_te3_`: read as
+    `transformer.` + the original module names, and the pipeline's `text_encoder_2.` (diffusers' Flux names)."""
+    dit = {n: TRANSFORMER + p[len("unet.") :] for n, p in paths.items() if p.startswith("unet.")}
+    if not dit or recognise(dict.fromkeys(dit.values(), 0)) is None:
+        return paths
+    t5 = {
+        n: "text_encoder_2." + p[len("text_encoder_3.") :] for n, p in paths.items() if p.startswith("text_encoder_3.")
+    }
+    return paths | dit | t5
+
+
 def _kohya_names(modules: list[str]) -> dict[str, str]:
-    """Module path → kohya name; SDXL-style lora_te1_/lora_te2_ when a second text encoder is adapted."""
+    """Module path → kohya name; SDXL-style lora_te1_/lora_te2_ when a second text encoder is adapted.
+
+    A diffusion transformer (Flux) is sd-scripts': `lora_unet_` + its original names, `lora_te1_` CLIP, `lora_te3_` T5.
+    """
+    if recognise(dict.fromkeys(modules, 0)) is not None:
+        return _checked({m: _transformer_name(m) for m in modules})
     names = {m: kohya_names.flatten(m)[0] for m in modules}
     if any(n.startswith("lora_te2_") for n in names.values()):
         names = {m: "lora_te1_" + n[len("lora_te_") :] if n.startswith("lora_te_") else n for m, n in names.items()}
+    return _checked(names)
+
+
+def _transformer_name(module: str) -> str:
+    for component, prefix in (
+        (TRANSFORMER, "lora_unet_"),
+        ("text_encoder.", "lora_te1_"),
+        ("text_encoder_2.", "lora_te3_"),
+    ):
+        if module.startswith(component):
+            return prefix + module[len(component) :].replace(".", "_")
+    return kohya_names.flatten(module)[0]
+
+
+def _checked(names: dict[str, str]) -> dict[str, str]:
     clashes = [n for n, c in Counter(names.values()).items() if c > 1]
     if clashes:
         raise AdapterError(
