@@ -131,11 +131,11 @@ def test_kohya_file_reads_in_diffusers_as_loractl_applies_it(diffusers: Any, tmp
     # load_lora_weights leaves them out (validate --target diffusers says so); the blocks load exactly
     blocks = Adapter(modules={n: m for n, m in read.modules.items() if "blocks." in n})
     _close(_by_diffusers(diffusers, path, DROPPED_FROM_KOHYA), _by_hand(diffusers, blocks), base)
-    for to in ("diffusers", "kohya", "peft"):
+    for to in ("diffusers", "kohya", "original", "peft"):
         out = tmp_path / f"as-{to}"
         convert(path, out, to=to)
         if to != "peft":
-            dropped = DROPPED_FROM_KOHYA if to == "kohya" else set()
+            dropped = DROPPED_FROM_KOHYA if to in ("kohya", "original") else set()
             _close(
                 _by_diffusers(diffusers, out, dropped), want if to == "diffusers" else _by_hand(diffusers, blocks), base
             )
@@ -206,3 +206,24 @@ def test_single_blocks_at_real_widths_match_diffusers_deltas(diffusers: Any, tmp
     again = _diffusers_deltas(tmp_path / "back.safetensors")
     for name, delta in theirs.items():
         assert (again[name] - delta).norm() <= 1e-6 * delta.norm(), name
+
+
+def test_xlabs_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: Path) -> None:
+    """XLabs' processors (`qkv_lora1` = img_attn.qkv, `proj_lora2` = txt_attn.proj; no alpha: scale 1)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"qkv_lora1": (3 * H, H), "qkv_lora2": (3 * H, H), "proj_lora1": (H, H), "proj_lora2": (H, H)}
+    state = {}
+    for what, (out, inp) in shapes.items():
+        state[f"double_blocks.0.processor.{what}.down.weight"] = torch.randn(2, inp, generator=g) * 0.05
+        state[f"double_blocks.0.processor.{what}.up.weight"] = torch.randn(out, 2, generator=g) * 0.05
+    save_file(state, tmp_path / "xlabs.safetensors")
+    read = load_adapter(tmp_path / "xlabs.safetensors")
+    assert read.meta.source_format == "original" and {m.scale for m in read.modules.values()} == {1.0}
+    base = _run(_model(diffusers))
+    want = _by_hand(diffusers, read)
+    _close(_by_diffusers(diffusers, tmp_path / "xlabs.safetensors"), want, base)
+    for to in ("diffusers", "kohya", "original"):
+        convert(tmp_path / "xlabs.safetensors", tmp_path / f"as-{to}", to=to)
+        _close(_by_diffusers(diffusers, tmp_path / f"as-{to}"), want, base)

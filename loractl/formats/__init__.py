@@ -3,12 +3,12 @@
 Adding a format is one module and one line in `FORMATS`; detection tries them in order.
 
 One naming rule for what lives here: a public name is a format or the options all formats take.
-- A format in one file is a module: `diffusers`, `loralib`, `mlx`, `torchtune`.
+- A format in one file is a module: `diffusers`, `loralib`, `mlx`, `original`, `torchtune`.
 - A format in several files is a subpackage whose `__init__` holds the verbs and whose modules
   name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`, `lycoris`), `peft/` (`config`, `writer`).
 - `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
 - Helpers shared by several formats start with an underscore and stay inside `formats/`:
-  `_contents` (what a file without a LoRA pair holds), `_global_alpha`, `_mlx_names`, `_modules`,
+  `_contents` (what a file without a LoRA pair holds), `_dit` (diffusion transformers' two layouts), `_global_alpha`, `_mlx_names`, `_modules`,
   `_reading`, `_record`, `_rope`, `_state_dict`.
 """
 
@@ -61,6 +61,7 @@ FORMATS: Mapping[str, ModuleType] = _Registry(
         "peft",
         "mlx",
         "diffusers",
+        "original",  # diffusion_model.<original module names> (ComfyUI's layout), XLabs' Flux processors
         "kohya",
         "loralib",  # bare *.lora_A keys: last, the loosest pattern
     ]
