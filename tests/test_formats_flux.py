@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_module
+from helpers import random_module, run_cli, target_findings
 
 from loractl.adapter import Adapter
 from loractl.errors import AdapterError
@@ -126,3 +126,30 @@ def test_double_blocks_alone_are_flux_only_at_flux_width() -> None:
     assert in_layout(small, "kohya") is small
     wide = Adapter(modules={"transformer.transformer_blocks.0.attn.to_q": random_module(3072, 3072, 1)})
     assert list(in_layout(wide, "kohya").modules) == ["transformer.double_blocks.0.img_attn.qkv"]
+
+
+def test_inspect_shows_the_architecture(tmp_path: Path) -> None:
+    import json
+
+    kohya = save_adapter(_original(), tmp_path / "k.safetensors", format="kohya")
+    code, out, _ = run_cli("inspect", kohya, "--json")
+    arch = json.loads(out)["architecture"]
+    assert code == 0 and arch["name"] == "Flux.1" and arch["layout"] == "original"
+    assert arch["blocks"] == {"double blocks": 2, "single blocks": 2}
+    assert arch["outside_blocks"] == ["final_layer.adaLN_modulation.1", "time_in.in_layer"]
+    assert arch["text_encoders"] == {"text_encoder": "CLIP-L"}
+    _, text, _ = run_cli("inspect", kohya)
+    assert "Flux.1 transformer, original names" in text
+
+
+def test_validate_targets_name_what_each_consumer_would_not_load(tmp_path: Path) -> None:
+    kohya = save_adapter(_original(), tmp_path / "k.safetensors", format="kohya")
+    assert target_findings(kohya, "kohya") == {}
+    assert sorted(target_findings(kohya, "diffusers")["unknown-module"]) == [
+        "transformer.final_layer.adaLN_modulation.1", "transformer.time_in.in_layer"]  # fmt: skip
+    split = save_adapter(in_layout(_original(), "diffusers"), tmp_path / "d.safetensors", format="diffusers")
+    assert target_findings(split, "diffusers") == {}
+    named = target_findings(split, "kohya")["unknown-module"]
+    assert len(named) == 13 and all(n.startswith("transformer.") for n in named)  # the text encoder's is fine
+    code, _, err = run_cli("validate", split, "--target", "kohya")
+    assert code == 1 and "loractl convert --to kohya" in _ + err

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_module
+from helpers import random_module, target_findings
 from oracles import oracle
 
 from loractl.adapter import Adapter
@@ -131,6 +131,10 @@ def test_kohya_file_reads_in_diffusers_as_loractl_applies_it(diffusers: Any, tmp
     # load_lora_weights leaves them out (validate --target diffusers says so); the blocks load exactly
     blocks = Adapter(modules={n: m for n, m in read.modules.items() if "blocks." in n})
     _close(_by_diffusers(diffusers, path, DROPPED_FROM_KOHYA), _by_hand(diffusers, blocks), base)
+    # validate --target diffusers names exactly the modules diffusers left out
+    assert sorted(target_findings(path, "diffusers")["unknown-module"]) == sorted(
+        set(read.modules) - set(blocks.modules)
+    )
     for to in ("diffusers", "kohya", "original", "peft"):
         out = tmp_path / f"as-{to}"
         convert(path, out, to=to)

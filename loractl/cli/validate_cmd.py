@@ -25,7 +25,7 @@ from ._output import progress, stdout
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
 @click.option(
     "--target",
-    type=click.Choice(["peft", "llamacpp", "mlx", "diffusers", "vllm"]),
+    type=click.Choice(["peft", "llamacpp", "mlx", "diffusers", "kohya", "vllm"]),
     default=None,
     help="Also report what this consumer would refuse or silently drop.",
 )

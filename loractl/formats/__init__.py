@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, FormatError, InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
@@ -165,6 +165,14 @@ def save_adapter(
         raise AdapterError("the adapter has no LoRA module: nothing to write", path=path, hint=_NO_MODULE_HINT)
     opts = options or WriteOptions()
     return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
+
+
+def architecture(modules: dict[str, int]) -> dict[str, Any] | None:
+    """The diffusion transformer (Flux.1, …) an adapter's modules (path → input width) adapt, as `inspect` shows
+    it: name, layout (`diffusers` or `original` names), blocks adapted per kind, text encoders; None for others."""
+    from ._dit import describe_architecture
+
+    return describe_architecture(modules)
 
 
 def in_layout(adapter: Adapter, format: str) -> Adapter:

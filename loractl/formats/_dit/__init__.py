@@ -17,7 +17,7 @@ The architectures' tables are in `flux` (Flux.1).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ...errors import AdapterError
 from .rules import Arch, Rule
@@ -55,6 +55,24 @@ def recognise(modules: dict[str, int]) -> Recognised | None:
         if arch.is_diffusers(rels):
             return Recognised(arch, "diffusers")
     return None
+
+
+def describe_architecture(modules: dict[str, int]) -> dict[str, Any] | None:
+    """What `inspect` shows of a diffusion transformer's adapter (module path → input width): the architecture,
+    the layout of its names, the blocks of each kind it adapts, and the text encoders it adapts."""
+    found = recognise(modules)
+    if found is None:
+        return None
+    arch = found.arch
+    rels = {m[len(COMPONENT) :]: w for m, w in modules.items() if m.startswith(COMPONENT)}
+    encoders = sorted({m.split(".")[0] for m in modules if m.startswith("text_encoder")})
+    return {
+        "name": arch.name,
+        "layout": found.layout,
+        "blocks": arch.block_counts(rels),
+        "outside_blocks": sorted(n for n in rels if not arch.block_counts([n])),
+        "text_encoders": {e: arch.text_encoders.get(e, "?") for e in encoders},
+    }
 
 
 def relayout(adapter: Adapter, layout: Layout) -> Adapter:

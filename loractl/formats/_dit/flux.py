@@ -57,4 +57,5 @@ FLUX1 = Arch(
     },
     width_marks=re.compile(r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj)$"),
     width=3072,
+    text_encoders={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
 )

@@ -79,6 +79,7 @@ class Arch:
     blocks: dict[str, tuple[str, str]]  # what → (original prefix, diffusers prefix)
     width_marks: re.Pattern[str] | None = None
     width: int = 0
+    text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → what it is
 
     def is_original(self, names: dict[str, int]) -> bool:
         return any(self.original_marks.match(n) for n in names)
