@@ -16,7 +16,9 @@ from ._text import human_size, name_table, short_hash, short_sha
 
 def _architecture_line(arch: dict[str, Any]) -> str:
     """`Flux.1 transformer, original names (kohya, ComfyUI): 19 double blocks, 38 single blocks; text encoders: …`."""
-    names = "original names (kohya, ComfyUI)" if arch["layout"] == "original" else "diffusers names"
+    names = {"original": "original names (kohya, ComfyUI)", "diffusers": "diffusers names"}.get(
+        arch["layout"], "diffusers' names (the original ones)"
+    )
     parts = [f"{n} {what}" for what, n in arch["blocks"].items()]
     if arch["outside_blocks"]:
         parts.append(f"{len(arch['outside_blocks'])} outside the blocks")

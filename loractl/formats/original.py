@@ -6,7 +6,8 @@
     text_encoders.clip_l.transformer.text_model.…                   (CLIP-L; `t5xxl` for T5)
 
 ComfyUI reads both leaf styles; ai-toolkit and musubi-tuner write it for ComfyUI; diffusers 0.42 reads the
-`lora_down` style for Flux.1 (its kohya path), so that is what is written, with one `.alpha` per module.
+`lora_down` style for Flux.1 (its kohya path), so that is what is written, with one `.alpha` per module (except
+where diffusers' reader refuses one — Wan's modules outside its blocks —: there the scale is folded into B).
 XLabs' Flux files (`double_blocks.0.processor.qkv_lora1.down.weight`, no alpha: scale 1) are read as the same
 modules (`qkv_lora1` = `img_attn.qkv`, `qkv_lora2` = `txt_attn.qkv`, `proj_lora1/2` = `img_attn/txt_attn.proj`).
 Module paths are `transformer.` + the original names (`_dit` splits them into diffusers' names).
@@ -25,7 +26,7 @@ from ..findings import Finding
 from ..info import AdapterInfo, ScaleRule
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import scalar_alpha
-from ._dit import COMPONENT, Layout, relayout
+from ._dit import COMPONENT, Layout, recognise, relayout
 from ._modules import exact_scales, module_info
 from .options import Feature, ReadOptions, WriteOptions
 
@@ -120,6 +121,8 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ._record import record_for
 
     adapter = relayout(adapter, LAYOUT)
+    found = recognise({n: m.in_features for n, m in adapter.modules.items()})
+    no_alpha = found.arch.no_alpha if found else None
     tensors: dict[str, torch.Tensor] = {}
     inexact: dict[str, float] = {}
     for module, m in adapter.modules.items():
@@ -129,6 +132,10 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
             )
         key = _key(module)
+        if no_alpha is not None and module.startswith(COMPONENT) and no_alpha.match(module[len(COMPONENT) :]):
+            b = m.B if m.scale == 1 else (m.B.double() * m.scale).to(m.B.dtype)  # scale 1 without an alpha
+            tensors |= {f"{key}.lora_down.weight": m.A, f"{key}.lora_up.weight": b}
+            continue
         alpha = torch.tensor(m.scale * m.rank, dtype=torch.float32)
         tensors |= {f"{key}.lora_down.weight": m.A, f"{key}.lora_up.weight": m.B, f"{key}.alpha": alpha}
         if float(alpha) / m.rank != m.scale:

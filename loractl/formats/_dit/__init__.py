@@ -11,7 +11,7 @@ writer of the other layout calls `relayout`:
   otherwise A's stack and B is block-diagonal (rank = the sum, exact; different scales are folded into the B
   blocks, one rounding in B's dtype). A part the adapter lacks contributes zero rows.
 
-The architectures' tables are in `flux` (Flux.1).
+The architectures' tables: `flux` (Flux.1), `sd3` (SD3 / 3.5), `wan` (Wan 2.x), `qwen` (Qwen-Image: one layout).
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ COMPONENT = "transformer."
 
 
 def architectures() -> tuple[Arch, ...]:
+    """In the order the width rules are tried: a 3072-wide attention-only adapter is Flux.1's within its 19 double
+    blocks, Qwen-Image's beyond them (Qwen-Image's own names, `img_mlp`, …, are recognised first anyway)."""
     from .flux import FLUX1
+    from .qwen import QWEN_IMAGE
+    from .sd3 import SD3
+    from .wan import WAN
 
-    return (FLUX1,)
+    return (FLUX1, SD3, WAN, QWEN_IMAGE)
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,17 @@ class Recognised:
 
 
 def recognise(modules: dict[str, int]) -> Recognised | None:
-    """The architecture whose names the adapter's `transformer.` modules (path → input width) use."""
+    """The architecture whose names the adapter's `transformer.` modules (path → input width) use.
+
+    Names only one architecture has come first (Qwen-Image's `img_mlp` blocks also carry Flux's `txt_in`), then
+    the original names of the others, then diffusers' names and the width rules, in `architectures()` order.
+    """
     rels = {m[len(COMPONENT) :]: w for m, w in modules.items() if m.startswith(COMPONENT)}
-    for arch in architectures():
+    archs = architectures()
+    for arch in sorted(archs, key=lambda a: bool(a.rules)):
         if arch.is_original(rels):
             return Recognised(arch, "original")
-    for arch in architectures():
+    for arch in archs:
         if arch.is_diffusers(rels):
             return Recognised(arch, "diffusers")
     return None
@@ -68,7 +78,7 @@ def describe_architecture(modules: dict[str, int]) -> dict[str, Any] | None:
     encoders = sorted({m.split(".")[0] for m in modules if m.startswith("text_encoder")})
     return {
         "name": arch.name,
-        "layout": found.layout,
+        "layout": found.layout if arch.rules else "both",  # Qwen-Image: diffusers' names are the original ones
         "blocks": arch.block_counts(rels),
         "outside_blocks": sorted(n for n in rels if not arch.block_counts([n])),
         "text_encoders": {e: arch.text_encoders.get(e, "?") for e in encoders},

@@ -55,7 +55,11 @@ FLUX1 = Arch(
         "double blocks": ("double_blocks", "transformer_blocks"),
         "single blocks": ("single_blocks", "single_transformer_blocks"),
     },
-    width_marks=re.compile(r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj)$"),
-    width=3072,
+    width_marks=re.compile(
+        r"^transformer_blocks\.(\d+)\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?\.linear)$"
+    ),
+    widths=(3072,),
+    max_blocks=19,
     text_encoders={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
+    kohya_text_encoders={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
 )

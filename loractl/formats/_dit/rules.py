@@ -67,9 +67,10 @@ class Arch:
     """A diffusion transformer: its name, its rules, and the names that say which layout an adapter is in.
 
     `original_marks` / `diffusers_marks` match module paths (relative to `transformer.`) only that layout of
-    this architecture has; `width` is the hidden width that tells it from another architecture with the same
-    diffusers names (Flux.1's double blocks are named as SD3's joint blocks); `blocks` names each kind of
-    numbered block in both layouts, for `inspect`.
+    this architecture has; `widths` (and `max_blocks`) tell it from another architecture with the same
+    diffusers names (Flux.1's double blocks are named as SD3's joint blocks and Qwen-Image's blocks: 3072 wide,
+    at most 19 of them; SD3 1536 or 2432 wide); `blocks` names each kind of numbered block in both layouts,
+    for `inspect`.
     """
 
     name: str
@@ -77,9 +78,12 @@ class Arch:
     original_marks: re.Pattern[str]
     diffusers_marks: re.Pattern[str]
     blocks: dict[str, tuple[str, str]]  # what → (original prefix, diffusers prefix)
-    width_marks: re.Pattern[str] | None = None
-    width: int = 0
+    width_marks: re.Pattern[str] | None = None  # group 1: the block index
+    widths: tuple[int, ...] = ()
+    max_blocks: int = 0  # of the blocks `width_marks` names (0: no limit)
     text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → what it is
+    kohya_text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → sd-scripts prefix
+    no_alpha: re.Pattern[str] | None = None  # original-layout modules whose `.alpha` diffusers' reader refuses
 
     def is_original(self, names: dict[str, int]) -> bool:
         return any(self.original_marks.match(n) for n in names)
@@ -89,7 +93,11 @@ class Arch:
         if any(self.diffusers_marks.match(n) for n in names):
             return True
         marks = self.width_marks
-        return marks is not None and any(marks.match(n) and w == self.width for n, w in names.items())
+        if marks is None:
+            return False
+        found = {n: (m, w) for n, w in names.items() if (m := marks.match(n))}
+        limit = self.max_blocks or 1 << 30
+        return bool(found) and all(w in self.widths and int(m.group(1)) < limit for m, w in found.values())
 
     def match_original(self, name: str) -> tuple[Rule, str] | None:
         for rule in self.rules:

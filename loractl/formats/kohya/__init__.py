@@ -283,38 +283,42 @@ def _refuse_unheld(adapter: Adapter) -> None:
 
 
 def _transformer_paths(paths: dict[str, str]) -> dict[str, str]:
-    """sd-scripts names a diffusion transformer's modules `lora_unet_` and Flux's T5 `lora_te3_`: read as
-    `transformer.` + the original module names, and the pipeline's `text_encoder_2.` (diffusers' Flux names)."""
+    """sd-scripts and musubi-tuner name a diffusion transformer's modules `lora_unet_`: read as `transformer.` + the
+    original module names; text encoders by the architecture's prefixes (Flux's `lora_te3_` T5 is `text_encoder_2.`)."""
     dit = {n: TRANSFORMER + p[len("unet.") :] for n, p in paths.items() if p.startswith("unet.")}
-    if not dit or recognise(dict.fromkeys(dit.values(), 0)) is None:
+    found = recognise(dict.fromkeys(dit.values(), 0)) if dit else None
+    if found is None:
         return paths
-    t5 = {
-        n: "text_encoder_2." + p[len("text_encoder_3.") :] for n, p in paths.items() if p.startswith("text_encoder_3.")
-    }
-    return paths | dit | t5
+    by_prefix = {prefix: component for component, prefix in found.arch.kohya_text_encoders.items()}
+    encoders = {}
+    for name in paths:
+        prefix = kohya_names.split_prefix(name)[0]
+        if prefix in by_prefix:
+            encoders[name] = by_prefix[prefix] + "." + paths[name].split(".", 1)[1]
+    return paths | dit | encoders
 
 
 def _kohya_names(modules: list[str]) -> dict[str, str]:
     """Module path → kohya name; SDXL-style lora_te1_/lora_te2_ when a second text encoder is adapted.
 
-    A diffusion transformer (Flux) is sd-scripts': `lora_unet_` + its original names, `lora_te1_` CLIP, `lora_te3_` T5.
+    A diffusion transformer is sd-scripts' and musubi-tuner's: `lora_unet_` + its original names, text encoders by
+    the architecture's prefixes (Flux.1: `lora_te1_` CLIP-L, `lora_te3_` T5; SD3: `lora_te1_`, `lora_te2_`, `lora_te3_`).
     """
-    if recognise(dict.fromkeys(modules, 0)) is not None:
-        return _checked({m: _transformer_name(m) for m in modules})
+    found = recognise(dict.fromkeys(modules, 0))
+    if found is not None:
+        return _checked({m: _transformer_name(m, found.arch.kohya_text_encoders) for m in modules})
     names = {m: kohya_names.flatten(m)[0] for m in modules}
     if any(n.startswith("lora_te2_") for n in names.values()):
         names = {m: "lora_te1_" + n[len("lora_te_") :] if n.startswith("lora_te_") else n for m, n in names.items()}
     return _checked(names)
 
 
-def _transformer_name(module: str) -> str:
-    for component, prefix in (
-        (TRANSFORMER, "lora_unet_"),
-        ("text_encoder.", "lora_te1_"),
-        ("text_encoder_2.", "lora_te3_"),
-    ):
-        if module.startswith(component):
-            return prefix + module[len(component) :].replace(".", "_")
+def _transformer_name(module: str, prefixes: dict[str, str]) -> str:
+    if module.startswith(TRANSFORMER):
+        return "lora_unet_" + module[len(TRANSFORMER) :].replace(".", "_")
+    component, _, rest = module.partition(".")
+    if component in prefixes:
+        return prefixes[component] + rest.replace(".", "_")
     return kohya_names.flatten(module)[0]
 
 
