@@ -153,3 +153,21 @@ def test_validate_targets_name_what_each_consumer_would_not_load(tmp_path: Path)
     assert len(named) == 13 and all(n.startswith("transformer.") for n in named)  # the text encoder's is fine
     code, _, err = run_cli("validate", split, "--target", "kohya")
     assert code == 1 and "loractl convert --to kohya" in _ + err
+
+
+def test_sd3_and_wan_diffusers_names_fuse_back_exactly() -> None:
+    """SD3 at its real width (1536): diffusers' split q/k/v fuse to `joint_blocks.N.x_block.attn.qkv`; the last
+    block's context AdaLN (2·width rows) swaps halves; Wan renames only."""
+    shared = random_module(1536, 1536, 2, seed=4)
+    parts = {f"transformer.transformer_blocks.23.attn.to_{p}": replace(shared, B=shared.B * (i + 1))
+             for i, p in enumerate("qkv")}  # fmt: skip
+    parts["transformer.transformer_blocks.23.norm1_context.linear"] = random_module(3072, 1536, 2, seed=5)
+    fused = in_layout(Adapter(modules=parts), "kohya").modules
+    assert sorted(fused) == ["transformer.joint_blocks.23.context_block.adaLN_modulation.1",
+                             "transformer.joint_blocks.23.x_block.attn.qkv"]  # fmt: skip
+    assert fused["transformer.joint_blocks.23.x_block.attn.qkv"].rank == 2
+    norm = parts["transformer.transformer_blocks.23.norm1_context.linear"].delta_weight()
+    ada = fused["transformer.joint_blocks.23.context_block.adaLN_modulation.1"].delta_weight()
+    assert torch.equal(torch.cat([ada[1536:], ada[:1536]]), norm)
+    wan = Adapter(modules={"transformer.blocks.3.attn2.to_out.0": random_module(H, H, 2)})
+    assert list(in_layout(wan, "original").modules) == ["transformer.blocks.3.cross_attn.o"]

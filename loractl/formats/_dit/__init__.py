@@ -113,7 +113,7 @@ def _split(rule: Rule, name: str, m: LoraModule) -> list[LoraModule]:
 
     if m.magnitude is not None or m.kind != "linear":
         raise AdapterError(f"module {name!r}: a fused {m.kind} module with DoRA cannot be split into diffusers' parts")
-    b = _swapped(m.B) if rule.swap_halves else m.B
+    b = _swapped(m.B) if rule.swaps(m.out_features, m.in_features) else m.B
     sizes = rule.sizes(out_features=m.out_features)
     biases = torch.split(m.bias, sizes) if m.bias is not None else [None] * len(sizes)
     return [
@@ -146,7 +146,7 @@ def _fuse(rule: Rule, name: str, parts: dict[int, LoraModule]) -> LoraModule:
 
     if len(rule.parts) == 1:
         m = parts[0]
-        return replace(m, B=_swapped(m.B)) if rule.swap_halves else m
+        return replace(m, B=_swapped(m.B)) if rule.swaps(m.out_features, m.in_features) else m
     first = next(iter(parts.values()))
     if any(p.magnitude is not None or p.kind != "linear" for p in parts.values()):
         raise AdapterError(f"module {name!r}: diffusers' parts with DoRA cannot be fused into the original module")

@@ -16,19 +16,26 @@ class Rule:
     """An original module and the diffusers modules it is, in order (one, or the parts of a fused projection).
 
     `ratios` are the parts' output widths relative to each other (q, k, v, mlp of Flux's `linear1`: 1, 1, 1, 4);
-    `swap_halves`: B's two row halves are exchanged between the layouts (the final AdaLN's shift/scale order).
+    `swap_halves`: B's two row halves are exchanged between the layouts (the final AdaLN's shift/scale order);
+    `swap_two_halves`: only where the module's output is twice its input (SD3's last joint block, whose context
+    AdaLN has only a shift and a scale).
     """
 
     original: str
     parts: tuple[str, ...]
     ratios: tuple[int, ...] = ()
     swap_halves: bool = False
+    swap_two_halves: bool = False
     _original_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _parts_re: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_original_re", _pattern(self.original))
         object.__setattr__(self, "_parts_re", tuple(_pattern(p) for p in self.parts))
+
+    def swaps(self, out_features: int, in_features: int) -> bool:
+        """Whether B's row halves are exchanged between the layouts for a module of this shape."""
+        return self.swap_halves or (self.swap_two_halves and out_features == 2 * in_features)
 
     def original_name(self, index: str) -> str:
         return self.original.replace("{}", index)

@@ -3,7 +3,8 @@
 From sd-scripts' `networks/lora_sd3.py` (kohya names `lora_unet_joint_blocks_0_x_block_attn_qkv`) and diffusers'
 single-file conversion `convert_sd3_transformer_checkpoint_to_diffusers`: each joint block fuses q, k, v for the
 image stream (`x_block`) and the text stream (`context_block`); SD3.5 Medium's second image attention
-(`x_block.attn2`) too; the final layer's AdaLN stores (shift, scale), diffusers' `norm_out` (scale, shift).
+(`x_block.attn2`) too; the final layer's AdaLN stores (shift, scale), diffusers' `norm_out` (scale, shift), and
+so does the last joint block's context AdaLN (2·width outputs instead of 6·width).
 diffusers 0.42 has no reader of these names for SD3 (its SD3 loader takes diffusers' names only).
 """
 
@@ -25,7 +26,11 @@ _RULES = (
     Rule("joint_blocks.{}.context_block.mlp.fc1", ("transformer_blocks.{}.ff_context.net.0.proj",)),
     Rule("joint_blocks.{}.context_block.mlp.fc2", ("transformer_blocks.{}.ff_context.net.2",)),
     Rule("joint_blocks.{}.x_block.adaLN_modulation.1", ("transformer_blocks.{}.norm1.linear",)),
-    Rule("joint_blocks.{}.context_block.adaLN_modulation.1", ("transformer_blocks.{}.norm1_context.linear",)),
+    Rule(
+        "joint_blocks.{}.context_block.adaLN_modulation.1",
+        ("transformer_blocks.{}.norm1_context.linear",),
+        swap_two_halves=True,  # the last block's: (shift, scale) ↔ (scale, shift), as diffusers converts the base
+    ),
     Rule("context_embedder", ("context_embedder",)),
     Rule("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",)),
     Rule("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",)),
