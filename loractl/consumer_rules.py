@@ -207,6 +207,26 @@ def _transformer_dropped(info: AdapterInfo, base: Path | None) -> list[Finding]:
     return out
 
 
+_WAN_BLOCK = (*(f"{side}.{o}" for side in ("self_attn", "cross_attn") for o in "qkvo"), "ffn.0", "ffn.2")
+
+
+def _wan_musubi(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """diffusers' musubi-tuner reader of Wan (`_convert_musubi_wan_lora_to_diffusers`, 0.42) takes blocks 0…n-1, each
+    with all ten modules, and nothing else: any other file it refuses with a KeyError or an IndexError."""
+    arch = _transformer(info)
+    if arch is None or arch["name"] != "Wan" or info.format != "kohya":
+        return []
+    rels = [n.removeprefix("transformer.") for n in info.modules if n.startswith("transformer.")]
+    blocks = {int(n.split(".")[1]) for n in rels if n.startswith("blocks.")}
+    missing = [f"blocks.{i}.{m}" for i in range(len(blocks)) for m in _WAN_BLOCK if f"blocks.{i}.{m}" not in rels]
+    outside = [n for n in rels if not n.startswith("blocks.")]
+    if not missing and not outside:
+        return []
+    what = f"lacks {missing[0]}" if missing else f"has {outside[0]} outside the blocks"
+    message = f"diffusers' musubi-tuner reader of Wan refuses this file (it takes every block's ten modules and nothing else; this one {what}); convert with 'loractl convert --to diffusers'"  # fmt: skip
+    return [error("unknown-module", message)]
+
+
 def _kohya_layout(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """sd-scripts (and ComfyUI's kohya names) know a diffusion transformer by its original module names only."""
     arch = _transformer(info)
@@ -265,7 +285,7 @@ _RULES: dict[str, list[_Rule]] = {
         _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
-                  _pipeline_component, _transformer_dropped],
+                  _pipeline_component, _transformer_dropped, _wan_musubi],
     "kohya": [
         _dora("sd-scripts"), _bias("sd-scripts", "a kohya file has no place for it"), _embedding("sd-scripts"),
         _full_tensors("sd-scripts", "have no place in a kohya file"), _kohya_layout,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_module
+from helpers import random_module, target_findings
 from oracles import oracle
 
 from loractl.adapter import Adapter
@@ -135,8 +135,11 @@ def test_every_layout_loads_in_diffusers_as_loractl_applies_it(diffusers: Any, c
         out = tmp_path / f"as-{to}.safetensors"
         convert(first, out, to=to)
         _close(_by_hand(diffusers, case, load_adapter(out)), want, base)
-        if case is WAN and to == "kohya":
-            continue  # diffusers' musubi reader takes every block module and nothing else: below
+        if case is WAN and to == "kohya":  # diffusers' musubi reader takes every block module and nothing else
+            with pytest.raises((KeyError, IndexError, ValueError)):
+                _by_diffusers(diffusers, case, out)
+            assert target_findings(out, "diffusers")["unknown-module"] == [None]  # validate says so
+            continue
         _close(_by_diffusers(diffusers, case, out), want, base)
     kohya = read_header(tmp_path / "as-kohya.safetensors").tensors
     assert any(k.startswith("lora_unet_blocks_0_self_attn_q.") or k.startswith("lora_unet_transformer_blocks_0_attn_to_q.")
@@ -152,6 +155,7 @@ def test_wan_musubi_file_of_whole_blocks_loads_in_diffusers(diffusers: Any, tmp_
     base = _run(WAN, WAN.model(diffusers))
     want = _by_hand(diffusers, WAN, blocks)
     _close(_by_diffusers(diffusers, WAN, path), want, base)
+    assert target_findings(path, "diffusers") == {}
     convert(path, tmp_path / "d.safetensors", to="diffusers")
     _close(_by_diffusers(diffusers, WAN, tmp_path / "d.safetensors"), want, base)
 
