@@ -1,4 +1,4 @@
-"""diffusers judges loractl's Wan and Qwen-Image LoRAs in their layouts (issue 25).
+"""diffusers judges loractl's Wan, Qwen-Image, SD3 and LTX-Video LoRAs in their layouts (issue 25).
 
 Tiny `WanTransformer3DModel` / `QwenImageTransformer2DModel` (random weights, no download) load each file through
 diffusers' own readers (`WanLoraLoaderMixin` / `QwenImageLoraLoaderMixin.lora_state_dict`, which convert the
@@ -202,3 +202,45 @@ def test_sd3_kohya_converts_to_a_diffusers_file_diffusers_applies_as_loractl_doe
     convert(path, tmp_path / "d.safetensors", to="diffusers")
     _close(_by_diffusers(diffusers, SD3, tmp_path / "d.safetensors"), want, base)
     # back to kohya: at this tiny width diffusers' names do not say SD3 (test_formats_flux: at SD3's widths they do)
+
+
+def _ltx(diffusers: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=D, num_layers=2, caption_channels=12,
+    ).eval()  # fmt: skip
+
+
+def _ltx_inputs() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(1, 8, 8, generator=g), "encoder_hidden_states": torch.randn(1, 5, 12, generator=g),
+            "timestep": torch.tensor([3]), "encoder_attention_mask": torch.ones(1, 5), "num_frames": 2, "height": 2,
+            "width": 2}  # fmt: skip
+
+
+_LTX_BLOCK = {
+    f"transformer_blocks.{{}}.{a}.{p}": (D, D) for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")
+}
+_LTX_BLOCK |= {"transformer_blocks.{}.ff.net.0.proj": (4 * D, D), "transformer_blocks.{}.ff.net.2": (D, 4 * D)}
+LTX = Case(
+    "LTXVideoLoraLoaderMixin", _ltx, _ltx_inputs,
+    {f"transformer.{k.format(i)}": v for i in range(2) for k, v in _LTX_BLOCK.items()}
+    | {"transformer.proj_in": (D, 8), "transformer.proj_out": (8, D)},
+)  # fmt: skip
+
+
+def test_ltx_video_original_and_diffusers_files_load_as_loractl_applies_them(diffusers: Any, tmp_path: Path) -> None:
+    """LTX-Video's original files are diffusers' names under `diffusion_model.` with lora_A/lora_B and no alpha."""
+    adapter = _adapter(LTX)
+    base = _run(LTX, LTX.model(diffusers))
+    want = _by_hand(diffusers, LTX, adapter)
+    path = save_adapter(adapter, tmp_path / "ltx.safetensors", format="original")
+    keys = read_header(path).tensors
+    assert "diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys and not any(
+        ".alpha" in k for k in keys
+    )
+    _close(_by_diffusers(diffusers, LTX, path), want, base)
+    convert(path, tmp_path / "d.safetensors", to="diffusers")
+    _close(_by_diffusers(diffusers, LTX, tmp_path / "d.safetensors"), want, base)
+    _close(_by_hand(diffusers, LTX, load_adapter(path)), want, base)

@@ -7,7 +7,8 @@
 
 ComfyUI reads both leaf styles; ai-toolkit and musubi-tuner write it for ComfyUI; diffusers 0.42 reads the
 `lora_down` style for Flux.1 (its kohya path), so that is what is written, with one `.alpha` per module (except
-where diffusers' reader refuses one — Wan's modules outside its blocks —: there the scale is folded into B).
+where diffusers' reader refuses one — Wan's modules outside its blocks —: there the scale is folded into B);
+LTX-Video's, which diffusers reads only with `lora_A`/`lora_B` and no alpha, are written so.
 XLabs' Flux files (`double_blocks.0.processor.qkv_lora1.down.weight`, no alpha: scale 1) are read as the same
 modules (`qkv_lora1` = `img_attn.qkv`, `qkv_lora2` = `txt_attn.qkv`, `proj_lora1/2` = `img_attn/txt_attn.proj`).
 Module paths are `transformer.` + the original names (`_dit` splits them into diffusers' names).
@@ -132,12 +133,13 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
             )
         key = _key(module)
+        a_leaf, b_leaf = found.arch.original_leaves if found else ("lora_down.weight", "lora_up.weight")
         if no_alpha is not None and module.startswith(COMPONENT) and no_alpha.match(module[len(COMPONENT) :]):
             b = m.B if m.scale == 1 else (m.B.double() * m.scale).to(m.B.dtype)  # scale 1 without an alpha
-            tensors |= {f"{key}.lora_down.weight": m.A, f"{key}.lora_up.weight": b}
+            tensors |= {f"{key}.{a_leaf}": m.A, f"{key}.{b_leaf}": b}
             continue
         alpha = torch.tensor(m.scale * m.rank, dtype=torch.float32)
-        tensors |= {f"{key}.lora_down.weight": m.A, f"{key}.lora_up.weight": m.B, f"{key}.alpha": alpha}
+        tensors |= {f"{key}.{a_leaf}": m.A, f"{key}.{b_leaf}": m.B, f"{key}.alpha": alpha}
         if float(alpha) / m.rank != m.scale:
             inexact[module] = m.scale
     if adapter.full_tensors:

@@ -91,6 +91,7 @@ class Arch:
     text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → what it is
     kohya_text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → sd-scripts prefix
     no_alpha: re.Pattern[str] | None = None  # original-layout modules whose `.alpha` diffusers' reader refuses
+    original_leaves: tuple[str, str] = ("lora_down.weight", "lora_up.weight")  # A, B in `diffusion_model.` files
 
     def is_original(self, names: dict[str, int]) -> bool:
         return any(self.original_marks.match(n) for n in names)
