@@ -244,3 +244,29 @@ def test_ltx_video_original_and_diffusers_files_load_as_loractl_applies_them(dif
     convert(path, tmp_path / "d.safetensors", to="diffusers")
     _close(_by_diffusers(diffusers, LTX, tmp_path / "d.safetensors"), want, base)
     _close(_by_hand(diffusers, LTX, load_adapter(path)), want, base)
+
+
+def _deltas(mixin: Any, path: Path) -> dict[str, torch.Tensor]:
+    """diffusers' converted state dict as ΔW per module (alphas baked into A and B by its converter)."""
+    state = mixin.lora_state_dict(str(path))
+    return {k.removesuffix(".lora_A.weight"): state[k.replace(".lora_A.", ".lora_B.")].double() @ state[k].double()
+            for k in state if k.endswith(".lora_A.weight")}  # fmt: skip
+
+
+def test_z_image_kohya_and_original_files_read_as_diffusers_reads_them(diffusers: Any, tmp_path: Path) -> None:
+    """ΔW state dicts (ZImageTransformer2DModel's forward takes lists of images; the names and scales are what is
+    checked): diffusers' reading of loractl's kohya and original files equals loractl's ΔW per module."""
+    names = [f"{part}.{i}.{m}" for part, i in (("layers", 0), ("layers", 3), ("noise_refiner", 1))
+             for m in ("attention.to_q", "attention.to_out.0", "feed_forward.w1", "adaLN_modulation.0")]  # fmt: skip
+    adapter = Adapter(modules={f"transformer.{n}": random_module(D, D, 2 + k % 2, alpha=float(1 + k % 3), seed=k)
+                               for k, n in enumerate(names)})  # fmt: skip
+    mixin = diffusers.loaders.ZImageLoraLoaderMixin
+    for to in ("kohya", "original"):
+        path = save_adapter(adapter, tmp_path / f"{to}.safetensors", format=to)
+        assert load_adapter(path).modules.keys() == adapter.modules.keys()
+        theirs = _deltas(mixin, path)
+        assert theirs.keys() == adapter.modules.keys()
+        for name, m in adapter.modules.items():
+            ours = m.delta_weight(torch.float64)
+            assert (theirs[name] - ours).norm() <= 1e-6 * ours.norm(), (to, name)
+    assert "lora_unet_noise_refiner_1_feed_forward_w1.alpha" in read_header(tmp_path / "kohya.safetensors").tensors
