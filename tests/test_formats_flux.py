@@ -171,3 +171,10 @@ def test_sd3_and_wan_diffusers_names_fuse_back_exactly() -> None:
     assert torch.equal(torch.cat([ada[1536:], ada[:1536]]), norm)
     wan = Adapter(modules={"transformer.blocks.3.attn2.to_out.0": random_module(H, H, 2)})
     assert list(in_layout(wan, "original").modules) == ["transformer.blocks.3.cross_attn.o"]
+
+
+def test_a_fused_module_of_the_wrong_width_is_refused_with_a_hint() -> None:
+    odd = Adapter(modules={"transformer.single_blocks.0.linear1": random_module(10, 8, 2)})
+    with pytest.raises(AdapterError, match="do not split") as caught:
+        in_layout(odd, "diffusers")
+    assert caught.value.hint

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ...errors import AdapterError
+
 
 def _pattern(template: str) -> re.Pattern[str]:
     """`double_blocks.{}.img_attn.qkv` → a full-match regex whose one group is the block index."""
@@ -62,7 +64,10 @@ class Rule:
         if out_features is not None:
             unit, rest = divmod(out_features, sum(ratios))
             if rest:
-                raise ValueError(f"{self.original}: {out_features} rows do not split as {ratios}")
+                raise AdapterError(
+                    f"module {self.original.replace('{}', 'N')!r}: {out_features} rows do not split as {ratios}",
+                    hint="the adapter is not for this architecture's widths; 'loractl inspect' shows what it is",
+                )
         else:
             number, width = next(iter((known or {}).items()))
             unit = width // ratios[number]
