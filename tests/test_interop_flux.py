@@ -231,3 +231,45 @@ def test_xlabs_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: Path) 
     for to in ("diffusers", "kohya", "original"):
         convert(tmp_path / "xlabs.safetensors", tmp_path / f"as-{to}", to=to)
         _close(_by_diffusers(diffusers, tmp_path / f"as-{to}"), want, base)
+
+
+def _fal_kontext_file(tmp_path: Path) -> Path:
+    """fal's Kontext layout at Flux.1's real widths: every one of the 19 double and 38 single blocks' modules
+    (diffusers' converter takes nothing less), rank 1, `base_model.model.` + BFL names, no alpha."""
+    from safetensors.torch import save_file
+
+    h = 3072
+    double = {"img_mod.lin": (6 * h, h), "txt_mod.lin": (6 * h, h), "img_attn.qkv": (3 * h, h), "txt_attn.qkv": (3 * h, h),
+              "img_attn.proj": (h, h), "txt_attn.proj": (h, h), "img_mlp.0": (4 * h, h), "img_mlp.2": (h, 4 * h),
+              "txt_mlp.0": (4 * h, h), "txt_mlp.2": (h, 4 * h)}  # fmt: skip
+    single = {"linear1": (7 * h, h), "linear2": (h, 5 * h), "modulation.lin": (3 * h, h)}
+    shapes = {f"double_blocks.{i}.{k}": v for i in range(19) for k, v in double.items()}
+    shapes |= {f"single_blocks.{i}.{k}": v for i in range(38) for k, v in single.items()}
+    shapes["final_layer.linear"] = (64, h)
+    g = torch.Generator().manual_seed(7)
+    state = {}
+    for name, (out, inp) in shapes.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(1, inp, generator=g)
+        state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, 1, generator=g)
+    save_file(state, tmp_path / "kontext.safetensors")
+    return tmp_path / "kontext.safetensors"
+
+
+@pytest.mark.slow  # 57 blocks at Flux.1's real widths: about 20 MB of factors (2 min on a loaded 2-core machine)
+def test_fal_kontext_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: Path) -> None:
+    """ΔW against diffusers' converted state dict, by products with random vectors (a 21504×3072 ΔW per module
+    would be 0.5 GB in float64): every module, exact to 1e-6."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    path = _fal_kontext_file(tmp_path)
+    split = in_layout(load_adapter(path), "diffusers")
+    theirs = FluxLoraLoaderMixin.lora_state_dict(str(path))
+    modules = {k.removesuffix(".lora_A.weight") for k in theirs if k.endswith(".lora_A.weight")}
+    assert modules == set(split.modules)
+    g = torch.Generator().manual_seed(8)
+    for name in sorted(modules):
+        m = split.modules[name]
+        x = torch.randn(m.in_features, 2, generator=g, dtype=torch.float64)
+        want = m.B.double() @ (m.A.double() @ x) * m.scale
+        got = theirs[f"{name}.lora_B.weight"].double() @ (theirs[f"{name}.lora_A.weight"].double() @ x)
+        assert (got - want).norm() <= 1e-6 * want.norm(), name

@@ -11,7 +11,9 @@ where diffusers' reader refuses one — Wan's modules outside its blocks —: th
 LTX-Video's, which diffusers reads only with `lora_A`/`lora_B` and no alpha, are written so.
 XLabs' Flux files (`double_blocks.0.processor.qkv_lora1.down.weight`, no alpha: scale 1) are read as the same
 modules (`qkv_lora1` = `img_attn.qkv`, `qkv_lora2` = `txt_attn.qkv`, `proj_lora1/2` = `img_attn/txt_attn.proj`).
-Module paths are `transformer.` + the original names (`_dit` splits them into diffusers' names).
+fal's Flux Kontext files (`base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`, optional `lora_B.bias`,
+no alpha) read as the same modules too. Module paths are `transformer.` + the original names (`_dit` splits them
+into diffusers' names).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ _KEY = re.compile(rf"^({'|'.join(map(re.escape, PREFIXES))})(.+)\.({'|'.join(map
 _XLABS = re.compile(
     r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$"
 )
+# fal's Flux Kontext trainer: PEFT's `base_model.model.` over BFL's names, lora_A/lora_B (+ lora_B.bias), no alpha
+_FAL = re.compile(
+    r"^base_model\.model\.((?:double_blocks|single_blocks)\.\d+\..+|final_layer\..+|img_in|txt_in"
+    r"|(?:time_in|vector_in|guidance_in)\..+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$"
+)
+_FAL_ROLES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias"}
 _XLABS_PARTS = {("qkv", "1"): "img_attn.qkv", ("qkv", "2"): "txt_attn.qkv",
                 ("proj", "1"): "img_attn.proj", ("proj", "2"): "txt_attn.proj"}  # fmt: skip
 
@@ -156,6 +164,9 @@ def _split(key: str) -> tuple[str, str] | None:
     if match is not None:
         prefix, module, leaf = match.groups()
         return PREFIXES[prefix] + module, _LEAVES[leaf]
+    fal = _FAL.match(key)
+    if fal is not None:
+        return COMPONENT + fal.group(1), _FAL_ROLES[fal.group(2)]
     xlabs = _XLABS.match(key)
     if xlabs is not None:
         block, what, stream, side = xlabs.groups()
