@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 @click.command("convert")
 @click.argument("adapter", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
-@click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, mlx, gguf, ...")
+@click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, original, mlx, gguf, ...")
 @click.option(
     "--allow-loss", is_flag=True, help="Write even if the target cannot hold all of the adapter (recorded as lost)."
 )
@@ -51,6 +51,10 @@ def command(
     the Kronecker factors' ranks); --rank or --energy truncates every module optimally, the
     error per module in the report (a loss: refused without --allow-loss).
 
+    Diffusion transformers (Flux.1, SD3, Wan, Qwen-Image, LTX-Video, Z-Image) change layout
+    with the format: kohya and original hold the original repository's fused q/k/v, diffusers
+    the split ones; both ways are exact (fusing parts with their own A stacks them, rank = sum).
+
     \b
     Examples:
       loractl convert my-lora.safetensors -o my-lora-peft --to peft --base sd15/unet
@@ -59,6 +63,7 @@ def command(
       loractl convert adapters.npz -o peft-adapter --to peft --scale 20
       loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
       loractl convert loha.safetensors -o peft-r16 --to peft --rank 16 --allow-loss --base sd15/unet
+      loractl convert flux-kohya.safetensors -o flux.safetensors --to diffusers
     """
     from ..errors import InputNotFoundError
     from ..formats import check_format
