@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 @click.command("convert")
 @click.argument("adapter", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output path (file or directory, per format).")
-@click.option("--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, original, mlx, gguf, ...")
+@click.option(
+    "--to", "to", required=True, metavar="FORMAT", help="Target: peft, kohya, diffusers, original, mlx, gguf, ..."
+)
 @click.option(
     "--allow-loss", is_flag=True, help="Write even if the target cannot hold all of the adapter (recorded as lost)."
 )
