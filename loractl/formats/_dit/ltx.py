@@ -10,7 +10,9 @@ import re
 
 from .rules import Arch
 
-_MARKS = re.compile(r"^transformer_blocks\.\d+\.attn1\.|^(caption_projection|adaln_single)\.")
+# attn1/attn2 blocks are also PixArt's (whose `adaln_single` is not LTX-Video's): such adapters are named LTX-Video
+# by `inspect`; nothing is renamed for either, so only the name and the original layout's leaves depend on it
+_MARKS = re.compile(r"^transformer_blocks\.\d+\.attn1\.|^(caption_projection|time_embed)\.")
 
 LTX_VIDEO = Arch(
     name="LTX-Video",
