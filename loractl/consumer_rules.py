@@ -10,13 +10,15 @@ out. The llama.cpp, mlx-lm and diffusers rules are each shown by the real packag
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .findings import Finding, error, warning
 from .info import AdapterInfo, ModuleInfo
 
-TARGETS = ("peft", "llamacpp", "mlx", "diffusers", "vllm")
+TARGETS = ("peft", "llamacpp", "mlx", "diffusers", "kohya", "vllm")
 VLLM_DEFAULT_MAX_RANK = 16  # vLLM's --max-lora-rank default
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only values its --max-lora-rank takes
 PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.", "prior.")
@@ -68,6 +70,11 @@ def _conv(consumer: str, how: str) -> _Rule:
 def _bias(consumer: str, how: str) -> _Rule:
     message = f"{consumer} has no lora_B bias ({how}); merge it into the base (loractl merge)"
     return _each(lambda m: m.bias, lambda name: error("bias-dropped", message, name))
+
+
+def _embedding(consumer: str) -> _Rule:
+    message = f"{consumer} has no embedding LoRA; merge it into the base (loractl merge)"
+    return _each(lambda m: m.kind == "embedding", lambda name: error("embedding-unsupported", message, name))
 
 
 def _full_tensors(consumer: str, how: str, keep: Callable[[str], bool] = lambda _: False) -> _Rule:
@@ -123,8 +130,8 @@ def _gguf_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
 def _kohya_alphas(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """diffusers' kohya converter mangles alpha_pattern keys: only the first alpha survives."""
     alphas = {m.alpha for m in info.modules.values()}
-    if info.format != "kohya" or len(alphas) <= 1:
-        return []
+    if info.format != "kohya" or len(alphas) <= 1 or _transformer(info):
+        return []  # its Flux reader bakes each module's alpha into A and B
     return [
         warning(
             "kohya-per-module-alpha",
@@ -136,8 +143,8 @@ def _kohya_alphas(info: AdapterInfo, base: Path | None) -> list[Finding]:
 
 def _pipeline_component(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """load_lora_weights takes only keys that start with a pipeline component: it loads nothing from others."""
-    if info.format == "kohya":
-        return []  # kohya prefixes name the component
+    if info.format in ("kohya", "original"):
+        return []  # kohya prefixes name the component; the original layout: `_transformer_dropped`
     unprefixed = _unprefixed_keys(info) if info.format == "diffusers" else []
     return unprefixed + [f for name in sorted(info.modules) for f in _component_findings(name, info.format)]
 
@@ -165,6 +172,66 @@ def _unprefixed_keys(info: AdapterInfo) -> list[Finding]:
             "them; convert with 'loractl convert --to diffusers', which writes the unet. prefix",
         )
     ]
+
+
+def _transformer(info: AdapterInfo) -> dict[str, Any] | None:
+    from .formats import architecture
+
+    return architecture({n: m.in_features for n, m in info.modules.items()})
+
+
+# diffusers 0.42's Flux.1 reader of kohya / ComfyUI files names these without `transformer.`: load_lora_weights
+# then leaves them out (`_convert_kohya_flux_lora_to_diffusers`; shown in tests/test_interop_flux.py)
+_FLUX_OUTSIDE_BLOCKS = re.compile(r"^transformer\.(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.?")
+
+
+def _transformer_dropped(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """What diffusers' Flux.1 reader of kohya and original-layout files does not load (diffusers 0.42)."""
+    arch = _transformer(info)
+    if arch is None or arch["name"] != "Flux.1" or info.format not in ("kohya", "original"):
+        return []
+    how = "convert with 'loractl convert --to diffusers', which diffusers loads whole"
+    leaves = {k.rpartition(".")[0].rpartition(".")[2] for m in info.modules.values() for k in m.keys.values()}
+    if info.format == "original" and "lora_A" in leaves:
+        message = f"diffusers reads Flux.1's original-layout files only with lora_down/lora_up keys: it loads none of this file's lora_A/lora_B modules; {how}"  # fmt: skip
+        return [error("unknown-module", message)]
+    out = [error("unknown-module", f"diffusers' Flux.1 reader of {info.format} files leaves this module out (it "
+                 f"names it without 'transformer.'); {how}", name)
+           for name in sorted(info.modules) if _FLUX_OUTSIDE_BLOCKS.match(name)]  # fmt: skip
+    t5 = sorted(n for n in info.modules if n.startswith("text_encoder_2."))
+    if t5:
+        message = f"diffusers' Flux.1 reader drops T5 LoRA modules ({len(t5)}, e.g. {t5[0]!r}): diffusers has no way to load them"  # fmt: skip
+        out.append(warning("unknown-module", message))
+    return out
+
+
+_WAN_BLOCK = (*(f"{side}.{o}" for side in ("self_attn", "cross_attn") for o in "qkvo"), "ffn.0", "ffn.2")
+
+
+def _wan_musubi(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """diffusers' musubi-tuner reader of Wan (`_convert_musubi_wan_lora_to_diffusers`, 0.42) takes blocks 0…n-1, each
+    with all ten modules, and nothing else: any other file it refuses with a KeyError or an IndexError."""
+    arch = _transformer(info)
+    if arch is None or arch["name"] != "Wan" or info.format != "kohya":
+        return []
+    rels = [n.removeprefix("transformer.") for n in info.modules if n.startswith("transformer.")]
+    blocks = {int(n.split(".")[1]) for n in rels if n.startswith("blocks.")}
+    missing = [f"blocks.{i}.{m}" for i in range(len(blocks)) for m in _WAN_BLOCK if f"blocks.{i}.{m}" not in rels]
+    outside = [n for n in rels if not n.startswith("blocks.")]
+    if not missing and not outside:
+        return []
+    what = f"lacks {missing[0]}" if missing else f"has {outside[0]} outside the blocks"
+    message = f"diffusers' musubi-tuner reader of Wan refuses this file (it takes every block's ten modules and nothing else; this one {what}); convert with 'loractl convert --to diffusers'"  # fmt: skip
+    return [error("unknown-module", message)]
+
+
+def _kohya_layout(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """sd-scripts (and ComfyUI's kohya names) know a diffusion transformer by its original module names only."""
+    arch = _transformer(info)
+    if arch is None or arch["layout"] != "diffusers":
+        return []
+    message = f"sd-scripts names {arch['name']}'s modules as the original repository does (lora_unet_double_blocks_0_img_attn_qkv, q/k/v fused): it would not load this diffusers-named module; convert with 'loractl convert --to kohya', which fuses them exactly"  # fmt: skip
+    return [error("unknown-module", message, name) for name in sorted(info.modules) if name.startswith("transformer.")]
 
 
 def _mlx_names(info: AdapterInfo, base: Path | None) -> list[Finding]:
@@ -237,7 +304,11 @@ _RULES: dict[str, list[_Rule]] = {
         _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
-                  _pipeline_component],
+                  _pipeline_component, _transformer_dropped, _wan_musubi],
+    "kohya": [
+        _dora("sd-scripts", "a kohya file has no place for it"), _bias("sd-scripts", "a kohya file has no place for it"), _embedding("sd-scripts"),
+        _full_tensors("sd-scripts", "have no place in a kohya file"), _kohya_layout,
+    ],
     "vllm": [
         _dora("vLLM", "it refuses the adapter: 'vLLM does not yet support DoRA'"),
         _conv("vLLM", "per its documentation"),

@@ -59,6 +59,13 @@ class Inspection:
     structures: tuple[StructureRow, ...] = ()  # LyCORIS LoHa/LoKr modules
 
     @property
+    def architecture(self) -> dict[str, Any] | None:
+        """The diffusion transformer the adapter is for (`formats.architecture`), from its module names."""
+        from .formats import architecture
+
+        return architecture({n: m.in_features for n, m in self.info.modules.items()})
+
+    @property
     def failed(self) -> bool:
         """Whether a finding is an error (the CLI then exits 1)."""
         return any(f.severity == "error" for f in self.info.findings)
@@ -79,6 +86,7 @@ class Inspection:
             "base_model": info.base_model,
             "base_revision": info.base_revision,
             "task_type": info.task_type,
+            "architecture": self.architecture,
             "modules": len(info.modules),
             "ranks": sorted({m.rank for m in info.modules.values()}),
             "patterns": [vars(p) for p in self.patterns],

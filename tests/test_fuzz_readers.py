@@ -78,7 +78,12 @@ def _written_seeds(root: Path) -> list[Seed]:
     names = {"gguf": "a.gguf", "kohya": "a.safetensors", "diffusers": "d.safetensors", "loralib": "l.bin"}
     for fmt in FORMATS:
         path = root / names.get(fmt, fmt)
-        save_adapter(clip if fmt == "diffusers" else llama, path, format=fmt, options=WriteOptions(base=BASE, alpha=8))
+        save_adapter(
+            clip if fmt in ("diffusers", "original") else llama,
+            path,
+            format=fmt,
+            options=WriteOptions(base=BASE, alpha=8),
+        )
         out.append(Seed(f"written-{fmt}", fmt, path, ReadOptions(allow_pickle=True, base=BASE, **_lacking(fmt, 8))))
     pickled = root / "peft-bin"  # PEFT's legacy pickle layout
     shutil.copytree(FIXTURES / "adapters" / "tiny-qv", pickled)

@@ -288,7 +288,7 @@ def test_split_gguf_is_merged_shard_for_shard(tmp_path: Path, capsys: pytest.Cap
     merge(whole, [tmp_path / "peft"], tmp_path / "want.gguf")
     report = merge(first, [tmp_path / "peft"], tmp_path / "out.gguf")
     files = [tmp_path / f"out-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
-    assert report.files == tuple(str(f) for f in files) and report.output == str(files[0])
+    assert report.shards == tuple(str(f) for f in files) and report.output == files[0]  # the one MergeReport
     want = tensors(tmp_path / "want.gguf")
     seen = set()
     for i, (shard, source) in enumerate(zip(files, sorted(tmp_path.glob("split-*")), strict=True)):
@@ -412,9 +412,9 @@ def test_llama_cpp_loads_a_merged_split_gguf(tiny_llama: Path, tmp_path: Path) -
     assert len(list(first.parent.glob("*.gguf"))) > 2
     save_adapter(smollm2_adapter(tiny_llama, range(2), 0.3), tmp_path / "peft", format="peft")
     report = merge(first, [tmp_path / "peft"], tmp_path / "merged.gguf")
-    assert len(report.files) == len(list(first.parent.glob("*.gguf")))
+    assert len(report.shards) == len(list(first.parent.glob("*.gguf")))
     merge(hf_to_gguf(tiny_llama, "q8_0"), [tmp_path / "peft"], tmp_path / "whole.gguf")
-    got = logits(Path(report.files[0]), TOKENS)
+    got = logits(Path(report.shards[0]), TOKENS)
     assert np.array_equal(got, logits(tmp_path / "whole.gguf", TOKENS))
     assert not np.array_equal(got, logits(first, TOKENS))
 

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from .protocol import Weights
 
 
-
 @dataclass(frozen=True)
 class Stored:
     """One logical weight as its scheme stores it."""

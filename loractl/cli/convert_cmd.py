@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @click.command("convert")
 @click.argument("adapter", type=click.Path())
 @output_options(
-    to_help="Target: peft, kohya, diffusers, mlx, gguf, ...",
+    to_help="Target: peft, kohya, diffusers, original, mlx, gguf, ...",
     to_required=True,
     output_help="Output path (file or directory, per format).",
 )
@@ -50,6 +50,10 @@ def command(
     the Kronecker factors' ranks); --rank or --energy truncates every module optimally, the
     error per module in the report (a loss: refused without --allow-loss).
 
+    Diffusion transformers (Flux.1, SD3, Wan, Qwen-Image, LTX-Video, Z-Image) change layout
+    with the format: kohya and original hold the original repository's fused q/k/v, diffusers
+    the split ones; both ways are exact (fusing parts with their own A stacks them, rank = sum).
+
     \b
     Examples:
       loractl convert my-lora.safetensors -o my-lora-peft --to peft --base sd15/unet
@@ -58,6 +62,7 @@ def command(
       loractl convert adapters.npz -o peft-adapter --to peft --scale 20
       loractl convert dora-adapter -o d.pt --to loralib --base BASE --allow-loss
       loractl convert loha.safetensors -o peft-r16 --to peft --rank 16 --allow-loss --base sd15/unet
+      loractl convert flux-kohya.safetensors -o flux.safetensors --to diffusers
     """
     from ..ops.convert import convert
     from ..ops.lowrank import RankRule

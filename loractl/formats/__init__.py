@@ -3,12 +3,12 @@
 Adding a format is one module and one line in `FORMATS`; detection tries them in order.
 
 One naming rule for what lives here: a public name is a format or the options all formats take.
-- A format in one file is a module: `diffusers`, `loralib`, `mlx`, `torchtune`.
+- A format in one file is a module: `diffusers`, `loralib`, `mlx`, `original`, `torchtune`.
 - A format in several files is a subpackage whose `__init__` holds the verbs and whose modules
   name their job: `gguf/` (`names`, `writer`), `kohya/` (`names`, `lycoris`), `peft/` (`config`, `writer`).
 - `options`: `ReadOptions`, `WriteOptions` and `Feature`, which ops and the CLI use too.
 - Helpers shared by several formats start with an underscore and stay inside `formats/`:
-  `_contents` (what a file without a LoRA pair holds), `_global_alpha`, `_mlx_names`, `_modules`,
+  `_contents` (what a file without a LoRA pair holds), `_dit` (diffusion transformers' two layouts), `_global_alpha`, `_mlx_names`, `_modules`,
   `_reading`, `_record`, `_rope`, `_state_dict`.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, FormatError, InputNotFoundError, UnknownFormatError, UsageError
 from ..findings import error
@@ -61,6 +61,7 @@ FORMATS: Mapping[str, ModuleType] = _Registry(
         "peft",
         "mlx",
         "diffusers",
+        "original",  # diffusion_model.<original module names> (ComfyUI's layout), XLabs' Flux processors
         "kohya",
         "loralib",  # bare *.lora_A keys: last, the loosest pattern
     ]
@@ -158,6 +159,25 @@ def save_adapter(
         raise AdapterError("the adapter has no LoRA module: nothing to write", path=path, hint=_NO_MODULE_HINT)
     opts = options or WriteOptions()
     return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
+
+
+def architecture(modules: dict[str, int]) -> dict[str, Any] | None:
+    """The diffusion transformer (Flux.1, …) an adapter's modules (path → input width) adapt, as `inspect` shows
+    it: name, layout (`diffusers` or `original` names), blocks adapted per kind, text encoders; None for others."""
+    from ._dit import describe_architecture
+
+    return describe_architecture(modules)
+
+
+def in_layout(adapter: Adapter, format: str) -> Adapter:
+    """`adapter` with its diffusion-transformer modules (Flux) named as `format` writes them: diffusers' split
+    q/k/v or the original fused projections (exact both ways; `_dit`). Other adapters come back unchanged."""
+    layout = getattr(FORMATS[format], "LAYOUT", None)
+    if layout is None:
+        return adapter
+    from ._dit import relayout
+
+    return relayout(adapter, layout)
 
 
 def format_fills(format: str) -> frozenset[str]:

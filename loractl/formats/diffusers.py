@@ -24,6 +24,7 @@ from ..findings import Finding, error
 from ..info import AdapterInfo, scale_from_alpha
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import parse_json, scalar_alpha
+from ._dit import Layout, relayout
 from ._modules import exact_scales, module_info, no_weights_in
 from .options import Feature, ReadOptions, WriteOptions
 from .peft.config import module_alpha_rank
@@ -37,6 +38,7 @@ NAME = "diffusers"
 HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "rslora", "dora", "bias", "conv"})
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
+LAYOUT: Layout = "diffusers"  # diffusion transformers (Flux): diffusers' split q/k/v, written from either layout
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
 _COMPONENT = re.compile(rf"^({'|'.join(COMPONENTS)})\.")
 # What LoRA adapts in diffusers' transformer models (SD3, Flux, HunyuanVideo, Wan, Lumina, HiDream, ...):
@@ -44,7 +46,7 @@ _COMPONENT = re.compile(rf"^({'|'.join(COMPONENTS)})\.")
 _DIFFUSION_TRANSFORMER = re.compile(
     r"^transformer\.(transformer_blocks|single_transformer_blocks|joint_transformer_blocks|double_stream_blocks"
     r"|single_stream_blocks|blocks|layers|noise_refiner|context_refiner|x_embedder|context_embedder|time_text_embed"
-    r"|time_embed|proj_out|norm_out|pos_embed|patch_embed|caption_projection|condition_embedder|adaln_single)\."
+    r"|time_embed|proj_out|norm_out|pos_embed|patch_embed|caption_projection|condition_embedder|adaln_single|img_in|txt_in|proj_in)(\.|$)"
 )
 # attn-procs names: (a) for the UNet, and the text encoder's CLIP names they stood for.
 _PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -126,6 +128,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ..io.safetensors_writer import save_tensors
     from ._record import record_for
 
+    adapter = relayout(adapter, LAYOUT)
     _refuse_unheld(adapter)
     metadata_doc, inexact = _metadata_doc(adapter)
     metadata = {

@@ -16,7 +16,16 @@ from typing import Any
 from .. import lineage
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, NumericError
-from ..formats import FORMATS, check_format, detect_format, format_fills, format_holds, load_adapter, save_adapter
+from ..formats import (
+    FORMATS,
+    check_format,
+    detect_format,
+    format_fills,
+    format_holds,
+    in_layout,
+    load_adapter,
+    save_adapter,
+)
 from ..formats.options import Feature, ReadOptions, WriteOptions
 from ..io.atomic import atomic_output, check_output
 from .algebra_result import ModuleChange
@@ -91,7 +100,8 @@ def convert(
     fills = format_fills(src_format) if src_format in FORMATS else frozenset()
     # --alpha fills a source that lacks it; otherwise it is only the target's global alpha
     reading = replace(given, alpha=alpha if "alpha" in fills else None)
-    adapter = load_adapter(source, format=source_format, options=reading)
+    read = load_adapter(source, format=source_format, options=reading)
+    adapter = in_layout(read, to)  # fused or split first, so --rank truncates what the target holds
     truncated: tuple[ModuleChange, ...] = ()
     cut: Loss | None = None
     if rank is not None:
@@ -101,6 +111,8 @@ def convert(
         cut = truncation_loss(adapter, result.report, EXACT_FOLD)
         adapter, truncated = result.adapter, result.report
     plan = plan_conversion(adapter, to, base=base_path)
+    if adapter is not read:
+        plan = replace(plan, folded=(*plan.folded, _relayout_note(read, adapter)))
     if cut is not None:
         plan = replace(plan, lost=(cut, *plan.lost))
     if plan.lost and not allow_loss:
@@ -150,6 +162,19 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None) -> C
     exact = [x for x in losses if x.weight_change is not None and x.weight_change <= EXACT_FOLD]
     folded += [f"{x.what} ({x.count}) dropped: the merged weights on this base stay the same" for x in exact]
     return ConversionPlan(target, tuple(folded), tuple(x for x in losses if x not in exact))
+
+
+def _relayout_note(read: Adapter, written: Adapter) -> str:
+    """What renaming a diffusion transformer's modules into the target's layout did (exact either way)."""
+    if len(written.modules) > len(read.modules):
+        return f"fused projections split into diffusers' parts ({len(read.modules)} → {len(written.modules)} modules)"
+    before, after = (max(m.rank for m in a.modules.values()) for a in (read, written))
+    what = (
+        f"; parts with different A's stacked block-diagonally, largest rank {before} → {after}"
+        if after > before
+        else ""
+    )
+    return f"diffusers' parts fused into the original projections ({len(read.modules)} → {len(written.modules)} modules{what})"
 
 
 def _loss_hint(lost: tuple[Loss, ...]) -> str:

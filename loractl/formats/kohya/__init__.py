@@ -23,6 +23,8 @@ from ...findings import Finding, error, warning
 from ...info import AdapterInfo, ModuleInfo, ScaleRule
 from ...io.safetensors_header import TensorInfo, is_safetensors, read_header
 from ...io.values import scalar_alpha
+from .._dit import COMPONENT as TRANSFORMER
+from .._dit import Layout, recognise, relayout
 from .._modules import exact_scales, module_info, recorded_layout
 from ..options import Feature, ReadOptions, WriteOptions
 from . import lycoris
@@ -40,6 +42,7 @@ NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
 LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
 FULL_DELTAS = ("diff", "diff_b", "w_norm", "b_norm", "bias", "scale", "on_input", "weight")
+LAYOUT: Layout = "original"  # diffusion transformers (Flux): the original repository's fused modules, as sd-scripts
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
@@ -61,7 +64,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
     header = read_header(path)
     groups = _group_keys(path, list(header.tensors))
     recorded = _recorded_names(header.metadata)
-    paths = kohya_names.resolve(groups, base=options.base, recorded=recorded)
+    paths = _transformer_paths(kohya_names.resolve(groups, base=options.base, recorded=recorded))
     record = lineage.decode(header.metadata)
     findings: list[Finding] = []
     modules = {}
@@ -118,6 +121,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ...io.atomic import atomic_output
     from ...io.safetensors_writer import save_tensors
 
+    adapter = relayout(adapter, LAYOUT)
     _refuse_unheld(adapter)
     names = _kohya_names(list(adapter.modules))
     tensors: dict[str, torch.Tensor] = {}
@@ -278,11 +282,47 @@ def _refuse_unheld(adapter: Adapter) -> None:
         raise AdapterError("kohya files cannot hold full tensors", hint="use 'loractl convert'")
 
 
+def _transformer_paths(paths: dict[str, str]) -> dict[str, str]:
+    """sd-scripts and musubi-tuner name a diffusion transformer's modules `lora_unet_`: read as `transformer.` + the
+    original module names; text encoders by the architecture's prefixes (Flux's `lora_te3_` T5 is `text_encoder_2.`)."""
+    dit = {n: TRANSFORMER + p[len("unet.") :] for n, p in paths.items() if p.startswith("unet.")}
+    found = recognise(dict.fromkeys(dit.values(), 0)) if dit else None
+    if found is None:
+        return paths
+    by_prefix = {prefix: component for component, prefix in found.arch.kohya_text_encoders.items()}
+    encoders = {}
+    for name in paths:
+        prefix = kohya_names.split_prefix(name)[0]
+        if prefix in by_prefix:
+            encoders[name] = by_prefix[prefix] + "." + paths[name].split(".", 1)[1]
+    return paths | dit | encoders
+
+
 def _kohya_names(modules: list[str]) -> dict[str, str]:
-    """Module path → kohya name; SDXL-style lora_te1_/lora_te2_ when a second text encoder is adapted."""
+    """Module path → kohya name; SDXL-style lora_te1_/lora_te2_ when a second text encoder is adapted.
+
+    A diffusion transformer is sd-scripts' and musubi-tuner's: `lora_unet_` + its original names, text encoders by
+    the architecture's prefixes (Flux.1: `lora_te1_` CLIP-L, `lora_te3_` T5; SD3: `lora_te1_`, `lora_te2_`, `lora_te3_`).
+    """
+    found = recognise(dict.fromkeys(modules, 0))
+    if found is not None:
+        return _checked({m: _transformer_name(m, found.arch.kohya_text_encoders) for m in modules})
     names = {m: kohya_names.flatten(m)[0] for m in modules}
     if any(n.startswith("lora_te2_") for n in names.values()):
         names = {m: "lora_te1_" + n[len("lora_te_") :] if n.startswith("lora_te_") else n for m, n in names.items()}
+    return _checked(names)
+
+
+def _transformer_name(module: str, prefixes: dict[str, str]) -> str:
+    if module.startswith(TRANSFORMER):
+        return "lora_unet_" + module[len(TRANSFORMER) :].replace(".", "_")
+    component, _, rest = module.partition(".")
+    if component in prefixes:
+        return prefixes[component] + rest.replace(".", "_")
+    return kohya_names.flatten(module)[0]
+
+
+def _checked(names: dict[str, str]) -> dict[str, str]:
     clashes = [n for n, c in Counter(names.values()).items() if c > 1]
     if clashes:
         raise AdapterError(

@@ -46,6 +46,8 @@ _WORDS = """
     proj_mlp x_embedder context_embedder time_text_embed timestep_embedder guidance_embedder text_embedder norm_out
     double_blocks single_blocks img_attn txt_attn qkv img_mlp txt_mlp img_mod txt_mod lin linear1 linear2
     modulation final_layer adaLN_modulation img_in txt_in time_in vector_in guidance_in in_layer out_layer
+    blocks cross_attn ffn k_img v_img head time_projection text_embedding time_embedding img_emb
+    joint_blocks x_block context_block t_embedder y_embedder noise_refiner context_refiner
 """
 VOCABULARY = frozenset(_WORDS.split())
 

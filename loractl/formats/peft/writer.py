@@ -65,8 +65,8 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
         peft_type="LORA",
         r=r,
         lora_alpha=json_number(lora_alpha),
-        rank_pattern={re.escape(n): m.rank for n, m in mods.items() if m.rank != r},
-        alpha_pattern={re.escape(n): json_number(a) for n, a in alphas.items() if a != lora_alpha},
+        rank_pattern={_pattern_key(n, mods): m.rank for n, m in mods.items() if m.rank != r},
+        alpha_pattern={_pattern_key(n, mods): json_number(a) for n, a in alphas.items() if a != lora_alpha},
         use_rslora=rslora,
         use_dora=dora == {True},
         lora_bias=_has_bias(adapter),
@@ -81,6 +81,13 @@ def peft_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config.setdefault("bias", "none")
     config.setdefault("inference_mode", True)
     return config, inexact
+
+
+def _pattern_key(module: str, modules: dict[str, Any]) -> str:
+    """The rank/alpha pattern key naming `module` only: PEFT matches keys as dotted suffixes, so a module that is
+    a suffix of another (Flux's top-level `proj_out` and `single_transformer_blocks.0.proj_out`) is anchored."""
+    suffix_of_another = any(m.endswith("." + module) for m in modules)
+    return ("^" if suffix_of_another else "") + re.escape(module)
 
 
 def peft_record(adapter: Adapter, scales: dict[str, float]) -> lineage.Record:
