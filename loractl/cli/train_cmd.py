@@ -33,6 +33,9 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--targets", help="Suffixes (q_proj,v_proj), all-linear, or a regex over module paths [q_proj,v_proj].")
 @click.option("--exclude", help="Suffixes or a regex of modules to leave out.")
 @click.option("--rslora", is_flag=True, default=None, help="Scale alpha/sqrt(r) (rsLoRA).")
+@click.option(
+    "--dora", is_flag=True, default=None, help="DoRA: also train a magnitude per output row (PEFT's use_dora)."
+)
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
 @click.option("--init", type=click.Choice(["kaiming", "gaussian"]), help="Initialization of A [kaiming].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")

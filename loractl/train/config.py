@@ -35,6 +35,7 @@ class TrainConfig:
     rslora: bool = False
     dropout: float = 0.0
     init: Init = "kaiming"
+    dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     steps: int | None = None  # None: from `epochs`, or DEFAULT_STEPS when neither is set
     epochs: float | None = None
     lr: float = 2e-4

@@ -53,6 +53,7 @@ def lora_module(layer: LoraLinear) -> LoraModule:
         alpha=layer.alpha,
         scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
         fan_in_fan_out=layer.fan_in_fan_out,
+        magnitude=None if layer.magnitude is None else layer.magnitude.detach().to("cpu", copy=True),
     )
 
 

@@ -58,6 +58,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
             dropout=config.dropout,
             init=config.init,
             generator=generator,
+            dora=config.dora,
         )
         setattr(parent, leaf, layer)
     fuse(model)
