@@ -41,8 +41,11 @@ def peft_losses(
     twin = peft.get_peft_model(model, peft.LoraConfig(**{**options, **lora}))
     with torch.no_grad():
         for name, module in ours.named_modules():
-            if hasattr(module, "lora_A"):
-                theirs = twin.base_model.model.get_submodule(name)
+            theirs = twin.base_model.model.get_submodule(name) if hasattr(module, "lora_A") else None
+            if theirs is not None and "default" in getattr(theirs, "lora_embedding_A", {}):
+                theirs.lora_embedding_A["default"].copy_(module.lora_A)
+                theirs.lora_embedding_B["default"].copy_(module.lora_B)
+            elif theirs is not None:
                 theirs.lora_A["default"].weight.copy_(module.lora_A)
     params = [p for p in twin.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -58,14 +61,16 @@ def peft_losses(
     return losses
 
 
-def ours_vs_peft(config: TrainConfig, **load: Any) -> tuple[list[float], list[float]]:
-    """The losses of `config`'s steps on the fixture base loaded with `load`, by loractl and by PEFT."""
-    model, tokenizer = load_base(TINY, **load)
+def ours_vs_peft(
+    config: TrainConfig, base: Path = TINY, lora: dict[str, Any] | None = None, **load: Any
+) -> tuple[list[float], list[float]]:
+    """The losses of `config`'s steps on `base` loaded with `load`, by loractl and by PEFT (`lora`: its options)."""
+    model, tokenizer = load_base(base, **load)
     rows = examples(tokenizer)
     inject(model, config)
     record = Losses()
-    twin_base, _ = load_base(TINY, **load)  # the same base, quantized the same way (deterministic)
-    theirs = peft_losses(twin_base, model, rows, config)
+    twin_base, _ = load_base(base, **load)  # the same base, quantized the same way (deterministic)
+    theirs = peft_losses(twin_base, model, rows, config, **(lora or {}))
     train(model, rows, config, callbacks=[record])
     return record.losses, theirs
 

@@ -36,6 +36,8 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option(
     "--dora", is_flag=True, default=None, help="DoRA: also train a magnitude per output row (PEFT's use_dora)."
 )
+@click.option("--train-modules", help="Modules trained in full and saved whole (PEFT's modules_to_save): lm_head,...")
+@click.option("--add-tokens", help="Comma list of tokens to add to the tokenizer; the embeddings are resized.")
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
 @click.option("--init", type=click.Choice(["kaiming", "gaussian"]), help="Initialization of A [kaiming].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")
@@ -90,7 +92,8 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     from ..train import train_adapter
     from ..train.config import load_config
 
-    settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]))
+    settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]),
+                    train_modules=_comma_list(settings["train_modules"]), add_tokens=_comma_list(settings["add_tokens"]))  # fmt: skip
     config = load_config(config_file, settings)
     with _Progress(output) as progress:
         summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
@@ -99,6 +102,10 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
         _report(summary, as_json)
     if summary.result.interrupted:
         ctx.exit(130)
+
+
+def _comma_list(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:

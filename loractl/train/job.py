@@ -25,6 +25,7 @@ from .data import Dataset, load_dataset, require_data_file
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
+from .saved_modules import add_tokens, save_tokenizer
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def train_adapter(
     model, tokenizer = load_base(
         base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
+    resized = bool(config.add_tokens) and add_tokens(model, tokenizer, config.add_tokens, config.seed) > 0
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
     injection = inject(model, config)
@@ -89,7 +91,7 @@ def train_adapter(
     content_hash = None
     if adapter is not None:
         meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
-        if _loaded_differently(config) and (from_files := _file_fingerprint(base, adapter)) is not None:
+        if (_loaded_differently(config) or resized) and (from_files := _file_fingerprint(base, adapter)) is not None:
             meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
         adapter = replace(adapter, meta=meta)
         adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
@@ -98,6 +100,8 @@ def train_adapter(
         from ..formats import save_adapter
 
         save_adapter(adapter, output, force=force or resume is not None)
+        if resized:  # the tokenizer that knows the new tokens, beside the adapter (as PEFT users save it)
+            save_tokenizer(tokenizer, output)
     distributed.barrier(world)
     return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
 
