@@ -25,9 +25,16 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option(
     "--base", required=True, help="Base model: a transformers directory (config.json + safetensors + tokenizer)."
 )
-@click.option("--data", required=True, type=click.Path(), help="Training JSONL: text, prompt+completion, or messages.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Training data: JSONL (text, prompt+completion, or messages), parquet/arrow/csv/json, a "
+              "save_to_disk directory, or a Hub dataset id.")  # fmt: skip
+@click.option("--data-split", help="Split of a Hub or saved dataset [train].")
+@click.option("--data-config", help="Config (subset) of a Hub dataset.")
+@click.option("--data-columns", help="Rename columns into the row shapes: text=body, messages=conversation, ...")
+@click.option("--data-streaming", is_flag=True, help="Read rows as the source yields them (no datasets cache).")
+@click.option("--eval-split", default="test", show_default=True, help="Split of --eval-data when it is a dataset.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
-@click.option("--eval-data", type=click.Path(), help="Held-out JSONL for eval loss.")
+@click.option("--eval-data", type=click.Path(), help="Held-out data for eval loss (the forms --data takes).")
 @click.option("--rank", type=int, help="LoRA rank r [8].")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha/r [16].")
 @click.option("--targets", help="Suffixes (q_proj,v_proj), all-linear, or a regex over module paths [q_proj,v_proj].")
@@ -76,7 +83,9 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.pass_context
 def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data: str | None, resume: str | None,
-            config_file: str | None, nproc: int | None, force: bool, as_json: bool, **settings: Any) -> None:  # fmt: skip
+            config_file: str | None, nproc: int | None, force: bool, as_json: bool, data_split: str | None,
+            data_config: str | None, data_columns: str | None, data_streaming: bool, eval_split: str,
+            **settings: Any) -> None:  # fmt: skip
     """Train a LoRA adapter on a transformers base and save it in PEFT format.
 
     \b
@@ -91,13 +100,15 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     _check_paths(output, data, eval_data, force=force or resume is not None)
     from ..train import train_adapter
     from ..train.config import load_config
+    from ..train.data_sources import DataOptions, parse_columns
 
+    options = DataOptions(data_split or "train", data_config, data_streaming, parse_columns(data_columns))
     settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]),
                     train_modules=_comma_list(settings["train_modules"]), add_tokens=_comma_list(settings["add_tokens"]))  # fmt: skip
     config = load_config(config_file, settings)
     with _Progress(output) as progress:
         summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
-                                callbacks=[progress])  # fmt: skip
+                                callbacks=[progress], data_options=options, eval_split=eval_split)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary, as_json)
     if summary.result.interrupted:
@@ -109,13 +120,13 @@ def _comma_list(value: str | None) -> tuple[str, ...] | None:
 
 
 def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:
-    """What train checks again, checked before torch is imported: the data files exist, the output does
-    not unless --force (or --resume)."""
-    from ..errors import InputNotFoundError
+    """What train checks again, checked before the base loads: the data exist (a file, a dataset directory or a
+    Hub id), the output does not unless --force (or --resume)."""
     from ..io.atomic import check_output
+    from ..train.data_sources import check_source
 
     for path in (data, eval_data) if eval_data else (data,):
-        InputNotFoundError.check(path, "data file ")
+        check_source(path)
     check_output(output, [], force=force)
 
 

@@ -22,6 +22,7 @@ from .base import load_base
 from .callbacks import Hooks, MetricsLog
 from .config import TrainConfig
 from .data import Dataset, load_dataset, require_data_file
+from .data_sources import DataOptions
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
@@ -51,8 +52,15 @@ def train_adapter(
     resume: str | Path | None = None,
     force: bool = False,
     callbacks: Sequence[Hooks] = (),
+    data_options: DataOptions | None = None,
+    eval_split: str = "test",
 ) -> TrainSummary:
-    """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`."""
+    """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`.
+
+    `data_options` say how a dataset that is not a JSONL file is read (`data_sources`); `eval_data`
+    is read the same way, from the split `eval_split`.
+    """
+    data_options = data_options or DataOptions()
     config.check()
     output, run_dir = Path(output), run_dir_of(output)
     inputs: list[str | Path] = [data, *([eval_data] if eval_data else [])]
@@ -67,8 +75,9 @@ def train_adapter(
         base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
     resized = bool(config.add_tokens) and add_tokens(model, tokenizer, config.add_tokens, config.seed) > 0
-    train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
-    eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
+    train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing, options=data_options)
+    eval_options = replace(data_options, split=eval_split)
+    eval_set = load_dataset(eval_data, tokenizer, config.max_len, options=eval_options) if eval_data else None
     injection = inject(model, config)
     if force and resume is None and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -94,7 +103,7 @@ def train_adapter(
         if (_loaded_differently(config) or resized) and (from_files := _file_fingerprint(base, adapter)) is not None:
             meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
         adapter = replace(adapter, meta=meta)
-        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
+        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result, data, data_options))
         content_hash = adapter.content_hash()
     if world.is_main and adapter is not None:
         from ..formats import save_adapter
@@ -143,9 +152,18 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
 
 
 def _lineage(
-    base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None, result: TrainResult
+    base: str | Path,
+    config: TrainConfig,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    result: TrainResult,
+    data: str | Path,
+    options: DataOptions,
 ) -> dict[str, Any]:
     params = {"base": str(base), **config.to_dict()}
+    if options != DataOptions() or not Path(data).is_file():  # a dataset, not a JSONL file: how it was read
+        params["data"] = {"source": str(data), "split": options.split, "config": options.config,
+                          "streaming": options.streaming, "columns": dict(options.columns)}  # fmt: skip
     metrics = {
         "steps": result.steps,
         "tokens": result.tokens,
