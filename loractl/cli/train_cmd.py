@@ -32,6 +32,12 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--data-config", help="Config (subset) of a Hub dataset.")
 @click.option("--data-columns", help="Rename columns into the row shapes: text=body, messages=conversation, ...")
 @click.option("--data-streaming", is_flag=True, help="Read rows as the source yields them (no datasets cache).")
+@click.option(
+    "--report-to",
+    default="none",
+    show_default=True,
+    help="Also log metrics to tensorboard, wandb (offline without a key), or both: tensorboard,wandb.",
+)
 @click.option("--eval-split", default="test", show_default=True, help="Split of --eval-data when it is a dataset.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
 @click.option("--eval-data", type=click.Path(), help="Held-out data for eval loss (the forms --data takes).")
@@ -85,7 +91,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data: str | None, resume: str | None,
             config_file: str | None, nproc: int | None, force: bool, as_json: bool, data_split: str | None,
             data_config: str | None, data_columns: str | None, data_streaming: bool, eval_split: str,
-            **settings: Any) -> None:  # fmt: skip
+            report_to: str, **settings: Any) -> None:  # fmt: skip
     """Train a LoRA adapter on a transformers base and save it in PEFT format.
 
     \b
@@ -101,6 +107,7 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     from ..train import train_adapter
     from ..train.config import load_config
     from ..train.data_sources import DataOptions, parse_columns
+    from ..train.reporting import parse_report_to
 
     options = DataOptions(data_split or "train", data_config, data_streaming, parse_columns(data_columns))
     settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]),
@@ -108,7 +115,8 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
     config = load_config(config_file, settings)
     with _Progress(output) as progress:
         summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
-                                callbacks=[progress], data_options=options, eval_split=eval_split)  # fmt: skip
+                                callbacks=[progress], data_options=options, eval_split=eval_split,
+                                report_to=parse_report_to(report_to))  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary, as_json)
     if summary.result.interrupted:

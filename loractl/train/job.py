@@ -26,6 +26,7 @@ from .data_sources import DataOptions
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
+from .reporting import check_available, reporters
 from .saved_modules import add_tokens, save_tokenizer
 
 
@@ -54,11 +55,13 @@ def train_adapter(
     callbacks: Sequence[Hooks] = (),
     data_options: DataOptions | None = None,
     eval_split: str = "test",
+    report_to: Sequence[str] = (),
 ) -> TrainSummary:
     """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`.
 
     `data_options` say how a dataset that is not a JSONL file is read (`data_sources`); `eval_data`
-    is read the same way, from the split `eval_split`.
+    is read the same way, from the split `eval_split`. `report_to` names where else the metrics go
+    (`reporting`: tensorboard, wandb).
     """
     data_options = data_options or DataOptions()
     config.check()
@@ -67,6 +70,7 @@ def train_adapter(
     ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
     for path in inputs:  # before the seconds spent loading the base
         require_data_file(path)
+    check_available(report_to)
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
@@ -82,17 +86,24 @@ def train_adapter(
     if force and resume is None and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     distributed.barrier(world)
-    result = train(
-        model,
-        train_set.examples,
-        config,
-        eval_data=eval_set.examples if eval_set else None,
-        pad_id=tokenizer.pad_token_id or 0,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
-        checkpoint_dir=run_dir / "checkpoints",
-        resume=Path(resume) if resume else None,
-        world=world,
-    )
+    run_config = {"base": str(base), "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+                  **config.to_dict()}  # fmt: skip
+    reports = reporters(report_to, run_dir, run_config) if world.is_main else []
+    try:
+        result = train(
+            model,
+            train_set.examples,
+            config,
+            eval_data=eval_set.examples if eval_set else None,
+            pad_id=tokenizer.pad_token_id or 0,
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *reports, *callbacks],
+            checkpoint_dir=run_dir / "checkpoints",
+            resume=Path(resume) if resume else None,
+            world=world,
+        )
+    finally:
+        for report in reports:
+            report.close()
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted or result.finished_before:
         return summary
