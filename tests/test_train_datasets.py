@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from loractl.data_sources import DataOptions, parse_columns
 from loractl.errors import FormatError, InputNotFoundError, LoractlError, UsageError
 from loractl.train import TrainConfig, train_adapter
 from loractl.train.data import load_dataset
-from loractl.train.data_sources import DataOptions, parse_columns
 
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")

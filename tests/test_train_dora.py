@@ -145,6 +145,9 @@ def test_dora_adapter_loads_in_peft_with_the_eval_loss_loractl_reported(tmp_path
     base_loss = nn.functional.cross_entropy(base_logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert abs(float(base_loss) - float(loss)) > 1e-3  # the adapter does something PEFT reproduces
     assert_merge_is_peft_s(tmp_path / "out", peft_model, tmp_path / "merged")
+    from loractl.validation import validate_adapter
+
+    assert validate_adapter(tmp_path / "out", base=TINY).findings == []
 
 
 def assert_merge_is_peft_s(adapter: Path, peft_model: nn.Module, output: Path) -> None:

@@ -89,6 +89,9 @@ def test_adapter_with_embedding_lora_and_saved_head_loads_in_peft_and_merges(tmp
     loss = eval_loss_of_peft(tmp_path / "out", base, tokenizer)
     assert abs(loss - summary.result.eval_loss) < 1e-5 * loss
     assert_merge_is_peft_s(tmp_path / "out", TINY, tmp_path / "merged")
+    from loractl.validation import validate_adapter
+
+    assert validate_adapter(tmp_path / "out", base=TINY).findings == []
 
 
 def assert_merge_is_peft_s(adapter: Path, base: Path, output: Path) -> None:
@@ -130,6 +133,11 @@ def test_added_tokens_resize_and_save_the_embeddings_and_tokenizer(tmp_path: Pat
 
     with pytest.raises(MergePlanError, match=rf"'lm_head.weight' is \[{vocab}, 64\] but the base has \[256, 64\]"):
         merge(TINY, [tmp_path / "out"], tmp_path / "merged")  # merge does not grow a vocabulary (yet): refused
+    from loractl.validation import validate_adapter
+
+    findings = validate_adapter(tmp_path / "out", base=TINY).findings
+    assert sorted((f.severity, f.code) for f in findings) == [("warning", "vocab-resized")] * 2
+    assert f"has {vocab} rows where the base has 256" in findings[0].message
 
 
 def test_refusals() -> None:

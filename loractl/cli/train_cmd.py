@@ -104,9 +104,9 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
 
         ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
     _check_paths(output, data, eval_data, force=force or resume is not None)
+    from ..data_sources import DataOptions, parse_columns
     from ..train import train_adapter
     from ..train.config import load_config
-    from ..train.data_sources import DataOptions, parse_columns
     from ..train.reporting import parse_report_to
 
     options = DataOptions(data_split or "train", data_config, data_streaming, parse_columns(data_columns))
@@ -130,8 +130,8 @@ def _comma_list(value: str | None) -> tuple[str, ...] | None:
 def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:
     """What train checks again, checked before the base loads: the data exist (a file, a dataset directory or a
     Hub id), the output does not unless --force (or --resume)."""
+    from ..data_sources import check_source
     from ..io.atomic import check_output
-    from ..train.data_sources import check_source
 
     for path in (data, eval_data) if eval_data else (data,):
         check_source(path)

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..data_sources import JSONL, DataOptions, read_rows
 from ..errors import FormatError, UsageError
-from .data_sources import JSONL, DataOptions, read_rows
 
 IGNORE = -100
 
@@ -65,7 +65,7 @@ class Dataset:
 
 def require_data_file(path: str | Path) -> Path:
     """The data's path: a JSONL or data file, a saved dataset directory, or a Hub dataset id (checked as such)."""
-    from .data_sources import check_source
+    from ..data_sources import check_source  # torch-free
 
     return check_source(path)
 

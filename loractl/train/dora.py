@@ -31,7 +31,8 @@ def weight_norm(layer: LoraLinear, weight: torch.Tensor | None = None) -> torch.
         if weight is None:
             weight = frozen_weight(layer.base_layer, torch.float32)
         adapted = torch.addmm(weight.float(), layer.lora_B, layer.lora_A, alpha=layer.scale)
-        return torch.linalg.vector_norm(adapted, dim=1)
+        norm: torch.Tensor = torch.linalg.vector_norm(adapted, dim=1)
+        return norm
 
 
 class DoraMatmul(torch.autograd.Function):

@@ -36,8 +36,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, LoraLinear | LoraEmbedding]]:
     """Every LoRA layer, linear or embedding, with its module path, sorted by path."""
-    embeddings = {name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoraEmbedding)}
-    return sorted({**lora_layers(model), **embeddings}.items())
+    layers: dict[str, LoraLinear | LoraEmbedding] = dict(lora_layers(model))
+    layers.update({name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoraEmbedding)})
+    return sorted(layers.items())
 
 
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:

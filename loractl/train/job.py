@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
+from ..data_sources import DataOptions
 from ..errors import OutputExistsError, UsageError
 from ..io.atomic import check_writable, ensure_distinct
 from ..io.checkpoint import Checkpoint
@@ -22,7 +23,6 @@ from .base import load_base
 from .callbacks import Hooks, MetricsLog
 from .config import TrainConfig
 from .data import Dataset, load_dataset, require_data_file
-from .data_sources import DataOptions
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
@@ -78,7 +78,7 @@ def train_adapter(
     model, tokenizer = load_base(
         base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
-    resized = bool(config.add_tokens) and add_tokens(model, tokenizer, config.add_tokens, config.seed) > 0
+    resized = add_tokens(model, tokenizer, config.add_tokens, config.seed) > 0 if config.add_tokens else False
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing, options=data_options)
     eval_options = replace(data_options, split=eval_split)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len, options=eval_options) if eval_data else None

@@ -65,7 +65,9 @@ def add_tokens(model: Any, tokenizer: Any, tokens: Sequence[str], seed: int) -> 
 def full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of what the adapter holds whole: parameters trained in full, and resized embeddings (CPU)."""
     lora = {"lora_A", "lora_B", "magnitude"}
-    out = {n: p for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[2] not in lora}
+    out: dict[str, torch.Tensor] = {
+        n: p for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[2] not in lora
+    }
     if model in _RESIZED:
         out.update(embedding_tensors(model))
     return {n.replace(".base_layer.", "."): t.detach().to("cpu", copy=True) for n, t in sorted(out.items())}

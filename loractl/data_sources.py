@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputNotFoundError, LoractlError, UsageError
-from ..extras import require_extra
+from .errors import InputNotFoundError, LoractlError, UsageError
+from .extras import require_extra
 
 BUILDERS = {
     ".parquet": "parquet",
