@@ -148,5 +148,7 @@ def test_refusals() -> None:
         inject(load_base(TINY)[0], TrainConfig(targets=("q_proj",), train_modules=("q_proj",)))
     with pytest.raises(UsageError, match="--dora on the embedding"):
         inject(load_base(TINY)[0], TrainConfig(targets=("embed_tokens",), dora=True))
+    with pytest.raises(UsageError, match="--fsdp adapts linear layers only"):
+        inject(load_base(TINY)[0], TrainConfig(targets=("embed_tokens",), fsdp=True))
     with pytest.raises(UsageError, match="--fsdp trains LoRA layers only"):
         TrainConfig(fsdp=True, train_modules=("lm_head",)).check()

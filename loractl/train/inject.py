@@ -69,6 +69,9 @@ def _wrap(name: str, layer: nn.Module, config: TrainConfig, generator: torch.Gen
     if config.dora:
         raise UsageError(f"--dora on the embedding {name!r} is not supported",
                          hint="leave the embedding out of --targets, or train it in full with --train-modules")  # fmt: skip
+    if config.fsdp:
+        raise UsageError(f"--fsdp adapts linear layers only, not the embedding {name!r}",
+                         hint="leave the embedding out of --targets, or train with one process or DDP")  # fmt: skip
     return LoraEmbedding(layer, config.rank, config.alpha, rslora=config.rslora, generator=generator)
 
 
