@@ -152,3 +152,29 @@ def test_refusals() -> None:
         inject(load_base(TINY)[0], TrainConfig(targets=("embed_tokens",), fsdp=True))
     with pytest.raises(UsageError, match="--fsdp trains LoRA layers only"):
         TrainConfig(fsdp=True, train_modules=("lm_head",)).check()
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_chat_template_s_missing_tokens_are_added_and_saved_with_it(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    cfg = TrainConfig(targets=("q_proj",), train_modules=("embed_tokens", "lm_head"), rank=4, steps=2, batch_size=2,
+                      chat_template=str(tmp_path / "chatml.jinja"))  # fmt: skip
+    summary = train_adapter(TINY, FIXTURES / "data" / "chat.jsonl", tmp_path / "out", cfg)
+    base = AutoTokenizer.from_pretrained(TINY)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert "<|im_start|>" not in base.get_vocab() and saved.chat_template == CHATML
+    assert len(saved) == len(base) + 2 and saved.tokenize("<|im_start|>user") == [
+        "<|im_start|>",
+        *base.tokenize("user"),
+    ]
+    assert summary.result.steps == 2
+    from loractl.formats import load_adapter
+
+    assert load_adapter(tmp_path / "out").full_tensors["lm_head.weight"].shape[0] == len(base) + 2

@@ -51,6 +51,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 )
 @click.option("--train-modules", help="Modules trained in full and saved whole (PEFT's modules_to_save): lm_head,...")
 @click.option("--add-tokens", help="Comma list of tokens to add to the tokenizer; the embeddings are resized.")
+@click.option("--chat-template", type=click.Path(), help="Jinja chat template to use; <|tokens|> it needs are added.")
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
 @click.option("--init", type=click.Choice(["kaiming", "gaussian"]), help="Initialization of A [kaiming].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")

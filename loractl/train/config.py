@@ -38,6 +38,7 @@ class TrainConfig:
     dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     train_modules: tuple[str, ...] | None = None  # trained in full, saved whole (PEFT's modules_to_save)
     add_tokens: tuple[str, ...] | None = None  # tokens added to the tokenizer; the embeddings are resized
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's; its missing <|tokens|> are added
     steps: int | None = None  # None: from `epochs`, or DEFAULT_STEPS when neither is set
     epochs: float | None = None
     lr: float = 2e-4

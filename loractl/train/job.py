@@ -14,7 +14,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..data_sources import DataOptions
-from ..errors import OutputExistsError, UsageError
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..io.atomic import check_writable, ensure_distinct
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
@@ -27,7 +27,7 @@ from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
 from .reporting import check_available, reporters
-from .saved_modules import add_tokens, save_tokenizer
+from .saved_modules import add_tokens, save_tokenizer, template_tokens
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ def train_adapter(
     for path in inputs:  # before the seconds spent loading the base
         require_data_file(path)
     check_available(report_to)
+    if config.chat_template is not None:
+        InputNotFoundError.check(config.chat_template, "chat template ")
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
@@ -78,7 +80,8 @@ def train_adapter(
     model, tokenizer = load_base(
         base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
-    resized = add_tokens(model, tokenizer, config.add_tokens, config.seed) > 0 if config.add_tokens else False
+    new_tokens = (*(config.add_tokens or ()), *_use_template(tokenizer, config.chat_template))
+    resized = add_tokens(model, tokenizer, new_tokens, config.seed) > 0 if new_tokens else False
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing, options=data_options)
     eval_options = replace(data_options, split=eval_split)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len, options=eval_options) if eval_data else None
@@ -120,10 +123,18 @@ def train_adapter(
         from ..formats import save_adapter
 
         save_adapter(adapter, output, force=force or resume is not None)
-        if resized:  # the tokenizer that knows the new tokens, beside the adapter (as PEFT users save it)
+        if resized or config.chat_template:  # the tokenizer the adapter needs, beside it (as PEFT users save it)
             save_tokenizer(tokenizer, output)
     distributed.barrier(world)
     return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
+
+
+def _use_template(tokenizer: Any, path: str | None) -> tuple[str, ...]:
+    """Give the tokenizer the chat template in `path`; the `<|tokens|>` it writes that the tokenizer lacks."""
+    if path is None:
+        return ()
+    tokenizer.chat_template = Path(path).read_text()
+    return template_tokens(tokenizer.chat_template, tokenizer)
 
 
 def _loaded_differently(config: TrainConfig) -> bool:

@@ -11,6 +11,7 @@ embeddings and the head; both are then saved whole with the adapter, as PEFT's
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -60,6 +61,13 @@ def add_tokens(model: Any, tokenizer: Any, tokens: Sequence[str], seed: int) -> 
             model.resize_token_embeddings(len(tokenizer))
         _RESIZED.add(model)
     return added
+
+
+def template_tokens(template: str, tokenizer: Any) -> tuple[str, ...]:
+    """The `<|name|>` tokens a chat template writes that the tokenizer does not hold as one token, in order."""
+    vocab = tokenizer.get_vocab()
+    found = dict.fromkeys(re.findall(r"<\|[\w.-]+\|>", template))
+    return tuple(t for t in found if t not in vocab)
 
 
 def full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
