@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 def weight_norm(layer: LoraLinear, weight: torch.Tensor | None = None) -> torch.Tensor:
     """‖W + s·B A‖ per output row (out,), float32, outside the graph; `weight` as `frozen_weight` gives it."""
-    with torch.no_grad():
+    device = layer.lora_A.device.type
+    with torch.no_grad(), torch.autocast(device, enabled=False):  # float32 under --precision too
         if weight is None:
             weight = frozen_weight(layer.base_layer, torch.float32)
         adapted = torch.addmm(weight.float(), layer.lora_B, layer.lora_A, alpha=layer.scale)
