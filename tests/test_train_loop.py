@@ -108,9 +108,10 @@ def test_gradient_accumulation_equals_a_bigger_batch() -> None:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_autocast_precisions_train(precision: str) -> None:
+@pytest.mark.parametrize("dora", [False, True])
+def test_autocast_precisions_train(precision: str, dora: bool) -> None:
     losses = Losses()
-    run(replace(TOY, precision=precision, dropout=0.0), callbacks=[losses])
+    run(replace(TOY, precision=precision, dropout=0.0, dora=dora), callbacks=[losses])
     assert all(torch.isfinite(torch.tensor(losses.losses))) and losses.losses[-1] < losses.losses[0]
 
 
