@@ -14,15 +14,27 @@ With LoRA dropout or under autocast, `autograd_forward` follows PEFT's graph op 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base_matmul import frozen_weight
 
-if TYPE_CHECKING:
-    from .lora_layers import LoraLinear
+
+class LoraLinear(Protocol):
+    """What DoRA reads of `lora_layers.LoraLinear` (a protocol: that module imports this one)."""
+
+    base_layer: nn.Module
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    magnitude: nn.Parameter | None
+    dropout: nn.Module
+    scale: float
+
+    def drops(self) -> bool: ...
+    def frozen_input_grad(self, grad: torch.Tensor) -> torch.Tensor: ...
 
 
 def weight_norm(layer: LoraLinear, weight: torch.Tensor | None = None) -> torch.Tensor:
