@@ -13,6 +13,7 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --quantize nf4 --variants loractl,peft
     python bench/train.py --preset 7b --base-dtype bf16 --save-base /tmp/llama7b-bf16   # 13.5 GB, 0.6 GB RSS
     python bench/train.py --base /tmp/llama7b-bf16 --seq 64 --batch 1 --steps 2 --warmup 0 --variants loractl,peft
+    python bench/train.py --variants loractl,loractl+dora,peft,peft+dora   # DoRA's cost over LoRA, each side
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
 
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")
+VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")  # also loractl+dora, peft+dora (DoRA)
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
 PRESETS = {
     "smollm2": SMOLLM2,
@@ -100,7 +101,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
 
     config = TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=steps, batch_size=args.batch,
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
-                         compile=args.compile)  # fmt: skip
+                         compile=args.compile, dora="dora" in args.variant)  # fmt: skip
     injection = inject(model, config)
     rows = [Example(tuple(r), tuple(r)) for r in ids.tolist()]
     train(model, rows, config, callbacks=[Clock()])
@@ -114,7 +115,8 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     import torch
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0,
+                      use_dora="dora" in args.variant)  # fmt: skip
     model = get_peft_model(model, lora)
     if args.variant.endswith("ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -196,6 +198,10 @@ def _table(results: dict[str, list[dict[str, float]]]) -> None:
         print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / twin['tokens_per_s']:.2f}x"
               f" | {m['cpu_s']:.2f} | {twin['cpu_s'] / m['cpu_s']:.2f}x"
               f" | {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / peft['peak_rss']:.2f}x | {share} |")  # fmt: skip
+    for variant in (v for v in med if "+dora" in v and v.replace("+dora", "") in med):
+        lora = med[variant.replace("+dora", "")]
+        print(f"\n{variant}: {med[variant]['step_s'] / lora['step_s']:.2f}x the LoRA step "
+              f"({med[variant]['cpu_s'] / lora['cpu_s']:.2f}x in CPU seconds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "qlora": ("transformers", "tokenizers", "accelerate", "bitsandbytes"),
     "gguf": ("gguf",),
     "plot": ("matplotlib",),
+    "data": ("datasets",),
+    "logging": ("tensorboard", "wandb"),
 }
 
 

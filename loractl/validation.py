@@ -219,6 +219,15 @@ def _is_hole(path: Path, start: int, stop: int) -> bool:
             return True
 
 
+def _full_vs_base(key: str, shape: tuple[int, ...], base: tuple[int, ...]) -> Finding:
+    """A full tensor whose shape is not the base's: an error, or a warning for a grown vocabulary (new tokens:
+    an embedding or head with more rows, as PEFT's `save_embedding_layers` stores it)."""
+    if len(shape) == 2 and shape[1:] == base[1:] and shape[0] > base[0]:
+        return warning("vocab-resized", f"full tensor {key!r} has {shape[0]} rows where the base has {base[0]}: the "
+                       f"adapter adds tokens; resize the base's embeddings to {shape[0]} to load it")  # fmt: skip
+    return error("base-shape", f"full tensor {key!r} is {list(shape)} but the base has {list(base)}")
+
+
 def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
     from contextlib import closing
 
@@ -246,12 +255,7 @@ def _checked_against(
     out = [f for name, m in info.modules.items() if (f := _module_vs_base(name, m, tensors)) is not None]
     for key, t in info.full_tensors.items():
         if key in tensors and tuple(tensors.info(key).shape) != tuple(t.shape):
-            out.append(
-                error(
-                    "base-shape",
-                    f"full tensor {key!r} is {list(t.shape)} but the base has {list(tensors.info(key).shape)}",
-                )
-            )
+            out.append(_full_vs_base(key, tuple(t.shape), tuple(tensors.info(key).shape)))
     recorded = info.record.base_fingerprint if info.record else None
     if recorded and not any(f.severity == "error" for f in out):
         assert info.record is not None

@@ -11,7 +11,7 @@ Layers, lowest first; a module may import its own layer and the layers below it:
     ops      ops/                             pure operations on adapters and checkpoints
     reports  stats, inspection, validation, consumer_rules, plots
     remote   remote/                          registries, push/pull
-    train    train/
+    train    train/, data_sources (train's datasets reader, torch-free for the CLI's early checks)
     cli      cli/, __main__
     api      loractl/__init__                 the lazy public API
 """
@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ops", ("loractl.ops",)),
     ("reports", ("loractl.stats", "loractl.inspection", "loractl.validation", "loractl.consumer_rules", "loractl.plots")),
     ("remote", ("loractl.remote",)),
-    ("train", ("loractl.train",)),
+    ("train", ("loractl.train", "loractl.data_sources")),
     ("cli", ("loractl.cli", "loractl.__main__")),
     ("api", ("loractl",)),
 ]  # fmt: skip

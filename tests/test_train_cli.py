@@ -222,3 +222,38 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_keeps_the_last
     state = torch.load(checkpoints / "step-000002" / "state.pt", weights_only=True)
     assert state["step"] == 2 and loractl.load_adapter(checkpoints / "step-000002" / "adapter").modules
     assert not out.exists()
+
+
+def test_round_3_options_reach_the_run(tmp_path: Path) -> None:
+    """--dora, --train-modules, --add-tokens, a parquet --data with --data-columns, --report-to tensorboard."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("tensorboard")
+    rows = [json.loads(line) for line in Path(DATA).read_text().splitlines() if line.strip()]
+    datasets.Dataset.from_list([{"body": r["text"]} for r in rows]).to_parquet(str(tmp_path / "rows.parquet"))
+    out = tmp_path / "adapter"
+    args = ["train", "--base", BASE, "--data", str(tmp_path / "rows.parquet"), "--data-columns", "text=body",
+            "-o", str(out), "--steps", "2", "--batch-size", "4", "--dora", "--train-modules", "lm_head",
+            "--add-tokens", "<|x|>", "--report-to", "tensorboard", "--json"]  # fmt: skip
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["modules_to_save"] == ["lm_head", "model.embed_tokens"]
+    assert (out / "tokenizer.json").is_file() and list((tmp_path / "adapter.train" / "tensorboard").iterdir())
+    params = loractl.load_adapter(out).lineage[-1]["params"]
+    assert params["data"]["columns"] == {"text": "body"} and params["add_tokens"] == ["<|x|>"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--report-to", "mlflow"], "--report-to mlflow is not one of"),
+     (["--data-columns", "body"], "is not ROLE=COLUMN"),
+     (["--train-modules", "nothing_here"], "--train-modules 'nothing_here' matches no module")],
+)  # fmt: skip
+def test_round_3_option_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--base", BASE, "--data", DATA, "-o", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

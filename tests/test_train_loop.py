@@ -42,7 +42,10 @@ def toy_data(n: int = 7) -> list[Example]:
 
 
 def factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{k}.{role}": t for k, m in adapter_from_model(model).modules.items() for role, t in m.tensors().items()}
+    adapter = adapter_from_model(model)
+    return {f"{k}.{role}": t for k, m in adapter.modules.items() for role, t in m.tensors().items()} | dict(
+        adapter.full_tensors
+    )
 
 
 def run(config: TrainConfig, **kw: Any) -> tuple[nn.Module, Any]:
@@ -64,15 +67,23 @@ class Losses(Callback):
 TOY = TrainConfig(targets=("proj", "head"), rank=4, lr=5e-2, steps=8, batch_size=2, dropout=0.1, warmup=2)
 
 
-def test_resume_is_bit_exact(tmp_path: Path) -> None:
-    straight, _ = run(TOY)
+@pytest.mark.parametrize(
+    "config",
+    [TOY, replace(TOY, dora=True), replace(TOY, dora=True, dropout=0.0),
+     replace(TOY, targets=("emb", "proj"), train_modules=("head",))],
+    ids=["lora", "dora", "dora-fused", "embedding+head"],
+)  # fmt: skip
+def test_resume_is_bit_exact(tmp_path: Path, config: TrainConfig) -> None:
+    straight, _ = run(config)
     ckpts = tmp_path / "ckpt"
-    _, first = run(TOY, checkpoint_dir=ckpts, callbacks=[Losses(stop_at=4)])
+    _, first = run(config, checkpoint_dir=ckpts, callbacks=[Losses(stop_at=4)])
     assert first.interrupted and first.steps == 4 and first.checkpoint == ckpts / "step-000004"
-    resumed, second = run(TOY, checkpoint_dir=ckpts, resume=ckpts)
+    resumed, second = run(config, checkpoint_dir=ckpts, resume=ckpts)
     assert second.steps == 8 and not second.interrupted
     a, b = factors(straight), factors(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    roles = {k.rpartition(".")[2] for k in a}
+    assert ("magnitude" in roles) == config.dora and ("head.weight" in a) == bool(config.train_modules)
 
 
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
@@ -97,9 +108,10 @@ def test_gradient_accumulation_equals_a_bigger_batch() -> None:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_autocast_precisions_train(precision: str) -> None:
+@pytest.mark.parametrize("dora", [False, True])
+def test_autocast_precisions_train(precision: str, dora: bool) -> None:
     losses = Losses()
-    run(replace(TOY, precision=precision, dropout=0.0), callbacks=[losses])
+    run(replace(TOY, precision=precision, dropout=0.0, dora=dora), callbacks=[losses])
     assert all(torch.isfinite(torch.tensor(losses.losses))) and losses.losses[-1] < losses.losses[0]
 
 

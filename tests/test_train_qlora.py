@@ -9,72 +9,15 @@ from typing import Any
 import pytest
 import torch
 from oracles import oracle
-from torch import nn
+from peft_twins import FIXTURES, TARGETS, TINY, config, examples, ours_vs_peft
 
 from loractl.train import Callback, TrainConfig, inject, train, train_adapter
 from loractl.train.base import load_base
-from loractl.train.data import Example, collate, load_dataset
 
 peft = pytest.importorskip("peft")
 oracle("bitsandbytes", "bitsandbytes", "qlora")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-TINY = FIXTURES / "tiny-llama"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_step(self, metrics: dict[str, Any]) -> bool | None:
-        self.losses.append(metrics["loss"])
-        return None
-
-
-def examples(tokenizer: Any) -> list[Example]:
-    return list(load_dataset(FIXTURES / "data" / "train.jsonl", tokenizer, 32).examples[:6])
-
-
-def peft_losses(model: nn.Module, ours: nn.Module, rows: list[Example], config: TrainConfig) -> list[float]:
-    """PEFT's LoRA on `model`, started from our A (B = 0), trained by the plain loop a PEFT user writes."""
-    lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=TARGETS, lora_dropout=0.0)
-    twin = peft.get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, module in ours.named_modules():
-            if hasattr(module, "lora_A"):
-                theirs = twin.base_model.model.get_submodule(name)
-                theirs.lora_A["default"].weight.copy_(module.lora_A)
-    params = [p for p in twin.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    batch = collate(rows, 0)
-    losses = []
-    twin.train()
-    for _ in range(config.steps or 0):
-        loss = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def ours_vs_peft(config: TrainConfig, **load: Any) -> tuple[list[float], list[float]]:
-    model, tokenizer = load_base(TINY, **load)
-    rows = examples(tokenizer)
-    inject(model, config)
-    record = Losses()
-    twin_base, _ = load_base(TINY, **load)  # the same base, quantized the same way (deterministic)
-    theirs = peft_losses(twin_base, model, rows, config)
-    train(model, rows, config, callbacks=[record])
-    return record.losses, theirs
-
-
-def config(**kw: Any) -> TrainConfig:
-    base = dict(targets=tuple(TARGETS), rank=4, alpha=8, lr=2e-2, steps=4, batch_size=6, schedule="constant",
-                max_grad_norm=None)  # fmt: skip
-    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])

@@ -26,14 +26,33 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option(
     "--base", required=True, help="Base model: a transformers directory (config.json + safetensors + tokenizer)."
 )
-@click.option("--data", required=True, type=click.Path(), help="Training JSONL: text, prompt+completion, or messages.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Training data: JSONL (text, prompt+completion, or messages), parquet/arrow/csv/json, a "
+              "save_to_disk directory, or a Hub dataset id.")  # fmt: skip
+@click.option("--data-split", help="Split of a Hub or saved dataset [train].")
+@click.option("--data-config", help="Config (subset) of a Hub dataset.")
+@click.option("--data-columns", help="Rename columns into the row shapes: text=body, messages=conversation, ...")
+@click.option("--data-streaming", is_flag=True, help="Read rows as the source yields them (no datasets cache).")
+@click.option(
+    "--report-to",
+    default="none",
+    show_default=True,
+    help="Also log metrics to tensorboard, wandb (offline without a key), or both: tensorboard,wandb.",
+)
+@click.option("--eval-split", default="test", show_default=True, help="Split of --eval-data when it is a dataset.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
-@click.option("--eval-data", type=click.Path(), help="Held-out JSONL for eval loss.")
+@click.option("--eval-data", type=click.Path(), help="Held-out data for eval loss (the forms --data takes).")
 @click.option("--rank", type=int, help="LoRA rank r [8].")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha/r [16].")
 @click.option("--targets", help="Suffixes (q_proj,v_proj), all-linear, or a regex over module paths [q_proj,v_proj].")
 @click.option("--exclude", help="Suffixes or a regex of modules to leave out.")
 @click.option("--rslora", is_flag=True, default=None, help="Scale alpha/sqrt(r) (rsLoRA).")
+@click.option(
+    "--dora", is_flag=True, default=None, help="DoRA: also train a magnitude per output row (PEFT's use_dora)."
+)
+@click.option("--train-modules", help="Modules trained in full and saved whole (PEFT's modules_to_save): lm_head,...")
+@click.option("--add-tokens", help="Comma list of tokens to add to the tokenizer; the embeddings are resized.")
+@click.option("--chat-template", type=click.Path(), help="Jinja chat template to use; <|tokens|> it needs are added.")
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
 @click.option("--init", type=click.Choice(INITS), help="Initialization of A [kaiming].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")
@@ -66,7 +85,9 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.pass_context
 def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data: str | None, resume: str | None,
-            config_file: str | None, nproc: int | None, force: bool, as_json: bool, **settings: Any) -> None:  # fmt: skip
+            config_file: str | None, nproc: int | None, force: bool, as_json: bool, data_split: str | None,
+            data_config: str | None, data_columns: str | None, data_streaming: bool, eval_split: str,
+            report_to: str, **settings: Any) -> None:  # fmt: skip
     """Train a LoRA adapter on a transformers base and save it in PEFT format.
 
     \b
@@ -79,28 +100,37 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
 
         ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
     _check_paths(output, data, eval_data, force=force or resume is not None)
+    from ..data_sources import DataOptions, parse_columns
     from ..train import train_adapter
     from ..train.config import load_config
+    from ..train.reporting import parse_report_to
 
-    settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]))
+    options = DataOptions(data_split or "train", data_config, data_streaming, parse_columns(data_columns))
+    settings.update(targets=parse_targets(settings["targets"]), exclude=parse_targets(settings["exclude"]),
+                    train_modules=_comma_list(settings["train_modules"]), add_tokens=_comma_list(settings["add_tokens"]))  # fmt: skip
     config = load_config(config_file, settings)
     with _Progress(output) as progress:
         summary = train_adapter(base, data, output, config, eval_data=eval_data, resume=resume, force=force,
-                                callbacks=[progress])  # fmt: skip
+                                callbacks=[progress], data_options=options, eval_split=eval_split,
+                                report_to=parse_report_to(report_to))  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary, as_json)
     if summary.result.interrupted:
         ctx.exit(130)
 
 
+def _comma_list(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) -> None:
-    """What train checks again, checked before torch is imported: the data files exist, the output does
-    not unless --force (or --resume)."""
-    from ..errors import InputNotFoundError
+    """What train checks again, checked before the base loads: the data exist (a file, a dataset directory or a
+    Hub id), the output does not unless --force (or --resume)."""
+    from ..data_sources import check_source
     from ..io.atomic import check_output
 
     for path in (data, eval_data) if eval_data else (data,):
-        InputNotFoundError.check(path, "data file ")
+        check_source(path)
     check_output(output, [], force=force)
 
 

@@ -43,6 +43,10 @@ class TrainConfig:
     rslora: bool = False
     dropout: float = 0.0
     init: Init = "kaiming"
+    dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
+    train_modules: tuple[str, ...] | None = None  # trained in full, saved whole (PEFT's modules_to_save)
+    add_tokens: tuple[str, ...] | None = None  # tokens added to the tokenizer; the embeddings are resized
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's; its missing <|tokens|> are added
     steps: int | None = None  # None: from `epochs`, or DEFAULT_STEPS when neither is set
     epochs: float | None = None
     lr: float = 2e-4
@@ -93,6 +97,11 @@ class TrainConfig:
             raise UsageError(
                 "--fsdp does not shard a --quantize base (bitsandbytes weights are not FSDP parameters)",
                 hint="use --quantize with one process or DDP (--nproc without --fsdp)",
+            )
+        if self.fsdp and (self.train_modules or self.add_tokens):
+            raise UsageError(
+                "--fsdp trains LoRA layers only (not --train-modules or --add-tokens)",
+                hint="use one process or DDP (--nproc without --fsdp) to train modules in full",
             )
         if self.fsdp and self.precision == "fp16":
             raise UsageError(

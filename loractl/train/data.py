@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import FormatError, InputNotFoundError, UsageError
+from ..data_sources import JSONL, DataOptions, read_rows
+from ..errors import FormatError, UsageError
 
 IGNORE = -100
 
@@ -63,23 +64,32 @@ class Dataset:
 
 
 def require_data_file(path: str | Path) -> Path:
-    """The data file's path; `InputNotFoundError` when it is not a file."""
-    path = Path(path)
-    InputNotFoundError.check(path, "data file ")
-    if not path.is_file():
-        raise InputNotFoundError(f"data file {path} is a directory", hint="give a JSONL file")
-    return path
+    """The data's path: a JSONL or data file, a saved dataset directory, or a Hub dataset id (checked as such)."""
+    from ..data_sources import check_source  # torch-free
+
+    return check_source(path)
 
 
-def load_dataset(path: str | Path, tokenizer: Tokenizer, max_len: int, *, packing: bool = False) -> Dataset:
-    """Read and tokenize a JSONL file; `FormatError` names the first bad line, `UsageError` an empty file."""
+def load_dataset(
+    path: str | Path, tokenizer: Tokenizer, max_len: int, *, packing: bool = False, options: DataOptions | None = None
+) -> Dataset:
+    """Read and tokenize `path`: JSONL here, anything else (or mapped columns, streaming) through `datasets`.
+
+    `FormatError` names the first bad line (row), `UsageError` an empty source.
+    """
     path = require_data_file(path)
-    raw = path.read_bytes()
+    options = options or DataOptions()
+    if path.suffix.lower() in JSONL and path.is_file() and not options.needs_datasets:
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8", errors="replace").splitlines()
+        docs = ((n, _parse(line, n, path)) for n, line in enumerate(lines, start=1) if line.strip())
+        identity = "sha256:" + hashlib.sha256(raw).hexdigest()
+    else:
+        rows, identity = read_rows(path, options)
+        docs = ((n, _checked(row, n, path)) for n, row in enumerate(rows, start=1))
     examples, dropped = [], 0
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        example = _truncate(tokenize(_parse(line, number, path), tokenizer, number, path), max_len)
+    for number, doc in docs:
+        example = _truncate(tokenize(doc, tokenizer, number, path), max_len)
         if example.num_targets:
             examples.append(example)
         else:
@@ -87,8 +97,8 @@ def load_dataset(path: str | Path, tokenizer: Tokenizer, max_len: int, *, packin
     if not examples:
         hint = f"all {dropped} lines lost their loss tokens at --max-len {max_len}" if dropped else "add JSONL lines"
         raise UsageError(f"no training examples in {path}", hint=hint, path=None)
-    rows = pack(examples, max_len) if packing else examples
-    return Dataset(tuple(rows), "sha256:" + hashlib.sha256(raw).hexdigest(), dropped)
+    out = pack(examples, max_len) if packing else examples
+    return Dataset(tuple(out), identity, dropped)
 
 
 def tokenize(doc: dict[str, Any], tokenizer: Tokenizer, number: int = 0, path: Path | None = None) -> Example:
@@ -158,9 +168,19 @@ def _parse(line: str, number: int, path: Path) -> dict[str, Any]:
         doc = json.loads(line)
     except ValueError as e:
         raise FormatError(f"line {number} is not valid JSON ({e.args[0] if e.args else e})", path=path) from None
+    return _checked(doc, number, path)
+
+
+def _checked(doc: Any, number: int, path: Path) -> dict[str, Any]:
+    """`doc` when it has one of the three shapes' keys; `FormatError` naming line (row) `number` otherwise."""
     if not isinstance(doc, dict) or not ({"text", "prompt", "messages"} & doc.keys()):
+        keys = (
+            f" (its keys: {', '.join(sorted(doc))[:120]}; map them with --data-columns)"
+            if isinstance(doc, dict)
+            else ""
+        )
         raise FormatError(
-            f"line {number} has none of the keys text, prompt+completion, messages",
+            f"line {number} has none of the keys text, prompt+completion, messages{keys}",
             path=path,
             hint='each line is {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}',
         )

@@ -13,7 +13,9 @@ from ..io.checkpoint import FingerprintViews, feed_fingerprint
 from ..io.safetensors_header import TensorInfo
 from ..io.tensor_bytes import dtype_code
 from .base import is_quantized
+from .lora_embedding import LoraEmbedding
 from .lora_layers import LoraLinear
+from .saved_modules import full_tensors
 
 _FSDP_WRAPPED = "_fsdp_wrapped_module."  # what FSDP puts into the paths of the layers it wraps
 
@@ -32,19 +34,26 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     }
 
 
+def adapted_layers(model: nn.Module) -> list[tuple[str, LoraLinear | LoraEmbedding]]:
+    """Every LoRA layer, linear or embedding, with its module path, sorted by path."""
+    layers: dict[str, LoraLinear | LoraEmbedding] = dict(lora_layers(model))
+    layers.update({name: m for name, m in unwrap(model).named_modules() if isinstance(m, LoraEmbedding)})
+    return sorted(layers.items())
+
+
 def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_type: str | None = None) -> Adapter:
     """A canonical adapter holding copies of the model's LoRA factors (float32, on the CPU)."""
-    modules = {name: lora_module(layer) for name, layer in lora_layers(model).items()}
+    modules = {name: lora_module(layer) for name, layer in adapted_layers(model)}
     meta = AdapterMeta(
         base_model=base_model,
         base_fingerprint=base_fingerprint(model),
         base_views=base_views(model),
         task_type=task_type,
     )
-    return Adapter(modules=modules, meta=meta)
+    return Adapter(modules=modules, full_tensors=full_tensors(unwrap(model)), meta=meta)
 
 
-def lora_module(layer: LoraLinear) -> LoraModule:
+def lora_module(layer: LoraLinear | LoraEmbedding) -> LoraModule:
     """A copy of one layer's factors as a canonical `LoraModule`."""
     return LoraModule(
         A=layer.lora_A.detach().to("cpu", copy=True),
@@ -53,6 +62,8 @@ def lora_module(layer: LoraLinear) -> LoraModule:
         alpha=layer.alpha,
         scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
         fan_in_fan_out=layer.fan_in_fan_out,
+        kind="embedding" if isinstance(layer, LoraEmbedding) else "linear",
+        magnitude=None if layer.magnitude is None else layer.magnitude.detach().to("cpu", copy=True),
     )
 
 
@@ -61,7 +72,7 @@ def base_views(model: nn.Module) -> dict[str, str]:
 
     Empty for a quantized base (`train_adapter` takes the views from the files instead).
     """
-    layers = sorted(lora_layers(model).items())
+    layers = adapted_layers(model)
     if any(is_quantized(layer.base_layer) for _, layer in layers):
         return {}
     views = FingerprintViews()
@@ -79,7 +90,7 @@ def base_fingerprint(model: nn.Module) -> str | None:
     fingerprint taken here equals the one `validate --base` computes from the files. None for a
     quantized base: its packed bytes are no checkpoint's (`train_adapter` hashes the files instead).
     """
-    layers = sorted(lora_layers(model).items())
+    layers = adapted_layers(model)
     if any(is_quantized(layer.base_layer) for _, layer in layers):
         return None
     h = hashlib.sha256()
@@ -88,7 +99,7 @@ def base_fingerprint(model: nn.Module) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def feed_base_weight(h: Any, name: str, layer: LoraLinear) -> None:
+def feed_base_weight(h: Any, name: str, layer: LoraLinear | LoraEmbedding) -> None:
     """Feed the weight under `layer` to fingerprint `h` as the checkpoint tensor `name.weight`."""
     weight = layer.base_layer.weight
     assert isinstance(weight, torch.Tensor)

@@ -17,7 +17,9 @@ from torch import nn
 from ..errors import UsageError
 from .config import Targets, TrainConfig
 from .fused_blocks import fuse
+from .lora_embedding import LoraEmbedding
 from .lora_layers import LoraLinear, is_adaptable
+from .saved_modules import train_in_full
 
 ALL_LINEAR = "all-linear"
 
@@ -29,6 +31,7 @@ class Injection:
     modules: tuple[str, ...]
     trainable: int
     total: int
+    full: tuple[str, ...] = ()  # modules trained in full (modules_to_save)
 
     @property
     def ratio(self) -> float:
@@ -39,29 +42,37 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     """Wrap the targeted layers of `model` in place; only LoRA factors require grad afterwards.
 
     A is drawn from a generator seeded with `config.seed`, so the same config gives the same start.
+    An embedding named in the targets gets PEFT's embedding LoRA (`LoraEmbedding`); the modules in
+    `config.train_modules` are trained in full (PEFT's `modules_to_save`, see `saved_modules`).
     Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
     """
     config = config or TrainConfig()
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    if any(isinstance(m, (LoraLinear, LoraEmbedding)) for m in model.modules()):
         raise UsageError("the model already has LoRA layers", hint="inject into a fresh copy of the base")
     chosen = select_modules(model, config.targets, config.exclude)
     generator = torch.Generator().manual_seed(config.seed)
     model.requires_grad_(False)
+    full = train_in_full(model, config.train_modules or (), chosen)
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoraLinear(
-            getattr(parent, leaf),
-            config.rank,
-            config.alpha,
-            rslora=config.rslora,
-            dropout=config.dropout,
-            init=config.init,
-            generator=generator,
-        )
-        setattr(parent, leaf, layer)
+        setattr(parent, leaf, _wrap(name, getattr(parent, leaf), config, generator))
     fuse(model)
-    return Injection(tuple(chosen), *parameter_counts(model))
+    return Injection(tuple(chosen), *parameter_counts(model), full=full)
+
+
+def _wrap(name: str, layer: nn.Module, config: TrainConfig, generator: torch.Generator) -> nn.Module:
+    """The LoRA layer for `layer`: `LoraEmbedding` for an embedding, else `LoraLinear`."""
+    if not isinstance(layer, nn.Embedding):
+        return LoraLinear(layer, config.rank, config.alpha, rslora=config.rslora, dropout=config.dropout,
+                          init=config.init, generator=generator, dora=config.dora)  # fmt: skip
+    if config.dora:
+        raise UsageError(f"--dora on the embedding {name!r} is not supported",
+                         hint="leave the embedding out of --targets, or train it in full with --train-modules")  # fmt: skip
+    if config.fsdp:
+        raise UsageError(f"--fsdp adapts linear layers only, not the embedding {name!r}",
+                         hint="leave the embedding out of --targets, or train with one process or DDP")  # fmt: skip
+    return LoraEmbedding(layer, config.rank, config.alpha, rslora=config.rslora, generator=generator)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -79,11 +90,14 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def select_modules(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[str]:
-    """Paths of the adaptable layers `targets` names, minus `exclude`, in model order."""
-    candidates = [name for name, m in model.named_modules() if name and is_adaptable(m)]
+    """Paths of the adaptable layers `targets` names, minus `exclude`, in model order.
+
+    Embeddings are adaptable when named (`embed_tokens`, or a regex), never by `all-linear` (as in PEFT).
+    """
+    candidates = [name for name, m in model.named_modules() if name and (is_adaptable(m) or _embedding(m))]
     if targets == ALL_LINEAR:
         head = _output_head(model)
-        chosen = [n for n in candidates if n != head]
+        chosen = [n for n in candidates if n != head and not _embedding(model.get_submodule(n))]
     else:
         chosen = _match(candidates, targets, required=True)
     if exclude is not None:
@@ -92,6 +106,10 @@ def select_modules(model: nn.Module, targets: Targets, exclude: Targets | None =
     if not chosen:
         raise UsageError(f"targets {_show(targets)} leave no layer to adapt", hint=_available(candidates))
     return chosen
+
+
+def _embedding(module: nn.Module) -> bool:
+    return type(module) is nn.Embedding
 
 
 def _match(names: list[str], pattern: Targets, *, required: bool) -> list[str]:

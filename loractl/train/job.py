@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import UsageError
+from ..data_sources import DataOptions
+from ..errors import InputNotFoundError, UsageError
 from ..io.atomic import check_writable, ensure_distinct, refuse_existing
 from ..io.checkpoint import Checkpoint
 from ..lineage import new_entry
@@ -25,6 +26,8 @@ from .data import Dataset, load_dataset, require_data_file
 from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
+from .reporting import check_available, reporters
+from .saved_modules import add_tokens, save_tokenizer, template_tokens
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,26 @@ def train_adapter(
     resume: str | Path | None = None,
     force: bool = False,
     callbacks: Sequence[Hooks] = (),
+    data_options: DataOptions | None = None,
+    eval_split: str = "test",
+    report_to: Sequence[str] = (),
 ) -> TrainSummary:
-    """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`."""
+    """Load `base` (transformers), tokenize `data`, inject LoRA, train, save a PEFT adapter at `output`.
+
+    `data_options` say how a dataset that is not a JSONL file is read (`data_sources`); `eval_data`
+    is read the same way, from the split `eval_split`. `report_to` names where else the metrics go
+    (`reporting`: tensorboard, wandb).
+    """
+    data_options = data_options or DataOptions()
     config.check()
     output, run_dir = Path(output), run_dir_of(output)
     inputs: list[str | Path] = [data, *([eval_data] if eval_data else [])]
     ensure_distinct(output, [*inputs, *([base] if Path(base).exists() else [])])
     for path in inputs:  # before the seconds spent loading the base
         require_data_file(path)
+    check_available(report_to)
+    if config.chat_template is not None:
+        InputNotFoundError.check(config.chat_template, "chat template ")
     _check_outputs(output, run_dir, force=force, resuming=resume is not None)
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
@@ -75,23 +90,33 @@ def train_adapter(
     model, tokenizer = load_base(
         base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
     )
-    train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
-    eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
+    new_tokens = (*(config.add_tokens or ()), *_use_template(tokenizer, config.chat_template))
+    resized = add_tokens(model, tokenizer, new_tokens, config.seed) > 0 if new_tokens else False
+    train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing, options=data_options)
+    eval_options = replace(data_options, split=eval_split)
+    eval_set = load_dataset(eval_data, tokenizer, config.max_len, options=eval_options) if eval_data else None
     injection = inject(model, config)
     if force and resume is None and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     distributed.barrier(world)
-    result = train(
-        model,
-        train_set.examples,
-        config,
-        eval_data=eval_set.examples if eval_set else None,
-        pad_id=tokenizer.pad_token_id or 0,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *callbacks],
-        checkpoint_dir=run_dir / "checkpoints",
-        resume=Path(resume) if resume else None,
-        world=world,
-    )
+    run_config = {"base": str(base), "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+                  **config.to_dict()}  # fmt: skip
+    reports = reporters(report_to, run_dir, run_config) if world.is_main else []
+    try:
+        result = train(
+            model,
+            train_set.examples,
+            config,
+            eval_data=eval_set.examples if eval_set else None,
+            pad_id=tokenizer.pad_token_id or 0,
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *reports, *callbacks],
+            checkpoint_dir=run_dir / "checkpoints",
+            resume=Path(resume) if resume else None,
+            world=world,
+        )
+    finally:
+        for report in reports:
+            report.close()
     summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
     if result.interrupted or result.finished_before:
         return summary
@@ -99,17 +124,27 @@ def train_adapter(
     content_hash = None
     if adapter is not None:
         meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
-        if _loaded_differently(config) and (from_files := _file_fingerprint(base, adapter)) is not None:
+        if (_loaded_differently(config) or resized) and (from_files := _file_fingerprint(base, adapter)) is not None:
             meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
         adapter = replace(adapter, meta=meta)
-        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result))
+        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result, data, data_options))
         content_hash = adapter.content_hash()
     if world.is_main and adapter is not None:
         from ..formats import save_adapter
 
         save_adapter(adapter, output, force=force or resume is not None)
+        if resized or config.chat_template:  # the tokenizer the adapter needs, beside it (as PEFT users save it)
+            save_tokenizer(tokenizer, output)
     distributed.barrier(world)
     return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
+
+
+def _use_template(tokenizer: Any, path: str | None) -> tuple[str, ...]:
+    """Give the tokenizer the chat template in `path`; the `<|tokens|>` it writes that the tokenizer lacks."""
+    if path is None:
+        return ()
+    tokenizer.chat_template = Path(path).read_text()
+    return template_tokens(tokenizer.chat_template, tokenizer)
 
 
 def _loaded_differently(config: TrainConfig) -> bool:
@@ -148,9 +183,18 @@ def _check_outputs(output: Path, run_dir: Path, *, force: bool, resuming: bool) 
 
 
 def _lineage(
-    base: str | Path, config: TrainConfig, train_set: Dataset, eval_set: Dataset | None, result: TrainResult
+    base: str | Path,
+    config: TrainConfig,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    result: TrainResult,
+    data: str | Path,
+    options: DataOptions,
 ) -> dict[str, Any]:
     params = {"base": str(base), **config.to_dict()}
+    if options != DataOptions() or not Path(data).is_file():  # a dataset, not a JSONL file: how it was read
+        params["data"] = {"source": str(data), "split": options.split, "config": options.config,
+                          "streaming": options.streaming, "columns": dict(options.columns)}  # fmt: skip
     metrics = {
         "steps": result.steps,
         "tokens": result.tokens,

@@ -23,6 +23,8 @@ from torch import nn
 
 from ..info import scale_from_alpha
 from .base_matmul import frozen_weight, is_conv1d
+from .dora import DoraMatmul, weight_norm
+from .dora import autograd_forward as dora_autograd_forward
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -31,7 +33,7 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 class LoraLinear(nn.Module):
-    """A frozen `base_layer` and trainable `lora_A` (rank, in), `lora_B` (out, rank)."""
+    """A frozen `base_layer` and trainable `lora_A` (rank, in), `lora_B` (out, rank); with DoRA, `magnitude` (out,)."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         init: str = "kaiming",
         generator: torch.Generator | None = None,
+        dora: bool = False,
     ) -> None:
         super().__init__()
         weight = base_layer.weight
@@ -57,13 +60,24 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=torch.float32))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         _init_a(self.lora_A, init, rank, generator)
+        # DoRA's magnitude (out,): the row norms of W, so that the model starts at the base (PEFT's init).
+        self.magnitude = nn.Parameter(weight_norm(self)) if dora else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.magnitude is not None:
+            if torch.is_autocast_enabled(x.device.type) or self.drops():
+                return dora_autograd_forward(self, x)
+            dora_out: torch.Tensor = DoraMatmul.apply(x, self.lora_A, self.lora_B, self.magnitude, self)  # type: ignore[no-untyped-call]
+            return dora_out
         if torch.is_autocast_enabled(x.device.type):
             return self._autograd_forward(x)
-        dropped = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
+        dropped = self.dropout(x) if self.drops() else None
         out: torch.Tensor = _LoraMatmul.apply(x, dropped, self.lora_A, self.lora_B, self)  # type: ignore[no-untyped-call]
         return out
+
+    def drops(self) -> bool:
+        """Whether this forward applies dropout to the LoRA input."""
+        return self.training and not isinstance(self.dropout, nn.Identity)
 
     def frozen_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (tokens, out) for flattened `x`, in the base's matmul dtype, bias included."""
@@ -86,8 +100,10 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rule = "alpha/sqrt(r)" if self.rslora else "alpha/r"
+        dora = ", dora=True" if self.magnitude is not None else ""
         return (
             f"rank={self.rank}, alpha={self.alpha}, scale={self.scale} ({rule}), fan_in_fan_out={self.fan_in_fan_out}"
+            f"{dora}"
         )
 
 
