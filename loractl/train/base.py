@@ -20,6 +20,7 @@ from ..errors import InputNotFoundError, LoractlError, UsageError
 from ..extras import require_extra
 from ..io.checkpoint import Checkpoint
 from .config import BaseDtype, Quantize
+from .quantize_rows import row_block_quantization
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -37,7 +38,8 @@ def load_base(
     """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
 
     `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
-    output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
+    output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`;
+    4-bit weights are quantized in row blocks as they arrive (`quantize_rows`: the same bytes).
     `command` (train, eval) is named when a dependency is missing.
     """
     require_extra("train", purpose=command)
@@ -60,6 +62,8 @@ def load_base(
             options["quantization_config"] = quantization_config(quantize, torch_dtype)
         with warnings.catch_warnings(), ExitStack() as files:  # bitsandbytes' notes on casting inputs, once per layer
             warnings.simplefilter("ignore", UserWarning)
+            if quantize in ("nf4", "fp4"):
+                files.enter_context(row_block_quantization())
             state = _read_on_demand(base, files)  # transformers takes weights or a name, not both
             if state is None:
                 model = AutoModelForCausalLM.from_pretrained(base, **options)
