@@ -14,7 +14,7 @@ from oracles import oracle
 
 from loractl.train import quantize_rows
 from loractl.train.base import load_base
-from loractl.train.quantize_rows import quantize_4bit, row_block_quantization
+from loractl.train.quantize_rows import quantize_4bit
 
 oracle("bitsandbytes", "bitsandbytes", "qlora")
 from bitsandbytes import functional  # noqa: E402

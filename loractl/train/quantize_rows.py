@@ -53,12 +53,14 @@ def quantize_4bit(
         scales.append(state.absmax)
     every = torch.cat(scales)
     common = {"shape": A.shape, "dtype": A.dtype, "blocksize": blocksize, "quant_type": quant_type,
-              "code": functional.get_4bit_type(quant_type, device=A.device)}  # fmt: skip
+              "code": functional.get_4bit_type(quant_type, device=A.device)}  # type: ignore[no-untyped-call]  # fmt: skip
     if not compress_statistics:
-        return torch.cat(packed), functional.QuantState(absmax=every, **common)
+        return torch.cat(packed), functional.QuantState(absmax=every, **common)  # type: ignore[no-untyped-call]
     offset = every.mean()
     nested, state2 = functional.quantize_blockwise(every - offset, blocksize=256)
-    return torch.cat(packed), functional.QuantState(absmax=nested, offset=offset, state2=state2, **common)
+    return torch.cat(packed), functional.QuantState(  # type: ignore[no-untyped-call]
+        absmax=nested, offset=offset, state2=state2, **common
+    )
 
 
 def _rows_per_block(A: torch.Tensor, blocksize: int) -> int:
