@@ -62,9 +62,8 @@ def train_adapter(
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
         distributed.check_fsdp(world)
-    model, tokenizer = load_base(
-        base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
-    )
+    model, tokenizer = load_base(base, dtype=config.base_dtype, quantize=config.quantize, device=world.device,
+                                 command="train", for_fsdp=config.fsdp)  # fmt: skip
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len) if eval_data else None
     injection = inject(model, config)
