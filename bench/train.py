@@ -15,6 +15,10 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --base /tmp/llama7b-bf16 --seq 64 --batch 1 --steps 2 --warmup 0 --variants loractl,peft
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
 
+Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
+and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
+rate of the dtype its frozen matmuls run in, with the CPU flags and the load average.
+
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
 machine the wall clock measures the other jobs as much as the step; with --threads 1 the CPU
 seconds of a step are its work alone (no OpenMP thread waiting on a descheduled sibling).
@@ -24,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from flops import cpu_flags, matmul_rate, step_flops
 
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
@@ -48,6 +55,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    rates = {name: matmul_rate(name) for name in ("float32", "bfloat16")}  # this child's threads, before the model
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args)
@@ -60,9 +68,25 @@ def child(args: argparse.Namespace) -> None:
     cpu_s = statistics.median(cpu for _, cpu in times[args.warmup :])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
+    flops = step_flops({k: getattr(args, k) for k in SHAPE}, batch=args.batch, seq=args.seq, rank=args.rank,
+                       label_share=(args.seq - 1) / args.seq)  # fmt: skip
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
-           "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times}  # fmt: skip
+           "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
+           "model_flop_s": flops / step_s, "matmul_flop_s": rates, "matmul_dtype": _matmul_dtype(args),
+           "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
     print(json.dumps(doc))
+
+
+def _matmul_dtype(args: argparse.Namespace) -> str:
+    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` picks (loractl)."""
+    import torch
+
+    from loractl.train.base_matmul import matmul_dtype
+
+    native = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    if args.variant.startswith("loractl"):
+        native = matmul_dtype(native, torch.device("cpu"))
+    return str(native).removeprefix("torch.")
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -152,15 +176,19 @@ def main() -> None:
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.base:  # the token ids must fit its vocabulary
-        args.vocab = json.loads((Path(args.base) / "config.json").read_text())["vocab_size"]
+    if args.base:  # its own shape: the token ids must fit its vocabulary, and the FLOPs are its own
+        config = json.loads((Path(args.base) / "config.json").read_text())
+        for name, key in zip(SHAPE, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads", "vocab_size"), strict=True):  # fmt: skip
+            setattr(args, name, config[key])
     if args.save_base:
         _save(args)
         return
     if args.variant:
         child(args)
         return
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
+    load = os.getloadavg()
     passthrough = list(sys.argv[1:])
     if "--variants" in passthrough:  # the children get --variant
         del passthrough[passthrough.index("--variants") : passthrough.index("--variants") + 2]
@@ -171,6 +199,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)  # fmt: skip
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[variant][-1]), file=sys.stderr)
+    _machine(results, load)
     _table(results)
 
 
@@ -179,6 +208,26 @@ def _save(args: argparse.Namespace) -> None:
 
     dtype = DTYPES[args.base_dtype or "fp32"]
     save_model(_config(args, dtype), dtype, Path(args.save_base))
+
+
+def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) -> None:
+    """The CPU flags, threads and load average the figures came from, and each variant's model FLOP/s next to
+    the matmul rate measured in the same child (medians over rounds)."""
+    first = next(iter(results.values()))[0]
+    flags = ", ".join(f for f, on in first["cpu_flags"].items() if on) or "none of avx2, avx512f, avx512_bf16, amx"
+    print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(
+        "\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | float32 / bf16 matmul GFLOP/s |"
+    )
+    print("|---|---:|---|---:|---:|---|")
+    for variant, runs in results.items():
+        model = statistics.median(r["model_flop_s"] for r in runs) / 1e9
+        dtype = runs[0]["matmul_dtype"]
+        rates = {k: statistics.median(r["matmul_flop_s"][k] for r in runs) / 1e9 for k in ("float32", "bfloat16")}
+        print(f"| {variant} | {model:.0f} | {dtype} | {rates[dtype]:.0f} | {100 * model / rates[dtype]:.0f}% "
+              f"| {rates['float32']:.0f} / {rates['bfloat16']:.0f} |")  # fmt: skip
+    print()
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
