@@ -14,6 +14,7 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --preset 7b --base-dtype bf16 --save-base /tmp/llama7b-bf16   # 13.5 GB, 0.6 GB RSS
     python bench/train.py --base /tmp/llama7b-bf16 --seq 64 --batch 1 --steps 2 --warmup 0 --variants loractl,peft
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
+    python bench/train.py --label-share 0.33                # chat-like rows: a third of the tokens take a loss
 
 Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
 and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
@@ -69,7 +70,7 @@ def child(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
     flops = step_flops({k: getattr(args, k) for k in SHAPE}, batch=args.batch, seq=args.seq, rank=args.rank,
-                       label_share=(args.seq - 1) / args.seq)  # fmt: skip
+                       label_share=labels(ids, args)[:, 1:].ne(-100).sum().item() / (args.batch * args.seq))  # fmt: skip
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
            "model_flop_s": flops / step_s, "matmul_flop_s": rates, "matmul_dtype": _matmul_dtype(args),
@@ -108,6 +109,13 @@ def _config(args: argparse.Namespace, dtype: Any) -> Any:
     return llama_config({k: getattr(args, k) for k in SHAPE}, dtype, max(args.seq, 2048))
 
 
+def labels(ids: Any, args: argparse.Namespace) -> Any:
+    """Each row's labels: its tokens, the first (1 − --label-share) of them ignored (-100) as a chat prompt's are."""
+    out = ids.clone()
+    out[:, : round(args.seq * (1 - args.label_share))] = -100
+    return out
+
+
 def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
     import time
 
@@ -126,7 +134,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
                          compile=args.compile)  # fmt: skip
     injection = inject(model, config)
-    rows = [Example(tuple(r), tuple(r)) for r in ids.tolist()]
+    rows = [Example(tuple(r), tuple(label)) for r, label in zip(ids.tolist(), labels(ids, args).tolist(), strict=True)]
     train(model, rows, config, callbacks=[Clock()])
     return injection.trainable
 
@@ -148,7 +156,7 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     model.train()
     for _ in range(steps):
         start, cpu = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=labels(ids, args), use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,6 +173,7 @@ def main() -> None:
     for name, default in (("seq", 96), ("batch", 8), ("rank", 16), ("steps", 3), ("warmup", 1), ("rounds", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child [torch's default]")
+    parser.add_argument("--label-share", type=float, default=1.0, help="share of each row that takes a loss [1]")
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], help="[fp32; with --base its own]")
     parser.add_argument("--base", help="load this checkpoint (e.g. one --save-base wrote) instead of building")
     parser.add_argument("--save-base", metavar="DIR", help="write the random model as a checkpoint and exit")
