@@ -33,9 +33,13 @@ def step_flops(shape: dict[str, int], *, batch: int, seq: int, rank: int, label_
     return float(shape["layers"] * (frozen + lora + attention) + head)
 
 
-def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
-    """FLOP/s of a (size × size) · (size × size) matmul in `dtype_name` (float32, bfloat16) with this process's
-    torch threads: the median of `repeats` timed runs after one warm-up."""
+def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> tuple[float, float]:
+    """FLOP per wall second and per CPU second (all threads) of a (size × size) · (size × size) matmul in
+    `dtype_name` (float32, bfloat16) with this process's torch threads: medians of `repeats` runs after a warm-up.
+
+    On a loaded machine the wall rate measures the other jobs too; the CPU rate is the work alone (with one
+    thread exactly, with several it also counts threads spinning at a barrier).
+    """
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -43,12 +47,14 @@ def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> f
     a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
     out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    flops = 2 * size**3
+    return flops / statistics.median(wall), flops / statistics.median(cpu)
 
 
 def cpu_flags() -> dict[str, bool]:

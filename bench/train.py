@@ -73,7 +73,9 @@ def child(args: argparse.Namespace) -> None:
                        label_share=labels(ids, args)[:, 1:].ne(-100).sum().item() / (args.batch * args.seq))  # fmt: skip
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
-           "model_flop_s": flops / step_s, "matmul_flop_s": rates, "matmul_dtype": _matmul_dtype(args),
+           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
+           "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
+           "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
     print(json.dumps(doc))
 
@@ -226,16 +228,19 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
     flags = ", ".join(f for f, on in first["cpu_flags"].items() if on) or "none of avx2, avx512f, avx512_bf16, amx"
     print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print(
-        "\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | float32 / bf16 matmul GFLOP/s |"
-    )
-    print("|---|---:|---|---:|---:|---|")
+    print("\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | share in CPU time "
+          "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---|")
     for variant, runs in results.items():
-        model = statistics.median(r["model_flop_s"] for r in runs) / 1e9
         dtype = runs[0]["matmul_dtype"]
-        rates = {k: statistics.median(r["matmul_flop_s"][k] for r in runs) / 1e9 for k in ("float32", "bfloat16")}
-        print(f"| {variant} | {model:.0f} | {dtype} | {rates[dtype]:.0f} | {100 * model / rates[dtype]:.0f}% "
-              f"| {rates['float32']:.0f} / {rates['bfloat16']:.0f} |")  # fmt: skip
+
+        def med(key: str, sub: str | None = None, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median((r[key][sub] if sub else r[key]) for r in runs) / 1e9
+
+        model, rate = med("model_flop_s"), med("matmul_flop_s", dtype)
+        cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
+        print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
+              f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
     print()
 
 
