@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-ROW_BLOCK_WEIGHTS = 1 << 22  # weights quantized at once: ≈ 64 MB of float32 temporaries
+# Weights quantized at once: each float32 temporary is then 32 MiB, glibc's largest mmap threshold, so it is
+# mapped and returned whole; with 4 M weights (16 MiB) freed temporaries stayed in the heap, fragmented, and
+# the process's RSS grew to twice the memory it used (tests/test_train_quantize_rows.py).
+ROW_BLOCK_WEIGHTS = 1 << 23
 
 
 def quantize_4bit(
