@@ -15,6 +15,11 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --base /tmp/llama7b-bf16 --seq 64 --batch 1 --steps 2 --warmup 0 --variants loractl,peft
     python bench/train.py --variants loractl,loractl+dora,peft,peft+dora   # DoRA's cost over LoRA, each side
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
+    python bench/train.py --label-share 0.33                # chat-like rows: a third of the tokens take a loss
+
+Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
+and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
+rate of the dtype its frozen matmuls run in, with the CPU flags and the load average.
 
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
 machine the wall clock measures the other jobs as much as the step; with --threads 1 the CPU
@@ -25,11 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from flops import cpu_flags, matmul_rate, step_flops
 
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")  # also loractl+dora, peft+dora (DoRA)
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
@@ -49,6 +57,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    rates = {name: matmul_rate(name) for name in ("float32", "bfloat16")}  # this child's threads, before the model
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args)
@@ -61,9 +70,27 @@ def child(args: argparse.Namespace) -> None:
     cpu_s = statistics.median(cpu for _, cpu in times[args.warmup :])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
+    flops = step_flops({k: getattr(args, k) for k in SHAPE}, batch=args.batch, seq=args.seq, rank=args.rank,
+                       label_share=labels(ids, args)[:, 1:].ne(-100).sum().item() / (args.batch * args.seq))  # fmt: skip
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
-           "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times}  # fmt: skip
+           "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
+           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
+           "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
+           "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
+           "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
     print(json.dumps(doc))
+
+
+def _matmul_dtype(args: argparse.Namespace) -> str:
+    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` picks (loractl)."""
+    import torch
+
+    from loractl.train.base_matmul import matmul_dtype
+
+    native = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    if args.variant.startswith("loractl"):
+        native = matmul_dtype(native, torch.device("cpu"))
+    return str(native).removeprefix("torch.")
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -85,6 +112,13 @@ def _config(args: argparse.Namespace, dtype: Any) -> Any:
     return llama_config({k: getattr(args, k) for k in SHAPE}, dtype, max(args.seq, 2048))
 
 
+def labels(ids: Any, args: argparse.Namespace) -> Any:
+    """Each row's labels: its tokens, the first (1 − --label-share) of them ignored (-100) as a chat prompt's are."""
+    out = ids.clone()
+    out[:, : round(args.seq * (1 - args.label_share))] = -100
+    return out
+
+
 def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
     import time
 
@@ -103,7 +137,7 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
                          compile=args.compile, dora="dora" in args.variant)  # fmt: skip
     injection = inject(model, config)
-    rows = [Example(tuple(r), tuple(r)) for r in ids.tolist()]
+    rows = [Example(tuple(r), tuple(label)) for r, label in zip(ids.tolist(), labels(ids, args).tolist(), strict=True)]
     train(model, rows, config, callbacks=[Clock()])
     return injection.trainable
 
@@ -126,7 +160,7 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     model.train()
     for _ in range(steps):
         start, cpu = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=labels(ids, args), use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,6 +177,7 @@ def main() -> None:
     for name, default in (("seq", 96), ("batch", 8), ("rank", 16), ("steps", 3), ("warmup", 1), ("rounds", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child [torch's default]")
+    parser.add_argument("--label-share", type=float, default=1.0, help="share of each row that takes a loss [1]")
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], help="[fp32; with --base its own]")
     parser.add_argument("--base", help="load this checkpoint (e.g. one --save-base wrote) instead of building")
     parser.add_argument("--save-base", metavar="DIR", help="write the random model as a checkpoint and exit")
@@ -154,15 +189,19 @@ def main() -> None:
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.base:  # the token ids must fit its vocabulary
-        args.vocab = json.loads((Path(args.base) / "config.json").read_text())["vocab_size"]
+    if args.base:  # its own shape: the token ids must fit its vocabulary, and the FLOPs are its own
+        config = json.loads((Path(args.base) / "config.json").read_text())
+        for name, key in zip(SHAPE, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads", "vocab_size"), strict=True):  # fmt: skip
+            setattr(args, name, config[key])
     if args.save_base:
         _save(args)
         return
     if args.variant:
         child(args)
         return
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
+    load = os.getloadavg()
     passthrough = list(sys.argv[1:])
     if "--variants" in passthrough:  # the children get --variant
         del passthrough[passthrough.index("--variants") : passthrough.index("--variants") + 2]
@@ -173,6 +212,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)  # fmt: skip
             results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[variant][-1]), file=sys.stderr)
+    _machine(results, load)
     _table(results)
 
 
@@ -181,6 +221,29 @@ def _save(args: argparse.Namespace) -> None:
 
     dtype = DTYPES[args.base_dtype or "fp32"]
     save_model(_config(args, dtype), dtype, Path(args.save_base))
+
+
+def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) -> None:
+    """The CPU flags, threads and load average the figures came from, and each variant's model FLOP/s next to
+    the matmul rate measured in the same child (medians over rounds)."""
+    first = next(iter(results.values()))[0]
+    flags = ", ".join(f for f, on in first["cpu_flags"].items() if on) or "none of avx2, avx512f, avx512_bf16, amx"
+    print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print("\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | share in CPU time "
+          "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---|")
+    for variant, runs in results.items():
+        dtype = runs[0]["matmul_dtype"]
+
+        def med(key: str, sub: str | None = None, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median((r[key][sub] if sub else r[key]) for r in runs) / 1e9
+
+        model, rate = med("model_flop_s"), med("matmul_flop_s", dtype)
+        cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
+        print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
+              f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
+    print()
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:

@@ -155,6 +155,28 @@ def test_nproc_2_matches_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(b.modules[name].B, m.B, rtol=1e-4, atol=1e-6)
 
 
+def test_nproc_relaunches_the_arguments_it_was_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`main(argv)` re-runs argv's train arguments under torchrun (not the process's sys.argv), without
+    --nproc, with the exit code of torchrun; --debug reaches the processes."""
+    from loractl.cli import _torchrun
+
+    calls: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(_torchrun.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 3)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--base", BASE, "--data", DATA, "-o", str(tmp_path / "x"), "--nproc", "3", "--rank", "4",
+            "--nproc=2"]  # fmt: skip
+    for debug in ([], ["--debug"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*debug, *argv])
+        assert exit_info.value.code == 3
+    (plain, env), (_, debug_env) = calls
+    assert plain[plain.index("--standalone") :] == ["--standalone", "--nproc-per-node=2", "-m", "loractl", "train",
+           "--base", BASE, "--data", DATA, "-o", str(tmp_path / "x"), "--rank", "4"]  # fmt: skip
+    assert "LORACTL_DEBUG" not in env or env["LORACTL_DEBUG"] == os.environ.get("LORACTL_DEBUG")
+    assert debug_env["LORACTL_DEBUG"] == "1"
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_failure_under_torchrun_is_one_error(tmp_path: Path) -> None:
     """--nproc 2: one error and its hint, the process's exit code; no torchrun banner, logs or traceback."""
     import subprocess

@@ -283,6 +283,29 @@ def test_fused_head_loss_matches_logits_cross_entropy(llama: tuple[nn.Module, An
         assert float((grad - want).norm()) <= 100 * torch.finfo(torch.float32).eps * float(want.norm()), name
 
 
+def test_fused_head_works_only_at_label_positions() -> None:
+    """The head's logits and its hidden-state gradient for the positions that take a loss, none other: a third
+    of the positions labelled costs a third of the head's FLOPs (a full head computes all), the same loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loractl.train.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(90, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g)
+    every = torch.randint(0, 50, (90,), generator=g)
+    third = torch.where(torch.arange(90) % 3 == 0, every, -100)
+    flops, losses = [], []
+    for targets in (every, third):
+        with FlopCounterMode(display=False) as counter:
+            loss = linear_cross_entropy(hidden, weight, targets)
+            loss.backward()
+        flops.append(counter.get_total_flops())
+        losses.append(loss)
+    assert flops == [2 * 2 * 90 * 16 * 50, 2 * 2 * 30 * 16 * 50]  # logits and their gradient, label rows only
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, third, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(losses[1], reference)
+
+
 @pytest.mark.slow  # inductor compiles each layer shape once: minutes on a 2-core CPU
 def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> None:
     ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))

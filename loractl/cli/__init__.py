@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .._version import __version__
+from ._torchrun import COMMAND_ARGS
 
 if TYPE_CHECKING:
     from ..errors import LoractlError
@@ -60,8 +61,12 @@ class LazyGroup(click.Group):
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
-        """click's, with its "did you mean" over the lazy commands (click suggests only registered ones)."""
+        """click's, with its "did you mean" over the lazy commands (click suggests only registered ones).
+
+        The command's own arguments, as given, are kept in `ctx.meta` (`train --nproc` re-runs them).
+        """
         name = args[0]
+        ctx.meta[COMMAND_ARGS] = list(args[1:])
         if name in COMMANDS or name.startswith("-") or ctx.resilient_parsing:
             return super().resolve_command(ctx, args)
         close = difflib.get_close_matches(name, COMMANDS)

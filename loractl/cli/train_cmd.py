@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
 import click
@@ -96,9 +95,9 @@ def command(ctx: click.Context, /, base: str, data: str, output: str, eval_data:
       loractl train --base BASE --data chat.jsonl -o out --targets all-linear --rank 16 --nproc 2
     """
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from ..train.distributed import launch
+        from ._torchrun import COMMAND_ARGS, launch
 
-        ctx.exit(launch(nproc, _without_nproc(sys.argv[sys.argv.index("train") + 1 :]), debug=ctx.obj["debug"]))
+        ctx.exit(launch(nproc, ctx.meta[COMMAND_ARGS], debug=ctx.obj["debug"]))
     _check_paths(output, data, eval_data, force=force or resume is not None)
     from ..data_sources import DataOptions, parse_columns
     from ..train import train_adapter
@@ -132,19 +131,6 @@ def _check_paths(output: str, data: str, eval_data: str | None, *, force: bool) 
     for path in (data, eval_data) if eval_data else (data,):
         check_source(path)
     check_output(output, [], force=force)
-
-
-def _without_nproc(args: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in args:
-        if skip or arg.startswith("--nproc="):
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        out.append(arg)
-    return out
 
 
 def _report(summary: Any, as_json: bool) -> None:

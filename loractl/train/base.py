@@ -20,6 +20,8 @@ from ..choices import BaseDtype, Quantize
 from ..errors import InputNotFoundError, LoractlError, UsageError
 from ..extras import require_extra
 from ..io.checkpoint import Checkpoint
+from .base_matmul import quant_state
+from .quantize_rows import row_block_quantization
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -33,11 +35,15 @@ def load_base(
     quantize: Quantize | None = None,
     device: str = "cpu",
     command: str = "train",
+    for_fsdp: bool = False,
 ) -> tuple[nn.Module, Any]:
     """A transformers causal LM and its tokenizer, from a directory or a Hub id, loaded straight onto `device`.
 
     `dtype` None keeps the checkpoint's own dtype. `quantize` replaces the linear layers (not the
-    output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`.
+    output head) by bitsandbytes `Linear4bit` (nf4, fp4) or `Linear8bitLt` (int8), computing in `dtype`;
+    4-bit weights are quantized in row blocks as they arrive (`quantize_rows`: the same bytes).
+    `for_fsdp` stores the packed 4-bit bytes in the compute dtype (QLoRA-FSDP: bitsandbytes'
+    `quant_storage`), so that FSDP flattens and shards them with the layer's other parameters.
     `command` (train, eval) is named when a dependency is missing.
     """
     require_extra("train", purpose=command)
@@ -57,9 +63,11 @@ def load_base(
         torch_dtype = BASE_DTYPES[dtype] if dtype else _own_dtype(config)
         options: dict[str, Any] = {"config": config, "dtype": torch_dtype, "device_map": {"": device}}
         if quantize is not None:
-            options["quantization_config"] = quantization_config(quantize, torch_dtype)
+            options["quantization_config"] = quantization_config(quantize, torch_dtype, for_fsdp=for_fsdp)
         with warnings.catch_warnings(), ExitStack() as files:  # bitsandbytes' notes on casting inputs, once per layer
             warnings.simplefilter("ignore", UserWarning)
+            if quantize in ("nf4", "fp4"):
+                files.enter_context(row_block_quantization())
             state = _read_on_demand(base, files)  # transformers takes weights or a name, not both
             if state is None:
                 model = AutoModelForCausalLM.from_pretrained(base, **options)
@@ -78,22 +86,28 @@ def load_base(
     return model, tokenizer
 
 
-def quantization_config(quantize: Quantize, compute_dtype: torch.dtype) -> Any:
-    """transformers' `BitsAndBytesConfig` for `--quantize` (the output head stays unquantized)."""
+def quantization_config(quantize: Quantize, compute_dtype: torch.dtype, *, for_fsdp: bool = False) -> Any:
+    """transformers' `BitsAndBytesConfig` for `--quantize` (the output head stays unquantized); `for_fsdp`:
+    4-bit bytes stored in the compute dtype (see `load_base`)."""
     require_extra("qlora", purpose="--quantize")
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    storage = compute_dtype if for_fsdp else torch.uint8
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-        load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=compute_dtype
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage,
     )
 
 
 def is_quantized(layer: nn.Module) -> bool:
-    """Whether a linear layer's weight is bitsandbytes-packed (no longer the checkpoint's bytes)."""
+    """Whether a linear layer's weight is bitsandbytes-packed (no longer the checkpoint's bytes), whatever
+    dtype stores the packed bytes (`quant_storage`)."""
     weight = getattr(layer, "weight", None)
-    return isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
+    return isinstance(weight, torch.Tensor) and (not weight.dtype.is_floating_point or quant_state(layer) is not None)
 
 
 def _own_dtype(config: Any) -> torch.dtype:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,16 +59,26 @@ def frozen_weight(layer: nn.Module, activation: torch.dtype) -> torch.Tensor:
     assert isinstance(weight, torch.Tensor)
     if is_conv1d(layer):
         weight = weight.t()  # transformers' Conv1D stores (in, out)
-    if weight.dtype.is_floating_point:
-        return weight.to(matmul_dtype(weight.dtype, weight.device))
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes Linear4bit (nf4, fp4)
+    state = quant_state(layer)
+    if state is not None:  # bitsandbytes Linear4bit (nf4, fp4)
         import bitsandbytes.functional as bnb_functional
 
         native = getattr(layer, "compute_dtype", None) or activation
-        dense = bnb_functional.dequantize_4bit(weight.data, quant_state)
+        dense = bnb_functional.dequantize_4bit(weight.data, state)
         return dense.to(matmul_dtype(native, dense.device))
+    if weight.dtype.is_floating_point:
+        return weight.to(matmul_dtype(weight.dtype, weight.device))
     return _int8_weight(layer, matmul_dtype(activation, weight.device))
+
+
+def quant_state(layer: nn.Module) -> Any:
+    """A bitsandbytes 4-bit layer's quantization state (None for any other layer).
+
+    It sits on the packed weight, and on the layer too: FSDP replaces the weight by a plain view of its
+    flat parameter (in `quant_storage`, a float dtype under QLoRA-FSDP), and the layer's copy survives that.
+    """
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
 
 
 def _int8_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

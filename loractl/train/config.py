@@ -93,10 +93,12 @@ class TrainConfig:
             _choice(self, "base_dtype", BASE_DTYPES)
         if self.quantize is not None:
             _choice(self, "quantize", QUANTIZE)
-        if self.fsdp and self.quantize is not None:
+        if self.fsdp and self.quantize == "int8":
             raise UsageError(
-                "--fsdp does not shard a --quantize base (bitsandbytes weights are not FSDP parameters)",
-                hint="use --quantize with one process or DDP (--nproc without --fsdp)",
+                "--fsdp does not shard an int8 base: bitsandbytes stores int8 weights as int8 tensors (4-bit ones "
+                "can be stored as float32), and FSDP flattens each decoder layer's parameters, float32 LoRA "
+                "factors included, into one tensor of one dtype",
+                hint="use --quantize nf4 or fp4 with --fsdp (stored in the compute dtype), or int8 with DDP",
             )
         if self.fsdp and (self.train_modules or self.add_tokens):
             raise UsageError(

@@ -1,6 +1,7 @@
 """Many processes: torchrun's environment → a process group, DDP or FSDP wrapping, sums across ranks.
 
-Under `torchrun` (WORLD_SIZE > 1) the group is gloo on CPU and nccl on GPU; alone, every
+Under `torchrun` (WORLD_SIZE > 1; `loractl train --nproc N` starts it, `cli/_torchrun.py`) the group
+is gloo on CPU and nccl on GPU; alone, every
 function here is a cheap no-op, so the loop reads the same for one process or many. FSDP
 (`fsdp=True`) shards the base over the ranks instead of replicating it, for bases that do
 not fit one device.
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..adapter import Adapter, AdapterMeta
-from ..errors import LoractlError, UsageError
+from ..errors import UsageError
 from .export import feed_base_weight, lora_layers, lora_module
 from .lora_layers import LoraLinear
 
@@ -73,7 +72,8 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
 
     FSDP wraps each decoder layer (transformers' `_no_split_modules`) as its own unit, so only one
     layer's base weights are gathered at a time; `use_orig_params` lets frozen and LoRA
-    parameters share a unit and keeps the optimizer on the LoRA parameters alone.
+    parameters share a unit and keeps the optimizer on the LoRA parameters alone. A 4-bit base
+    (QLoRA-FSDP) is sharded like any other when its packed bytes are stored in a float dtype.
     """
     if world.size == 1:
         return model
@@ -82,6 +82,7 @@ def wrap(model: nn.Module, world: World, *, fsdp: bool = False) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        check_one_dtype(model)
         layers = {type(m) for m in decoder_layers(model)}
         # An explicit device: without one, FSDP refuses to run on a machine with no accelerator (gloo on CPU).
         return FullyShardedDataParallel(
@@ -96,6 +97,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The layers transformers never splits across devices (`_no_split_modules`: its decoder layers)."""
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def check_one_dtype(model: nn.Module) -> None:
+    """Refuse what FSDP cannot flatten: each unit's parameters become one flat tensor of one dtype, and the
+    LoRA factors are float32, so the base must be float32 too (its 4-bit bytes stored as float32)."""
+    others = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
+    if others:
+        raise UsageError(
+            f"--fsdp needs a float32 base, but this one holds {', '.join(others)} parameters: FSDP flattens "
+            "each decoder layer's parameters into one tensor of one dtype, and the LoRA factors are float32",
+            hint="add --base-dtype fp32 (with --quantize nf4 the packed weights are then stored as float32), "
+            "or drop --fsdp (DDP)",
+        )
 
 
 def check_fsdp(world: World) -> None:
@@ -154,52 +168,6 @@ def sum_across(values: Sequence[float], world: World) -> list[float]:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
-
-
-# torchrun's main, quiet, with a failed child's exit code instead of torchrun's logs and traceback
-# (LORACTL_DEBUG=1 keeps them)
-_TORCHRUN = """import logging, os, sys
-debug = os.environ.get("LORACTL_DEBUG") == "1"
-if not debug:
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
-if not debug:
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-try:
-    main(sys.argv[1:])
-except ChildFailedError as e:
-    if debug:
-        raise
-    sys.exit(max(1, e.get_first_failure()[1].exitcode))
-"""
-
-
-def launch(nproc: int, args: Sequence[str], *, debug: bool = False) -> int:
-    """Re-run `loractl train ARGS` under torchrun with `nproc` processes on this machine; its exit code.
-
-    Unless `debug`, torchrun is quiet: no OMP_NUM_THREADS banner (it is set to torchrun's default, 1,
-    when unset), no logs, no traceback when a process fails (that process's error line says why).
-    """
-    if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env |= {"LORACTL_DEBUG": "1"} if debug else {}
-    cmd = [
-        sys.executable,
-        "-c",
-        _TORCHRUN,
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "loractl",
-        "train",
-        *args,
-    ]
-    try:
-        return subprocess.call(cmd, env=env)
-    except OSError as e:
-        raise LoractlError(f"cannot start torchrun: {e.strerror}", hint="run torchrun yourself") from None
 
 
 def broadcast(obj: object, world: World) -> object:

@@ -87,9 +87,8 @@ def train_adapter(
     world = distributed.setup(config.device)
     if config.fsdp:  # before the base is loaded
         distributed.check_fsdp(world)
-    model, tokenizer = load_base(
-        base, dtype=config.base_dtype, quantize=config.quantize, device=world.device, command="train"
-    )
+    model, tokenizer = load_base(base, dtype=config.base_dtype, quantize=config.quantize, device=world.device,
+                                 command="train", for_fsdp=config.fsdp)  # fmt: skip
     new_tokens = (*(config.add_tokens or ()), *_use_template(tokenizer, config.chat_template))
     resized = add_tokens(model, tokenizer, new_tokens, config.seed) > 0 if new_tokens else False
     train_set = load_dataset(data, tokenizer, config.max_len, packing=config.packing, options=data_options)

@@ -3,8 +3,10 @@
 The float32 logits (tokens, vocab) are the largest tensor of a small model's step (PERF.md) and
 the log-softmax around them is memory-bound work. For architectures whose logits are exactly
 `lm_head(base_model(...))` and whose head is frozen, `linear_cross_entropy` computes the loss
-and the gradient for the hidden states chunk by chunk in the forward pass: the same FLOPs, one
-(chunk, vocab) buffer instead of several (tokens, vocab) tensors.
+and the gradient for the hidden states chunk by chunk in the forward pass, one (chunk, vocab)
+buffer instead of several (tokens, vocab) tensors, and only at the positions that carry a label:
+chat data whose prompts take no loss, and padding, cost the head nothing (a full head computes
+every position's logits).
 """
 
 from __future__ import annotations
@@ -69,26 +71,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_wanted: bool) -> Any:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if grad_wanted else None
+        grad = torch.zeros_like(hidden) if grad_wanted else None  # positions without a label: zero gradient
         # A bf16 head multiplies in float32 where bf16 matmuls are slow (base_matmul): one transient copy.
         weight = weight.to(matmul_dtype(weight.dtype, weight.device))
-        for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-            h, t = hidden[start : start + CHUNK_TOKENS].to(weight.dtype), targets[start : start + CHUNK_TOKENS]
+        labelled = (targets != IGNORE).nonzero().squeeze(1)  # the head's work: label positions only
+        for start in range(0, len(labelled), CHUNK_TOKENS):
+            rows = labelled[start : start + CHUNK_TOKENS]
+            h, t = hidden[rows].to(weight.dtype), targets[rows]
             logits = F.linear(h, weight).float()
-            valid = t != IGNORE
-            safe = t.clamp(min=0)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp and softmax in place, in the one (chunk, vocab) buffer
             top = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(top).exp_()
             sums = probs.sum(dim=1, keepdim=True)
             lse = (sums.log() + top).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            total += (lse - picked).sum()
             if grad is not None:
                 probs.div_(sums)
-                probs[torch.arange(len(t), device=t.device), safe] -= 1.0
-                rows = (probs.to(weight.dtype) @ weight).mul_(valid[:, None])  # ignored rows: zero gradient
-                grad[start : start + CHUNK_TOKENS] = rows.to(grad.dtype)
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 

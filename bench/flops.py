@@ -1,0 +1,67 @@
+"""A LoRA training step's model FLOPs, and the machine's own matmul rate to hold them against.
+
+The step's work on a Llama (T = batch × seq tokens, all-linear LoRA of rank r, frozen base and head):
+- each frozen linear (in → out): forward and input gradient, 2 × 2·T·in·out (no weight gradient);
+- the head (hidden → vocab): the same, 4·T·hidden·vocab, over every position that takes a loss;
+- each LoRA pair: x·Aᵀ and (xAᵀ)·Bᵀ forward, B's and A's gradients and the input gradient backward: 6·T·r·(in + out);
+- attention: Q·Kᵀ and P·V, forward (4·T·seq·hidden per layer) and backward (twice that), counted whole, as
+  torch's FLOP counter counts SDPA (a causal kernel can skip half).
+Elementwise work (norms, activations, softmax, AdamW) is left out, as model-FLOP counts do.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+MATMUL_SIZE = 2048  # the square matmul whose rate the step is held against
+
+
+def step_flops(shape: dict[str, int], *, batch: int, seq: int, rank: int, label_share: float = 1.0) -> float:
+    """Model FLOPs of one all-linear LoRA step on a Llama of `shape` (hidden, intermediate, layers, heads,
+    kv_heads, vocab); `label_share` of the positions take a loss (the head's work on them alone)."""
+    tokens, hidden = batch * seq, shape["hidden"]
+    kv = hidden * shape["kv_heads"] // shape["heads"]
+    inter = shape["intermediate"]
+    linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
+               (inter, hidden)]  # fmt: skip
+    frozen = sum(4 * tokens * i * o for i, o in linears)
+    lora = sum(6 * tokens * rank * (i + o) for i, o in linears)
+    attention = 12 * tokens * seq * hidden
+    head = 4 * tokens * label_share * hidden * shape["vocab"]
+    return float(shape["layers"] * (frozen + lora + attention) + head)
+
+
+def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> tuple[float, float]:
+    """FLOP per wall second and per CPU second (all threads) of a (size × size) · (size × size) matmul in
+    `dtype_name` (float32, bfloat16) with this process's torch threads: medians of `repeats` runs after a warm-up.
+
+    On a loaded machine the wall rate measures the other jobs too; the CPU rate is the work alone (with one
+    thread exactly, with several it also counts threads spinning at a barrier).
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype)
+    torch.mm(a, b, out=out)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        torch.mm(a, b, out=out)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    flops = 2 * size**3
+    return flops / statistics.median(wall), flops / statistics.median(cpu)
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features a bf16 matmul depends on (/proc/cpuinfo), and oneDNN's own bf16 probe."""
+    from loractl.train.base_matmul import cpu_has_bf16_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    words = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    flags = {flag: flag in words for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    return {**flags, "onednn_bf16": cpu_has_bf16_units()}
