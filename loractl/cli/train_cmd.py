@@ -79,7 +79,7 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of settings; flags override it.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Launch N processes with torchrun (DDP).")
 @click.option("--fsdp", is_flag=True, default=None,
-              help="Shard the base over the processes (FSDP) instead of replicating it; no checkpoints.")  # fmt: skip
+              help="Shard the base over the processes (FSDP) instead of replicating it; checkpoints as DCP shards.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing output and its checkpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.pass_context
