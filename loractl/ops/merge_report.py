@@ -126,9 +126,20 @@ class MergeReport:
                     line += (f"; {m.module}'s ΔW is {m.relative_delta:.2%} of ‖W‖, smaller than a {kind} step "
                              f"(requantizing moves W by {m.rounding_error * m.relative_delta:.2%} of ‖W‖), so it "
                              "mostly vanishes")  # fmt: skip
-            out.append(line + "; merge into an F16/F32 GGUF (convert_hf_to_gguf.py --outtype f16), or the Hugging "
-                       "Face checkpoint with --dtype float16, or apply the adapter at run time")  # fmt: skip
+            out.append(f"{line}; {self._way_out()}")
         return out
+
+    def _way_out(self) -> str:
+        """How to keep the whole update, for the kind of base this merge rewrote."""
+        kind: str = getattr(self.plan, "kind", "")  # a PlacedPlan's `Base.kind`
+        if kind.startswith("gguf"):
+            return ("merge into an F16/F32 GGUF (convert_hf_to_gguf.py --outtype f16), or the Hugging Face checkpoint "
+                    "with --dtype float16, or apply the adapter at run time")  # fmt: skip
+        if kind.startswith("bitsandbytes"):
+            return "merge without --keep-quant (written dequantized), or apply the adapter at run time"
+        if kind.startswith("fp8"):
+            return "merge with --dtype bfloat16 (written dequantized), or apply the adapter at run time"
+        return "merge into a wider base (F16/F32) or apply the adapter at run time"
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` document: the plan's summary (not its per-tensor rows), then what was written."""
