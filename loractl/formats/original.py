@@ -11,6 +11,8 @@ where diffusers' reader refuses one — Wan's modules outside its blocks —: th
 LTX-Video's, which diffusers reads only with `lora_A`/`lora_B` and no alpha, are written so.
 XLabs' Flux files (`double_blocks.0.processor.qkv_lora1.down.weight`, no alpha: scale 1) are read as the same
 modules (`qkv_lora1` = `img_attn.qkv`, `qkv_lora2` = `txt_attn.qkv`, `proj_lora1/2` = `img_attn/txt_attn.proj`).
+ai-toolkit's Flux.2 LoKr files (`diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1`, `lokr_w2_a`, …, `.alpha`)
+read as the exact LoRA each Kronecker product equals (`kohya.lycoris`).
 fal's Flux Kontext files (`base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`, optional `lora_B.bias`,
 no alpha) read as the same modules too. Module paths are `transformer.` + the original names (`_dit` splits them
 into diffusers' names).
@@ -31,6 +33,7 @@ from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import scalar_alpha
 from ._dit import COMPONENT, Layout, recognise, relayout
 from ._modules import exact_scales, module_info
+from .kohya import lycoris
 from .options import Feature, ReadOptions, WriteOptions
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ PREFIXES = {
     "text_encoders.t5xxl.transformer.": "text_encoder_2.",
 }
 _LEAVES = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B", "alpha": "alpha"}
+_LEAVES |= {role: role for role in lycoris.LOKR}  # ai-toolkit's Flux.2 LoKr: read as the exact LoRA it equals
 _KEY = re.compile(rf"^({'|'.join(map(re.escape, PREFIXES))})(.+)\.({'|'.join(map(re.escape, _LEAVES))})$")
 _XLABS = re.compile(
     r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$"
@@ -94,6 +98,11 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         for module, keys in sorted(groups.items()):
             alpha = scalar_alpha(ckpt, keys["alpha"], path) if "alpha" in keys else None
             roles = {r: k for r, k in keys.items() if r != "alpha"}
+            if lycoris.is_lycoris(roles):
+                info = lycoris.module_info(module, roles, header.tensors, alpha, None, findings)
+                if info is not None:
+                    modules[module] = info
+                continue
             entries = {k: (header.tensors[k].dtype, header.tensors[k].shape) for k in roles.values()}
             info = module_info(module, roles, entries, _scale_of(alpha), findings)
             if info is not None:
@@ -112,13 +121,20 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
 
 
 def read(path: Path, options: ReadOptions) -> Adapter:
-    """Load the adapter (tensors as stored; the scale carries alpha)."""
+    """Load the adapter (tensors as stored; the scale carries alpha); a LoKr module as the exact LoRA it equals."""
+    from dataclasses import replace
+
     from ..io.checkpoint import Checkpoint
     from ._reading import adapter_from_info
 
     info = describe(path, options)
     with Checkpoint(path) as ckpt:
-        return adapter_from_info(info, ckpt.get)
+        plain = replace(info, modules={n: m for n, m in info.modules.items() if m.structure is None})
+        adapter = adapter_from_info(plain, ckpt.get)
+        exact = {n: lycoris.exact_lora(m, ckpt.get) for n, m in info.modules.items() if m.structure is not None}
+    if not exact:
+        return adapter
+    return replace(adapter, modules=dict(sorted((adapter.modules | exact).items())))
 
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:

@@ -11,7 +11,7 @@ writer of the other layout calls `relayout`:
   otherwise A's stack and B is block-diagonal (rank = the sum, exact; different scales are folded into the B
   blocks, one rounding in B's dtype). A part the adapter lacks contributes zero rows.
 
-The architectures' tables: `flux` (Flux.1), `sd3` (SD3 / 3.5), `wan` (Wan 2.x); `qwen` (Qwen-Image), `ltx`
+The architectures' tables: `flux` (Flux.1), `flux2` (Flux.2), `hunyuan_video` (HunyuanVideo), `sd3` (SD3 / 3.5), `wan` (Wan 2.x); `qwen` (Qwen-Image), `ltx`
 (LTX-Video) and `z_image` (Z-Image) have one layout (their original names are diffusers').
 """
 
@@ -33,16 +33,19 @@ COMPONENT = "transformer."
 
 
 def architectures() -> tuple[Arch, ...]:
-    """In the order the width rules are tried: a 3072-wide attention-only adapter is Flux.1's within its 19 double
+    """In the order the width rules are tried (Flux.2 and HunyuanVideo, whose names are mostly Flux.1's, before it,
+    each with its own evidence: `flux2`, `hunyuan_video`): a 3072-wide attention-only adapter is Flux.1's within its 19 double
     blocks, Qwen-Image's beyond them (Qwen-Image's own names, `img_mlp`, …, are recognised first anyway)."""
     from .flux import FLUX1
+    from .flux2 import FLUX2
+    from .hunyuan_video import HUNYUAN_VIDEO
     from .ltx import LTX_VIDEO
     from .qwen import QWEN_IMAGE
     from .sd3 import SD3
     from .wan import WAN
     from .z_image import Z_IMAGE
 
-    return (FLUX1, SD3, WAN, QWEN_IMAGE, LTX_VIDEO, Z_IMAGE)
+    return (FLUX2, HUNYUAN_VIDEO, FLUX1, SD3, WAN, QWEN_IMAGE, LTX_VIDEO, Z_IMAGE)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,7 +105,7 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
         plain = replace(info, modules={n: m for n, m in info.modules.items() if m.structure is None})
         adapter = adapter_from_info(plain, get)
-        exact = {n: _exact_lora(m, get) for n, m in info.modules.items() if m.structure is not None}
+        exact = {n: lycoris.exact_lora(m, get) for n, m in info.modules.items() if m.structure is not None}
     if exact:
         adapter = replace(adapter, modules=dict(sorted((adapter.modules | exact).items())))
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in _STALE_METADATA}
@@ -244,16 +243,6 @@ def _lycoris_info(
         shapes=info.shapes | {"magnitude": (info.out_features,)},
         dtypes=info.dtypes | {"magnitude": entries[key].dtype},
     )
-
-
-def _exact_lora(m: ModuleInfo, get: Callable[[str], torch.Tensor]) -> LoraModule:
-    """The LoRA a LoHa/LoKr module equals (`lycoris.exact_factors`), alpha = scale·rank."""
-    from ...adapter import LoraModule
-
-    tensors = {role: get(key) for role, key in m.keys.items()}
-    a, b = lycoris.exact_factors(m, tensors)
-    rank = int(a.shape[0])
-    return LoraModule(A=a, B=b, scale=m.scale, alpha=m.scale * rank, kind=m.kind, magnitude=tensors.get("magnitude"))
 
 
 def _base_shapes(base: Path, modules: list[str]) -> dict[str, tuple[int, ...]]:

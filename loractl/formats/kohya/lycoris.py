@@ -32,7 +32,11 @@ from ...info import Factor, ModuleInfo, Structure
 from ...io.safetensors_header import TensorInfo
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
+
+    from ...adapter import LoraModule
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -226,6 +230,16 @@ def exact_factors(info: ModuleInfo, tensors: dict[str, torch.Tensor]) -> tuple[t
     a = a.reshape(k, info.in_features, *kernel).to(dtype).contiguous()
     b = b.reshape(info.out_features, k, *[1] * len(kernel)).to(dtype).contiguous()
     return a, b
+
+
+def exact_lora(m: ModuleInfo, get: Callable[[str], torch.Tensor]) -> LoraModule:
+    """The LoRA a LoHa/LoKr module equals (`exact_factors`), alpha = scale·rank; a `magnitude` role is its DoRA's."""
+    from ...adapter import LoraModule
+
+    tensors = {role: get(key) for role, key in m.keys.items()}
+    a, b = exact_factors(m, tensors)
+    rank = int(a.shape[0])
+    return LoraModule(A=a, B=b, scale=m.scale, alpha=m.scale * rank, kind=m.kind, magnitude=tensors.get("magnitude"))
 
 
 def _kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
