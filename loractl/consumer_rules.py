@@ -225,6 +225,40 @@ def _wan_musubi(info: AdapterInfo, base: Path | None) -> list[Finding]:
     return [error("unknown-module", message)]
 
 
+# diffusers 0.42's Flux.2 reader of kohya files (`_convert_kohya_flux2_lora_to_diffusers`) renames these and warns
+# of the rest ("Unsupported keys"), which it leaves out (shown in tests/test_interop_flux2.py)
+_FLUX2_KOHYA_READ = re.compile(
+    r"^transformer\.(double_blocks\.|single_blocks\.|img_in$|txt_in$|time_in\.|final_layer\.linear$)"
+)
+_CONVERT = "convert with 'loractl convert --to diffusers', which diffusers loads whole"
+
+
+def _dit_readers(info: AdapterInfo, base: Path | None) -> list[Finding]:
+    """What diffusers' Flux.2 and HunyuanVideo readers of kohya and original-layout files get wrong (0.42)."""
+    arch = _transformer(info)
+    if arch is None or arch["name"] not in ("Flux.2", "HunyuanVideo") or info.format not in ("kohya", "original"):
+        return []
+    name = arch["name"]
+    dit = sorted(n for n in info.modules if n.startswith("transformer."))
+    if name == "HunyuanVideo" and info.format == "kohya":
+        return [error("unknown-module", f"diffusers has no reader for kohya / musubi-tuner HunyuanVideo files: it loads none of these modules; {_CONVERT}")]  # fmt: skip
+    if name == "HunyuanVideo" and not any(n.split(".")[-1].endswith("_attn_qkv") for n in dit):
+        return [error("unknown-module", f"diffusers converts an original-layout HunyuanVideo file only when it adapts an img_attn_qkv or txt_attn_qkv module: it loads none of this file's; {_CONVERT}")]  # fmt: skip
+    leaves = {k.rpartition(".")[0].rpartition(".")[2] for m in info.modules.values() for k in m.keys.values()}
+    if info.format == "original" and "lora_down" in leaves:
+        reader = "kohya reader" if name == "Flux.2" else "reader, which takes lora_A/lora_B keys only,"
+        return [error("unknown-module", f"diffusers reads {name}'s lora_down/lora_up files with its {reader} and loads none of this file's modules; {_CONVERT}")]  # fmt: skip
+    out = []
+    if name == "Flux.2" and info.format == "kohya":
+        out += [error("unknown-module", f"diffusers' Flux.2 reader of kohya files leaves this module out (it warns 'Unsupported keys'); {_CONVERT}", n)
+                for n in dit if not _FLUX2_KOHYA_READ.match(n)]  # fmt: skip
+    if info.format == "original" and "transformer.final_layer.adaLN_modulation.1" in info.modules:
+        how = "without the (shift, scale) → (scale, shift) swap its model converter makes" if name == "Flux.2" \
+            else "swapping the halves of its A as well as its B"  # fmt: skip
+        out.append(error("swapped-halves", f"diffusers' {name} reader renames this module to norm_out.linear {how}: its outputs differ from the adapter's; {_CONVERT}", "transformer.final_layer.adaLN_modulation.1"))  # fmt: skip
+    return out
+
+
 def _kohya_layout(info: AdapterInfo, base: Path | None) -> list[Finding]:
     """sd-scripts (and ComfyUI's kohya names) know a diffusion transformer by its original module names only."""
     arch = _transformer(info)
@@ -304,7 +338,7 @@ _RULES: dict[str, list[_Rule]] = {
         _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
     "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
-                  _pipeline_component, _transformer_dropped, _wan_musubi],
+                  _pipeline_component, _transformer_dropped, _wan_musubi, _dit_readers],
     "kohya": [
         _dora("sd-scripts", "a kohya file has no place for it"), _bias("sd-scripts", "a kohya file has no place for it"), _embedding("sd-scripts"),
         _full_tensors("sd-scripts", "have no place in a kohya file"), _kohya_layout,

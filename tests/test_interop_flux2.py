@@ -192,12 +192,12 @@ def _lokr_file(tmp_path: Path) -> Path:
     for name, (out, inp) in {"double_blocks.0.img_attn.qkv": (3 * H, H), "single_blocks.0.linear2": (H, 4 * H),
                              "double_blocks.0.txt_mlp.2": (H, 3 * H)}.items():  # fmt: skip
         key = f"diffusion_model.{name}"
-        state[f"{key}.lokr_w1"] = torch.randn(4, 2, generator=g) * 0.3
+        state[f"{key}.lokr_w1"] = torch.randn(4, 4, generator=g) * 0.3  # factor 4, which diffusers must infer
         if name.endswith("txt_mlp.2"):  # both full: LyCORIS applies no alpha
-            state[f"{key}.lokr_w2"] = torch.randn(out // 4, inp // 2, generator=g) * 0.1
+            state[f"{key}.lokr_w2"] = torch.randn(out // 4, inp // 4, generator=g) * 0.1
         else:
             state[f"{key}.lokr_w2_a"] = torch.randn(out // 4, 2, generator=g) * 0.1
-            state[f"{key}.lokr_w2_b"] = torch.randn(2, inp // 2, generator=g) * 0.1
+            state[f"{key}.lokr_w2_b"] = torch.randn(2, inp // 4, generator=g) * 0.1
         state[f"{key}.alpha"] = torch.tensor(3.0)
     save_file(state, tmp_path / "lokr.safetensors")
     return tmp_path / "lokr.safetensors"
