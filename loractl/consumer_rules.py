@@ -256,6 +256,8 @@ def _dit_readers(info: AdapterInfo, base: Path | None) -> list[Finding]:
         how = "without the (shift, scale) → (scale, shift) swap its model converter makes" if name == "Flux.2" \
             else "swapping the halves of its A as well as its B"  # fmt: skip
         out.append(error("swapped-halves", f"diffusers' {name} reader renames this module to norm_out.linear {how}: its outputs differ from the adapter's; {_CONVERT}", "transformer.final_layer.adaLN_modulation.1"))  # fmt: skip
+    refiner = [n for n in dit if n.endswith("self_attn_qkv")] if info.format == "original" else []
+    out += [error("split-rank", f"diffusers' HunyuanVideo reader splits this fused module's A in three by rank as well as its B by rows: not the adapter's ΔW; {_CONVERT}", n) for n in refiner]  # fmt: skip
     return out
 
 

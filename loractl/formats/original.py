@@ -39,7 +39,7 @@ from .options import Feature, ReadOptions, WriteOptions
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from ..adapter import Adapter, LoraModule
 
 NAME = "original"
 HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank"})
@@ -139,6 +139,8 @@ def read(path: Path, options: ReadOptions) -> Adapter:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """`lora_down` / `lora_up` / `alpha` (float32, = scale·rank) under `diffusion_model.` (diffusers' modules fused)."""
+    from dataclasses import replace
+
     import torch
 
     from ..io.atomic import atomic_output
@@ -150,6 +152,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     no_alpha = found.arch.no_alpha if found else None
     tensors: dict[str, torch.Tensor] = {}
     inexact: dict[str, float] = {}
+    folded: dict[str, LoraModule] = {}  # as written (the record's hash is of what a reader gets back)
     for module, m in adapter.modules.items():
         if m.kind != "linear" or m.magnitude is not None or m.bias is not None or m.fan_in_fan_out:
             raise AdapterError(
@@ -161,6 +164,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
         if no_alpha is not None and module.startswith(COMPONENT) and no_alpha.match(module[len(COMPONENT) :]):
             b = m.B if m.scale == 1 else (m.B.double() * m.scale).to(m.B.dtype)  # scale 1 without an alpha
             tensors |= {f"{key}.{a_leaf}": m.A, f"{key}.{b_leaf}": b}
+            folded[module] = replace(m, B=b, scale=1.0, alpha=float(m.rank), scale_rule="alpha/r")
             continue
         alpha = torch.tensor(m.scale * m.rank, dtype=torch.float32)
         tensors |= {f"{key}.{a_leaf}": m.A, f"{key}.{b_leaf}": m.B, f"{key}.alpha": alpha}
@@ -168,7 +172,8 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
             inexact[module] = m.scale
     if adapter.full_tensors:
         raise AdapterError("the original layout cannot hold full tensors", hint="use 'loractl convert'")
-    metadata = {"format": "pt", lineage.METADATA_KEY: lineage.encode(record_for(adapter, inexact))}
+    written = replace(adapter, modules=adapter.modules | folded) if folded else adapter
+    metadata = {"format": "pt", lineage.METADATA_KEY: lineage.encode(record_for(written, inexact))}
     with atomic_output(path, force=force) as tmp:
         save_tensors(tmp, tensors, metadata)
     return path
