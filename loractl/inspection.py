@@ -154,3 +154,16 @@ def inspect_adapter(
 def _leaf(module: str) -> str:
     """The module's last named part: `q_proj`, or `to_out` for `...to_out.0`."""
     return next((p for p in reversed(module.split(".")) if not p.isdigit()), module)
+
+
+def architecture_line(arch: dict[str, Any]) -> str:
+    """`Flux.1 transformer, original names (kohya, ComfyUI): 19 double blocks, 38 single blocks; text encoders: …`."""
+    names = {"original": "original names (kohya, ComfyUI)", "diffusers": "diffusers names"}.get(
+        arch["layout"], "diffusers' names (the original ones)"
+    )
+    parts = [f"{n} {what}" for what, n in arch["blocks"].items()]
+    if arch["outside_blocks"]:
+        parts.append(f"{len(arch['outside_blocks'])} outside the blocks")
+    line = f"{arch['name']} transformer, {names}: {', '.join(parts) or 'no block'}"
+    encoders = ", ".join(f"{what} ({component})" for component, what in arch["text_encoders"].items())
+    return line + (f"; text encoders: {encoders}" if encoders else "")

@@ -1,7 +1,9 @@
 """Pictures for what people would rather see than read (matplotlib: the optional extra `plot`).
 
 - `plot_inspection`: an adapter's rank and ‖ΔW‖_F as heatmaps, layer × module type, so an
-  uneven fine-tune (one layer doing all the work, a module type left at zero) shows at a glance.
+  uneven fine-tune (one layer doing all the work, a module type left at zero) shows at a glance;
+  a diffusion transformer's architecture (`inspect`'s line) is under the title, its block stacks
+  (double, single, video blocks, text encoders) are the rows' groups.
 - `plot_diff`: how far each module moved between two adapter versions (relative change and the
   overlap of the column spaces), layer × module type, so where a new version differs shows at once.
 - `SpectrumRecorder` + `plot_spectra`: the singular values of each ΔW that `extract` factors,
@@ -131,16 +133,29 @@ def plot_inspection(report: Inspection, path: str | Path) -> Path:
     if len(ranks) > 1:  # one rank everywhere is a constant panel: said in the title instead
         panels.insert(0, ("rank", _matrix(layout, {n: float(m.rank) for n, m in modules.items()}), "{:.0f}"))
     label_width = max((len(r) for r in layout.rows), default=1)
-    fig = _figure(
-        width=len(panels) * (2.2 + 0.07 * label_width + 0.55 * len(layout.columns)),
-        height=2.4 + 0.32 * len(layout.rows),
-    )
+    width = len(panels) * (2.2 + 0.07 * label_width + 0.55 * len(layout.columns))
+    title = inspection_title(report, chars=max(40, int(width * 11)))
+    fig = _figure(width=width, height=2.4 + 0.32 * len(layout.rows) + 0.2 * title.count("\n"))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for axis, (title, values, fmt) in zip(axes, panels, strict=True):
         _heatmap(fig, axis, layout, values, title, fmt)
-    rank_note = f", rank {next(iter(ranks))} everywhere" if len(ranks) == 1 else ""
-    fig.suptitle(f"{report.info.path.name}: {len(modules)} modules ({report.info.format}){rank_note}")
+    fig.suptitle(title)
     return _save(fig, path)
+
+
+def inspection_title(report: Inspection, chars: int = 100) -> str:
+    """The picture's title: the file, its modules and, for a diffusion transformer, the architecture line `inspect`
+    prints (its double / single / video blocks, what is outside them, the text encoders), wrapped to `chars`."""
+    import textwrap
+
+    from .inspection import architecture_line
+
+    modules = report.info.modules
+    ranks = {m.rank for m in modules.values()}
+    rank_note = f", rank {next(iter(ranks))} everywhere" if len(ranks) == 1 else ""
+    title = f"{report.info.path.name}: {len(modules)} modules ({report.info.format}){rank_note}"
+    arch = report.architecture
+    return title if arch is None else title + "\n" + textwrap.fill(architecture_line(arch), chars)
 
 
 def plot_diff(result: AdapterDiff, path: str | Path, *, title: str = "", inputs: Sequence[str | Path] = ()) -> Path:

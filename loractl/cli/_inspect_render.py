@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..inspection import Inspection
+from ..inspection import Inspection, architecture_line
 from ..patterns import natural_key
 from ._lineage_render import lineage_line
 from ._text import human_size, name_table, short_hash, short_sha
-
-
-def _architecture_line(arch: dict[str, Any]) -> str:
-    """`Flux.1 transformer, original names (kohya, ComfyUI): 19 double blocks, 38 single blocks; text encoders: …`."""
-    names = {"original": "original names (kohya, ComfyUI)", "diffusers": "diffusers names"}.get(
-        arch["layout"], "diffusers' names (the original ones)"
-    )
-    parts = [f"{n} {what}" for what, n in arch["blocks"].items()]
-    if arch["outside_blocks"]:
-        parts.append(f"{len(arch['outside_blocks'])} outside the blocks")
-    line = f"{arch['name']} transformer, {names}: {', '.join(parts) or 'no block'}"
-    encoders = ", ".join(f"{what} ({component})" for component, what in arch["text_encoders"].items())
-    return line + (f"; text encoders: {encoders}" if encoders else "")
 
 
 def render(report: Inspection, console: Console) -> None:
@@ -37,7 +22,7 @@ def render(report: Inspection, console: Console) -> None:
         ("path", doc["path"]),
         ("format", doc["format"]),
         ("base model", doc["base_model"] or "-"),
-        *([("architecture", _architecture_line(doc["architecture"]))] if doc["architecture"] else []),
+        *([("architecture", architecture_line(doc["architecture"]))] if doc["architecture"] else []),
         ("modules", f"{doc['modules']} ({', '.join(doc['kinds'])})"),
         *([("algorithm", ", ".join(doc["algorithms"]))] if doc["lycoris"] else []),
         ("ranks", ", ".join(map(str, doc["ranks"]))),

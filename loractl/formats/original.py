@@ -13,6 +13,9 @@ XLabs' Flux files (`double_blocks.0.processor.qkv_lora1.down.weight`, no alpha: 
 modules (`qkv_lora1` = `img_attn.qkv`, `qkv_lora2` = `txt_attn.qkv`, `proj_lora1/2` = `img_attn/txt_attn.proj`).
 ai-toolkit's Flux.2 LoKr files (`diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1`, `lokr_w2_a`, …, `.alpha`)
 read as the exact LoRA each Kronecker product equals (`kohya.lycoris`).
+BFL's control LoRAs (FLUX.1 Canny/Depth [dev] LoRA: fal's names without `base_model.model.`, `lora_B.bias`, and
+the qk norms' new `…norm.query_norm.scale` / `key_norm.scale`, kept as full tensors that replace the base's;
+`img_in` takes twice the channels, diffusers widens `x_embedder` to load it) read as the same modules.
 fal's Flux Kontext files (`base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`, optional `lora_B.bias`,
 no alpha) read as the same modules too. Module paths are `transformer.` + the original names (`_dit` splits them
 into diffusers' names).
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING
 from .. import lineage
 from ..errors import AdapterError, FormatError
 from ..findings import Finding
-from ..info import AdapterInfo, ScaleRule
+from ..info import AdapterInfo, FullTensorInfo, ScaleRule
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import scalar_alpha
 from ._dit import COMPONENT, Layout, recognise, relayout
@@ -56,9 +59,13 @@ _XLABS = re.compile(
     r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$"
 )
 # fal's Flux Kontext trainer: PEFT's `base_model.model.` over BFL's names, lora_A/lora_B (+ lora_B.bias), no alpha
+# BFL's own control LoRAs (FLUX.1 Canny / Depth [dev] LoRA) are these keys bare, with the qk norms' new scales
 _FAL = re.compile(
-    r"^base_model\.model\.((?:double_blocks|single_blocks)\.\d+\..+|final_layer\..+|img_in|txt_in"
+    r"^(?:base_model\.model\.)?((?:double_blocks|single_blocks)\.\d+\..+|final_layer\..+|img_in|txt_in"
     r"|(?:time_in|vector_in|guidance_in)\..+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$"
+)
+_BFL_NORM = re.compile(
+    r"^((?:double_blocks\.\d+\.(?:img|txt)_attn|single_blocks\.\d+)\.norm\.(?:query|key)_norm\.scale)$"
 )
 _FAL_ROLES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias"}
 _XLABS_PARTS = {("qkv", "1"): "img_attn.qkv", ("qkv", "2"): "txt_attn.qkv",
@@ -73,7 +80,9 @@ def detect(path: Path) -> bool:
         keys = list(read_header(path).tensors)
     except FormatError:
         return False
-    return bool(keys) and all(_split(k) for k in keys)
+    return (
+        bool(keys) and all(_split(k) or _BFL_NORM.match(k) for k in keys) and not all(_BFL_NORM.match(k) for k in keys)
+    )
 
 
 def describe(path: Path, options: ReadOptions) -> AdapterInfo:
@@ -82,7 +91,14 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
 
     header = read_header(path)
     groups: dict[str, dict[str, str]] = {}
+    full = {
+        COMPONENT + key: FullTensorInfo(key, t.dtype, t.shape)
+        for key, t in header.tensors.items()
+        if _BFL_NORM.match(key)
+    }
     for key in header.tensors:
+        if COMPONENT + key in full:
+            continue
         split = _split(key)
         if split is None:
             raise FormatError(
@@ -113,7 +129,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         format=NAME,
         files=(path,),
         modules=exact_scales(modules, record),
-        full_tensors={},
+        full_tensors=full,
         base_model=record.base_model if record else None,
         record=record,
         findings=tuple(findings),

@@ -1,0 +1,92 @@
+"""Flux.2 / HunyuanVideo names without a consumer, BFL's control LoRAs, and `inspect --plot` of a transformer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_module, run_cli
+from safetensors.torch import save_file
+
+from loractl.adapter import Adapter
+from loractl.errors import AdapterError
+from loractl.formats import architecture, load_adapter, save_adapter
+from loractl.ops.convert import convert
+
+H = 16
+NORMS = ("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.key_norm.scale")
+
+
+def _bfl_control(tmp_path: Path) -> Path:
+    """BFL's control LoRA keys: bare BFL names, lora_A/lora_B (+ lora_B.bias), no alpha, and new qk-norm scales;
+    `img_in` takes twice the latent channels (the control image's beside the noise's)."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * H, H), "single_blocks.0.linear1": (7 * H, H), "img_in": (H, 8)}
+    for name, (out, inp) in shapes.items():
+        state[f"{name}.lora_A.weight"] = torch.randn(2, inp, generator=g)
+        state[f"{name}.lora_B.weight"] = torch.randn(out, 2, generator=g)
+    state["double_blocks.0.img_attn.qkv.lora_B.bias"] = torch.randn(3 * H, generator=g)
+    state |= {k: torch.randn(8, generator=g) for k in NORMS}
+    save_file(state, tmp_path / "control.safetensors")
+    return tmp_path / "control.safetensors"
+
+
+def test_bfl_control_lora_keeps_its_norm_scales_as_full_tensors(tmp_path: Path) -> None:
+    path = _bfl_control(tmp_path)
+    adapter = load_adapter(path)
+    assert adapter.meta.source_format == "original"
+    assert sorted(adapter.full_tensors) == sorted(f"transformer.{k}" for k in NORMS)
+    assert adapter.modules["transformer.double_blocks.0.img_attn.qkv"].bias is not None
+    assert {m.scale for m in adapter.modules.values()} == {1.0}
+    assert architecture({n: m.in_features for n, m in adapter.modules.items()})["name"] == "Flux.1"
+    # no LoRA format but PEFT holds the norms: convert refuses, naming what would be lost, and writes nothing
+    for to in ("diffusers", "kohya"):
+        with pytest.raises(AdapterError, match="full tensors"):
+            convert(path, tmp_path / f"as-{to}", to=to)
+        assert not (tmp_path / f"as-{to}").exists()
+    code, out, _ = run_cli("inspect", path)
+    assert code == 0 and "query_norm.scale" in out
+
+
+def test_flux2_kohya_names_read_back_and_fuse_exactly(tmp_path: Path) -> None:
+    """sd-scripts' Flux.2 names (lora_unet_double_blocks_0_img_attn_qkv): the same fused modules as Flux.1's."""
+    modules = {
+        "transformer.double_blocks.0.img_attn.qkv": random_module(3 * H, H, 2, seed=1),
+        "transformer.single_blocks.0.linear2": random_module(H, 4 * H, 3, seed=2),
+        "transformer.single_blocks.0.linear1": random_module(9 * H, H, 2, seed=3),
+    }
+    path = save_adapter(Adapter(modules=modules), tmp_path / "k.safetensors", format="kohya")
+    read = load_adapter(path)
+    assert set(read.modules) == set(modules)
+    convert(path, tmp_path / "d.safetensors", to="diffusers")
+    back = load_adapter(tmp_path / "d.safetensors")
+    assert "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj" in back.modules  # fused in diffusers too
+    convert(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    again = load_adapter(tmp_path / "k2.safetensors")
+    for name, m in modules.items():
+        assert again.modules[name].rank == m.rank  # one A per module: nothing stacked
+        assert torch.equal(again.modules[name].delta_weight(), m.delta_weight()), name
+
+
+def test_inspect_plot_names_the_architecture(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from loractl.inspection import inspect_adapter
+    from loractl.plots import inspection_title
+
+    modules = {
+        f"transformer.{kind}.{i}.{m}": random_module(out, inp, 2, seed=i)
+        for kind, m, out, inp in (("double_blocks", "img_attn.qkv", 3 * H, H), ("single_blocks", "linear2", H, 4 * H))
+        for i in range(2)
+    }
+    modules["transformer.single_stream_modulation.lin"] = random_module(3 * H, H, 2, seed=9)
+    path = save_adapter(Adapter(modules=modules), tmp_path / "flux2.safetensors", format="kohya")
+    title = inspection_title(inspect_adapter(path), chars=60)
+    assert "Flux.2 transformer, original names" in title and "2 double blocks, 2 single blocks" in title.replace(
+        "\n", " "
+    )
+    assert max(len(line) for line in title.splitlines()[1:]) <= 60
+    png = tmp_path / "flux2.png"
+    code, _, err = run_cli("inspect", path, "--plot", png)
+    assert code == 0 and png.stat().st_size > 1000, err
