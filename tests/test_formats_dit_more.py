@@ -90,3 +90,37 @@ def test_inspect_plot_names_the_architecture(tmp_path: Path) -> None:
     png = tmp_path / "flux2.png"
     code, _, err = run_cli("inspect", path, "--plot", png)
     assert code == 0 and png.stat().st_size > 1000, err
+
+
+def _bare_kohya(tmp_path: Path, names: dict[str, tuple[int, int]]) -> tuple[Path, set[str]]:
+    """A kohya file as sd-scripts / musubi-tuner write it: without loractl's record of the module paths."""
+    from safetensors.torch import load_file
+
+    modules = {
+        f"transformer.{n}": random_module(out, inp, 2, seed=i) for i, (n, (out, inp)) in enumerate(names.items())
+    }
+    written = save_adapter(Adapter(modules=modules), tmp_path / "loractl.safetensors", format="kohya")
+    save_file(load_file(written), tmp_path / "bare.safetensors")
+    return tmp_path / "bare.safetensors", set(modules)
+
+
+def test_sd_scripts_flux2_names_resolve_without_a_record(tmp_path: Path) -> None:
+    names = {"double_blocks.0.img_attn.qkv": (3 * H, H), "single_blocks.3.linear2": (H, 4 * H),
+             "double_stream_modulation_img.lin": (6 * H, H), "single_stream_modulation.lin": (3 * H, H),
+             "guidance_in.out_layer": (H, H), "final_layer.adaLN_modulation.1": (2 * H, H)}  # fmt: skip
+    path, modules = _bare_kohya(tmp_path, names)
+    assert set(load_adapter(path).modules) == modules
+
+
+def test_musubi_hunyuan_video_names_resolve_without_a_record(tmp_path: Path) -> None:
+    """`lora_unet_double_blocks_0_img_attn_qkv` is Flux.1's `img_attn.qkv` by the vocabulary; in a HunyuanVideo file
+    (its `img_mlp.fc1`, `txt_mod.linear`, text refiner) it is HunyuanVideo's `img_attn_qkv`."""
+    refiner = "txt_in.individual_token_refiner.blocks.0"
+    names = {"double_blocks.0.img_attn_qkv": (3 * H, H), "double_blocks.0.txt_attn_proj": (H, H),
+             "double_blocks.0.img_mlp.fc1": (4 * H, H), "double_blocks.0.txt_mod.linear": (6 * H, H),
+             "single_blocks.1.linear1": (7 * H, H), f"{refiner}.self_attn_qkv": (3 * H, H),
+             "txt_in.c_embedder.linear_1": (H, H), "txt_in.input_embedder": (H, 8)}  # fmt: skip
+    path, modules = _bare_kohya(tmp_path, names)
+    read = load_adapter(path)
+    assert set(read.modules) == modules
+    assert architecture({n: m.in_features for n, m in read.modules.items()})["name"] == "HunyuanVideo"

@@ -56,6 +56,7 @@ _RULES = (
     Rule("final_layer.linear", ("proj_out",)),
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True),
 )
+_KOHYA_JOINS = re.compile(r"(?<=\.)((?:img|txt)_attn|self_attn)\.(qkv|proj)$")
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 _COUNTS = {"transformer_blocks": 20, "single_transformer_blocks": 40}  # Qwen-Image: 60 blocks, none single
 _FLUX1_COUNTS = {"transformer_blocks": 19, "single_transformer_blocks": 38}
@@ -70,6 +71,10 @@ class _HunyuanVideo(Arch):
         found = [(m.group(1), int(m.group(2))) for n in names if (m := _BLOCK.match(n))]
         within = bool(found) and all(i < _COUNTS[kind] for kind, i in found)
         return within and any(i >= _FLUX1_COUNTS[kind] for kind, i in found)
+
+    def from_kohya(self, name: str) -> str:
+        """`double_blocks.0.img_attn.qkv` (Flux.1's reading of musubi-tuner's `…_img_attn_qkv`) → `…img_attn_qkv`."""
+        return _KOHYA_JOINS.sub(lambda m: m.group(1) + "_" + m.group(2), name)
 
     def block_counts(self, names: list[str] | dict[str, int]) -> dict[str, int]:
         """As `Arch.block_counts`, the refiner's index three names deep."""

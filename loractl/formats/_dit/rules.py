@@ -126,6 +126,11 @@ class Arch:
                 return rule, found[0], found[1]
         return None
 
+    def from_kohya(self, name: str) -> str:
+        """The module a kohya name resolved to, where the vocabulary's reading is another architecture's (`_` that
+        stood for `_`, as HunyuanVideo's `img_attn_qkv`, read as Flux.1's `img_attn.qkv`)."""
+        return name
+
     def block_counts(self, names: list[str] | dict[str, int]) -> dict[str, int]:
         """How many blocks of each kind the modules adapt (either layout)."""
         out = {}

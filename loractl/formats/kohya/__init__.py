@@ -278,6 +278,7 @@ def _transformer_paths(paths: dict[str, str]) -> dict[str, str]:
     found = recognise(dict.fromkeys(dit.values(), 0)) if dit else None
     if found is None:
         return paths
+    dit = {n: TRANSFORMER + found.arch.from_kohya(p[len(TRANSFORMER) :]) for n, p in dit.items()}
     by_prefix = {prefix: component for component, prefix in found.arch.kohya_text_encoders.items()}
     encoders = {}
     for name in paths:

@@ -48,6 +48,8 @@ _WORDS = """
     modulation final_layer adaLN_modulation img_in txt_in time_in vector_in guidance_in in_layer out_layer
     blocks cross_attn ffn k_img v_img head time_projection text_embedding time_embedding img_emb
     joint_blocks x_block context_block t_embedder y_embedder noise_refiner context_refiner
+    double_stream_modulation_img double_stream_modulation_txt single_stream_modulation
+    individual_token_refiner input_embedder c_embedder
 """
 VOCABULARY = frozenset(_WORDS.split())
 
