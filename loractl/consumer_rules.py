@@ -190,6 +190,8 @@ def _transformer_dropped(info: AdapterInfo, base: Path | None) -> list[Finding]:
     arch = _transformer(info)
     if arch is None or arch["name"] != "Flux.1" or info.format not in ("kohya", "original"):
         return []
+    if any(_BFL_NORM.match(t.key) for t in info.full_tensors.values()):
+        return _bfl_control(info)
     how = "convert with 'loractl convert --to diffusers', which diffusers loads whole"
     leaves = {k.rpartition(".")[0].rpartition(".")[2] for m in info.modules.values() for k in m.keys.values()}
     if info.format == "original" and "lora_A" in leaves:
@@ -203,6 +205,29 @@ def _transformer_dropped(info: AdapterInfo, base: Path | None) -> list[Finding]:
         message = f"diffusers' Flux.1 reader drops T5 LoRA modules ({len(t5)}, e.g. {t5[0]!r}): diffusers has no way to load them"  # fmt: skip
         out.append(warning("unknown-module", message))
     return out
+
+
+# BFL's control LoRAs: diffusers reads them (`_convert_bfl_flux_control_lora_to_diffusers`) by these qk-norm scales,
+# which it loads into the transformer, and takes every module of Flux.1's 19 double and 38 single blocks or nothing
+_BFL_NORM = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn|single_blocks\.\d+)\.norm\.(query|key)_norm\.scale$")
+_BFL_DOUBLE = ("img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
+               "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")  # fmt: skip
+_BFL_SINGLE = ("modulation.lin", "linear1", "linear2")
+_BFL_OUTSIDE = ("time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer", "txt_in",
+                "img_in", "final_layer.linear", "final_layer.adaLN_modulation.1")  # fmt: skip
+
+
+def _bfl_control(info: AdapterInfo) -> list[Finding]:
+    """A BFL control LoRA: diffusers refuses one without every module; it misreads the final AdaLN (A's halves)."""
+    names = [f"double_blocks.{i}.{m}" for i in range(19) for m in _BFL_DOUBLE]
+    names += [f"single_blocks.{i}.{m}" for i in range(38) for m in _BFL_SINGLE] + list(_BFL_OUTSIDE)
+    missing = [n for n in names if f"transformer.{n}" not in info.modules]
+    if missing:
+        message = f"diffusers' reader of BFL control LoRAs takes only files with every module of Flux.1's 19 double and 38 single blocks and its embedders: it refuses this one, which lacks {missing[0]} ({len(missing)} in all); no other layout diffusers reads holds the norm scales"  # fmt: skip
+        return [error("unknown-module", message)]
+    name = "transformer.final_layer.adaLN_modulation.1"
+    message = "diffusers' reader of BFL control LoRAs swaps the halves of this module's A as well as its B's: not the adapter's ΔW (no other layout diffusers reads holds the norm scales)"  # fmt: skip
+    return [error("swapped-halves", message, name)]
 
 
 _WAN_BLOCK = (*(f"{side}.{o}" for side in ("self_attn", "cross_attn") for o in "qkvo"), "ffn.0", "ffn.2")
@@ -339,7 +364,7 @@ _RULES: dict[str, list[_Rule]] = {
         _bias("mlx-lm", "it refuses the tensor; its LoRA layers have lora_a and lora_b only"),
         _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
-    "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file"), _kohya_alphas,
+    "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file", keep=_BFL_NORM.match), _kohya_alphas,
                   _pipeline_component, _transformer_dropped, _wan_musubi, _dit_readers],
     "kohya": [
         _dora("sd-scripts", "a kohya file has no place for it"), _bias("sd-scripts", "a kohya file has no place for it"), _embedding("sd-scripts"),

@@ -273,3 +273,79 @@ def test_fal_kontext_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: 
         want = m.B.double() @ (m.A.double() @ x) * m.scale
         got = theirs[f"{name}.lora_B.weight"].double() @ (theirs[f"{name}.lora_A.weight"].double() @ x)
         assert (got - want).norm() <= 1e-6 * want.norm(), name
+
+
+def _bfl_control_file(tmp_path: Path) -> Path:
+    """BFL's Flux control LoRA layout at Flux.1's real widths (diffusers' converter takes every one of the 19 double
+    and 38 single blocks and nothing less): bare BFL names, rank 1 (the final AdaLN 2), a `lora_B.bias` on the qkv and linear1 modules,
+    the qk norms' new scales, `img_in` taking 128 channels (the control image's beside the noise's)."""
+    from safetensors.torch import save_file
+
+    h = 3072
+    double = {"img_mod.lin": (6 * h, h), "txt_mod.lin": (6 * h, h), "img_attn.qkv": (3 * h, h), "txt_attn.qkv": (3 * h, h),
+              "img_attn.proj": (h, h), "txt_attn.proj": (h, h), "img_mlp.0": (4 * h, h), "img_mlp.2": (h, 4 * h),
+              "txt_mlp.0": (4 * h, h), "txt_mlp.2": (h, 4 * h)}  # fmt: skip
+    single = {"linear1": (7 * h, h), "linear2": (h, 5 * h), "modulation.lin": (3 * h, h)}
+    shapes = {f"double_blocks.{i}.{k}": v for i in range(19) for k, v in double.items()}
+    shapes |= {f"single_blocks.{i}.{k}": v for i in range(38) for k, v in single.items()}
+    shapes |= {"time_in.in_layer": (h, 256), "time_in.out_layer": (h, h), "vector_in.in_layer": (h, 768),
+               "vector_in.out_layer": (h, h), "guidance_in.in_layer": (h, 256), "guidance_in.out_layer": (h, h),
+               "txt_in": (h, 4096), "img_in": (h, 128), "final_layer.linear": (64, h),
+               "final_layer.adaLN_modulation.1": (2 * h, h)}  # fmt: skip
+    g = torch.Generator().manual_seed(9)
+    state = {}
+    for name, (out, inp) in shapes.items():
+        rank = 2 if name.startswith("final_layer.adaLN") else 1  # diffusers halves this module's A: an even rank
+        state[f"{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g)
+        state[f"{name}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+        if name.endswith(("qkv", "linear1")):
+            state[f"{name}.lora_B.bias"] = torch.randn(out, generator=g)
+    norms = [
+        f"double_blocks.{i}.{s}_attn.norm.{q}_norm.scale"
+        for i in range(19)
+        for s in ("img", "txt")
+        for q in ("query", "key")
+    ]
+    norms += [f"single_blocks.{i}.norm.{q}_norm.scale" for i in range(38) for q in ("query", "key")]  # fmt: skip
+    state |= {k: torch.randn(128, generator=g) for k in norms}
+    save_file(state, tmp_path / "control.safetensors")
+    return tmp_path / "control.safetensors"
+
+
+def _diffusers_norm(bfl: str) -> str:
+    """BFL's qk-norm scale → diffusers' (`_convert_bfl_flux_control_lora_to_diffusers`)."""
+    parts = bfl.removeprefix("transformer.").split(".")
+    if parts[0] == "single_blocks":
+        return f"transformer.single_transformer_blocks.{parts[1]}.attn.norm_{parts[3][0]}.weight"
+    added = "added_" if parts[2] == "txt_attn" else ""
+    return f"transformer.transformer_blocks.{parts[1]}.attn.norm_{added}{parts[4][0]}.weight"
+
+
+@pytest.mark.slow  # 57 blocks at Flux.1's real widths (about 25 MB of factors)
+def test_bfl_control_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: Path) -> None:
+    """Every module's ΔW and lora bias against diffusers' converted state dict (products with random vectors), the
+    norm scales equal; except the final AdaLN, whose A's halves diffusers swaps with B's (not the same ΔW)."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    path = _bfl_control_file(tmp_path)
+    read = load_adapter(path)
+    split = in_layout(read, "diffusers")
+    theirs = FluxLoraLoaderMixin.lora_state_dict(str(path))
+    modules = {k.removesuffix(".lora_A.weight") for k in theirs if k.endswith(".lora_A.weight")}
+    assert modules == set(split.modules)
+    assert {_diffusers_norm(n) for n in read.full_tensors} == {k for k in theirs if "lora" not in k}
+    for name, t in read.full_tensors.items():
+        assert torch.equal(theirs[_diffusers_norm(name)], t), name
+    g = torch.Generator().manual_seed(8)
+    for name in sorted(modules):
+        m = split.modules[name]
+        x = torch.randn(m.in_features, 2, generator=g, dtype=torch.float64)
+        want = m.B.double() @ (m.A.double() @ x) * m.scale
+        got = theirs[f"{name}.lora_B.weight"].double() @ (theirs[f"{name}.lora_A.weight"].double() @ x)
+        if name == "transformer.norm_out.linear":
+            assert (got - want).norm() > 1e-3 * want.norm()  # diffusers swapped A's halves too
+            continue
+        assert (got - want).norm() <= 1e-6 * want.norm(), name
+        if m.bias is not None:
+            assert torch.equal(theirs[f"{name}.lora_B.bias"], m.bias), name
+    assert sorted(target_findings(path, "diffusers")) == ["swapped-halves"]
