@@ -115,6 +115,8 @@ def test_hunyuan_video_is_recognised_in_both_layouts() -> None:
     late = {"transformer.transformer_blocks.19.attn.to_q": 3072, "transformer.transformer_blocks.0.attn.to_k": 3072}
     assert architecture(late)["name"] == "HunyuanVideo"
     assert architecture({"transformer.transformer_blocks.3.attn.to_q": 3072})["name"] == "Flux.1"
+    sd3 = {f"transformer.transformer_blocks.{i}.attn.to_q": 1536 for i in range(20)}  # SD3's first 20 blocks
+    assert architecture(sd3)["name"] == "SD3"
 
 
 @pytest.mark.parametrize("layout", ["original", "diffusers", "kohya"])

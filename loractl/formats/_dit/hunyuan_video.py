@@ -59,6 +59,8 @@ _RULES = (
 _KOHYA_JOINS = re.compile(r"(?<=\.)((?:img|txt)_attn|self_attn)\.(qkv|proj)$")
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 _COUNTS = {"transformer_blocks": 20, "single_transformer_blocks": 40}  # Qwen-Image: 60 blocks, none single
+_WIDTH = 3072
+_ATTENTION = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj)$")
 _FLUX1_COUNTS = {"transformer_blocks": 19, "single_transformer_blocks": 38}
 
 
@@ -70,7 +72,8 @@ class _HunyuanVideo(Arch):
             return True
         found = [(m.group(1), int(m.group(2))) for n in names if (m := _BLOCK.match(n))]
         within = bool(found) and all(i < _COUNTS[kind] for kind, i in found)
-        return within and any(i >= _FLUX1_COUNTS[kind] for kind, i in found)
+        wide = all(w in (0, _WIDTH) for n, w in names.items() if _ATTENTION.match(n))  # SD3's first 20 blocks: 1536
+        return within and wide and any(i >= _FLUX1_COUNTS[kind] for kind, i in found)
 
     def from_kohya(self, name: str) -> str:
         """`double_blocks.0.img_attn.qkv` (Flux.1's reading of musubi-tuner's `…_img_attn_qkv`) → `…img_attn_qkv`."""
