@@ -217,6 +217,10 @@ _BFL_OUTSIDE = ("time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "
                 "img_in", "final_layer.linear", "final_layer.adaLN_modulation.1")  # fmt: skip
 
 
+def _bfl_norm(key: str) -> bool:
+    return _BFL_NORM.match(key) is not None
+
+
 def _bfl_control(info: AdapterInfo) -> list[Finding]:
     """A BFL control LoRA: diffusers refuses one without every module; it misreads the final AdaLN (A's halves)."""
     names = [f"double_blocks.{i}.{m}" for i in range(19) for m in _BFL_DOUBLE]
@@ -364,7 +368,7 @@ _RULES: dict[str, list[_Rule]] = {
         _bias("mlx-lm", "it refuses the tensor; its LoRA layers have lora_a and lora_b only"),
         _full_tensors("mlx-lm", "are refused by its adapter loader"), _mlx_names,
     ],
-    "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file", keep=_BFL_NORM.match), _kohya_alphas,
+    "diffusers": [_full_tensors("diffusers", "make load_lora_weights refuse the file", keep=_bfl_norm), _kohya_alphas,
                   _pipeline_component, _transformer_dropped, _wan_musubi, _dit_readers],
     "kohya": [
         _dora("sd-scripts", "a kohya file has no place for it"), _bias("sd-scripts", "a kohya file has no place for it"), _embedding("sd-scripts"),
