@@ -218,6 +218,31 @@ def test_lokr_file_reads_as_the_exact_lora_diffusers_applies(diffusers: Any, tmp
         _close(_by_diffusers(diffusers, tmp_path / f"as-{to}"), want, base)
 
 
+def test_lycoris_lokr_file_reads_as_the_exact_lora_diffusers_applies(diffusers: Any, tmp_path: Path) -> None:
+    """LyCORIS wrapping diffusers' transformer (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`, diffusers'
+    `_convert_lycoris_flux2_lokr_to_diffusers`): diffusers' module names, read as the exact LoRA."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    for name, (out, inp) in {"transformer_blocks_0_attn_to_q": (H, H), "transformer_blocks_0_ff_linear_out": (H, 3 * H),
+                             "single_transformer_blocks_0_attn_to_qkv_mlp_proj": (9 * H, H)}.items():  # fmt: skip
+        key = f"lycoris_{name}"
+        state[f"{key}.lokr_w1"] = torch.randn(4, 4, generator=g) * 0.3
+        state[f"{key}.lokr_w2_a"] = torch.randn(out // 4, 2, generator=g) * 0.1
+        state[f"{key}.lokr_w2_b"] = torch.randn(2, inp // 4, generator=g) * 0.1
+        state[f"{key}.alpha"] = torch.tensor(3.0)
+    save_file(state, tmp_path / "lycoris.safetensors")
+    read = load_adapter(tmp_path / "lycoris.safetensors")
+    assert "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj" in read.modules
+    base = _run(_model(diffusers))
+    want = _by_hand(diffusers, read)
+    _close(_by_diffusers(diffusers, tmp_path / "lycoris.safetensors"), want, base)
+    for to in LAYOUTS:
+        convert(tmp_path / "lycoris.safetensors", tmp_path / f"as-{to}", to=to)
+        _close(_by_diffusers(diffusers, tmp_path / f"as-{to}"), want, base)
+
+
 def test_validate_names_what_diffusers_kohya_reader_leaves_out(tmp_path: Path) -> None:
     kohya = save_adapter(_adapter(), tmp_path / "k.safetensors", format="kohya")
     left = {n.removeprefix("transformer.") for n in ORIGINAL if not n.startswith(KOHYA_READ)}

@@ -12,6 +12,7 @@ magnitude, so PEFT DoRA ↔ kohya is exact.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dor
 LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
 FULL_DELTAS = ("diff", "diff_b", "w_norm", "b_norm", "bias", "scale", "on_input", "weight")
 LAYOUT: Layout = "original"  # diffusion transformers (Flux): the original repository's fused modules, as sd-scripts
+_LYCORIS_DIT = re.compile(r"^(single_)?transformer_blocks\.\d+\.")  # no language model's path starts so
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
@@ -273,8 +275,11 @@ def _refuse_unheld(adapter: Adapter) -> None:
 
 def _transformer_paths(paths: dict[str, str]) -> dict[str, str]:
     """sd-scripts and musubi-tuner name a diffusion transformer's modules `lora_unet_`: read as `transformer.` + the
-    original module names; text encoders by the architecture's prefixes (Flux's `lora_te3_` T5 is `text_encoder_2.`)."""
+    original module names; text encoders by the architecture's prefixes (Flux's `lora_te3_` T5 is `text_encoder_2.`).
+    LyCORIS wrapping diffusers' transformer names its blocks `lycoris_transformer_blocks_0_attn_to_q` (Flux.2 LoKr,
+    diffusers' `_convert_lycoris_flux2_lokr_to_diffusers`): `transformer.` + diffusers' names."""
     dit = {n: TRANSFORMER + p[len("unet.") :] for n, p in paths.items() if p.startswith("unet.")}
+    dit |= {n: TRANSFORMER + p for n, p in paths.items() if n.startswith("lycoris_") and _LYCORIS_DIT.match(p)}
     found = recognise(dict.fromkeys(dit.values(), 0)) if dit else None
     if found is None:
         return paths

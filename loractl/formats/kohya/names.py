@@ -49,7 +49,7 @@ _WORDS = """
     blocks cross_attn ffn k_img v_img head time_projection text_embedding time_embedding img_emb
     joint_blocks x_block context_block t_embedder y_embedder noise_refiner context_refiner
     double_stream_modulation_img double_stream_modulation_txt single_stream_modulation
-    individual_token_refiner input_embedder c_embedder
+    individual_token_refiner input_embedder c_embedder to_qkv_mlp_proj linear_in linear_out
 """
 VOCABULARY = frozenset(_WORDS.split())
 
