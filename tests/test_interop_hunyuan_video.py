@@ -138,7 +138,7 @@ def test_each_layout_reads_in_diffusers_as_loractl_applies_it(diffusers: Any, tm
             _close(_by_diffusers(diffusers, out), want, base)
 
 
-def test_single_block_linear1_at_real_width_matches_diffusers_deltas(tmp_path: Path) -> None:
+def test_single_block_linear1_at_real_width_matches_diffusers_deltas(diffusers: Any, tmp_path: Path) -> None:
     """linear1 (21504, 3072) = q, k, v (3072 each) and the MLP's input (12288): ΔW per part against diffusers'."""
     from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 
