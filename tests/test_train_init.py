@@ -181,3 +181,21 @@ def test_combinations_that_cannot_hold_are_refused(settings: dict[str, Any], wor
 def test_rank_past_the_weight_is_refused() -> None:
     with pytest.raises(UsageError, match="exceeds"):
         inject(mlp(), TrainConfig(rank=9, targets=("fc2",), init="pissa"))
+
+
+def test_cli_options_reach_the_run_and_bad_values_are_one_error_line(tmp_path: Path) -> None:
+    import json
+
+    from tests.helpers import run_cli
+
+    common = ["train", "--base", TINY, "--data", FIXTURES / "data" / "train.jsonl", "--steps", "1", "--batch-size", "2"]
+    code, out, err = run_cli(*common, "-o", tmp_path / "a", "--rank", "4", "--init", "olora",
+                             "--lora-plus-ratio", "16", "--json")  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (8, 32)  # 2r and 2α: a plain LoRA of the same scale
+    assert json.loads(out)["steps"] == 1
+    code, out, err = run_cli(*common, "-o", tmp_path / "b", "--init", "svd")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 2 and lines[0].startswith("error: init 'svd' is not one of")
+    assert lines[1].startswith("hint: ") and "pissa_niter_4" in lines[1]
