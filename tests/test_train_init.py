@@ -199,3 +199,20 @@ def test_cli_options_reach_the_run_and_bad_values_are_one_error_line(tmp_path: P
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 2 and lines[0].startswith("error: init 'svd' is not one of")
     assert lines[1].startswith("hint: ") and "pissa_niter_4" in lines[1]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_bf16_base_keeps_a_bf16_residual_as_peft_s(init: str) -> None:
+    """PEFT's rule for a bf16 base: SVD/QR in float32, the residual stored in bf16 (the start is off by its rounding)."""
+    model = mlp().to(torch.bfloat16)
+    twin = peft_init_twin(model, init, conv1d=False)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    before = model(x).float()
+    inject(model, TrainConfig(rank=4, alpha=6, targets=("fc1", "fc2"), init=init))
+    for name in ("fc1", "fc2"):
+        ours, theirs = model.get_submodule(name), twin.base_model.model.get_submodule(name)
+        assert ours.base_layer.weight.dtype == torch.bfloat16 and ours.lora_A.dtype == torch.float32
+        torch.testing.assert_close(ours.base_layer.weight, theirs.base_layer.weight, rtol=0, atol=0)
+        torch.testing.assert_close(ours.lora_B @ ours.lora_A, theirs.lora_B["default"].weight.float()
+                                   @ theirs.lora_A["default"].weight.float(), rtol=1e-2, atol=1e-2)  # fmt: skip
+    torch.testing.assert_close(model(x).float(), before, rtol=0.05, atol=0.05)
