@@ -46,6 +46,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     An embedding named in the targets gets PEFT's embedding LoRA (`LoraEmbedding`); the modules in
     `config.train_modules` are trained in full (PEFT's `modules_to_save`, see `saved_modules`).
     Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
+    `config.init` pissa/olora also rewrites each adapted base weight to its residual (`lora_init`).
     """
     config = config or TrainConfig()
     if any(isinstance(m, (LoraLinear, LoraEmbedding)) for m in model.modules()):
