@@ -11,7 +11,7 @@ from typing import Literal, get_args
 Device = Literal["auto", "cpu", "cuda", "mps"]  # `cuda:N` is accepted where the arithmetic runs (`ops.devices`)
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
-Init = Literal["kaiming", "gaussian"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora"]  # and pissa_niter_N (`train.lora_init`)
 BaseDtype = Literal["bf16", "fp16", "fp32"]
 Quantize = Literal["nf4", "fp4", "int8"]
 CombineMethod = Literal["cat", "svd", "linear", "ties", "dare", "dare_ties"]

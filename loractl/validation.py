@@ -224,7 +224,8 @@ def _full_vs_base(key: str, shape: tuple[int, ...], base: tuple[int, ...]) -> Fi
     an embedding or head with more rows, as PEFT's `save_embedding_layers` stores it)."""
     if len(shape) == 2 and shape[1:] == base[1:] and shape[0] > base[0]:
         return warning("vocab-resized", f"full tensor {key!r} has {shape[0]} rows where the base has {base[0]}: the "
-                       f"adapter adds tokens; resize the base's embeddings to {shape[0]} to load it")  # fmt: skip
+                       f"adapter adds tokens; 'loractl merge' grows a checkpoint base to {shape[0]} rows, a "
+                       f"loader needs the base's embeddings resized to {shape[0]} first")  # fmt: skip
     return error("base-shape", f"full tensor {key!r} is {list(shape)} but the base has {list(base)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,17 @@ def examples(tokenizer: Any) -> list[Example]:
 
 
 def peft_losses(
-    model: nn.Module, ours: nn.Module, rows: list[Example], config: TrainConfig, **lora: Any
+    model: nn.Module,
+    ours: nn.Module,
+    rows: list[Example],
+    config: TrainConfig,
+    optimizer_of: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    **lora: Any,
 ) -> list[float]:
-    """PEFT's LoRA on `model`, started from our A (B = 0), trained by the plain loop a PEFT user writes."""
+    """PEFT's LoRA on `model`, started from our A (B = 0), trained by the plain loop a PEFT user writes.
+
+    `optimizer_of(peft_model)` builds the optimizer (default: AdamW over the trainable parameters).
+    """
     import peft
 
     options = dict(r=config.rank, lora_alpha=config.alpha, target_modules=TARGETS, lora_dropout=0.0,
@@ -48,7 +57,7 @@ def peft_losses(
             elif theirs is not None:
                 theirs.lora_A["default"].weight.copy_(module.lora_A)
     params = [p for p in twin.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    optimizer = optimizer_of(twin) if optimizer_of else torch.optim.AdamW(params, lr=config.lr)
     batch = collate(rows, 0)
     losses = []
     twin.train()
@@ -62,7 +71,11 @@ def peft_losses(
 
 
 def ours_vs_peft(
-    config: TrainConfig, base: Path = TINY, lora: dict[str, Any] | None = None, **load: Any
+    config: TrainConfig,
+    base: Path = TINY,
+    lora: dict[str, Any] | None = None,
+    optimizer_of: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    **load: Any,
 ) -> tuple[list[float], list[float]]:
     """The losses of `config`'s steps on `base` loaded with `load`, by loractl and by PEFT (`lora`: its options)."""
     model, tokenizer = load_base(base, **load)
@@ -70,7 +83,7 @@ def ours_vs_peft(
     inject(model, config)
     record = Losses()
     twin_base, _ = load_base(base, **load)  # the same base, quantized the same way (deterministic)
-    theirs = peft_losses(twin_base, model, rows, config, **(lora or {}))
+    theirs = peft_losses(twin_base, model, rows, config, optimizer_of, **(lora or {}))
     train(model, rows, config, callbacks=[record])
     return record.losses, theirs
 

@@ -164,3 +164,44 @@ def test_an_adapter_made_for_another_base_is_refused_as_merge_refuses_it(tmp_pat
     assert json.loads(out)["base_notes"] and len(json.loads(out)["models"]) == 2
     code, out, err = run_cli("eval", TINY, tmp_path / "made", "--data", TEXT)
     assert code == 0 and err == "", err  # its own base
+
+
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llama with its head tied to the input embeddings (the checkpoint holds no lm_head.weight)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tied")
+    for f in TINY.iterdir():
+        shutil.copy(f, out / f.name)
+    doc = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**doc, "tie_word_embeddings": True}))
+    weights = load_file(out / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("settings", "tied"),
+    [
+        ({"dora": True, "targets": "all-linear"}, False),  # DoRA on every linear layer
+        ({"targets": ("q_proj", "embed_tokens"), "train_modules": ("lm_head",)}, True),  # embedding LoRA, saved head
+    ],
+)
+def test_dora_embedding_lora_and_saved_modules_score_peft_s_loss(
+    settings: dict[str, Any], tied: bool, tied_base: Path, tmp_path: Path
+) -> None:
+    from loractl.train import TrainConfig, train_adapter
+
+    base = tied_base if tied else TINY
+    cfg = TrainConfig(rank=4, lr=1e-2, steps=2, batch_size=4, **settings)
+    train_adapter(base, TEXT, tmp_path / "out", cfg)
+    adapter = load_adapter(tmp_path / "out")
+    assert any(m.magnitude is not None or m.kind == "embedding" for m in adapter.modules.values())
+    report = evaluate_adapters(base, [("a", adapter)], TEXT)
+    expected = [peft_loss(base, None, TEXT), peft_loss(base, tmp_path / "out", TEXT)]
+    assert [r.loss for r in report.rows] == pytest.approx(expected, rel=2e-6)
+    assert abs(expected[1] - expected[0]) > 1e-4  # the adapter changes the loss
+    again = evaluate_adapters(base, [("a", adapter), ("a2", adapter)], TEXT)  # hooks and swaps undone between
+    assert again.rows[1].loss == again.rows[2].loss == report.rows[1].loss

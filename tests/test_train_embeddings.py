@@ -128,16 +128,71 @@ def test_added_tokens_resize_and_save_the_embeddings_and_tokenizer(tmp_path: Pat
     loss = eval_loss_of_peft(tmp_path / "out", base, tokenizer, data)
     assert summary.result.eval_loss is not None
     assert abs(loss - summary.result.eval_loss) < 1e-5 * loss
-    from loractl.ops.merge import merge
-    from loractl.ops.merge_plan import MergePlanError
-
-    with pytest.raises(MergePlanError, match=rf"'lm_head.weight' is \[{vocab}, 64\] but the base has \[256, 64\]"):
-        merge(TINY, [tmp_path / "out"], tmp_path / "merged")  # merge does not grow a vocabulary (yet): refused
+    assert_merge_grows_the_vocabulary_as_peft_does(tmp_path / "out", TINY, tmp_path / "merged", vocab)
     from loractl.validation import validate_adapter
 
     findings = validate_adapter(tmp_path / "out", base=TINY).findings
     assert sorted((f.severity, f.code) for f in findings) == [("warning", "vocab-resized")] * 2
     assert f"has {vocab} rows where the base has 256" in findings[0].message
+
+
+def assert_merge_grows_the_vocabulary_as_peft_does(adapter: Path, base: Path, output: Path, vocab: int) -> None:
+    """`loractl merge` gives PEFT's resize_token_embeddings + merge_and_unload, vocab_size and tokenizer included."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from loractl.io.checkpoint import Checkpoint
+    from loractl.ops.merge import merge
+
+    merge(base, [adapter], output)
+    model = load_base(base)[0]
+    model.resize_token_embeddings(vocab)  # its new rows are drawn, then replaced by the adapter's saved tensors
+    want = dict(peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().named_parameters())
+    with Checkpoint(output) as merged:
+        assert merged.info("model.embed_tokens.weight").shape == (vocab, 64)
+        for name, ref in want.items():
+            torch.testing.assert_close(merged.get(name), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert AutoConfig.from_pretrained(output).vocab_size == vocab
+    assert len(AutoTokenizer.from_pretrained(output)) == vocab  # the adapter's tokenizer, with the new tokens
+
+
+def test_merge_grows_a_tied_base_s_vocabulary_as_peft_does(tmp_path: Path, tied: Path) -> None:
+    from loractl.io.checkpoint import Checkpoint
+    from loractl.ops.merge import merge
+
+    rows = [{"text": f"<|tool|> call {i} done"} for i in range(4)]
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(targets=("q_proj", "v_proj"), rank=4, steps=1, batch_size=4, add_tokens=("<|tool|>",))
+    train_adapter(tied, tmp_path / "tools.jsonl", tmp_path / "out", cfg)
+    merge(tied, [tmp_path / "out"], tmp_path / "merged")
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "out"))
+    model = load_base(tied)[0]
+    model.resize_token_embeddings(vocab)
+    peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "out").merge_and_unload()
+    with Checkpoint(tmp_path / "merged") as merged:  # the head written untied (the same values), as merge unties
+        for name, ref in [*peft_model.named_parameters(), ("lm_head.weight", peft_model.lm_head.weight)]:
+            torch.testing.assert_close(merged.get(name), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    doc = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert (doc["vocab_size"], doc["tie_word_embeddings"]) == (vocab, False)
+
+
+def test_merge_refuses_a_vocabulary_grown_in_half(tmp_path: Path) -> None:
+    """An adapter growing the embeddings but not the untied head would leave the model half resized."""
+    from safetensors.torch import load_file, save_file
+
+    from loractl.ops.merge import merge
+    from loractl.ops.merge_plan import MergePlanError
+
+    weights = load_file(TINY / "model.safetensors")
+    cfg = TrainConfig(targets=("q_proj",), rank=2, steps=1, batch_size=2)
+    train_adapter(TINY, FIXTURES / "data" / "train.jsonl", tmp_path / "b", cfg)
+    tensors = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    grown = torch.cat([weights["model.embed_tokens.weight"], torch.zeros(3, 64)])
+    save_file({**tensors, "base_model.model.model.embed_tokens.weight": grown},
+              tmp_path / "b" / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(MergePlanError, match=r"grows the vocabulary to 259 rows but not 'lm_head.weight'"):
+        merge(TINY, [tmp_path / "b"], tmp_path / "merged")
 
 
 def test_refusals() -> None:

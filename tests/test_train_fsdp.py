@@ -111,6 +111,17 @@ def test_fsdp_refuses_what_it_cannot_do(fixtures_dir: Path, tmp_path: Path, flag
 
 
 @pytest.mark.slow
+def test_lora_plus_groups_under_fsdp_match_one_process(tmp_path: Path) -> None:
+    """LoRA+ reads its groups from the modules FSDP keeps (use_orig_params): the same run as one process."""
+    one = _train(tmp_path, "one", "--batch-size", "4", "--lora-plus-ratio", "8")
+    two = _train(tmp_path, "two", "--batch-size", "2", "--nproc", "2", "--fsdp", "--lora-plus-ratio", "8")
+    plain = _train(tmp_path, "plain", "--batch-size", "4")
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert two["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-5)  # the ratio changed the run
+    _assert_same_adapter(load_adapter(tmp_path / "two"), load_adapter(tmp_path / "one"))
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_stop_and_resume_continue_exactly(tmp_path: Path) -> None:
     """Each rank writes its shard (DCP); a run stopped at step 2 and resumed gives the straight run's adapter."""
     common = ("--batch-size", "2", "--nproc", "2", "--fsdp", "--schedule", "constant", "--save-every", "2")

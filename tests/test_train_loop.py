@@ -70,8 +70,9 @@ TOY = TrainConfig(targets=("proj", "head"), rank=4, lr=5e-2, steps=8, batch_size
 @pytest.mark.parametrize(
     "config",
     [TOY, replace(TOY, dora=True), replace(TOY, dora=True, dropout=0.0),
-     replace(TOY, targets=("emb", "proj"), train_modules=("head",))],
-    ids=["lora", "dora", "dora-fused", "embedding+head"],
+     replace(TOY, targets=("emb", "proj"), train_modules=("head",)),
+     replace(TOY, init="pissa_niter_2", lora_plus_ratio=4.0)],
+    ids=["lora", "dora", "dora-fused", "embedding+head", "pissa+lora-plus"],
 )  # fmt: skip
 def test_resume_is_bit_exact(tmp_path: Path, config: TrainConfig) -> None:
     straight, _ = run(config)

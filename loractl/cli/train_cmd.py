@@ -53,7 +53,11 @@ def parse_targets(value: str | None) -> tuple[str, ...] | str | None:
 @click.option("--add-tokens", help="Comma list of tokens to add to the tokenizer; the embeddings are resized.")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template to use; <|tokens|> it needs are added.")
 @click.option("--dropout", type=float, help="Dropout on the LoRA path [0].")
-@click.option("--init", type=click.Choice(INITS), help="Initialization of A [kaiming].")
+@click.option("--init", metavar="[" + "|".join(INITS) + "|pissa_niter_N]",
+              help="Initialization [kaiming]; pissa/olora start from the base's SVD/QR and save a rank-2r LoRA "
+              "for the unmodified base.")  # fmt: skip
+@click.option("--lora-plus-ratio", type=float, help="LoRA+: B's learning rate is --lr times this (e.g. 16).")
+@click.option("--lora-plus-embedding-lr", type=float, help="LoRA+: the embedding LoRA's learning rate [1e-6].")
 @click.option("--steps", type=int, help="Optimizer steps [100].")
 @click.option("--epochs", type=float, help="Passes over the data (instead of --steps).")
 @click.option("--lr", type=float, help="Peak learning rate [2e-4].")

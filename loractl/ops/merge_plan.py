@@ -21,6 +21,7 @@ from ..io.checkpoint_writer import parse_size
 from ..io.config_json import read_config
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
 from .merge_shared import stored_shape
+from .merge_vocab import grows, vocab_config, vocab_findings, with_adapter_tokenizer
 from .weights import check_weights
 
 if TYPE_CHECKING:
@@ -217,16 +218,21 @@ def _plan_checkpoint_merge(
             plans.append(AdapterPlan(Path(path), weight, info))
         tensors = planner.tensors()
         files = ckpt.other_files()
+        resized = planner.resized  # new tokens: the adapters' tokenizer and vocab_size (`merge_vocab`)
+        copied = with_adapter_tokenizer(files, adapters) if resized else files
         return MergePlan(
             base=base,
             adapters=tuple(plans),
             tensors=tensors,
-            problems=tuple(planner.problems),
+            problems=(*planner.problems, *vocab_findings(resized, planner.vocab_tensors(), config)),
             max_shard_bytes=_shard_bytes(ckpt, max_shard_size),
             dtype=code,
-            files=tuple(p for p in files if not p.name.endswith(WEIGHT_SUFFIXES)),
+            files=tuple(p for p in copied if not p.name.endswith(WEIGHT_SUFFIXES)),
             skipped_files=tuple(p for p in files if p.name.endswith(WEIGHT_SUFFIXES)),
-            config_updates=_config_updates(config, code, any(t.action == "untie" for t in tensors)),
+            config_updates={
+                **_config_updates(config, code, any(t.action == "untie" for t in tensors)),
+                **vocab_config(resized, config),
+            },
             read_options=read_options,
         )
 
@@ -239,17 +245,22 @@ class _Planner:
         self.updates: dict[str, list[Update]] = {}
         self.untied: dict[str, TensorPlan] = {}  # output name → plan of a tensor the base stores tied
         self.problems: list[Finding] = []
+        self.resized: dict[str, tuple[int, ...]] = {}  # embeddings and heads an adapter grows (new tokens)
 
     def add_adapter(self, i: int, info: AdapterInfo, weight: float) -> None:
         where = str(info.path)
         self.problems += [replace(f, path=where) for f in info.errors]
-        for module, m in info.modules.items():
-            for f in self._module(i, module, m, weight):
-                self.problems.append(replace(f, path=where))
-        for name, t in info.full_tensors.items():
+        for name, t in info.full_tensors.items():  # first: a grown embedding is what its LoRA module meets
             problem = self._full(i, name, t.shape)
             if problem is not None:
                 self.problems.append(replace(problem, path=where))
+        for module, m in info.modules.items():
+            for f in self._module(i, module, m, weight):
+                self.problems.append(replace(f, path=where))
+
+    def vocab_tensors(self) -> dict[str, tuple[int, ...]]:
+        """The base's input embeddings and heads (the tensors a grown vocabulary must grow), by name."""
+        return {n: self.ckpt.info(n).shape for n in self.ckpt.names if _EMBEDDING.match(n) or _HEAD.match(n)}
 
     def _module(self, i: int, module: str, m: ModuleInfo, weight: float) -> list[Finding]:
         target, expected = f"{module}.weight", stored_shape(m)
@@ -258,7 +269,7 @@ class _Planner:
             hint = " (an untied lm_head needs config.json with tie_word_embeddings)" if _HEAD.match(target) else ""
             return [error("not-in-base", f"the base has no tensor {target!r}{hint}", module)]
         actual = self.ckpt.info(source)
-        if actual.shape != expected:
+        if self.resized.get(target, actual.shape) != expected:
             return [error("shape-mismatch", _shape_message(m, source, actual.shape), module)]
         if actual.dtype not in FLOAT_CODES:
             return [error("base-dtype", f"base tensor {source!r} is {actual.dtype}, not floating point", module)]
@@ -288,9 +299,11 @@ class _Planner:
         source = self._source(name, shape)
         if source is None:
             return error("not-in-base", f"full tensor {name!r} has no counterpart in the base")
-        if self.ckpt.info(source).shape != shape:
-            have = list(self.ckpt.info(source).shape)
-            return error("shape-mismatch", f"full tensor {name!r} is {list(shape)} but the base has {have}")
+        have = self.ckpt.info(source).shape
+        if have != shape and not ((_EMBEDDING.match(name) or _HEAD.match(name)) and grows(shape, have)):
+            return error("shape-mismatch", f"full tensor {name!r} is {list(shape)} but the base has {list(have)}")
+        if have != shape:
+            self.resized[name] = shape
         if any(u.role == "full" for u in self.updates.get(name, [])):
             return error("full-conflict", f"two adapters replace {name!r}")
         self._add(name, source, Update(i, name, "full"))
@@ -302,7 +315,7 @@ class _Planner:
             return target
         if not (_HEAD.match(target) and self._tied()):
             return None
-        found = [n for n in self.ckpt.names if _EMBEDDING.match(n) and self.ckpt.info(n).shape == shape]
+        found = [n for n in self.ckpt.names if _EMBEDDING.match(n) and _as_or_grown(shape, self.ckpt.info(n).shape)]
         return found[0] if len(found) == 1 else None
 
     def _tied(self) -> bool:
@@ -313,7 +326,8 @@ class _Planner:
         self.updates.setdefault(target, []).append(update)
         if target not in self.ckpt and target not in self.untied:
             info = self.ckpt.info(source)
-            self.untied[target] = TensorPlan(target, source, self._out_dtype(info.dtype), info.shape)
+            shape = self.resized.get(target, info.shape)
+            self.untied[target] = TensorPlan(target, source, self._out_dtype(info.dtype), shape)
 
     def _out_dtype(self, dtype: str) -> str:
         return self.dtype if self.dtype and dtype in FLOAT_CODES else dtype
@@ -324,11 +338,17 @@ class _Planner:
         for name in [*self.ckpt.names, *sorted(self.untied)]:
             info = self.ckpt.info(name) if name in self.ckpt else None
             plan = (
-                self.untied[name] if info is None else TensorPlan(name, name, self._out_dtype(info.dtype), info.shape)
+                self.untied[name]
+                if info is None
+                else TensorPlan(name, name, self._out_dtype(info.dtype), self.resized.get(name, info.shape))
             )
             ups = sorted(self.updates.get(name, []), key=lambda u: u.role != "full")
             out.append(replace(plan, updates=tuple(ups)))
         return tuple(out)
+
+
+def _as_or_grown(shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    return shape == base or grows(shape, base)
 
 
 def _shape_message(m: ModuleInfo, source: str, actual: tuple[int, ...]) -> str:

@@ -7,6 +7,7 @@ give the same adapter. `--config FILE` (JSON or TOML) sets fields; flags overrid
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ from typing import Any
 from ..choices import (
     BASE_DTYPES,
     DEVICES,
-    INITS,
     PRECISIONS,
     QUANTIZE,
     SCHEDULES,
@@ -30,6 +30,7 @@ from ..errors import InputNotFoundError, UsageError
 # Targets: a tuple of module-name suffixes, "all-linear", or a regex matched against full module paths.
 Targets = tuple[str, ...] | str
 DEFAULT_STEPS = 100
+NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")  # PEFT's fast PiSSA: N subspace iterations of svd_lowrank
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class TrainConfig:
     exclude: Targets | None = None
     rslora: bool = False
     dropout: float = 0.0
-    init: Init = "kaiming"
+    init: Init | str = "kaiming"  # or pissa_niter_N (`lora_init`)
+    lora_plus_ratio: float | None = None  # LoRA+: B's learning rate is lr × ratio (PEFT's loraplus_lr_ratio)
+    lora_plus_embedding_lr: float = 1e-6  # LoRA+: the embedding LoRA's learning rate (PEFT's default)
     dora: bool = False  # DoRA (PEFT's use_dora): a trained magnitude per output row
     train_modules: tuple[str, ...] | None = None  # trained in full, saved whole (PEFT's modules_to_save)
     add_tokens: tuple[str, ...] | None = None  # tokens added to the tokenizer; the embeddings are resized
@@ -87,7 +90,8 @@ class TrainConfig:
             raise UsageError("--steps and --epochs must be positive", hint="e.g. --steps 200 or --epochs 1")
         _choice(self, "schedule", SCHEDULES)
         _choice(self, "precision", PRECISIONS)
-        _choice(self, "init", INITS)
+        check_init(self.init)
+        self._check_variants()
         _choice(self, "device", DEVICES)
         if self.base_dtype is not None:
             _choice(self, "base_dtype", BASE_DTYPES)
@@ -110,6 +114,25 @@ class TrainConfig:
                 "--fsdp does not support --precision fp16 (its loss scaling is per rank)",
                 hint="use --precision bf16 or fp32 with --fsdp",
             )
+
+    def _check_variants(self) -> None:
+        """PiSSA/OLoRA and LoRA+ where they are exact (see `lora_init`, `lora_plus`)."""
+        if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
+            raise UsageError(f"lora-plus-ratio must be positive, got {self.lora_plus_ratio}", hint="e.g. 16")
+        if self.lora_plus_embedding_lr <= 0:
+            raise UsageError(f"lora-plus-embedding-lr must be positive, got {self.lora_plus_embedding_lr}")
+        if not is_residual_init(self.init):
+            return
+        clash = "--dora" if self.dora else "--quantize" if self.quantize else "--fsdp" if self.fsdp else None
+        if clash is not None:
+            why = {
+                "--dora": "PEFT's conversion back to the original base drops DoRA's magnitude",
+                "--quantize": "the residual would be re-quantized, so neither the start nor the converted "
+                "adapter would hold on the base (PEFT refuses PiSSA on quantized weights)",
+                "--fsdp": "the starting factors are not gathered across shards",
+            }[clash]
+            raise UsageError(f"--init {self.init} does not combine with {clash}: {why}",
+                             hint=f"use --init kaiming with {clash}, or drop {clash}")  # fmt: skip
 
     def total_steps(self, num_examples: int, world_size: int = 1) -> int:
         """Optimizer steps of the run: `steps`, or enough global batches to cover `epochs`."""
@@ -135,6 +158,20 @@ class TrainConfig:
             )
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
         return replace(cls(), **values)
+
+
+def is_residual_init(init: str) -> bool:
+    """Whether `init` takes the factors from the base weight and leaves the residual in the base."""
+    return init in ("pissa", "olora") or NITER.fullmatch(init) is not None
+
+
+def check_init(init: str) -> None:
+    """Raise `UsageError` unless `init` is kaiming, gaussian, pissa, pissa_niter_N or olora."""
+    if init not in ("kaiming", "gaussian") and not is_residual_init(init):
+        raise UsageError(
+            f"init {init!r} is not one of: kaiming, gaussian, pissa, pissa_niter_N, olora",
+            hint="e.g. --init pissa, or --init pissa_niter_4 for the fast randomized SVD",
+        )
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:

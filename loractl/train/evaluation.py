@@ -1,9 +1,11 @@
 """`evaluate_adapters`: mean loss per label token and perplexity of a base alone and with each adapter.
 
 The base is loaded once; each adapter is applied in turn with forward hooks that add
-scale · B (A x) (+ scale · bias) to the adapted layers' outputs, PEFT's unmerged LoRA forward, and
-removed again, so the base weights are never modified. Full tensors (modules_to_save) are swapped
-in and restored. Every adapter is checked against the base before the first forward pass.
+scale · B (A x) (+ scale · bias) to the adapted layers' outputs, PEFT's unmerged LoRA forward (an
+embedding: scale · B A[:, ids]; DoRA: the output rescaled by m / ‖W + scale · B A‖ per row, as
+PEFT's DoRA forward computes it), and removed again, so the base weights are never modified.
+Full tensors (modules_to_save) are swapped in as parameters of their own, so a head tied to the
+embeddings is untied for the adapter as PEFT's `ModulesToSaveWrapper` does, and restored. Every adapter is checked against the base before the first forward pass.
 Data lines are those `train` reads (`data.load_dataset`): text, prompt/completion, chat messages.
 """
 
@@ -23,6 +25,7 @@ from torch import nn
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, IntegrityError, LoractlError, ShapeMismatchError, UsageError
 from ..io.checkpoint import Checkpoint, other_base
+from ..ops.merge_vocab import grows
 from .base import load_base
 from .base_matmul import is_conv1d
 from .data import IGNORE, Example, collate, load_dataset, require_data_file
@@ -149,11 +152,13 @@ def mean_loss(model: nn.Module, batches: Iterable[Sequence[Example]], pad_id: in
 def check_fits(model: nn.Module, adapter: Adapter, name: str) -> None:
     """Raise unless every module of `adapter` is a linear layer of `model` with matching shapes."""
     for path, m in adapter.modules.items():
-        if m.kind != "linear" or m.magnitude is not None:
-            what = "DoRA" if m.magnitude is not None else f"{m.kind} LoRA"
-            raise UsageError(f"{name}: module {path!r} is {what}, which eval does not apply yet",
-                             hint="eval applies plain LoRA on linear layers; merge the adapter and eval the merge")  # fmt: skip
+        if m.kind not in ("linear", "embedding"):
+            raise UsageError(f"{name}: module {path!r} is {m.kind} LoRA, which eval does not apply",
+                             hint="eval applies LoRA and DoRA on linear layers and embeddings; merge and eval the merge")  # fmt: skip
         layer = _submodule(model, path, name)
+        if m.kind == "embedding":
+            _check_embedding(layer, m, path, name)
+            continue
         if not is_adaptable(layer):
             raise ShapeMismatchError(f"{name}: {path!r} is a {type(layer).__name__} in the base, not a linear layer",
                                      hint=_HINT)  # fmt: skip
@@ -164,11 +169,27 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str) -> None:
                 f"{out}×{inp}",
                 hint=_HINT,
             )
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight under its own name too
     for key, t in adapter.full_tensors.items():
+        if key in params and len(t.shape) == 2 and grows(tuple(t.shape), tuple(params[key].shape)):
+            raise UsageError(f"{name}: full tensor {key!r} has {t.shape[0]} rows where the base has "
+                             f"{params[key].shape[0]}: the adapter adds tokens, which eval does not score",
+                             hint="merge the adapter (it grows the vocabulary) and eval the merge as the base")  # fmt: skip
         if key not in params or params[key].shape != t.shape:
             raise ShapeMismatchError(f"{name}: full tensor {key!r} {list(t.shape)} has no counterpart in the base",
                                      hint=_HINT)  # fmt: skip
+
+
+def _check_embedding(layer: nn.Module, m: LoraModule, path: str, name: str) -> None:
+    if not isinstance(layer, nn.Embedding):
+        raise ShapeMismatchError(f"{name}: {path!r} is a {type(layer).__name__} in the base, not an embedding",
+                                 hint=_HINT)  # fmt: skip
+    if (m.in_features, m.out_features) != (layer.num_embeddings, layer.embedding_dim):
+        raise ShapeMismatchError(
+            f"{name}: embedding LoRA {path!r} is {m.in_features}×{m.out_features} but the base embedding is "
+            f"{layer.num_embeddings}×{layer.embedding_dim}",
+            hint=_HINT,
+        )
 
 
 @contextmanager
@@ -179,20 +200,30 @@ def applied(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
         if adapter is not None:
             for path, m in adapter.modules.items():
                 layer = model.get_submodule(path)
-                weight = layer.weight
-                assert isinstance(weight, torch.Tensor)
-                handles.append(layer.register_forward_hook(_lora_hook(m, weight.device)))
-            params = dict(model.named_parameters())
+                handles.append(layer.register_forward_hook(_hook(layer, m)))
             for key, t in adapter.full_tensors.items():
-                saved[key] = params[key].data
-                params[key].data = t.to(saved[key].device, saved[key].dtype)
+                owner, _, leaf = key.rpartition(".")
+                params = model.get_submodule(owner)._parameters
+                original = params[leaf]
+                assert original is not None
+                saved[key] = (params, leaf, original)
+                params[leaf] = nn.Parameter(t.to(original.device, original.dtype), requires_grad=False)
         yield model
     finally:
         for h in handles:
             h.remove()
-        params = dict(model.named_parameters())
-        for key, original in saved.items():
-            params[key].data = original
+        for params, leaf, original in saved.values():
+            params[leaf] = original
+
+
+def _hook(layer: nn.Module, m: LoraModule) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    if m.kind == "embedding":
+        return _embedding_hook(m, weight.device)
+    if m.magnitude is not None:
+        return _dora_hook(layer, m, weight)
+    return _lora_hook(m, weight.device)
 
 
 def _lora_hook(m: LoraModule, device: torch.device) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
@@ -202,6 +233,38 @@ def _lora_hook(m: LoraModule, device: torch.device) -> Callable[[nn.Module, Any,
     def hook(_layer: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         delta = F.linear(F.linear(inputs[0].to(torch.float32), a), b, bias) * m.scale
         return output + delta.to(output.dtype)
+
+    return hook
+
+
+def _embedding_hook(m: LoraModule, device: torch.device) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    """PEFT's embedding LoRA: out + scale · (Aᵀ[ids]) Bᵀ."""
+    a_t, b = m.A.to(device, torch.float32).t(), m.B.to(device, torch.float32)
+
+    def hook(_layer: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.embedding(inputs[0], a_t), b) * m.scale
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
+def _dora_hook(
+    layer: nn.Module, m: LoraModule, weight: torch.Tensor
+) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    """PEFT's DoRA forward: b + m/‖W + s·B A‖ ⊙ (W x + s·B A x), from the base output W x + b."""
+    device = weight.device
+    a, b = m.A.to(device, torch.float32), m.B.to(device, torch.float32)
+    w = weight.detach().to(torch.float32)
+    w = w.t() if is_conv1d(layer) else w
+    assert m.magnitude is not None
+    g = m.magnitude.to(device, torch.float32) / torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=m.scale), dim=1)
+    bias = getattr(layer, "bias", None)
+    base_bias = torch.zeros((), device=device) if bias is None else bias.detach().to(torch.float32)
+
+    def hook(_layer: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        lora = F.linear(F.linear(inputs[0].to(torch.float32), a), b) * m.scale
+        out: torch.Tensor = g * (output.to(torch.float32) - base_bias + lora) + base_bias
+        return out.to(output.dtype)
 
     return hook
 

@@ -14,6 +14,7 @@ from ..io.safetensors_header import TensorInfo
 from ..io.tensor_bytes import dtype_code
 from .base import is_quantized
 from .lora_embedding import LoraEmbedding
+from .lora_init import converted_factors
 from .lora_layers import LoraLinear
 from .saved_modules import full_tensors
 
@@ -54,12 +55,14 @@ def adapter_from_model(model: nn.Module, *, base_model: str | None = None, task_
 
 
 def lora_module(layer: LoraLinear | LoraEmbedding) -> LoraModule:
-    """A copy of one layer's factors as a canonical `LoraModule`."""
+    """A copy of one layer's factors as a canonical `LoraModule` (after PiSSA/OLoRA: the rank-2r LoRA on the
+    unmodified base, `lora_init.converted_factors`)."""
+    a, b, alpha = converted_factors(layer) or (layer.lora_A.detach(), layer.lora_B.detach(), layer.alpha)
     return LoraModule(
-        A=layer.lora_A.detach().to("cpu", copy=True),
-        B=layer.lora_B.detach().to("cpu", copy=True),
+        A=a.to("cpu", copy=True),
+        B=b.to("cpu", copy=True),
         scale=layer.scale,
-        alpha=layer.alpha,
+        alpha=alpha,
         scale_rule="alpha/sqrt(r)" if layer.rslora else "alpha/r",
         fan_in_fan_out=layer.fan_in_fan_out,
         kind="embedding" if isinstance(layer, LoraEmbedding) else "linear",
@@ -70,10 +73,10 @@ def lora_module(layer: LoraLinear | LoraEmbedding) -> LoraModule:
 def base_views(model: nn.Module) -> dict[str, str]:
     """`base_fingerprint` as if the base were cast to bf16 and fp16: a cast copy of the base is recognised.
 
-    Empty for a quantized base (`train_adapter` takes the views from the files instead).
+    Empty for a quantized base or a residual one (`train_adapter` takes the views from the files instead).
     """
     layers = adapted_layers(model)
-    if any(is_quantized(layer.base_layer) for _, layer in layers):
+    if not _holds_the_base(layers):
         return {}
     views = FingerprintViews()
     for name, layer in layers:
@@ -88,10 +91,11 @@ def base_fingerprint(model: nn.Module) -> str | None:
 
     The weight of module `m` is hashed under the name `m.weight`, as a checkpoint stores it, so a
     fingerprint taken here equals the one `validate --base` computes from the files. None for a
-    quantized base: its packed bytes are no checkpoint's (`train_adapter` hashes the files instead).
+    quantized base (its packed bytes are no checkpoint's) or after PiSSA/OLoRA (the weights are the residual):
+    `train_adapter` hashes the files instead.
     """
     layers = adapted_layers(model)
-    if any(is_quantized(layer.base_layer) for _, layer in layers):
+    if not _holds_the_base(layers):
         return None
     h = hashlib.sha256()
     for name, layer in layers:
@@ -106,3 +110,8 @@ def feed_base_weight(h: Any, name: str, layer: LoraLinear | LoraEmbedding) -> No
     # A copy: `.numpy()` pins a storage for good, and FSDP must free its gathered weights afterwards.
     raw = weight.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
     feed_fingerprint(h, f"{name}.weight", TensorInfo(dtype_code(weight.dtype), tuple(weight.shape), (0, len(raw))), raw)
+
+
+def _holds_the_base(layers: list[tuple[str, LoraLinear | LoraEmbedding]]) -> bool:
+    """Whether the adapted layers hold the base's own weights (not quantized, not a PiSSA/OLoRA residual)."""
+    return not any(is_quantized(layer.base_layer) or converted_factors(layer) is not None for _, layer in layers)

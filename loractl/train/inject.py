@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .config import Targets, TrainConfig
+from .config import Targets, TrainConfig, is_residual_init
 from .fused_blocks import fuse
 from .lora_embedding import LoraEmbedding
+from .lora_init import residual_init_
 from .lora_layers import LoraLinear, is_adaptable
 from .saved_modules import train_in_full
 
@@ -45,6 +46,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     An embedding named in the targets gets PEFT's embedding LoRA (`LoraEmbedding`); the modules in
     `config.train_modules` are trained in full (PEFT's `modules_to_save`, see `saved_modules`).
     Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
+    `config.init` pissa/olora also rewrites each adapted base weight to its residual (`lora_init`).
     """
     config = config or TrainConfig()
     if any(isinstance(m, (LoraLinear, LoraEmbedding)) for m in model.modules()):
@@ -53,10 +55,14 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     generator = torch.Generator().manual_seed(config.seed)
     model.requires_grad_(False)
     full = train_in_full(model, config.train_modules or (), chosen)
-    for name in chosen:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, _wrap(name, getattr(parent, leaf), config, generator))
+    draws = config.init.startswith("pissa_niter_")  # torch.svd_lowrank draws from torch's RNG (as in PEFT)
+    with torch.random.fork_rng(enabled=draws):
+        if draws:
+            torch.manual_seed(config.seed)
+        for name in chosen:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, _wrap(name, getattr(parent, leaf), config, generator))
     fuse(model)
     return Injection(tuple(chosen), *parameter_counts(model), full=full)
 
@@ -64,14 +70,18 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
 def _wrap(name: str, layer: nn.Module, config: TrainConfig, generator: torch.Generator) -> nn.Module:
     """The LoRA layer for `layer`: `LoraEmbedding` for an embedding, else `LoraLinear`."""
     if not isinstance(layer, nn.Embedding):
-        return LoraLinear(layer, config.rank, config.alpha, rslora=config.rslora, dropout=config.dropout,
+        lora = LoraLinear(layer, config.rank, config.alpha, rslora=config.rslora, dropout=config.dropout,
                           init=config.init, generator=generator, dora=config.dora)  # fmt: skip
+        if is_residual_init(config.init):
+            residual_init_(lora, config.init, name)
+        return lora
     if config.dora:
         raise UsageError(f"--dora on the embedding {name!r} is not supported",
                          hint="leave the embedding out of --targets, or train it in full with --train-modules")  # fmt: skip
     if config.fsdp:
         raise UsageError(f"--fsdp adapts linear layers only, not the embedding {name!r}",
                          hint="leave the embedding out of --targets, or train with one process or DDP")  # fmt: skip
+    # PiSSA/OLoRA are for linear layers: an embedding keeps PEFT's embedding init (A = 0), as PEFT does.
     return LoraEmbedding(layer, config.rank, config.alpha, rslora=config.rslora, generator=generator)
 
 

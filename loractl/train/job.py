@@ -21,7 +21,7 @@ from ..lineage import new_entry
 from . import distributed
 from .base import load_base
 from .callbacks import Hooks, MetricsLog
-from .config import TrainConfig
+from .config import TrainConfig, is_residual_init
 from .data import Dataset, load_dataset, require_data_file
 from .export import adapter_from_model
 from .inject import Injection, inject
@@ -147,8 +147,8 @@ def _use_template(tokenizer: Any, path: str | None) -> tuple[str, ...]:
 
 
 def _loaded_differently(config: TrainConfig) -> bool:
-    """Whether the weights in memory may differ from the checkpoint's bytes (another dtype, or quantized)."""
-    return config.quantize is not None or config.base_dtype is not None
+    """Whether the weights in memory may differ from the checkpoint's bytes (another dtype, quantized, a residual)."""
+    return config.quantize is not None or config.base_dtype is not None or is_residual_init(config.init)
 
 
 def _file_fingerprint(base: str | Path, adapter: Adapter) -> tuple[str, dict[str, str]] | None:

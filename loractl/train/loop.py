@@ -29,6 +29,7 @@ from .data import Example, collate
 from .distributed import World
 from .export import unwrap
 from .inject import parameter_counts
+from .lora_plus import param_groups
 from .loss import CausalLMLoss
 from .schedule import BatchOrder, lr_at
 from .state import TrainState
@@ -101,8 +102,9 @@ def _setup(model: nn.Module, config: TrainConfig, world: World, resume: Path | N
     """Everything before the first step: train mode, wrapping, optimizer, scaler, seeds, a resumed position."""
     _prepare(model, config)
     net = distributed.wrap(CausalLMLoss(model), world, fsdp=config.fsdp)  # FSDP shards: the optimizer comes after
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=_fused(world))
+    groups = param_groups(net, config)  # one group, or LoRA+'s
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=_fused(world))
     scaler = torch.amp.GradScaler(torch.device(world.device).type, enabled=config.precision == "fp16")
     torch.manual_seed(config.seed + world.rank)  # dropout draws; a resume restores the exact state
     state = TrainState(model, net, params, optimizer, scaler, world)
@@ -178,7 +180,7 @@ class _Run:
             return False
         lr = lr_at(position.step, total, config)
         for group in state.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ (`lora_plus`); 1 in older checkpoints
         self.loss, grad_norm = optimizer_step(state, batches, targets, config)
         seconds = time.perf_counter() - tick
         tokens_per_s = self.rate.add(int(tokens), seconds)
