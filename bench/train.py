@@ -75,6 +75,7 @@ def child(args: argparse.Namespace) -> None:
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
            "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
+           "base_matmul": _choices(),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
@@ -82,15 +83,22 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _matmul_dtype(args: argparse.Namespace) -> str:
-    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` picks (loractl)."""
-    import torch
+    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` measured faster for the
+    most FLOPs of the step's shapes (loractl)."""
+    chosen: dict[str, float] = {}
+    for c in _choices() if args.variant.startswith("loractl") else []:
+        chosen[c["dtype"]] = chosen.get(c["dtype"], 0.0) + c["shape"][0] * c["shape"][1]
+    native = {"bf16": "bfloat16", "fp16": "float16"}.get(args.base_dtype or "", "float32")
+    return max(chosen, key=lambda k: chosen[k]) if chosen else native
 
-    from loractl.train.base_matmul import matmul_dtype
 
-    native = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
-    if args.variant.startswith("loractl"):
-        native = matmul_dtype(native, torch.device("cpu"))
-    return str(native).removeprefix("torch.")
+def _choices() -> list[dict[str, Any]]:
+    """`base_matmul`'s measurements in this process: per weight shape, each way's GFLOP/s and the dtype kept."""
+    from loractl.train.base_matmul import MEASURED
+
+    return [{"shape": c.shape, "dtype": str(c.dtype).removeprefix("torch."), "float32": c.flops / c.float32_s / 1e9,
+             "native": c.flops / c.native_s / 1e9, "native_dtype": str(c.native).removeprefix("torch.")}
+            for c in MEASURED.values()]  # fmt: skip
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -243,6 +251,11 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
         cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
               f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
+    print()
+    for variant, runs in results.items():
+        for c in runs[0].get("base_matmul", []):
+            print(f"{variant}: base_matmul measured {c['shape'][0]}x{c['shape'][1]}: float32 (upcast) "
+                  f"{c['float32']:.0f} GFLOP/s, {c['native_dtype']} {c['native']:.0f} GFLOP/s -> {c['dtype']}")  # fmt: skip
     print()
 
 
