@@ -19,6 +19,7 @@ bitsandbytes' compute dtype for a quantized layer).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,8 +33,9 @@ from torch import nn
 ENV = "LORACTL_BASE_MATMUL"
 CHOICES = ("float32", "native")
 PROBE_TOKENS = 256  # rows of x in the micro-benchmark: a micro-batch's worth, the rate no longer grows past it
-PROBE_ROWS = 1024  # at most this many of W's output rows: the rate per FLOP holds, big weights stay cheap
-SLOWER = 3.0  # a first native run this many times float32's ends the measurement (emulated bf16 is slow)
+PROBE_ROWS = 512  # at most this many of W's output rows: the rate per FLOP holds, big weights stay cheap
+ROUNDS = 4  # timed runs each way; the best of each is compared
+SLOWER = 5.0  # native this many times float32's after two rounds ends the measurement (emulated bf16)
 
 
 def matmul_dtype(native: torch.dtype, device: torch.device, shape: Sequence[int] | None = None) -> torch.dtype:
@@ -80,7 +82,7 @@ MEASURED: dict[tuple[Any, ...], Choice] = {}
 
 def measured_choice(shape: tuple[int, int], native: torch.dtype, threads: int) -> Choice:
     """float32 (upcast included) against `native` for a weight of `shape`, timed once per (shape, native,
-    CPU flags, threads) in this process: forward x · Wᵀ and input gradient g · W, best of 3 each."""
+    CPU flags, threads) in this process: forward x · Wᵀ and input gradient g · W, best of `ROUNDS` each."""
     key = (shape, native, cpu_flags(), threads)
     if key not in MEASURED:
         MEASURED[key] = _measure(shape, native)
@@ -103,20 +105,20 @@ def _measure(shape: tuple[int, int], native: torch.dtype) -> Choice:
         gn @ weight
 
     with torch.no_grad():
-        float32_s, native_s = _best(upcast, 2), _best(in_native, 1)  # the first calls warm up too
-        if native_s < SLOWER * float32_s:  # not emulated: alternate, so a burst of load hits both ways alike
-            for _ in range(3):
-                float32_s, native_s = min(float32_s, _best(upcast, 1)), min(native_s, _best(in_native, 1))
+        upcast()  # warm-up: oneDNN creates (JIT-compiles) a kernel per new shape on its first call
+        in_native()
+        float32_s = native_s = math.inf
+        for round_ in range(ROUNDS):  # alternated, so a burst of load hits both ways alike
+            float32_s, native_s = min(float32_s, _time(upcast)), min(native_s, _time(in_native))
+            if round_ and native_s > SLOWER * float32_s:  # twice far slower: emulated bf16, no need for more
+                break
     return Choice(shape, native, float32_s, native_s, 2 * 2.0 * PROBE_TOKENS * out * inner)
 
 
-def _best(run: Any, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _time(run: Any) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 @functools.cache
