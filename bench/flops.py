@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 MATMUL_SIZE = 2048  # the square matmul whose rate the step is held against
 
@@ -59,9 +58,6 @@ def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> t
 
 def cpu_flags() -> dict[str, bool]:
     """The CPU features a bf16 matmul depends on (/proc/cpuinfo), and oneDNN's own bf16 probe."""
-    from loractl.train.base_matmul import cpu_has_bf16_units
+    from loractl.train.base_matmul import cpu_flags as found
 
-    cpuinfo = Path("/proc/cpuinfo")
-    words = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    flags = {flag: flag in words for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
-    return {**flags, "onednn_bf16": cpu_has_bf16_units()}
+    return {flag: flag in found() for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "onednn_bf16")}

@@ -16,6 +16,7 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --variants loractl,loractl+dora,peft,peft+dora   # DoRA's cost over LoRA, each side
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
     python bench/train.py --label-share 0.33                # chat-like rows: a third of the tokens take a loss
+    python bench/train.py --label-share 0.33 --ragged       # and rows of seq down to seq/4 tokens, as chat rows are
 
 Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
 and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
@@ -70,11 +71,13 @@ def child(args: argparse.Namespace) -> None:
     cpu_s = statistics.median(cpu for _, cpu in times[args.warmup :])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
-    flops = step_flops({k: getattr(args, k) for k in SHAPE}, batch=args.batch, seq=args.seq, rank=args.rank,
-                       label_share=labels(ids, args)[:, 1:].ne(-100).sum().item() / (args.batch * args.seq))  # fmt: skip
-    doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s, "cpu_s": cpu_s,
+    shape, targets = {k: getattr(args, k) for k in SHAPE}, labels(ids, args)
+    flops = sum(step_flops(shape, batch=1, seq=n, rank=args.rank, label_share=targets[i, 1:n].ne(-100).sum().item() / n)
+                for i, n in enumerate(lengths(args)))  # fmt: skip
+    doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": sum(lengths(args)) / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
            "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
+           "base_matmul": _choices(),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
@@ -82,15 +85,22 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _matmul_dtype(args: argparse.Namespace) -> str:
-    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` picks (loractl)."""
-    import torch
+    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` measured faster for the
+    most FLOPs of the step's shapes (loractl)."""
+    chosen: dict[str, float] = {}
+    for c in _choices() if args.variant.startswith("loractl") else []:
+        chosen[c["dtype"]] = chosen.get(c["dtype"], 0.0) + c["shape"][0] * c["shape"][1]
+    native = {"bf16": "bfloat16", "fp16": "float16"}.get(args.base_dtype or "", "float32")
+    return max(chosen, key=lambda k: chosen[k]) if chosen else native
 
-    from loractl.train.base_matmul import matmul_dtype
 
-    native = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
-    if args.variant.startswith("loractl"):
-        native = matmul_dtype(native, torch.device("cpu"))
-    return str(native).removeprefix("torch.")
+def _choices() -> list[dict[str, Any]]:
+    """`base_matmul`'s measurements in this process: per weight shape, each way's GFLOP/s and the dtype kept."""
+    from loractl.train.base_matmul import MEASURED
+
+    return [{"shape": c.shape, "dtype": str(c.dtype).removeprefix("torch."), "float32": c.flops / c.float32_s / 1e9,
+             "native": c.flops / c.native_s / 1e9, "native_dtype": str(c.native).removeprefix("torch.")}
+            for c in MEASURED.values()]  # fmt: skip
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -112,10 +122,21 @@ def _config(args: argparse.Namespace, dtype: Any) -> Any:
     return llama_config({k: getattr(args, k) for k in SHAPE}, dtype, max(args.seq, 2048))
 
 
+def lengths(args: argparse.Namespace) -> list[int]:
+    """Each row's token count: --seq, or with --ragged spread evenly over [seq/4, seq] (rows of chat data differ)."""
+    if not args.ragged:
+        return [args.seq] * args.batch
+    low = args.seq // 4
+    return [args.seq - (args.seq - low) * i // max(args.batch - 1, 1) for i in range(args.batch)]
+
+
 def labels(ids: Any, args: argparse.Namespace) -> Any:
-    """Each row's labels: its tokens, the first (1 − --label-share) of them ignored (-100) as a chat prompt's are."""
+    """Each row's labels: its tokens, the first (1 − --label-share) of each row ignored (-100) as a chat prompt's
+    are, and the padding after a --ragged row's end."""
     out = ids.clone()
-    out[:, : round(args.seq * (1 - args.label_share))] = -100
+    for i, n in enumerate(lengths(args)):
+        out[i, : round(n * (1 - args.label_share))] = -100
+        out[i, n:] = -100
     return out
 
 
@@ -137,7 +158,8 @@ def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: 
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
                          compile=args.compile, dora="dora" in args.variant)  # fmt: skip
     injection = inject(model, config)
-    rows = [Example(tuple(r), tuple(label)) for r, label in zip(ids.tolist(), labels(ids, args).tolist(), strict=True)]
+    rows = [Example(tuple(r[:n]), tuple(label[:n]))
+            for r, label, n in zip(ids.tolist(), labels(ids, args).tolist(), lengths(args), strict=True)]  # fmt: skip
     train(model, rows, config, callbacks=[Clock()])
     return injection.trainable
 
@@ -158,9 +180,10 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    mask = (torch.arange(args.seq)[None, :] < torch.tensor(lengths(args))[:, None]).long()
     for _ in range(steps):
         start, cpu = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=labels(ids, args), use_cache=False).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels(ids, args), use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -178,6 +201,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child [torch's default]")
     parser.add_argument("--label-share", type=float, default=1.0, help="share of each row that takes a loss [1]")
+    parser.add_argument("--ragged", action="store_true", help="rows of --seq down to seq/4 tokens, padded by collate")
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], help="[fp32; with --base its own]")
     parser.add_argument("--base", help="load this checkpoint (e.g. one --save-base wrote) instead of building")
     parser.add_argument("--save-base", metavar="DIR", help="write the random model as a checkpoint and exit")
@@ -243,6 +267,11 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
         cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
               f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
+    print()
+    for variant, runs in results.items():
+        for c in runs[0].get("base_matmul", []):
+            print(f"{variant}: base_matmul measured {c['shape'][0]}x{c['shape'][1]}: float32 (upcast) "
+                  f"{c['float32']:.0f} GFLOP/s, {c['native_dtype']} {c['native']:.0f} GFLOP/s -> {c['dtype']}")  # fmt: skip
     print()
 
 

@@ -55,6 +55,38 @@ def test_matmul_dtype_by_device_and_override(monkeypatch: pytest.MonkeyPatch) ->
         matmul_dtype(torch.bfloat16, CPU)
 
 
+def test_matmul_dtype_per_shape_is_the_faster_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loractl.train import base_matmul
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(base_matmul, "MEASURED", {})
+    timed: list[tuple[tuple[int, int], torch.dtype]] = []
+
+    def fake(shape: tuple[int, int], native: torch.dtype) -> base_matmul.Choice:
+        timed.append((shape, native))
+        native_s = 1.0 if shape[0] > 100 else 3.0  # native faster for the big shape only
+        return base_matmul.Choice(shape, native, 2.0, native_s, 1.0)
+
+    monkeypatch.setattr(base_matmul, "_measure", fake)
+    assert matmul_dtype(torch.bfloat16, CPU, (512, 64)) == torch.bfloat16
+    assert matmul_dtype(torch.bfloat16, CPU, (64, 512)) == torch.float32
+    assert matmul_dtype(torch.bfloat16, CPU, torch.Size([512, 64])) == torch.bfloat16
+    assert matmul_dtype(torch.float16, CPU, (512, 64)) == torch.float16
+    assert matmul_dtype(torch.bfloat16, CUDA, (64, 512)) == torch.bfloat16  # measured on CPUs only
+    assert timed == [((512, 64), torch.bfloat16), ((64, 512), torch.bfloat16), ((512, 64), torch.float16)]
+    monkeypatch.setenv(ENV, "native")
+    assert matmul_dtype(torch.bfloat16, CPU, (64, 512)) == torch.bfloat16  # the override wins
+
+
+def test_measured_choice_times_both_ways_once() -> None:
+    from loractl.train import base_matmul
+
+    choice = base_matmul.measured_choice((96, 64), torch.bfloat16, torch.get_num_threads())
+    assert choice.float32_s > 0 and choice.native_s > 0 and choice.dtype in (torch.float32, torch.bfloat16)
+    assert choice.flops == 4 * base_matmul.PROBE_TOKENS * 96 * 64
+    assert base_matmul.measured_choice((96, 64), torch.bfloat16, torch.get_num_threads()) is choice  # cached
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_base_computes_in_float32_like_a_dense_reference(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, "float32")

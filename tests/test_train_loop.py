@@ -307,6 +307,40 @@ def test_fused_head_works_only_at_label_positions() -> None:
     torch.testing.assert_close(losses[1], reference)
 
 
+def test_length_groups_cover_each_row_once_and_cut_padding() -> None:
+    from loractl.train import schedule
+
+    lengths = [256, 64, 200, 90, 250, 120, 180, 70]
+    groups = schedule.length_groups(list(range(10, 18)), lengths)
+    assert sorted(i for g in groups for i in g) == list(range(10, 18))
+    padded = sum(len(g) * max(lengths[i - 10] for i in g) for g in groups)
+    assert len(groups) > 1 and padded < 8 * 256 - len(groups) * schedule.GROUP_COST_TOKENS
+    assert schedule.length_groups([0, 1, 2], [50, 50, 50]) == [[0, 1, 2]]  # nothing to save: one batch
+
+
+def test_ragged_rows_in_length_groups_take_the_same_steps(llama: tuple[nn.Module, Any], monkeypatch: Any) -> None:
+    """Rows of 40, 8, 35 and 10 tokens (prompts unlabelled) in one micro-batch: split by length (no padding
+    computed) or padded to 40, the same losses and the same adapter up to the order of float sums."""
+    from loractl.train import schedule
+
+    rows = [tuple(range(3, 3 + n)) for n in (40, 8, 35, 10)]
+    data = [Example(r, (-100,) * (2 * len(r) // 3) + r[2 * len(r) // 3 :]) for r in rows]
+    out, losses = [], []
+    for cost in (10**9, 4):  # one padded batch, then length groups (a toy model's forward costs little)
+        monkeypatch.setattr(schedule, "GROUP_COST_TOKENS", cost)
+        assert (len(schedule.length_groups([0, 1, 2, 3], [len(r) for r in rows])) > 1) == (cost == 4)
+        model = copy.deepcopy(llama[0])
+        config = TrainConfig(targets="all-linear", steps=2, batch_size=4, lr=1e-2)
+        inject(model, config)
+        recorder = Losses()
+        train(model, data, config, callbacks=[recorder])
+        out.append(factors(model))
+        losses.append(recorder.losses)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+    for k in out[0]:
+        torch.testing.assert_close(out[1][k], out[0][k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow  # inductor compiles each layer shape once: minutes on a 2-core CPU
 def test_compiled_layers_take_the_same_steps(llama: tuple[nn.Module, Any]) -> None:
     ex = Example(tuple(range(3, 40)), tuple(range(3, 40)))

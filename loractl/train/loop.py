@@ -31,7 +31,7 @@ from .export import unwrap
 from .inject import parameter_counts
 from .lora_plus import param_groups
 from .loss import CausalLMLoss
-from .schedule import BatchOrder, lr_at
+from .schedule import BatchOrder, length_groups, lr_at
 from .state import TrainState
 from .step import count_targets, mean_loss, optimizer_step
 
@@ -168,7 +168,12 @@ class _Run:
         """One optimizer step, then its log, eval and checkpoint; False (after a checkpoint) to stop first."""
         state, config, position = self.state, self.config, self.state.position
         tick, rng = time.perf_counter(), checkpoints.rng_state(state.world)
-        batches = [collate([self.data[i] for i in rows], self.pad_id) for rows in order.micro_batches(position.step)]
+        micro = order.micro_batches(position.step)
+        if not config.fsdp:  # FSDP ranks must run as many forwards as each other; padding stays there
+            micro = [
+                group for rows in micro for group in length_groups(rows, [len(self.data[i].input_ids) for i in rows])
+            ]
+        batches = [collate([self.data[i] for i in rows], self.pad_id) for rows in micro]
         counts = [
             sum(count_targets(b) for b in batches),
             sum(int(b["attention_mask"].sum()) for b in batches),

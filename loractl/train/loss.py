@@ -73,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if grad_wanted else None  # positions without a label: zero gradient
         # A bf16 head multiplies in float32 where bf16 matmuls are slow (base_matmul): one transient copy.
-        weight = weight.to(matmul_dtype(weight.dtype, weight.device))
+        weight = weight.to(matmul_dtype(weight.dtype, weight.device, weight.shape))
         labelled = (targets != IGNORE).nonzero().squeeze(1)  # the head's work: label positions only
         for start in range(0, len(labelled), CHUNK_TOKENS):
             rows = labelled[start : start + CHUNK_TOKENS]

@@ -50,3 +50,35 @@ class BatchOrder:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=generator).tolist()}
         return self._perms[epoch][position % self.n]
+
+
+# A forward's fixed cost in padded tokens' worth (per-layer node and thread overhead, and the
+# smaller, less efficient matmuls): a length group is split off only when it saves more padding.
+# Measured: on the 30-layer SmolLM2 shape (one thread), 8 rows of 128 tokens as four 2-row forwards
+# took 1.0 s more than as one (5.8 s), ≈ 60 tokens' worth per extra forward.
+GROUP_COST_TOKENS = 64
+
+
+def length_groups(rows: list[int], lengths: list[int]) -> list[list[int]]:
+    """`rows` (example indices, `lengths` their token counts) cut into groups of similar length, longest first.
+
+    Each group is collated to its own longest row, so a micro-batch of ragged rows computes (almost) no
+    padding; every example still takes its loss in the same step, so the step's summed loss and
+    gradients are the same sums, only added in another order. The cut minimises padded tokens plus
+    `GROUP_COST_TOKENS` per group (a small dynamic program: a micro-batch has few rows).
+    """
+    order = sorted(range(len(rows)), key=lambda k: -lengths[k])
+    sizes = [lengths[k] for k in order]
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cost of the first j rows (longest first)
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # rows i..j-1 in one group, padded to sizes[i]
+            cost = best[i] + (j - i) * sizes[i] + GROUP_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = len(order)
+    while j:
+        groups.append([rows[k] for k in order[cut[j] : j]])
+        j = cut[j]
+    return groups[::-1]
