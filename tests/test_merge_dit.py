@@ -88,7 +88,9 @@ def _original_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for d, o in double.items():
                 out[f"double_blocks.{i}.{o}.{leaf}"] = sd[f"{b}{d}.{leaf}"]
             out[f"double_blocks.{i}.img_attn.qkv.{leaf}"] = torch.cat([sd[f"{b}attn.to_{p}.{leaf}"] for p in "qkv"])
-            out[f"double_blocks.{i}.txt_attn.qkv.{leaf}"] = torch.cat([sd[f"{b}attn.add_{p}_proj.{leaf}"] for p in "qkv"])
+            out[f"double_blocks.{i}.txt_attn.qkv.{leaf}"] = torch.cat(
+                [sd[f"{b}attn.add_{p}_proj.{leaf}"] for p in "qkv"]
+            )
             s = f"single_transformer_blocks.{i}."
             out[f"single_blocks.{i}.linear1.{leaf}"] = torch.cat(
                 [sd[f"{s}attn.to_{p}.{leaf}"] for p in "qkv"] + [sd[f"{s}proj_mlp.{leaf}"]]
@@ -98,7 +100,9 @@ def _original_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for i in range(2):
         for stream, attn in (("img", "attn.norm_"), ("txt", "attn.norm_added_")):
             for o, d in (("query", "q"), ("key", "k")):
-                out[f"double_blocks.{i}.{stream}_attn.norm.{o}_norm.scale"] = sd[f"transformer_blocks.{i}.{attn}{d}.weight"]
+                out[f"double_blocks.{i}.{stream}_attn.norm.{o}_norm.scale"] = sd[
+                    f"transformer_blocks.{i}.{attn}{d}.weight"
+                ]
         out[f"single_blocks.{i}.norm.query_norm.scale"] = sd[f"single_transformer_blocks.{i}.attn.norm_q.weight"]
         out[f"single_blocks.{i}.norm.key_norm.scale"] = sd[f"single_transformer_blocks.{i}.attn.norm_k.weight"]
     return out
@@ -209,7 +213,9 @@ def _load_merged(diffusers: Any, out: Path, kind: str) -> torch.nn.Module:
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("flux-adapters")
     adapter = _adapter()
-    return {to: save_adapter(adapter, root / f"{to}.safetensors", format=to) for to in ("kohya", "diffusers", "original")}
+    return {
+        to: save_adapter(adapter, root / f"{to}.safetensors", format=to) for to in ("kohya", "diffusers", "original")
+    }
 
 
 def test_each_base_layout_is_detected(bases: dict[str, Path]) -> None:
@@ -305,9 +311,12 @@ def test_extract_from_either_layout_gives_the_delta(
     assert any("double_blocks" in n for n in names) == (to == "kohya")
     base = _run(_model(diffusers))
     _close(_by_hand(diffusers, got), _by_hand(diffusers, load_adapter(adapters["kohya"])), base, tol=1e-5)
-    # the extracted adapter records its base: merging it back into that base checks, in either layout
+    # the extracted adapter records its base (in diffusers' terms): merging it back into that base checks it
+    from loractl.formats import describe_adapter
     from loractl.ops.merge import merge as merge_again
+    from loractl.ops.merge_shared import recorded_fingerprint
 
+    assert recorded_fingerprint(describe_adapter(out))
     report = merge_again(bases[base_kind], [out], tmp_path / ("again" if bases[base_kind].is_dir() else "again.sft"))
     assert not report.base_notes
 
