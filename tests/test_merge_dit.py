@@ -330,3 +330,80 @@ def test_a_text_encoder_module_is_named_not_merged(bases: dict[str, Path], tmp_p
     plan = plan_merge(bases["dir"], [path])
     assert [p.code for p in plan.problems] == ["not-in-base"]
     assert "text encoder" in plan.problems[0].message
+
+
+TINY = {
+    "SD3Transformer2DModel": dict(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,),
+    ),
+    "WanTransformer3DModel": dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+    ),
+    "QwenImageTransformer2DModel": dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    ),
+    "LTXVideoTransformer3DModel": dict(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, caption_channels=16,
+    ),
+    "ZImageTransformer2DModel": dict(
+        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+        axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    ),
+}  # fmt: skip
+
+
+def _rule_adapter(arch: Any, state: dict[str, torch.Tensor]) -> Adapter:
+    """A module for every rule whose diffusers weights the model has, in the original layout (fused where the
+    rule fuses); every 2-D block weight in diffusers' names for an architecture with one layout."""
+    shapes = {
+        k.removesuffix(".weight"): tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
+    }
+    found: dict[str, tuple[int, int]] = {}
+    if not arch.rules:
+        found = {n: s for n, s in shapes.items() if "blocks." in n or "layers." in n}
+    for rule in arch.rules:
+        for index in sorted(
+            {n.split(".")[1] for n in shapes if n.split(".")[1:2] and n.split(".")[1].isdigit()} | {""}
+        ):
+            parts = [shapes.get(p) for p in rule.diffusers_names(index)]
+            if all(parts) and ("{}" in rule.original) == bool(index):
+                found[rule.original_name(index)] = (sum(p[0] for p in parts), parts[0][1])  # type: ignore[index]
+    assert len(found) > 5, found
+    modules = {
+        f"transformer.{n}": random_module(out, inp, 2, alpha=3.0, seed=i)
+        for i, (n, (out, inp)) in enumerate(found.items())
+    }
+    return Adapter(modules=modules)
+
+
+@pytest.mark.parametrize("cls", list(TINY))
+def test_other_transformers_merge_into_their_diffusers_directory(diffusers: Any, tmp_path: Path, cls: str) -> None:
+    """SD3 (with SD3.5 Medium's second attention), Wan, Qwen-Image, LTX-Video, Z-Image: a kohya adapter in the
+    original names (fused q/k/v) lands on diffusers' split tensors; the merged weights are W + ΔW by hand."""
+    from safetensors.torch import load_file
+
+    from loractl.bases import open_base
+    from loractl.ops.merge import merge
+
+    torch.manual_seed(0)
+    getattr(diffusers, cls)(**TINY[cls]).save_pretrained(tmp_path / "base")
+    base = open_base(tmp_path / "base")
+    arch = base.found.arch  # type: ignore[attr-defined]
+    base.close()
+    state = load_file(tmp_path / "base" / "diffusion_pytorch_model.safetensors")
+    adapter = _rule_adapter(arch, state)
+    path = save_adapter(adapter, tmp_path / "lora.safetensors", format="kohya" if arch.rules else "diffusers")
+    merge(tmp_path / "base", [path], tmp_path / "merged", weights=[0.75])
+    merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    want = dict(state)
+    for name, m in in_layout(load_adapter(path), "diffusers").modules.items():
+        key = name.removeprefix("transformer.") + ".weight"
+        want[key] = state[key] + 0.75 * m.delta_weight()
+    assert set(merged) == set(state)
+    for key, value in want.items():
+        assert torch.allclose(merged[key], value, rtol=0, atol=1e-6), key

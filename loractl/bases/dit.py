@@ -77,9 +77,16 @@ def identify(shapes: dict[str, tuple[int, ...]]) -> Identified | None:
         }
         found = recognise({COMPONENT + r: w for r, w in rels.items()}) if rels else None
         if found is not None:
-            layout: Layout = found.layout if found.arch.rules else "diffusers"  # one layout: diffusers' names
-            return Identified(found.arch, layout, prefix)
+            return Identified(found.arch, _layout(found.arch, list(rels)), prefix)
     return None
+
+
+def _layout(arch: Arch, names: list[str]) -> Layout:
+    """The layout most of a base's weights are named in: a whole model tells apart what one adapter module may
+    not (Wan's diffusers `blocks.0.ffn.net.0.proj` also looks like its original `blocks.0.ffn.`)."""
+    original = sum(arch.match_original(n) is not None for n in names)
+    split = sum(arch.match_diffusers(n) is not None for n in names)
+    return "original" if original > split else "diffusers"  # one layout (no rules): diffusers' names
 
 
 def diffusers_sources(found: Identified, shapes: dict[str, tuple[int, ...]]) -> dict[str, _Src]:
