@@ -319,6 +319,12 @@ def test_extract_from_either_layout_gives_the_delta(
     assert recorded_fingerprint(describe_adapter(out))
     report = merge_again(bases[base_kind], [out], tmp_path / ("again" if bases[base_kind].is_dir() else "again.sft"))
     assert not report.base_notes
+    if pair == ("flux1-tiny", "dir"):  # the fine-tune is another base: refused, nothing written
+        from loractl.errors import IntegrityError
+
+        with pytest.raises(IntegrityError, match="made for another base"):
+            merge_again(ft, [out], tmp_path / "wrong")
+        assert not (tmp_path / "wrong").exists()
 
 
 def test_a_text_encoder_module_is_named_not_merged(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -329,7 +335,7 @@ def test_a_text_encoder_module_is_named_not_merged(bases: dict[str, Path], tmp_p
     path = save_adapter(adapter, tmp_path / "te.safetensors", format="kohya")
     plan = plan_merge(bases["dir"], [path])
     assert [p.code for p in plan.problems] == ["not-in-base"]
-    assert "text encoder" in plan.problems[0].message
+    assert "text encoder" in plan.problems[0].message and "transformer only" in plan.problems[0].message
 
 
 TINY = {

@@ -76,7 +76,8 @@ def identify(shapes: dict[str, tuple[int, ...]]) -> Identified | None:
             if n.startswith(prefix) and n.endswith(".weight")
         }
         found = recognise({COMPONENT + r: w for r, w in rels.items()}) if rels else None
-        if found is not None:
+        if found is not None and found.arch.block_counts(list(rels)):  # a model has its blocks (SD's UNet
+            # has a `time_embed` as LTX-Video has, but no top-level `transformer_blocks`)
             return Identified(found.arch, _layout(found.arch, list(rels)), prefix)
     return None
 
@@ -182,8 +183,8 @@ class DitBase:
         """A module in diffusers' terms on its tensor (or rows); an original module on its own tensor, or on
         each of diffusers' split tensors."""
         if not module.startswith(COMPONENT):
-            return error("not-in-base", f"this base is a {self.found.arch.name} transformer only; merge "
-                         "text-encoder modules into the text encoder", module)  # fmt: skip
+            return error("not-in-base", f"this base is a {self.found.arch.name} transformer only: a module "
+                         "outside `transformer.` (a text encoder's) merges into its own model", module)  # fmt: skip
         rel = module[len(COMPONENT) :]
         src = self.sources.get(f"{rel}.weight")
         if src is not None:
