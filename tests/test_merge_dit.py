@@ -413,3 +413,31 @@ def test_other_transformers_merge_into_their_diffusers_directory(diffusers: Any,
     assert set(merged) == set(state)
     for key, value in want.items():
         assert torch.allclose(merged[key], value, rtol=0, atol=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["dir", "flux1-tiny"])
+def test_merge_equals_diffusers_fuse_lora(
+    diffusers: Any, bases: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    """diffusers' own merge: `lora_state_dict` + `load_lora_adapter` + `fuse_lora` on the diffusers-layout file."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    from loractl.ops.merge import merge
+
+    out = tmp_path / ("merged" if bases[kind].is_dir() else "merged.safetensors")
+    merge(bases[kind], [adapters["diffusers"]], out, weights=[0.8])
+    model = _model(diffusers)
+    state, alphas, metadata = FluxLoraLoaderMixin.lora_state_dict(
+        str(adapters["diffusers"]), return_alphas=True, return_lora_metadata=True
+    )
+    model.load_lora_adapter(state, prefix="transformer", network_alphas=alphas or None, metadata=metadata)
+    model.fuse_lora(lora_scale=0.8)
+    model.unload_lora()
+    fused = {k: v for k, v in model.state_dict().items()}
+    merged = _load_merged(diffusers, out, kind).state_dict()
+    assert set(fused) == set(merged)
+    base = _model(diffusers).state_dict()
+    assert any(not torch.equal(base[k], fused[k]) for k in fused)
+    for k in fused:
+        assert torch.allclose(merged[k], fused[k], rtol=0, atol=1e-6), k
+    _close(_run(_load_merged(diffusers, out, kind)), _run(model), _run(_model(diffusers)))
