@@ -248,6 +248,8 @@ class DitBase:
         return fingerprint_of(items, stop)
 
     def _bytes(self, src: _Src) -> bytes:
+        if src.rows is None and not src.swap:
+            return self.ckpt.raw_bytes(src.key)  # one copy, not two, of a whole stored tensor
         return bytes(self._rows(src).tobytes())
 
     def _rows(self, src: _Src) -> np.ndarray[Any, Any]:
