@@ -198,9 +198,9 @@ def test_extract_records_the_base_fingerprint_and_refuses_a_swapped_pair(sd: Tin
 
 
 def test_unknown_layouts_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sd3 = tmp_path / "sd3.safetensors"
-    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2),
-               "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, sd3)  # fmt: skip
+    sd3 = tmp_path / "unet-only.safetensors"  # (SD3's and Flux's files are diffusion transformer bases: test_merge_dit)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(6, 2, 3, 3),
+               "model.diffusion_model.out.2.weight": torch.zeros(2, 6, 3, 3)}, sd3)  # fmt: skip
     lora = tmp_path / "lora.safetensors"
     save_adapter(Adapter(modules={"unet.conv_in": LoraModule(A=torch.ones(1, 2), B=torch.ones(2, 1), scale=1.0)},
                          meta=AdapterMeta()), lora, format="diffusers")  # fmt: skip

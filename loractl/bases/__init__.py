@@ -9,6 +9,8 @@ tensors as the Hugging Face checkpoint it holds (`weights`: what `extract` reads
 
 Kinds, in detection order (the first that claims a path wins):
     gguf            a llama.cpp GGUF model file (`gguf.py`)
+    dit             a diffusion transformer (Flux.1, SD3, Wan, …): a diffusers `transformer/` directory, a
+                    pipeline, or the original single file, ComfyUI's prefix or not (`dit.py`)
     sd              a single-file Stable Diffusion checkpoint (`sd_single_file.py`)
     bnb             a checkpoint saved by transformers with bitsandbytes 4-/8-bit weights (`bnb.py`)
     fp8             a checkpoint of FP8 weights with block scales, DeepSeek-V3's layout (`fp8.py`)
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from .protocol import Base, OutputChoices
 
 KINDS = {
-    "gguf": "gguf", "sd": "sd_single_file", "bnb": "bnb", "fp8": "fp8", "safetensors": "safetensors_dir",
+    "gguf": "gguf", "dit": "dit", "sd": "sd_single_file", "bnb": "bnb", "fp8": "fp8", "safetensors": "safetensors_dir",
 }  # detection order  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Where an adapter module lands in a base stored in another layout (a GGUF model, a single-file SD checkpoint).
 
-Each base's `place` (`gguf.py`, `sd_single_file.py`, `safetensors_dir.py`) answers with a `Placement`;
+Each base's `place` (`gguf.py`, `sd_single_file.py`, `safetensors_dir.py`, `dit.py`) answers with a `Placement`
+(several, where one fused module lands on the split tensors of a diffusers transformer: one `part` each);
 the plan of the merge and its arithmetic live in `ops/merge_placed_plan.py`.
 """
 
@@ -17,3 +18,5 @@ class Placement:
     rows: tuple[int, int] | None = None  # ΔW fills only these rows (a fused q/k/v projection)
     transposed: bool = False  # the base stores the weight transposed
     rope_heads: int | None = None  # rows are in Meta's RoPE order for this many heads (llama.cpp q/k)
+    swap_halves: bool = False  # ΔW's two row halves are exchanged (a DiT's final AdaLN: shift/scale order)
+    part: tuple[int, int] | None = None  # only these rows of ΔW land here (a fused module over split tensors)

@@ -190,25 +190,10 @@ class SingleFileBase:
 
     def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
         """Every tensor in the writer's order: copied, or merged by `sink` and rounded to its dtype."""
-        from ..io.safetensors_writer import StreamWriter, TensorSpec
-        from ..io.tensor_bytes import torch_dtype
+        from ._rewrite import rewrite_file
 
-        header = next(iter(self.ckpt.headers.values()))
-        metadata = {**header.metadata, RECORD_KEY: json.dumps(provenance, sort_keys=True)}
-        specs = [TensorSpec(n, self.ckpt.info(n).dtype, s) for n, s in self.shapes.items()]
-        merged = set(names)
-        writer = StreamWriter(tmp, specs, metadata)
-        try:
-            for spec in writer.order:
-                tensor = self.ckpt.get(spec.name)
-                if spec.name in merged:
-                    tensor = sink.merged(spec.name, tensor.float()).to(torch_dtype(spec.dtype))
-                    sink.stored(spec.name, tensor.float())
-                writer.write(spec.name, tensor)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+        metadata = {RECORD_KEY: json.dumps(provenance, sort_keys=True)}
+        rewrite_file(self.ckpt, self.ckpt.files[0], tmp, metadata, set(names), sink)
 
 
 class SdWeights:

@@ -84,12 +84,16 @@ def command(
       loractl merge model.Q8_0.gguf adapter -o merged.Q8_0.gguf
       loractl merge model-Q4_K_M-00001-of-00002.gguf adapter -o merged.Q4_K_M.gguf
       loractl merge sd_xl_base_1.0.safetensors kohya_lora.safetensors -o merged.safetensors
+      loractl merge flux1-dev.safetensors lora.safetensors -o merged.safetensors
+      loractl merge FLUX.1-dev/transformer lora.safetensors -o merged
 
     A GGUF model (llama.cpp) or a single-file Stable Diffusion checkpoint (SD 1.x/2.x/SDXL) is
     written as one file: every tensor keeps its type (quantized ones are requantized), and the
     report gives each module's rounding loss, the share of ΔW the stored type removes. A
     bitsandbytes checkpoint is written dequantized (--keep-quant: requantized); an FP8 one stays
-    FP8 (--dtype: dequantized).
+    FP8 (--dtype: dequantized). A diffusion transformer (Flux.1, SD3, Wan, ...) as diffusers'
+    transformer/ directory, a pipeline or the original single file takes an adapter in any layout
+    (kohya fused q/k/v, diffusers split) and keeps its files, names and types.
     """
     from ..errors import UsageError
     from ..ops.merge_plan import plan_merge

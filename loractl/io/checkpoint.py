@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # a diffusers model's sharded weights
 RECORD_NAME = "loractl_merge.json"  # the provenance a loractl merge writes beside the weights
 SINGLE_NAME = "model.safetensors"
 # Weight files that must not travel to a merge's output: they would hold the unmerged weights.
@@ -43,8 +44,8 @@ class Checkpoint:
                 if name in self._where:
                     raise FormatError(f"tensor {name!r} appears in two shards", path=shard)
                 self._where[name] = shard
-        index = self.path / INDEX_NAME
-        if self.path.is_dir() and index.is_file():
+        index = _index(self.path)
+        if index is not None:
             _check_index(index, self._where)
 
     def __enter__(self) -> Checkpoint:
@@ -168,7 +169,7 @@ class Checkpoint:
         """Non-weight files beside the weights (config, tokenizer, ...), for copying along."""
         if not self.path.is_dir():
             return []
-        weights = set(self.headers) | {self.path / INDEX_NAME}
+        weights = set(self.headers) | {self.path / INDEX_NAME, self.path / DIFFUSERS_INDEX_NAME}
         return sorted(p for p in self.path.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
 
     def _file(self, shard: Path) -> BinaryIO:
@@ -181,8 +182,8 @@ def _shard_files(path: Path) -> list[Path]:
     InputNotFoundError.check(path, "checkpoint ")
     if path.is_file():
         return [path]
-    index = path / INDEX_NAME
-    if index.is_file():
+    index = _index(path)
+    if index is not None:
         return _shards_from_index(index)
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME]
@@ -194,6 +195,12 @@ def _shard_files(path: Path) -> list[Path]:
         path=path,
         hint="point at a safetensors checkpoint (loractl never unpickles .bin checkpoints)",
     )
+
+
+def _index(path: Path) -> Path | None:
+    """The shard index of a checkpoint directory: transformers' or diffusers' name."""
+    found = [path / n for n in (INDEX_NAME, DIFFUSERS_INDEX_NAME)] if path.is_dir() else []
+    return next((p for p in found if p.is_file()), None)
 
 
 def _shards_from_index(index: Path) -> list[Path]:

@@ -21,6 +21,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, LoraModule
 from ..bases import detect_base, open_base
+from ..bases.dit import paired
 from ..bases.sd_single_file import SdWeights
 from ..errors import LoractlError, NumericError, ShapeMismatchError
 from ..io import fingerprint_cache
@@ -101,7 +102,10 @@ def _opened(base: str | Path, finetuned: str | Path) -> Iterator[tuple[Weights, 
             hint="give two single-file SD checkpoints, or two Hugging Face / GGUF checkpoints (--dry-run shows the plan)",
         )
     with closing(open_base(base)) as b, closing(open_base(finetuned)) as f:
-        yield b.weights(), f.weights()
+        if "dit" in kinds:  # diffusion transformers pair in diffusers' terms, in either layout
+            yield paired(b.weights(), f.weights())
+        else:
+            yield b.weights(), f.weights()
 
 
 def extract_adapter(

@@ -163,11 +163,12 @@ def plan_placements(
             if isinstance(where, Finding):
                 found.append(where)
                 continue
-            problem = _check_shape(module, m, where, tensors[where.key].shape)
-            if problem is not None:
-                found.append(problem)
-                continue
-            updates.setdefault(where.key, []).append(PlacedUpdate(i, module, where, weight))
+            for placement in where if isinstance(where, tuple) else (where,):
+                problem = _check_shape(module, m, placement, tensors[placement.key].shape)
+                if problem is not None:
+                    found.append(problem)
+                    continue
+                updates.setdefault(placement.key, []).append(PlacedUpdate(i, module, placement, weight))
         problems += [replace(f, path=str(info.path)) for f in found]
     return PlacedPlan(
         str(base.path), base.kind, tuple(str(i.path) for i in infos), tuple(weights),
@@ -196,11 +197,13 @@ def _unsupported(info: AdapterInfo) -> list[Finding]:
 
 def _check_shape(module: str, m: ModuleInfo, p: Placement, stored: tuple[int, ...]) -> Finding | None:
     """None when the module's ΔW fits the stored tensor (or its rows) as placed."""
-    if m.dora and p.rows is not None:
-        return error("dora-fused", f"DoRA cannot be merged into a slice of the fused tensor {p.key!r}", module)
+    if m.dora and (p.rows is not None or p.part is not None or p.swap_halves):
+        return error("dora-fused", f"DoRA cannot be merged into a slice or reordering of {p.key!r}", module)
     from .merge_shared import stored_shape  # ΔW's shape as a Hugging Face base stores it
 
     expected = stored_shape(m)
+    if p.part is not None:
+        expected = (p.part[1] - p.part[0], *expected[1:])
     if p.transposed:
         expected = (expected[1], expected[0], *expected[2:])
     have = stored if p.rows is None else (p.rows[1] - p.rows[0], *stored[1:])
@@ -224,6 +227,11 @@ def placed_delta(module: LoraModule, weight: float, p: Placement, rows: int) -> 
     if p.rope_heads:
         magnitude = None if module.magnitude is None else hf_to_meta(module.magnitude, p.rope_heads)
         module = replace(module, B=hf_to_meta(module.B, p.rope_heads), magnitude=magnitude)
+    if p.swap_halves:
+        half = module.B.shape[0] // 2
+        module = replace(module, B=torch.cat([module.B[half:], module.B[:half]]))
+    if p.part is not None:
+        module = replace(module, B=module.B[p.part[0] : p.part[1]])
     if p.transposed:
         module = replace(module, fan_in_fan_out=not module.fan_in_fan_out)
     if p.rows is not None:
