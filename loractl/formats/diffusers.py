@@ -139,7 +139,11 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     info = describe(path, options)
     with Checkpoint(info.files[0]) as ckpt:
         adapter = adapter_from_info(info, ckpt.get)
-    return replace(adapter, meta=replace(adapter.meta, extra={}))
+    # a zero lora bias changes nothing: the writer's filler (`_tensors`), read as no bias
+    modules = {
+        n: replace(m, bias=None) if m.bias is not None and not m.bias.any() else m for n, m in adapter.modules.items()
+    }
+    return replace(adapter, modules=modules, meta=replace(adapter.meta, extra={}))
 
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
@@ -267,13 +271,18 @@ def _refuse_unheld(adapter: Adapter) -> None:
 
 
 def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The file's tensors. Where a component's modules have lora biases, every one of its modules gets one (zeros:
+    no change): its LoraConfig says `lora_bias`, and PEFT then leaves a missing bias uninitialised (on `meta`)."""
     out: dict[str, torch.Tensor] = {}
+    biased = {m.partition(".")[0] for m, lora in adapter.modules.items() if lora.bias is not None}
     for module, m in adapter.modules.items():
         out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = m.A, m.B
         if m.magnitude is not None:
             out[f"{module}.lora_magnitude_vector"] = m.magnitude
         if m.bias is not None:
             out[f"{module}.lora_B.bias"] = m.bias
+        elif module.partition(".")[0] in biased:
+            out[f"{module}.lora_B.bias"] = m.B.new_zeros(m.out_features)
     return out | adapter.full_tensors
 
 
