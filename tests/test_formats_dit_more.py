@@ -73,6 +73,25 @@ def test_bfl_control_lora_converts_to_diffusers_and_back_exactly(tmp_path: Path)
     assert all(torch.equal(again[k], original[k]) for k in original)
 
 
+def test_lora_biases_without_norm_scales_write_fal_s_layout(tmp_path: Path) -> None:
+    """A Flux adapter with lora biases but no norm scales: fal's Kontext names (`base_model.model.` + BFL's), which
+    diffusers reads as fal's (not BFL's control layout, which it knows by the norms); a scale folded into B and bias."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    m = random_module(3 * H, H, 2, alpha=3.0, seed=4)
+    biased = replace(m, bias=torch.randn(3 * H, generator=torch.Generator().manual_seed(5)))
+    adapter = Adapter(modules={"transformer.double_blocks.0.img_attn.qkv": biased})
+    path = save_adapter(adapter, tmp_path / "o.safetensors", format="original")
+    assert sorted(load_file(path)) == [f"base_model.model.double_blocks.0.img_attn.qkv.{leaf}"
+                                       for leaf in ("lora_A.weight", "lora_B.bias", "lora_B.weight")]  # fmt: skip
+    back = load_adapter(path).modules["transformer.double_blocks.0.img_attn.qkv"]
+    want = biased.delta_weight().double()
+    assert back.scale == 1.0 and (back.delta_weight().double() - want).norm() <= 1e-6 * want.norm()
+    assert (back.bias.double() - biased.bias.double() * biased.scale).norm() <= 1e-6 * biased.bias.norm()
+
+
 def test_diffusers_writes_only_the_full_tensors_it_loads(tmp_path: Path) -> None:
     adapter = Adapter(
         modules={"transformer.transformer_blocks.0.attn.to_q": random_module(H, H, 2, seed=1)},

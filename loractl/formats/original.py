@@ -160,7 +160,7 @@ def keeps_full(key: str) -> bool:
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
     """`lora_down` / `lora_up` / `alpha` (float32, = scale·rank) under `diffusion_model.` (diffusers' modules fused);
-    an adapter with qk-norm scales or lora biases in BFL's control layout (what BFL and diffusers' reader of it use)."""
+    an adapter with qk-norm scales or lora biases in BFL's control layout or fal's (what diffusers' readers of them take)."""
     from dataclasses import replace
 
     import torch
@@ -203,7 +203,8 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
 
 def _write_control(adapter: Adapter, path: Path, *, force: bool) -> Path:
     """BFL's control layout: bare BFL names, `lora_A`/`lora_B` (+ `lora_B.bias`), no alpha (each scale folded into
-    B and its bias, as PEFT scales both), the qk-norm scales as they are."""
+    B and its bias, as PEFT scales both), the qk-norm scales as they are; without norm scales, fal's (Kontext) layout,
+    the same under `base_model.model.`: diffusers tells the two apart by the norms, and reads each."""
     from dataclasses import replace
 
     from ..io.atomic import atomic_output
@@ -219,7 +220,7 @@ def _write_control(adapter: Adapter, path: Path, *, force: bool) -> Path:
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
             )
         scaled = m if m.scale == 1 else replace(m, B=_scaled(m.B, m.scale), bias=m.bias if m.bias is None else _scaled(m.bias, m.scale), scale=1.0, alpha=float(m.rank))  # fmt: skip
-        key = module[len(COMPONENT) :]
+        key = ("" if adapter.full_tensors else "base_model.model.") + module[len(COMPONENT) :]
         tensors |= {f"{key}.lora_A.weight": scaled.A, f"{key}.lora_B.weight": scaled.B}
         if scaled.bias is not None:
             tensors[f"{key}.lora_B.bias"] = scaled.bias
