@@ -8,7 +8,8 @@ Four key generations are read:
     (d)  `transformer.….to_q.lora_A.weight`                        (PEFT keys; current)
 (a)–(c) carry no alpha (scale 1) unless `<module>.alpha` tensors are present; (d) has its
 scales in the `lora_adapter_metadata` LoraConfig dicts, else alpha = rank. Written: (d), with
-`lora_adapter_metadata`, so per-module ranks, alphas and rsLoRA hold exactly.
+`lora_adapter_metadata`, so per-module ranks, alphas and rsLoRA hold exactly; a Flux control LoRA's
+qk-norm scales (the one full tensor `load_lora_weights` loads) under diffusers' names (`keeps_full`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ ai-toolkit's Flux.2 LoKr files (`diffusion_model.double_blocks.0.img_attn.qkv.lo
 read as the exact LoRA each Kronecker product equals (`kohya.lycoris`).
 BFL's control LoRAs (FLUX.1 Canny/Depth [dev] LoRA: fal's names without `base_model.model.`, `lora_B.bias`, and
 the qk norms' new `…norm.query_norm.scale` / `key_norm.scale`, kept as full tensors that replace the base's;
-`img_in` takes twice the channels, diffusers widens `x_embedder` to load it) read as the same modules.
+`img_in` takes twice the channels, diffusers widens `x_embedder` to load it) read as the same modules, and an
+adapter with those norm scales is written so (`_write_control`; with lora biases but no norms: fal's layout).
 fal's Flux Kontext files (`base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`, optional `lora_B.bias`,
 no alpha) read as the same modules too. Module paths are `transformer.` + the original names (`_dit` splits them
 into diffusers' names).
