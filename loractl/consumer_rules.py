@@ -227,10 +227,10 @@ def _bfl_control(info: AdapterInfo) -> list[Finding]:
     names += [f"single_blocks.{i}.{m}" for i in range(38) for m in _BFL_SINGLE] + list(_BFL_OUTSIDE)
     missing = [n for n in names if f"transformer.{n}" not in info.modules]
     if missing:
-        message = f"diffusers' reader of BFL control LoRAs takes only files with every module of Flux.1's 19 double and 38 single blocks and its embedders: it refuses this one, which lacks {missing[0]} ({len(missing)} in all); no other layout diffusers reads holds the norm scales"  # fmt: skip
+        message = f"diffusers' reader of BFL control LoRAs takes only files with every module of Flux.1's 19 double and 38 single blocks and its embedders: it refuses this one, which lacks {missing[0]} ({len(missing)} in all); convert with 'loractl convert --to diffusers', whose file diffusers loads whole, norm scales included"  # fmt: skip
         return [error("unknown-module", message)]
     name = "transformer.final_layer.adaLN_modulation.1"
-    message = "diffusers' reader of BFL control LoRAs swaps the halves of this module's A as well as its B's: not the adapter's ΔW (no other layout diffusers reads holds the norm scales)"  # fmt: skip
+    message = "diffusers' reader of BFL control LoRAs swaps the halves of this module's A as well as its B's: not the adapter's ΔW; convert with 'loractl convert --to diffusers', whose file holds the norm scales too"  # fmt: skip
     return [error("swapped-halves", message, name)]
 
 

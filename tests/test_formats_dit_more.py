@@ -41,15 +41,69 @@ def test_bfl_control_lora_keeps_its_norm_scales_as_full_tensors(tmp_path: Path) 
     assert adapter.modules["transformer.double_blocks.0.img_attn.qkv"].bias is not None
     assert {m.scale for m in adapter.modules.values()} == {1.0}
     assert architecture({n: m.in_features for n, m in adapter.modules.items()})["name"] == "Flux.1"
-    # no LoRA format but PEFT holds the norms: convert refuses, naming what would be lost, and writes nothing
-    for to in ("diffusers", "kohya"):
-        with pytest.raises(AdapterError, match="full tensors"):
-            convert(path, tmp_path / f"as-{to}", to=to)
-        assert not (tmp_path / f"as-{to}").exists()
+    # kohya names no full tensor (sd-scripts and ComfyUI name only weights so): refused, saying why; nothing written
+    with pytest.raises(AdapterError, match="full tensors") as refused:
+        convert(path, tmp_path / "as-kohya", to="kohya")
+    assert "diffusers, original hold it all" in refused.value.hint and "ComfyUI" in refused.value.hint
+    assert not (tmp_path / "as-kohya").exists()
     code, out, _ = run_cli("inspect", path)
     assert code == 0 and "query_norm.scale" in out
     # diffusers loads the norm scales of such a file, but only of one with every block (this one has one of each)
     assert target_findings(path, "diffusers") == {"unknown-module": [None]}
+
+
+def test_bfl_control_lora_converts_to_diffusers_and_back_exactly(tmp_path: Path) -> None:
+    """diffusers' names for the norm scales (what load_lora_weights loads), split modules, lora biases; back in
+    BFL's control layout: the original file's keys and tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    path = _bfl_control(tmp_path)
+    report = convert(path, tmp_path / "d.safetensors", to="diffusers")
+    assert report.verified and not report.lost
+    written = load_file(tmp_path / "d.safetensors")
+    assert torch.equal(written["transformer.transformer_blocks.0.attn.norm_q.weight"], load_file(path)[NORMS[0]])
+    assert "transformer.single_transformer_blocks.0.attn.norm_k.weight" in written
+    assert "transformer.transformer_blocks.0.attn.to_v.lora_B.bias" in written
+    assert written["transformer.x_embedder.lora_A.weight"].shape == (2, 8)  # the widened input, as it was
+    back = load_adapter(tmp_path / "d.safetensors")
+    assert back.meta.source_format == "diffusers" and len(back.full_tensors) == 2
+    convert(tmp_path / "d.safetensors", tmp_path / "o.safetensors", to="original")
+    original, again = load_file(path), load_file(tmp_path / "o.safetensors")
+    assert sorted(again) == sorted(original)
+    assert all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_lora_biases_without_norm_scales_write_fal_s_layout(tmp_path: Path) -> None:
+    """A Flux adapter with lora biases but no norm scales: fal's Kontext names (`base_model.model.` + BFL's), which
+    diffusers reads as fal's (not BFL's control layout, which it knows by the norms); a scale folded into B and bias."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    m = random_module(3 * H, H, 2, alpha=3.0, seed=4)
+    biased = replace(m, bias=torch.randn(3 * H, generator=torch.Generator().manual_seed(5)))
+    adapter = Adapter(modules={"transformer.double_blocks.0.img_attn.qkv": biased})
+    path = save_adapter(adapter, tmp_path / "o.safetensors", format="original")
+    assert sorted(load_file(path)) == [f"base_model.model.double_blocks.0.img_attn.qkv.{leaf}"
+                                       for leaf in ("lora_A.weight", "lora_B.bias", "lora_B.weight")]  # fmt: skip
+    back = load_adapter(path).modules["transformer.double_blocks.0.img_attn.qkv"]
+    want = biased.delta_weight().double()
+    assert back.scale == 1.0 and (back.delta_weight().double() - want).norm() <= 1e-6 * want.norm()
+    assert (back.bias.double() - biased.bias.double() * biased.scale).norm() <= 1e-6 * biased.bias.norm()
+
+
+def test_diffusers_writes_only_the_full_tensors_it_loads(tmp_path: Path) -> None:
+    adapter = Adapter(
+        modules={"transformer.transformer_blocks.0.attn.to_q": random_module(H, H, 2, seed=1)},
+        full_tensors={"transformer.proj_out.weight": torch.ones(4, H)},
+    )
+    with pytest.raises(AdapterError, match=r"proj_out\.weight"):
+        save_adapter(adapter, tmp_path / "d.safetensors", format="diffusers")
+    assert not (tmp_path / "d.safetensors").exists()
+    peft = save_adapter(adapter, tmp_path / "p", format="peft")
+    report = convert(peft, tmp_path / "d.safetensors", to="diffusers", allow_loss=True)
+    assert [x.what for x in report.lost] == ["full tensors"]
+    assert not load_adapter(tmp_path / "d.safetensors").full_tensors
 
 
 def test_flux2_kohya_names_read_back_and_fuse_exactly(tmp_path: Path) -> None:

@@ -349,3 +349,101 @@ def test_bfl_control_file_reads_as_diffusers_reads_it(diffusers: Any, tmp_path: 
         if m.bias is not None:
             assert torch.equal(theirs[f"{name}.lora_B.bias"], m.bias), name
     assert sorted(target_findings(path, "diffusers")) == ["swapped-halves"]
+
+
+def _tiny_control_file(tmp_path: Path) -> Path:
+    """BFL's control layout at the tiny model's widths (diffusers' own reader of it hardcodes Flux.1's): bare BFL
+    names, no alpha, `lora_B.bias` on the fused qkv and linear1, `img_in` taking 8 channels where the model has 4,
+    the final AdaLN (halves swapped between the layouts), and block 0's six qk-norm scales."""
+    from safetensors.torch import save_file
+
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * H, H), "double_blocks.0.txt_attn.qkv": (3 * H, H),
+              "double_blocks.0.img_mlp.0": (4 * H, H), "double_blocks.0.txt_mod.lin": (6 * H, H),
+              "single_blocks.0.linear1": (7 * H, H), "single_blocks.0.linear2": (H, 5 * H), "img_in": (H, 8),
+              "txt_in": (H, 24), "final_layer.adaLN_modulation.1": (2 * H, H)}  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    state = {}
+    for name, (out, inp) in shapes.items():
+        state[f"{name}.lora_A.weight"] = torch.randn(2, inp, generator=g) * 0.2
+        state[f"{name}.lora_B.weight"] = torch.randn(out, 2, generator=g) * 0.2
+        if name.endswith(("qkv", "linear1")):
+            state[f"{name}.lora_B.bias"] = torch.randn(out, generator=g) * 0.1
+    norms = [f"double_blocks.0.{s}_attn.norm.{q}_norm.scale" for s in ("img", "txt") for q in ("query", "key")]
+    norms += [f"single_blocks.0.norm.{q}_norm.scale" for q in ("query", "key")]
+    state |= {k: 1 + 0.3 * torch.randn(16, generator=g) for k in norms}
+    save_file(state, tmp_path / "control.safetensors")
+    return tmp_path / "control.safetensors"
+
+
+def _widened_inputs() -> dict[str, torch.Tensor]:
+    """The control pipeline's input: the control image's latents (4 more channels) beside the noise's."""
+    g = torch.Generator().manual_seed(12)
+    inputs = _inputs()
+    return inputs | {"hidden_states": torch.cat([inputs["hidden_states"], torch.randn(1, 6, 4, generator=g)], -1)}
+
+
+def test_bfl_control_lora_converted_to_diffusers_loads_in_load_lora_weights(diffusers: Any, tmp_path: Path) -> None:
+    """FluxControlPipeline's `load_lora_weights` of loractl's diffusers file (it widens x_embedder and loads the norm
+    scales) gives the outputs of the adapter applied by hand: x_embedder widened with zeros, ΔW and lora biases
+    added, norms set."""
+    path = _tiny_control_file(tmp_path)
+    convert(path, tmp_path / "d.safetensors", to="diffusers")
+    read = in_layout(load_adapter(path), "diffusers")
+
+    model = _model(diffusers)
+    with torch.no_grad():
+        base = model(**_inputs(), return_dict=False)[0]
+        old = model.x_embedder
+        model.x_embedder = torch.nn.Linear(8, old.out_features)
+        model.x_embedder.weight.zero_()
+        model.x_embedder.weight[:, :4] = old.weight
+        model.x_embedder.bias.copy_(old.bias)
+        params = dict(model.named_parameters())
+        for name, m in read.modules.items():
+            params[name.removeprefix("transformer.") + ".weight"] += m.delta_weight()
+            if m.bias is not None:
+                params[name.removeprefix("transformer.") + ".bias"] += m.bias * m.scale
+        for name, t in read.full_tensors.items():
+            params[name.removeprefix("transformer.")].copy_(t)
+        want = model(**_widened_inputs(), return_dict=False)[0]
+
+    none = dict.fromkeys(("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+    pipe = diffusers.FluxControlPipeline(transformer=_model(diffusers), **none)
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
+    assert pipe.transformer.x_embedder.in_features == 8
+    with torch.no_grad():
+        got = pipe.transformer(**_widened_inputs(), return_dict=False)[0]
+    assert (want - base).abs().max() > 1e-3
+    assert (got - want).norm() <= 1e-6 * want.norm(), float((got - want).norm() / want.norm())
+
+
+@pytest.mark.slow  # 57 blocks at Flux.1's real widths (about 25 MB of factors, twice)
+def test_bfl_control_file_converted_to_diffusers_reads_as_the_original(diffusers: Any, tmp_path: Path) -> None:
+    """diffusers' state dict of loractl's diffusers file against diffusers' reading of the BFL original: its keys
+    (and zero lora biases where the original has none), norm scales and lora biases, and every module's ΔW; except the final AdaLN, where diffusers' reader of
+    the original swaps A's halves too and loractl's file holds the adapter's own ΔW. Back to BFL's layout: bit for bit."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+    from safetensors.torch import load_file
+
+    path = _bfl_control_file(tmp_path)
+    convert(path, tmp_path / "d.safetensors", to="diffusers")
+    ours = FluxLoraLoaderMixin.lora_state_dict(str(tmp_path / "d.safetensors"))
+    theirs = FluxLoraLoaderMixin.lora_state_dict(str(path))
+    filled = set(ours) - set(theirs)  # every module gets a lora bias (zeros) where some have one: PEFT wants them all
+    assert set(theirs) <= set(ours) and filled and all(k.endswith(".lora_B.bias") and not ours[k].any() for k in filled)
+    split = in_layout(load_adapter(path), "diffusers")
+    g = torch.Generator().manual_seed(8)
+    for key in sorted(k for k in theirs if "lora_A" not in k and "lora_B.weight" not in k):
+        assert torch.equal(ours[key], theirs[key]), key  # norm scales and lora biases
+    for name in sorted(k.removesuffix(".lora_A.weight") for k in theirs if k.endswith(".lora_A.weight")):
+        m = split.modules[name]
+        x = torch.randn(m.in_features, 2, generator=g, dtype=torch.float64)
+        got, their = (sd[f"{name}.lora_B.weight"].double() @ (sd[f"{name}.lora_A.weight"].double() @ x)
+                      for sd in (ours, theirs))  # fmt: skip
+        want = m.B.double() @ (m.A.double() @ x) * m.scale
+        assert (got - want).norm() <= 1e-6 * want.norm(), name
+        if name != "transformer.norm_out.linear":
+            assert (got - their).norm() <= 1e-6 * want.norm(), name
+    convert(tmp_path / "d.safetensors", tmp_path / "o.safetensors", to="original")
+    original, again = load_file(path), load_file(tmp_path / "o.safetensors")
+    assert sorted(again) == sorted(original) and all(torch.equal(again[k], original[k]) for k in original)

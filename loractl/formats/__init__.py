@@ -205,6 +205,15 @@ def format_holds(format: str) -> frozenset[Feature]:
     return holds
 
 
+def format_keeps_full(format: str, key: str) -> bool:
+    """Whether `format` holds the full tensor `key` (as named in its layout, `in_layout`): all of them where it
+    holds `full_tensors`, else those its `keeps_full` names (diffusers: a Flux control LoRA's norm scales)."""
+    if "full_tensors" in format_holds(format):
+        return True
+    keeps = getattr(FORMATS[format], "keeps_full", None)
+    return bool(keeps is not None and keeps(key))
+
+
 _NO_MODULE_HINT = "an adapter needs at least one LoRA module: an A and a B factor of the same rank"
 
 

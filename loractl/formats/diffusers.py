@@ -8,7 +8,8 @@ Four key generations are read:
     (d)  `transformer.….to_q.lora_A.weight`                        (PEFT keys; current)
 (a)–(c) carry no alpha (scale 1) unless `<module>.alpha` tensors are present; (d) has its
 scales in the `lora_adapter_metadata` LoraConfig dicts, else alpha = rank. Written: (d), with
-`lora_adapter_metadata`, so per-module ranks, alphas and rsLoRA hold exactly.
+`lora_adapter_metadata`, so per-module ranks, alphas and rsLoRA hold exactly; a Flux control LoRA's
+qk-norm scales (the one full tensor `load_lora_weights` loads) under diffusers' names (`keeps_full`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import lineage
 from ..errors import AdapterError, FormatError
 from ..findings import Finding, error
-from ..info import AdapterInfo, scale_from_alpha
+from ..info import AdapterInfo, FullTensorInfo, scale_from_alpha
 from ..io.safetensors_header import is_safetensors, read_header
 from ..io.values import parse_json, scalar_alpha
 from ._dit import Layout, relayout
@@ -58,6 +59,11 @@ _RULES = (
     (re.compile(r"^(.*)\.lora\.(down|up)\.weight$"), "plain"),
     (re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|alpha)$"), "peft"),
 )
+# FluxLoraLoaderMixin's `_control_lora_supported_norm_keys` in the blocks of FluxTransformer2DModel
+_CONTROL_NORM = re.compile(
+    r"^transformer\.(transformer_blocks\.\d+\.attn\.norm_(added_)?[qk]|single_transformer_blocks\.\d+\.attn\.norm_[qk])"
+    r"\.weight$"
+)
 _ROLES = {"down": "A", "up": "B", "lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias"}
 _ROLES |= {"lora_magnitude_vector": "magnitude", "alpha": "alpha"}
 
@@ -71,7 +77,18 @@ def detect(path: Path) -> bool:
         keys = list(read_header(weights).tensors)
     except FormatError:
         return False
-    return bool(keys) and all(_split(k) for k in keys) and any(_COMPONENT.match(k) or "_lora." in k for k in keys)
+    return (
+        bool(keys)
+        and all(_split(k) or keeps_full(k) for k in keys)
+        and any(_COMPONENT.match(k) or "_lora." in k for k in keys)
+        and not all(keeps_full(k) for k in keys)
+    )
+
+
+def keeps_full(key: str) -> bool:
+    """The full tensors a diffusers file holds: a Flux control LoRA's qk-norm scales, which `load_lora_weights`
+    loads into the transformer (`_control_lora_supported_norm_keys`); no other full tensor has a key it loads."""
+    return _CONTROL_NORM.match(key) is not None
 
 
 def describe(path: Path, options: ReadOptions) -> AdapterInfo:
@@ -81,7 +98,10 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         raise no_weights_in(path, WEIGHTS_NAME)
     header = read_header(weights)
     groups: dict[str, dict[str, str]] = {}
+    full = {k: FullTensorInfo(k, t.dtype, t.shape) for k, t in header.tensors.items() if keeps_full(k)}
     for key in header.tensors:
+        if key in full:
+            continue
         split = _split(key)
         if split is None:
             raise FormatError(f"tensor {key!r} is not a diffusers LoRA key", path=weights)
@@ -102,7 +122,7 @@ def describe(path: Path, options: ReadOptions) -> AdapterInfo:
         format=NAME,
         files=(weights,),
         modules=exact_scales(modules, record),
-        full_tensors={},
+        full_tensors=full,
         base_model=record.base_model if record else None,
         record=record,
         config={"lora_adapter_metadata": configs} if configs else {},
@@ -120,7 +140,11 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     info = describe(path, options)
     with Checkpoint(info.files[0]) as ckpt:
         adapter = adapter_from_info(info, ckpt.get)
-    return replace(adapter, meta=replace(adapter.meta, extra={}))
+    # a zero lora bias changes nothing: the writer's filler (`_tensors`), read as no bias
+    modules = {
+        n: replace(m, bias=None) if m.bias is not None and not m.bias.any() else m for n, m in adapter.modules.items()
+    }
+    return replace(adapter, modules=modules, meta=replace(adapter.meta, extra={}))
 
 
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
@@ -238,19 +262,29 @@ def _refuse_unheld(adapter: Adapter) -> None:
             )
         if m.kind == "embedding" or m.fan_in_fan_out:
             raise AdapterError(f"module {module!r}: diffusers files cannot hold embedding LoRA or fan_in_fan_out")
-    if adapter.full_tensors:
-        raise AdapterError("diffusers files cannot hold full tensors", hint="use 'loractl convert'")
+    unheld = sorted(k for k in adapter.full_tensors if not keeps_full(k))
+    if unheld:
+        raise AdapterError(
+            f"diffusers files cannot hold full tensors such as {unheld[0]!r} ({len(unheld)} in all)",
+            hint="use 'loractl convert', which measures and drops them; diffusers loads only a Flux control "
+            "LoRA's qk-norm scales",
+        )
 
 
 def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The file's tensors. Where a component's modules have lora biases, every one of its modules gets one (zeros:
+    no change): its LoraConfig says `lora_bias`, and PEFT then leaves a missing bias uninitialised (on `meta`)."""
     out: dict[str, torch.Tensor] = {}
+    biased = {m.partition(".")[0] for m, lora in adapter.modules.items() if lora.bias is not None}
     for module, m in adapter.modules.items():
         out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = m.A, m.B
         if m.magnitude is not None:
             out[f"{module}.lora_magnitude_vector"] = m.magnitude
         if m.bias is not None:
             out[f"{module}.lora_B.bias"] = m.bias
-    return out
+        elif module.partition(".")[0] in biased:
+            out[f"{module}.lora_B.bias"] = m.B.new_zeros(m.out_features)
+    return out | adapter.full_tensors
 
 
 def _metadata_doc(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:

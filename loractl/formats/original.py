@@ -15,7 +15,8 @@ ai-toolkit's Flux.2 LoKr files (`diffusion_model.double_blocks.0.img_attn.qkv.lo
 read as the exact LoRA each Kronecker product equals (`kohya.lycoris`).
 BFL's control LoRAs (FLUX.1 Canny/Depth [dev] LoRA: fal's names without `base_model.model.`, `lora_B.bias`, and
 the qk norms' new `…norm.query_norm.scale` / `key_norm.scale`, kept as full tensors that replace the base's;
-`img_in` takes twice the channels, diffusers widens `x_embedder` to load it) read as the same modules.
+`img_in` takes twice the channels, diffusers widens `x_embedder` to load it) read as the same modules, and an
+adapter with those norm scales is written so (`_write_control`; with lora biases but no norms: fal's layout).
 fal's Flux Kontext files (`base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`, optional `lora_B.bias`,
 no alpha) read as the same modules too. Module paths are `transformer.` + the original names (`_dit` splits them
 into diffusers' names).
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from ..adapter import Adapter, LoraModule
 
 NAME = "original"
-HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank"})
+HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "bias"})  # bias: in BFL's control layout
 LAYOUT: Layout = "original"
 PREFIXES = {
     "diffusion_model.": COMPONENT,
@@ -153,8 +154,14 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     return replace(adapter, modules=dict(sorted((adapter.modules | exact).items())))
 
 
+def keeps_full(key: str) -> bool:
+    """The full tensors this layout holds: BFL control LoRAs' qk-norm scales."""
+    return key.startswith(COMPONENT) and _BFL_NORM.match(key[len(COMPONENT) :]) is not None
+
+
 def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOptions | None = None) -> Path:
-    """`lora_down` / `lora_up` / `alpha` (float32, = scale·rank) under `diffusion_model.` (diffusers' modules fused)."""
+    """`lora_down` / `lora_up` / `alpha` (float32, = scale·rank) under `diffusion_model.` (diffusers' modules fused);
+    an adapter with qk-norm scales or lora biases in BFL's control layout or fal's (what diffusers' readers of them take)."""
     from dataclasses import replace
 
     import torch
@@ -164,13 +171,15 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
     from ._record import record_for
 
     adapter = relayout(adapter, LAYOUT)
+    if adapter.full_tensors or any(m.bias is not None for m in adapter.modules.values()):
+        return _write_control(adapter, path, force=force)
     found = recognise({n: m.in_features for n, m in adapter.modules.items()})
     no_alpha = found.arch.no_alpha if found else None
     tensors: dict[str, torch.Tensor] = {}
     inexact: dict[str, float] = {}
     folded: dict[str, LoraModule] = {}  # as written (the record's hash is of what a reader gets back)
     for module, m in adapter.modules.items():
-        if m.kind != "linear" or m.magnitude is not None or m.bias is not None or m.fan_in_fan_out:
+        if m.kind != "linear" or m.magnitude is not None or m.fan_in_fan_out:
             raise AdapterError(
                 f"module {module!r}: the original layout holds plain linear LoRA only",
                 hint="use 'loractl convert', which lists and drops what the target cannot hold",
@@ -186,13 +195,52 @@ def write(adapter: Adapter, path: Path, *, force: bool = False, options: WriteOp
         tensors |= {f"{key}.{a_leaf}": m.A, f"{key}.{b_leaf}": m.B, f"{key}.alpha": alpha}
         if float(alpha) / m.rank != m.scale:
             inexact[module] = m.scale
-    if adapter.full_tensors:
-        raise AdapterError("the original layout cannot hold full tensors", hint="use 'loractl convert'")
     written = replace(adapter, modules=adapter.modules | folded) if folded else adapter
     metadata = {"format": "pt", lineage.METADATA_KEY: lineage.encode(record_for(written, inexact))}
     with atomic_output(path, force=force) as tmp:
         save_tensors(tmp, tensors, metadata)
     return path
+
+
+def _write_control(adapter: Adapter, path: Path, *, force: bool) -> Path:
+    """BFL's control layout: bare BFL names, `lora_A`/`lora_B` (+ `lora_B.bias`), no alpha (each scale folded into
+    B and its bias, as PEFT scales both), the qk-norm scales as they are; without norm scales, fal's (Kontext) layout,
+    the same under `base_model.model.`: diffusers tells the two apart by the norms, and reads each."""
+    from dataclasses import replace
+
+    from ..io.atomic import atomic_output
+    from ..io.safetensors_writer import save_tensors
+    from ._record import record_for
+
+    tensors: dict[str, torch.Tensor] = {}
+    written: dict[str, LoraModule] = {}
+    for module, m in adapter.modules.items():
+        if not module.startswith(COMPONENT) or m.kind != "linear" or m.magnitude is not None or m.fan_in_fan_out:
+            raise AdapterError(
+                f"module {module!r}: BFL's control layout holds plain linear transformer LoRA only",
+                hint="use 'loractl convert', which lists and drops what the target cannot hold",
+            )
+        scaled = m if m.scale == 1 else replace(m, B=_scaled(m.B, m.scale), bias=m.bias if m.bias is None else _scaled(m.bias, m.scale), scale=1.0, alpha=float(m.rank))  # fmt: skip
+        key = ("" if adapter.full_tensors else "base_model.model.") + module[len(COMPONENT) :]
+        tensors |= {f"{key}.lora_A.weight": scaled.A, f"{key}.lora_B.weight": scaled.B}
+        if scaled.bias is not None:
+            tensors[f"{key}.lora_B.bias"] = scaled.bias
+        written[module] = scaled
+    unheld = sorted(k for k in adapter.full_tensors if not keeps_full(k))
+    if unheld:
+        raise AdapterError(
+            f"the original layout cannot hold the full tensor {unheld[0]!r} ({len(unheld)} in all)",
+            hint="use 'loractl convert', which measures and drops them",
+        )
+    tensors |= {k[len(COMPONENT) :]: t for k, t in adapter.full_tensors.items()}
+    record = record_for(replace(adapter, modules=written), {})
+    with atomic_output(path, force=force) as tmp:
+        save_tensors(tmp, tensors, {"format": "pt", lineage.METADATA_KEY: lineage.encode(record)})
+    return path
+
+
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return (t.double() * scale).to(t.dtype)
 
 
 def _split(key: str) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from ..formats import (
     detect_format,
     format_fills,
     format_holds,
+    format_keeps_full,
     in_layout,
     load_adapter,
     save_adapter,
@@ -117,7 +118,7 @@ def convert(
         plan = replace(plan, lost=(cut, *plan.lost))
     if plan.lost and not allow_loss:
         raise AdapterError(f"converting to {to} would lose {'; '.join(x.describe() for x in plan.lost)}; "
-                           "nothing was written", path=source, hint=_loss_hint(plan.lost))  # fmt: skip
+                           "nothing was written", path=source, hint=_loss_hint(plan.lost, to, read))  # fmt: skip
     params = {"from": src_format, "to": to, "alpha": alpha, "scale": scale, "allow_loss": allow_loss}
     results = {"folded": plan.folded, "lost": [x.to_dict() for x in plan.lost]}
     entry = lineage.new_entry("convert", params, [adapter.content_hash()], results)  # after a resize entry
@@ -145,7 +146,9 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None) -> C
     """Drop what format `to` cannot hold (measured as lost, with `base` when given) and list exact folds."""
     holds = format_holds(to)
     mods = adapter.modules
-    lost: list[Feature] = [f for f in LOSS_NAMES if f not in holds and affected(adapter, f)]
+    full = {k: t for k, t in adapter.full_tensors.items() if format_keeps_full(to, k)}
+    dropping = replace(adapter, full_tensors={k: t for k, t in adapter.full_tensors.items() if k not in full})
+    lost: list[Feature] = [f for f in LOSS_NAMES if f not in holds and affected(dropping, f)]
     modules = {n: _strip(m, holds) for n, m in mods.items() if _kind_held(m, holds)}
     if mods and not modules:
         raise AdapterError(f"{to} can hold none of the adapter's {len(mods)} modules", hint="choose another format")
@@ -156,9 +159,8 @@ def plan_conversion(adapter: Adapter, to: str, *, base: Path | None = None) -> C
         folded.append("ranks zero-padded to the largest")
     if "rslora" not in holds and any(m.scale_rule == "alpha/sqrt(r)" for m in modules.values()):
         folded.append("rsLoRA's alpha/√r folded into the stored alpha or scale")
-    full = adapter.full_tensors if "full_tensors" in holds else {}
     target = replace(adapter, modules=modules, full_tensors=full)
-    losses = measure_losses(adapter, lost, base)
+    losses = measure_losses(dropping, lost, base)  # only the full tensors dropped count as lost
     exact = [x for x in losses if x.weight_change is not None and x.weight_change <= EXACT_FOLD]
     folded += [f"{x.what} ({x.count}) dropped: the merged weights on this base stay the same" for x in exact]
     return ConversionPlan(target, tuple(folded), tuple(x for x in losses if x not in exact))
@@ -177,14 +179,26 @@ def _relayout_note(read: Adapter, written: Adapter) -> str:
     return f"diffusers' parts fused into the original projections ({len(read.modules)} → {len(written.modules)} modules{what})"
 
 
-def _loss_hint(lost: tuple[Loss, ...]) -> str:
-    """--allow-loss, and the formats that would hold everything (a truncation: a higher rank)."""
+def _loss_hint(lost: tuple[Loss, ...], to: str, read: Adapter) -> str:
+    """--allow-loss, the formats that would hold everything (a truncation: a higher rank), and why `to` cannot
+    hold full tensors where it says (kohya)."""
     if any(x.what == TRUNCATION for x in lost):
         return "--allow-loss converts anyway and records the error per module; a higher --rank or --energy loses less"
     features = {f for f, name in LOSS_NAMES.items() if any(x.what == name for x in lost)}
-    holders = [f for f in FORMATS if features <= format_holds(f)]
+    holders = [f for f in FORMATS if features <= format_holds(f) | _full_kept(f, read)]
     where = f"; {', '.join(holders)} hold{'s' * (len(holders) == 1)} it all" if holders else ""
-    return f"--allow-loss converts anyway and records the loss in the report and the lineage{where}"
+    why = getattr(FORMATS[to], "NO_FULL_TENSORS", None) if "full_tensors" in features else None
+    return f"--allow-loss converts anyway and records the loss in the report and the lineage{where}" + (
+        f"; {why}" if why else ""
+    )
+
+
+def _full_kept(format: str, read: Adapter) -> set[Feature]:
+    """{"full_tensors"} where `format` keeps every full tensor of `read` (named in its layout), else empty."""
+    if not read.full_tensors:
+        return set()
+    held = in_layout(read, format).full_tensors
+    return {"full_tensors"} if all(format_keeps_full(format, k) for k in held) else set()
 
 
 def _kind_held(m: LoraModule, holds: frozenset[Feature]) -> bool:

@@ -97,7 +97,19 @@ def relayout(adapter: Adapter, layout: Layout) -> Adapter:
     if found is None or found.layout == layout:
         return adapter
     convert = _split_all if layout == "diffusers" else _fuse_all
-    return replace(adapter, modules=dict(sorted(convert(found.arch, adapter.modules).items())))
+    modules = dict(sorted(convert(found.arch, adapter.modules).items()))
+    return replace(adapter, modules=modules, full_tensors=_renamed_norms(adapter.full_tensors, layout))
+
+
+def _renamed_norms(full: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Full tensors with a Flux control LoRA's qk-norm scales named in `layout` (the others as they are)."""
+    from .flux import norm_name
+
+    out = {}
+    for key, t in full.items():
+        renamed = norm_name(key[len(COMPONENT) :], layout) if key.startswith(COMPONENT) else None
+        out[COMPONENT + renamed if renamed else key] = t
+    return out
 
 
 def _split_all(arch: Arch, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:

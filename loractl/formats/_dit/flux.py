@@ -63,3 +63,30 @@ FLUX1 = Arch(
     text_encoders={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     kohya_text_encoders={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
 )
+
+# BFL's control LoRAs (FLUX.1 Canny / Depth [dev] LoRA) replace the qk norms' scales: full tensors, named as
+# `_convert_bfl_flux_control_lora_to_diffusers` names them in diffusers' model (what `load_lora_weights` loads)
+_NORMS = (
+    ("double_blocks.{}.img_attn.norm.{}_norm.scale", "transformer_blocks.{}.attn.norm_{}.weight"),
+    ("double_blocks.{}.txt_attn.norm.{}_norm.scale", "transformer_blocks.{}.attn.norm_added_{}.weight"),
+    ("single_blocks.{}.norm.{}_norm.scale", "single_transformer_blocks.{}.attn.norm_{}.weight"),
+)
+_WHICH = {"original": ("query", "key"), "diffusers": ("q", "k")}
+
+
+def _norm_re(template: str, which: tuple[str, str]) -> re.Pattern[str]:
+    head, middle, tail = (re.escape(p) for p in template.split("{}"))
+    return re.compile(rf"^{head}(\d+){middle}({'|'.join(which)}){tail}$")
+
+
+def norm_name(name: str, layout: str) -> str | None:
+    """A control LoRA's qk-norm scale (a transformer-relative name) in `layout` ('diffusers' or 'original');
+    None when `name` is not one in the other layout."""
+    source = "original" if layout == "diffusers" else "diffusers"
+    for pair in _NORMS:
+        names = dict(zip(("original", "diffusers"), pair, strict=True))
+        match = _norm_re(names[source], _WHICH[source]).match(name)
+        if match is not None:
+            block, which = match.groups()
+            return names[layout].format(block, _WHICH[layout][_WHICH[source].index(which)])
+    return None

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 NAME = "kohya"
 # fan_in_fan_out: the factors are the same; loractl's record keeps the flag (`_record`)
 HOLDS: frozenset[Feature] = frozenset({"module_scale", "module_rank", "conv", "dora", "fan_in_fan_out"})
+# why no full tensor converts to kohya (convert's hint): ComfyUI's key map gives `lora_unet_…` names only to
+# parameters ending `.weight`, sd-scripts writes none but LoRA factors; a Flux control LoRA's `.scale` has none
+NO_FULL_TENSORS = (
+    "kohya's names (lora_unet_…) stand only for a module's weight: neither sd-scripts nor ComfyUI reads a full "
+    "tensor (a Flux control LoRA's qk-norm scale) under them"
+)
 NAMES_KEY = "loractl_module_paths"  # JSON {kohya name: module path}, so loractl's own files need no --base
 LEAVES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "magnitude"}
 LYCORIS = {"oft_": "OFT", "a1.": "GLoRA", "lora_mid.": "LoCon with Tucker cores"}  # refused (LoHa, LoKr: `lycoris`)
