@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
     from ..io.safetensors_header import TensorInfo
+    from ..io.safetensors_writer import Block
     from .protocol import BaseTensor
 
 UNET = "model.diffusion_model."
@@ -189,7 +190,8 @@ class SingleFileBase:
         return raw if src.rows is None else raw[src.rows[0] : src.rows[1]]
 
     def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
-        """Every tensor in the writer's order: copied, or merged by `sink` and rounded to its dtype."""
+        """Every tensor in the writer's order: its bytes copied, or merged by `sink` and rounded to its dtype,
+        a block of rows at a time."""
         from ..io.safetensors_writer import StreamWriter, TensorSpec
         from ..io.tensor_bytes import torch_dtype
 
@@ -200,11 +202,17 @@ class SingleFileBase:
         writer = StreamWriter(tmp, specs, metadata)
         try:
             for spec in writer.order:
-                tensor = self.ckpt.get(spec.name)
-                if spec.name in merged:
-                    tensor = sink.merged(spec.name, tensor.float()).to(torch_dtype(spec.dtype))
-                    sink.stored(spec.name, tensor.float())
-                writer.write(spec.name, tensor)
+                if spec.name not in merged:
+                    writer.write(spec.name, self.ckpt.file_range(spec.name))
+                    continue
+                dtype = torch_dtype(spec.dtype)
+
+                def store(_: int, merged: torch.Tensor, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
+                    out = merged.to(dtype)
+                    return (out, None), out.float()
+
+                rows = partial(self.ckpt.get_rows, spec.name)
+                writer.write(spec.name, sink.blocks(spec.name, rows, store))
         except BaseException:
             writer.abort()
             raise

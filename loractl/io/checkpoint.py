@@ -18,6 +18,8 @@ from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
 if TYPE_CHECKING:
     import torch
 
+    from .safetensors_writer import FileRange
+
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_NAME = "loractl_merge.json"  # the provenance a loractl merge writes beside the weights
 SINGLE_NAME = "model.safetensors"
@@ -100,6 +102,23 @@ class Checkpoint:
         shard = self._where[name]
         header, info = self.headers[shard], self.info(name)
         return read_tensor(self._file(shard), header.data_start + info.offsets[0], info.dtype, info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of one tensor (its first dimension), read into memory (a fresh copy)."""
+        from .tensor_bytes import read_tensor
+
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        offset = header.data_start + info.offsets[0] + start * row_bytes
+        return read_tensor(self._file(shard), offset, info.dtype, (stop - start, *info.shape[1:]))
+
+    def file_range(self, name: str) -> FileRange:
+        """Where the tensor's bytes lie, for a copy that never reads them into memory."""
+        from .safetensors_writer import FileRange
+
+        shard, info = self._where[name], self.info(name)
+        return FileRange(shard, self.headers[shard].data_start + info.offsets[0], info.nbytes)
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""

@@ -183,6 +183,45 @@ def block_bounds(rows: int, cols: int) -> list[int]:
     return [i * rows // count for i in range(count + 1)]
 
 
+def aligned_bounds(rows: int, cols: int, multiple: int = 1, whole: bool = False) -> list[int]:
+    """`block_bounds` for a base that stores rows in groups of `multiple` (FP8's 128-row scale blocks, a
+    4-bit block of 64 values spanning rows): every bound but the last a multiple of it, no block under
+    `MIN_ROWS` rows. `whole`: one block (a DoRA update normalising stored columns needs every row)."""
+    if whole or rows <= MIN_ROWS:
+        return [0, rows]
+    bounds = block_bounds(rows, cols)
+    if multiple > 1:
+        bounds = sorted({0, *(b // multiple * multiple for b in bounds[1:-1]), rows})
+    kept = [0]
+    for b in bounds[1:-1]:
+        if b - kept[-1] >= MIN_ROWS and rows - b >= MIN_ROWS:
+            kept.append(b)
+    return [*kept, rows]
+
+
+def merge_rows(
+    block: torch.Tensor, deltas: Sequence[Delta], start: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
+    """Rows `start`… of W + every delta, from `block` (those rows of W, any float dtype), as a new float32
+    tensor of its shape, and Σ of `block`'s squared row norms: `merged_blocks`' float32 operations on one
+    block of rows, for bases that read and store a tensor a block of rows at a time. A row's sums do not
+    depend on the rows beside it in blocks of `MIN_ROWS` or more, so the result is bit-identical to
+    merging the whole tensor. `deltas` already on `device` (`on_device`)."""
+    device = device or torch.device("cpu")
+    rows = block.shape[0] if block.ndim else 1
+    cur = block.reshape(rows, -1).to(device=device, dtype=torch.float32, copy=True)
+    weight_sq = _rows_sq(cur)
+    first = cur.clone() if any(d.magnitude is not None for d in deltas) else None
+    scratch = None if all(_exact_alpha(d) for d in deltas) else torch.empty_like(cur)
+    for d in deltas:
+        _apply(cur, first, d, start, start + rows, scratch)
+    return cur.cpu().view(block.shape), weight_sq
+
+
+def on_device(deltas: Sequence[Delta], device: torch.device) -> list[Delta]:
+    return [_to(d, device) for d in deltas]
+
+
 def merged_float32(
     weight: torch.Tensor, deltas: Sequence[Delta], device: torch.device | None = None
 ) -> tuple[torch.Tensor, float]:
