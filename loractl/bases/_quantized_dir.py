@@ -75,7 +75,9 @@ class Codec(Protocol):
         """Rows start:stop of the weight as float32 (start a multiple of `row_multiple`)."""
         ...
 
-    def encode_rows(self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor) -> Encoded:
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
         """`encode` of rows `first`… (a multiple of `row_multiple(…, True)`): each stored tensor's rows for them."""
         ...
 

@@ -145,7 +145,9 @@ class BnbCodec:
             self._absmax_of = (name, absmax.float())
         return self._absmax_of[1]
 
-    def encode_rows(self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor) -> Encoded:
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
         """8-bit: the rows' codes and scales (the format tag with the first rows); 4-bit: the whole weight."""
         import bitsandbytes.functional as F
         import torch

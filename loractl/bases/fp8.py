@@ -69,7 +69,9 @@ class Fp8Codec:
         scales = ckpt.get_rows(w.name + SCALE, start // br, -(-stop // br))
         return dequantize(ckpt.get_rows(w.name, start, stop), scales, self.block)
 
-    def encode_rows(self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor) -> Encoded:
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
         """Touched blocks requantized (`quantize`); the others keep the stored codes and scale."""
         import torch
 

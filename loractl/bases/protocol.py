@@ -48,7 +48,11 @@ class TensorSink(Protocol):
     so that memory is a few blocks whatever the tensor's size."""
 
     def blocks(
-        self, name: str, rows_of: RowsOf, store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]], multiple: int = 1
+        self,
+        name: str,
+        rows_of: RowsOf,
+        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        multiple: int = 1,
     ) -> Iterator[T]:
         """Tensor `name` merged block by block, in row order: for each block start:stop (every bound but the
         last a multiple of `multiple`: the rows the stored type quantizes together), W's rows from

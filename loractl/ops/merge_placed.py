@@ -105,7 +105,11 @@ class _Sink:
         self._done = self._bytes = 0
 
     def blocks(
-        self, name: str, rows_of: RowsOf, store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]], multiple: int = 1
+        self,
+        name: str,
+        rows_of: RowsOf,
+        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        multiple: int = 1,
     ) -> Iterator[T]:
         from .merge_io import matrix_shape
         from .merge_kernel import aligned_bounds, all_finite, deltas_norm, merge_rows, on_device
