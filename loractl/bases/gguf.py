@@ -314,10 +314,10 @@ class GgufBase:
         count = math.prod(shape)
         if kind == "F32":
             return np.frombuffer(bytearray(raw), dtype=np.float32).reshape(shape)
-        if kind in FLOAT_TYPES or writable(kind) or kind not in ggml_quant.QUANTIZABLE or not ggml_quant.available():
-            values = gguf.quants.dequantize(raw.reshape(-1, raw.size // max(1, count // shape[-1])), _qtype(kind))
-            return np.array(values, dtype=np.float32).reshape(shape)
-        return ggml_quant.dequantize(raw, kind, count).reshape(shape)  # llama.cpp's own: in C, no temporaries
+        if _native(kind):  # llama.cpp's own: in C, without gguf-py's numpy temporaries
+            return ggml_quant.dequantize(raw, kind, count).reshape(shape)
+        values = gguf.quants.dequantize(raw.reshape(-1, raw.size // max(1, count // shape[-1])), _qtype(kind))
+        return np.array(values, dtype=np.float32).reshape(shape)
 
     def encode(self, key: str, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """`values` (the whole tensor) in the tensor's own type: the bytes to store, and what they dequantize to."""
@@ -332,7 +332,7 @@ class GgufBase:
         gguf = gguf_names.require_gguf()
         t, kind, shape = self.tensors_by_name[key], self.type_name(key), self.shape(key)
         expected = t.n_bytes // shape[0] * values.shape[0]
-        if kind not in FLOAT_TYPES and (key in self.importance or not writable(kind)):
+        if _native(kind) or (kind not in FLOAT_TYPES and (key in self.importance or not writable(kind))):
             raw = ggml_quant.quantize(values.numpy(), kind, self._importance_rows(key, start, values.shape[0]))
         elif kind == "F32":
             raw = values.numpy().tobytes()
@@ -430,6 +430,13 @@ def _json_or_none(text: Any) -> Any:
 
 def _fields(header: GgufHeader) -> dict[str, Any]:
     return {k: v for k, v in header.fields.items() if not k.startswith("tokenizer.")}
+
+
+@cache
+def _native(kind: str) -> bool:
+    """Whether a block-quantized type goes through llama.cpp's own quantizer and dequantizer (whenever the
+    library is installed: its bytes are llama-quantize's, and C is ~10× gguf-py's numpy), not gguf-py's."""
+    return kind not in FLOAT_TYPES and kind in ggml_quant.QUANTIZABLE and ggml_quant.available()
 
 
 def _qtype(kind: str) -> Any:

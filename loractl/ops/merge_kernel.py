@@ -201,21 +201,22 @@ def aligned_bounds(rows: int, cols: int, multiple: int = 1, whole: bool = False)
 
 def merge_rows(
     block: torch.Tensor, deltas: Sequence[Delta], start: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, float]:
-    """Rows `start`… of W + every delta, from `block` (those rows of W, any float dtype), as a new float32
-    tensor of its shape, and Σ of `block`'s squared row norms: `merged_blocks`' float32 operations on one
-    block of rows, for bases that read and store a tensor a block of rows at a time. A row's sums do not
-    depend on the rows beside it in blocks of `MIN_ROWS` or more, so the result is bit-identical to
-    merging the whole tensor. `deltas` already on `device` (`on_device`)."""
+) -> torch.Tensor:
+    """Rows `start`… of W + every delta, from `block` (those rows of W, any float dtype), as float32 of its
+    shape (`block` itself, updated in place, when it is float32 on the CPU and `device` is the CPU):
+    `merged_blocks`' float32 operations on one block of rows, for bases that read and store a tensor a
+    block of rows at a time. A row's sums do not depend on the rows beside it in blocks of `MIN_ROWS` or
+    more, so the result is bit-identical to merging the whole tensor. `deltas` already on `device`."""
     device = device or torch.device("cpu")
     rows = block.shape[0] if block.ndim else 1
-    cur = block.reshape(rows, -1).to(device=device, dtype=torch.float32, copy=True)
-    weight_sq = _rows_sq(cur)
+    flat = block.reshape(rows, -1)
+    in_place = device.type == "cpu" and flat.dtype == torch.float32 and flat.data_ptr() == block.data_ptr()
+    cur = flat if in_place else flat.to(device=device, dtype=torch.float32, copy=True)
     first = cur.clone() if any(d.magnitude is not None for d in deltas) else None
     scratch = None if all(_exact_alpha(d) for d in deltas) else torch.empty_like(cur)
     for d in deltas:
         _apply(cur, first, d, start, start + rows, scratch)
-    return cur.cpu().view(block.shape), weight_sq
+    return cur.cpu().view(block.shape)
 
 
 def on_device(deltas: Sequence[Delta], device: torch.device) -> list[Delta]:

@@ -111,8 +111,10 @@ class _Sink:
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
     ) -> Iterator[T]:
+        import torch
+
         from .merge_io import matrix_shape
-        from .merge_kernel import aligned_bounds, all_finite, deltas_norm, merge_rows, on_device
+        from .merge_kernel import aligned_bounds, deltas_norm, merge_rows, on_device
         from .merge_placed_plan import TensorFigures, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
@@ -126,12 +128,15 @@ class _Sink:
         for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole)):
             interrupt.check()
             w = rows_of(start, stop)
-            merged, weight_sq = merge_rows(w, moved, start, self.device)
-            if not all_finite(merged):
+            before = w.reshape(-1).double()
+            merged = merge_rows(w, moved, start, self.device)  # may be `w`, updated in place
+            delta = merged.reshape(-1).double().sub_(before)
+            delta_sq = float(torch.dot(delta, delta))
+            if not math.isfinite(delta_sq):  # NaN or Inf in W + ΔW: checked before the base stores it
                 raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
                                    hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
             out, values = store(start, merged)
-            figures.add(w.float(), merged, values, weight_sq)
+            figures.add(before, delta, delta_sq, None if values is merged else values)
             yield out
         modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
         self.rows += _module_rows(name, tensor.stored_type, updates, modules, figures, tensor.quantized)

@@ -11,7 +11,7 @@ transposed, or fused (OpenCLIP's `in_proj_weight` holds q, k and v). A `Placemen
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -244,14 +244,21 @@ class TensorFigures:
     carried: float = 0.0
     error_sq: float = 0.0
 
-    def add(self, start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor, weight_sq: float) -> None:
-        """One block of rows: W, W + ΔW and what the output holds for them, all float32."""
-        self.weight_sq += weight_sq
-        for s, m, st in _float64_rows(start, merged, stored):
-            delta = m - s
-            self.delta_sq += float(delta.square().sum())
-            self.carried += float(((st - s) * delta).sum())
-            self.error_sq += float((st - m).square().sum())
+    def add(self, start: torch.Tensor, delta: torch.Tensor, delta_sq: float, stored: torch.Tensor | None) -> None:
+        """One block of rows: W and ΔW flat in float64 (`delta_sq` = ‖ΔW‖², already taken for the finite
+        check), and what the output holds for W + ΔW as float32 (None: W + ΔW itself, a float32 tensor).
+        Dot products of float64 vectors: one pass each, no temporaries the size of the block but two."""
+        import torch
+
+        self.weight_sq += float(torch.dot(start, start))
+        self.delta_sq += delta_sq
+        if stored is None:
+            self.carried += delta_sq
+            return
+        moved = stored.reshape(-1).double().sub_(start)  # the change the output carries, ΔW_s
+        self.carried += float(torch.dot(moved, delta))
+        error = moved.sub_(delta)  # stored − merged
+        self.error_sq += float(torch.dot(error, error))
 
     @property
     def base_norm(self) -> float:
@@ -280,16 +287,3 @@ class TensorFigures:
         if quantized:
             return 1.0 - min(1.0, max(0.0, self.carried / self.delta_sq))
         return math.sqrt(self.error_sq / self.delta_sq)
-
-
-def _float64_rows(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The same rows of each tensor, a block of about a million elements at a time, in float64: the
-    figures are float64 sums, and a float64 copy of a whole tensor is twice its float32 size."""
-    from .merge_io import matrix_shape
-    from .merge_kernel import BLOCK_ELEMENTS
-
-    rows, cols = matrix_shape(tuple(tensors[0].shape))
-    flat = [t.reshape(rows, cols) for t in tensors]
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    for a in range(0, rows, step):
-        yield tuple(t[a : a + step].double() for t in flat)
