@@ -152,7 +152,7 @@ def merged_blocks(
     for start, stop in pairwise(bounds):
         cur = buf[: stop - start]
         cur.copy_(rows_of(start, stop))
-        stats.weight_sq += _rows_sq(cur)
+        stats.weight_sq += rows_sq(cur)
         first = None if start_buf is None else start_buf[: stop - start].copy_(cur)
         for d in on_device:
             _apply(cur, first, d, start, stop, None if scratch is None else scratch[: stop - start])
@@ -161,10 +161,10 @@ def merged_blocks(
         out = raw[:nbytes].view(out_dtype).view(cur.shape)
         rounded = out.copy_(cur) if device.type == "cpu" else cur.to(out_dtype)
         if first is not None:
-            stats.change_sq += _rows_sq(first.sub_(cur).neg_())
+            stats.change_sq += rows_sq(first.sub_(cur).neg_())
         if rounds:  # the norm of cur − round(cur) is finite exactly when both are: it is the finite check
             back = (start_buf if start_buf is not None else back_buf)[: stop - start].copy_(rounded)
-            lost = _rows_sq(cur.sub_(back))  # float32 − float32: 3× faster than subtracting the bf16 block
+            lost = rows_sq(cur.sub_(back))  # float32 − float32: 3× faster than subtracting the bf16 block
             stats.finite = stats.finite and math.isfinite(lost)
             stats.rounding_sq += lost
         else:
@@ -244,7 +244,7 @@ def merged_float32(
     return out.view(weight.shape), math.sqrt(stats.weight_sq)
 
 
-def _rows_sq(block: torch.Tensor) -> float:
+def rows_sq(block: torch.Tensor) -> float:
     """Σ of squared row norms: float32 rows (exact to ~1e-7 each), summed in float64."""
     return float(torch.linalg.vector_norm(block, dim=1).cpu().double().square().sum())
 

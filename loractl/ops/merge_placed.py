@@ -62,6 +62,7 @@ def execute_placed_merge(
     `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
+    from .merge_kernel import kernel_threads
     from .merge_shared import check_base_fingerprints
 
     plan.check()
@@ -80,6 +81,7 @@ def execute_placed_merge(
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
         with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
+            outputs.enter_context(kernel_threads())  # one torch thread, as the checkpoint merge (`merge_kernel`)
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
             _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
     merged = len(plan.updates)
@@ -111,10 +113,8 @@ class _Sink:
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
     ) -> Iterator[T]:
-        import torch
-
         from .merge_io import matrix_shape
-        from .merge_kernel import aligned_bounds, deltas_norm, merge_rows, on_device
+        from .merge_kernel import aligned_bounds, deltas_norm, merge_rows, on_device, rows_sq
         from .merge_placed_plan import TensorFigures, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
@@ -128,10 +128,10 @@ class _Sink:
         for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole)):
             interrupt.check()
             w = rows_of(start, stop)
-            before = w.reshape(-1).double()
+            before = w.reshape(stop - start, -1).float().clone()
             merged = merge_rows(w, moved, start, self.device)  # may be `w`, updated in place
-            delta = merged.reshape(-1).double().sub_(before)
-            delta_sq = float(torch.dot(delta, delta))
+            delta = merged.reshape(before.shape) - before
+            delta_sq = rows_sq(delta)
             if not math.isfinite(delta_sq):  # NaN or Inf in W + ΔW: checked before the base stores it
                 raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
                                    hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip

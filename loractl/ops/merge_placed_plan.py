@@ -245,20 +245,21 @@ class TensorFigures:
     error_sq: float = 0.0
 
     def add(self, start: torch.Tensor, delta: torch.Tensor, delta_sq: float, stored: torch.Tensor | None) -> None:
-        """One block of rows: W and ΔW flat in float64 (`delta_sq` = ‖ΔW‖², already taken for the finite
-        check), and what the output holds for W + ΔW as float32 (None: W + ΔW itself, a float32 tensor).
-        Dot products of float64 vectors: one pass each, no temporaries the size of the block but two."""
+        """One block of rows, as (rows, cols) float32: W, ΔW (`delta_sq` = ‖ΔW‖², already taken for the finite
+        check) and what the output holds for W + ΔW (None: W + ΔW itself). Per row in float32 (norms exact
+        to float32 rounding), summed over rows in float64: a float64 copy of each block costs 3× the passes."""
         import torch
 
-        self.weight_sq += float(torch.dot(start, start))
+        from .merge_kernel import rows_sq
+
+        self.weight_sq += rows_sq(start)
         self.delta_sq += delta_sq
         if stored is None:
             self.carried += delta_sq
             return
-        moved = stored.reshape(-1).double().sub_(start)  # the change the output carries, ΔW_s
-        self.carried += float(torch.dot(moved, delta))
-        error = moved.sub_(delta)  # stored − merged
-        self.error_sq += float(torch.dot(error, error))
+        moved = stored.reshape(start.shape) - start  # the change the output carries, ΔW_s
+        self.carried += float(torch.linalg.vecdot(moved, delta, dim=1).double().sum())
+        self.error_sq += rows_sq(moved.sub_(delta))  # stored − merged
 
     @property
     def base_norm(self) -> float:
