@@ -96,3 +96,21 @@ def test_sd_single_file_row_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     sd = tiny_sd("sd1", tmp_path / "sd")
     lora = save(_lora(sd), tmp_path / "lora")
     _both(sd.single_file, lora, tmp_path, monkeypatch, ".safetensors")
+
+
+@pytest.mark.parametrize("kind", ["F32", "BF16"])
+def test_gguf_fingerprint_in_blocks_is_the_whole_tensors(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base fingerprint of a float GGUF hashes q/k rows put back in Hugging Face's order a block of whole
+    heads at a time: the same digest as hashing each tensor whole."""
+    pytest.importorskip("gguf")
+    import loractl.bases.gguf as gguf_base
+    from tests.test_merge_gguf import ADAPTED, tiny_gguf
+
+    base = gguf_base.GgufBase(tiny_gguf(tmp_path / "base.gguf", kind))
+    modules = list(ADAPTED)
+    assert any(base.heads and "q_proj" in m for m in modules)
+    whole = base.fingerprint(modules, fresh=True)
+    monkeypatch.setattr(gguf_base, "HASH_BLOCK", 1)  # a head (or a row) per block
+    assert base.fingerprint(modules, fresh=True) == whole

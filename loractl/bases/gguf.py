@@ -21,7 +21,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as safetensors stores them: the fingerprint can be taken
 GENERATED = "rope_"  # rope_freqs, rope_factors_*: computed from the config by llama.cpp's converter, in no checkpoint
+HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time for its fingerprint
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's llama_split_path
 
 
@@ -204,8 +205,20 @@ class GgufBase:
         tensors = [(n, self.type_name(p.key), self.shape(p.key), partial(self._hf_bytes, p)) for n, p in placed]
         return fingerprint_of(tensors, stop)
 
-    def _hf_bytes(self, p: Placement) -> bytes:
-        return bytes(self._hf_rows(p).tobytes())
+    def _hf_bytes(self, p: Placement) -> Iterator[bytes]:
+        """The stored bytes of `p.key` in Hugging Face's row order, ~16 MB at a time (q/k rows are permuted
+        within each head, so a block of whole heads is its own permutation)."""
+        import numpy as np
+
+        shape, t = self.shape(p.key), self.tensors_by_name[p.key]
+        rows = shape[0]
+        per_row, unit = t.n_bytes // rows, rows // p.rope_heads if p.rope_heads else 1
+        step = max(1, HASH_BLOCK // max(1, per_row * unit)) * unit
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            raw = np.frombuffer(read_range(self.paths[self.shard_of[p.key]], t.offset + a * per_row, (b - a) * per_row),
+                                dtype=np.uint8).reshape(b - a, per_row)  # fmt: skip
+            yield raw.tobytes() if not p.rope_heads else self._hf_order(raw, a, p).tobytes()
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered
@@ -231,21 +244,19 @@ class GgufBase:
             return None
         return sorted(placed, key=lambda x: x[0])
 
-    def _hf_rows(self, p: Placement) -> np.ndarray[Any, Any]:
-        """The stored bytes of `p.key` as rows, in Hugging Face's row order."""
+    def _hf_order(self, raw: np.ndarray[Any, Any], first: int, p: Placement) -> np.ndarray[Any, Any]:
+        """Stored rows `first`… (whole heads, in Meta's RoPE order) put in Hugging Face's row order."""
         import numpy as np
         import torch
 
         from ..formats._rope import hf_to_meta
 
-        t = self.tensors_by_name[p.key]
-        rows = np.frombuffer(read_range(self.paths[self.shard_of[p.key]], t.offset, t.n_bytes), dtype=np.uint8)
-        rows = rows.reshape(self.shape(p.key)[0], -1)
-        if not p.rope_heads:
-            return rows
-        meta_of = hf_to_meta(torch.arange(rows.shape[0]), p.rope_heads).numpy()  # meta row i is hf row meta_of[i]
-        out = np.empty_like(rows)
-        out[meta_of] = rows
+        assert p.rope_heads
+        meta_of = hf_to_meta(
+            torch.arange(self.shape(p.key)[0]), p.rope_heads
+        ).numpy()  # meta row i is hf row meta_of[i]
+        out = np.empty_like(raw)
+        out[meta_of[first : first + raw.shape[0]] - first] = raw
         return out
 
     def output_files(self, output: Path) -> list[Path]:

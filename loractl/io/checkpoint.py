@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import FormatError, InputNotFoundError
-from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from .safetensors_header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -248,16 +249,23 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
 
 
 def fingerprint_of(
-    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes]]], stop: Callable[[], bool] | None = None
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes]]]],
+    stop: Callable[[], bool] | None = None,
 ) -> str:
-    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand) in
-    the order given (sorted by name); '' once `stop` returns true. For bases that store tensors otherwise."""
+    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand: whole,
+    or in chunks, which hash the same) in the order given (sorted by name); '' once `stop` returns true. For bases
+    that store tensors otherwise."""
     h = hashlib.sha256()
     for name, dtype, shape, read in tensors:
         if stop is not None and stop():
             return ""
         raw = read()
-        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+        if isinstance(raw, bytes | bytearray | memoryview):
+            feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+            continue
+        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype])), b"")
+        for chunk in raw:
+            h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 
