@@ -7,7 +7,8 @@ Each base is built synthetically, a block of rows at a time (never a float32 cop
 weight of `--rows` × `--cols` (32768 × 4096: 134 M values, 537 MB as float32, so a merge holding it
 whole in float32 could not stay under 512 MB) beside an untouched tensor that takes the file past 512 MB.
 The kinds: a GGUF in Q4_K and in F16, a split GGUF (two F16 shards), bitsandbytes nf4 (written
-dequantized, the default) and FP8 with 128×128 block scales (kept), a bf16 safetensors directory.
+dequantized, the default) and FP8 with 128×128 block scales (kept), a bf16 safetensors directory, and
+an SD 1.x single file (the test suite's tiny one, two attention weights made `--rows` × `--cols` fp16).
 The adapter is a rank-16 LoRA on that weight. Each merge runs in its own child process (`python -m
 loractl merge`, the CLI, imports included); its peak RSS is the child's own (`os.wait4`), and this
 driver never imports torch. Build and merge times are printed beside it, with the load average.
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("gguf-q4k", "gguf-f16", "gguf-split", "bnb-nf4", "fp8", "safetensors")
+KINDS = ("gguf-q4k", "gguf-f16", "gguf-split", "bnb-nf4", "fp8", "safetensors", "sd-single-file")
 BUILD = r"""
 import json, struct, sys
 from pathlib import Path
@@ -96,6 +97,29 @@ elif kind == "gguf-split":
     for i, (name, gen) in enumerate([("blk.0.ffn_up.weight", f16_rows), ("token_embd.weight", lambda: zeros(rows, 2 * cols))]):
         kv = {**LLAMA, "split.no": i, "split.count": 2, "split.tensors.count": 2} if i == 0 else {"split.no": i, "split.count": 2, "split.tensors.count": 2}
         gguf_file(root / f"base-{i + 1:05d}-of-00002.gguf", [(name, (rows, cols), 1, 2 * cols, gen)], kv)
+elif kind == "sd-single-file":  # the test suite's tiny SD 1.x with two attention weights made big
+    from loractl.bases.sd_single_file import SingleFileBase
+    from loractl.io.checkpoint import Checkpoint
+    from loractl.io.safetensors_writer import StreamWriter, TensorSpec
+    from tests.sd_pipelines import tiny_sd
+    (root / "tiny").mkdir()
+    ckpt = Checkpoint(tiny_sd("sd1", root / "tiny").single_file)
+    attn = [n for n in ckpt.names if n.endswith(("attn1.to_q.weight", "attn1.to_k.weight"))][:2]
+    big = {n: (rows, cols) for n in attn}
+    specs = [TensorSpec(n, "F16" if n in big else ckpt.info(n).dtype, big.get(n, ckpt.info(n).shape)) for n in ckpt.names]
+    writer = StreamWriter(root / "base.safetensors", specs, {"format": "pt"})
+    for spec in writer.order:
+        if spec.name in big:
+            writer.write(spec.name, ((torch.from_numpy(floats(min(STEP, rows - a))).half(), None) for a in range(0, rows, STEP)))
+        else:
+            writer.write(spec.name, ckpt.get(spec.name))
+    writer.close()
+    ckpt.close()
+    import shutil
+    shutil.rmtree(root / "tiny")
+    sd = SingleFileBase(root / "base.safetensors")
+    MODULE = next(n for n, src in sd.names.items() if src.key == attn[0]).removesuffix(".weight")
+    sd.close()
 else:
     from loractl.io.safetensors_writer import StreamWriter, TensorSpec
     base = root / "base"
