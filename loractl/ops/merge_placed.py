@@ -62,7 +62,7 @@ def execute_placed_merge(
     `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
-    from .merge_kernel import kernel_threads
+    from .merge_kernel import kernel_threads, steady_heap
     from .merge_shared import check_base_fingerprints
 
     plan.check()
@@ -82,6 +82,7 @@ def execute_placed_merge(
         hashes = tuple(a.content_hash() for a in loaded)
         with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
             outputs.enter_context(kernel_threads())  # one torch thread, as the checkpoint merge (`merge_kernel`)
+            steady_heap()  # block temporaries never from a fragmenting heap
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
             _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
     merged = len(plan.updates)
