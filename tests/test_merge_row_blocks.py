@@ -106,11 +106,31 @@ def test_gguf_fingerprint_in_blocks_is_the_whole_tensors(
     heads at a time: the same digest as hashing each tensor whole."""
     pytest.importorskip("gguf")
     import loractl.bases.gguf as gguf_base
+    from loractl.io import checkpoint
     from tests.test_merge_gguf import ADAPTED, tiny_gguf
 
     base = gguf_base.GgufBase(tiny_gguf(tmp_path / "base.gguf", kind))
     modules = list(ADAPTED)
     assert any(base.heads and "q_proj" in m for m in modules)
     whole = base.fingerprint(modules, fresh=True)
-    monkeypatch.setattr(gguf_base, "HASH_BLOCK", 1)  # a head (or a row) per block
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1)  # a head (or a row) per block
+    assert base.fingerprint(modules, fresh=True) == whole
+
+
+def test_sd_fingerprint_in_blocks_is_the_whole_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single file's base fingerprint (fused q/k/v row ranges included) hashes a few rows at a time: the same
+    digest as hashing each tensor whole."""
+    pytest.importorskip("diffusers")
+    from loractl.bases.sd_single_file import SingleFileBase
+    from loractl.io import checkpoint
+    from tests.sd_pipelines import tiny_sd
+    from tests.test_sd_single_file import _lora
+
+    (tmp_path / "sd").mkdir()
+    sd = tiny_sd("sd1", tmp_path / "sd")
+    base = SingleFileBase(sd.single_file)
+    modules = list(_lora(sd).modules)
+    whole = base.fingerprint(modules, fresh=True)
+    assert whole
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1)  # a row per block
     assert base.fingerprint(modules, fresh=True) == whole

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 RECORD_KEY = "loractl.merge"  # the KV entry that holds loractl's provenance in a merged model
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # stored as safetensors stores them: the fingerprint can be taken
 GENERATED = "rope_"  # rope_freqs, rope_factors_*: computed from the config by llama.cpp's converter, in no checkpoint
-HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time for its fingerprint
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's llama_split_path
 
 
@@ -210,10 +209,12 @@ class GgufBase:
         within each head, so a block of whole heads is its own permutation)."""
         import numpy as np
 
+        from ..io import checkpoint
+
         shape, t = self.shape(p.key), self.tensors_by_name[p.key]
         rows = shape[0]
         per_row, unit = t.n_bytes // rows, rows // p.rope_heads if p.rope_heads else 1
-        step = max(1, HASH_BLOCK // max(1, per_row * unit)) * unit
+        step = max(1, checkpoint.HASH_BLOCK // max(1, per_row * unit)) * unit
         for a in range(0, rows, step):
             b = min(rows, a + step)
             raw = np.frombuffer(read_range(self.paths[self.shard_of[p.key]], t.offset + a * per_row, (b - a) * per_row),

@@ -27,6 +27,7 @@ SINGLE_NAME = "model.safetensors"
 # Weight files that must not travel to a merge's output: they would hold the unmerged weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
 FINGERPRINT_CHUNK = 1 << 24
+HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time where a base hashes it in row blocks
 
 
 class Checkpoint:
@@ -120,6 +121,15 @@ class Checkpoint:
 
         shard, info = self._where[name], self.info(name)
         return FileRange(shard, self.headers[shard].data_start + info.offsets[0], info.nbytes)
+
+    def raw_rows(self, name: str, start: int, stop: int) -> bytes:
+        """The stored bytes of rows start:stop of one tensor (its first dimension)."""
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        f = self._file(shard)
+        f.seek(header.data_start + info.offsets[0] + start * row_bytes)
+        return f.read((stop - start) * row_bytes)
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""
