@@ -127,10 +127,11 @@ class BnbCodec:
             return self.dequantize(ckpt, w)
         state, size = self._quant_state(ckpt, w), int(self.states[w.name]["blocksize"])
         absmax = self._absmax(w.name, state)
-        part = QuantState(absmax=absmax[start * cols // size : -(-stop * cols // size)], shape=(stop - start, cols),
+        part = QuantState(absmax=absmax[start * cols // size : -(-stop * cols // size)], shape=(stop - start, cols),  # type: ignore[no-untyped-call]
                           code=state.code, blocksize=size, quant_type=state.quant_type, dtype=state.dtype)  # fmt: skip
         packed = ckpt.get_rows(w.name, start * cols // 2, -(-stop * cols // 2))
-        return F.dequantize_4bit(packed, part).float()
+        dequantized: torch.Tensor = F.dequantize_4bit(packed, part)
+        return dequantized.float()
 
     def _absmax(self, name: str, state: Any) -> torch.Tensor:
         """Every block's absmax in float32 (double quantization undone as `dequantize_4bit` does), for the last
@@ -143,7 +144,8 @@ class BnbCodec:
                 absmax = F.dequantize_blockwise(state.absmax, state.state2)
                 absmax += state.offset
             self._absmax_of = (name, absmax.float())
-        return self._absmax_of[1]
+        out: torch.Tensor = self._absmax_of[1]
+        return out
 
     def encode_rows(
         self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
