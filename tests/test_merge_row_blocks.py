@@ -134,3 +134,22 @@ def test_sd_fingerprint_in_blocks_is_the_whole_tensors(tmp_path: Path, monkeypat
     assert whole
     monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1)  # a row per block
     assert base.fingerprint(modules, fresh=True) == whole
+
+
+def test_a_non_finite_block_writes_nothing(tmp_path: Path) -> None:
+    """An update that makes some rows Inf stops the merge before the base stores them: no output file."""
+    pytest.importorskip("gguf")
+    from dataclasses import replace
+
+    from loractl.errors import NumericError
+    from tests.test_merge_gguf import adapter, tiny_gguf
+
+    a = adapter()
+    name, m = next(iter(a.modules.items()))
+    b = m.B.clone()
+    b[-1, 0] = float("inf")
+    broken = replace(a, modules={**a.modules, name: replace(m, B=b)})
+    base = tiny_gguf(tmp_path / "base.gguf", "Q8_0")
+    with pytest.raises(NumericError, match="contains NaN or Inf"):
+        merge(base, [save(broken, tmp_path / "lora")], tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

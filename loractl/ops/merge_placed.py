@@ -114,8 +114,10 @@ class _Sink:
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
     ) -> Iterator[T]:
+        import torch
+
         from .merge_io import matrix_shape
-        from .merge_kernel import aligned_bounds, deltas_norm, merge_rows, on_device, rows_sq
+        from .merge_kernel import aligned_bounds, all_finite, deltas_norm, merge_rows, on_device, rows_sq
         from .merge_placed_plan import TensorFigures, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
@@ -129,11 +131,12 @@ class _Sink:
         for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole)):
             interrupt.check()
             w = rows_of(start, stop)
-            before = w.reshape(stop - start, -1).float().clone()
+            before = w.reshape(stop - start, -1).to(dtype=torch.float32, copy=True)
             merged = merge_rows(w, moved, start, self.device)  # may be `w`, updated in place
             delta = merged.reshape(before.shape) - before
             delta_sq = rows_sq(delta)
-            if not math.isfinite(delta_sq):  # NaN or Inf in W + ΔW: checked before the base stores it
+            # NaN or Inf in W + ΔW (a float32 row norm can also overflow): checked before the base stores it
+            if not math.isfinite(delta_sq) and not (all_finite(merged) and all_finite(before)):
                 raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
                                    hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
             out, values = store(start, merged)
