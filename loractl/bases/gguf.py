@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -285,19 +286,28 @@ class GgufBase:
         targets = [tmp, *shards]
         if len(targets) != len(self.paths):
             raise ValueError(f"a model in {len(self.paths)} shards is written to as many files, not {len(targets)}")
+        from ..io.write_queue import copy_range, write_all  # imports torch: only when writing
+
         record = json.dumps(provenance, sort_keys=True)
         todo = list(names)
         for i, (path, header, target) in enumerate(zip(self.paths, self.headers, targets, strict=True)):
             raw_header = _header_with(header, record if i == 0 else None)
             shift = len(raw_header) - header.data_offset
-            with path.open("rb") as src, target.open("wb") as out:
-                out.write(raw_header)
-                src.seek(header.data_offset)
-                shutil.copyfileobj(src, out, 1 << 24)
-                for key in (k for k in todo if self.shard_of[k] == i):
-                    out.seek(self.offset(key) + shift)
+            merged = [k for k in todo if self.shard_of[k] == i]
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, memoryview(raw_header))
+                for start, stop in _gaps(header, path.stat().st_size, merged, self.tensors_by_name):
+                    os.lseek(fd, start + shift, os.SEEK_SET)  # the bytes no adapter changes: a kernel copy
+                    copy_range(path, start, stop - start, fd)
+                for key in merged:
+                    at = self.offset(key) + shift
                     for raw in sink.blocks(key, partial(self.read_rows, key), partial(self.encode_rows, key)):
-                        out.write(raw)
+                        os.lseek(fd, at, os.SEEK_SET)
+                        write_all(fd, memoryview(raw))
+                        at += len(raw)
+            finally:
+                os.close(fd)
 
     def weights(self) -> Weights:
         return GgufWeights(self)
@@ -438,6 +448,16 @@ def _json_or_none(text: Any) -> Any:
         return json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return None
+
+
+def _gaps(header: GgufHeader, size: int, merged: list[str], tensors: dict[str, TensorEntry]) -> list[tuple[int, int]]:
+    """The byte ranges of a file's data that the merged tensors do not cover (copied as they are)."""
+    out, at = [], header.data_offset
+    for t in sorted((tensors[k] for k in merged), key=lambda t: t.offset):
+        if t.offset > at:
+            out.append((at, t.offset))
+        at = max(at, t.offset + t.n_bytes)
+    return [*out, (at, size)] if size > at else out
 
 
 def _fields(header: GgufHeader) -> dict[str, Any]:
