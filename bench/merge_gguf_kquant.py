@@ -8,6 +8,8 @@ The two files are SmolLM2-135M-Instruct as llama.cpp's `convert_hf_to_gguf.py` w
 layer (q, k, v, o, gate, up, down) of the first `--layers` layers. Each merge runs in its own child
 process, interleaved, so its peak RSS is its own (`os.wait4`); the goal compares seconds per byte
 written: the Q4_K_M merge may take 2× the F32 merge's time per byte of its (smaller) output.
+`merge_s` is the `merge()` call after the imports (torch, gguf-py, llama.cpp's library), which both
+merges pay alike; `wall_s` is the whole child process, imports included. The ratio is given for both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ CHILD = """
 import sys, time, json
 from pathlib import Path
 from loractl.ops.merge import merge
+import torch, gguf, loractl.bases.gguf, loractl.ops.merge_placed, loractl.formats.peft  # imports: in wall_s, not merge_s
+from loractl.bases import ggml_quant
+ggml_quant.library()
 start = time.perf_counter()
 report = merge(sys.argv[1], [sys.argv[2]], sys.argv[3], force=True)
 merge_s = time.perf_counter() - start
@@ -89,10 +94,20 @@ def main() -> None:
                       "bytes_written": written, "s_per_gb_written": merge_s / written * 1e9,
                       "peak_rss_mb": max(float(r["peak_rss_mb"]) for r in rs),  # type: ignore[arg-type]
                       "by_type": rs[-1]["by_type"]}  # fmt: skip
+    for name, rs in runs.items():
+        rows[name]["wall_s"] = statistics.median(float(r["wall_s"]) for r in rs)  # type: ignore[arg-type]
     ratio = rows["quantized"]["s_per_gb_written"] / rows["f32"]["s_per_gb_written"]  # type: ignore[operator]
+    size = rows["f32"]["bytes_written"] / rows["quantized"]["bytes_written"]  # type: ignore[operator]
+    wall_ratio = rows["quantized"]["wall_s"] / rows["f32"]["wall_s"] * size  # type: ignore[operator]
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(json.dumps({"rows": rows, "time_ratio": rows["quantized"]["merge_s"] / rows["f32"]["merge_s"],  # type: ignore[operator]
-                      "per_byte_ratio": ratio, "load": load}, indent=2))  # fmt: skip
+                      "per_byte_ratio": ratio, "per_byte_ratio_whole_process": wall_ratio, "load": load,
+                      "cpu_flags": _flags()}, indent=2))  # fmt: skip
+
+
+def _flags() -> list[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text})
 
 
 if __name__ == "__main__":

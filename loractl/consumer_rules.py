@@ -376,7 +376,7 @@ _RULES: dict[str, list[_Rule]] = {
     ],
     "vllm": [
         _dora("vLLM", "it refuses the adapter: 'vLLM does not yet support DoRA'"),
-        _conv("vLLM", "per its documentation"),
+        _conv("vLLM", "its LoRA layers are linear, embedding and MoE ones; the engine refuses 4-D factors"),
         _bias("vLLM", "it refuses the adapter: 'vLLM does not support LoRA bias'"),
         _full_tensors("vLLM", _VLLM_FULL, keep=_vllm_skips),
         _vllm_rank,

@@ -11,6 +11,7 @@ is started afresh after the error.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,23 @@ def test_a_fresh_engine_answers_after_an_engine_error(
     assert "model.layers.0.mlp.stranger" in target_findings(path, "vllm", "--base", smollm2)["base-missing"]
     _assert_like_peft(engine, smollm2_lora[0], *reference)
     assert engine.starts == starts + 1
+
+
+def test_vllm_has_no_conv_lora(engine: Any, smollm2: Path, smollm2_lora: tuple[Path, Any], reference: Any,
+                               tmp_path: Path) -> None:  # fmt: skip
+    """vLLM's LoRA layers are linear, embedding, logits and MoE ones (`vllm/lora/layers`): none wraps a
+    convolution. A conv LoRA, here 1×1 kernels on q_proj's 576 × 576 so that only the kind differs, passes
+    the config checks and is refused by the engine (vLLM 0.32: "output with shape [2, 576] doesn't match the
+    broadcast shape [2, 576, 2, 576]", its linear LoRA slot given 4-D factors); `validate --target vllm` flags
+    it `conv-unsupported`. (SmolLM2 has no convolution to target: a real conv module would be refused earlier,
+    as any module vLLM does not wrap, "expected target modules".)"""
+    from vllm_tools import VllmError
+
+    q = random_module(576, 576, 2, seed=1)
+    conv = replace(q, A=q.A.reshape(2, 576, 1, 1), B=q.B.reshape(576, 2, 1, 1), kind="conv")
+    path = save_adapter(Adapter(modules={_Q: conv}, meta=AdapterMeta()), tmp_path / "peft", format="peft")
+    assert _Q in target_findings(path, "vllm").get("conv-unsupported", []), target_findings(path, "vllm")
+    assert engine.check(path) is None
+    with pytest.raises(VllmError, match="shape"):
+        engine.logprobs(tokens(smollm2), path)
+    _assert_like_peft(engine, smollm2_lora[0], *reference)  # a fresh engine answers after the refusal

@@ -148,15 +148,18 @@ def tensors(path: Path) -> dict[str, Any]:
 
 
 def merged_floats(monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    """The float tensors loractl hands to requantization, by name (recorded from `GgufBase.encode`)."""
+    """The float tensors loractl hands to requantization, by name (recorded from `GgufBase.encode_rows`, its
+    blocks of rows put together in order)."""
     seen: dict[str, np.ndarray] = {}
-    encode = GgufBase.encode
+    encode = GgufBase.encode_rows
 
-    def record(self: GgufBase, key: str, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        seen[key] = values.numpy().copy()
-        return encode(self, key, values)
+    def record(self: GgufBase, key: str, start: int, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        rows = seen.get(key, values.numpy()[:0])
+        assert rows.shape[0] == start  # blocks come in row order, each once
+        seen[key] = np.concatenate([rows, values.numpy()])
+        return encode(self, key, start, values)
 
-    monkeypatch.setattr(GgufBase, "encode", record)
+    monkeypatch.setattr(GgufBase, "encode_rows", record)
     return seen
 
 

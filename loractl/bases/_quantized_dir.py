@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
     from ..io.safetensors_header import TensorInfo
-    from ..io.safetensors_writer import TensorData
+    from ..io.safetensors_writer import Block, TensorData
     from .protocol import Weights
 
 
@@ -63,6 +64,21 @@ class Codec(Protocol):
 
     def encode(self, ckpt: Checkpoint, w: Stored, start: torch.Tensor, values: torch.Tensor) -> Encoded:
         """`values` (float32, the merge of `start`) in the scheme: the stored tensors and what they dequantize to."""
+        ...
+
+    def row_multiple(self, ckpt: Checkpoint, w: Stored, requantize: bool) -> int:
+        """The rows a block of the weight must be a multiple of, to be dequantized (and, if `requantize`,
+        encoded) on its own: the rows one quantization block spans (the weight's row count: only whole)."""
+        ...
+
+    def dequantize_rows(self, ckpt: Checkpoint, w: Stored, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the weight as float32 (start a multiple of `row_multiple`)."""
+        ...
+
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
+        """`encode` of rows `first`… (a multiple of `row_multiple(…, True)`): each stored tensor's rows for them."""
         ...
 
     def merged_shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -171,6 +187,7 @@ class QuantizedCheckpoint:
             write_sharded(tmp, writer.specs, writer.produce, self._shard_bytes(writer.specs), {"format": "pt"})
         finally:
             writer.spill.close()
+            writer.rows_spill.close()
         self._copy_files(tmp, provenance)
 
     def _shard_bytes(self, specs: list[TensorSpec]) -> int:
@@ -207,6 +224,7 @@ class _Writer:
     def __init__(self, base: QuantizedCheckpoint, merged: set[str], sink: TensorSink, tmp: Path) -> None:
         self.base, self.merged, self.sink = base, merged, sink
         self.spill = _Spill(tmp / ".loractl-spill")  # inside the temporary: a killed run's is cleaned with it
+        self.rows_spill = _Spill(tmp / ".loractl-spill-rows")  # a merged weight written after its scales
         self.spilled: dict[str, FileRange] = {}
         self.specs = [self._spec(n) for n in base.plain]
         for w in base.stored.values():
@@ -235,29 +253,60 @@ class _Writer:
         w = base.stored[owner]
         if base.keep and owner not in self.merged:
             return _file_range(base.ckpt, key)
-        start = base.codec.dequantize(base.ckpt, w)
         if owner not in self.merged:
-            return start.to(torch_dtype(base.dtype))
-        merged = self.sink.merged(owner, start)
+            return base.codec.dequantize(base.ckpt, w).to(torch_dtype(base.dtype))
+        blocks = self._merged(w)
+        if key == w.name:
+            return blocks  # the write consumes it, then spills the other stored tensors (`_merged`)
+        for block in blocks:  # another stored tensor first: the weight's blocks wait in a spill file
+            self.rows_spill.put_part(block[0])
+        self.spilled[w.name] = self.rows_spill.end_part()
+        return self.spilled.pop(key)
+
+    def _merged(self, w: Stored) -> Iterator[Block]:
+        """The merged weight's blocks of rows in its output dtype (dequantized, or requantized in the scheme);
+        once they are all out, the scheme's other stored tensors (block scales…) go to the spill file."""
+        import torch
+
+        from ..io.tensor_bytes import torch_dtype
+
+        base, codec = self.base, self.base.codec
+        rows = partial(codec.dequantize_rows, base.ckpt, w)
+        multiple = codec.row_multiple(base.ckpt, w, base.keep)
         if not base.keep:
-            out = merged.to(torch_dtype(base.dtype))
-            self.sink.stored(owner, out.float())
-            return out
-        encoded = base.codec.encode(base.ckpt, w, start, merged)
-        self.sink.stored(owner, encoded.values)
-        for k, t in encoded.tensors.items():
-            if k != key:
-                self.spilled[k] = self.spill.put(t)
-        return encoded.tensors[key]
+            dtype = torch_dtype(base.dtype)
+
+            def cast(_: int, merged: torch.Tensor) -> tuple[Block, torch.Tensor]:
+                out = merged.to(dtype)
+                return (out, None), out.float()
+
+            yield from self.sink.blocks(w.name, rows, cast, multiple)
+            return
+        parts: dict[str, list[torch.Tensor]] = {}
+
+        def encode(first: int, merged: torch.Tensor) -> tuple[Block, torch.Tensor]:
+            encoded = codec.encode_rows(base.ckpt, w, first, rows(first, first + merged.shape[0]), merged)
+            for k, t in encoded.tensors.items():
+                if k != w.name:
+                    parts.setdefault(k, []).append(t)
+            return (encoded.tensors[w.name], None), encoded.values
+
+        yield from self.sink.blocks(w.name, rows, encode, multiple)
+        for k, ts in parts.items():
+            self.spilled[k] = self.spill.put(ts[0] if len(ts) == 1 else torch.cat(ts))
 
     def _plain(self, key: str) -> TensorData:
         from ..io.tensor_bytes import torch_dtype
 
         ckpt, dtype = self.base.ckpt, self.base._plain_dtype(self.base.ckpt.info(key).dtype)
         if key in self.merged:
-            out = self.sink.merged(key, ckpt.get(key).float()).to(torch_dtype(dtype))
-            self.sink.stored(key, out.float())
-            return out
+            out_dtype = torch_dtype(dtype)
+
+            def cast(_: int, merged: torch.Tensor) -> tuple[Block, torch.Tensor]:
+                out = merged.to(out_dtype)
+                return (out, None), out.float()
+
+            return self.sink.blocks(key, partial(ckpt.get_rows, key), cast)
         if dtype != ckpt.info(key).dtype:
             return ckpt.get(key).to(torch_dtype(dtype))
         return _file_range(ckpt, key)
@@ -269,9 +318,14 @@ class _Spill:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
-        self._size = 0
+        self._size = self._start = 0
 
     def put(self, tensor: torch.Tensor) -> FileRange:
+        self.put_part(tensor)
+        return self.end_part()
+
+    def put_part(self, tensor: torch.Tensor) -> None:
+        """Append `tensor`'s bytes to the part `end_part` closes (a tensor spilled a block of rows at a time)."""
         from ..io.tensor_bytes import dtype_code, tensor_to_bytes
 
         if self._fd is None:
@@ -280,8 +334,11 @@ class _Spill:
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], self._size + done)
-        where = FileRange(self.path, self._size, len(data))
         self._size += len(data)
+
+    def end_part(self) -> FileRange:
+        where = FileRange(self.path, self._start, self._size - self._start)
+        self._start = self._size
         return where
 
     def close(self) -> None:
@@ -292,8 +349,7 @@ class _Spill:
 
 
 def _file_range(ckpt: Checkpoint, key: str) -> FileRange:
-    shard, info = ckpt.shard_of(key), ckpt.info(key)
-    return FileRange(shard, ckpt.headers[shard].data_start + info.offsets[0], info.nbytes)
+    return ckpt.file_range(key)
 
 
 class QuantizedWeights:

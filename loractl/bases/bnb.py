@@ -56,6 +56,7 @@ class BnbCodec:
 
     def __init__(self) -> None:
         self.states: dict[str, dict[str, Any]] = {}  # 4-bit weight → its checked JSON state
+        self._absmax_of: tuple[str, Any] = ("", None)
 
     def find(self, ckpt: Checkpoint) -> dict[str, Stored]:
         out = {}
@@ -103,6 +104,61 @@ class BnbCodec:
         room = self.merged_shape(key, ckpt.info(key).shape)[0]
         tensors[key] = _padded_json(tensors[key], room, ckpt.path)
         return Encoded({w.name: packed, **tensors}, F.dequantize_4bit(packed, qs).float())
+
+    def row_multiple(self, ckpt: Checkpoint, w: Stored, requantize: bool) -> int:
+        """8-bit: a row (its scale is the row's). 4-bit: the rows a block of `blocksize` values spans; to
+        requantize, the whole weight (double quantization's offset is the mean of every block's absmax)."""
+        if w.scheme == "INT8":
+            return 1
+        rows, cols = w.shape
+        size = int(self.states[w.name]["blocksize"])
+        return rows if requantize else size // math.gcd(cols, size)
+
+    def dequantize_rows(self, ckpt: Checkpoint, w: Stored, start: int, stop: int) -> torch.Tensor:
+        import bitsandbytes.functional as F
+        from bitsandbytes.functional import QuantState
+
+        if w.scheme == "INT8":
+            codes, scb = ckpt.get_rows(w.name, start, stop), ckpt.get_rows(w.keys[1], start, stop)
+            values: torch.Tensor = F.int8_vectorwise_dequant(codes, scb.float())
+            return values.float()
+        rows, cols = w.shape
+        if (start, stop) == (0, rows):
+            return self.dequantize(ckpt, w)
+        state, size = self._quant_state(ckpt, w), int(self.states[w.name]["blocksize"])
+        absmax = self._absmax(w.name, state)
+        part = QuantState(absmax=absmax[start * cols // size : -(-stop * cols // size)], shape=(stop - start, cols),  # type: ignore[no-untyped-call]
+                          code=state.code, blocksize=size, quant_type=state.quant_type, dtype=state.dtype)  # fmt: skip
+        packed = ckpt.get_rows(w.name, start * cols // 2, -(-stop * cols // 2))
+        dequantized: torch.Tensor = F.dequantize_4bit(packed, part)
+        return dequantized.float()
+
+    def _absmax(self, name: str, state: Any) -> torch.Tensor:
+        """Every block's absmax in float32 (double quantization undone as `dequantize_4bit` does), for the last
+        weight asked: it is 1/blocksize of the weight, and each of its row blocks needs some of it."""
+        import bitsandbytes.functional as F
+
+        if self._absmax_of[0] != name:
+            absmax = state.absmax
+            if state.nested:
+                absmax = F.dequantize_blockwise(state.absmax, state.state2)
+                absmax += state.offset
+            self._absmax_of = (name, absmax.float())
+        out: torch.Tensor = self._absmax_of[1]
+        return out
+
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
+        """8-bit: the rows' codes and scales (the format tag with the first rows); 4-bit: the whole weight."""
+        import bitsandbytes.functional as F
+        import torch
+
+        if w.scheme != "INT8":
+            return self.encode(ckpt, w, start, values)
+        codes, scb, _ = F.int8_vectorwise_quant(values.to(torch.float16))
+        tensors = {w.name: codes, w.keys[1]: scb} | ({w.keys[2]: ckpt.get(w.keys[2])} if first == 0 else {})
+        return Encoded(tensors, F.int8_vectorwise_dequant(codes, scb).float())
 
     def merged_shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0] + STATE_ROOM,) if STATE in key else shape

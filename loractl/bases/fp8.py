@@ -59,11 +59,26 @@ class Fp8Codec:
         return dequantize(ckpt.get(w.name), ckpt.get(w.name + SCALE), self.block)
 
     def encode(self, ckpt: Checkpoint, w: Stored, start: torch.Tensor, values: torch.Tensor) -> Encoded:
+        return self.encode_rows(ckpt, w, 0, start, values)
+
+    def row_multiple(self, ckpt: Checkpoint, w: Stored, requantize: bool) -> int:
+        return self.block[0]
+
+    def dequantize_rows(self, ckpt: Checkpoint, w: Stored, start: int, stop: int) -> torch.Tensor:
+        br = self.block[0]
+        scales = ckpt.get_rows(w.name + SCALE, start // br, -(-stop // br))
+        return dequantize(ckpt.get_rows(w.name, start, stop), scales, self.block)
+
+    def encode_rows(
+        self, ckpt: Checkpoint, w: Stored, first: int, start: torch.Tensor, values: torch.Tensor
+    ) -> Encoded:
         """Touched blocks requantized (`quantize`); the others keep the stored codes and scale."""
         import torch
 
+        br, rows = self.block[0], values.shape[0]
         codes, scales = quantize(values, self.block)
-        old_codes, old_scales = ckpt.get(w.name), ckpt.get(w.name + SCALE)
+        old_codes = ckpt.get_rows(w.name, first, first + rows)
+        old_scales = ckpt.get_rows(w.name + SCALE, first // br, -(-(first + rows) // br))
         touched = _blocks_changed(start, values, self.block)
         scales = torch.where(touched, scales.to(old_scales.dtype), old_scales)
         keep = _expand(~touched, self.block, tuple(values.shape))

@@ -85,6 +85,13 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool for every call (a merge quantizes a block of rows per call)."""
+    return ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8)), thread_name_prefix="loractl-ggml")
+
+
+@cache
 def type_id(name: str) -> int:
     """ggml's enum value for the type `name`, checked against ggml's own name for it."""
     from ..formats.gguf.names import require_gguf
@@ -147,8 +154,7 @@ def quantize(values: np.ndarray[Any, Any], name: str, importance: np.ndarray[Any
     while first < rows:
         starts.append(first)
         first += min(CHUNK_ROWS, rows - first, per_matrix - first % per_matrix)
-    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
-        written = sum(pool.map(chunk, starts))
+    written = sum(_pool().map(chunk, starts))
     if written != out.nbytes:
         raise RuntimeError(f"internal: ggml_quantize_chunk wrote {written} bytes of {name}, not {out.nbytes}")
     return out.tobytes()

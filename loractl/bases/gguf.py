@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
@@ -33,12 +34,12 @@ from ..formats._rope import RopeHeads, is_rope_module
 from ..formats.gguf import names as gguf_names
 from . import ggml_quant
 from ._placement import Placement
+from .gguf_header import GgufHeader, TensorEntry, read_header, read_range
 from .protocol import BaseTensor, TensorSink, Weights
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from gguf import ReaderTensor
 
     from ..formats.options import ReadOptions
     from ..info import AdapterInfo, ModuleInfo
@@ -64,12 +65,12 @@ def open(path: Path) -> GgufBase:
 
 
 class GgufBase:
-    """The parsed header of a GGUF model file; tensor data is read one tensor at a time (memory-mapped)."""
+    """The parsed header of a GGUF model file (`gguf_header`); tensor data is read a block of rows at a time."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.reader = _read(self.path)
-        fields = _fields(self.reader, self.path)
+        self.header = read_header(self.path)
+        fields = _fields(self.header)
         if fields.get("general.type", "model") != "model":
             raise FormatError(
                 f"GGUF file of type {fields['general.type']!r}, not a model",
@@ -79,9 +80,9 @@ class GgufBase:
             )
         self.fields = fields
         self.arch = str(fields.get("general.architecture", ""))
-        self.paths, self.readers = _shards(self.path, self.reader, fields)
-        self.tensors_by_name: dict[str, ReaderTensor] = {t.name: t for r in self.readers for t in r.tensors}
-        self.shard_of = {t.name: i for i, r in enumerate(self.readers) for t in r.tensors}
+        self.paths, self.headers = _shards(self.path, self.header, fields)
+        self.tensors_by_name: dict[str, TensorEntry] = {t.name: t for h in self.headers for t in h.tensors}
+        self.shard_of = {t.name: i for i, h in enumerate(self.headers) for t in h.tensors}
         self.importance: dict[str, np.ndarray[Any, Any]] = {}  # --imatrix: column weights per tensor
         self.imatrix_path: Path | None = None
         self.tmap = gguf_names.name_map(self.arch, self.block_count)
@@ -97,7 +98,7 @@ class GgufBase:
                 for k in self.tensors_by_name}  # fmt: skip
 
     def close(self) -> None:
-        """Remove the config directory `read_options` made (the file map is released with the reader)."""
+        """Remove the config directory `read_options` made (tensor bytes are read with pread: no map to release)."""
         if self._config_dir is not None:
             shutil.rmtree(self._config_dir, ignore_errors=True)
             self._config_dir = None
@@ -108,10 +109,10 @@ class GgufBase:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape in numpy (row-major) order, as Hugging Face stores the weight."""
-        return tuple(int(n) for n in reversed(self.tensors_by_name[key].shape))
+        return self.tensors_by_name[key].shape
 
     def type_name(self, key: str) -> str:
-        return str(self.tensors_by_name[key].tensor_type.name)
+        return self.tensors_by_name[key].type_name
 
     def config(self) -> dict[str, Any]:
         """The head and layer counts as a Hugging Face config.json has them (for reading GGUF adapters)."""
@@ -204,8 +205,22 @@ class GgufBase:
         tensors = [(n, self.type_name(p.key), self.shape(p.key), partial(self._hf_bytes, p)) for n, p in placed]
         return fingerprint_of(tensors, stop)
 
-    def _hf_bytes(self, p: Placement) -> bytes:
-        return bytes(self._hf_rows(p).tobytes())
+    def _hf_bytes(self, p: Placement) -> Iterator[bytes]:
+        """The stored bytes of `p.key` in Hugging Face's row order, ~16 MB at a time (q/k rows are permuted
+        within each head, so a block of whole heads is its own permutation)."""
+        import numpy as np
+
+        from ..io import checkpoint
+
+        shape, t = self.shape(p.key), self.tensors_by_name[p.key]
+        rows = shape[0]
+        per_row, unit = t.n_bytes // rows, rows // p.rope_heads if p.rope_heads else 1
+        step = max(1, checkpoint.HASH_BLOCK // max(1, per_row * unit)) * unit
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            raw = np.frombuffer(read_range(self.paths[self.shard_of[p.key]], t.offset + a * per_row, (b - a) * per_row),
+                                dtype=np.uint8).reshape(b - a, per_row)  # fmt: skip
+            yield raw.tobytes() if not p.rope_heads else self._hf_order(raw, a, p).tobytes()
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered
@@ -231,19 +246,19 @@ class GgufBase:
             return None
         return sorted(placed, key=lambda x: x[0])
 
-    def _hf_rows(self, p: Placement) -> np.ndarray[Any, Any]:
-        """The stored bytes of `p.key` as rows, in Hugging Face's row order."""
+    def _hf_order(self, raw: np.ndarray[Any, Any], first: int, p: Placement) -> np.ndarray[Any, Any]:
+        """Stored rows `first`… (whole heads, in Meta's RoPE order) put in Hugging Face's row order."""
         import numpy as np
         import torch
 
         from ..formats._rope import hf_to_meta
 
-        rows = np.asarray(self.tensors_by_name[p.key].data).view(np.uint8).reshape(self.shape(p.key)[0], -1)
-        if not p.rope_heads:
-            return rows
-        meta_of = hf_to_meta(torch.arange(rows.shape[0]), p.rope_heads).numpy()  # meta row i is hf row meta_of[i]
-        out = np.empty_like(rows)
-        out[meta_of] = rows
+        assert p.rope_heads
+        meta_of = hf_to_meta(
+            torch.arange(self.shape(p.key)[0]), p.rope_heads
+        ).numpy()  # meta row i is hf row meta_of[i]
+        out = np.empty_like(raw)
+        out[meta_of[first : first + raw.shape[0]] - first] = raw
         return out
 
     def output_files(self, output: Path) -> list[Path]:
@@ -271,63 +286,98 @@ class GgufBase:
         targets = [tmp, *shards]
         if len(targets) != len(self.paths):
             raise ValueError(f"a model in {len(self.paths)} shards is written to as many files, not {len(targets)}")
+        from ..io.write_queue import copy_range, write_all  # imports torch: only when writing
+
         record = json.dumps(provenance, sort_keys=True)
         todo = list(names)
-        for i, (path, reader, target) in enumerate(zip(self.paths, self.readers, targets, strict=True)):
-            header, data_start = _header_with(reader, record if i == 0 else None)
-            shift = len(header) - data_start
-            with path.open("rb") as src, target.open("wb") as out:
-                out.write(header)
-                src.seek(data_start)
-                shutil.copyfileobj(src, out, 1 << 24)
-                for key in (k for k in todo if self.shard_of[k] == i):
-                    merged = sink.merged(key, self.read_float32(key))
-                    raw, stored = self.encode(key, merged)
-                    out.seek(self.offset(key) + shift)
-                    out.write(raw)
-                    sink.stored(key, stored)
+        for i, (path, header, target) in enumerate(zip(self.paths, self.headers, targets, strict=True)):
+            raw_header = _header_with(header, record if i == 0 else None)
+            shift = len(raw_header) - header.data_offset
+            merged = [k for k in todo if self.shard_of[k] == i]
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, memoryview(raw_header))
+                for start, stop in _gaps(header, path.stat().st_size, merged, self.tensors_by_name):
+                    os.lseek(fd, start + shift, os.SEEK_SET)  # the bytes no adapter changes: a kernel copy
+                    copy_range(path, start, stop - start, fd)
+                for key in merged:
+                    at = self.offset(key) + shift
+                    for raw in sink.blocks(key, partial(self.read_rows, key), partial(self.encode_rows, key)):
+                        os.lseek(fd, at, os.SEEK_SET)
+                        write_all(fd, memoryview(raw))
+                        at += len(raw)
+            finally:
+                os.close(fd)
 
     def weights(self) -> Weights:
         return GgufWeights(self)
 
     def read_float32(self, key: str) -> torch.Tensor:
         """The tensor dequantized to float32, in numpy order."""
+        return self.read_rows(key, 0, self.shape(key)[0])
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the tensor (its first dimension) dequantized to float32, read from the file (not
+        mapped: the pages of a large base never stay resident)."""
         import numpy as np
         import torch
 
+        t, kind, shape = self.tensors_by_name[key], self.type_name(key), self.shape(key)
+        per_row = t.n_bytes // shape[0]
+        raw = np.frombuffer(read_range(self.paths[self.shard_of[key]], t.offset + start * per_row,
+                                       (stop - start) * per_row), dtype=np.uint8)  # fmt: skip
+        return torch.from_numpy(self._decode(raw, kind, (stop - start, *shape[1:])))
+
+    def _decode(self, raw: np.ndarray[Any, Any], kind: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+        """Bytes of whole rows of type `kind` as float32 values of `shape` (writable: from a fresh buffer)."""
+        import numpy as np
+
         gguf = gguf_names.require_gguf()
-        t, kind = self.tensors_by_name[key], self.type_name(key)
-        if kind in FLOAT_TYPES or writable(kind) or kind not in ggml_quant.QUANTIZABLE or not ggml_quant.available():
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-        else:  # llama.cpp's own dequantizer: the same values, in C, without gguf-py's full-size temporaries
-            values = ggml_quant.dequantize(t.data, kind, math.prod(self.shape(key)))
-        return torch.from_numpy(
-            np.array(values, dtype=np.float32).reshape(self.shape(key))
-        )  # a copy: the map is read-only
+        count = math.prod(shape)
+        if kind == "F32":
+            return np.frombuffer(bytearray(raw), dtype=np.float32).reshape(shape)
+        if _native(kind):  # llama.cpp's own: in C, without gguf-py's numpy temporaries
+            return ggml_quant.dequantize(raw, kind, count).reshape(shape)
+        values = gguf.quants.dequantize(raw.reshape(-1, raw.size // max(1, count // shape[-1])), _qtype(kind))
+        return np.array(values, dtype=np.float32).reshape(shape)
 
     def encode(self, key: str, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        """`values` in the tensor's own type: the bytes to store, and what they dequantize to."""
+        """`values` (the whole tensor) in the tensor's own type: the bytes to store, and what they dequantize to."""
+        return self.encode_rows(key, 0, values)
+
+    def encode_rows(self, key: str, start: int, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """Rows `start`… of the tensor, `values` (float32), in its own type: the bytes to store (rows are
+        quantized independently, so a block's bytes are the whole tensor's), and what they dequantize to."""
         import numpy as np
         import torch
 
         gguf = gguf_names.require_gguf()
-        t, kind = self.tensors_by_name[key], self.type_name(key)
-        if kind not in FLOAT_TYPES and (key in self.importance or not writable(kind)):
-            raw = ggml_quant.quantize(values.numpy(), kind, self.importance.get(key))
-            if len(raw) != int(t.n_bytes):
-                raise FormatError(f"internal: {key} requantized to {len(raw)} bytes, not {t.n_bytes}", path=self.path)
-            back = ggml_quant.dequantize(np.frombuffer(raw, dtype=np.uint8), kind, values.numel())
-            return raw, torch.from_numpy(back.reshape(values.shape))
-        data = gguf.quants.quantize(values.numpy(), t.tensor_type)
-        raw = np.ascontiguousarray(data).tobytes()
-        if len(raw) != int(t.n_bytes):
-            raise FormatError(f"internal: {key} requantized to {len(raw)} bytes, not {t.n_bytes}", path=self.path)
-        back = gguf.quants.dequantize(np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape), t.tensor_type)
-        return raw, torch.from_numpy(np.array(back, dtype=np.float32).reshape(values.shape))
+        t, kind, shape = self.tensors_by_name[key], self.type_name(key), self.shape(key)
+        expected = t.n_bytes // shape[0] * values.shape[0]
+        if _native(kind) or (kind not in FLOAT_TYPES and (key in self.importance or not writable(kind))):
+            raw = ggml_quant.quantize(values.numpy(), kind, self._importance_rows(key, start, values.shape[0]))
+        elif kind == "F32":
+            raw = values.numpy().tobytes()
+        else:
+            raw = np.ascontiguousarray(gguf.quants.quantize(values.numpy(), _qtype(kind))).tobytes()
+        if len(raw) != expected:
+            raise FormatError(f"internal: {key} requantized to {len(raw)} bytes, not {expected}", path=self.path)
+        if kind == "F32":
+            return raw, values
+        back = self._decode(np.frombuffer(raw, dtype=np.uint8), kind, tuple(values.shape))
+        return raw, torch.from_numpy(back)
+
+    def _importance_rows(self, key: str, start: int, rows: int) -> np.ndarray[Any, Any] | None:
+        """The importance matrix's column weights for rows `start`… : one row for a matrix, the experts' rows
+        of a 3-D tensor (one per matrix, and a block of its first dimension is whole matrices)."""
+        weights = self.importance.get(key)
+        if weights is None or len(self.shape(key)) < 3:
+            return weights
+        return weights.reshape(self.shape(key)[0], -1)[start : start + rows]
 
     def offset(self, key: str) -> int:
         """Where the tensor's bytes start in its file (its shard's, for a split model)."""
-        return int(self.tensors_by_name[key].data_offset)
+        return self.tensors_by_name[key].offset
 
     def _heads(self) -> RopeHeads | None:
         if self.arch not in gguf_names.PERMUTED_ARCHS:
@@ -400,28 +450,32 @@ def _json_or_none(text: Any) -> Any:
         return None
 
 
-def _nbytes(field: Any) -> int:
-    return sum(int(part.nbytes) for part in field.parts)
+def _gaps(header: GgufHeader, size: int, merged: list[str], tensors: dict[str, TensorEntry]) -> list[tuple[int, int]]:
+    """The byte ranges of a file's data that the merged tensors do not cover (copied as they are)."""
+    out, at = [], header.data_offset
+    for t in sorted((tensors[k] for k in merged), key=lambda t: t.offset):
+        if t.offset > at:
+            out.append((at, t.offset))
+        at = max(at, t.offset + t.n_bytes)
+    return [*out, (at, size)] if size > at else out
 
 
-def _read(path: Path) -> Any:
-    gguf = gguf_names.require_gguf()
-    try:
-        return gguf.GGUFReader(path)
-    except FileNotFoundError:
-        raise FormatError("file not found", path=path) from None
-    except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
-        raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+def _fields(header: GgufHeader) -> dict[str, Any]:
+    return {k: v for k, v in header.fields.items() if not k.startswith("tokenizer.")}
 
 
-def _fields(reader: Any, path: Path) -> dict[str, Any]:
-    try:
-        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("GGUF.", "tokenizer."))}
-    except Exception as e:  # gguf-py parsing a hostile file: any failure is the file's
-        raise FormatError(f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})", path=path) from None
+@cache
+def _native(kind: str) -> bool:
+    """Whether a block-quantized type goes through llama.cpp's own quantizer and dequantizer (whenever the
+    library is installed: its bytes are llama-quantize's, and C is ~10× gguf-py's numpy), not gguf-py's."""
+    return kind not in FLOAT_TYPES and kind in ggml_quant.QUANTIZABLE and ggml_quant.available()
 
 
-def _shards(path: Path, first: Any, fields: dict[str, Any]) -> tuple[list[Path], list[Any]]:
+def _qtype(kind: str) -> Any:
+    return gguf_names.require_gguf().GGMLQuantizationType[kind]
+
+
+def _shards(path: Path, first: GgufHeader, fields: dict[str, Any]) -> tuple[list[Path], list[GgufHeader]]:
     """Every shard of the model whose first file is `path` (just `path` when it is not split), checked
     against the `split.*` entries llama.cpp writes: the number, the order, the tensor count."""
     count, no = fields.get("split.count", 1), fields.get("split.no", 0)
@@ -437,42 +491,36 @@ def _shards(path: Path, first: Any, fields: dict[str, Any]) -> tuple[list[Path],
             hint=f"name the first shard, NAME-00001-of-{count:05d}.gguf, as llama.cpp loads a split model",
         )
     paths = [path.with_name(f"{named['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    readers = [first]
+    headers = [first]
     for i, shard in enumerate(paths[1:], start=1):
         if not shard.is_file():
             raise FormatError(f"shard {i + 1} of {count} is missing", path=shard,
                               hint="every shard of a split model sits beside the first, named as gguf-split names them")  # fmt: skip
-        reader = _read(shard)
-        got = _fields(reader, shard)
+        header = read_header(shard)
+        got = _fields(header)
         if (got.get("split.no"), got.get("split.count")) != (i, count):
             raise FormatError(f"not shard {i + 1} of {count} (split.no {got.get('split.no')!r}, split.count "
                               f"{got.get('split.count')!r})", path=shard)  # fmt: skip
-        readers.append(reader)
-    total = sum(len(r.tensors) for r in readers)
+        headers.append(header)
+    total = sum(len(h.tensors) for h in headers)
     if fields.get("split.tensors.count", total) != total:
         raise FormatError(f"the shards hold {total} tensors, split.tensors.count says {fields['split.tensors.count']}",
                           path=path)  # fmt: skip
-    return paths, readers
+    return paths, headers
 
 
-def _header_with(reader: Any, record: str | None) -> tuple[bytes, int]:
-    """The header of `reader`'s file with `RECORD_KEY` set to `record` (replacing one a merged base has),
-    padded to the alignment, or as it is when `record` is None; and where the file's tensor data starts."""
-    gguf = gguf_names.require_gguf()
-    raw, data_start = reader.data, int(reader.data_offset)
+def _header_with(header: GgufHeader, record: str | None) -> bytes:
+    """The file's header with `RECORD_KEY` set to `record` (replacing one a merged base has), padded to
+    the alignment, or as it is when `record` is None: the other KV entries and the tensor infos byte for byte."""
     if record is None:
-        return bytes(raw[:data_start]), data_start
-    kv = [f for k, f in reader.fields.items() if not k.startswith("GGUF.")]
-    infos = [t.field for t in reader.tensors]
-    kv_bytes = b"".join(bytes(raw[f.offset : f.offset + _nbytes(f)]) for f in kv if f.name != RECORD_KEY)
-    info_start = min((f.offset for f in infos), default=data_start)
-    info_end = max((f.offset + _nbytes(f) for f in infos), default=info_start)
+        return header.header + b"\0" * (header.data_offset - len(header.header))
+    gguf = gguf_names.require_gguf()
+    kv, count = header.kv_bytes(without=RECORD_KEY)
     key, value = RECORD_KEY.encode(), record.encode()
     entry = struct.pack(f"<Q{len(key)}sIQ{len(value)}s", len(key), key, gguf.GGUFValueType.STRING, len(value), value)
-    counts = struct.pack("<QQ", len(infos), len(kv) - (RECORD_KEY in reader.fields) + 1)
-    header = bytes(raw[:8]) + counts + kv_bytes + entry + bytes(raw[info_start:info_end])
-    align = int(reader.alignment)
-    return header + b"\0" * (-len(header) % align), data_start
+    counts = struct.pack("<QQ", len(header.tensors), count + 1)
+    out = header.header[:8] + counts + kv + entry + header.header[header.kv_end :]
+    return out + b"\0" * (-len(out) % header.alignment)
 
 
 def adapter_architecture(info_config: dict[str, Any], fmt: str) -> str | None:

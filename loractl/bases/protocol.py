@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -38,15 +38,26 @@ class OutputChoices:
     max_shard_bytes: int | None = None
 
 
+T = TypeVar("T")
+RowsOf = Callable[[int, int], "torch.Tensor"]
+"""Rows start:stop of a stored tensor (its first dimension), as float32 or any float dtype."""
+
+
 class TensorSink(Protocol):
-    """The merge, as a base writing itself calls it for each tensor that changes."""
+    """The merge, as a base writing itself calls it for each tensor that changes: a block of rows at a time,
+    so that memory is a few blocks whatever the tensor's size."""
 
-    def merged(self, name: str, start: torch.Tensor) -> torch.Tensor:
-        """W + ΔW in float32, from the stored W (`start`, float32)."""
-        ...
-
-    def stored(self, name: str, values: torch.Tensor) -> None:
-        """What the output now holds for `name`, read back as float32."""
+    def blocks(
+        self,
+        name: str,
+        rows_of: RowsOf,
+        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        multiple: int = 1,
+    ) -> Iterator[T]:
+        """Tensor `name` merged block by block, in row order: for each block start:stop (every bound but the
+        last a multiple of `multiple`: the rows the stored type quantizes together), W's rows from
+        `rows_of(start, stop)`, W + ΔW (float32) handed to `store(start, merged)`, which answers what the
+        output gets (yielded: bytes, a tensor) and what that holds, read back as float32."""
         ...
 
 

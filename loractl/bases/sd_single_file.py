@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import FingerprintViews, fingerprint_of
+from ..io.checkpoint import HASH_BLOCK, FingerprintViews, fingerprint_of
 from ._placement import Placement
 from .protocol import TensorSink
 from .safetensors_dir import CheckpointBase
@@ -151,8 +151,12 @@ class SingleFileBase:
         dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
         return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
 
-    def _bytes(self, src: _Src) -> bytes:
-        return bytes(self._rows(src).tobytes())
+    def _bytes(self, src: _Src) -> Iterator[bytes]:
+        """The bytes of `src`'s rows, ~16 MB at a time (a weight is never read whole to be hashed)."""
+        first, stop = src.rows or (0, self.shapes[src.key][0])
+        step = max(1, HASH_BLOCK // max(1, self.ckpt.info(src.key).nbytes // max(1, self.shapes[src.key][0])))
+        for a in range(first, stop, step):
+            yield self.ckpt.raw_rows(src.key, a, min(stop, a + step))
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered
@@ -189,7 +193,8 @@ class SingleFileBase:
         return raw if src.rows is None else raw[src.rows[0] : src.rows[1]]
 
     def write(self, tmp: Path, provenance: dict[str, Any], names: Iterable[str], sink: TensorSink) -> None:
-        """Every tensor in the writer's order: copied, or merged by `sink` and rounded to its dtype."""
+        """Every tensor in the writer's order: its bytes copied, or merged by `sink` and rounded to its dtype,
+        a block of rows at a time."""
         from ._rewrite import rewrite_file
 
         metadata = {RECORD_KEY: json.dumps(provenance, sort_keys=True)}

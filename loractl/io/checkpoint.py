@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import FormatError, InputNotFoundError
-from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from .safetensors_header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
+
+    from .safetensors_writer import FileRange
 
 INDEX_NAME = "model.safetensors.index.json"
 DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # a diffusers model's sharded weights
@@ -25,6 +28,7 @@ SINGLE_NAME = "model.safetensors"
 # Weight files that must not travel to a merge's output: they would hold the unmerged weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
 FINGERPRINT_CHUNK = 1 << 24
+HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time where a base hashes it in row blocks
 
 
 class Checkpoint:
@@ -101,6 +105,32 @@ class Checkpoint:
         shard = self._where[name]
         header, info = self.headers[shard], self.info(name)
         return read_tensor(self._file(shard), header.data_start + info.offsets[0], info.dtype, info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of one tensor (its first dimension), read into memory (a fresh copy)."""
+        from .tensor_bytes import read_tensor
+
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        offset = header.data_start + info.offsets[0] + start * row_bytes
+        return read_tensor(self._file(shard), offset, info.dtype, (stop - start, *info.shape[1:]))
+
+    def file_range(self, name: str) -> FileRange:
+        """Where the tensor's bytes lie, for a copy that never reads them into memory."""
+        from .safetensors_writer import FileRange
+
+        shard, info = self._where[name], self.info(name)
+        return FileRange(shard, self.headers[shard].data_start + info.offsets[0], info.nbytes)
+
+    def raw_rows(self, name: str, start: int, stop: int) -> bytes:
+        """The stored bytes of rows start:stop of one tensor (its first dimension)."""
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        f = self._file(shard)
+        f.seek(header.data_start + info.offsets[0] + start * row_bytes)
+        return f.read((stop - start) * row_bytes)
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""
@@ -236,16 +266,23 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
 
 
 def fingerprint_of(
-    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes]]], stop: Callable[[], bool] | None = None
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes]]]],
+    stop: Callable[[], bool] | None = None,
 ) -> str:
-    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand) in
-    the order given (sorted by name); '' once `stop` returns true. For bases that store tensors otherwise."""
+    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand: whole,
+    or in chunks, which hash the same) in the order given (sorted by name); '' once `stop` returns true. For bases
+    that store tensors otherwise."""
     h = hashlib.sha256()
     for name, dtype, shape, read in tensors:
         if stop is not None and stop():
             return ""
         raw = read()
-        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+        if isinstance(raw, bytes | bytearray | memoryview):
+            feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
+            continue
+        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype])), b"")
+        for chunk in raw:
+            h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from itertools import pairwise
 
 import torch
@@ -36,6 +37,7 @@ from .linalg import factored_frobenius
 BLOCK_ELEMENTS = 1 << 20  # float32 elements per row block (4 MB)
 MIN_ROWS = 4  # rows per block at least: below 4, MKL's sgemm rounds its sums otherwise than for the whole ΔW
 THREADS = 1  # torch intra-op threads while merging; see `kernel_threads`
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,29 @@ def kernel_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@cache
+def steady_heap() -> None:
+    """Have glibc map (and unmap) every allocation of a block's size or more, for the rest of the process.
+
+    glibc's malloc serves allocations from 128 KB up by mmap at first, but raises that threshold after each
+    large free, up to 32 MiB: a merge of row blocks then takes its block-sized temporaries (float32 blocks,
+    a requantizer's) from the heap, whose fragmentation grew with the tensor. Merging one 32768 × 4096 FP8
+    weight peaked at 282–506 MB from run to run; with the threshold fixed at a block's 4 MB, at 281–284 MB.
+    Elsewhere than glibc nothing changes.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return
+    mallopt(M_MMAP_THRESHOLD, BLOCK_ELEMENTS * 4)
 
 
 def module_delta(module: LoraModule, weight: float) -> Delta:
@@ -152,7 +177,7 @@ def merged_blocks(
     for start, stop in pairwise(bounds):
         cur = buf[: stop - start]
         cur.copy_(rows_of(start, stop))
-        stats.weight_sq += _rows_sq(cur)
+        stats.weight_sq += rows_sq(cur)
         first = None if start_buf is None else start_buf[: stop - start].copy_(cur)
         for d in on_device:
             _apply(cur, first, d, start, stop, None if scratch is None else scratch[: stop - start])
@@ -161,10 +186,10 @@ def merged_blocks(
         out = raw[:nbytes].view(out_dtype).view(cur.shape)
         rounded = out.copy_(cur) if device.type == "cpu" else cur.to(out_dtype)
         if first is not None:
-            stats.change_sq += _rows_sq(first.sub_(cur).neg_())
+            stats.change_sq += rows_sq(first.sub_(cur).neg_())
         if rounds:  # the norm of cur − round(cur) is finite exactly when both are: it is the finite check
             back = (start_buf if start_buf is not None else back_buf)[: stop - start].copy_(rounded)
-            lost = _rows_sq(cur.sub_(back))  # float32 − float32: 3× faster than subtracting the bf16 block
+            lost = rows_sq(cur.sub_(back))  # float32 − float32: 3× faster than subtracting the bf16 block
             stats.finite = stats.finite and math.isfinite(lost)
             stats.rounding_sq += lost
         else:
@@ -181,6 +206,46 @@ def block_bounds(rows: int, cols: int) -> list[int]:
     step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1))
     count = max(1, min(-(-rows // step), rows // MIN_ROWS))
     return [i * rows // count for i in range(count + 1)]
+
+
+def aligned_bounds(rows: int, cols: int, multiple: int = 1, whole: bool = False) -> list[int]:
+    """`block_bounds` for a base that stores rows in groups of `multiple` (FP8's 128-row scale blocks, a
+    4-bit block of 64 values spanning rows): every bound but the last a multiple of it, no block under
+    `MIN_ROWS` rows. `whole`: one block (a DoRA update normalising stored columns needs every row)."""
+    if whole or rows <= MIN_ROWS:
+        return [0, rows]
+    bounds = block_bounds(rows, cols)
+    if multiple > 1:
+        bounds = sorted({0, *(b // multiple * multiple for b in bounds[1:-1]), rows})
+    kept = [0]
+    for b in bounds[1:-1]:
+        if b - kept[-1] >= MIN_ROWS and rows - b >= MIN_ROWS:
+            kept.append(b)
+    return [*kept, rows]
+
+
+def merge_rows(
+    block: torch.Tensor, deltas: Sequence[Delta], start: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Rows `start`… of W + every delta, from `block` (those rows of W, any float dtype), as float32 of its
+    shape (`block` itself, updated in place, when it is float32 on the CPU and `device` is the CPU):
+    `merged_blocks`' float32 operations on one block of rows, for bases that read and store a tensor a
+    block of rows at a time. A row's sums do not depend on the rows beside it in blocks of `MIN_ROWS` or
+    more, so the result is bit-identical to merging the whole tensor. `deltas` already on `device`."""
+    device = device or torch.device("cpu")
+    rows = block.shape[0] if block.ndim else 1
+    flat = block.reshape(rows, -1)
+    in_place = device.type == "cpu" and flat.dtype == torch.float32 and flat.data_ptr() == block.data_ptr()
+    cur = flat if in_place else flat.to(device=device, dtype=torch.float32, copy=True)
+    first = cur.clone() if any(d.magnitude is not None for d in deltas) else None
+    scratch = None if all(_exact_alpha(d) for d in deltas) else torch.empty_like(cur)
+    for d in deltas:
+        _apply(cur, first, d, start, start + rows, scratch)
+    return cur.cpu().view(block.shape)
+
+
+def on_device(deltas: Sequence[Delta], device: torch.device) -> list[Delta]:
+    return [_to(d, device) for d in deltas]
 
 
 def merged_float32(
@@ -204,7 +269,7 @@ def merged_float32(
     return out.view(weight.shape), math.sqrt(stats.weight_sq)
 
 
-def _rows_sq(block: torch.Tensor) -> float:
+def rows_sq(block: torch.Tensor) -> float:
     """Σ of squared row norms: float32 rows (exact to ~1e-7 each), summed in float64."""
     return float(torch.linalg.vector_norm(block, dim=1).cpu().double().square().sum())
 

@@ -3,20 +3,22 @@
 The base (`loractl.bases`) places each module on one of its stored tensors and writes itself
 under a temporary name: every tensor keeps its name, shape and type (quantized ones are
 requantized), tensors no adapter touches keep their bytes, and loractl's provenance goes into
-the base's own metadata. Each adapted tensor is read as float32, merged (`merge_kernel`, on
-`device`) and handed back to the base to store; its rounding loss is measured on what is stored.
+the base's own metadata. Each adapted tensor is read, merged (`merge_kernel`, on `device`) and handed
+back to the base to store a block of rows at a time (`bases.TensorSink`), so memory does not grow with
+the tensor; its rounding loss is summed over the blocks, measured on what is stored.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing
+from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._version import __version__
-from ..bases.protocol import RewritableBase
+from ..bases.protocol import RewritableBase, RowsOf
 from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
@@ -24,11 +26,13 @@ from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter, LoraModule
-    from .merge_placed_plan import TensorMerge
+    from .merge_placed_plan import TensorFigures
     from .merge_shared import MergeProgress
 
 
@@ -58,6 +62,7 @@ def execute_placed_merge(
     `output`; nothing is written on error."""
     from ..formats import load_adapter
     from .devices import resolve_device
+    from .merge_kernel import kernel_threads, steady_heap
     from .merge_shared import check_base_fingerprints
 
     plan.check()
@@ -76,6 +81,8 @@ def execute_placed_merge(
         sink = _Sink(plan, loaded, resolve_device(device), progress)
         hashes = tuple(a.content_hash() for a in loaded)
         with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
+            outputs.enter_context(kernel_threads())  # one torch thread, as the checkpoint merge (`merge_kernel`)
+            steady_heap()  # block temporaries never from a fragmenting heap
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
             _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
     merged = len(plan.updates)
@@ -86,7 +93,8 @@ def execute_placed_merge(
 
 
 class _Sink:
-    """Merges each tensor the base hands over, and keeps the report rows (`bases.TensorSink`)."""
+    """Merges each tensor the base hands over, a block of rows at a time, and keeps the report rows
+    (`bases.TensorSink`)."""
 
     def __init__(
         self,
@@ -97,38 +105,50 @@ class _Sink:
     ) -> None:
         self.plan, self.adapters, self.device, self.progress = plan, adapters, device, progress
         self.rows: list[MergedModule] = []
-        self._start: torch.Tensor | None = None  # the tensor being merged, until the base stores it
-        self._result: TensorMerge | None = None
         self._done = self._bytes = 0
 
-    def merged(self, name: str, start: torch.Tensor) -> torch.Tensor:
-        from .merge_kernel import all_finite
-        from .merge_placed_plan import merge_tensor, placed_delta
+    def blocks(
+        self,
+        name: str,
+        rows_of: RowsOf,
+        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        multiple: int = 1,
+    ) -> Iterator[T]:
+        import torch
+
+        from .merge_io import matrix_shape
+        from .merge_kernel import aligned_bounds, all_finite, deltas_norm, merge_rows, on_device, rows_sq
+        from .merge_placed_plan import TensorFigures, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
-        updates = self.plan.updates[name]
-        deltas = [placed_delta(self.adapters[u.adapter].modules[u.module], u.weight, u.placement, start.shape[0])
-                  for u in updates]  # fmt: skip
-        self._result = merge_tensor(start, deltas, self.device)
-        if not all_finite(self._result.merged):
-            raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
-                               hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
-        self._start = start
-        return self._result.merged
-
-    def stored(self, name: str, values: torch.Tensor) -> None:
-        from .merge_placed_plan import rounding_error, rounding_loss
-        from .merge_shared import MergeProgress
-
-        assert self._start is not None and self._result is not None
         tensor, updates = self.plan.stored[name], self.plan.updates[name]
-        loss = rounding_loss(self._start, self._result.merged, values, tensor.quantized)
-        error = rounding_error(self._start, self._result.merged, values)
+        rows, cols = matrix_shape(tensor.shape)
+        deltas = [placed_delta(self.adapters[u.adapter].modules[u.module], u.weight, u.placement, rows)
+                  for u in updates]  # fmt: skip
+        figures = TensorFigures(tuple(deltas_norm([d]) for d in deltas))
+        whole = any(d.magnitude is not None and d.per_column for d in deltas)
+        moved = on_device(deltas, self.device)
+        for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole)):
+            interrupt.check()
+            w = rows_of(start, stop)
+            before = w.reshape(stop - start, -1).to(dtype=torch.float32, copy=True)
+            merged = merge_rows(w, moved, start, self.device)  # may be `w`, updated in place
+            delta = merged.reshape(before.shape) - before
+            delta_sq = rows_sq(delta)
+            # NaN or Inf in W + ΔW (a float32 row norm can also overflow): checked before the base stores it
+            if not math.isfinite(delta_sq) and not (all_finite(merged) and all_finite(before)):
+                raise NumericError(f"merged tensor {name!r} contains NaN or Inf; nothing was written",
+                                   hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
+            out, values = store(start, merged)
+            figures.add(before, delta, delta_sq, None if values is merged else values)
+            yield out
         modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
-        self.rows += _module_rows(name, tensor.stored_type, updates, modules, self._result, loss, error)
+        self.rows += _module_rows(name, tensor.stored_type, updates, modules, figures, tensor.quantized)
         self._done += 1
         self._bytes += _float32_bytes(tensor.shape)
         if self.progress is not None:
+            from .merge_shared import MergeProgress
+
             total = self.plan.stored.values()
             self.progress(
                 MergeProgress(name, self._done, len(total), self._bytes, sum(_float32_bytes(t.shape) for t in total))
@@ -140,16 +160,15 @@ def _module_rows(
     stored_type: str,
     updates: Sequence[PlacedUpdate],
     modules: Sequence[LoraModule],
-    result: TensorMerge,
-    loss: float | None,
-    error: float | None,
+    figures: TensorFigures,
+    quantized: bool,
 ) -> list[MergedModule]:
     """The report rows of one merged tensor: the loss and error are the tensor's, shared by its updates."""
-    base = result.base_norm
+    base, loss, error = figures.base_norm, figures.rounding_loss(quantized), figures.rounding_error()
     return [
         MergedModule(u.adapter, u.module, key, "lora" if m.magnitude is None else "dora", stored_type, u.weight,
                      m.scale, m.rank, d / base if base > 0 else None, loss, error)
-        for u, m, d in zip(updates, modules, result.delta_norms, strict=True)
+        for u, m, d in zip(updates, modules, figures.delta_norms, strict=True)
     ]  # fmt: skip
 
 

@@ -11,7 +11,7 @@ transposed, or fused (OpenCLIP's `in_proj_weight` holds q, k and v). A `Placemen
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -241,69 +241,58 @@ def placed_delta(module: LoraModule, weight: float, p: Placement, rows: int) -> 
     return module_delta(module, weight)
 
 
-@dataclass(frozen=True)
-class TensorMerge:
-    """One stored tensor after its updates: the exact float32 result and the figures of each update."""
+@dataclass
+class TensorFigures:
+    """What the report says of one stored tensor, summed in float64 over its row blocks as they are merged
+    and stored: ‖W‖², ‖ΔW‖² (ΔW = merged − start), ⟨stored − start, ΔW⟩ and ‖stored − merged‖²."""
 
-    merged: torch.Tensor  # float32, in the stored layout
-    base_norm: float  # ‖W‖_F
-    delta_norms: tuple[float, ...]  # ‖ΔW‖_F of each update, in order
-    total_delta_norm: float  # ‖Σ ΔW‖_F (from the dense difference)
+    delta_norms: tuple[float, ...]  # ‖ΔW‖_F of each update, in order (from its factors)
+    weight_sq: float = 0.0
+    delta_sq: float = 0.0
+    carried: float = 0.0
+    error_sq: float = 0.0
 
+    def add(self, start: torch.Tensor, delta: torch.Tensor, delta_sq: float, stored: torch.Tensor | None) -> None:
+        """One block of rows, as (rows, cols) float32: W, ΔW (`delta_sq` = ‖ΔW‖², already taken for the finite
+        check) and what the output holds for W + ΔW (None: W + ΔW itself). Per row in float32 (norms exact
+        to float32 rounding), summed over rows in float64: a float64 copy of each block costs 3× the passes."""
+        import torch
 
-def merge_tensor(start: torch.Tensor, deltas: Sequence[Delta], device: torch.device | None = None) -> TensorMerge:
-    """W + Σ deltas in float32 (`merge_kernel.merged_float32`, on `device`), and the norms the report needs."""
-    from .merge_kernel import deltas_norm, merged_float32
+        from .merge_kernel import rows_sq
 
-    merged, base_norm = merged_float32(start, deltas, device)
-    total = math.sqrt(sum(float((m - s).square().sum()) for s, m in _float64_rows(start, merged)))
-    return TensorMerge(merged, base_norm, tuple(deltas_norm([d]) for d in deltas), total)
+        self.weight_sq += rows_sq(start)
+        self.delta_sq += delta_sq
+        if stored is None:
+            self.carried += delta_sq
+            return
+        moved = stored.reshape(start.shape) - start  # the change the output carries, ΔW_s
+        self.carried += float(torch.linalg.vecdot(moved, delta, dim=1).double().sum())
+        self.error_sq += rows_sq(moved.sub_(delta))  # stored − merged
 
+    @property
+    def base_norm(self) -> float:
+        return math.sqrt(self.weight_sq)
 
-def _float64_rows(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The same rows of each tensor, a block of about a million elements at a time, in float64: the
-    figures below are float64 sums, and a float64 copy of a whole tensor is twice its float32 size."""
-    from .merge_io import matrix_shape
-    from .merge_kernel import BLOCK_ELEMENTS
+    def rounding_error(self) -> float | None:
+        """‖stored − merged‖_F / ‖ΔW‖_F: how far the stored tensor is from W + ΔW, in units of ΔW (None when ΔW = 0).
 
-    rows, cols = matrix_shape(tuple(tensors[0].shape))
-    flat = [t.reshape(rows, cols) for t in tensors]
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    for a in range(0, rows, step):
-        yield tuple(t[a : a + step].double() for t in flat)
+        For a float type it equals the rounding loss; for a block-quantized type it also counts the noise
+        that requantizing whole blocks adds, so it can pass 1: the report shows it beside the loss, so that
+        a loss near 0 never hides a stored tensor that moved further than ΔW.
+        """
+        return math.sqrt(self.error_sq / self.delta_sq) if self.delta_sq > 0 else None
 
+    def rounding_loss(self, quantized: bool) -> float | None:
+        """The share of ΔW = merged − start that storing `merged` removes (None when ΔW = 0).
 
-def rounding_error(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor) -> float | None:
-    """‖stored − merged‖_F / ‖ΔW‖_F: how far the stored tensor is from W + ΔW, in units of ΔW (None when ΔW = 0).
-
-    For a float type it equals the rounding loss; for a block-quantized type it also counts the noise
-    that requantizing whole blocks adds, so it can pass 1: the report shows it beside the loss, so that
-    a loss near 0 never hides a stored tensor that moved further than ΔW.
-    """
-    delta_sq = error_sq = 0.0
-    for s, m, st in _float64_rows(start, merged, stored):
-        delta_sq += float((m - s).square().sum())
-        error_sq += float((st - m).square().sum())
-    return math.sqrt(error_sq / delta_sq) if delta_sq > 0 else None
-
-
-def rounding_loss(start: torch.Tensor, merged: torch.Tensor, stored: torch.Tensor, quantized: bool) -> float | None:
-    """The share of ΔW = merged − start that storing `merged` removes (None when ΔW = 0).
-
-    Float types round each value on its own: the loss is ‖stored − merged‖_F / ‖ΔW‖_F. A block-quantized
-    type (Q8_0, Q4_K, …) requantizes whole blocks, so storing W + ΔW also moves values ΔW does not touch
-    (a new block scale): that noise is not a loss of ΔW, and the relative error can pass 100%. There the
-    loss is 1 − ⟨ΔW_s, ΔW⟩ / ‖ΔW‖²_F clipped to [0, 1], ΔW_s = stored − start being the change the file
-    carries: the share of ΔW that does not survive requantization (docs/merge.md).
-    """
-    norm_sq = carried = error_sq = 0.0
-    for s, m, st in _float64_rows(start, merged, stored):
-        delta = m - s
-        norm_sq += float(delta.square().sum())
-        carried += float(((st - s) * delta).sum())
-        error_sq += float((st - m).square().sum())
-    if norm_sq == 0:
-        return None
-    if quantized:
-        return 1.0 - min(1.0, max(0.0, carried / norm_sq))
-    return math.sqrt(error_sq / norm_sq)
+        Float types round each value on its own: the loss is ‖stored − merged‖_F / ‖ΔW‖_F. A block-quantized
+        type (Q8_0, Q4_K, …) requantizes whole blocks, so storing W + ΔW also moves values ΔW does not touch
+        (a new block scale): that noise is not a loss of ΔW, and the relative error can pass 100%. There the
+        loss is 1 − ⟨ΔW_s, ΔW⟩ / ‖ΔW‖²_F clipped to [0, 1], ΔW_s = stored − start being the change the file
+        carries: the share of ΔW that does not survive requantization (docs/merge.md).
+        """
+        if self.delta_sq == 0:
+            return None
+        if quantized:
+            return 1.0 - min(1.0, max(0.0, self.carried / self.delta_sq))
+        return math.sqrt(self.error_sq / self.delta_sq)
