@@ -276,3 +276,29 @@ def test_merge_equals_diffusers_fuse_lora(diffusers: Any, built: dict[str, Any],
     assert any(not torch.equal(fused[k], built["sd"][k]) for k in fused)
     for key in fused:
         assert torch.allclose(merged[key], fused[key], rtol=0, atol=1e-6), key
+
+
+@pytest.mark.parametrize("pair", [("dir", "dir"), ("original", "original"), ("original", "dir"), ("dir", "original")])
+def test_extract_from_either_layout_gives_the_delta(
+    built: dict[str, Any], tmp_path: Path, pair: tuple[str, str]
+) -> None:
+    """A fine-tune made by merging the kohya file; extracted (diffusers layout, the adapter's rank) from a base in
+    either layout, each module's ΔW is the merged one; merged back into its base, the record matches."""
+    from loractl.ops.extract import extract
+    from loractl.ops.extract_factor import ExtractConfig
+    from loractl.ops.merge import merge
+
+    base_kind, ft_kind = pair
+    path = built["adapters"]["kohya"]
+    ft = tmp_path / ("ft.safetensors" if ft_kind == "original" else "ft")
+    merge(built["bases"][ft_kind], [path], ft)
+    out = tmp_path / "extracted.safetensors"
+    extract(built["bases"][base_kind], ft, out, ExtractConfig(rank=2), format="diffusers")
+    got = in_layout(load_adapter(out), "diffusers").modules
+    want = in_layout(load_adapter(path), "diffusers").modules
+    assert set(got) == set(want)
+    for module, m in want.items():
+        delta = m.delta_weight()
+        assert (got[module].delta_weight() - delta).norm() <= 1e-5 * delta.norm(), module
+    report = merge(built["bases"][base_kind], [out], tmp_path / ("again.sft" if base_kind == "original" else "again"))
+    assert not report.base_notes
