@@ -302,3 +302,25 @@ def test_extract_from_either_layout_gives_the_delta(
         assert (got[module].delta_weight() - delta).norm() <= 1e-5 * delta.norm(), module
     report = merge(built["bases"][base_kind], [out], tmp_path / ("again.sft" if base_kind == "original" else "again"))
     assert not report.base_notes
+
+
+def test_report_tells_the_tensors_of_a_fused_module_apart(built: dict[str, Any], tmp_path: Path) -> None:
+    """A fused module merged on several split tensors: one row per tensor, each naming its own (80 columns);
+    --json carries each row's tensor key."""
+    from helpers import run_cli
+
+    base, path = built["bases"]["dir"], built["adapters"]["kohya"]
+    code, out, _ = run_cli("merge", base, path, "-o", tmp_path / "a", "--json")
+    assert code == 0
+    rows = json.loads(out)["modules"]
+    keys = [(r["module"], r["tensor"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+    fused = {r["module"] for r in rows if sum(s["module"] == r["module"] for s in rows) > 1}
+    assert bool(fused) == any(len(rule.parts) > 1 for rule in ARCH[built["name"]].rules)
+    code, text, _ = run_cli("merge", base, path, "-o", tmp_path / "b")
+    assert code == 0 and all(len(line) <= 80 for line in text.splitlines() if line[:1] in "┏┃┡│└")
+    if len(rows) <= 40:  # the table (longer reports give a summary, rows in --json)
+        shown = [line for line in text.splitlines() if "→" in line]
+        assert len(shown) == sum(r["module"] in fused for r in rows)
+    if built["name"] == "Flux.2":
+        assert "img_attn.qkv → to_q" in text and "txt_attn.qkv → add_k_proj" in text
