@@ -1,4 +1,4 @@
-"""Diffusion transformers (Flux.1, SD3/3.5, Wan, Qwen-Image, LTX-Video, Z-Image) as bases, in both layouts.
+"""Diffusion transformers (Flux.1, Flux.2, SD3/3.5, Wan, Qwen-Image, HunyuanVideo, LTX-Video, Z-Image) as bases.
 
 A base is either diffusers' (`transformer/diffusion_pytorch_model*.safetensors`, sharded with an index or not,
 or a whole pipeline directory whose `transformer/` is merged) or the original single file (`flux1-dev.safetensors`:
