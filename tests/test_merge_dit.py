@@ -479,7 +479,9 @@ def test_a_pipeline_takes_text_encoder_modules_into_its_encoders(
     pipe = tmp_path / "pipe"
     shutil.copytree(bases["pipe"], pipe)
     _text_encoders(pipe)
-    modules = {n: random_module(o, i, 2, alpha=3.0, seed=k) for k, (n, (o, i)) in enumerate(ENCODER_MODULES.items())}
+    # alpha = rank: diffusers keeps a diffusers file's alphas in metadata naming `text_model.…`, which transformers
+    # 5's CLIP (saved without that prefix) does not have, so its text-encoder path is run without them
+    modules = {n: random_module(o, i, 2, alpha=2.0, seed=k) for k, (n, (o, i)) in enumerate(ENCODER_MODULES.items())}
     adapter = Adapter(modules={**_adapter().modules, **modules})
     path = save_adapter(adapter, tmp_path / f"{layout}.safetensors", format=layout)
     report = merge(pipe, [path], tmp_path / "out", weights=[0.5])
@@ -499,10 +501,32 @@ def test_a_pipeline_takes_text_encoder_modules_into_its_encoders(
             hit += module is not None
             assert torch.allclose(after[key], want, rtol=0, atol=1e-6), key
         assert hit == 2
+    if layout == "diffusers":  # diffusers' own reading of the text encoders' LoRA, run
+        _encoders_match_diffusers(path, pipe, tmp_path / "out")
     base = _run(_model(diffusers))
     transformer_only = Adapter(modules={n: m for n, m in adapter.modules.items() if n.startswith("transformer.")})
     _close(_run(_load_merged(diffusers, tmp_path / "out", "pipe")), _by_hand(diffusers, transformer_only, 0.5), base)
     assert (tmp_path / "out" / "text_encoder" / "config.json").is_file()
+
+
+def _encoders_match_diffusers(path: Path, pipe: Path, out: Path) -> None:
+    """The merged CLIP gives the outputs of the base one with diffusers' `load_lora_into_text_encoder` (PEFT layers
+    at lora_scale 0.5), what `FluxPipeline.load_lora_weights` does to it (diffusers takes no T5 LoRA for Flux)."""
+    import transformers
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
+    ids = torch.tensor([[0, 5, 9, 17, 1]])
+    for component, cls in (("text_encoder", transformers.CLIPTextModel),):  # Flux's pipeline loads no T5 LoRA
+        theirs = cls.from_pretrained(pipe / component).eval()
+        FluxLoraLoaderMixin.load_lora_into_text_encoder(
+            state, alphas, text_encoder=theirs, prefix=component, lora_scale=0.5
+        )
+        with torch.no_grad():
+            want, plain = theirs(ids).last_hidden_state, cls.from_pretrained(pipe / component)(ids).last_hidden_state
+            got = cls.from_pretrained(out / component).eval()(ids).last_hidden_state
+        assert (want - plain).abs().max() > 1e-4, component
+        assert (got - want).norm() <= 1e-6 * want.norm(), (component, float((got - want).norm() / want.norm()))
 
 
 def test_a_text_encoder_the_pipeline_lacks_is_refused_with_the_way(bases: dict[str, Path], tmp_path: Path) -> None:
