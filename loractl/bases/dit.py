@@ -12,7 +12,9 @@ on each split tensor (`Placement.part`: its rows of ΔW).
 The fingerprint, and `extract`'s view of the base (`DitWeights`), are in diffusers' terms whatever the file's
 layout: an adapter extracted from one layout, converted to another, still matches its base in both.
 Rewritten tensor by tensor (`_rewrite.rewrite_file`): same names, dtypes, shards and index, loractl's
-provenance in each file's metadata (`loractl_merge`); the rest of a pipeline directory is copied.
+provenance in each file's metadata (`loractl_merge`); the rest of a pipeline directory is copied. A pipeline's
+text encoders (`text_encoder*/`, transformers checkpoints) take the adapter's text-encoder modules, each tensor
+named as stored: one whose names another merged component shares (SD3's two CLIPs) is left out, and refused.
 """
 
 from __future__ import annotations
