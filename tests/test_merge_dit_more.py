@@ -324,3 +324,37 @@ def test_report_tells_the_tensors_of_a_fused_module_apart(built: dict[str, Any],
         assert len(shown) == sum(r["module"] in fused for r in rows)
     if built["name"] == "Flux.2":
         assert "img_attn.qkv → to_q" in text and "txt_attn.qkv → add_k_proj" in text
+
+
+def test_text_encoders_sharing_their_names_are_refused(diffusers: Any, tmp_path: Path) -> None:
+    """SD3's pipeline: two CLIP encoders, both named `text_model.…` (as stored), cannot be told apart by a merged
+    tensor's name: their modules are refused, naming the component; the T5 (`text_encoder_3/`) takes its own."""
+    import shutil
+
+    import transformers
+    from helpers import random_module
+
+    from loractl.adapter import Adapter
+    from loractl.ops.merge_plan import plan_merge
+
+    pipe = tmp_path / "pipe"
+    _model(diffusers, CASES["SD3"]).save_pretrained(pipe / "transformer")
+    (pipe / "model_index.json").write_text("{}")
+    clip = transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       vocab_size=64, max_position_embeddings=8, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    transformers.CLIPTextModel(clip).save_pretrained(pipe / "text_encoder")
+    shutil.copytree(pipe / "text_encoder", pipe / "text_encoder_2")
+    t5 = transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=64)
+    transformers.T5EncoderModel(t5).save_pretrained(pipe / "text_encoder_3")
+    adapter = Adapter(modules={
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": random_module(16, 16, 2),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": random_module(16, 16, 2, seed=1),
+        "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": random_module(16, 16, 2, seed=2),
+        "transformer.transformer_blocks.0.attn.to_q": random_module(16, 16, 2, seed=3),
+    })  # fmt: skip
+    for layout in ("kohya", "diffusers"):
+        plan = plan_merge(pipe, [save_adapter(adapter, tmp_path / f"{layout}.safetensors", format=layout)])
+        refused = {p.module: p for p in plan.problems}
+        assert set(refused) == {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+                                "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"}, layout  # fmt: skip
+        assert all(p.code == "not-in-base" and "shares" in p.message and p.hint for p in refused.values())
