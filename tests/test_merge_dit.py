@@ -441,3 +441,102 @@ def test_merge_equals_diffusers_fuse_lora(
     for k in fused:
         assert torch.allclose(merged[k], fused[k], rtol=0, atol=1e-6), k
     _close(_run(_load_merged(diffusers, out, kind)), _run(model), _run(_model(diffusers)))
+
+
+def _text_encoders(root: Path) -> None:
+    """A tiny CLIP-L (`text_encoder/`) and T5 (`text_encoder_2/`) as transformers saves them, in a Flux pipeline."""
+    import transformers
+
+    torch.manual_seed(2)
+    clip = transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       vocab_size=64, max_position_embeddings=8, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    transformers.CLIPTextModel(clip).save_pretrained(root / "text_encoder")
+    t5 = transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=64)
+    transformers.T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")
+
+
+ENCODER_MODULES = {
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (16, 16),
+    "text_encoder.text_model.encoder.layers.0.mlp.fc1": (32, 16),
+    "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": (16, 16),
+    "text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wo": (16, 32),
+}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_a_pipeline_takes_text_encoder_modules_into_its_encoders(
+    diffusers: Any, bases: dict[str, Path], tmp_path: Path, layout: str
+) -> None:
+    """kohya's `lora_te1_…` (CLIP) and `lora_te3_…` (T5) modules beside the transformer's: merged into the
+    pipeline's `text_encoder/` and `text_encoder_2/`, loaded back by transformers as W + w·ΔW by hand."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from loractl.ops.merge import merge
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(bases["pipe"], pipe)
+    _text_encoders(pipe)
+    # alpha = rank: diffusers keeps a diffusers file's alphas in metadata naming `text_model.…`, which transformers
+    # 5's CLIP (saved without that prefix) does not have, so its text-encoder path is run without them
+    modules = {n: random_module(o, i, 2, alpha=2.0, seed=k) for k, (n, (o, i)) in enumerate(ENCODER_MODULES.items())}
+    adapter = Adapter(modules={**_adapter().modules, **modules})
+    path = save_adapter(adapter, tmp_path / f"{layout}.safetensors", format=layout)
+    report = merge(pipe, [path], tmp_path / "out", weights=[0.5])
+    assert {m.module for m in report.modules} == set(load_adapter(path).modules)
+    read = in_layout(load_adapter(path), "diffusers").modules
+    for component, cls in (
+        ("text_encoder", transformers.CLIPTextModel),
+        ("text_encoder_2", transformers.T5EncoderModel),
+    ):
+        before = load_file(pipe / component / "model.safetensors")
+        after = cls.from_pretrained(tmp_path / "out" / component).state_dict()
+        hit = 0
+        for key, value in before.items():  # CLIP saved by transformers 5 drops `text_model.`; the adapter has it
+            names = [f"{component}.{p}{key.removesuffix('.weight')}" for p in ("", "text_model.")]
+            module = next((n for n in names if n in read), None)
+            want = value if module is None else value + 0.5 * read[module].delta_weight()
+            hit += module is not None
+            assert torch.allclose(after[key], want, rtol=0, atol=1e-6), key
+        assert hit == 2
+    if layout == "diffusers":  # diffusers' own reading of the text encoders' LoRA, run
+        _encoders_match_diffusers(path, pipe, tmp_path / "out")
+    base = _run(_model(diffusers))
+    transformer_only = Adapter(modules={n: m for n, m in adapter.modules.items() if n.startswith("transformer.")})
+    _close(_run(_load_merged(diffusers, tmp_path / "out", "pipe")), _by_hand(diffusers, transformer_only, 0.5), base)
+    assert (tmp_path / "out" / "text_encoder" / "config.json").is_file()
+
+
+def _encoders_match_diffusers(path: Path, pipe: Path, out: Path) -> None:
+    """The merged CLIP gives the outputs of the base one with diffusers' `load_lora_into_text_encoder` (PEFT layers
+    at lora_scale 0.5), what `FluxPipeline.load_lora_weights` does to it (diffusers takes no T5 LoRA for Flux)."""
+    import transformers
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(path), return_alphas=True)
+    ids = torch.tensor([[0, 5, 9, 17, 1]])
+    for component, cls in (("text_encoder", transformers.CLIPTextModel),):  # Flux's pipeline loads no T5 LoRA
+        theirs = cls.from_pretrained(pipe / component).eval()
+        FluxLoraLoaderMixin.load_lora_into_text_encoder(
+            state, alphas, text_encoder=theirs, prefix=component, lora_scale=0.5
+        )
+        with torch.no_grad():
+            want, plain = theirs(ids).last_hidden_state, cls.from_pretrained(pipe / component)(ids).last_hidden_state
+            got = cls.from_pretrained(out / component).eval()(ids).last_hidden_state
+        assert (want - plain).abs().max() > 1e-4, component
+        assert (got - want).norm() <= 1e-6 * want.norm(), (component, float((got - want).norm() / want.norm()))
+
+
+def test_a_text_encoder_the_pipeline_lacks_is_refused_with_the_way(bases: dict[str, Path], tmp_path: Path) -> None:
+    from loractl.ops.merge_plan import plan_merge
+
+    adapter = Adapter(modules={"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": random_module(16, 16, 2),
+                               "transformer.double_blocks.0.img_attn.qkv": random_module(3 * H, H, 2)})  # fmt: skip
+    path = save_adapter(adapter, tmp_path / "te.safetensors", format="kohya")
+    problems = plan_merge(bases["pipe"], [path]).problems  # a pipeline without text_encoder/
+    assert [p.code for p in problems] == ["not-in-base"]
+    assert "text_encoder/" in problems[0].message and problems[0].hint
+    problems = plan_merge(bases["dir"], [path]).problems
+    assert "whole pipeline directory" in (problems[0].hint or "")

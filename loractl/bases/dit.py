@@ -1,4 +1,4 @@
-"""Diffusion transformers (Flux.1, SD3/3.5, Wan, Qwen-Image, LTX-Video, Z-Image) as bases, in both layouts.
+"""Diffusion transformers (Flux.1, Flux.2, SD3/3.5, Wan, Qwen-Image, HunyuanVideo, LTX-Video, Z-Image) as bases.
 
 A base is either diffusers' (`transformer/diffusion_pytorch_model*.safetensors`, sharded with an index or not,
 or a whole pipeline directory whose `transformer/` is merged) or the original single file (`flux1-dev.safetensors`:
@@ -12,7 +12,9 @@ on each split tensor (`Placement.part`: its rows of ΔW).
 The fingerprint, and `extract`'s view of the base (`DitWeights`), are in diffusers' terms whatever the file's
 layout: an adapter extracted from one layout, converted to another, still matches its base in both.
 Rewritten tensor by tensor (`_rewrite.rewrite_file`): same names, dtypes, shards and index, loractl's
-provenance in each file's metadata (`loractl_merge`); the rest of a pipeline directory is copied.
+provenance in each file's metadata (`loractl_merge`); the rest of a pipeline directory is copied. A pipeline's
+text encoders (`text_encoder*/`, transformers checkpoints) take the adapter's text-encoder modules, each tensor
+named as stored: one whose names another merged component shares (SD3's two CLIPs) is left out, and refused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,12 +171,17 @@ class DitBase:
         self.found = found
         self.sources = diffusers_sources(found, self.shapes)
         self.kind = f"{found.arch.name} {found.layout}"
+        self.encoders = _encoders(self.path, found.arch, set(self.shapes)) if self.pipeline else {}
+        self.owner = {n: c for c in self.encoders.values() for n in c.names}  # a text encoder's tensor → its checkpoint
 
     def close(self) -> None:
         self.ckpt.close()
+        for encoder in self.encoders.values():
+            encoder.close()
 
     def tensors(self) -> dict[str, BaseTensor]:
-        return {n: BaseTensor(n, s, self.ckpt.info(n).dtype) for n, s in self.shapes.items()}
+        out = {n: BaseTensor(n, s, self.ckpt.info(n).dtype) for n, s in self.shapes.items()}
+        return out | {n: BaseTensor(n, c.info(n).shape, c.info(n).dtype) for n, c in self.owner.items()}
 
     def read_options(self, fmt: str, options: ReadOptions) -> ReadOptions:
         return options
@@ -183,8 +190,7 @@ class DitBase:
         """A module in diffusers' terms on its tensor (or rows); an original module on its own tensor, or on
         each of diffusers' split tensors."""
         if not module.startswith(COMPONENT):
-            return error("not-in-base", f"this base is a {self.found.arch.name} transformer only: a module "
-                         "outside `transformer.` (a text encoder's) merges into its own model", module)  # fmt: skip
+            return self._place_encoder(module)
         rel = module[len(COMPONENT) :]
         src = self.sources.get(f"{rel}.weight")
         if src is not None:
@@ -205,6 +211,33 @@ class DitBase:
         starts = [sum(s.shape[0] for s in srcs[:i]) for i in range(len(srcs))]
         return tuple(Placement(s.key, part=(a, a + s.shape[0])) for s, a in zip(srcs, starts, strict=True))
 
+    def _place_encoder(self, module: str) -> Placement | Finding:
+        """A text encoder's module on its weight in the pipeline's `text_encoder*/` (a transformers checkpoint)."""
+        component, _, rel = module.partition(".")
+        encoder = self.encoders.get(component)
+        if encoder is None:
+            return self._encoder_refused(component, module)
+        key = f"{rel}.weight"
+        head, _, rest = rel.partition(".")
+        if key not in encoder and not any(n.startswith(f"{head}.") for n in encoder.names):
+            key = f"{rest}.weight"  # saved without the base model's prefix (CLIP's `text_model.` by transformers 5)
+        if key not in encoder:
+            return error("not-in-base", f"{component}/ has no tensor {f'{rel}.weight'!r}", module)
+        return Placement(key)
+
+    def _encoder_refused(self, component: str, module: str) -> Finding:
+        """Why a text encoder's module has no place here, and what to give instead."""
+        if not self.pipeline:
+            message = (
+                f"this base is a {self.found.arch.name} transformer only: a text encoder's module merges into its model"
+            )
+            hint = f"give the whole pipeline directory as the base (model_index.json, {component}/): its {component}/ takes it"
+        else:
+            message = f"the pipeline has no {component}/ in safetensors with tensor names no other component shares"
+            hint = (f"merge {component} with a tool that loads it apart (SD3's two CLIP encoders share their names), or "
+                    "give an adapter without its modules")  # fmt: skip
+        return replace(error("not-in-base", message, module), hint=hint)
+
     def _parts(self, rel: str) -> tuple[Rule, list[str], list[_Src]] | None:
         """An original module's rule, its diffusers weights and their sources, when the base has all of them."""
         match = self.found.arch.match_original(rel) if self.found.arch.rules else None
@@ -215,7 +248,7 @@ class DitBase:
         return None if any(s is None for s in srcs) else (match[0], names, [s for s in srcs if s is not None])
 
     def read_float32(self, name: str) -> torch.Tensor:
-        return self.ckpt.get(name).float()
+        return self.owner.get(name, self.ckpt).get(name).float()
 
     def weights(self) -> DitWeights:
         return DitWeights(self)
@@ -293,13 +326,17 @@ class DitBase:
             return
         tmp.mkdir()
         target = tmp / "transformer" if self.pipeline else tmp
+        changed = [(c, s) for c in self.encoders.values() for s in c.files if merged & set(c.headers[s].tensors)]
         if self.pipeline:
-            _copy_tree(self.path, tmp, skip=self.ckpt.path)
+            _copy_tree(self.path, tmp, skip=[self.ckpt.path, *(s for _, s in changed)])
         target.mkdir(exist_ok=True)
         for extra in self.ckpt.other_files() + _index_files(self.ckpt.path):
             shutil.copyfile(extra, target / extra.name)
         for shard in self.ckpt.files:
             rewrite_file(self.ckpt, shard, target / shard.name, metadata, merged, sink)
+        for encoder, shard in changed:  # a text encoder's shard holding merged tensors
+            (tmp / shard.relative_to(self.path)).parent.mkdir(parents=True, exist_ok=True)
+            rewrite_file(encoder, shard, tmp / shard.relative_to(self.path), metadata, merged, sink)
 
     def merge_record(self) -> Any:
         header = self.ckpt.headers[self.ckpt.files[0]]
@@ -315,10 +352,30 @@ def _index_files(directory: Path) -> list[Path]:
     return [p for n in (INDEX_NAME, DIFFUSERS_INDEX_NAME) if (p := directory / n).is_file()]
 
 
-def _copy_tree(source: Path, target: Path, skip: Path) -> None:
+def _encoders(pipeline: Path, arch: Arch, taken: set[str]) -> dict[str, Checkpoint]:
+    """The pipeline's text encoders (`text_encoder*/`, transformers checkpoints in safetensors) whose tensor names
+    neither the transformer nor another encoder holds: a merged tensor is named as stored (SD3's two CLIPs, both
+    `text_model.…`, are left out: their modules are refused)."""
+    found: dict[str, Checkpoint] = {}
+    for component in arch.text_encoders:
+        try:
+            found[component] = Checkpoint(pipeline / component)
+        except (LoractlError, OSError):
+            continue  # absent, or not safetensors
+    counts: dict[str, int] = {}
+    for ckpt in found.values():
+        for name in ckpt.names:
+            counts[name] = counts.get(name, 0) + 1
+    clashing = {c for c, ckpt in found.items() if any(counts[n] > 1 or n in taken for n in ckpt.names)}
+    for component in clashing:
+        found.pop(component).close()
+    return found
+
+
+def _copy_tree(source: Path, target: Path, skip: list[Path]) -> None:
     """Every file under `source` but those under `skip`, copied (symbolic links followed: a Hub snapshot's)."""
     for path in sorted(source.rglob("*")):
-        if path == skip or skip in path.parents or not path.is_file() or path.name.startswith("."):
+        if any(path == s or s in path.parents for s in skip) or not path.is_file() or path.name.startswith("."):
             continue
         (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / path.relative_to(source))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from ._text import adapter_labels, human_size, name_table, percent, relative
 if TYPE_CHECKING:
     from ..ops.merge_placed_plan import PlacedPlan
     from ..ops.merge_plan import MergePlan
-    from ..ops.merge_report import MergeReport
+    from ..ops.merge_report import MergedModule, MergeReport
     from ..ops.merge_shared import MergeProgress
 
 TABLE_ROWS = 40  # per-module rows shown before the table gives way to a summary
@@ -180,22 +181,41 @@ def _summary(plan: MergePlan | PlacedPlan) -> str:
     return "\n".join(lines)
 
 
+def _module_cells(mods: Sequence[MergedModule]) -> list[str]:
+    """Each row's module, and where one module went to several tensors (a fused q/k/v on a base's split
+    `to_q`, `to_k`, `to_v`), the part of the tensor's name that tells them apart (`… → to_q`)."""
+    tensors: dict[tuple[int, str], list[str]] = {}
+    for m in mods:
+        tensors.setdefault((m.adapter, m.module), []).append(m.tensor.removesuffix(".weight"))
+    cells = []
+    for m in mods:
+        names = tensors[(m.adapter, m.module)]
+        if len(names) < 2:
+            cells.append(m.module)
+            continue
+        common = len(os.path.commonprefix([n.split(".") for n in names]))
+        own = ".".join(m.tensor.removesuffix(".weight").split(".")[common:]) or m.tensor
+        cells.append(f"{m.module} → {own}")
+    return cells
+
+
 def _show_report(report: MergeReport) -> None:
     """One table for every kind of base: the third column is the role (checkpoints) or the stored type."""
     mods = report.modules
     labels = adapter_labels(report.adapter_paths)
     if len(mods) <= TABLE_ROWS:
+        names = _module_cells(mods)
         rows = [
             (
                 labels[m.adapter],
-                m.module,
+                names[i],
                 m.stored_type if report.rewritten else m.role,
                 f"{m.weight:g}",
                 str(m.rank),
                 relative(m.relative_delta),
                 percent(m.rounding_loss),
             )
-            for m in sorted(mods, key=lambda m: (m.adapter, natural_key(m.module)))
+            for i, m in sorted(enumerate(mods), key=lambda im: (im[1].adapter, natural_key(im[1].module), im[0]))
         ]
         headers = ("adapter", "module", "type" if report.rewritten else "role", "weight", "rank", "‖ΔW‖/‖W‖", "rounded")
         stdout.print(name_table(stdout.get(), headers, rows, name_column=1))
