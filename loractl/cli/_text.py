@@ -166,6 +166,8 @@ def _without_constant_columns(
 ) -> tuple[Sequence[str], Sequence[Sequence[str]], int, str | None]:
     """The table without the columns that repeat one value in every row, when the names need their room;
     those columns become a caption (escaped: values come from files)."""
+    import textwrap
+
     from rich.markup import escape
 
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
@@ -176,4 +178,5 @@ def _without_constant_columns(
         return headers, rows, name_column, None
     keep = [i for i in range(len(headers)) if i not in same]
     caption = "every row: " + ", ".join(f"{headers[i]} {rows[0][i]}" for i in same)
+    caption = "\n".join(textwrap.wrap(caption, console.width, break_long_words=False, break_on_hyphens=False))
     return [headers[i] for i in keep], [[r[i] for i in keep] for r in rows], keep.index(name_column), escape(caption)

@@ -14,7 +14,7 @@ from ..patterns import natural_key
 from ._device import device_option
 from ._input_options import Inputs, input_options
 from ._output import emit_json, stderr, stdout, warn
-from ._text import adapter_labels, human_size, name_table, percent, relative
+from ._text import adapter_labels, fit_path, human_size, name_table, percent, relative
 
 if TYPE_CHECKING:
     from ..ops.merge_placed_plan import PlacedPlan
@@ -167,10 +167,8 @@ def _summary(plan: MergePlan | PlacedPlan) -> str:
     if isinstance(plan, PlacedPlan):
         n, converted = len(plan.updates), plan.tensors_converted
         if converted:
-            return f"{plan.kind}: {n} of {plan.tensors_total} tensors merged, {converted} converted, the others copied"
-        return (
-            f"{plan.kind}: {n} of {plan.tensors_total} tensors merged in their own types, the others copied as they are"
-        )
+            return f"{plan.kind}: {n} of {plan.tensors_total} tensors merged, {converted} converted"
+        return f"{plan.kind}: {n} of {plan.tensors_total} tensors merged in their own types"
     counts = ", ".join(f"{plan.count(a)} {a}" for a in ("merge", "replace", "untie", "copy"))
     lines = [f"{len(plan.tensors)} tensors ({counts}), {human_size(plan.total_bytes)}"]
     lines += [
@@ -238,16 +236,17 @@ def _show_report(report: MergeReport) -> None:
         stdout.print(f"{kind}: {kept['survives_median']:.1%} of ΔW survives (median), "
                      f"{kept['survives_worst']:.1%} at worst, over {kept['modules']:g} modules", highlight=False)  # fmt: skip
     if (error := report.worst_rounding_error) is not None:
-        stdout.print(f"the stored tensors differ from W + ΔW by {relative(error)} × ‖ΔW‖ at worst "
-                     "(requantization noise included)", highlight=False)  # fmt: skip
+        stdout.print(f"stored tensors vs W + ΔW: {relative(error)} × ‖ΔW‖ at worst (requantization included)",
+                     highlight=False)  # fmt: skip
     shards = f"; {len(report.shards)} shard(s)" if report.shards else ""
     converted = getattr(report.plan, "tensors_converted", 0)
     converted = f", {converted} converted" if converted else ""
-    stdout.print(
-        f"{report.tensors_checked} tensors checked: no NaN/Inf{converted}, {report.tensors_copied} copied byte "
-        f"for byte{shards} in {report.output}",
-        highlight=False,
-    )
+    checked = f"{report.tensors_checked} tensors checked: no NaN/Inf{converted}, {report.tensors_copied} copied byte "
+    checked += f"for byte{shards} in"
+    width = stdout.get().width
+    room = width - len(checked) - 1
+    where = f" {fit_path(report.output, room)}" if room >= 24 else f"\n{fit_path(report.output, width)}"
+    stdout.print(checked + where, highlight=False)
 
 
 @contextmanager
