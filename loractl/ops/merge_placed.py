@@ -11,11 +11,11 @@ the tensor; its rounding loss is summed over the blocks, measured on what is sto
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,7 +31,7 @@ from .merge_report import MergedModule, MergeReport
 
 T = TypeVar("T")
 WORKERS = 2  # pool threads merging blocks and taking their figures, beside the reading and storing one
-AHEAD = 2  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
+AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +113,7 @@ class _Sink:
     ) -> None:
         self.plan, self.adapters, self.device, self.progress = plan, adapters, device, progress
         self.pool, self._buffers = pool, _Buffers()
+        self._uses = Counter((u.adapter, u.module) for us in plan.updates.values() for u in us)
         self.rows: list[MergedModule] = []
         self._done = self._bytes = 0
 
@@ -174,6 +175,7 @@ class _Sink:
         settle(0)
         modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
         self.rows += _module_rows(name, tensor.stored_type, updates, modules, figures, tensor.quantized)
+        self._release(updates)
         self._done += 1
         self._bytes += _float32_bytes(tensor.shape)
         if self.progress is not None:
@@ -183,6 +185,16 @@ class _Sink:
             self.progress(
                 MergeProgress(name, self._done, len(total), self._bytes, sum(_float32_bytes(t.shape) for t in total))
             )
+
+    def _release(self, updates: Sequence[PlacedUpdate]) -> None:
+        """Drop the factors of each module whose last tensor is merged (kept as shapes): the adapter's memory
+        shrinks as the merge goes, rather than all of it staying beside the blocks to the end."""
+        for u in updates:
+            self._uses[u.adapter, u.module] -= 1
+            if self._uses[u.adapter, u.module] == 0:
+                modules = self.adapters[u.adapter].modules
+                m = modules[u.module]
+                modules[u.module] = replace(m, A=m.A.to("meta"), B=m.B.to("meta"))
 
 
 @dataclass(frozen=True)
