@@ -31,6 +31,7 @@ from .merge_report import MergedModule, MergeReport
 
 T = TypeVar("T")
 WORKERS = 2  # pool threads merging blocks and taking their figures, beside the reading and storing one
+BLOCK = 1 << 18  # float32 elements per row block (1 MB): a block's four buffers stay in a core's L2 cache
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
 
 if TYPE_CHECKING:
@@ -141,13 +142,14 @@ class _Sink:
         # read and store here (a base's reader and encoder need not be thread-safe); merge and figures
         # on the pool, `AHEAD` blocks ahead, in buffers reused from block to block; figures summed in row order
         merging: deque[tuple[int, Future[_Merged]]] = deque()
-        figuring: deque[tuple[Future[BlockFigures], torch.Tensor]] = deque()
+        figuring: deque[tuple[Future[BlockFigures], torch.Tensor | None]] = deque()
 
         def settle(keep: int) -> None:
             while figuring and (figuring[0][0].done() or len(figuring) > keep):
                 job, buffers = figuring.popleft()
                 figures.add(job.result())
-                self._buffers.give(buffers)
+                if buffers is not None:
+                    self._buffers.give(buffers)
 
         def stored(start: int, job: Future[_Merged]) -> T:
             m = job.result()
@@ -159,11 +161,11 @@ class _Sink:
             else:  # a float32 copy now: `values` may live in a write buffer that is reused once written
                 back = m.buffers[2].view(-1)[: m.start.numel()].view(m.start.shape).copy_(values.reshape(m.start.shape))
             figuring.append((self.pool.submit(block_figures, m.start, m.delta, m.weight_sq, m.delta_sq, back,
-                                              tensor.quantized), m.buffers))  # fmt: skip
+                                              tensor.quantized), None if back is None else m.buffers))  # fmt: skip
             settle(AHEAD)
             return out
 
-        for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole)):
+        for start, stop in pairwise(aligned_bounds(rows, cols, multiple, whole, BLOCK)):
             interrupt.check()
             w = rows_of(start, stop)
             job = self.pool.submit(_merge_block, name, w, self._buffers.take(w.numel()), moved, start, self.device)
@@ -211,8 +213,10 @@ class _Merged:
 
 
 class _Buffers:
-    """Float32 buffers of 3 × `BLOCK_ELEMENTS` for the blocks in flight (W, ΔW, what is stored), reused: a fresh
-    block-sized allocation is mapped anew (`steady_heap`), a page fault for every 4 KB of it. Main thread only."""
+    """Float32 buffers of 4 × `BLOCK` for the blocks in flight (W, ΔW, what is stored, W + ΔW), reused: a fresh
+    allocation costs a page fault for every 4 KB of it, and heap ones from several threads fragment the heap.
+    A store that hands back W + ΔW itself as what it stores (a float32 cast) may still be writing it: those
+    buffers are not reused. Main thread only."""
 
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []
@@ -220,16 +224,12 @@ class _Buffers:
     def take(self, numel: int) -> torch.Tensor:
         import torch
 
-        from .merge_kernel import BLOCK_ELEMENTS
-
-        if numel > BLOCK_ELEMENTS:  # a block of a few very long rows, a whole tensor (DoRA over columns)
-            return torch.empty(3, numel)
-        return self._free.pop() if self._free else torch.empty(3, BLOCK_ELEMENTS)
+        if numel > BLOCK:  # a block of a few very long rows, a whole tensor (DoRA over columns)
+            return torch.empty(4, numel)
+        return self._free.pop() if self._free else torch.empty(4, BLOCK)
 
     def give(self, buffers: torch.Tensor) -> None:
-        from .merge_kernel import BLOCK_ELEMENTS
-
-        if buffers.shape[1] == BLOCK_ELEMENTS:
+        if buffers.shape[1] == BLOCK:
             self._free.append(buffers)
 
 
@@ -242,10 +242,10 @@ def _merge_block(
     from .merge_kernel import all_finite, merge_rows, rows_sq
 
     rows = w.shape[0] if w.ndim else 1
-    before, delta = (b[: w.numel()].view(rows, -1) for b in buffers[:2])
+    before, delta, _, merged = (b[: w.numel()].view(rows, -1) for b in buffers)
     before.copy_(w.reshape(rows, -1))
     weight_sq = rows_sq(before)
-    merged = merge_rows(before.clone().view(w.shape), deltas, start, device)  # updated in place on the CPU
+    merged = merge_rows(merged.copy_(before).view(w.shape), deltas, start, device)  # in place on the CPU
     torch.sub(merged.reshape(before.shape), before, out=delta)
     delta_sq = rows_sq(delta)
     # NaN or Inf in W + ΔW (a float32 row norm can also overflow): checked before the base stores it
