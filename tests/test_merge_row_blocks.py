@@ -2,7 +2,7 @@
 written are those of a merge of each tensor in one block, and so are the report's figures (issue 24's memory goal).
 
 Each base is merged twice: with the usual block size (these tiny tensors: one block each) and with
-blocks of a few rows (`merge_kernel.BLOCK_ELEMENTS` lowered), which must write the same bytes.
+blocks of a few rows (`merge_kernel.BLOCK_ELEMENTS` and `merge_placed.BLOCK` lowered), which must write the same bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import loractl.ops.merge_kernel as kernel
+import loractl.ops.merge_placed as placed
 from loractl.ops.merge import merge
 from tests.helpers import save
 
@@ -37,6 +38,7 @@ def _both(base: Path, lora: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, na
 
     with monkeypatch.context() as m:
         m.setattr(kernel, "BLOCK_ELEMENTS", 2048)
+        m.setattr(placed, "BLOCK", 2048)
         m.setattr(kernel, "merge_rows", counted)
         blocks = merge(base, [lora], tmp / f"blocks{name}", **kw)
     assert len(calls) > 2 * len(whole.modules) // 3 + 1, calls  # several blocks per tensor, not one each

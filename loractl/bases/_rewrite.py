@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..io.checkpoint import Checkpoint
-    from ..io.safetensors_writer import Block
+    from ..io.safetensors_writer import Block, StreamWriter
+    from ..io.write_queue import WriteQueue
     from .protocol import TensorSink
 
 
@@ -26,11 +27,22 @@ def rewrite_file(
 ) -> None:
     """`shard` (one file of `ckpt`) written to `out` with `metadata` added and the tensors `merged` merged."""
     from ..io.safetensors_writer import StreamWriter, TensorSpec
-    from ..io.tensor_bytes import torch_dtype
+    from ..io.write_queue import WriteQueue
+    from ..ops.merge_kernel import BLOCK_ELEMENTS
 
     header = ckpt.headers[shard]
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in header.tensors.items()]
-    writer = StreamWriter(out, specs, {**header.metadata, **metadata})
+    with WriteQueue(BLOCK_ELEMENTS * 4) as queue:  # the writes on a thread of their own, beside the merge
+        writer = StreamWriter(out, specs, {**header.metadata, **metadata}, queue)
+        _write_all(ckpt, writer, merged, sink, queue)
+        queue.drain()
+
+
+def _write_all(
+    ckpt: Checkpoint, writer: StreamWriter, merged: Collection[str], sink: TensorSink, queue: WriteQueue
+) -> None:
+    from ..io.tensor_bytes import torch_dtype
+
     try:
         for spec in writer.order:
             if spec.name not in merged:
@@ -40,8 +52,10 @@ def rewrite_file(
             dtype = torch_dtype(spec.dtype)
 
             def store(_: int, rows: torch.Tensor, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
-                out = rows.to(dtype)
-                return (out, None), out.float()
+                nbytes = rows.numel() * dtype.itemsize
+                owner = queue.buffer(nbytes)  # back to the queue's pool once written
+                out = owner[:nbytes].view(dtype).view(rows.shape).copy_(rows)
+                return (out, owner), out
 
             writer.write(spec.name, sink.blocks(spec.name, partial(ckpt.get_rows, spec.name), store))
     except BaseException:

@@ -199,22 +199,24 @@ def merged_blocks(
         yield out, owner
 
 
-def block_bounds(rows: int, cols: int) -> list[int]:
-    """Where the row blocks of a (rows, cols) weight start, then `rows`: at most `BLOCK_ELEMENTS` each,
+def block_bounds(rows: int, cols: int, elements: int | None = None) -> list[int]:
+    """Where the row blocks of a (rows, cols) weight start, then `rows`: at most `elements` (`BLOCK_ELEMENTS`) each,
     balanced (sizes differ by one row at most) so that none has fewer than `MIN_ROWS` rows (a weight
     of fewer rows is one block, as PEFT's product is)."""
-    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+    step = max(MIN_ROWS, (elements or BLOCK_ELEMENTS) // max(cols, 1))
     count = max(1, min(-(-rows // step), rows // MIN_ROWS))
     return [i * rows // count for i in range(count + 1)]
 
 
-def aligned_bounds(rows: int, cols: int, multiple: int = 1, whole: bool = False) -> list[int]:
+def aligned_bounds(
+    rows: int, cols: int, multiple: int = 1, whole: bool = False, elements: int | None = None
+) -> list[int]:
     """`block_bounds` for a base that stores rows in groups of `multiple` (FP8's 128-row scale blocks, a
     4-bit block of 64 values spanning rows): every bound but the last a multiple of it, no block under
     `MIN_ROWS` rows. `whole`: one block (a DoRA update normalising stored columns needs every row)."""
     if whole or rows <= MIN_ROWS:
         return [0, rows]
-    bounds = block_bounds(rows, cols)
+    bounds = block_bounds(rows, cols, elements)
     if multiple > 1:
         bounds = sorted({0, *(b // multiple * multiple for b in bounds[1:-1]), rows})
     kept = [0]

@@ -241,6 +241,35 @@ def placed_delta(module: LoraModule, weight: float, p: Placement, rows: int) -> 
     return module_delta(module, weight)
 
 
+@dataclass(frozen=True)
+class BlockFigures:
+    """`TensorFigures`' sums over one block of rows."""
+
+    weight_sq: float
+    delta_sq: float
+    carried: float
+    error_sq: float
+
+
+def block_figures(
+    start: torch.Tensor, delta: torch.Tensor, weight_sq: float, delta_sq: float, stored: torch.Tensor | None,
+    quantized: bool,
+) -> BlockFigures:  # fmt: skip
+    """One block of rows, as (rows, cols) float32: W (overwritten), ΔW (`weight_sq` = ‖W‖², `delta_sq` = ‖ΔW‖²,
+    already taken) and what the output holds for W + ΔW (None: W + ΔW itself). Per row in float32 (norms exact
+    to float32 rounding), summed over rows in float64: a float64 copy of each block costs 3× the passes.
+    ⟨ΔW_s, ΔW⟩ only where `quantized` (a float type's loss is ‖stored − merged‖: `rounding_loss`)."""
+    import torch
+
+    from .merge_kernel import rows_sq
+
+    if stored is None:
+        return BlockFigures(weight_sq, delta_sq, delta_sq, 0.0)
+    moved = torch.sub(stored.reshape(start.shape), start, out=start)  # the change the output carries, ΔW_s
+    carried = float(torch.linalg.vecdot(moved, delta, dim=1).double().sum()) if quantized else 0.0
+    return BlockFigures(weight_sq, delta_sq, carried, rows_sq(moved.sub_(delta)))  # stored − merged
+
+
 @dataclass
 class TensorFigures:
     """What the report says of one stored tensor, summed in float64 over its row blocks as they are merged
@@ -252,22 +281,12 @@ class TensorFigures:
     carried: float = 0.0
     error_sq: float = 0.0
 
-    def add(self, start: torch.Tensor, delta: torch.Tensor, delta_sq: float, stored: torch.Tensor | None) -> None:
-        """One block of rows, as (rows, cols) float32: W, ΔW (`delta_sq` = ‖ΔW‖², already taken for the finite
-        check) and what the output holds for W + ΔW (None: W + ΔW itself). Per row in float32 (norms exact
-        to float32 rounding), summed over rows in float64: a float64 copy of each block costs 3× the passes."""
-        import torch
-
-        from .merge_kernel import rows_sq
-
-        self.weight_sq += rows_sq(start)
-        self.delta_sq += delta_sq
-        if stored is None:
-            self.carried += delta_sq
-            return
-        moved = stored.reshape(start.shape) - start  # the change the output carries, ΔW_s
-        self.carried += float(torch.linalg.vecdot(moved, delta, dim=1).double().sum())
-        self.error_sq += rows_sq(moved.sub_(delta))  # stored − merged
+    def add(self, block: BlockFigures) -> None:
+        """One block's figures, blocks in row order (the float64 sums then do not depend on threads)."""
+        self.weight_sq += block.weight_sq
+        self.delta_sq += block.delta_sq
+        self.carried += block.carried
+        self.error_sq += block.error_sq
 
     @property
     def base_norm(self) -> float:
