@@ -87,7 +87,7 @@ def build(work: Path, double: int, single: int, rank: int) -> None:
 
 
 def _child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process."""
+    """(wall seconds, peak RSS in MiB) of one child process."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     with tempfile.TemporaryFile("w+") as out:
@@ -142,7 +142,7 @@ def main() -> None:
     print(json.dumps({"base_bytes": size, "double": double, "single": single, "rank": args.rank, "load": load,
                       "machine": _machine(), "results": results}))  # fmt: skip
     cp = results["cp"][0]
-    print("| contender | wall s | × cp | peak RSS MB |\n|---|---|---|---|")
+    print("| contender | wall s | × cp | peak RSS MiB |\n|---|---|---|---|")
     for name, (wall, rss) in results.items():
         print(f"| {name} | {wall:.1f} | {wall / cp:.2f} | {rss:.0f} |")
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
