@@ -21,6 +21,7 @@ from .lora_embedding import LoraEmbedding
 from .lora_init import residual_init_
 from .lora_layers import LoraLinear, is_adaptable
 from .saved_modules import train_in_full
+from .sibling_lora import group_siblings
 
 ALL_LINEAR = "all-linear"
 
@@ -45,7 +46,8 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     A is drawn from a generator seeded with `config.seed`, so the same config gives the same start.
     An embedding named in the targets gets PEFT's embedding LoRA (`LoraEmbedding`); the modules in
     `config.train_modules` are trained in full (PEFT's `modules_to_save`, see `saved_modules`).
-    Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
+    Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`), and adapted
+    q/k/v and gate/up siblings one shared low-rank node each (`sibling_lora`).
     `config.init` pissa/olora also rewrites each adapted base weight to its residual (`lora_init`).
     """
     config = config or TrainConfig()
@@ -63,6 +65,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, leaf, _wrap(name, getattr(parent, leaf), config, generator))
+    group_siblings(model)
     fuse(model)
     return Injection(tuple(chosen), *parameter_counts(model), full=full)
 
