@@ -107,8 +107,7 @@ class _SiblingLoraMatmul(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         x, h, stacked, *b_s = ctx.saved_tensors
         layers: tuple[LoraLinear, ...] = ctx.group.layers
-        grad_hs, grad_ps = [], []
-        grad_x: torch.Tensor | None = None
+        grad_hs, grad_ps, frozen = [], [], []
         start = 0
         for layer, b, grad_out in zip(layers, b_s, grads, strict=True):
             rank = b.shape[1]
@@ -119,13 +118,26 @@ class _SiblingLoraMatmul(torch.autograd.Function):
             grad_hs.append((grad_f @ b).mul_(layer.scale))
             grad_ps.append((h_i.t() @ grad_f).mul_(layer.scale).t())  # B's gradient
             if ctx.needs_input_grad[0]:
-                frozen = layer.frozen_input_grad(grad)
-                grad_x = frozen.to(h.dtype) if grad_x is None else grad_x.add_(frozen)
+                frozen.append(layer.frozen_input_grad(grad))
         grad_h = torch.cat(grad_hs, dim=1)  # (tokens, Σrank)
         flat = x.reshape(-1, x.shape[-1])
         grad_stacked = grad_h.t() @ flat.to(h.dtype)  # every A's gradient in one product
         grad_as = grad_stacked.split([b.shape[1] for b in b_s])
+        grad_x = _summed_input_grad(frozen, grad_h, stacked) if frozen else None
         if grad_x is not None:
-            grad_x = grad_x.addmm_(grad_h, stacked).view(x.shape).to(x.dtype)
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         params = [g for pair in zip(grad_as, grad_ps, strict=True) for g in pair]
         return (grad_x, None, *params)
+
+
+def _summed_input_grad(frozen: list[torch.Tensor], grad_h: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Σ gᵢ·Wᵢ + grad_h·A_stacked in float32: into a float32 frozen gradient where there is one, else into the
+    low-rank product (a bf16 frozen gradient is then added without a cast copy of its own)."""
+    own = next((i for i, f in enumerate(frozen) if f.dtype == grad_h.dtype), None)
+    if own is None:
+        total = grad_h @ stacked
+    else:
+        total = frozen.pop(own).addmm_(grad_h, stacked)
+    for f in frozen:
+        total.add_(f)
+    return total
