@@ -36,7 +36,7 @@ def run(model: nn.ModuleDict, x: torch.Tensor) -> tuple[list[torch.Tensor], list
     x = x.detach().requires_grad_(True)
     outs = [model[n](x) for n in ("q_proj", "k_proj", "v_proj")]
     weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
-    sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
+    sum((o.float() * w).sum() for o, w in zip(outs, weights, strict=True)).backward()
     params = [p for n in ("q_proj", "k_proj", "v_proj") for p in (model[n].lora_A, model[n].lora_B)]
     return [o.detach().float() for o in outs], [x.grad.float(), *(p.grad for p in params)]  # type: ignore[union-attr]
 
