@@ -69,6 +69,19 @@ def test_siblings_take_their_outputs_from_one_grouped_call(monkeypatch: pytest.M
     torch.testing.assert_close(model["v_proj"](x), model["v_proj"].own_forward(x))
 
 
+def test_siblings_fed_different_inputs_split_for_good() -> None:
+    model = adapted(torch.float32)
+    group = SiblingGroup([model[n] for n in ("q_proj", "k_proj", "v_proj")])
+    for n in ("q_proj", "k_proj", "v_proj"):
+        model[n].siblings = group
+    x, memory = torch.randn(3, 24), torch.randn(5, 24)
+    q = model["q_proj"](x)  # cross-attention: q reads x, k and v the encoder's memory
+    k, v = model["k_proj"](memory), model["v_proj"](memory)
+    assert group.split
+    for n, out, inp in (("q_proj", q, x), ("k_proj", k, memory), ("v_proj", v, memory)):
+        torch.testing.assert_close(out, model[n].own_forward(inp))
+
+
 @pytest.mark.parametrize("kwargs", [{"dora": True}, {"dropout": 0.5}])
 def test_dora_and_dropout_fall_back_per_linear(kwargs: dict[str, object]) -> None:
     model = adapted(torch.float32, **kwargs)

@@ -11,7 +11,8 @@ so the numerics are those of the per-linear node (`_LoraMatmul`) up to float sum
 Transformers calls the siblings one at a time (`self.q_proj(x)`, `self.k_proj(x)`, …), so the first
 sibling called computes every sibling's output and the others take theirs from the group when they
 are called with the very same tensor, unchanged (same object, version, grad mode and factor
-versions); anything else recomputes. DoRA, dropout, autocast and torch.compile fall back to the
+versions). A sibling called with another input while outputs are still held (cross-attention's k/v
+read the encoder's states) splits the group for good: every sibling then runs alone. DoRA, dropout, autocast and torch.compile fall back to the
 per-linear forward.
 """
 
@@ -37,6 +38,7 @@ class SiblingGroup:
         self._key: tuple[Any, ...] | None = None
         self._input: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
+        self.split = False  # set for good once a sibling is called with another input (cross-attention)
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`layer`'s output for `x`, or None where the group cannot run (the caller goes per-linear)."""
@@ -46,7 +48,10 @@ class SiblingGroup:
             if not self._pending:
                 self._input = self._key = None
             return out
-        if not self._fusable(x):
+        if self._pending:  # the last grouped outputs went unused: these siblings do not share their input
+            self.split = True
+            self._pending, self._input, self._key = {}, None, None
+        if self.split or not self._fusable(x):
             return None
         params = [p for m in self.layers for p in (m.lora_A, m.lora_B)]
         outs = _SiblingLoraMatmul.apply(x, self, *params)  # type: ignore[no-untyped-call]
