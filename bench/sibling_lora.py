@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from loractl.train import LoraLinear
-from loractl.train.sibling_lora import group_siblings
+from loractl.train.inject import group_siblings
 
 SHAPES = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "gate_proj": 1536, "up_proj": 1536}
 

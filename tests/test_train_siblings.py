@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from loractl.train import LoraLinear
-from loractl.train.sibling_lora import SiblingGroup, group_siblings
+from loractl.train.inject import group_siblings
+from loractl.train.sibling_lora import SiblingGroup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

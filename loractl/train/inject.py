@@ -21,7 +21,7 @@ from .lora_embedding import LoraEmbedding
 from .lora_init import residual_init_
 from .lora_layers import LoraLinear, is_adaptable
 from .saved_modules import train_in_full
-from .sibling_lora import group_siblings
+from .sibling_lora import SIBLINGS, SiblingGroup
 
 ALL_LINEAR = "all-linear"
 
@@ -161,3 +161,19 @@ def _available(names: list[str]) -> str:
 
 def _show(targets: Targets) -> str:
     return repr(targets) if isinstance(targets, str) else ",".join(targets)
+
+
+def group_siblings(model: nn.Module) -> int:
+    """Give each set of adapted Llama-family siblings (q/k/v, gate/up) a shared `SiblingGroup`; the count."""
+    count = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in sorted(names)]
+            layers = [m for m in members if isinstance(m, LoraLinear)]
+            if len(layers) < 2 or len({m.lora_A.shape[1] for m in layers}) != 1:
+                continue
+            group = SiblingGroup(layers)
+            for m in layers:
+                m.siblings = group
+            count += 1
+    return count

@@ -18,22 +18,33 @@ per-linear forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .lora_layers import LoraLinear
-
-# Leaf names of Llama-family siblings that transformers feeds the same tensor.
+# Leaf names of Llama-family siblings that transformers feeds the same tensor (`inject.group_siblings`).
 SIBLINGS = (frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}))
+
+
+class LoraLinear(Protocol):
+    """What the group reads of `lora_layers.LoraLinear` (a protocol: that module imports this one)."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    magnitude: nn.Parameter | None
+    scale: float
+
+    def drops(self) -> bool: ...
+    def frozen_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
+    def frozen_input_grad(self, grad: torch.Tensor) -> torch.Tensor: ...
 
 
 class SiblingGroup:
     """`LoraLinear`s fed one input; computes all their outputs at the first call and hands out the rest."""
 
-    def __init__(self, layers: list[LoraLinear]) -> None:
+    def __init__(self, layers: Sequence[LoraLinear]) -> None:
         self.layers = tuple(layers)
         self._key: tuple[Any, ...] | None = None
         self._input: torch.Tensor | None = None
@@ -67,24 +78,6 @@ class SiblingGroup:
         if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
             return False
         return all(m.magnitude is None and not m.drops() for m in self.layers)
-
-
-def group_siblings(model: nn.Module) -> int:
-    """Give each set of adapted Llama-family siblings (q/k/v, gate/up) a shared `SiblingGroup`; the count."""
-    from .lora_layers import LoraLinear
-
-    count = 0
-    for parent in model.modules():
-        for names in SIBLINGS:
-            members = [getattr(parent, n, None) for n in sorted(names)]
-            layers = [m for m in members if isinstance(m, LoraLinear)]
-            if len(layers) < 2 or len({m.lora_A.shape[1] for m in layers}) != 1:
-                continue
-            group = SiblingGroup(layers)
-            for m in layers:
-                m.siblings = group
-            count += 1
-    return count
 
 
 class _SiblingLoraMatmul(torch.autograd.Function):
