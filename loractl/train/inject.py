@@ -21,7 +21,6 @@ from .lora_embedding import LoraEmbedding
 from .lora_init import residual_init_
 from .lora_layers import LoraLinear, is_adaptable
 from .saved_modules import train_in_full
-from .sibling_lora import SIBLINGS, SiblingGroup
 
 ALL_LINEAR = "all-linear"
 
@@ -46,8 +45,7 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
     A is drawn from a generator seeded with `config.seed`, so the same config gives the same start.
     An embedding named in the targets gets PEFT's embedding LoRA (`LoraEmbedding`); the modules in
     `config.train_modules` are trained in full (PEFT's `modules_to_save`, see `saved_modules`).
-    Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`), and adapted
-    q/k/v and gate/up siblings one shared low-rank node each (`sibling_lora`).
+    Llama-family RMSNorms and gated MLPs get their fused autograd forwards (`fused_blocks`).
     `config.init` pissa/olora also rewrites each adapted base weight to its residual (`lora_init`).
     """
     config = config or TrainConfig()
@@ -65,7 +63,6 @@ def inject(model: nn.Module, config: TrainConfig | None = None) -> Injection:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, leaf, _wrap(name, getattr(parent, leaf), config, generator))
-    group_siblings(model)
     fuse(model)
     return Injection(tuple(chosen), *parameter_counts(model), full=full)
 
@@ -161,19 +158,3 @@ def _available(names: list[str]) -> str:
 
 def _show(targets: Targets) -> str:
     return repr(targets) if isinstance(targets, str) else ",".join(targets)
-
-
-def group_siblings(model: nn.Module) -> int:
-    """Give each set of adapted Llama-family siblings (q/k/v, gate/up) a shared `SiblingGroup`; the count."""
-    count = 0
-    for parent in model.modules():
-        for names in SIBLINGS:
-            members = [getattr(parent, n, None) for n in sorted(names)]
-            layers = [m for m in members if isinstance(m, LoraLinear)]
-            if len(layers) < 2 or len({m.lora_A.shape[1] for m in layers}) != 1:
-                continue
-            group = SiblingGroup(layers)
-            for m in layers:
-                m.siblings = group
-            count += 1
-    return count

@@ -25,7 +25,6 @@ from ..info import scale_from_alpha
 from .base_matmul import frozen_weight, is_conv1d
 from .dora import DoraMatmul, weight_norm
 from .dora import autograd_forward as dora_autograd_forward
-from .sibling_lora import SiblingGroup
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -63,17 +62,8 @@ class LoraLinear(nn.Module):
         _init_a(self.lora_A, init, rank, generator)
         # DoRA's magnitude (out,): the row norms of W, so that the model starts at the base (PEFT's init).
         self.magnitude = nn.Parameter(weight_norm(self)) if dora else None
-        self.siblings: SiblingGroup | None = None  # set by `group_siblings` where q/k/v or gate/up share x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.siblings is not None:
-            grouped = self.siblings.forward(self, x)
-            if grouped is not None:
-                return grouped
-        return self.own_forward(x)
-
-    def own_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This layer's output computed alone (its siblings' grouped node aside)."""
         if self.magnitude is not None:
             if torch.is_autocast_enabled(x.device.type) or self.drops():
                 return dora_autograd_forward(self, x)
