@@ -20,7 +20,6 @@ named as stored: one whose names another merged component shares (SD3's two CLIP
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -409,11 +408,8 @@ class DitWeights:
         return name in self.sources or bool(self.base.canonical([name.removesuffix(".weight")]))
 
     def info(self, name: str) -> TensorInfo:
-        from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
-
         src = self.sources[name]
-        dtype = self.base.ckpt.info(src.key).dtype
-        return TensorInfo(dtype, src.shape, (0, math.prod(src.shape) * DTYPE_SIZES[dtype]))
+        return self.base.ckpt.view_info(src.key, src.shape)
 
     def get(self, name: str) -> torch.Tensor:
         src = self.sources[name]

@@ -14,7 +14,6 @@ metadata, plus loractl's provenance (`loractl_merge`), one tensor at a time.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -227,11 +226,8 @@ class SdWeights:
         return name in self.sources or self.base._source(name.removesuffix(".weight")) is not None
 
     def info(self, name: str) -> TensorInfo:
-        from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
-
         src = self.sources[name]
-        dtype = self.base.ckpt.info(src.key).dtype
-        return TensorInfo(dtype, src.shape, (0, math.prod(src.shape) * DTYPE_SIZES[dtype]))
+        return self.base.ckpt.view_info(src.key, src.shape)
 
     def get(self, name: str) -> torch.Tensor:
         src = self.sources[name]

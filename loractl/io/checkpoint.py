@@ -95,6 +95,12 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.headers[self._where[name]].tensors[name]
 
+    def view_info(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
+        """What a view of stored tensor `name` (some of its rows, as a fused projection's part) reports: its
+        dtype, `shape` and that many bytes."""
+        dtype = self.info(name).dtype
+        return TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype]))
+
     def shard_of(self, name: str) -> Path:
         return self._where[name]
 
