@@ -28,11 +28,10 @@ def rewrite_file(
     """`shard` (one file of `ckpt`) written to `out` with `metadata` added and the tensors `merged` merged."""
     from ..io.safetensors_writer import StreamWriter, TensorSpec
     from ..io.write_queue import WriteQueue
-    from ..ops.merge_kernel import BLOCK_ELEMENTS
 
     header = ckpt.headers[shard]
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in header.tensors.items()]
-    with WriteQueue(BLOCK_ELEMENTS * 4) as queue:  # the writes on a thread of their own, beside the merge
+    with WriteQueue(sink.block_elements * 4) as queue:  # the writes on a thread of their own, beside the merge
         writer = StreamWriter(out, specs, {**header.metadata, **metadata}, queue)
         _write_all(ckpt, writer, merged, sink, queue)
         queue.drain()

@@ -47,6 +47,11 @@ class TensorSink(Protocol):
     """The merge, as a base writing itself calls it for each tensor that changes: a block of rows at a time,
     so that memory is a few blocks whatever the tensor's size."""
 
+    @property
+    def block_elements(self) -> int:
+        """The most values a block holds (bar one of whole rows wider than that): what a writer's buffers take."""
+        ...
+
     def blocks(
         self,
         name: str,

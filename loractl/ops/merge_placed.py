@@ -118,6 +118,10 @@ class _Sink:
         self.rows: list[MergedModule] = []
         self._done = self._bytes = 0
 
+    @property
+    def block_elements(self) -> int:
+        return BLOCK  # read when called: the row-block tests lower it
+
     def blocks(
         self,
         name: str,
