@@ -99,3 +99,14 @@ def target_findings(path: Path, target: str, *options: str | Path) -> dict[str, 
     for f in json.loads(out)["reports"][0]["findings"]:
         found.setdefault(f["code"], []).append(f["module"])
     return found
+
+
+def add_delta_by_hand(model: torch.nn.Module, adapter: Adapter, weight: float = 1.0) -> None:
+    """A diffusers transformer with `weight` · loractl's ΔW (in diffusers' layout) added to each weight, in place:
+    the reference every diffusion-transformer interop and merge test compares diffusers against."""
+    from loractl.formats import in_layout
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in in_layout(adapter, "diffusers").modules.items():
+            params[name.removeprefix("transformer.") + ".weight"] += weight * m.delta_weight()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_module, target_findings
+from helpers import add_delta_by_hand, random_module, target_findings
 from oracles import oracle
 
 from loractl.adapter import Adapter
@@ -56,10 +56,7 @@ def _run(model: torch.nn.Module) -> torch.Tensor:
 def _by_hand(diffusers: Any, adapter: Adapter) -> torch.Tensor:
     """The tiny model with loractl's ΔW (in diffusers' layout) added to each weight."""
     model = _model(diffusers)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, m in in_layout(adapter, "diffusers").modules.items():
-            params[name.removeprefix("transformer.") + ".weight"] += m.delta_weight()
+    add_delta_by_hand(model, adapter)
     return _run(model)
 
 

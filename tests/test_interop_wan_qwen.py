@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_module, target_findings
+from helpers import add_delta_by_hand, random_module, target_findings
 from oracles import oracle
 
 from loractl.adapter import Adapter
-from loractl.formats import in_layout, load_adapter, save_adapter
+from loractl.formats import load_adapter, save_adapter
 from loractl.io.safetensors_header import read_header
 from loractl.ops.convert import convert
 
@@ -102,10 +102,7 @@ def _run(case: Case, model: torch.nn.Module) -> torch.Tensor:
 
 def _by_hand(diffusers: Any, case: Case, adapter: Adapter) -> torch.Tensor:
     model = case.model(diffusers)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, m in in_layout(adapter, "diffusers").modules.items():
-            params[name.removeprefix("transformer.") + ".weight"] += m.delta_weight()
+    add_delta_by_hand(model, adapter)
     return _run(case, model)
 
 

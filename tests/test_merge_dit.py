@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import random_module
+from helpers import add_delta_by_hand, random_module
 from oracles import oracle
 
 from loractl.adapter import Adapter
@@ -187,10 +187,7 @@ def _adapter() -> Adapter:
 
 def _by_hand(diffusers: Any, adapter: Adapter, weight: float = 1.0) -> torch.Tensor:
     model = _model(diffusers)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, m in in_layout(adapter, "diffusers").modules.items():
-            params[name.removeprefix("transformer.") + ".weight"] += weight * m.delta_weight()
+    add_delta_by_hand(model, adapter, weight)
     return _run(model)
 
 
@@ -278,10 +275,7 @@ def test_weight_and_comfyui_prefix_in_bf16(diffusers: Any, bases: dict[str, Path
 
 
 def _by_hand_on(model: torch.nn.Module, adapter: Adapter, weight: float) -> torch.Tensor:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, m in in_layout(adapter, "diffusers").modules.items():
-            params[name.removeprefix("transformer.") + ".weight"] += weight * m.delta_weight()
+    add_delta_by_hand(model, adapter, weight)
     return _run(model)
 
 
