@@ -417,3 +417,47 @@ def test_a_bare_musubi_hunyuan_video_file_of_shared_names_merges_into_a_hunyuan_
         assert sum(not torch.equal(want[k], sd[k]) for k in want) == 7  # q, k, v twice, and the MLP's input
         for key in want:
             assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), (kind, key)
+
+
+@pytest.mark.parametrize("name", ["LTX-Video", "Z-Image"])
+def test_an_adapter_in_the_checkpoint_s_own_names_lands_on_either_base(
+    diffusers: Any, tmp_path: Path, name: str
+) -> None:
+    """An adapter named as the model's own checkpoint names its modules (ComfyUI's native names: LTX-Video's
+    `patchify_proj`, `adaln_single.linear`; Z-Image's fused `attention.qkv`, `attention.out`, `x_embedder`): on
+    diffusers' directory a fused module's ΔW is split in thirds as diffusers' converter splits the weight
+    (`torch.chunk`), on the single file it is the stored tensor's own; the merged weights are W + ΔW by hand."""
+    from helpers import random_module
+
+    from loractl.adapter import Adapter
+    from loractl.ops.merge import merge
+
+    case = CASES[name]
+    sd = {k: v.detach().clone() for k, v in _model(diffusers, case).state_dict().items()}
+    _model(diffusers, case).save_pretrained(tmp_path / "dir")
+    original = {f"{case.prefix}{k}": v for k, v in _original_state(name, sd).items()}
+    save_tensors(tmp_path / "original.safetensors", original)
+    own = {
+        "LTX-Video": {"patchify_proj": "proj_in", "adaln_single.linear": "time_embed.linear"},
+        "Z-Image": {"layers.1.attention.qkv": "layers.1.attention.to_{}", "noise_refiner.0.attention.out":
+                    "noise_refiner.0.attention.to_out.0", "x_embedder": "all_x_embedder.2-1"},
+    }[name]  # fmt: skip
+    modules = {}
+    for i, module in enumerate(own):
+        out, inp = original[f"{case.prefix}{module}.weight"].shape
+        modules[f"transformer.{module}"] = random_module(out, inp, 2, alpha=3.0, seed=i)
+    path = save_adapter(Adapter(modules=modules), tmp_path / "own.safetensors", format="original")
+    assert set(load_adapter(path).modules) == set(modules)
+    want = dict(sd)
+    for module, diffusers_name in own.items():
+        delta = modules[f"transformer.{module}"].delta_weight()
+        parts = [diffusers_name.format(p) for p in "qkv"] if "{}" in diffusers_name else [diffusers_name]
+        for part, rows in zip(parts, torch.chunk(delta, len(parts)), strict=True):
+            want[f"{part}.weight"] = sd[f"{part}.weight"] + rows
+    for kind in ("dir", "original"):
+        out = tmp_path / ("merged.safetensors" if kind == "original" else "merged")
+        merge(tmp_path / ("original.safetensors" if kind == "original" else "dir"), [path], out)
+        got = _merged_state(diffusers, name, out, kind)
+        assert sum(not torch.equal(want[k], sd[k]) for k in want) == len(own) + 2 * (name == "Z-Image")
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), (kind, key)
