@@ -461,3 +461,21 @@ def test_an_adapter_in_the_checkpoint_s_own_names_lands_on_either_base(
         assert sum(not torch.equal(want[k], sd[k]) for k in want) == len(own) + 2 * (name == "Z-Image")
         for key in want:
             assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), (kind, key)
+    if name == "Z-Image":  # converted, it is in diffusers' names, and diffusers' own fuse_lora of it agrees
+        from diffusers import loaders
+
+        from loractl.ops.convert import convert
+
+        convert(path, tmp_path / "d.safetensors", to="diffusers")
+        model = _model(diffusers, case)
+        state, metadata = getattr(loaders, case.mixin).lora_state_dict(
+            str(tmp_path / "d.safetensors"), return_lora_metadata=True
+        )
+        assert {k.split(".lora_")[0] for k in state} == {
+            f"transformer.{n}" for n in ("layers.1.attention.to_q", "layers.1.attention.to_k", "layers.1.attention.to_v",
+                                         "noise_refiner.0.attention.to_out.0", "all_x_embedder.2-1")}  # fmt: skip
+        model.load_lora_adapter(state, prefix="transformer", metadata=metadata)
+        model.fuse_lora()
+        model.unload_lora()
+        for key, value in model.state_dict().items():
+            assert torch.allclose(value, want[key], rtol=0, atol=1e-6), key

@@ -84,7 +84,9 @@ class Arch:
     at most 19 of them; SD3 1536 or 2432 wide); `blocks` names each kind of numbered block in both layouts,
     for `inspect`. `checkpoint_rules` rename what only the model's own checkpoint names otherwise (LTX-Video's
     `patchify_proj`, Z-Image's fused `attention.qkv`): its LoRA files keep diffusers' names, which both diffusers
-    and ComfyUI read, so adapters are not renamed by them; a base is.
+    and ComfyUI read, so adapters are not renamed by them; a base is. Where the architecture's own diffusers LoRA
+    reader takes such names (Z-Image's `attention.out`), `adapters_split_checkpoint_names`: an adapter in them
+    converts to diffusers' names (written in the original layout, it keeps them).
     """
 
     name: str
@@ -100,6 +102,7 @@ class Arch:
     no_alpha: re.Pattern[str] | None = None  # original-layout modules whose `.alpha` diffusers' reader refuses
     original_leaves: tuple[str, str] = ("lora_down.weight", "lora_up.weight")  # A, B in `diffusion_model.` files
     checkpoint_rules: tuple[Rule, ...] = ()
+    adapters_split_checkpoint_names: bool = False  # an adapter in the checkpoint's names converts to diffusers'
     alike: tuple[str, ...] = ()  # architectures with rules for the same names (HunyuanVideo's blocks are Flux.1's)
 
     def is_original(self, names: dict[str, int]) -> bool:

@@ -5,7 +5,9 @@ kohya's `lora_unet_layers_0_attention_to_q` (with `.alpha`); nothing is fused or
 The model's own checkpoint (ComfyUI's `z_image_turbo_bf16.safetensors`: Lumina 2's NextDiT names) fuses q, k, v
 (`attention.qkv`, 1:1:1) and names `attention.out` (`to_out.0`), `q_norm`/`k_norm`, `x_embedder` and
 `final_layer` (`all_x_embedder.2-1`, `all_final_layer.2-1`: patch 2, frame patch 1), as
-`convert_z_image_transformer_checkpoint_to_diffusers` reads them; a base in that layout is read so.
+`convert_z_image_transformer_checkpoint_to_diffusers` reads them; a base in that layout is read so, and an adapter
+in those names (ComfyUI's native ones; diffusers' LoRA reader renames `attention.out` itself) converts to
+diffusers' names: `qkv` split with its A shared, exactly.
 """
 
 from __future__ import annotations
@@ -38,4 +40,5 @@ Z_IMAGE = Arch(
     },
     text_encoders={"text_encoder": "Qwen3"},
     checkpoint_rules=_CHECKPOINT,
+    adapters_split_checkpoint_names=True,  # diffusers' reader renames `attention.out`; `qkv` splits exactly
 )
