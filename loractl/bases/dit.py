@@ -3,10 +3,11 @@
 A base is either diffusers' (`transformer/diffusion_pytorch_model*.safetensors`, sharded with an index or not,
 or a whole pipeline directory whose `transformer/` is merged) or the original single file (`flux1-dev.safetensors`:
 `double_blocks.N.img_attn.qkv.weight`, q/k/v fused; with ComfyUI's `model.diffusion_model.` prefix or BFL's
-bare names; LTX-Video's and Z-Image's with their checkpoint-only renames, `Arch.checkpoint_rules`). The name map is the adapters' own (`formats._dit`: one rule per original module), read the other
-way: each weight in diffusers' terms (`transformer_blocks.0.attn.to_q.weight`) is a stored tensor, or rows of
-a fused one, or one with its row halves exchanged (the final AdaLN's shift/scale order). So an adapter in
-either layout merges into either base: a split module lands on its rows of the fused tensor, a fused module
+bare names). The name map is the adapters' own (`formats._dit`: one rule per original module, and the renames
+only a model's own checkpoint has, `Arch.checkpoint_rules`: LTX-Video's `patchify_proj`, Z-Image's fused
+`attention.qkv`), read the other way: each weight in diffusers' terms (`transformer_blocks.0.attn.to_q.weight`)
+is a stored tensor, or rows of a fused one, or one with its row halves exchanged (the final AdaLN's shift/scale
+order). So an adapter in either layout merges into either base: a split module lands on its rows of the fused tensor, a fused module
 on each split tensor (`Placement.part`: its rows of ΔW).
 
 The fingerprint, and `extract`'s view of the base (`DitWeights`), are in diffusers' terms whatever the file's

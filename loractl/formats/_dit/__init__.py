@@ -131,10 +131,9 @@ def _renamed_norms(full: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
 
 def _split_all(arch: Arch, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
     out: dict[str, LoraModule] = {}
+    match_original = arch.match_checkpoint if arch.adapters_split_checkpoint_names else arch.match_original
     for name, m in modules.items():
-        rel = name[len(COMPONENT) :] if name.startswith(COMPONENT) else None
-        match_original = arch.match_checkpoint if arch.adapters_split_checkpoint_names else arch.match_original
-        match = match_original(rel) if rel is not None else None
+        match = match_original(name[len(COMPONENT) :]) if name.startswith(COMPONENT) else None
         if match is None:
             out[name] = m
             continue

@@ -17,11 +17,11 @@ from .rules import Arch, Rule
 # by `inspect`; nothing is renamed for either, so only the name and the original layout's leaves depend on it
 _MARKS = re.compile(r"^transformer_blocks\.\d+\.attn1\.|^(caption_projection|time_embed)\.")
 
-_TIME = "adaln_single.emb.timestep_embedder.linear_{}"
+_TIMESTEP = "emb.timestep_embedder"
 _CHECKPOINT = (
     Rule("patchify_proj", ("proj_in",)),
     Rule("adaln_single.linear", ("time_embed.linear",)),
-    *(Rule(_TIME.format(i), (_TIME.replace("adaln_single", "time_embed").format(i),)) for i in (1, 2)),
+    *(Rule(f"adaln_single.{_TIMESTEP}.linear_{i}", (f"time_embed.{_TIMESTEP}.linear_{i}",)) for i in (1, 2)),
     *(Rule(f"transformer_blocks.{{}}.{a}.{n}_norm", (f"transformer_blocks.{{}}.{a}.norm_{n}",))
       for a in ("attn1", "attn2") for n in "qk"),
 )  # fmt: skip

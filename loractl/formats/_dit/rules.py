@@ -83,8 +83,8 @@ class Arch:
     diffusers names (Flux.1's double blocks are named as SD3's joint blocks and Qwen-Image's blocks: 3072 wide,
     at most 19 of them; SD3 1536 or 2432 wide); `blocks` names each kind of numbered block in both layouts,
     for `inspect`. `checkpoint_rules` rename what only the model's own checkpoint names otherwise (LTX-Video's
-    `patchify_proj`, Z-Image's fused `attention.qkv`): its LoRA files keep diffusers' names, which both diffusers
-    and ComfyUI read, so adapters are not renamed by them; a base is. Where the architecture's own diffusers LoRA
+    `patchify_proj`, Z-Image's fused `attention.qkv`): its LoRA files keep diffusers' names, which diffusers'
+    readers take, so adapters are not renamed by them; a base is. Where the architecture's own diffusers LoRA
     reader takes such names (Z-Image's `attention.out`), `adapters_split_checkpoint_names`: an adapter in them
     converts to diffusers' names (written in the original layout, it keeps them).
     """
