@@ -63,7 +63,8 @@ class Inspection:
         """The diffusion transformer the adapter is for (`formats.architecture`), from its module names."""
         from .formats import architecture
 
-        return architecture({n: m.in_features for n, m in self.info.modules.items()})
+        modules = {n: m.in_features for n, m in self.info.modules.items()}
+        return architecture(modules, kohya=self.info.format == "kohya")
 
     @property
     def failed(self) -> bool:
@@ -164,6 +165,7 @@ def architecture_line(arch: dict[str, Any]) -> str:
     parts = [f"{n} {what}" for what, n in arch["blocks"].items()]
     if arch["outside_blocks"]:
         parts.append(f"{len(arch['outside_blocks'])} outside the blocks")
-    line = f"{arch['name']} transformer, {names}: {', '.join(parts) or 'no block'}"
+    name = " or ".join([arch["name"], *arch.get("alike", [])])  # named alike: nothing tells them apart
+    line = f"{name} transformer, {names}: {', '.join(parts) or 'no block'}"
     encoders = ", ".join(f"{what} ({component})" for component, what in arch["text_encoders"].items())
     return line + (f"; text encoders: {encoders}" if encoders else "")

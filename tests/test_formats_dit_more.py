@@ -180,3 +180,56 @@ def test_musubi_hunyuan_video_names_resolve_without_a_record(tmp_path: Path) -> 
     read = load_adapter(path)
     assert set(read.modules) == modules
     assert architecture({n: m.in_features for n, m in read.modules.items()})["name"] == "HunyuanVideo"
+
+
+def test_hunyuan_video_is_told_from_flux1_by_its_names_not_its_block_count() -> None:
+    """Within Flux.1's 19 double / 38 single blocks: HunyuanVideo's own names (`x_embedder.proj`, its Conv3d patch
+    embedder; `img_in.proj`; `img_mlp.fc1`) say HunyuanVideo; Flux.1's `x_embedder` says Flux.1; the shared block
+    names alone say both, and inspect's line names both."""
+    from loractl.inspection import architecture_line
+
+    w = 3072
+    hunyuan = {
+        "diffusers": {"transformer.transformer_blocks.0.attn.to_q": w, "transformer.x_embedder.proj": 16},
+        "original": {"transformer.single_blocks.0.linear1": w, "transformer.img_in.proj": 16},
+        "kohya-read": {"transformer.double_blocks.0.img_attn.qkv": w, "transformer.double_blocks.0.img_mlp.fc1": w},
+    }
+    for what, modules in hunyuan.items():
+        found = architecture(modules)
+        assert found is not None and (found["name"], found["alike"]) == ("HunyuanVideo", []), what
+    flux = architecture({"transformer.transformer_blocks.0.attn.to_q": w, "transformer.x_embedder": 64})
+    assert flux is not None and (flux["name"], flux["alike"]) == ("Flux.1", [])
+    shared = {
+        "diffusers": {"transformer.transformer_blocks.18.attn.to_q": w, "transformer.single_transformer_blocks.37.proj_mlp": w,
+                      "transformer.time_text_embed.guidance_embedder.linear_1": 256},
+        "original": {"transformer.single_blocks.0.linear1": w, "transformer.final_layer.linear": w},
+    }  # fmt: skip
+    for what, modules in shared.items():
+        found = architecture(modules)
+        assert found is not None and (found["name"], found["alike"]) == ("Flux.1", ["HunyuanVideo"]), what
+        assert architecture_line(found).startswith("Flux.1 or HunyuanVideo transformer"), what
+    beyond = architecture({"transformer.transformer_blocks.19.attn.to_q": w})  # Flux.1 has 19 double blocks
+    assert beyond is not None and beyond["name"] == "HunyuanVideo"
+    # kohya's `img_attn_qkv` is either's; read from a diffusion_model. file, `img_attn.qkv` is Flux.1's only
+    qkv = {"transformer.double_blocks.0.img_attn.qkv": w}
+    assert architecture(qkv, kohya=True)["alike"] == ["HunyuanVideo"]  # type: ignore[index]
+    assert architecture(qkv)["alike"] == []  # type: ignore[index]
+
+
+def test_a_wan_adapter_of_the_ffns_only_keeps_its_layout(tmp_path: Path) -> None:
+    """diffusers' `blocks.0.ffn.net.0.proj` is not Wan's original `blocks.0.ffn.0`: each is read in its layout and
+    converts to the other's names."""
+    diffusers_names = {"transformer.blocks.0.ffn.net.0.proj": (4 * H, H), "transformer.blocks.1.ffn.net.2": (H, 4 * H)}
+    original_names = {"transformer.blocks.0.ffn.0": (4 * H, H), "transformer.blocks.1.ffn.2": (H, 4 * H)}
+    for names, layout in ((diffusers_names, "diffusers"), (original_names, "original")):
+        found = architecture({n: inp for n, (_, inp) in names.items()})
+        assert found is not None and (found["name"], found["layout"]) == ("Wan", layout)
+    adapter = Adapter(
+        modules={n: random_module(o, i, 2, seed=k) for k, (n, (o, i)) in enumerate(diffusers_names.items())}
+    )
+    path = save_adapter(adapter, tmp_path / "ffn.safetensors", format="diffusers")
+    convert(path, tmp_path / "original.safetensors", to="original")
+    back = load_adapter(tmp_path / "original.safetensors")
+    assert set(back.modules) == set(original_names)
+    for (name, m), theirs in zip(adapter.modules.items(), original_names, strict=True):
+        assert torch.allclose(back.modules[theirs].delta_weight(), m.delta_weight(), rtol=0, atol=1e-6), name

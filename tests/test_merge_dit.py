@@ -359,13 +359,14 @@ TINY = {
 
 def _rule_adapter(arch: Any, state: dict[str, torch.Tensor]) -> Adapter:
     """A module for every rule whose diffusers weights the model has, in the original layout (fused where the
-    rule fuses); every 2-D block weight in diffusers' names for an architecture with one layout."""
+    rule fuses); every 2-D block weight in diffusers' names for an architecture with one layout, and those its own
+    checkpoint names otherwise."""
     shapes = {
         k.removesuffix(".weight"): tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
     }
     found: dict[str, tuple[int, int]] = {}
-    if not arch.rules:
-        found = {n: s for n, s in shapes.items() if "blocks." in n or "layers." in n}
+    if not arch.rules:  # and the modules the model's own checkpoint names otherwise (LTX-Video's `proj_in`, …)
+        found = {n: s for n, s in shapes.items() if "blocks." in n or "layers." in n or arch.renamed_in_checkpoint(n)}
     for rule in arch.rules:
         for index in sorted(
             {n.split(".")[1] for n in shapes if n.split(".")[1:2] and n.split(".")[1].isdigit()} | {""}

@@ -1,11 +1,14 @@
-"""Merge into Flux.2, HunyuanVideo, SD3.5, Wan and Qwen-Image transformers in every base layout, judged by diffusers.
+"""Merge into Flux.2, HunyuanVideo, SD3.5, Wan, Qwen-Image, LTX-Video and Z-Image transformers in every base layout,
+judged by diffusers.
 
 For each architecture a tiny diffusers transformer (small config, random weights, no download) is the base as
 diffusers saves it (a model directory, or inside a pipeline directory) and as the original single file. The
 original file is built by reading loractl's rule table backwards plus a short list of the tensors no LoRA rule
 names (norms, embeddings), and is then proved by diffusers' own single-file converter
 (`convert_flux2_transformer_checkpoint_to_diffusers`, `convert_hunyuan_video_transformer_to_diffusers`,
-`convert_sd3_transformer_checkpoint_to_diffusers`, `convert_wan_transformer_to_diffusers`), which must give back
+`convert_sd3_transformer_checkpoint_to_diffusers`, `convert_wan_transformer_to_diffusers`,
+`convert_ltx_transformer_checkpoint_to_diffusers`, `convert_z_image_transformer_checkpoint_to_diffusers`: the
+rules and LTX-Video's / Z-Image's checkpoint-only renames read backwards), which must give back
 the model's state dict exactly. Qwen-Image has no converter: its original names are diffusers' (ComfyUI's file
 only adds `model.diffusion_model.`). A merged base, loaded the way diffusers loads that layout (`from_pretrained`
 or the converter), must hold W + w·ΔW by hand for an adapter in each layout (kohya fused, diffusers split,
@@ -30,6 +33,7 @@ from test_merge_dit import TINY, _rule_adapter
 
 from loractl.formats import in_layout, load_adapter, save_adapter
 from loractl.formats._dit import architectures
+from loractl.io.safetensors_header import read_header
 from loractl.io.safetensors_writer import save_tensors
 
 pytestmark = pytest.mark.interop
@@ -92,6 +96,11 @@ CASES = {
                 "model.diffusion_model.", "WanLoraLoaderMixin"),
     "Qwen-Image": Case("QwenImageTransformer2DModel", TINY["QwenImageTransformer2DModel"], None, (),
                        "model.diffusion_model.", "QwenImageLoraLoaderMixin"),
+    "LTX-Video": Case("LTXVideoTransformer3DModel", TINY["LTXVideoTransformer3DModel"],
+                      "convert_ltx_transformer_checkpoint_to_diffusers", (), "model.diffusion_model.",
+                      "LTXVideoLoraLoaderMixin"),
+    "Z-Image": Case("ZImageTransformer2DModel", TINY["ZImageTransformer2DModel"],
+                    "convert_z_image_transformer_checkpoint_to_diffusers", (), "", "ZImageLoraLoaderMixin"),
 }  # fmt: skip
 ARCH = {a.name: a for a in architectures()}
 
@@ -118,7 +127,7 @@ def _original_state(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     indices = {p for k in sd for p in k.split(".") if p.isdigit()} | {""}
-    for rule in arch.rules:
+    for rule in arch.rules + arch.checkpoint_rules:
         for index in sorted(indices):
             if ("{}" in rule.original) != bool(index):
                 continue
@@ -129,7 +138,8 @@ def _original_state(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.T
                 if weight is None or any(p is None for p in parts):
                     continue
                 fused = torch.cat([p for p in parts if p is not None])
-                out[f"{rule.original_name(index)}.{leaf}"] = _swap(fused) if rule.swaps(*weight.shape) else fused
+                swap = weight.ndim == 2 and rule.swaps(*weight.shape)  # a norm's scale: 1-D
+                out[f"{rule.original_name(index)}.{leaf}"] = _swap(fused) if swap else fused
                 used |= {f"{n}.{leaf}" for n in names}
     for key, value in sd.items():
         if key not in used:
@@ -193,7 +203,7 @@ def built(request: pytest.FixtureRequest, diffusers: Any, tmp_path_factory: pyte
     assert all(torch.equal(back[k], sd[k]) for k in sd), [k for k in sd if not torch.equal(back[k], sd[k])]
     save_tensors(root / "original.safetensors", original)
     adapter = _rule_adapter(ARCH[name], sd)
-    layouts = ("kohya", "diffusers", "original") if ARCH[name].rules else ("kohya", "diffusers")
+    layouts = ("kohya", "diffusers", "original")
     adapters = {to: save_adapter(adapter, root / f"lora-{to}.safetensors", format=to) for to in layouts}
     bases = {"dir": root / "dir", "pipe": root / "pipe", "original": root / "original.safetensors"}
     return {"name": name, "sd": sd, "bases": bases, "adapters": adapters}
@@ -226,6 +236,18 @@ def test_each_base_layout_is_detected(built: dict[str, Any]) -> None:
     # Qwen-Image's original names are diffusers': its single file is that layout under ComfyUI's prefix
     single = "diffusers" if name == "Qwen-Image" else "original"
     assert kinds == {"dir": f"{name} diffusers", "pipe": f"{name} diffusers", "original": f"{name} {single}"}
+    stored = set(read_header(built["bases"]["original"]).tensors)
+    assert set(OWN_NAMES.get(name, ())) <= stored, sorted(set(OWN_NAMES[name]) - stored)
+
+
+# names only the models' own checkpoints use (what diffusers' converters rename), in the hand-built single files
+OWN_NAMES = {
+    "LTX-Video": tuple(f"model.diffusion_model.{n}.weight" for n in ("patchify_proj", "adaln_single.linear",
+                       "adaln_single.emb.timestep_embedder.linear_1", "transformer_blocks.1.attn2.k_norm")),
+    "Z-Image": ("layers.1.attention.qkv.weight", "noise_refiner.0.attention.out.weight",
+                "context_refiner.0.attention.q_norm.weight", "x_embedder.weight", "final_layer.linear.weight",
+                "final_layer.adaLN_modulation.1.weight"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers", "original"])
@@ -235,8 +257,6 @@ def test_merge_into_each_layout_is_w_plus_delta(
 ) -> None:
     from loractl.ops.merge import merge
 
-    if layout not in built["adapters"]:
-        pytest.skip(f"{built['name']} has one layout of names")
     name, sd, path = built["name"], built["sd"], built["adapters"][layout]
     out = tmp_path / ("merged.safetensors" if kind == "original" else "merged")
     report = merge(built["bases"][kind], [path], out, weights=[0.75])
@@ -358,3 +378,104 @@ def test_text_encoders_sharing_their_names_are_refused(diffusers: Any, tmp_path:
         assert set(refused) == {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
                                 "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"}, layout  # fmt: skip
         assert all(p.code == "not-in-base" and "shares" in p.message and p.hint for p in refused.values())
+
+
+def test_a_bare_musubi_hunyuan_video_file_of_shared_names_merges_into_a_hunyuan_video_base(
+    diffusers: Any, tmp_path: Path
+) -> None:
+    """musubi-tuner's `lora_unet_double_blocks_0_img_attn_qkv` and `…single_blocks_0_linear1` without loractl's record
+    are Flux.1's names as much (read so): on a HunyuanVideo base, in either layout, they are its `img_attn_qkv` and
+    `linear1`, and the merged weights are W + ΔW by hand."""
+    from helpers import random_module
+    from safetensors.torch import load_file
+
+    from loractl.adapter import Adapter
+    from loractl.ops.merge import merge
+
+    name = "HunyuanVideo"
+    model = _model(diffusers, CASES[name])
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "dir")
+    save_tensors(tmp_path / "original.safetensors", _original_state(name, sd))
+    width = sd["transformer_blocks.0.attn.to_q.weight"].shape[1]
+    modules = {"transformer.double_blocks.0.img_attn_qkv": random_module(3 * width, width, 2, alpha=3.0),
+               "transformer.single_blocks.0.linear1": random_module(7 * width, width, 2, alpha=3.0, seed=1)}  # fmt: skip
+    written = save_adapter(Adapter(modules=modules), tmp_path / "loractl.safetensors", format="kohya")
+    save_tensors(tmp_path / "bare.safetensors", load_file(written))  # as musubi-tuner writes it: no record
+    assert set(load_adapter(tmp_path / "bare.safetensors").modules) == {
+        "transformer.double_blocks.0.img_attn.qkv", "transformer.single_blocks.0.linear1"}  # fmt: skip
+    want = dict(sd)
+    for module, m in in_layout(Adapter(modules=modules), "diffusers").modules.items():
+        key = module.removeprefix("transformer.") + ".weight"
+        want[key] = sd[key] + m.delta_weight()
+    for kind in ("dir", "original"):
+        out = tmp_path / ("merged.safetensors" if kind == "original" else "merged")
+        merge(
+            tmp_path / ("original.safetensors" if kind == "original" else "dir"), [tmp_path / "bare.safetensors"], out
+        )
+        got = _merged_state(diffusers, name, out, kind)
+        assert sum(not torch.equal(want[k], sd[k]) for k in want) == 7  # q, k, v twice, and the MLP's input
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), (kind, key)
+
+
+@pytest.mark.parametrize("name", ["LTX-Video", "Z-Image"])
+def test_an_adapter_in_the_checkpoint_s_own_names_lands_on_either_base(
+    diffusers: Any, tmp_path: Path, name: str
+) -> None:
+    """An adapter named as the model's own checkpoint names its modules (ComfyUI's native names: LTX-Video's
+    `patchify_proj`, `adaln_single.linear`; Z-Image's fused `attention.qkv`, `attention.out`, `x_embedder`): on
+    diffusers' directory a fused module's ΔW is split in thirds as diffusers' converter splits the weight
+    (`torch.chunk`), on the single file it is the stored tensor's own; the merged weights are W + ΔW by hand."""
+    from helpers import random_module
+
+    from loractl.adapter import Adapter
+    from loractl.ops.merge import merge
+
+    case = CASES[name]
+    sd = {k: v.detach().clone() for k, v in _model(diffusers, case).state_dict().items()}
+    _model(diffusers, case).save_pretrained(tmp_path / "dir")
+    original = {f"{case.prefix}{k}": v for k, v in _original_state(name, sd).items()}
+    save_tensors(tmp_path / "original.safetensors", original)
+    own = {
+        "LTX-Video": {"patchify_proj": "proj_in", "adaln_single.linear": "time_embed.linear"},
+        "Z-Image": {"layers.1.attention.qkv": "layers.1.attention.to_{}", "noise_refiner.0.attention.out":
+                    "noise_refiner.0.attention.to_out.0", "x_embedder": "all_x_embedder.2-1"},
+    }[name]  # fmt: skip
+    modules = {}
+    for i, module in enumerate(own):
+        out, inp = original[f"{case.prefix}{module}.weight"].shape
+        modules[f"transformer.{module}"] = random_module(out, inp, 2, alpha=3.0, seed=i)
+    path = save_adapter(Adapter(modules=modules), tmp_path / "own.safetensors", format="original")
+    assert set(load_adapter(path).modules) == set(modules)
+    want = dict(sd)
+    for module, diffusers_name in own.items():
+        delta = modules[f"transformer.{module}"].delta_weight()
+        parts = [diffusers_name.format(p) for p in "qkv"] if "{}" in diffusers_name else [diffusers_name]
+        for part, rows in zip(parts, torch.chunk(delta, len(parts)), strict=True):
+            want[f"{part}.weight"] = sd[f"{part}.weight"] + rows
+    for kind in ("dir", "original"):
+        out = tmp_path / ("merged.safetensors" if kind == "original" else "merged")
+        merge(tmp_path / ("original.safetensors" if kind == "original" else "dir"), [path], out)
+        got = _merged_state(diffusers, name, out, kind)
+        assert sum(not torch.equal(want[k], sd[k]) for k in want) == len(own) + 2 * (name == "Z-Image")
+        for key in want:
+            assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), (kind, key)
+    if name == "Z-Image":  # converted, it is in diffusers' names, and diffusers' own fuse_lora of it agrees
+        from diffusers import loaders
+
+        from loractl.ops.convert import convert
+
+        convert(path, tmp_path / "d.safetensors", to="diffusers")
+        model = _model(diffusers, case)
+        state, metadata = getattr(loaders, case.mixin).lora_state_dict(
+            str(tmp_path / "d.safetensors"), return_lora_metadata=True
+        )
+        assert {k.split(".lora_")[0] for k in state} == {
+            f"transformer.{n}" for n in ("layers.1.attention.to_q", "layers.1.attention.to_k", "layers.1.attention.to_v",
+                                         "noise_refiner.0.attention.to_out.0", "all_x_embedder.2-1")}  # fmt: skip
+        model.load_lora_adapter(state, prefix="transformer", metadata=metadata)
+        model.fuse_lora()
+        model.unload_lora()
+        for key, value in model.state_dict().items():
+            assert torch.allclose(value, want[key], rtol=0, atol=1e-6), key

@@ -3,10 +3,11 @@
 A base is either diffusers' (`transformer/diffusion_pytorch_model*.safetensors`, sharded with an index or not,
 or a whole pipeline directory whose `transformer/` is merged) or the original single file (`flux1-dev.safetensors`:
 `double_blocks.N.img_attn.qkv.weight`, q/k/v fused; with ComfyUI's `model.diffusion_model.` prefix or BFL's
-bare names). The name map is the adapters' own (`formats._dit`: one rule per original module), read the other
-way: each weight in diffusers' terms (`transformer_blocks.0.attn.to_q.weight`) is a stored tensor, or rows of
-a fused one, or one with its row halves exchanged (the final AdaLN's shift/scale order). So an adapter in
-either layout merges into either base: a split module lands on its rows of the fused tensor, a fused module
+bare names). The name map is the adapters' own (`formats._dit`: one rule per original module, and the renames
+only a model's own checkpoint has, `Arch.checkpoint_rules`: LTX-Video's `patchify_proj`, Z-Image's fused
+`attention.qkv`), read the other way: each weight in diffusers' terms (`transformer_blocks.0.attn.to_q.weight`)
+is a stored tensor, or rows of a fused one, or one with its row halves exchanged (the final AdaLN's shift/scale
+order). So an adapter in either layout merges into either base: a split module lands on its rows of the fused tensor, a fused module
 on each split tensor (`Placement.part`: its rows of ΔW).
 
 The fingerprint, and `extract`'s view of the base (`DitWeights`), are in diffusers' terms whatever the file's
@@ -86,14 +87,15 @@ def identify(shapes: dict[str, tuple[int, ...]]) -> Identified | None:
 def _layout(arch: Arch, names: list[str]) -> Layout:
     """The layout most of a base's weights are named in: a whole model tells apart what one adapter module may
     not (Wan's diffusers `blocks.0.ffn.net.0.proj` also looks like its original `blocks.0.ffn.`)."""
-    original = sum(arch.match_original(n) is not None for n in names)
-    split = sum(arch.match_diffusers(n) is not None for n in names)
-    return "original" if original > split else "diffusers"  # one layout (no rules): diffusers' names
+    original = sum(arch.match_checkpoint(n) is not None for n in names)
+    split = sum(arch.renamed_in_checkpoint(n) for n in names)
+    return "original" if original > split else "diffusers"  # one vocabulary (Qwen-Image): diffusers' names
 
 
 def diffusers_sources(found: Identified, shapes: dict[str, tuple[int, ...]]) -> dict[str, _Src]:
     """Each transformer tensor in diffusers' terms (`transformer_blocks.0.attn.to_q.weight`, …) → where it is
-    stored. An original tensor no rule names (a norm's scale, …) has no entry."""
+    stored. An original tensor no rule names (a norm's scale, …) has no entry, unless the architecture's names are
+    diffusers' but for its rules (LTX-Video, Z-Image: `Arch.shares_names`)."""
     out: dict[str, _Src] = {}
     for key, shape in shapes.items():
         if not key.startswith(found.prefix):
@@ -103,8 +105,10 @@ def diffusers_sources(found: Identified, shapes: dict[str, tuple[int, ...]]) -> 
             out[rel] = _Src(key, shape)
             continue
         stem, _, leaf = rel.rpartition(".")
-        match = found.arch.match_original(stem) if leaf in ("weight", "bias") else None
+        match = found.arch.match_checkpoint(stem) if leaf in ("weight", "bias") else None
         if match is None:
+            if found.arch.shares_names:
+                out[rel] = _Src(key, shape)
             continue
         rule, index = match
         names = rule.diffusers_names(index)
@@ -190,7 +194,7 @@ class DitBase:
         each of diffusers' split tensors."""
         if not module.startswith(COMPONENT):
             return self._place_encoder(module)
-        rel = module[len(COMPONENT) :]
+        rel = self._relative(module)
         src = self.sources.get(f"{rel}.weight")
         if src is not None:
             return Placement(src.key, rows=src.rows, swap_halves=src.swap)
@@ -237,9 +241,14 @@ class DitBase:
                     "give an adapter without its modules")  # fmt: skip
         return replace(error("not-in-base", message, module), hint=hint)
 
+    def _relative(self, module: str) -> str:
+        """A transformer module's name in this base's architecture: a kohya name read as another architecture's
+        (musubi-tuner's HunyuanVideo `img_attn_qkv`, the same string as Flux.1's `img_attn.qkv`) is this one's."""
+        return self.found.arch.from_kohya(module[len(COMPONENT) :])
+
     def _parts(self, rel: str) -> tuple[Rule, list[str], list[_Src]] | None:
         """An original module's rule, its diffusers weights and their sources, when the base has all of them."""
-        match = self.found.arch.match_original(rel) if self.found.arch.rules else None
+        match = self.found.arch.match_checkpoint(rel)
         if match is None:
             return None
         names = match[0].diffusers_names(match[1])
@@ -256,9 +265,9 @@ class DitBase:
         """The weights `modules` apply to, in diffusers' terms (`transformer.….weight`), sorted."""
         out: dict[str, _Src] = {}
         for module in modules:
-            rel = module[len(COMPONENT) :] if module.startswith(COMPONENT) else None
-            if rel is None:
+            if not module.startswith(COMPONENT):
                 continue
+            rel = self._relative(module)
             parts = self._parts(rel) if f"{rel}.weight" not in self.sources else None
             names = [rel] if parts is None else parts[1]
             out |= {f"{COMPONENT}{n}.weight": s for n in names if (s := self.sources.get(f"{n}.weight"))}

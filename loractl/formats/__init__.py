@@ -161,12 +161,13 @@ def save_adapter(
     return FORMATS[format].write(adapter, Path(path), force=force, options=opts)  # type: ignore[no-any-return]
 
 
-def architecture(modules: dict[str, int]) -> dict[str, Any] | None:
+def architecture(modules: dict[str, int], *, kohya: bool = False) -> dict[str, Any] | None:
     """The diffusion transformer (Flux.1, …) an adapter's modules (path → input width) adapt, as `inspect` shows
-    it: name, layout (`diffusers` or `original` names), blocks adapted per kind, text encoders; None for others."""
+    it: name, the others that name its modules alike, layout (`diffusers` or `original` names), blocks adapted per
+    kind, text encoders; None for others. `kohya`: the names were read from a kohya file, whose `_` may stand for `.`."""
     from ._dit import describe_architecture
 
-    return describe_architecture(modules)
+    return describe_architecture(modules, kohya=kohya)
 
 
 def in_layout(adapter: Adapter, format: str) -> Adapter:

@@ -48,7 +48,8 @@ _DIFFUSION_TRANSFORMER = re.compile(
     r"^transformer\.(transformer_blocks|single_transformer_blocks|joint_transformer_blocks|double_stream_blocks"
     r"|single_stream_blocks|blocks|layers|noise_refiner|context_refiner|x_embedder|context_embedder|time_text_embed"
     r"|time_embed|proj_out|norm_out|pos_embed|patch_embed|caption_projection|condition_embedder|adaln_single|img_in|txt_in|proj_in"
-    r"|time_guidance_embed|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)(\.|$)"
+    r"|time_guidance_embed|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation"
+    r"|all_x_embedder|all_final_layer|cap_embedder|t_embedder)(\.|$)"
 )
 # attn-procs names: (a) for the UNet, and the text encoder's CLIP names they stood for.
 _PROC = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}

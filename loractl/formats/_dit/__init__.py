@@ -12,7 +12,8 @@ writer of the other layout calls `relayout`:
   blocks, one rounding in B's dtype). A part the adapter lacks contributes zero rows.
 
 The architectures' tables: `flux` (Flux.1), `flux2` (Flux.2), `hunyuan_video` (HunyuanVideo), `sd3` (SD3 / 3.5), `wan` (Wan 2.x); `qwen` (Qwen-Image), `ltx`
-(LTX-Video) and `z_image` (Z-Image) have one layout (their original names are diffusers').
+(LTX-Video) and `z_image` (Z-Image) have one layout of adapter names (diffusers'); the last two's own checkpoints
+rename a few modules (`Arch.checkpoint_rules`), which only a base's names take.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def recognise(modules: dict[str, int]) -> Recognised | None:
     return None
 
 
-def describe_architecture(modules: dict[str, int]) -> dict[str, Any] | None:
+def describe_architecture(modules: dict[str, int], *, kohya: bool = False) -> dict[str, Any] | None:
     """What `inspect` shows of a diffusion transformer's adapter (module path → input width): the architecture,
     the layout of its names, the blocks of each kind it adapts, and the text encoders it adapts."""
     found = recognise(modules)
@@ -84,11 +85,27 @@ def describe_architecture(modules: dict[str, int]) -> dict[str, Any] | None:
     encoders = sorted({m.split(".")[0] for m in modules if m.startswith("text_encoder")})
     return {
         "name": arch.name,
+        "alike": _alike(found, list(rels), kohya=kohya),
         "layout": found.layout if arch.rules else "both",  # Qwen-Image: diffusers' names are the original ones
         "blocks": arch.block_counts(rels),
         "outside_blocks": sorted(n for n in rels if not arch.block_counts([n])),
         "text_encoders": {e: arch.text_encoders.get(e, "?") for e in encoders},
     }
+
+
+def _alike(found: Recognised, names: list[str], *, kohya: bool) -> list[str]:
+    """The other architectures that name every one of these modules alike, widths aside (an adapter of Flux.1's
+    blocks only, ≤ 19 double and ≤ 38 single, is one of HunyuanVideo's too: nothing in it tells them apart; in a
+    kohya file `img_attn_qkv` is either's)."""
+    out = []
+    for other in architectures():
+        if other.name not in found.arch.alike or not names:
+            continue
+        read = [other.from_kohya(n) for n in names] if kohya else names
+        match = other.match_original if found.layout == "original" else other.match_diffusers
+        if all(match(n) is not None for n in read):
+            out.append(other.name)
+    return out
 
 
 def relayout(adapter: Adapter, layout: Layout) -> Adapter:
@@ -114,8 +131,9 @@ def _renamed_norms(full: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
 
 def _split_all(arch: Arch, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
     out: dict[str, LoraModule] = {}
+    match_original = arch.match_checkpoint if arch.adapters_split_checkpoint_names else arch.match_original
     for name, m in modules.items():
-        match = arch.match_original(name[len(COMPONENT) :]) if name.startswith(COMPONENT) else None
+        match = match_original(name[len(COMPONENT) :]) if name.startswith(COMPONENT) else None
         if match is None:
             out[name] = m
             continue

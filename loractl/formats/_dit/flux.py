@@ -50,7 +50,9 @@ FLUX1 = Arch(
     name="Flux.1",
     rules=_DOUBLE + _SINGLE + _EMBEDDERS,
     original_marks=re.compile(r"^(double_blocks|single_blocks)\.\d+\.|^(img_in|txt_in|vector_in\.|guidance_in\.)"),
-    diffusers_marks=re.compile(r"^single_transformer_blocks\.\d+\.|^(x_embedder|time_text_embed\.guidance_embedder)"),
+    # HunyuanVideo has single blocks and a guidance embedder named so too (and is tried first, by its own names):
+    # its patch embedder is `x_embedder.proj`, Flux.1's `x_embedder`
+    diffusers_marks=re.compile(r"^single_transformer_blocks\.\d+\.|^(x_embedder$|time_text_embed\.guidance_embedder)"),
     blocks={
         "double blocks": ("double_blocks", "transformer_blocks"),
         "single blocks": ("single_blocks", "single_transformer_blocks"),
@@ -62,6 +64,7 @@ FLUX1 = Arch(
     max_blocks=19,
     text_encoders={"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
     kohya_text_encoders={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
+    alike=("HunyuanVideo",),
 )
 
 # BFL's control LoRAs (FLUX.1 Canny / Depth [dev] LoRA) replace the qk norms' scales: full tensors, named as

@@ -6,8 +6,10 @@ blocks fuse q, k, v (`img_attn_qkv`, `txt_attn_qkv`), a single block's `linear1`
 (shift, scale) where diffusers' `norm_out` stores (scale, shift). diffusers' LoRA reader swaps the halves of that
 module's A as well as B's, which is no longer the same ΔW: `validate --target diffusers` warns.
 
-Its diffusers names are Flux.1's inside the blocks (also 3072 wide): the text refiner (`context_embedder.`), the
-embedders' names, or a double block past Flux.1's 19th / a single block past its 38th tell HunyuanVideo.
+Its diffusers names and widths are Flux.1's inside the blocks (3072 wide, MLP 4×): the text refiner
+(`context_embedder.`), the embedders' names (`x_embedder.proj`, a Conv3d; Flux.1's `x_embedder` is a Linear), or a
+double block past Flux.1's 19th / a single block past its 38th tell HunyuanVideo. An adapter of the shared blocks
+alone is read as Flux.1, and `inspect` says it is HunyuanVideo's as much (`Arch.alike`).
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ HUNYUAN_VIDEO = _HunyuanVideo(
     rules=_RULES,
     original_marks=re.compile(
         r"^double_blocks\.\d+\.((img|txt)_attn_(qkv|proj)|(img|txt)_mlp\.fc[12]|(img|txt)_mod\.linear)$"
-        r"|^single_blocks\.\d+\.modulation\.linear$|^txt_in\.|^(time_in|guidance_in)\.mlp\."
+        r"|^single_blocks\.\d+\.modulation\.linear$|^txt_in\.|^(time_in|guidance_in)\.mlp\.|^img_in\.proj$"
     ),
-    diffusers_marks=re.compile(r"^context_embedder\.(token_refiner|proj_in|time_text_embed)\."),
+    diffusers_marks=re.compile(r"^context_embedder\.(token_refiner|proj_in|time_text_embed)\.|^x_embedder\.proj$"),
     blocks={
         "double blocks": ("double_blocks", "transformer_blocks"),
         "single blocks": ("single_blocks", "single_transformer_blocks"),

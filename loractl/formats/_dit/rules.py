@@ -82,7 +82,11 @@ class Arch:
     this architecture has; `widths` (and `max_blocks`) tell it from another architecture with the same
     diffusers names (Flux.1's double blocks are named as SD3's joint blocks and Qwen-Image's blocks: 3072 wide,
     at most 19 of them; SD3 1536 or 2432 wide); `blocks` names each kind of numbered block in both layouts,
-    for `inspect`.
+    for `inspect`. `checkpoint_rules` rename what only the model's own checkpoint names otherwise (LTX-Video's
+    `patchify_proj`, Z-Image's fused `attention.qkv`): its LoRA files keep diffusers' names, which diffusers'
+    readers take, so adapters are not renamed by them; a base is. Where the architecture's own diffusers LoRA
+    reader takes such names (Z-Image's `attention.out`), `adapters_split_checkpoint_names`: an adapter in them
+    converts to diffusers' names (written in the original layout, it keeps them).
     """
 
     name: str
@@ -97,6 +101,9 @@ class Arch:
     kohya_text_encoders: dict[str, str] = field(default_factory=dict)  # pipeline component → sd-scripts prefix
     no_alpha: re.Pattern[str] | None = None  # original-layout modules whose `.alpha` diffusers' reader refuses
     original_leaves: tuple[str, str] = ("lora_down.weight", "lora_up.weight")  # A, B in `diffusion_model.` files
+    checkpoint_rules: tuple[Rule, ...] = ()
+    adapters_split_checkpoint_names: bool = False  # an adapter in the checkpoint's names converts to diffusers'
+    alike: tuple[str, ...] = ()  # architectures with rules for the same names (HunyuanVideo's blocks are Flux.1's)
 
     def is_original(self, names: dict[str, int]) -> bool:
         return any(self.original_marks.match(n) for n in names)
@@ -125,6 +132,23 @@ class Arch:
             if found is not None:
                 return rule, found[0], found[1]
         return None
+
+    def match_checkpoint(self, name: str) -> tuple[Rule, str] | None:
+        """`match_original` for a tensor (its stem) of the model's own checkpoint: the checkpoint's renames too."""
+        for rule in self.rules + self.checkpoint_rules:
+            index = rule.match_original(name)
+            if index is not None:
+                return rule, index
+        return None
+
+    def renamed_in_checkpoint(self, name: str) -> bool:
+        """Whether diffusers' module `name` has another name (or is rows of a fused one) in the model's checkpoint."""
+        return any(rule.match_part(name) is not None for rule in self.rules + self.checkpoint_rules)
+
+    @property
+    def shares_names(self) -> bool:
+        """Whether a checkpoint's tensor no rule names is named as in diffusers (no adapter rules: one vocabulary)."""
+        return not self.rules
 
     def from_kohya(self, name: str) -> str:
         """The module a kohya name resolved to, where the vocabulary's reading is another architecture's (`_` that

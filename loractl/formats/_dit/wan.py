@@ -35,7 +35,10 @@ _RULES = (
 WAN = Arch(
     name="Wan",
     rules=_RULES,
-    original_marks=re.compile(r"^blocks\.\d+\.(self_attn|cross_attn|ffn)\.|^(head\.head|time_projection|img_emb)"),
+    # `blocks.0.ffn.0` (Wan's) but not `blocks.0.ffn.net.0.proj` (diffusers'): an adapter of the FFNs only
+    original_marks=re.compile(
+        r"^blocks\.\d+\.((self_attn|cross_attn)\.|ffn\.\d+$)|^(head\.head|time_projection|img_emb)"
+    ),
     diffusers_marks=re.compile(r"^blocks\.\d+\.(attn1|attn2|ffn\.net)\.|^condition_embedder\."),
     blocks={"blocks": ("blocks", "blocks")},
     text_encoders={"text_encoder": "umT5"},
