@@ -324,3 +324,14 @@ def test_a_vocabulary_grown_in_half_or_a_tokenizer_past_the_rows_is_refused(
         ShapeMismatchError, match=f"the tokenizer beside the adapter has {rows + 1} tokens, its embeddings {rows} rows"
     ):
         evaluate_adapters(TINY, [(str(tmp_path / "more"), loaded)], data)
+
+
+def test_batches_hold_rows_of_similar_length_so_little_padding_is_computed() -> None:
+    from loractl.train.data import Example, collate
+    from loractl.train.evaluation import _batches
+
+    rows = [Example(tuple(range(n)), tuple(range(n))) for n in (5, 50, 6, 49, 7)]
+    batches = _batches(rows, 2)
+    assert [[len(ex.input_ids) for ex in b] for b in batches] == [[50, 49], [7, 6], [5]]
+    padded = sum(collate(b, 0)["input_ids"].numel() for b in batches)
+    assert padded == 100 + 14 + 5  # in file order: 2·50 + 2·49 + 7 = 205 positions

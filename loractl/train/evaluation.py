@@ -32,7 +32,7 @@ from ..io.checkpoint import Checkpoint, other_base
 from ..ops.merge_vocab import grows, tokenizer_files, vocab_findings
 from .base import load_base
 from .base_matmul import is_conv1d
-from .data import IGNORE, Example, collate, load_dataset, require_data_file
+from .data import IGNORE, Example, by_length, collate, load_dataset, require_data_file
 from .lora_layers import is_adaptable
 from .loss import CausalLMLoss
 
@@ -382,7 +382,9 @@ def _layer_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
-    return [examples[i : i + size] for i in range(0, len(examples), size)]
+    """Batches of rows of similar length (longest first), so little padding is computed: the loss is a sum."""
+    ordered = by_length(examples)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def _untracked(items: Iterable[Any], _total: int, _description: str) -> Iterable[Any]:
