@@ -115,18 +115,8 @@ def evaluate_adapters(
             batches = _batches(examples, batch_size)
             loss = mean_loss(model, (track or _untracked)(batches, len(batches), name), pad, device)
             completion = _complete(model, words, prompt, max_new_tokens, chat_template, device) if prompt else None
-        tokens = sum(ex.num_targets for ex in examples)
-        rows.append(
-            EvalRow(
-                name,
-                None if adapter is None else name,
-                loss,
-                _perplexity(loss),
-                completion,
-                tokens,
-                words is not tokenizer,
-            )
-        )
+        tokens, shown = sum(ex.num_targets for ex in examples), None if adapter is None else name
+        rows.append(EvalRow(name, shown, loss, _perplexity(loss), completion, tokens, words is not tokenizer))
     return EvalReport(str(data), dataset.sha256, len(dataset), rows[0].tokens, tuple(rows), prompt, notes)
 
 
@@ -197,8 +187,8 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str) -> None:
             )
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight under its own name too
     resized = {key: tuple(t.shape) for key, t in _grown(model, adapter).items()}
-    own = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head's weight once: it follows
-    for finding in vocab_findings(resized, own, None):
+    once = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head's weight once: it follows
+    for finding in vocab_findings(resized, once, None):
         raise ShapeMismatchError(f"{name}: {finding.message}", hint="save the embeddings and the head whole "
                                  "with an adapter that adds tokens, both resized (PEFT's save_embedding_layers)")  # fmt: skip
     for key, t in adapter.full_tensors.items():
