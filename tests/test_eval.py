@@ -335,3 +335,18 @@ def test_batches_hold_rows_of_similar_length_so_little_padding_is_computed() -> 
     assert [[len(ex.input_ids) for ex in b] for b in batches] == [[50, 49], [7, 6], [5]]
     padded = sum(collate(b, 0)["input_ids"].numel() for b in batches)
     assert padded == 100 + 14 + 5  # in file order: 2·50 + 2·49 + 7 = 205 positions
+
+
+def test_an_adapter_whose_chat_template_added_tokens_scores_chat_data_in_that_template(tmp_path: Path) -> None:
+    from loractl.train import TrainConfig, train_adapter
+
+    (tmp_path / "chatml.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    cfg = TrainConfig(targets=("q_proj",), train_modules=("embed_tokens", "lm_head"), rank=4, lr=1e-2, steps=2,
+                      batch_size=2, chat_template=str(tmp_path / "chatml.jinja"))  # fmt: skip
+    train_adapter(TINY, CHAT, tmp_path / "out", cfg)
+    report = evaluate_adapters(TINY, [(str(tmp_path / "out"), load_adapter(tmp_path / "out"))], CHAT)
+    assert report.rows[1].own_tokenizer and report.rows[1].tokens != report.rows[0].tokens
+    assert report.rows[1].loss == pytest.approx(peft_loss_with_new_tokens(TINY, tmp_path / "out", CHAT), rel=2e-6)
