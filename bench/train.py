@@ -63,6 +63,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = build_model(args)
     load_s = time.perf_counter() - start
+    native = _native_dtype(model)  # before either side wraps the layers
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     times: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
     run = _loractl if args.variant.startswith("loractl") else _peft
@@ -76,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
                 for i, n in enumerate(lengths(args)))  # fmt: skip
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": sum(lengths(args)) / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
-           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
+           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args, native),
            "base_matmul": _choices(),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
@@ -84,14 +85,31 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(doc))
 
 
-def _matmul_dtype(args: argparse.Namespace) -> str:
-    """The dtype the frozen matmuls run in: the base's (PEFT), or the one `base_matmul` measured faster for the
-    most FLOPs of the step's shapes (loractl)."""
+def _matmul_dtype(args: argparse.Namespace, native: Any) -> str:
+    """The dtype the frozen matmuls run in: the base weights' own (PEFT), or for loractl the one `base_matmul`
+    measured faster for the most FLOPs of the step's shapes (where it measured none: its choice without a shape,
+    which honours LORACTL_BASE_MATMUL)."""
+    import torch
+
+    from loractl.train.base_matmul import matmul_dtype
+
     chosen: dict[str, float] = {}
     for c in _choices() if args.variant.startswith("loractl") else []:
         chosen[c["dtype"]] = chosen.get(c["dtype"], 0.0) + c["shape"][0] * c["shape"][1]
-    native = {"bf16": "bfloat16", "fp16": "float16"}.get(args.base_dtype or "", "float32")
-    return max(chosen, key=lambda k: chosen[k]) if chosen else native
+    if not chosen and args.variant.startswith("loractl"):
+        native = matmul_dtype(native, torch.device("cpu"))
+    return max(chosen, key=lambda k: chosen[k]) if chosen else str(native).removeprefix("torch.")
+
+
+def _native_dtype(model: Any) -> Any:
+    """The dtype the base's first decoder linear computes in: its weights' (a quantized layer's compute dtype)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if "Linear" in type(module).__name__ and weight is not None:
+            if weight.dtype.is_floating_point:
+                return weight.dtype
+            return getattr(module, "compute_dtype", None) or model.dtype
+    return model.dtype
 
 
 def _choices() -> list[dict[str, Any]]:

@@ -36,3 +36,22 @@ def test_step_flops_match_torch_s_count_of_a_loractl_step(monkeypatch: pytest.Mo
     assert 0.95 * expected < counter.get_total_flops() + attention <= expected
     without_lora = step_flops(SHAPE, batch=batch, seq=seq, rank=0)
     assert counter.get_total_flops() + attention > without_lora  # the LoRA term is counted (a control)
+
+
+@pytest.mark.parametrize("override", ["float32", "native"])
+def test_the_bench_reports_the_matmul_dtype_base_matmul_used(monkeypatch: pytest.MonkeyPatch, override: str) -> None:
+    """bench/train.py's `matmul_dtype`: PEFT's is the base weights' own, loractl's the one base_matmul took (here
+    forced by LORACTL_BASE_MATMUL, so nothing is measured); it was once read from --base-dtype whatever ran."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("LORACTL_BASE_MATMUL", override)
+    import train as bench_train  # bench/train.py
+    from random_llama import build_model, llama_config
+
+    monkeypatch.setattr("loractl.train.base_matmul.MEASURED", {})
+    native = bench_train._native_dtype(build_model(llama_config(SHAPE, torch.bfloat16, 64), torch.bfloat16))
+    assert native == torch.bfloat16
+    for variant, expected in (("loractl", "float32" if override == "float32" else "bfloat16"), ("peft", "bfloat16")):
+        args = argparse.Namespace(variant=variant, base_dtype=None)  # the dtype is the weights', not the flag's
+        assert bench_train._matmul_dtype(args, native) == expected

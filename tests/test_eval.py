@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loractl.adapter import Adapter, AdapterMeta, LoraModule
+from loractl.errors import ShapeMismatchError
 from loractl.formats import load_adapter, save_adapter
 from loractl.io.checkpoint import Checkpoint, touched_weight_names
 from loractl.train.data import load_dataset
@@ -205,3 +206,147 @@ def test_dora_embedding_lora_and_saved_modules_score_peft_s_loss(
     assert abs(expected[1] - expected[0]) > 1e-4  # the adapter changes the loss
     again = evaluate_adapters(base, [("a", adapter), ("a2", adapter)], TEXT)  # hooks and swaps undone between
     assert again.rows[1].loss == again.rows[2].loss == report.rows[1].loss
+
+
+TOOL_ROWS = [{"text": f"<|tool|> call {i} <|end_tool|> done"} for i in range(6)]
+
+
+def peft_loss_with_new_tokens(base: Path, adapter: Path, data: Path, *, merged: bool = False) -> float:
+    """What a PEFT user computes for an adapter that adds tokens: the adapter's tokenizer, the base resized to it,
+    the adapter loaded (its saved embeddings and head replace every row), `merged` after merge_and_unload."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    model = peft.PeftModel.from_pretrained(model, adapter)
+    model = (model.merge_and_unload() if merged else model).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ex in load_dataset(data, tokenizer, 512).examples:
+            out = model(input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]))
+            total += float(out.loss) * ex.num_targets
+            count += ex.num_targets
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def tool_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An adapter trained with two new tokens (LoRA on q/v, embeddings and head trained whole): (adapter, data)."""
+    from loractl.train import TrainConfig, train_adapter
+
+    out = tmp_path_factory.mktemp("tools")
+    (out / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    cfg = TrainConfig(targets=("q_proj", "v_proj"), train_modules=("embed_tokens", "lm_head"), rank=4, lr=1e-2,
+                      steps=3, batch_size=4, add_tokens=("<|tool|>", "<|end_tool|>"))  # fmt: skip
+    train_adapter(TINY, out / "tools.jsonl", out / "adapter", cfg)
+    return out / "adapter", out / "tools.jsonl"
+
+
+def test_an_adapter_that_adds_tokens_scores_peft_s_loss_with_its_own_tokenizer(tool_adapter: tuple[Path, Path]) -> None:
+    adapter, data = tool_adapter
+    report = evaluate_adapters(TINY, [(str(adapter), load_adapter(adapter))], data)
+    base_row, row = report.rows
+    assert row.own_tokenizer and not base_row.own_tokenizer
+    assert row.loss == pytest.approx(peft_loss_with_new_tokens(TINY, adapter, data), rel=2e-6)
+    assert base_row.loss == pytest.approx(peft_loss(TINY, None, data), rel=2e-6)
+    new = transformers.AutoTokenizer.from_pretrained(adapter)
+    assert row.tokens == sum(ex.num_targets for ex in load_dataset(data, new, 512).examples) < base_row.tokens
+    assert report.tokens == base_row.tokens  # `<|tool|>` is one token under the adapter's tokenizer, several before
+    again = evaluate_adapters(TINY, [(str(adapter), load_adapter(adapter)), ("qv", load_adapter(QV))], data)
+    assert again.rows[1].loss == row.loss and not again.rows[2].own_tokenizer  # the base restored between adapters
+    assert again.rows[2].loss == pytest.approx(peft_loss(TINY, QV, data), rel=2e-6)
+
+
+def test_adding_tokens_evaluates_as_its_merge_does_and_as_peft_s_merge(
+    tool_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from loractl.ops.merge import merge
+
+    adapter, data = tool_adapter
+    merge(TINY, [adapter], tmp_path / "merged")  # grows the vocabulary, takes the adapter's tokenizer
+    merged = evaluate_adapters(tmp_path / "merged", [], data).rows[0]
+    unmerged = evaluate_adapters(TINY, [(str(adapter), load_adapter(adapter))], data).rows[1]
+    assert merged.tokens == unmerged.tokens
+    assert merged.loss == pytest.approx(peft_loss_with_new_tokens(TINY, adapter, data, merged=True), rel=2e-6)
+    assert merged.loss == pytest.approx(unmerged.loss, rel=2e-6)
+
+
+def test_on_a_tied_base_the_head_follows_grown_embeddings_saved_alone(tied_base: Path, tmp_path: Path) -> None:
+    """PEFT's `save_embedding_layers` alone (no modules_to_save): the grown input embeddings of a tied model are
+    loaded into the tied weight, so the head grows with them."""
+    from safetensors.torch import load_file, save_file
+
+    from loractl.train import TrainConfig, train_adapter
+
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    cfg = TrainConfig(targets=("q_proj",), rank=4, lr=1e-2, steps=2, batch_size=4, add_tokens=("<|tool|>",))
+    train_adapter(tied_base, tmp_path / "tools.jsonl", tmp_path / "a", cfg)
+    file, doc = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    weights = load_file(file)
+    del weights["base_model.model.lm_head.weight"]
+    save_file(weights, file)
+    doc.write_text(json.dumps({**json.loads(doc.read_text()), "modules_to_save": None}))
+    bigger = load_adapter(tmp_path / "a")
+    new_row = bigger.full_tensors["model.embed_tokens.weight"][-1]
+    assert new_row.abs().sum() > 0
+    report = evaluate_adapters(tied_base, [("a", bigger)], tmp_path / "tools.jsonl", adapter_dirs={"a": tmp_path / "a"})
+    assert report.rows[1].own_tokenizer
+    expected = peft_loss_with_new_tokens(tied_base, tmp_path / "a", tmp_path / "tools.jsonl")
+    assert report.rows[1].loss == pytest.approx(expected, rel=2e-6)
+
+
+def test_cli_scores_an_adapter_that_adds_tokens_with_its_tokenizer(tool_adapter: tuple[Path, Path]) -> None:
+    adapter, data = tool_adapter
+    code, out, err = run_cli("eval", TINY, adapter, QV, "--data", data, "--json")
+    assert code == 0 and err == "", err
+    base, grown, qv = json.loads(out)["models"]
+    assert grown["own_tokenizer"] and not base["own_tokenizer"] and not qv["own_tokenizer"]
+    assert grown["loss"] == pytest.approx(peft_loss_with_new_tokens(TINY, adapter, data), rel=2e-6)
+    assert grown["tokens"] < base["tokens"] == qv["tokens"]
+    code, out, err = run_cli("eval", TINY, adapter, "--data", data)
+    assert code == 0 and "adapter: adds tokens, scored with its own tokenizer" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_a_vocabulary_grown_in_half_or_a_tokenizer_past_the_rows_is_refused(
+    tool_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    adapter, data = tool_adapter
+    loaded = load_adapter(adapter)
+    half = replace(loaded, full_tensors={k: t for k, t in loaded.full_tensors.items() if k != "lm_head.weight"})
+    rows = loaded.full_tensors["lm_head.weight"].shape[0]
+    with pytest.raises(ShapeMismatchError, match=rf"grows the vocabulary to {rows} rows but not 'lm_head.weight'"):
+        evaluate_adapters(TINY, [("half", half)], data)
+    shutil.copytree(adapter, tmp_path / "more")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)
+    tokenizer.add_tokens(["<|extra|>"], special_tokens=True)
+    tokenizer.save_pretrained(tmp_path / "more")
+    with pytest.raises(
+        ShapeMismatchError, match=f"the tokenizer beside the adapter has {rows + 1} tokens, its embeddings {rows} rows"
+    ):
+        evaluate_adapters(TINY, [(str(tmp_path / "more"), loaded)], data)
+
+
+def test_batches_hold_rows_of_similar_length_so_little_padding_is_computed() -> None:
+    from loractl.train.data import Example, collate
+    from loractl.train.evaluation import _batches
+
+    rows = [Example(tuple(range(n)), tuple(range(n))) for n in (5, 50, 6, 49, 7)]
+    batches = _batches(rows, 2)
+    assert [[len(ex.input_ids) for ex in b] for b in batches] == [[50, 49], [7, 6], [5]]
+    padded = sum(collate(b, 0)["input_ids"].numel() for b in batches)
+    assert padded == 100 + 14 + 5  # in file order: 2·50 + 2·49 + 7 = 205 positions
+
+
+def test_an_adapter_whose_chat_template_added_tokens_scores_chat_data_in_that_template(tmp_path: Path) -> None:
+    from loractl.train import TrainConfig, train_adapter
+
+    (tmp_path / "chatml.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    cfg = TrainConfig(targets=("q_proj",), train_modules=("embed_tokens", "lm_head"), rank=4, lr=1e-2, steps=2,
+                      batch_size=2, chat_template=str(tmp_path / "chatml.jinja"))  # fmt: skip
+    train_adapter(TINY, CHAT, tmp_path / "out", cfg)
+    report = evaluate_adapters(TINY, [(str(tmp_path / "out"), load_adapter(tmp_path / "out"))], CHAT)
+    assert report.rows[1].own_tokenizer and report.rows[1].tokens != report.rows[0].tokens
+    assert report.rows[1].loss == pytest.approx(peft_loss_with_new_tokens(TINY, tmp_path / "out", CHAT), rel=2e-6)

@@ -55,17 +55,19 @@ def command(
     InputNotFoundError.check(data, "data file ")  # before seconds of loading (and of importing torch)
     check_paths(adapters)
     on_base = Path(base) if Path(base).is_dir() else None  # names resolve on BASE
-    with ExitStack() as stack:
-        loaded = [(p, load_adapter(stack.enter_context(local_copy(p)), format=inputs.format,
-                                   options=replace(inputs.options(p), base=on_base))) for p in adapters]  # fmt: skip
     from ..train.data import require_data_file
     from ..train.evaluation import evaluate_adapters
 
-    require_data_file(data)
-    report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
-                               max_new_tokens=max_new_tokens, chat_template=not no_template,
-                               device=device or _default_device(), allow_base_mismatch=allow_base_mismatch,
-                               track=lambda items, n, name: progress(items, n, f"eval {name}"))  # fmt: skip
+    with ExitStack() as stack:  # pulled versions live until scored: an adapter that adds tokens keeps its tokenizer
+        dirs = {p: stack.enter_context(local_copy(p)) for p in adapters}
+        loaded = [(p, load_adapter(dirs[p], format=inputs.format, options=replace(inputs.options(p), base=on_base)))
+                  for p in adapters]  # fmt: skip
+        require_data_file(data)
+        report = evaluate_adapters(base, loaded, data, max_len=max_len, batch_size=batch_size, prompt=prompt,
+                                   max_new_tokens=max_new_tokens, chat_template=not no_template,
+                                   device=device or _default_device(), allow_base_mismatch=allow_base_mismatch,
+                                   track=lambda items, n, name: progress(items, n, f"eval {name}"),
+                                   adapter_dirs=dirs)  # fmt: skip
     for note in report.base_notes:
         warn(note)
     return emit_json(report.to_dict()) if as_json else _render(report)
@@ -88,6 +90,10 @@ def _render(report: EvalReport) -> None:
         for label, row in zip(labels, report.rows, strict=True)
     ]
     stdout.print(name_table(stdout.get(), ("model", "loss", "perplexity", "Δ loss"), rows))
+    for label, row in zip(labels, report.rows, strict=True):
+        if row.own_tokenizer:
+            note = f": adds tokens, scored with its own tokenizer ({row.tokens} label tokens)"
+            stdout.print(fit_path(label, width - len(note)) + note, highlight=False)
     if report.prompt is not None:
         stdout.print(f"prompt: {report.prompt}", highlight=False)
         for label, row in zip(labels, report.rows, strict=True):

@@ -54,10 +54,16 @@ def vocab_config(resized: Mapping[str, tuple[int, ...]], config: dict[str, Any] 
     return {"vocab_size": next(iter(resized.values()))[0]}
 
 
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files saved in `directory` (none when it is not a directory)."""
+    if not directory.is_dir():
+        return []
+    return [p for p in sorted(directory.iterdir()) if p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)]
+
+
 def with_adapter_tokenizer(files: Sequence[Path], adapters: Sequence[str | Path]) -> list[Path]:
     """The base's files to copy, its tokenizer files replaced by those saved beside the adapters."""
-    saved = {p.name: p for a in adapters if Path(a).is_dir() for p in sorted(Path(a).iterdir())
-             if p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)}  # fmt: skip
+    saved = {p.name: p for a in adapters for p in tokenizer_files(Path(a))}
     if not saved:
         return list(files)
     kept = [p for p in files if not _TOKENIZER_FILE.fullmatch(p.name)]

@@ -6,13 +6,17 @@ embedding: scale · B A[:, ids]; DoRA: the output rescaled by m / ‖W + scale �
 PEFT's DoRA forward computes it), and removed again, so the base weights are never modified.
 Full tensors (modules_to_save) are swapped in as parameters of their own, so a head tied to the
 embeddings is untied for the adapter as PEFT's `ModulesToSaveWrapper` does, and restored. Every adapter is checked against the base before the first forward pass.
+An adapter that adds tokens (its embeddings and head saved whole with more rows, PEFT's
+`save_embedding_layers`) is applied as a PEFT user loads it: the base resized to its rows (a tied
+head follows the embeddings), the saved rows in, and the data tokenized by the tokenizer saved
+beside it, the one `merge` gives the merged model.
 Data lines are those `train` reads (`data.load_dataset`): text, prompt/completion, chat messages.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +29,10 @@ from torch import nn
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterError, IntegrityError, LoractlError, ShapeMismatchError, UsageError
 from ..io.checkpoint import Checkpoint, other_base
-from ..ops.merge_vocab import grows
+from ..ops.merge_vocab import grows, tokenizer_files, vocab_findings
 from .base import load_base
 from .base_matmul import is_conv1d
-from .data import IGNORE, Example, collate, load_dataset, require_data_file
+from .data import IGNORE, Example, by_length, collate, load_dataset, require_data_file
 from .lora_layers import is_adaptable
 from .loss import CausalLMLoss
 
@@ -46,6 +50,8 @@ class EvalRow:
     loss: float  # mean cross-entropy per label token, nats
     perplexity: float
     completion: str | None = None
+    tokens: int = 0  # label tokens scored
+    own_tokenizer: bool = False  # the data tokenized by the adapter's own tokenizer (it adds tokens), not the base's
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class EvalReport:
     data: str
     data_sha256: str
     examples: int
-    tokens: int  # label tokens scored per model
+    tokens: int  # label tokens scored per model (under the base's tokenizer; a row's own `tokens` may differ)
     rows: tuple[EvalRow, ...]
     prompt: str | None = None
     base_notes: tuple[str, ...] = ()  # adapters made for another base, evaluated anyway (allow_base_mismatch)
@@ -79,29 +85,39 @@ def evaluate_adapters(
     device: str = "cpu",
     track: Track | None = None,
     allow_base_mismatch: bool = False,
+    adapter_dirs: Mapping[str, str | Path] | None = None,
 ) -> EvalReport:
     """Score `data` under `base` and under `base` + each named adapter; optionally complete `prompt` greedily.
 
     An adapter that records another base's fingerprint is refused (`IntegrityError`) before the base
     loads, as merge refuses it; `allow_base_mismatch` evaluates it anyway and says so in `base_notes`.
+    `adapter_dirs` maps a name to the adapter's directory, where an adapter that adds tokens keeps
+    the tokenizer that knows them (default: each name that is a directory); without one, the base's.
     """
     require_data_file(data)
     notes = check_bases(base, adapters, allow_base_mismatch)
     model, tokenizer = load_base(base, command="eval")
     for label, candidate in adapters:
         check_fits(model, candidate, label)
+    if adapter_dirs is None:
+        adapter_dirs = {label: Path(label) for label, _ in adapters if Path(label).is_dir()}
+    own = {label: _own_tokenizer(model, a, label, adapter_dirs.get(label)) for label, a in adapters}
     dataset = load_dataset(data, tokenizer, max_len)
     model.to(device).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows, tokens = [], sum(ex.num_targets for ex in dataset.examples)
+    rows = []
     models: list[tuple[str, Adapter | None]] = [("base", None), *adapters]
     for name, adapter in models:
+        words = own.get(name) if adapter is not None else None
+        examples = dataset.examples if words is None else load_dataset(data, words, max_len).examples
+        words = words or tokenizer
+        pad = words.pad_token_id if words.pad_token_id is not None else 0
         with applied(model, adapter):
-            batches = _batches(dataset.examples, batch_size)
+            batches = _batches(examples, batch_size)
             loss = mean_loss(model, (track or _untracked)(batches, len(batches), name), pad, device)
-            completion = _complete(model, tokenizer, prompt, max_new_tokens, chat_template, device) if prompt else None
-        rows.append(EvalRow(name, None if adapter is None else name, loss, _perplexity(loss), completion))
-    return EvalReport(str(data), dataset.sha256, len(dataset), tokens, tuple(rows), prompt, notes)
+            completion = _complete(model, words, prompt, max_new_tokens, chat_template, device) if prompt else None
+        tokens, shown = sum(ex.num_targets for ex in examples), None if adapter is None else name
+        rows.append(EvalRow(name, shown, loss, _perplexity(loss), completion, tokens, words is not tokenizer))
+    return EvalReport(str(data), dataset.sha256, len(dataset), rows[0].tokens, tuple(rows), prompt, notes)
 
 
 def check_bases(base: str | Path, adapters: Sequence[tuple[str, Adapter]], allow_mismatch: bool) -> tuple[str, ...]:
@@ -170,11 +186,14 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str) -> None:
                 hint=_HINT,
             )
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight under its own name too
+    resized = {key: tuple(t.shape) for key, t in _grown(model, adapter).items()}
+    once = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head's weight once: it follows
+    for finding in vocab_findings(resized, once, None):
+        raise ShapeMismatchError(f"{name}: {finding.message}", hint="save the embeddings and the head whole "
+                                 "with an adapter that adds tokens, both resized (PEFT's save_embedding_layers)")  # fmt: skip
     for key, t in adapter.full_tensors.items():
-        if key in params and len(t.shape) == 2 and grows(tuple(t.shape), tuple(params[key].shape)):
-            raise UsageError(f"{name}: full tensor {key!r} has {t.shape[0]} rows where the base has "
-                             f"{params[key].shape[0]}: the adapter adds tokens, which eval does not score",
-                             hint="merge the adapter (it grows the vocabulary) and eval the merge as the base")  # fmt: skip
+        if key in resized:
+            continue
         if key not in params or params[key].shape != t.shape:
             raise ShapeMismatchError(f"{name}: full tensor {key!r} {list(t.shape)} has no counterpart in the base",
                                      hint=_HINT)  # fmt: skip
@@ -192,28 +211,80 @@ def _check_embedding(layer: nn.Module, m: LoraModule, path: str, name: str) -> N
         )
 
 
+def _grown(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's full tensors that are base tensors with rows added: the vocabulary it grows."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {key: t for key, t in adapter.full_tensors.items()
+            if key in params and grows(tuple(t.shape), tuple(params[key].shape))}  # fmt: skip
+
+
+def _own_tokenizer(model: nn.Module, adapter: Adapter, name: str, directory: str | Path | None) -> Any:
+    """The tokenizer saved beside an adapter that adds tokens (the one `merge` gives the merged model), or None."""
+    grown = _grown(model, adapter)
+    if not grown or directory is None or not tokenizer_files(Path(directory)):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{name}: cannot load the tokenizer saved beside the adapter: {str(e).splitlines()[0][:200]}",
+                         hint="save the tokenizer that knows the new tokens beside the adapter "
+                         "(tokenizer.save_pretrained)") from None  # fmt: skip
+    rows = min(t.shape[0] for t in grown.values())
+    if len(tokenizer) > rows:
+        raise ShapeMismatchError(f"{name}: the tokenizer beside the adapter has {len(tokenizer)} tokens, its "
+                                 f"embeddings {rows} rows", hint="save the tokenizer the adapter was trained with")  # fmt: skip
+    return tokenizer
+
+
 @contextmanager
 def applied(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
-    """`model` computing as base + `adapter` inside the block (nothing changes for None); restored on exit."""
-    handles, saved = [], {}
+    """`model` computing as base + `adapter` inside the block (nothing changes for None); restored on exit.
+
+    A tensor that grows the vocabulary replaces the base's everywhere it is used (a tied head
+    follows its embeddings, as after `resize_token_embeddings`); config.json's vocab_size follows.
+    """
+    handles, saved = [], []
+    config: Any = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     try:
         if adapter is not None:
             for path, m in adapter.modules.items():
                 layer = model.get_submodule(path)
                 handles.append(layer.register_forward_hook(_hook(layer, m)))
+            grown = _grown(model, adapter)
+            places = {key: _holders(model, key, adapter.full_tensors, key in grown) for key in adapter.full_tensors}
             for key, t in adapter.full_tensors.items():
-                owner, _, leaf = key.rpartition(".")
-                params = model.get_submodule(owner)._parameters
-                original = params[leaf]
-                assert original is not None
-                saved[key] = (params, leaf, original)
-                params[leaf] = nn.Parameter(t.to(original.device, original.dtype), requires_grad=False)
+                own, leaf = places[key][0]
+                original = own[leaf]
+                swapped = nn.Parameter(t.to(original.device, original.dtype), requires_grad=False)
+                for where, name in places[key]:
+                    saved.append((where, name, where[name]))
+                    where[name] = swapped
+            if grown and vocab is not None:
+                config.vocab_size = next(iter(grown.values())).shape[0]
         yield model
     finally:
         for h in handles:
             h.remove()
-        for params, leaf, original in saved.values():
+        for params, leaf, original in reversed(saved):
             params[leaf] = original
+        if vocab is not None:
+            config.vocab_size = vocab
+
+
+def _holders(model: nn.Module, key: str, replaced: Iterable[str], tied: bool) -> list[tuple[dict[str, Any], str]]:
+    """(module parameters, name) where the tensor `key` goes: its own place, and with `tied` every other place the
+    base uses the same tensor (a head tied to the embeddings) unless `replaced` names it too."""
+    owner, _, leaf = key.rpartition(".")
+    own = model.get_submodule(owner)._parameters
+    param, others = own[leaf], set(replaced)
+    places = [(own, leaf)]
+    for path, module in model.named_modules(remove_duplicate=False) if tied else ():
+        places += [(module._parameters, n) for n, p in module._parameters.items()
+                   if p is param and f"{path}.{n}" not in others]  # fmt: skip
+    return places
 
 
 def _hook(layer: nn.Module, m: LoraModule) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
@@ -301,7 +372,9 @@ def _layer_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def _batches(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
-    return [examples[i : i + size] for i in range(0, len(examples), size)]
+    """Batches of rows of similar length (longest first), so little padding is computed: the loss is a sum."""
+    ordered = by_length(examples)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def _untracked(items: Iterable[Any], _total: int, _description: str) -> Iterable[Any]:

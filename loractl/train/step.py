@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .data import IGNORE, Example, collate
+from .data import IGNORE, Example, by_length, collate
 from .distributed import World
 from .export import unwrap
 from .state import TrainState
@@ -80,7 +80,7 @@ def mean_loss(net: nn.Module, data: Sequence[Example], config: TrainConfig, worl
     """
     was_training = unwrap(net).training
     net.eval()
-    mine = list(data)[world.rank :: world.size]
+    mine = by_length(list(data)[world.rank :: world.size])  # batches of similar rows: little padding computed
     rounds = -(-len(data) // world.size // config.batch_size) if data else 0  # rank 0 has the most examples
     total = count = 0.0
     with torch.no_grad():
