@@ -276,24 +276,29 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
-    """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`)."""
+    """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`),
+    "—" where that twin was not run."""
     keys = ("tokens_per_s", "peak_rss", "step_s", "cpu_s")
     med = {v: {k: statistics.median(r[k] for r in runs) for k in keys} for v, runs in results.items()}
-    nan = dict.fromkeys(keys, float("nan"))
     print("| variant | s/step | tokens/s | vs PEFT twin | CPU s/step | vs PEFT twin (CPU) | peak RSS (GB) "
           "| vs PEFT (no ckpt) | trainable parameters |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for variant, runs in results.items():
-        twin = med.get(variant.replace("loractl", "peft"), nan)
-        m, peft = med[variant], med.get("peft", nan)
+        twin, peft = med.get(variant.replace("loractl", "peft")), med.get("peft")
+        m = med[variant]
         share = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['total']:.2f}%)"
-        print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / twin['tokens_per_s']:.2f}x"
-              f" | {m['cpu_s']:.2f} | {twin['cpu_s'] / m['cpu_s']:.2f}x"
-              f" | {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / peft['peak_rss']:.2f}x | {share} |")  # fmt: skip
+        print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {_ratio(m, twin, 'tokens_per_s')}"
+              f" | {m['cpu_s']:.2f} | {_ratio(twin, m, 'cpu_s')}"
+              f" | {m['peak_rss'] / 1e9:.2f} | {_ratio(m, peft, 'peak_rss')} | {share} |")  # fmt: skip
     for variant in (v for v in med if "+dora" in v and v.replace("+dora", "") in med):
         lora = med[variant.replace("+dora", "")]
         print(f"\n{variant}: {med[variant]['step_s'] / lora['step_s']:.2f}x the LoRA step "
               f"({med[variant]['cpu_s'] / lora['cpu_s']:.2f}x in CPU seconds)")  # fmt: skip
+
+
+def _ratio(top: dict[str, float] | None, bottom: dict[str, float] | None, key: str) -> str:
+    """top[key] / bottom[key] as "1.23x", or "—" when either side was not run."""
+    return "—" if top is None or bottom is None else f"{top[key] / bottom[key]:.2f}x"
 
 
 if __name__ == "__main__":

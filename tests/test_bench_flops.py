@@ -36,3 +36,18 @@ def test_step_flops_match_torch_s_count_of_a_loractl_step(monkeypatch: pytest.Mo
     assert 0.95 * expected < counter.get_total_flops() + attention <= expected
     without_lora = step_flops(SHAPE, batch=batch, seq=seq, rank=0)
     assert counter.get_total_flops() + attention > without_lora  # the LoRA term is counted (a control)
+
+
+def test_train_table_prints_a_dash_where_no_peft_twin_ran(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loractl-only run has no PEFT twin: its ratio columns say "—", not "nanx"."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train as bench_train
+
+    run = {"tokens_per_s": 100.0, "peak_rss": 2e9, "step_s": 4.0, "cpu_s": 8.0, "trainable": 10, "total": 1000}
+    bench_train._table({"loractl": [run]})
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert "nan" not in row and row.count("—") == 3
+    bench_train._table({"loractl": [run], "peft": [{**run, "tokens_per_s": 50.0, "cpu_s": 16.0}]})
+    assert "| 2.00x | 8.00 | 2.00x |" in capsys.readouterr().out
