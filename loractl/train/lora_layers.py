@@ -169,7 +169,7 @@ def _bf16_forward(
     bias = getattr(layer.base_layer, "bias", None)
     scaled_b = b.mul(layer.scale).to(torch.bfloat16).t()
     term = h @ scaled_b if bias is None else torch.addmm(bias.to(torch.bfloat16), h, scaled_b)
-    return torch.addmm(term, x, weight.t()), h
+    return torch.addmm(term, x, weight.t(), out=term), h  # out= the term: no copy of it into a new output
 
 
 def _bf16_backward(
@@ -193,7 +193,8 @@ def _bf16_backward(
         grad_dropped = grad_h @ a16 if wants_dropped else None
         grad_x = layer.frozen_input_grad(grad) if wants_x else None
     elif wants_x:
-        grad_x = torch.addmm(grad_h @ a16, grad, frozen_weight(layer.base_layer, grad.dtype))
+        low_rank = grad_h @ a16
+        grad_x = torch.addmm(low_rank, grad, frozen_weight(layer.base_layer, grad.dtype), out=low_rank)
     return grad_a, grad_b, grad_x, grad_dropped
 
 
