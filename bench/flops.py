@@ -49,26 +49,27 @@ def frozen_products(
     return calls
 
 
-def products_seconds(calls: list[tuple[int, int, int, str]], dtype_name: str, repeats: int = 3) -> float:
-    """Seconds the GEMMs of `calls` take run one by one in `dtype_name` with this process's threads, each distinct
+def products_seconds(calls: list[tuple[int, int, int, str]], dtype_name: str, repeats: int = 3) -> tuple[float, float]:
+    """Wall and CPU seconds the GEMMs of `calls` take run one by one in `dtype_name` with this process's threads, each distinct
     product timed (median of `repeats` after a warm-up) on random operands in the step's layout: the floor a step
     whose every frozen matmul ran at its own shape's rate, and nothing else, would reach."""
     import torch
 
     dtype, g = getattr(torch, dtype_name), torch.Generator().manual_seed(0)
-    seconds: dict[tuple[int, int, int, str], float] = {}
+    seconds: dict[tuple[int, int, int, str], tuple[float, float]] = {}
     for call in set(calls):
         rows, out, inner, way = call
         weight = torch.randn(out, inner, generator=g).to(dtype)
         act = torch.randn(rows, inner if way == "forward" else out, generator=g).to(dtype)
-        seconds[call] = statistics.median([_timed(act, weight, way) for _ in range(repeats + 1)][1:])  # warm-up
-    return sum(seconds[c] for c in calls)
+        runs = [_timed(act, weight, way) for _ in range(repeats + 1)][1:]  # the first a warm-up
+        seconds[call] = (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+    return sum(seconds[c][0] for c in calls), sum(seconds[c][1] for c in calls)
 
 
-def _timed(act: Any, weight: Any, way: str) -> float:
-    start = time.perf_counter()
+def _timed(act: Any, weight: Any, way: str) -> tuple[float, float]:
+    start, start_cpu = time.perf_counter(), time.process_time()
     _ = act @ weight.t() if way == "forward" else act @ weight
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> tuple[float, float]:

@@ -75,12 +75,12 @@ def child(args: argparse.Namespace) -> None:
     flops = sum(step_flops(shape, batch=1, seq=n, rank=args.rank, label_share=targets[i, 1:n].ne(-100).sum().item() / n)
                 for i, n in enumerate(lengths(args)))  # fmt: skip
     calls = frozen_products(shape, tokens=sum(lengths(args)), labelled=int(targets[:, 1:].ne(-100).sum()))
-    gemm_s = products_seconds(calls, _matmul_dtype(args))
+    gemm_s, gemm_cpu_s = products_seconds(calls, _matmul_dtype(args))
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": sum(lengths(args)) / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
            "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args),
            "base_matmul": _choices(), "gemm_floor_s": gemm_s,
-           "gemm_flop_s": sum(2 * rows * out * inner for rows, out, inner, _ in calls) / gemm_s,
+           "gemm_floor_cpu_s": gemm_cpu_s, "gemm_flops": sum(2 * rows * out * inner for rows, out, inner, _ in calls),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
@@ -258,18 +258,22 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
     print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print("\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | share in CPU time "
-          "| the step's own GEMMs alone: GFLOP/s, s | share of their rate | float32 / bf16 matmul GFLOP/s |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---|---:|---|")
+          "| the step's own frozen GEMMs alone: GFLOP/s, s (CPU s) | share of their rate (in CPU time) "
+          "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---|---|---|")
     for variant, runs in results.items():
         dtype = runs[0]["matmul_dtype"]
 
         def med(key: str, sub: str | None = None, runs: list[dict[str, Any]] = runs) -> float:
             return statistics.median((r[key][sub] if sub else r[key]) for r in runs) / 1e9
 
-        model, rate, own = med("model_flop_s"), med("matmul_flop_s", dtype), med("gemm_flop_s")
+        model, rate = med("model_flop_s"), med("matmul_flop_s", dtype)
         cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
+        floor, floor_cpu = 1e9 * med("gemm_floor_s"), 1e9 * med("gemm_floor_cpu_s")
+        own, own_cpu = med("gemm_flops") / floor, med("gemm_flops") / floor_cpu
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
-              f"| {own:.0f}, {1e9 * med('gemm_floor_s'):.2f} s | {100 * model / own:.0f}% "
+              f"| {own:.0f}, {floor:.2f} s ({floor_cpu:.2f}) | {100 * model / own:.0f}% "
+              f"({100 * med('model_flop_cpu_s') / own_cpu:.0f}%) "
               f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
     print()
     for variant, runs in results.items():
