@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 MATMUL_SIZE = 2048  # the square matmul whose rate the step is held against
 
@@ -30,6 +31,45 @@ def step_flops(shape: dict[str, int], *, batch: int, seq: int, rank: int, label_
     attention = 12 * tokens * seq * hidden
     head = 4 * tokens * label_share * hidden * shape["vocab"]
     return float(shape["layers"] * (frozen + lora + attention) + head)
+
+
+def frozen_products(
+    shape: dict[str, int], *, tokens: int, labelled: int, chunk: int = 256
+) -> list[tuple[int, int, int, str]]:
+    """The step's frozen GEMMs as (rows of the activation, out, in, "forward" | "input grad") per call, each call
+    once per layer (the linears) or per head chunk: the weight (out, in) multiplied as x·Wᵀ forward and g·W back."""
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    kv = hidden * shape["kv_heads"] // shape["heads"]
+    linears = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+               (hidden, inter)]  # fmt: skip
+    calls = [(tokens, o, i, way) for o, i in linears for way in ("forward", "input grad")] * shape["layers"]
+    for start in range(0, labelled, chunk):
+        rows = min(chunk, labelled - start)
+        calls += [(rows, shape["vocab"], hidden, "forward"), (rows, shape["vocab"], hidden, "input grad")]
+    return calls
+
+
+def products_seconds(calls: list[tuple[int, int, int, str]], dtype_name: str, repeats: int = 3) -> tuple[float, float]:
+    """Wall and CPU seconds the GEMMs of `calls` take run one by one in `dtype_name` with this process's threads, each distinct
+    product timed (median of `repeats` after a warm-up) on random operands in the step's layout: the floor a step
+    whose every frozen matmul ran at its own shape's rate, and nothing else, would reach."""
+    import torch
+
+    dtype, g = getattr(torch, dtype_name), torch.Generator().manual_seed(0)
+    seconds: dict[tuple[int, int, int, str], tuple[float, float]] = {}
+    for call in set(calls):
+        rows, out, inner, way = call
+        weight = torch.randn(out, inner, generator=g).to(dtype)
+        act = torch.randn(rows, inner if way == "forward" else out, generator=g).to(dtype)
+        runs = [_timed(act, weight, way) for _ in range(repeats + 1)][1:]  # the first a warm-up
+        seconds[call] = (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+    return sum(seconds[c][0] for c in calls), sum(seconds[c][1] for c in calls)
+
+
+def _timed(act: Any, weight: Any, way: str) -> tuple[float, float]:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    _ = act @ weight.t() if way == "forward" else act @ weight
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> tuple[float, float]:

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flops import cpu_flags, matmul_rate, step_flops
+from flops import cpu_flags, frozen_products, matmul_rate, products_seconds, step_flops
 
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")  # also loractl+dora, peft+dora (DoRA)
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
@@ -75,10 +75,14 @@ def child(args: argparse.Namespace) -> None:
     shape, targets = {k: getattr(args, k) for k in SHAPE}, labels(ids, args)
     flops = sum(step_flops(shape, batch=1, seq=n, rank=args.rank, label_share=targets[i, 1:n].ne(-100).sum().item() / n)
                 for i, n in enumerate(lengths(args)))  # fmt: skip
+    calls = frozen_products(shape, tokens=sum(lengths(args)), labelled=int(targets[:, 1:].ne(-100).sum()))
+    dtype = _matmul_dtype(args, native)
+    gemm_s, gemm_cpu_s = products_seconds(calls, dtype)
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": sum(lengths(args)) / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
-           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": _matmul_dtype(args, native),
-           "base_matmul": _choices(),
+           "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": dtype,
+           "base_matmul": _choices(), "gemm_floor_s": gemm_s,
+           "gemm_floor_cpu_s": gemm_cpu_s, "gemm_flops": sum(2 * rows * out * inner for rows, out, inner, _ in calls),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
@@ -273,8 +277,9 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
     print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print("\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | share in CPU time "
+          "| the step's own frozen GEMMs alone: GFLOP/s, s (CPU s) | share of their rate (in CPU time) "
           "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---|")
+    print("|---|---:|---|---:|---:|---:|---|---|---|")
     for variant, runs in results.items():
         dtype = runs[0]["matmul_dtype"]
 
@@ -283,7 +288,11 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
 
         model, rate = med("model_flop_s"), med("matmul_flop_s", dtype)
         cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
+        floor, floor_cpu = 1e9 * med("gemm_floor_s"), 1e9 * med("gemm_floor_cpu_s")
+        own, own_cpu = med("gemm_flops") / floor, med("gemm_flops") / floor_cpu
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
+              f"| {own:.0f}, {floor:.2f} s ({floor_cpu:.2f}) | {100 * model / own:.0f}% "
+              f"({100 * med('model_flop_cpu_s') / own_cpu:.0f}%) "
               f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
     print()
     for variant, runs in results.items():
@@ -294,24 +303,29 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:
-    """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`)."""
+    """Medians over rounds; each variant against its PEFT twin (`peft` for `loractl`, `peft+ckpt` for `…+ckpt`),
+    "—" where that twin was not run."""
     keys = ("tokens_per_s", "peak_rss", "step_s", "cpu_s")
     med = {v: {k: statistics.median(r[k] for r in runs) for k in keys} for v, runs in results.items()}
-    nan = dict.fromkeys(keys, float("nan"))
     print("| variant | s/step | tokens/s | vs PEFT twin | CPU s/step | vs PEFT twin (CPU) | peak RSS (GB) "
           "| vs PEFT (no ckpt) | trainable parameters |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for variant, runs in results.items():
-        twin = med.get(variant.replace("loractl", "peft"), nan)
-        m, peft = med[variant], med.get("peft", nan)
+        twin, peft = med.get(variant.replace("loractl", "peft")), med.get("peft")
+        m = med[variant]
         share = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['total']:.2f}%)"
-        print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / twin['tokens_per_s']:.2f}x"
-              f" | {m['cpu_s']:.2f} | {twin['cpu_s'] / m['cpu_s']:.2f}x"
-              f" | {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / peft['peak_rss']:.2f}x | {share} |")  # fmt: skip
+        print(f"| {variant} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {_ratio(m, twin, 'tokens_per_s')}"
+              f" | {m['cpu_s']:.2f} | {_ratio(twin, m, 'cpu_s')}"
+              f" | {m['peak_rss'] / 1e9:.2f} | {_ratio(m, peft, 'peak_rss')} | {share} |")  # fmt: skip
     for variant in (v for v in med if "+dora" in v and v.replace("+dora", "") in med):
         lora = med[variant.replace("+dora", "")]
         print(f"\n{variant}: {med[variant]['step_s'] / lora['step_s']:.2f}x the LoRA step "
               f"({med[variant]['cpu_s'] / lora['cpu_s']:.2f}x in CPU seconds)")  # fmt: skip
+
+
+def _ratio(top: dict[str, float] | None, bottom: dict[str, float] | None, key: str) -> str:
+    """top[key] / bottom[key] as "1.23x", or "—" when either side was not run."""
+    return "—" if top is None or bottom is None else f"{top[key] / bottom[key]:.2f}x"
 
 
 if __name__ == "__main__":

@@ -55,3 +55,18 @@ def test_the_bench_reports_the_matmul_dtype_base_matmul_used(monkeypatch: pytest
     for variant, expected in (("loractl", "float32" if override == "float32" else "bfloat16"), ("peft", "bfloat16")):
         args = argparse.Namespace(variant=variant, base_dtype=None)  # the dtype is the weights', not the flag's
         assert bench_train._matmul_dtype(args, native) == expected
+
+
+def test_train_table_prints_a_dash_where_no_peft_twin_ran(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loractl-only run has no PEFT twin: its ratio columns say "—", not "nanx"."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train as bench_train
+
+    run = {"tokens_per_s": 100.0, "peak_rss": 2e9, "step_s": 4.0, "cpu_s": 8.0, "trainable": 10, "total": 1000}
+    bench_train._table({"loractl": [run]})
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert "nan" not in row and row.count("—") == 3
+    bench_train._table({"loractl": [run], "peft": [{**run, "tokens_per_s": 50.0, "cpu_s": 16.0}]})
+    assert "| 2.00x | 8.00 | 2.00x |" in capsys.readouterr().out

@@ -132,6 +132,73 @@ def test_bf16_base_matches_peft_on_a_float32_copy_of_its_weights(monkeypatch: py
     assert rel(ours.lora_B.grad, theirs.lora_B["default"].weight.grad) < 1e-6
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_bf16_native_base_runs_the_low_rank_path_in_bf16_near_a_dense_reference(
+    bias: bool, dropout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen matmuls in bf16: the low-rank products too (bf16 from the float32 factors), the term added in the
+    frozen matmul's epilogue. Within bf16 rounding of a float64 reference and of the float32 path, factor
+    gradients in float32."""
+    monkeypatch.setenv(ENV, "native")
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(48, 40, bias=bias).to(torch.bfloat16), 4, 8.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 5, 48).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(3, 5, 40).to(torch.bfloat16)
+    torch.manual_seed(2)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.backward(grad_out)
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    assert [t.dtype for t in saved if t.shape == (15, 4)] == [torch.bfloat16]  # h = x·Aᵀ kept in bf16
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    # float64 reference from the same stored values and the same dropout mask (the same draws: shape, dtype, seed)
+    torch.manual_seed(2)
+    mask = layer.dropout(torch.ones_like(x)).double()
+    w = layer.base_layer.weight.double()
+    a, b = layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    ref = xd @ w.t() + layer.scale * (xd * mask) @ a.t() @ b.t()
+    if bias:
+        ref = ref + layer.base_layer.bias.double()
+    ref.backward(grad_out.double())
+    assert rel(out, ref) < 2**-8  # one bf16 rounding of the output, and the term's own
+    assert rel(layer.lora_A.grad, a.grad) < 2e-2 and rel(layer.lora_B.grad, b.grad) < 2e-2  # bf16 products
+    assert rel(x.grad, xd.grad) < 2e-2
+    layer.lora_A.grad = layer.lora_B.grad = x.grad = None
+    monkeypatch.setenv(ENV, "float32")  # the float32 path PEFT computes without autocast
+    torch.manual_seed(2)
+    assert rel(out, layer(x)) < 2**-7  # a bf16 rounding apart
+
+
+def test_bf16_native_base_matches_peft_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT over the same bf16 weights under torch.autocast(bf16) (its float32 factors cast per product): the same
+    output and factor gradients to bf16 rounding."""
+    monkeypatch.setenv(ENV, "native")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(48, 40, bias=False).to(torch.bfloat16))
+    twin = peft.get_peft_model(copy.deepcopy(dense), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    ours = lora_over(copy.deepcopy(dense[0]))
+    theirs = twin.base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    assert theirs.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(16, 48).to(torch.bfloat16)
+    grad_out = torch.randn(16, 40).to(torch.bfloat16)
+    out = ours(x)
+    out.backward(grad_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = twin(x)
+    ref.backward(grad_out)
+    assert rel(out, ref) < 2**-7
+    assert rel(ours.lora_A.grad, theirs.lora_A["default"].weight.grad) < 1e-2
+    assert rel(ours.lora_B.grad, theirs.lora_B["default"].weight.grad) < 1e-2
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_base_computes_with_its_dequantized_weight(quant_type: str) -> None:
     bnb = oracle("bitsandbytes", "bitsandbytes", "qlora")

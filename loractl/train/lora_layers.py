@@ -8,7 +8,12 @@ until the first step.
 The layer is one autograd node (`_LoraMatmul`): the frozen matmul in the dtype `base_matmul`
 picks, the low-rank term added by one fused multiply-add, and in the backward pass the input
 gradient of both paths summed in place, with no weight gradient and nothing saved but the input
-and the (tokens, rank) product. Under autocast (`--precision`) the layer keeps autograd's own
+and the (tokens, rank) product. Where the frozen matmuls run in bf16 (a bf16 base on a CPU with bf16
+units, or a GPU), the low-rank products run in bf16 too, from the float32 factors and into float32
+gradients, as autocast runs PEFT's; the low-rank term is added in the frozen matmul's own epilogue
+(`addmm` over bf16: float32 accumulation, one rounding), so no (tokens, features) tensor is ever
+copied to float32 and back. `LORACTL_BASE_MATMUL=float32` keeps the float32 path PEFT computes
+without autocast. Under autocast (`--precision`) the layer keeps autograd's own
 graph, so each op runs in the dtype autocast gives it.
 """
 
@@ -79,12 +84,6 @@ class LoraLinear(nn.Module):
         """Whether this forward applies dropout to the LoRA input."""
         return self.training and not isinstance(self.dropout, nn.Identity)
 
-    def frozen_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output (tokens, out) for flattened `x`, in the base's matmul dtype, bias included."""
-        weight = frozen_weight(self.base_layer, x.dtype)
-        bias = getattr(self.base_layer, "bias", None)
-        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
-
     def frozen_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """grad · W for the flattened output gradient, in the base's matmul dtype (no weight gradient)."""
         weight = frozen_weight(self.base_layer, grad.dtype)
@@ -116,11 +115,15 @@ class _LoraMatmul(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         lora_in = flat if dropped is None else dropped.reshape(flat.shape)
-        # Aᵀ and Bᵀ as contiguous copies (rank × features, tiny): BLAS runs the skinny products ~1.5x faster.
-        h = lora_in.to(a.dtype) @ a.t().contiguous()
-        base = layer.frozen_matmul(flat).to(h.dtype)
-        # into the fresh base output in place; `out=` rather than `addmm_`, which torch's FLOP counter skips
-        out = torch.addmm(base, h, b.t().contiguous(), alpha=layer.scale, out=base)
+        weight = frozen_weight(layer.base_layer, x.dtype)
+        if weight.dtype == x.dtype == torch.bfloat16:
+            out, h = _bf16_forward(flat, lora_in, weight, a, b, layer)
+        else:
+            # Aᵀ and Bᵀ as contiguous copies (rank × features, tiny): BLAS runs the skinny products ~1.5x faster.
+            h = lora_in.to(a.dtype) @ a.t().contiguous()
+            base = _linear(flat.to(weight.dtype), weight, layer).to(h.dtype)
+            # into the fresh base output in place; `out=` rather than `addmm_`, which torch's FLOP counter skips
+            out = torch.addmm(base, h, b.t().contiguous(), alpha=layer.scale, out=base)
         ctx.save_for_backward(x if dropped is None else dropped, h, a, b)
         ctx.layer, ctx.dropped, ctx.x_dtype = layer, dropped is not None, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
@@ -131,12 +134,16 @@ class _LoraMatmul(torch.autograd.Function):
         layer: LoraLinear = ctx.layer
         wants_x, wants_dropped = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad = grad_out.reshape(-1, grad_out.shape[-1])
+        lora_in = lora_in.reshape(-1, lora_in.shape[-1])
+        shape = (*grad_out.shape[:-1], a.shape[1])
+        if h.dtype == torch.bfloat16:
+            grad_a, grad_b, grad_x, grad_dropped = _bf16_backward(grad, lora_in, h, a, b, layer, ctx)
+            return _shaped(grad_x, shape), _shaped(grad_dropped, shape), grad_a, grad_b, None
         grad_f = grad.to(h.dtype)
         grad_h = (grad_f @ b).mul_(layer.scale)  # (tokens, rank)
         grad_b = (h.t() @ grad_f).mul_(layer.scale).t()  # hᵀ·g is the fast order; its transpose is B's layout
-        grad_a = grad_h.t() @ lora_in.reshape(-1, lora_in.shape[-1]).to(h.dtype)
+        grad_a = grad_h.t() @ lora_in.to(h.dtype)
         grad_x = grad_dropped = None
-        shape = (*grad_out.shape[:-1], a.shape[1])
         if ctx.dropped:
             grad_dropped = (grad_h @ a).view(shape).to(ctx.x_dtype) if wants_dropped else None
             if wants_x:
@@ -144,6 +151,55 @@ class _LoraMatmul(torch.autograd.Function):
         elif wants_x:
             grad_x = layer.frozen_input_grad(grad).to(h.dtype).addmm_(grad_h, a).view(shape).to(ctx.x_dtype)
         return grad_x, grad_dropped, grad_a, grad_b, None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, layer: LoraLinear) -> torch.Tensor:
+    """x · Wᵀ (+ the base layer's bias) in `weight`'s dtype."""
+    bias = getattr(layer.base_layer, "bias", None)
+    return F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
+
+
+def _bf16_forward(
+    x: torch.Tensor, lora_in: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: LoraLinear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) for a base whose matmuls run in bf16: the low-rank products in bf16 from the float32 factors (as
+    autocast runs PEFT's), and the low-rank term (+ bias) added by the frozen matmul's own epilogue, accumulated
+    in float32 and rounded once: no float32 copy of any (tokens, features) tensor."""
+    h = lora_in @ a.to(torch.bfloat16).t()
+    bias = getattr(layer.base_layer, "bias", None)
+    scaled_b = b.mul(layer.scale).to(torch.bfloat16).t()
+    term = h @ scaled_b if bias is None else torch.addmm(bias.to(torch.bfloat16), h, scaled_b)
+    return torch.addmm(term, x, weight.t(), out=term), h  # out= the term: no copy of it into a new output
+
+
+def _bf16_backward(
+    grad: torch.Tensor,
+    lora_in: torch.Tensor,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    layer: LoraLinear,
+    ctx: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(grad A, grad B, grad x, grad of the dropout output) of `_bf16_forward`: bf16 products, float32 factor
+    gradients, the low-rank input gradient added in the frozen matmul's epilogue (or returned alone under dropout)."""
+    wants_x, wants_dropped = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    a16 = a.to(torch.bfloat16)
+    grad_h = grad @ b.mul(layer.scale).to(torch.bfloat16)  # (tokens, rank)
+    grad_b = (h.t() @ grad).to(torch.float32).mul_(layer.scale).t()
+    grad_a = (grad_h.t() @ lora_in).to(torch.float32)
+    grad_x = grad_dropped = None
+    if ctx.dropped:
+        grad_dropped = grad_h @ a16 if wants_dropped else None
+        grad_x = layer.frozen_input_grad(grad) if wants_x else None
+    elif wants_x:
+        low_rank = grad_h @ a16
+        grad_x = torch.addmm(low_rank, grad, frozen_weight(layer.base_layer, grad.dtype), out=low_rank)
+    return grad_a, grad_b, grad_x, grad_dropped
+
+
+def _shaped(grad: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    return None if grad is None else grad.view(shape)
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:

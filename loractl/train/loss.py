@@ -75,10 +75,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # A bf16 head multiplies in float32 where bf16 matmuls are slow (base_matmul): one transient copy.
         weight = weight.to(matmul_dtype(weight.dtype, weight.device, weight.shape))
         labelled = (targets != IGNORE).nonzero().squeeze(1)  # the head's work: label positions only
+        # One float32 logits buffer (and one in the weight's dtype) for every chunk: a fresh (chunk, vocab) tensor
+        # is above glibc's mmap threshold, and the page faults of mapping it again cost half a bf16 head matmul.
+        chunk = min(CHUNK_TOKENS, len(labelled))
+        buffer = torch.empty(chunk, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        narrow = buffer if weight.dtype == torch.float32 else torch.empty_like(buffer, dtype=weight.dtype)
         for start in range(0, len(labelled), CHUNK_TOKENS):
             rows = labelled[start : start + CHUNK_TOKENS]
             h, t = hidden[rows].to(weight.dtype), targets[rows]
-            logits = F.linear(h, weight).float()
+            logits = buffer[: len(rows)]
+            products = narrow[: len(rows)]
+            torch.mm(h, weight.t(), out=products)
+            if products is not logits:
+                logits.copy_(products)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp and softmax in place, in the one (chunk, vocab) buffer
             top = logits.amax(dim=1, keepdim=True)
@@ -89,7 +98,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs.div_(sums)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                if products is not logits:
+                    probs = products.copy_(probs)
+                grad[rows] = (probs @ weight).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 

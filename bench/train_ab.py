@@ -1,0 +1,100 @@
+"""Two versions of loractl's training step in one process, step for step: the firm before/after on a loaded machine.
+
+    git archive COMMIT loractl | tar -x -C /tmp/before     # the code to compare against
+    python bench/train_ab.py --before /tmp/before --layers 30 --seq 256 --base-dtype bf16 --threads 1 --rounds 5
+
+The older `loractl/` is imported under another name (`loractl_before`: the package imports itself relatively), each
+side injects its own copy of the same random base (bench/random_llama.py, SmolLM2-135M shape, batch 8, r16
+all-linear), and the rounds alternate the sides (the order flips each round) so a burst of other jobs' load hits
+both alike. Each round runs `train` for two steps per side and keeps the second (the first pays the optimizer's
+creation); the figure is each side's CPU seconds of that step (one thread: the step's own work) and wall seconds,
+medians over rounds, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from train import PRESETS, SHAPE, build_model, labels, lengths
+
+
+def side_runner(package: str, model: Any, rows: list[tuple[list[int], list[int]]], args: argparse.Namespace) -> Any:
+    """A function running one two-step `train` of `package` on `model` (injected once), returning the second
+    step's (wall, CPU) seconds."""
+    api = import_module(f"{package}.train")
+    config = api.TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=2,
+                             batch_size=args.batch, max_len=args.seq, lr=1e-4)  # fmt: skip
+    api.inject(model, config)
+    data = [api.Example(tuple(r), tuple(t)) for r, t in rows]
+
+    def run() -> tuple[float, float]:
+        marks: list[tuple[float, float]] = []
+
+        class Clock(api.Callback):  # type: ignore[misc,name-defined]
+            def on_step(self, metrics: dict[str, float]) -> None:
+                marks.append((time.perf_counter(), time.process_time()))
+
+        api.train(model, data, config, callbacks=[Clock()])
+        return marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="a directory holding the older code's loractl/")
+    for name in SHAPE:
+        parser.add_argument(f"--{name}", type=int, default=PRESETS["smollm2"][name])
+    for name, default in (("seq", 256), ("batch", 8), ("rank", 16), ("threads", 1), ("rounds", 3)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    args = parser.parse_args()
+    args.base, args.quantize, args.label_share, args.ragged = None, None, 1.0, False
+
+    scratch = Path(tempfile.mkdtemp(prefix="train-ab-"))
+    shutil.copytree(Path(args.before) / "loractl", scratch / "loractl_before")
+    sys.path.insert(0, str(scratch))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = build_model(args)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    rows = [(r[:n], t[:n]) for r, t, n in zip(ids.tolist(), labels(ids, args).tolist(), lengths(args), strict=True)]
+    sides = {name: side_runner(package, copy.deepcopy(base), rows, args)
+             for name, package in (("before", "loractl_before"), ("after", "loractl"))}  # fmt: skip
+    del base
+    load = os.getloadavg()[0]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for round_ in range(args.rounds):
+        for name in sides if round_ % 2 == 0 else reversed(sides):
+            times[name].append(sides[name]())
+            wall, cpu = times[name][-1]
+            print(f"round {round_ + 1} {name}: {wall:.2f} s wall, {cpu:.2f} CPU s", file=sys.stderr, flush=True)
+    shutil.rmtree(scratch)
+    print(f"{args.base_dtype} base, {args.layers} layers, seq {args.seq}, batch {args.batch}, {args.threads} threads; "
+          f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print("\n| side | CPU s/step per round | median | wall s/step median |\n|---|---|---:|---:|")
+    med = {}
+    for name, runs in times.items():
+        med[name] = statistics.median(c for _, c in runs), statistics.median(w for w, _ in runs)
+        print(f"| {name} | {', '.join(f'{c:.2f}' for _, c in runs)} | {med[name][0]:.2f} | {med[name][1]:.2f} |")
+    ratios = [a[1] / b[1] for a, b in zip(times["after"], times["before"], strict=True)]
+    print(
+        f"\nafter / before, CPU s: {med['after'][0] / med['before'][0]:.2f}x of the medians "
+        f"(round by round {', '.join(f'{r:.2f}' for r in ratios)}); wall: {med['after'][1] / med['before'][1]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
