@@ -122,8 +122,11 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
     Python here lacks it (installed once into SITE, which the GPU machine's next call starts without)."""
     paths = [str(ROOT)]
     wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
-    missing = subprocess.call([sys.executable, "-c", "import bitsandbytes"], stderr=subprocess.DEVNULL) != 0
-    if "nf4" in args.formats and missing and wheels:
+    if (
+        "nf4" in args.formats
+        and wheels
+        and subprocess.call([sys.executable, "-c", "import bitsandbytes"], stderr=subprocess.DEVNULL)
+    ):
         print(f"installing {', '.join(w.name for w in wheels)} into {SITE}", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)  # fmt: skip
