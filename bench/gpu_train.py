@@ -119,12 +119,13 @@ def _fetch_wheels() -> int:
 
 
 def _environment(args: argparse.Namespace) -> dict[str, str]:
-    """The children's environment: this checkout's loractl first, and bitsandbytes from .whl where the
-    Python here lacks it (installed once into SITE, which the GPU machine's next call starts without)."""
+    """The children's environment: this checkout's loractl first, and on a GPU bitsandbytes from .whl where
+    the Python there lacks it (installed into SITE; the GPU machine's next call starts without it)."""
     paths = [str(ROOT)]
     wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
     if (
         "nf4" in args.formats
+        and args.device == "cuda"
         and wheels
         and subprocess.call([sys.executable, "-c", "import bitsandbytes"], stderr=subprocess.DEVNULL)
     ):

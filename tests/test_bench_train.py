@@ -79,10 +79,35 @@ def _gpu_train(tmp_path: Path, *args: str, device: str) -> subprocess.CompletedP
 def test_gpu_script_fails_fast_without_cuda(tmp_path: Path) -> None:
     """On a machine without CUDA the prepared GPU run stops at its preflight: an error line and a hint, exit 2,
     no JSON lines started."""
-    done = _gpu_train(tmp_path, device="cuda")
+    done = _gpu_train(tmp_path, "--tiny", device="cuda")
     assert done.returncode == 2, done.stderr
     assert "error: torch" in done.stderr and "sees no CUDA device" in done.stderr and "hint:" in done.stderr
     assert not (tmp_path / "gpu_train.jsonl").exists()
+
+
+BROKEN_BNB = {
+    "missing": ("raise ImportError('no bitsandbytes here')", "error: bitsandbytes is not installed"),
+    "no kernel": (
+        "__version__ = '0.0'\nclass functional:\n    @staticmethod\n    def quantize_4bit(x, quant_type):\n"
+        "        raise RuntimeError('no native library for this device')",
+        "error: bitsandbytes 0.0 cannot quantize on cpu: no native library for this device",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_BNB))
+def test_gpu_script_fails_fast_without_a_working_bitsandbytes(case: str, tmp_path: Path) -> None:
+    """nf4 needs bitsandbytes that quantizes on the device: missing, or without its native kernel (a build
+    for another CUDA), the preflight says which, with a hint, and exits 2 before any run."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "bitsandbytes.py").write_text(BROKEN_BNB[case][0] + "\n")
+    env = {**os.environ, "DEVICE": "cpu", "PYTHONPATH": os.pathsep.join([str(shim), str(ROOT)])}
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_train.py"), "--tiny", "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert BROKEN_BNB[case][1] in done.stderr and "hint:" in done.stderr
+    assert not (tmp_path / "out" / "gpu_train.jsonl").exists()
 
 
 def test_gpu_table_holds_loractl_against_peft_on_the_same_base(monkeypatch: pytest.MonkeyPatch) -> None:
