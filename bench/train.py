@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = pick_device(args.device)  # refuses cuda where torch sees none, as `loractl train` does
+    pick_device(args.device)  # refuses cuda where torch sees none, as `loractl train` does (TrainConfig keeps "cuda")
     cuda = args.device.startswith("cuda")
     size = GPU_MATMUL_SIZE if cuda else MATMUL_SIZE
     rates = {name: matmul_rate(name, size, device=args.device) for name in ("float32", "bfloat16")}  # before the model
