@@ -11,6 +11,7 @@ $OUT/gpu_train.md) puts each loractl/PEFT ratio beside the ratios Unsloth publis
     python3 bench/gpu_train.py --fetch-wheels     # here, once: bitsandbytes' wheel into .whl/ (the GPU image lacks it)
     python3 bench/gpu_train.py                    # on the GPU machine: the device tool's `run`, carry [".whl"]
     DEVICE=cpu python3 bench/gpu_train.py --tiny  # the same code on a tiny shape on the CPU (tests/test_bench_train.py)
+    python3 bench/gpu_train.py --variants loractl,peft,loractl+ckpt,peft+ckpt   # and with checkpointing, each side
 
 Without CUDA, or with --formats nf4 and no bitsandbytes that quantizes on the GPU, it stops in seconds
 with an `error:` line, before any model is built.
