@@ -13,7 +13,7 @@ $OUT/gpu_train.md) puts each loractl/PEFT ratio beside the ratios Unsloth publis
     DEVICE=cpu python3 bench/gpu_train.py --tiny  # the same code on a tiny shape on the CPU (tests/test_bench_train.py)
     python3 bench/gpu_train.py --variants loractl,peft,loractl+ckpt,peft+ckpt   # and with checkpointing, each side
 
-Without CUDA, or with --formats nf4 and no bitsandbytes that quantizes on the GPU, it stops in seconds
+Without CUDA, or with nf4 among --formats and no bitsandbytes that quantizes on the GPU, it stops in seconds
 with an `error:` line, before any model is built.
 """
 
@@ -34,9 +34,14 @@ WHEELS, SITE = ROOT / ".whl", Path("/tmp/gpu_train-site")
 BNB_WHEEL = "bitsandbytes==0.50.2"  # the version this project's venv tests with; ships CUDA 11.8–13.2 kernels
 TINYLLAMA = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000}
 TINY = {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 1000}
-# Unsloth's published ratios against Hugging Face + Flash Attention 2 (QLoRA, r32, all linear layers, Alpaca):
+# Unsloth's published speed and memory ratios against Hugging Face (+ Flash Attention 2), Alpaca data:
 UNSLOTH = [
-    ("Llama 3.1 8B, 80 GB GPU", 2.0, 0.30, "https://unsloth.ai/docs/basics/unsloth-benchmarks (>70% less VRAM)"),
+    (
+        "Llama 3.1 8B QLoRA r32, 80 GB GPU",
+        2.0,
+        0.30,
+        "https://unsloth.ai/docs/basics/unsloth-benchmarks (>70% less VRAM)",
+    ),
     ("TinyLlama 1.1B, A100 40GB", 2.74, 1 - 0.578, "https://huggingface.co/blog/unsloth-trl (vs HF without FA2)"),
 ]
 PREFLIGHT = """
@@ -204,7 +209,7 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(f"| {fmt} | {variant} | {m['step_s']:.3f} | {m['tokens_per_s']:.0f} | {speed} "
                      f"| {m[memory] / 1e9:.2f} | {mem} | {m['model_flop_s'] / 1e12:.1f} | {100 * share:.0f}% |")  # fmt: skip
     for name, speed, memory_ratio, _ in UNSLOTH:
-        lines.append(f"| Unsloth, published: {name} (nf4) | Unsloth vs HF | — | — | {speed:.2f}x | — "
+        lines.append(f"| Unsloth, published: {name} | Unsloth vs HF | — | — | {speed:.2f}x | — "
                      f"| {memory_ratio:.2f}x | — | — |")  # fmt: skip
     lines += ["", "Unsloth's ratios are its own published figures on other machines (not run here):"]
     lines += [f"- {name}: {source}" for name, _, _, source in UNSLOTH]
