@@ -72,24 +72,28 @@ def _timed(act: Any, weight: Any, way: str) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5) -> tuple[float, float]:
+def matmul_rate(dtype_name: str, size: int = MATMUL_SIZE, repeats: int = 5, device: str = "cpu") -> tuple[float, float]:
     """FLOP per wall second and per CPU second (all threads) of a (size × size) · (size × size) matmul in
     `dtype_name` (float32, bfloat16) with this process's torch threads: medians of `repeats` runs after a warm-up.
 
     On a loaded machine the wall rate measures the other jobs too; the CPU rate is the work alone (with one
-    thread exactly, with several it also counts threads spinning at a barrier).
+    thread exactly, with several it also counts threads spinning at a barrier). On a CUDA `device` each run
+    is timed between synchronizations (the CPU rate then counts the host's wait).
     """
     import torch
 
     dtype = getattr(torch, dtype_name)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
-    out = torch.empty(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype, device=device)
     torch.mm(a, b, out=out)
     wall, cpu = [], []
     for _ in range(repeats):
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=out)
+        sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     flops = 2 * size**3

@@ -49,11 +49,12 @@ def init_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, out: torch
     return out.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
 
 
-def build_model(config: Any, dtype: torch.dtype, quantize: str | None = None) -> Any:
+def build_model(config: Any, dtype: torch.dtype, quantize: str | None = None, device: str = "cpu") -> Any:
     """The random model in memory, one unit (embeddings, norm, head, each decoder layer) materialised at a time.
 
     With `quantize` each decoder layer's linears become bitsandbytes layers as soon as the layer exists, so
-    the unquantized copy is never whole.
+    the unquantized copy is never whole. Each unit is drawn on the CPU (the same values on any machine) and
+    then moved to `device`, where bitsandbytes quantizes it (on a GPU, with its CUDA kernel).
     """
     model = meta_model(config, dtype)
     units = [("model.embed_tokens", model.model.embed_tokens), ("model.norm", model.model.norm),
@@ -64,8 +65,9 @@ def build_model(config: Any, dtype: torch.dtype, quantize: str | None = None) ->
             for name, p in unit.named_parameters(prefix=prefix):
                 init_value(name, tuple(p.shape), dtype, out=p.data)
         if quantize and prefix.startswith("model.layers."):
-            _quantize_linears(unit, dtype, quantize)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its float32 buffers, computed on the CPU
+            _quantize_linears(unit, dtype, quantize, device)
+        unit.to(device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its float32 buffers
     return model
 
 
@@ -90,14 +92,14 @@ def word_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
 
 
-def _quantize_linears(unit: Any, dtype: torch.dtype, quantize: str) -> None:
+def _quantize_linears(unit: Any, dtype: torch.dtype, quantize: str, device: str = "cpu") -> None:
     for name, linear in list(unit.named_modules()):
         if isinstance(linear, torch.nn.Linear):
             parent, _, leaf = name.rpartition(".")
-            setattr(unit.get_submodule(parent), leaf, _quantized(linear, dtype, quantize))
+            setattr(unit.get_submodule(parent), leaf, _quantized(linear, dtype, quantize, device))
 
 
-def _quantized(linear: Any, dtype: torch.dtype, quantize: str) -> Any:
+def _quantized(linear: Any, dtype: torch.dtype, quantize: str, device: str = "cpu") -> Any:
     """bitsandbytes' layer holding `linear`'s weight, as transformers' BitsAndBytesConfig loads it."""
     import bitsandbytes as bnb
 
@@ -108,4 +110,4 @@ def _quantized(linear: Any, dtype: torch.dtype, quantize: str) -> Any:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
                                   quant_type=quantize)  # fmt: skip
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quantize)
-    return layer.to("cpu")
+    return layer.to(device)  # quantizes the weight there

@@ -17,6 +17,7 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --threads 1                       # CPU seconds per step hold up on a loaded machine
     python bench/train.py --label-share 0.33                # chat-like rows: a third of the tokens take a loss
     python bench/train.py --label-share 0.33 --ragged       # and rows of seq down to seq/4 tokens, as chat rows are
+    python bench/train.py --device cuda --base-dtype bf16   # on a GPU (bench/gpu_train.py: the prepared GPU run)
 
 Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
 and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
@@ -25,6 +26,11 @@ rate of the dtype its frozen matmuls run in, with the CPU flags and the load ave
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
 machine the wall clock measures the other jobs as much as the step; with --threads 1 the CPU
 seconds of a step are its work alone (no OpenMP thread waiting on a descheduled sibling).
+
+With --device cuda the model, the batch and the step are on the GPU (loractl's side through TrainConfig's device,
+as `loractl train --device cuda`); each step is timed between `torch.cuda.synchronize()` calls, the matmul rates
+are the GPU's (an 8192² matmul: a 2048² one is too small to fill it), and each child reports the GPU's name and
+its peak allocated GPU memory (`torch.cuda.max_memory_allocated`) beside its RSS.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flops import cpu_flags, frozen_products, matmul_rate, products_seconds, step_flops
+from flops import MATMUL_SIZE, cpu_flags, frozen_products, matmul_rate, products_seconds, step_flops
 
+GPU_MATMUL_SIZE = 8192
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")  # also loractl+dora, peft+dora (DoRA)
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
 PRESETS = {
@@ -56,9 +63,16 @@ def child(args: argparse.Namespace) -> None:
 
     import torch
 
+    from loractl.train.distributed import pick_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    rates = {name: matmul_rate(name) for name in ("float32", "bfloat16")}  # this child's threads, before the model
+    pick_device(args.device)  # refuses cuda where torch sees none, as `loractl train` does (TrainConfig keeps "cuda")
+    cuda = args.device.startswith("cuda")
+    size = GPU_MATMUL_SIZE if cuda else MATMUL_SIZE
+    rates = {name: matmul_rate(name, size, device=args.device) for name in ("float32", "bfloat16")}  # before the model
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args)
@@ -77,7 +91,8 @@ def child(args: argparse.Namespace) -> None:
                 for i, n in enumerate(lengths(args)))  # fmt: skip
     calls = frozen_products(shape, tokens=sum(lengths(args)), labelled=int(targets[:, 1:].ne(-100).sum()))
     dtype = _matmul_dtype(args, native)
-    gemm_s, gemm_cpu_s = products_seconds(calls, dtype)
+    # the floor is a CPU measurement: on a GPU it would spend minutes of the device's time on the CPU
+    gemm_s, gemm_cpu_s = (None, None) if cuda else products_seconds(calls, dtype)
     doc = {"variant": args.variant, "step_s": step_s, "tokens_per_s": sum(lengths(args)) / step_s, "cpu_s": cpu_s,
            "peak_rss": rss, "trainable": trainable, "total": total, "load_s": load_s, "steps_s": times,
            "model_flop_s": flops / step_s, "model_flop_cpu_s": flops / cpu_s, "matmul_dtype": dtype,
@@ -85,7 +100,9 @@ def child(args: argparse.Namespace) -> None:
            "gemm_floor_cpu_s": gemm_cpu_s, "gemm_flops": sum(2 * rows * out * inner for rows, out, inner, _ in calls),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
-           "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # fmt: skip
+           "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "device": args.device, "matmul_size": size,
+           "gpu": torch.cuda.get_device_name(args.device) if cuda else None,
+           "peak_gpu": torch.cuda.max_memory_allocated(args.device) if cuda else None}  # fmt: skip
     print(json.dumps(doc))
 
 
@@ -130,12 +147,12 @@ def build_model(args: argparse.Namespace) -> Any:
     if args.base:
         from loractl.train.base import load_base
 
-        return load_base(args.base, dtype=args.base_dtype, quantize=args.quantize)[0]
+        return load_base(args.base, dtype=args.base_dtype, quantize=args.quantize, device=args.device)[0]
     from random_llama import DTYPES
     from random_llama import build_model as build_random
 
     dtype = DTYPES[args.base_dtype or "fp32"]
-    return build_random(_config(args, dtype), dtype, args.quantize)
+    return build_random(_config(args, dtype), dtype, args.quantize, args.device)
 
 
 def _config(args: argparse.Namespace, dtype: Any) -> Any:
@@ -165,20 +182,24 @@ def labels(ids: Any, args: argparse.Namespace) -> Any:
 def _loractl(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: list[tuple[float, float]]) -> int:
     import time
 
+    import torch
+
     from loractl.train import Callback, Example, TrainConfig, inject, train
 
     class Clock(Callback):
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.perf_counter()
 
         def on_step(self, metrics: dict[str, float]) -> None:
-            now = time.process_time()
-            times.append((metrics["step_s"], now - self.cpu))
-            self.cpu = now
+            if args.device.startswith("cuda"):  # the loop's clock stops before the GPU has finished the step
+                torch.cuda.synchronize()
+            now, wall = time.process_time(), time.perf_counter()
+            times.append((wall - self.wall if args.device.startswith("cuda") else metrics["step_s"], now - self.cpu))
+            self.cpu, self.wall = now, wall
             print(f"step {len(times)}: {times[-1][0]:.1f} s", file=sys.stderr, flush=True)
 
     config = TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=steps, batch_size=args.batch,
                          max_len=args.seq, lr=1e-4, grad_checkpointing=args.variant.endswith("ckpt"),
-                         compile=args.compile, dora="dora" in args.variant)  # fmt: skip
+                         compile=args.compile, dora="dora" in args.variant, device=args.device)  # fmt: skip
     injection = inject(model, config)
     rows = [Example(tuple(r[:n]), tuple(label[:n]))
             for r, label, n in zip(ids.tolist(), labels(ids, args).tolist(), lengths(args), strict=True)]  # fmt: skip
@@ -196,19 +217,22 @@ def _peft(model: Any, ids: Any, args: argparse.Namespace, steps: int, times: lis
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0,
                       use_dora="dora" in args.variant)  # fmt: skip
     model = get_peft_model(model, lora)
+    ids, sync = ids.to(args.device), torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     if args.variant.endswith("ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    mask = (torch.arange(args.seq)[None, :] < torch.tensor(lengths(args))[:, None]).long()
+    mask = (torch.arange(args.seq)[None, :] < torch.tensor(lengths(args))[:, None]).long().to(args.device)
     for _ in range(steps):
+        sync()
         start, cpu = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels(ids, args), use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         times.append((time.perf_counter() - start, time.process_time() - cpu))
         print(f"step {len(times)}: {times[-1][0]:.1f} s", file=sys.stderr, flush=True)
     return sum(p.numel() for p in params)
@@ -229,6 +253,7 @@ def main() -> None:
     parser.add_argument("--save-base", metavar="DIR", help="write the random model as a checkpoint and exit")
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"])
     parser.add_argument("--compile", action="store_true", help="loractl variants: --compile")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and step run [cpu]")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,7 +301,11 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
     flags = ", ".join(f for f, on in first["cpu_flags"].items() if on) or "none of avx2, avx512f, avx512_bf16, amx"
     print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print("\n| variant | model GFLOP/s | matmul dtype | its 2048² matmul GFLOP/s | share | share in CPU time "
+    if first.get("gpu"):
+        peak = ", ".join(f"{v} {statistics.median(r['peak_gpu'] for r in rs) / 1e9:.2f}" for v, rs in results.items())
+        print(f"GPU: {first['gpu']} ({first['device']}); peak allocated GB: {peak}")
+    print(f"\n| variant | model GFLOP/s | matmul dtype | its {first.get('matmul_size', 2048)}² matmul GFLOP/s | share "
+          "| share in CPU time "
           "| the step's own frozen GEMMs alone: GFLOP/s, s (CPU s) | share of their rate (in CPU time) "
           "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---|---|---|")
@@ -288,12 +317,14 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
 
         model, rate = med("model_flop_s"), med("matmul_flop_s", dtype)
         cpu_share = med("model_flop_cpu_s") / med("matmul_flop_cpu_s", dtype)
-        floor, floor_cpu = 1e9 * med("gemm_floor_s"), 1e9 * med("gemm_floor_cpu_s")
-        own, own_cpu = med("gemm_flops") / floor, med("gemm_flops") / floor_cpu
+        gemms = "— | —"  # not measured on a GPU
+        if runs[0].get("gemm_floor_s") is not None:
+            floor, floor_cpu = 1e9 * med("gemm_floor_s"), 1e9 * med("gemm_floor_cpu_s")
+            own, own_cpu = med("gemm_flops") / floor, med("gemm_flops") / floor_cpu
+            gemms = (f"{own:.0f}, {floor:.2f} s ({floor_cpu:.2f}) | {100 * model / own:.0f}% "
+                     f"({100 * med('model_flop_cpu_s') / own_cpu:.0f}%)")  # fmt: skip
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
-              f"| {own:.0f}, {floor:.2f} s ({floor_cpu:.2f}) | {100 * model / own:.0f}% "
-              f"({100 * med('model_flop_cpu_s') / own_cpu:.0f}%) "
-              f"| {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
+              f"| {gemms} | {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
     print()
     for variant, runs in results.items():
         for c in runs[0].get("base_matmul", []):
