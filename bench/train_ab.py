@@ -59,7 +59,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     args = parser.parse_args()
-    args.base, args.quantize, args.label_share, args.ragged = None, None, 1.0, False
+    args.base, args.quantize, args.label_share, args.ragged, args.device = None, None, 1.0, False, "cpu"
 
     scratch = Path(tempfile.mkdtemp(prefix="train-ab-"))
     shutil.copytree(Path(args.before) / "loractl", scratch / "loractl_before")
