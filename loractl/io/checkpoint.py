@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -137,6 +137,14 @@ class Checkpoint:
         f = self._file(shard)
         f.seek(header.data_start + info.offsets[0] + start * row_bytes)
         return f.read((stop - start) * row_bytes)
+
+    def row_chunks(self, name: str, start: int, stop: int) -> Iterator[bytes]:
+        """The stored bytes of rows start:stop of one tensor, `HASH_BLOCK` bytes of rows at a time (what a base
+        hashes a weight's rows by: never the whole weight in memory)."""
+        info = self.info(name)
+        step = max(1, HASH_BLOCK // max(1, info.nbytes // max(1, info.shape[0] if info.shape else 1)))
+        for a in range(start, stop, step):
+            yield self.raw_rows(name, a, min(stop, a + step))
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""
