@@ -51,12 +51,14 @@ def _write_all(
             dtype = torch_dtype(spec.dtype)
 
             def store(_: int, rows: torch.Tensor, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
+                """A cast into a buffer of the queue's (back to its pool once written): thread-safe."""
                 nbytes = rows.numel() * dtype.itemsize
-                owner = queue.buffer(nbytes)  # back to the queue's pool once written
+                owner = queue.buffer(nbytes)
                 out = owner[:nbytes].view(dtype).view(rows.shape).copy_(rows)
                 return (out, owner), out
 
-            writer.write(spec.name, sink.blocks(spec.name, partial(ckpt.get_rows, spec.name), store))
+            rows = partial(ckpt.get_rows, spec.name)
+            writer.write(spec.name, sink.blocks(spec.name, rows, store, into=partial(ckpt.read_rows_into, spec.name)))
     except BaseException:
         writer.abort()
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -41,6 +42,7 @@ class Checkpoint:
         self.headers: dict[Path, SafetensorsHeader] = {}
         self._where: dict[str, Path] = {}
         self._files: dict[Path, BinaryIO] = {}
+        self._opening = threading.Lock()
         for shard in _shard_files(self.path):
             header = read_header(shard)
             self.headers[shard] = header
@@ -121,6 +123,18 @@ class Checkpoint:
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         offset = header.data_start + info.offsets[0] + start * row_bytes
         return read_tensor(self._file(shard), offset, info.dtype, (stop - start, *info.shape[1:]))
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop of one tensor read into `out` (a uint8 buffer at least their size), as a view of it:
+        positional reads, so any thread may call it, several at once (`bases.protocol.RowsInto`)."""
+        from .tensor_bytes import pread_into, torch_dtype
+
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        view = out[: (stop - start) * row_bytes]
+        pread_into(self._file(shard).fileno(), view, header.data_start + info.offsets[0] + start * row_bytes)
+        return view.view(torch_dtype(info.dtype)).view(stop - start, *info.shape[1:])
 
     def file_range(self, name: str) -> FileRange:
         """Where the tensor's bytes lie, for a copy that never reads them into memory."""
@@ -217,9 +231,10 @@ class Checkpoint:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
 
     def _file(self, shard: Path) -> BinaryIO:
-        if shard not in self._files:
-            self._files[shard] = shard.open("rb")
-        return self._files[shard]
+        with self._opening:  # `read_rows_into` may be called from several threads: each shard opened once
+            if shard not in self._files:
+                self._files[shard] = shard.open("rb")
+            return self._files[shard]
 
 
 def _shard_files(path: Path) -> list[Path]:
