@@ -279,7 +279,7 @@ class DitBase:
         items = [(n, self.ckpt.info(s.key).dtype, s.shape, partial(self._bytes, s)) for n, s in sources]
         return fingerprint_of(items, stop)
 
-    def _bytes(self, src: _Src) -> Iterator[bytes]:
+    def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src` (its rows, its row halves exchanged), ~16 MB at a time: a fused weight is read once
         per part of it, never whole (`linear1`: 132 MB, four parts)."""
         first, stop = src.rows or (0, self.shapes[src.key][0] if self.shapes[src.key] else 1)

@@ -150,7 +150,7 @@ class SingleFileBase:
         dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
         return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
 
-    def _bytes(self, src: _Src) -> Iterator[bytes]:
+    def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src`'s rows, ~16 MB at a time (a weight is never read whole to be hashed)."""
         return self.ckpt.row_chunks(src.key, *(src.rows or (0, self.shapes[src.key][0])))
 
