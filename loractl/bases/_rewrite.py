@@ -31,7 +31,8 @@ def rewrite_file(
 
     header = ckpt.headers[shard]
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in header.tensors.items()]
-    with WriteQueue(sink.block_elements * 4) as queue:  # the writes on a thread of their own, beside the merge
+    # the writes on a thread of their own, beside the merge; buffers for the blocks in flight and two being written
+    with WriteQueue(sink.block_elements * 4, pool=sink.blocks_in_flight + 2) as queue:
         writer = StreamWriter(out, specs, {**header.metadata, **metadata}, queue)
         _write_all(ckpt, writer, merged, sink, queue)
         queue.drain()

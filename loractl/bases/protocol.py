@@ -55,6 +55,12 @@ class TensorSink(Protocol):
         """The most values a block holds (bar one of whole rows wider than that): what a writer's buffers take."""
         ...
 
+    @property
+    def blocks_in_flight(self) -> int:
+        """The most blocks `store` has filled that are not yet yielded: a writer whose `store` takes buffers from a
+        pool needs more buffers than that, or the oldest block waits for one forever."""
+        ...
+
     def blocks(
         self,
         name: str,
