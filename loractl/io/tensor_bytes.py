@@ -53,17 +53,3 @@ def read_tensor(f: IO[bytes], offset: int, code: str, shape: tuple[int, ...]) ->
         if f.readinto(buf) != len(buf):  # type: ignore[attr-defined]
             raise LoractlError(f"unexpected end of file reading {len(buf)} bytes at offset {offset}")
     return tensor
-
-
-def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
-    """Fill `out` (a contiguous uint8 tensor) with the bytes of `fd` from `offset`: positional reads, safe on
-    any thread (no shared file position); the GIL is released while the kernel copies."""
-    import os
-
-    buf = memoryview(out.numpy())  # type: ignore[arg-type]
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise LoractlError(f"unexpected end of file reading {len(buf)} bytes at offset {offset}")
-        done += n
