@@ -146,15 +146,6 @@ class Checkpoint:
         shard, info = self._where[name], self.info(name)
         return FileRange(shard, self.headers[shard].data_start + info.offsets[0], info.nbytes)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> bytes:
-        """The stored bytes of rows start:stop of one tensor (its first dimension)."""
-        shard = self._where[name]
-        header, info = self.headers[shard], self.info(name)
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-        f = self._file(shard)
-        f.seek(header.data_start + info.offsets[0] + start * row_bytes)
-        return f.read((stop - start) * row_bytes)
-
     def row_chunks(self, name: str, start: int, stop: int) -> Iterator[memoryview]:
         """The stored bytes of rows start:stop of one tensor, `HASH_BLOCK` bytes of rows at a time (what a base
         hashes a weight's rows by: never the whole weight in memory), each in the same buffer: valid until the
