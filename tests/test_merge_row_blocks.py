@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import loractl.ops.merge_kernel as kernel
 import loractl.ops.merge_placed as placed
@@ -155,3 +156,79 @@ def test_a_non_finite_block_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(NumericError, match="contains NaN or Inf"):
         merge(base, [save(broken, tmp_path / "lora")], tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def _flux_single_file(tmp: Path) -> Path:
+    """A tiny Flux.1 transformer as the original single file (BFL's names), in bf16: its merged tensors round."""
+    diffusers = pytest.importorskip("diffusers")
+    from loractl.io.safetensors_writer import save_tensors
+    from tests.test_merge_dit import _model, _original_state
+
+    state = _original_state({k: v.detach().clone() for k, v in _model(diffusers).state_dict().items()})
+    save_tensors(tmp / "flux1-tiny.safetensors", {k: v.to(torch.bfloat16) for k, v in state.items()})
+    return tmp / "flux1-tiny.safetensors"
+
+
+def test_dit_single_file_row_blocks_read_and_store_on_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single-file Flux base is read, merged and stored on the pool threads, several blocks at once (`into`):
+    the bytes and figures of the whole-tensor merge, and a figure taken by hand: ‖stored − (W + ΔW)‖ / ‖ΔW‖."""
+    from loractl.formats import save_adapter
+    from loractl.io.checkpoint import Checkpoint
+    from tests.test_merge_dit import _adapter
+
+    base = _flux_single_file(tmp_path)
+    adapter = _adapter()
+    lora = save_adapter(adapter, tmp_path / "lora.safetensors", format="kohya")
+    _both(base, lora, tmp_path, monkeypatch, ".safetensors")
+    report = merge(base, [lora], tmp_path / "again.safetensors")
+    key = "single_blocks.0.linear1"
+    module = adapter.modules[f"transformer.{key}"]
+    with Checkpoint(base) as before, Checkpoint(tmp_path / "again.safetensors") as after:
+        w, stored = before.get(f"{key}.weight").double(), after.get(f"{key}.weight").double()
+    merged = w + module.scale * (module.B.double() @ module.A.double())
+    want = float((stored - merged).norm() / (merged - w).norm())
+    got = next(m for m in report.modules if m.module == f"transformer.{key}")
+    assert want > 1e-3  # bf16 rounds a visible share of ΔW away
+    assert got.rounding_error == pytest.approx(want, rel=1e-3)
+    assert got.rounding_loss == pytest.approx(want, rel=1e-3)
+
+
+def test_dit_fingerprint_in_blocks_is_the_whole_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single Flux file's fingerprint (fused q/k/v and linear1 row ranges, the final AdaLN's halves exchanged)
+    hashes a few rows at a time: the digest of each weight in diffusers' terms hashed whole."""
+    from loractl.bases.dit import DitBase
+    from loractl.io import checkpoint
+    from tests.test_merge_dit import _adapter
+
+    base = DitBase(_flux_single_file(tmp_path))
+    modules = [*_adapter().modules, "transformer.norm_out.linear"]
+    sources = base.canonical(modules)
+    assert any(s.swap for _, s in sources) and any(s.rows for _, s in sources)
+    whole = checkpoint.fingerprint_of(
+        (n, base.ckpt.info(s.key).dtype, s.shape, lambda s=s: base.tensor(s).contiguous().view(-1).view(torch.uint8)
+         .numpy().tobytes()) for n, s in sources
+    )  # fmt: skip
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 1)  # a row per chunk
+    assert base.fingerprint(modules, fresh=True) == whole
+
+
+def test_a_non_finite_block_of_a_single_file_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inf in some rows of one tensor, with many blocks in flight on the pool: the merge stops with the error
+    (no job left waiting for a write buffer), and no output file is left."""
+    from dataclasses import replace
+
+    from loractl.errors import NumericError
+    from loractl.formats import save_adapter
+    from tests.test_merge_dit import _adapter
+
+    a = _adapter()
+    name = "transformer.single_blocks.1.linear1"
+    b = a.modules[name].B.clone()
+    b[-5, 0] = float("inf")
+    broken = replace(a, modules={**a.modules, name: replace(a.modules[name], B=b)})
+    lora = save_adapter(broken, tmp_path / "lora.safetensors", format="kohya")
+    monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(placed, "BLOCK", 256)  # 8 rows a block: many blocks of each tensor in flight
+    with pytest.raises(NumericError, match=r"'single_blocks\.1\.linear1\.weight' contains NaN or Inf"):
+        merge(_flux_single_file(tmp_path), [lora], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -31,7 +31,8 @@ def rewrite_file(
 
     header = ckpt.headers[shard]
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in header.tensors.items()]
-    with WriteQueue(sink.block_elements * 4) as queue:  # the writes on a thread of their own, beside the merge
+    # the writes on a thread of their own, beside the merge; buffers for the blocks in flight and two being written
+    with WriteQueue(sink.block_elements * 4, pool=sink.blocks_in_flight + 2) as queue:
         writer = StreamWriter(out, specs, {**header.metadata, **metadata}, queue)
         _write_all(ckpt, writer, merged, sink, queue)
         queue.drain()
@@ -51,12 +52,14 @@ def _write_all(
             dtype = torch_dtype(spec.dtype)
 
             def store(_: int, rows: torch.Tensor, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
+                """A cast into a buffer of the queue's (back to its pool once written): thread-safe."""
                 nbytes = rows.numel() * dtype.itemsize
-                owner = queue.buffer(nbytes)  # back to the queue's pool once written
+                owner = queue.buffer(nbytes)
                 out = owner[:nbytes].view(dtype).view(rows.shape).copy_(rows)
                 return (out, owner), out
 
-            writer.write(spec.name, sink.blocks(spec.name, partial(ckpt.get_rows, spec.name), store))
+            rows = partial(ckpt.get_rows, spec.name)
+            writer.write(spec.name, sink.blocks(spec.name, rows, store, into=partial(ckpt.read_rows_into, spec.name)))
     except BaseException:
         writer.abort()
         raise

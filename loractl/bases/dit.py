@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -288,10 +288,16 @@ class DitBase:
         items = [(n, self.ckpt.info(s.key).dtype, s.shape, partial(self._bytes, s)) for n, s in sources]
         return fingerprint_of(items, stop)
 
-    def _bytes(self, src: _Src) -> bytes:
-        if src.rows is None and not src.swap:
-            return self.ckpt.raw_bytes(src.key)  # one copy, not two, of a whole stored tensor
-        return bytes(self._rows(src).tobytes())
+    def _bytes(self, src: _Src) -> Iterator[memoryview]:
+        """The bytes of `src` (its rows, its row halves exchanged), ~16 MB at a time: a fused weight is read once
+        per part of it, never whole (`linear1`: 132 MB, four parts)."""
+        first, stop = src.rows or (0, self.shapes[src.key][0] if self.shapes[src.key] else 1)
+        if not src.swap:
+            yield from self.ckpt.row_chunks(src.key, first, stop)
+            return
+        half = first + (stop - first) // 2
+        yield from self.ckpt.row_chunks(src.key, half, stop)
+        yield from self.ckpt.row_chunks(src.key, first, half)
 
     def _rows(self, src: _Src) -> np.ndarray[Any, Any]:
         import numpy as np

@@ -41,6 +41,9 @@ class OutputChoices:
 T = TypeVar("T")
 RowsOf = Callable[[int, int], "torch.Tensor"]
 """Rows start:stop of a stored tensor (its first dimension), as float32 or any float dtype."""
+RowsInto = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
+"""`RowsOf` read into a uint8 buffer at least their size (the result a view of it): positional reads, so
+that any thread may call it, several at once."""
 
 
 class TensorSink(Protocol):
@@ -52,17 +55,29 @@ class TensorSink(Protocol):
         """The most values a block holds (bar one of whole rows wider than that): what a writer's buffers take."""
         ...
 
+    @property
+    def blocks_in_flight(self) -> int:
+        """The most blocks `store` has filled that are not yet yielded: a writer whose `store` takes buffers from a
+        pool needs more buffers than that, or the oldest block waits for one forever."""
+        ...
+
     def blocks(
         self,
         name: str,
         rows_of: RowsOf,
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
+        into: RowsInto | None = None,
     ) -> Iterator[T]:
         """Tensor `name` merged block by block, in row order: for each block start:stop (every bound but the
         last a multiple of `multiple`: the rows the stored type quantizes together), W's rows from
         `rows_of(start, stop)`, W + ΔW (float32) handed to `store(start, merged)`, which answers what the
-        output gets (yielded: bytes, a tensor) and what that holds, read back as float32."""
+        output gets (yielded: bytes, a tensor) and what that holds, read back as float32.
+
+        `into`, from a base whose rows read positionally and whose `store` only fills a buffer of its own
+        (thread-safe, as a plain cast into a write queue's buffer): the sink then reads each block with it into
+        a buffer it reuses and calls `store` on its own threads, several blocks at once; what it yields is
+        still in row order. Without it, both are called on the caller's thread only."""
         ...
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import HASH_BLOCK, FingerprintViews, fingerprint_of
+from ..io.checkpoint import FingerprintViews, fingerprint_of
 from ._placement import Placement
 from .protocol import TensorSink
 from .safetensors_dir import CheckpointBase
@@ -150,12 +150,9 @@ class SingleFileBase:
         dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
         return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
 
-    def _bytes(self, src: _Src) -> Iterator[bytes]:
+    def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src`'s rows, ~16 MB at a time (a weight is never read whole to be hashed)."""
-        first, stop = src.rows or (0, self.shapes[src.key][0])
-        step = max(1, HASH_BLOCK // max(1, self.ckpt.info(src.key).nbytes // max(1, self.shapes[src.key][0])))
-        for a in range(first, stop, step):
-            yield self.ckpt.raw_rows(src.key, a, min(stop, a + step))
+        return self.ckpt.row_chunks(src.key, *(src.rows or (0, self.shapes[src.key][0])))
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         from ..io.fingerprint_cache import remembered

@@ -6,10 +6,13 @@ at a time, so nothing here ever holds a whole model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Container, Iterable
+import os
+import threading
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -41,6 +44,7 @@ class Checkpoint:
         self.headers: dict[Path, SafetensorsHeader] = {}
         self._where: dict[str, Path] = {}
         self._files: dict[Path, BinaryIO] = {}
+        self._opening = threading.Lock()
         for shard in _shard_files(self.path):
             header = read_header(shard)
             self.headers[shard] = header
@@ -122,6 +126,19 @@ class Checkpoint:
         offset = header.data_start + info.offsets[0] + start * row_bytes
         return read_tensor(self._file(shard), offset, info.dtype, (stop - start, *info.shape[1:]))
 
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop of one tensor read into `out` (a uint8 buffer at least their size), as a view of it:
+        positional reads, so any thread may call it, several at once (`bases.protocol.RowsInto`)."""
+        from .tensor_bytes import torch_dtype
+
+        shard = self._where[name]
+        header, info = self.headers[shard], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        view = out[: (stop - start) * row_bytes]
+        offset = header.data_start + info.offsets[0] + start * row_bytes
+        read_at(self._file(shard).fileno(), memoryview(view.numpy()), offset, shard)  # type: ignore[arg-type]
+        return view.view(torch_dtype(info.dtype)).view(stop - start, *info.shape[1:])
+
     def file_range(self, name: str) -> FileRange:
         """Where the tensor's bytes lie, for a copy that never reads them into memory."""
         from .safetensors_writer import FileRange
@@ -129,14 +146,20 @@ class Checkpoint:
         shard, info = self._where[name], self.info(name)
         return FileRange(shard, self.headers[shard].data_start + info.offsets[0], info.nbytes)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> bytes:
-        """The stored bytes of rows start:stop of one tensor (its first dimension)."""
-        shard = self._where[name]
-        header, info = self.headers[shard], self.info(name)
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-        f = self._file(shard)
-        f.seek(header.data_start + info.offsets[0] + start * row_bytes)
-        return f.read((stop - start) * row_bytes)
+    def row_chunks(self, name: str, start: int, stop: int) -> Iterator[memoryview]:
+        """The stored bytes of rows start:stop of one tensor, `HASH_BLOCK` bytes of rows at a time (what a base
+        hashes a weight's rows by: never the whole weight in memory), each in the same buffer: valid until the
+        next is asked for."""
+        shard, info = self._where[name], self.info(name)
+        row_bytes = info.nbytes // max(1, info.shape[0] if info.shape else 1)
+        step, at = max(1, HASH_BLOCK // max(1, row_bytes)), self.headers[shard].data_start + info.offsets[0]
+        fd = self._file(shard).fileno()
+        chunk = memoryview(bytearray(min(stop - start, step) * row_bytes))  # one buffer: no page faults per chunk
+        for a in range(start, stop, step):
+            b, c = min(stop, a + step), min(stop, a + 2 * step)
+            will_need(fd, at + b * row_bytes, (c - b) * row_bytes)  # the next chunk, read while this one is hashed
+            read_at(fd, chunk[: (b - a) * row_bytes], at + a * row_bytes, shard)
+            yield chunk[: (b - a) * row_bytes]
 
     def raw_bytes(self, name: str) -> bytes:
         """The tensor's bytes exactly as stored (for fingerprints and bit-exact copies)."""
@@ -209,9 +232,30 @@ class Checkpoint:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p not in weights and not p.name.startswith("."))
 
     def _file(self, shard: Path) -> BinaryIO:
-        if shard not in self._files:
-            self._files[shard] = shard.open("rb")
-        return self._files[shard]
+        with self._opening:  # `read_rows_into` may be called from several threads: each shard opened once
+            if shard not in self._files:
+                self._files[shard] = shard.open("rb")
+            return self._files[shard]
+
+
+def read_at(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    """Fill `buf` with the bytes of `fd` (the file `path`) from `offset`: positional reads, safe on any thread
+    (no shared file position); the GIL is released while the kernel copies."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise FormatError(f"unexpected end of file reading {len(buf)} bytes at offset {offset} (truncated?)",
+                              path=path)  # fmt: skip
+        done += n
+
+
+def will_need(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start reading `nbytes` of `fd` from `offset` into the page cache now (a read ahead of
+    the current one: the disk works while the caller computes); a no-op where that cannot be asked."""
+    if nbytes > 0 and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -272,7 +316,7 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
 
 
 def fingerprint_of(
-    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes]]]],
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes | memoryview]]]],
     stop: Callable[[], bool] | None = None,
 ) -> str:
     """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand: whole,

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -81,17 +82,33 @@ def steady_heap() -> None:
     weight peaked at 282–506 MB from run to run; with the threshold fixed at a block's 4 MB, at 281–284 MB.
     Elsewhere than glibc nothing changes.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, BLOCK_ELEMENTS * 4)
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's `malloc_trim`): an adapter's factors freed module by
+    module as a merge goes lie between allocations still in use, and stay resident (counted in RSS) otherwise.
+    Merging Flux.1-dev: RSS grew by ~130 MiB over the run without it, and shrinks with it. Elsewhere a no-op."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@cache
+def _glibc() -> Any:
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return
-    mallopt(M_MMAP_THRESHOLD, BLOCK_ELEMENTS * 4)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and others: neither
+        return None
 
 
 def module_delta(module: LoraModule, weight: float) -> Delta:

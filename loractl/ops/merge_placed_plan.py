@@ -252,21 +252,25 @@ class BlockFigures:
 
 
 def block_figures(
-    start: torch.Tensor, delta: torch.Tensor, weight_sq: float, delta_sq: float, stored: torch.Tensor | None,
-    quantized: bool,
+    start: torch.Tensor, delta: torch.Tensor, merged: torch.Tensor, weight_sq: float, delta_sq: float,
+    stored: torch.Tensor | None, quantized: bool,
 ) -> BlockFigures:  # fmt: skip
-    """One block of rows, as (rows, cols) float32: W (overwritten), ΔW (`weight_sq` = ‖W‖², `delta_sq` = ‖ΔW‖²,
-    already taken) and what the output holds for W + ΔW (None: W + ΔW itself). Per row in float32 (norms exact
-    to float32 rounding), summed over rows in float64: a float64 copy of each block costs 3× the passes.
-    ⟨ΔW_s, ΔW⟩ only where `quantized` (a float type's loss is ‖stored − merged‖: `rounding_loss`)."""
+    """One block of rows, as (rows, cols) float32: W (overwritten; only read where `quantized`), ΔW, W + ΔW
+    (`weight_sq` = ‖W‖², `delta_sq` = ‖ΔW‖², already taken) and what the output holds for W + ΔW (overwritten;
+    None: W + ΔW itself). Per row in float32 (norms exact to float32 rounding), summed over rows in float64: a
+    float64 copy of each block costs 3× the passes. A float type's stored − merged is one exact float32
+    subtraction (the two are within a rounding of each other); ⟨ΔW_s, ΔW⟩ only where `quantized` (a float
+    type's loss is ‖stored − merged‖: `rounding_loss`)."""
     import torch
 
     from .merge_kernel import rows_sq
 
     if stored is None:
         return BlockFigures(weight_sq, delta_sq, delta_sq, 0.0)
-    moved = torch.sub(stored.reshape(start.shape), start, out=start)  # the change the output carries, ΔW_s
-    carried = float(torch.linalg.vecdot(moved, delta, dim=1).double().sum()) if quantized else 0.0
+    if not quantized:
+        return BlockFigures(weight_sq, delta_sq, 0.0, rows_sq(stored.sub_(merged)))
+    moved = torch.sub(stored, start, out=start)  # the change the output carries, ΔW_s
+    carried = float(torch.linalg.vecdot(moved, delta, dim=1).double().sum())
     return BlockFigures(weight_sq, delta_sq, carried, rows_sq(moved.sub_(delta)))  # stored − merged
 
 
