@@ -37,9 +37,12 @@ def peft_model(base: Path, adapter: Path | None) -> Any:
 
 
 def peft_loss(base: Path, adapter: Path | None, data: Path) -> float:
+    """PEFT's model of `adapter` over `base`, scored by `mean_loss` with the base's tokenizer."""
+    return mean_loss(peft_model(base, adapter), transformers.AutoTokenizer.from_pretrained(base), data)
+
+
+def mean_loss(model: Any, tokenizer: Any, data: Path) -> float:
     """Mean loss per label token as transformers computes it (its own label shift), example by example."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    model = peft_model(base, adapter)
     total = count = 0.0
     with torch.no_grad():
         for ex in load_dataset(data, tokenizer, 512).examples:
@@ -218,14 +221,7 @@ def peft_loss_with_new_tokens(base: Path, adapter: Path, data: Path, *, merged: 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer))
     model = peft.PeftModel.from_pretrained(model, adapter)
-    model = (model.merge_and_unload() if merged else model).eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for ex in load_dataset(data, tokenizer, 512).examples:
-            out = model(input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]))
-            total += float(out.loss) * ex.num_targets
-            count += ex.num_targets
-    return total / count
+    return mean_loss((model.merge_and_unload() if merged else model).eval(), tokenizer, data)
 
 
 @pytest.fixture(scope="module")
