@@ -4,7 +4,7 @@ the fused RMSNorm / gated MLP, each against a dense float64 reference, PEFT, or 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -85,6 +85,51 @@ def test_measured_choice_times_both_ways_once() -> None:
     assert choice.float32_s > 0 and choice.native_s > 0 and choice.dtype in (torch.float32, torch.bfloat16)
     assert choice.flops == 4 * base_matmul.PROBE_TOKENS * 96 * 64
     assert base_matmul.measured_choice((96, 64), torch.bfloat16, torch.get_num_threads()) is choice  # cached
+
+
+def test_a_compiled_layer_takes_the_choice_measured_before_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the trace runs on fake tensors, so a measurement inside it timed nothing (once it
+    reported 44 TFLOP/s and chose float32 for SmolLM2's q/k/v/o): `--compile` measures each frozen weight first,
+    eagerly, and a trace only looks the choice up."""
+    from loractl.train import base_matmul
+    from loractl.train.loop import _compile
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(base_matmul, "MEASURED", {})
+    timed: list[bool] = []
+
+    def fake(shape: tuple[int, int], native: torch.dtype) -> base_matmul.Choice:
+        timed.append(torch.compiler.is_compiling())
+        return base_matmul.Choice(shape, native, 2.0, 1.0 if shape == (48, 24) else 3.0, 1.0)
+
+    monkeypatch.setattr(base_matmul, "_measure", fake)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = lora_over(nn.Linear(24, 48).bfloat16()), lora_over(nn.Linear(48, 24).bfloat16(), 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(self.up(x))
+
+    class Model(nn.Module):
+        _no_split_modules: ClassVar[list[str]] = ["Block"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+    model = Model()
+    x = torch.randn(2, 24).bfloat16()
+    eager = model.layers[0](x)
+    monkeypatch.setattr(base_matmul, "MEASURED", {})
+    timed.clear()
+    _compile(model)
+    assert timed == [False, False]  # both weights measured eagerly, before any trace
+    compiled = model.layers[0](x)
+    assert timed == [False, False]  # the trace measured nothing
+    assert torch.equal(compiled, eager)  # bf16 for up, float32 for down, as chosen eagerly
+    assert [c.dtype for c in base_matmul.MEASURED.values()] == [torch.bfloat16, torch.float32]
 
 
 @pytest.mark.parametrize("bias", [False, True])

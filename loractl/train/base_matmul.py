@@ -59,7 +59,11 @@ def matmul_dtype(native: torch.dtype, device: torch.device, shape: Sequence[int]
         return native
     if shape is None:
         return native if cpu_has_bf16_units() else torch.float32
-    return measured_choice((int(shape[0]), int(shape[1])), native, torch.get_num_threads()).dtype
+    out_in = (int(shape[0]), int(shape[1]))
+    if torch.compiler.is_compiling():  # a trace runs on fake tensors: timing it would measure nothing
+        known = MEASURED.get(_key(out_in, native, torch.get_num_threads()))
+        return known.dtype if known else matmul_dtype(native, device)
+    return measured_choice(out_in, native, torch.get_num_threads()).dtype
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,14 @@ MEASURED: dict[tuple[Any, ...], Choice] = {}
 def measured_choice(shape: tuple[int, int], native: torch.dtype, threads: int) -> Choice:
     """float32 (upcast included) against `native` for a weight of `shape`, timed once per (shape, native,
     CPU flags, threads) in this process: forward x · Wᵀ and input gradient g · W, best of `ROUNDS` each."""
-    key = (shape, native, cpu_flags(), threads)
+    key = _key(shape, native, threads)
     if key not in MEASURED:
         MEASURED[key] = _measure(shape, native)
     return MEASURED[key]
+
+
+def _key(shape: tuple[int, int], native: torch.dtype, threads: int) -> tuple[Any, ...]:
+    return (shape, native, cpu_flags(), threads)
 
 
 def _measure(shape: tuple[int, int], native: torch.dtype) -> Choice:

@@ -23,6 +23,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import OutputWriteError, UsageError
 from . import checkpoints, distributed
+from .base_matmul import frozen_weight
 from .callbacks import Hooks
 from .config import TrainConfig
 from .data import Example, collate
@@ -299,6 +300,9 @@ def _compile(model: nn.Module) -> None:
             hint="train without --compile",
         )
     for layer in layers:
+        for module in layer.modules():  # each frozen matmul's dtype measured now: a trace cannot time it
+            if isinstance(base := getattr(module, "base_layer", None), nn.Module):
+                frozen_weight(base, torch.float32)
         layer.compile()
 
 
