@@ -120,24 +120,25 @@ class Checkpoint:
         """Rows start:stop of one tensor (its first dimension), read into memory (a fresh copy)."""
         from .tensor_bytes import read_tensor
 
-        shard = self._where[name]
-        header, info = self.headers[shard], self.info(name)
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-        offset = header.data_start + info.offsets[0] + start * row_bytes
-        return read_tensor(self._file(shard), offset, info.dtype, (stop - start, *info.shape[1:]))
+        shard, info, at, row_bytes = self._rows_at(name)
+        return read_tensor(self._file(shard), at + start * row_bytes, info.dtype, (stop - start, *info.shape[1:]))
 
     def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows start:stop of one tensor read into `out` (a uint8 buffer at least their size), as a view of it:
         positional reads, so any thread may call it, several at once (`bases.protocol.RowsInto`)."""
         from .tensor_bytes import torch_dtype
 
-        shard = self._where[name]
-        header, info = self.headers[shard], self.info(name)
-        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        shard, info, at, row_bytes = self._rows_at(name)
         view = out[: (stop - start) * row_bytes]
-        offset = header.data_start + info.offsets[0] + start * row_bytes
-        read_at(self._file(shard).fileno(), memoryview(view.numpy()), offset, shard)  # type: ignore[arg-type]
+        read_at(self._file(shard).fileno(), memoryview(view.numpy()), at + start * row_bytes, shard)  # type: ignore[arg-type]
         return view.view(torch_dtype(info.dtype)).view(stop - start, *info.shape[1:])
+
+    def _rows_at(self, name: str) -> tuple[Path, TensorInfo, int, int]:
+        """Where one tensor's rows lie: its shard, its info, the file offset of its first byte, the bytes of a row
+        (a 0-d tensor is one row)."""
+        shard, info = self._where[name], self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        return shard, info, self.headers[shard].data_start + info.offsets[0], row_bytes
 
     def file_range(self, name: str) -> FileRange:
         """Where the tensor's bytes lie, for a copy that never reads them into memory."""
@@ -150,9 +151,8 @@ class Checkpoint:
         """The stored bytes of rows start:stop of one tensor, `HASH_BLOCK` bytes of rows at a time (what a base
         hashes a weight's rows by: never the whole weight in memory), each in the same buffer: valid until the
         next is asked for."""
-        shard, info = self._where[name], self.info(name)
-        row_bytes = info.nbytes // max(1, info.shape[0] if info.shape else 1)
-        step, at = max(1, HASH_BLOCK // max(1, row_bytes)), self.headers[shard].data_start + info.offsets[0]
+        shard, _, at, row_bytes = self._rows_at(name)
+        step = max(1, HASH_BLOCK // max(1, row_bytes))
         fd = self._file(shard).fileno()
         chunk = memoryview(bytearray(min(stop - start, step) * row_bytes))  # one buffer: no page faults per chunk
         for a in range(start, stop, step):
