@@ -11,6 +11,7 @@ the tensor; its rounding loss is summed over the blocks, measured on what is sto
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,15 +25,17 @@ from .._version import __version__
 from ..bases.protocol import RewritableBase, RowsInto, RowsOf
 from ..errors import NumericError
 from ..formats.options import ReadOptions
-from ..io import interrupt
+from ..io import interrupt, placeholders
 from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
+from .merge_shared import check_base_fingerprints, recorded_fingerprint
 
 T = TypeVar("T")
 WORKERS = 2  # pool threads merging blocks and taking their figures, beside the reading and storing one
 BLOCK = 1 << 19  # float32 elements per row block (2 MB): fewer Python steps than 1 MB (Flux.1-dev: 13% less CPU)
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
+DIGEST = "sha256:"  # what a base fingerprint starts with; the hex digits after it are written last
 IN_FLIGHT = 3 * WORKERS  # blocks read, merged and stored ahead of the one yielded, where the base allows it (`into`)
 
 if TYPE_CHECKING:
@@ -71,7 +74,6 @@ def execute_placed_merge(
     from ..formats import load_adapter
     from .devices import resolve_device
     from .merge_kernel import kernel_threads, steady_heap
-    from .merge_shared import check_base_fingerprints
 
     plan.check()
     options = plan.read_options or ReadOptions()
@@ -84,21 +86,60 @@ def execute_placed_merge(
         loaded = [
             load_adapter(i.path, format=i.format, options=base.read_options(i.format, options)) for i in plan.infos
         ]
-        prints = tuple(base.fingerprint(list(i.modules)) for i in plan.infos)
+        prints = _fingerprints_due(base, plan)
         notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_mismatch)
         hashes = tuple(a.content_hash() for a in loaded)
+        stop_hash = threading.Event()
         with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
+            aside = outputs.enter_context(ThreadPoolExecutor(1, thread_name_prefix="fingerprint"))
+            outputs.callback(stop_hash.set)  # a failure does not wait for the rest of the hash
+            late = {k: placeholders.token() for k, fp in enumerate(prints) if fp == ""}
+            hashing = aside.submit(_late_fingerprints, plan, sorted(late), stop_hash)
             outputs.enter_context(kernel_threads())  # one torch thread per op, as the checkpoint merge (`merge_kernel`)
             pool = outputs.enter_context(ThreadPoolExecutor(WORKERS, thread_name_prefix="loractl-merge"))
             sink = _Sink(plan, loaded, resolve_device(device), progress, pool)
             steady_heap()  # block temporaries never from a fragmenting heap
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
-            _write(base, tmps, _record(plan, hashes, prints), list(plan.updates), sink)
+            written = tuple(DIGEST + late[k] if k in late else fp for k, fp in enumerate(prints))
+            _write(base, tmps, _record(plan, hashes, written), list(plan.updates), sink)
+            hashed = hashing.result()
+            placeholders.fill(tmps, {late[k]: _digest(fp) for k, fp in hashed.items()})
+            prints = tuple(hashed.get(k, fp) for k, fp in enumerate(prints))
     merged = len(plan.updates)
     return MergeReport(files[0], plan, tuple(sink.rows), prints, hashes, tensors_checked=merged,
                        tensors_copied=plan.tensors_total - merged - plan.tensors_converted,
                        shards=tuple(str(f) for f in files) if len(files) > 1 else (),
                        base_notes=notes)  # fmt: skip
+
+
+def _fingerprints_due(base: RewritableBase, plan: PlacedPlan) -> tuple[str | None, ...]:
+    """Per adapter, its base fingerprint where it is due before a byte is written (the adapter records one to check)
+    or costs nothing (remembered, or None where the stored values cannot say); '' where it is to be hashed beside
+    the merge (`_late_fingerprints`) and written into the record last (`io.placeholders`)."""
+    return tuple(
+        base.fingerprint(list(i.modules), None if recorded_fingerprint(i) else _remembered_only) for i in plan.infos
+    )
+
+
+def _remembered_only() -> bool:
+    """A fingerprint's `stop` that abandons the hash before it reads a byte: what is remembered, or ''."""
+    return True
+
+
+def _late_fingerprints(plan: PlacedPlan, adapters: list[int], stop: threading.Event) -> dict[int, str]:
+    """The fingerprints `_fingerprints_due` left for later, hashed on a thread beside the merge (a base of its
+    own: its own file handles); abandoned once `stop` is set (the merge failed)."""
+    if not adapters:
+        return {}
+    with closing(open_rewritable(plan.base, plan.output)) as base:
+        return {k: base.fingerprint(list(plan.infos[k].modules), stop.is_set) or "" for k in adapters}
+
+
+def _digest(fingerprint: str) -> str:
+    """The hex digits a placeholder stands for (`DIGEST` + 64 of them)."""
+    if not fingerprint.startswith(DIGEST) or len(fingerprint) != len(DIGEST) + placeholders.TOKEN_LENGTH:
+        raise RuntimeError(f"a base fingerprint of an unexpected form: {fingerprint[:19]!r}")
+    return fingerprint[len(DIGEST) :]
 
 
 class _Sink:
