@@ -6,6 +6,11 @@ requantized), tensors no adapter touches keep their bytes, and loractl's provena
 the base's own metadata. Each adapted tensor is read, merged (`merge_kernel`, on `device`) and handed
 back to the base to store a block of rows at a time (`bases.TensorSink`), so memory does not grow with
 the tensor; its rounding loss is summed over the blocks, measured on what is stored.
+
+The base fingerprint in the record is hashed on a thread beside the merge (a second read of the base, GBs of
+SHA-256), not before it: the header goes out with a placeholder and the digest is written over it before the
+output is committed (`io.placeholders`). Only an adapter that records its base has it hashed first, to refuse a
+wrong base before a byte is written.
 """
 
 from __future__ import annotations
