@@ -231,16 +231,23 @@ def test_each_base_layout_is_detected(bases: dict[str, Path]) -> None:
 @pytest.mark.parametrize("layout", ["kohya", "diffusers", "original"])
 @pytest.mark.parametrize("kind", ["dir", "sharded", "pipe", "flux1-tiny"])
 def test_merge_into_either_layout_runs_as_delta_by_hand(
-    diffusers: Any, bases: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, layout: str, kind: str
-) -> None:
+    diffusers: Any, bases: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, layout: str, kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from loractl.bases.sd_single_file import RECORD_KEY
+    from loractl.io.safetensors_header import read_header
     from loractl.ops.merge import merge
 
+    monkeypatch.setenv("LORACTL_CACHE_DIR", str(tmp_path / "cache"))  # the fingerprint hashed beside the merge
     out = tmp_path / ("merged" if bases[kind].is_dir() else "merged.safetensors")
     report = merge(bases[kind], [adapters[layout]], out)
     adapter = load_adapter(adapters[layout])
     base = _run(_model(diffusers))
     _close(_run(_load_merged(diffusers, out, kind)), _by_hand(diffusers, adapter), base)
     assert report.fingerprints[0] is not None
+    written = [out] if out.is_file() else sorted(out.rglob("*.safetensors"))
+    records = [json.loads(read_header(f).metadata[RECORD_KEY]) for f in written]
+    assert records and all(r["adapters"][0]["base_fingerprint"] == report.fingerprints[0] for r in records)
     rows = {m.module for m in report.modules}
     assert rows == set(adapter.modules)  # every module merged, one report
     if kind == "pipe":
