@@ -385,7 +385,8 @@ def test_fused_attention_node_backward_in_float32_is_nearer_float64_than_sdpa_s_
 
 
 def test_fused_attention_leaves_a_mask_or_a_cache_to_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Padding (an attention mask) and a key/value cache take transformers' own forward: the same logits."""
+    """Padding (an attention mask), packed rows (restarting positions) and a key/value cache take transformers' own
+    forward: the same logits."""
     counted = CountedAttention(monkeypatch)
     eager = tiny_llama()
     fused = copy.deepcopy(eager)
@@ -396,6 +397,9 @@ def test_fused_attention_leaves_a_mask_or_a_cache_to_transformers(monkeypatch: p
     assert torch.equal(fused(ids, attention_mask=mask, use_cache=False).logits,
                        eager(ids, attention_mask=mask, use_cache=False).logits)  # fmt: skip
     assert torch.equal(fused(ids).logits, eager(ids).logits)  # use_cache defaults to True: a cache is built
+    packed = torch.tensor([list(range(4)) + list(range(7))] * 2)  # two examples per row: transformers masks them
+    assert torch.equal(fused(ids, position_ids=packed, use_cache=False).logits,
+                       eager(ids, position_ids=packed, use_cache=False).logits)  # fmt: skip
     assert counted.calls == 0
 
 

@@ -11,9 +11,10 @@ Llama's attention (causal, no mask, no cache: a training step) becomes one node 
 the attention output: rotary embedding and SDPA's CPU flash kernel forward, op for op transformers' own
 (bitwise the same output), and a backward that runs the flash kernel's backward in float32 for a bf16/fp16
 model (its bf16 backward is ~1.3x slower than its float32 one on a CPU and rounds more: the gradients come out
-closer to a float64 reference) and the rotary embedding's backward in three passes over the gradient
-instead of autograd's seven. On a GPU, under a mask, a cache, attention dropout, autocast or a compiler,
-it runs transformers' own forward.
+closer to a float64 reference) and the rotary embedding's backward as g·cos plus the half-swapped g·sin
+instead of autograd's graph through its multiplies, negation, slices and concatenation. On a GPU, for other
+dtypes, under a mask (padding, packed rows), a cache, attention dropout, autocast or a compiler, it runs
+transformers' own forward.
 
 `fuse(model)` gives each recognised module a subclass of its own class whose `forward` is the
 fused one (still an instance of the transformers class; under autocast it runs the eager forward);
@@ -156,6 +157,7 @@ def _flash_applies(
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     return (
         x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.dim() == 3
         and x.shape[1] > 1
         and attention_mask is None
