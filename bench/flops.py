@@ -11,11 +11,20 @@ Elementwise work (norms, activations, softmax, AdamW) is left out, as model-FLOP
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
 MATMUL_SIZE = 2048  # the square matmul whose rate the step is held against
+ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # oneDNN reads it once, when torch first runs one of its kernels
+# oneDNN's names for the ISA caps worth measuring on an x86 CPU (lower case here, upper case in the variable):
+# avx512_core_bf16 is a CPU with avx512_bf16 and no AMX, avx512_core one without bf16 units, avx2 an older one
+ISA_CAPS = ("avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
+_PROBE = "import torch; a = torch.ones(256, 256, dtype=torch.bfloat16); a @ a"
 
 
 def step_flops(shape: dict[str, int], *, batch: int, seq: int, rank: int, label_share: float = 1.0) -> float:
@@ -105,3 +114,23 @@ def cpu_flags() -> dict[str, bool]:
     from loractl.train.base_matmul import cpu_flags as found
 
     return {flag: flag in found() for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "onednn_bf16")}
+
+
+def cap_isa(isa: str) -> None:
+    """Cap oneDNN (torch's bf16 matmuls and convolutions on a CPU) at `isa`, one of `ISA_CAPS`, for this process and
+    the children it starts: a CPU with AMX then runs the kernels a CPU without it would. float32 matmuls go through
+    MKL, which the cap does not touch (AMX has no float32 path anyway)."""
+    if "torch" in sys.modules:  # oneDNN may have read the variable already: a cap set now could silently not hold
+        raise RuntimeError(f"cap the ISA before torch is imported ({ISA_ENV}={isa.upper()})")
+    os.environ[ISA_ENV] = isa.upper()
+
+
+def onednn_isa() -> dict[str, str | None]:
+    """What oneDNN runs on here, under this process's environment (its ISA cap included): a child process with
+    ONEDNN_VERBOSE=1 multiplies two bf16 matrices, and oneDNN's own lines say the ISA it chose and the matmul
+    kernel it ran (e.g. "brg_matmul:avx512_core_amx"). The proof that a cap took effect, not the variable's value."""
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True).stdout
+    isa = re.search(r"^onednn_verbose,.*,cpu,isa:(.*)$", out, re.MULTILINE)
+    kernel = re.search(r"^onednn_verbose,.*,exec,cpu,matmul,([^,]+),", out, re.MULTILINE)
+    return {"cap": os.environ.get(ISA_ENV), "isa": isa and isa[1].strip(), "bf16_matmul": kernel and kernel[1]}

@@ -10,7 +10,7 @@ products (one dimension is the rank, the low-rank `addmm` into the base output i
 loss (a vocabulary-sized dimension), attention (SDPA and its backward), casts and copies, the optimizer
 (AdamW, gradient clipping, zeroing) and the rest (norms, SiLU, rotary, residual adds: elementwise). The matmul
 buckets also show their GFLOP/s (2·m·k·n per product over the bucket's time). With several threads, self CPU
-time is per op wall time on the calling thread: the buckets add up to the step's wall time, not its CPU time.
+time is per op wall time on the calling thread: the buckets add up to the step's wall time, not its CPU time. `--cpu-isa` caps oneDNN as bench/train.py's does.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from train import PRESETS, SHAPE, build_model, labels, lengths
+from flops import ISA_CAPS, cap_isa, onednn_isa
+from train import PRESETS, SHAPE, build_model, isa_text, labels, lengths
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 CASTS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")
@@ -64,10 +65,13 @@ def main() -> None:
     for name, default in (("seq", 256), ("batch", 8), ("rank", 16), ("threads", 0), ("top", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    parser.add_argument("--cpu-isa", choices=ISA_CAPS, help="cap oneDNN at this ISA (bench/train.py) [none]")
     parser.add_argument("--label-share", type=float, default=1.0)
     parser.add_argument("--ragged", action="store_true")
     args = parser.parse_args()
-    args.base, args.quantize = None, None
+    if args.cpu_isa:
+        cap_isa(args.cpu_isa)
+    args.base, args.quantize, args.device = None, None, "cpu"
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -114,6 +118,7 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, base {args.base_dtype}, layers {args.layers}, seq {args.seq}, "
           f"batch {args.batch}: profiled step {wall:.2f} s wall, {cpu:.2f} CPU s (profiler overhead included); "
           f"ops' self time {total:.2f} s")  # fmt: skip
+    print(f"oneDNN: {isa_text(onednn_isa())}")
     print("\n| part of the step | s | share | GFLOP/s |\n|---|---:|---:|---:|")
     for part, seconds in sorted(times.items(), key=lambda kv: -kv[1]):
         rate = f"{flops[part] / seconds / 1e9:.0f}" if flops[part] else ""

@@ -18,10 +18,17 @@ bitsandbytes ones; or --base loads a saved one through loractl's own loader, on 
     python bench/train.py --label-share 0.33                # chat-like rows: a third of the tokens take a loss
     python bench/train.py --label-share 0.33 --ragged       # and rows of seq down to seq/4 tokens, as chat rows are
     python bench/train.py --device cuda --base-dtype bf16   # on a GPU (bench/gpu_train.py: the prepared GPU run)
+    python bench/train.py --cpu-isa avx512_core_bf16 --base-dtype bf16   # as on a CPU with avx512_bf16 and no AMX
 
 Each child also measures a 2048² float32 and bf16 matmul with its own threads before it builds the model,
 and the launcher prints each variant's model FLOP/s (bench/flops.py: the step's matmul work) next to the
 rate of the dtype its frozen matmuls run in, with the CPU flags and the load average.
+
+--cpu-isa caps oneDNN (ONEDNN_MAX_CPU_ISA, set for the children before torch starts; torch's bf16 matmuls and
+attention run through oneDNN) at an older CPU's instructions: on a CPU with AMX, `avx512_core_bf16` measures the
+machine without AMX that has only avx512_bf16, `avx512_core` one without bf16 units. The launcher asks oneDNN
+(ONEDNN_VERBOSE) which ISA and bf16 matmul kernel it then runs, and prints them beside the CPU flags and in each
+row: the rates measured show whether the cap held. float32 matmuls (MKL) are not capped.
 
 Each step is timed twice: wall seconds (tokens/s) and the process's CPU seconds. On a shared
 machine the wall clock measures the other jobs as much as the step; with --threads 1 the CPU
@@ -44,7 +51,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flops import MATMUL_SIZE, cpu_flags, frozen_products, matmul_rate, products_seconds, step_flops
+from flops import (
+    ISA_CAPS,
+    ISA_ENV,
+    MATMUL_SIZE,
+    cap_isa,
+    cpu_flags,
+    frozen_products,
+    matmul_rate,
+    onednn_isa,
+    products_seconds,
+    step_flops,
+)
 
 GPU_MATMUL_SIZE = 8192
 VARIANTS = ("loractl", "peft", "loractl+ckpt", "peft+ckpt")  # also loractl+dora, peft+dora (DoRA)
@@ -100,7 +118,7 @@ def child(args: argparse.Namespace) -> None:
            "gemm_floor_cpu_s": gemm_cpu_s, "gemm_flops": sum(2 * rows * out * inner for rows, out, inner, _ in calls),
            "matmul_flop_s": {k: wall for k, (wall, _) in rates.items()},
            "matmul_flop_cpu_s": {k: cpu for k, (_, cpu) in rates.items()},
-           "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "device": args.device, "matmul_size": size,
+           "cpu_flags": cpu_flags(), "isa_cap": os.environ.get(ISA_ENV), "threads": torch.get_num_threads(), "device": args.device, "matmul_size": size,
            "gpu": torch.cuda.get_device_name(args.device) if cuda else None,
            "peak_gpu": torch.cuda.max_memory_allocated(args.device) if cuda else None}  # fmt: skip
     print(json.dumps(doc))
@@ -254,9 +272,12 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"])
     parser.add_argument("--compile", action="store_true", help="loractl variants: --compile")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and step run [cpu]")
+    parser.add_argument("--cpu-isa", choices=ISA_CAPS, help="cap oneDNN at this ISA (ONEDNN_MAX_CPU_ISA) [none]")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_isa:  # before torch starts, here and (inherited) in the children
+        cap_isa(args.cpu_isa)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -273,6 +294,7 @@ def main() -> None:
         return
     results: dict[str, list[dict[str, Any]]] = {}
     load = os.getloadavg()
+    isa = onednn_isa() if args.device == "cpu" else None
     passthrough = list(sys.argv[1:])
     if "--variants" in passthrough:  # the children get --variant
         del passthrough[passthrough.index("--variants") : passthrough.index("--variants") + 2]
@@ -281,7 +303,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", variant],
                                  capture_output=True, text=True, check=True)  # fmt: skip
-            results.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.setdefault(variant, []).append({**json.loads(out.stdout.strip().splitlines()[-1]), "onednn": isa})
             print(json.dumps(results[variant][-1]), file=sys.stderr)
     _machine(results, load)
     _table(results)
@@ -301,14 +323,16 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
     flags = ", ".join(f for f, on in first["cpu_flags"].items() if on) or "none of avx2, avx512f, avx512_bf16, amx"
     print(f"CPU: {flags}; {first['threads']} threads; load average {load[0]:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    if first.get("onednn"):
+        print(f"oneDNN: {isa_text(first['onednn'])}")
     if first.get("gpu"):
         peak = ", ".join(f"{v} {statistics.median(r['peak_gpu'] for r in rs) / 1e9:.2f}" for v, rs in results.items())
         print(f"GPU: {first['gpu']} ({first['device']}); peak allocated GB: {peak}")
     print(f"\n| variant | model GFLOP/s | matmul dtype | its {first.get('matmul_size', 2048)}² matmul GFLOP/s | share "
           "| share in CPU time "
           "| the step's own frozen GEMMs alone: GFLOP/s, s (CPU s) | share of their rate (in CPU time) "
-          "| float32 / bf16 matmul GFLOP/s |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---|---|---|")
+          "| float32 / bf16 matmul GFLOP/s | oneDNN bf16 kernel |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---|---|---|---|")
     for variant, runs in results.items():
         dtype = runs[0]["matmul_dtype"]
 
@@ -324,13 +348,28 @@ def _machine(results: dict[str, list[dict[str, Any]]], load: tuple[float, ...]) 
             gemms = (f"{own:.0f}, {floor:.2f} s ({floor_cpu:.2f}) | {100 * model / own:.0f}% "
                      f"({100 * med('model_flop_cpu_s') / own_cpu:.0f}%)")  # fmt: skip
         print(f"| {variant} | {model:.0f} | {dtype} | {rate:.0f} | {100 * model / rate:.0f}% | {100 * cpu_share:.0f}% "
-              f"| {gemms} | {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} |")  # fmt: skip
+              f"| {gemms} | {med('matmul_flop_s', 'float32'):.0f} / {med('matmul_flop_s', 'bfloat16'):.0f} "
+              f"| {_kernel(runs[0].get('onednn'))} |")  # fmt: skip
     print()
     for variant, runs in results.items():
         for c in runs[0].get("base_matmul", []):
             print(f"{variant}: base_matmul measured {c['shape'][0]}x{c['shape'][1]}: float32 (upcast) "
                   f"{c['float32']:.0f} GFLOP/s, {c['native_dtype']} {c['native']:.0f} GFLOP/s -> {c['dtype']}")  # fmt: skip
     print()
+
+
+def isa_text(isa: dict[str, str | None]) -> str:
+    """oneDNN's ISA and bf16 matmul kernel (`flops.onednn_isa`) and the cap they ran under, in one line."""
+    cap = f"capped at {ISA_ENV}={isa['cap']}" if isa["cap"] else "no ISA cap"
+    if not isa["isa"]:
+        return f"not used for a bf16 matmul (torch's own kernel; no bf16 units as oneDNN sees it), {cap}"
+    return f"{isa['isa']}; bf16 matmul kernel {isa['bf16_matmul']}; {cap}"
+
+
+def _kernel(isa: dict[str, str | None] | None) -> str:
+    if not isa:
+        return "—"
+    return f"{isa['bf16_matmul'] or 'torch (no oneDNN)'}{' (cap)' if isa['cap'] else ''}"
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> None:

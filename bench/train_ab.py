@@ -8,7 +8,7 @@ side injects its own copy of the same random base (bench/random_llama.py, SmolLM
 all-linear), and the rounds alternate the sides (the order flips each round) so a burst of other jobs' load hits
 both alike. Each round runs `train` for two steps per side and keeps the second (the first pays the optimizer's
 creation); the figure is each side's CPU seconds of that step (one thread: the step's own work) and wall seconds,
-medians over rounds, and their ratio.
+medians over rounds, and their ratio. `--cpu-isa` caps oneDNN as bench/train.py's does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from train import PRESETS, SHAPE, build_model, labels, lengths
+from flops import ISA_CAPS, cap_isa, onednn_isa
+from train import PRESETS, SHAPE, build_model, isa_text, labels, lengths
 
 
 def side_runner(package: str, model: Any, rows: list[tuple[list[int], list[int]]], args: argparse.Namespace) -> Any:
@@ -58,7 +59,10 @@ def main() -> None:
     for name, default in (("seq", 256), ("batch", 8), ("rank", 16), ("threads", 1), ("rounds", 3)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    parser.add_argument("--cpu-isa", choices=ISA_CAPS, help="cap oneDNN at this ISA (bench/train.py) [none]")
     args = parser.parse_args()
+    if args.cpu_isa:
+        cap_isa(args.cpu_isa)
     args.base, args.quantize, args.label_share, args.ragged, args.device = None, None, 1.0, False, "cpu"
 
     scratch = Path(tempfile.mkdtemp(prefix="train-ab-"))
@@ -84,6 +88,7 @@ def main() -> None:
     shutil.rmtree(scratch)
     print(f"{args.base_dtype} base, {args.layers} layers, seq {args.seq}, batch {args.batch}, {args.threads} threads; "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"oneDNN: {isa_text(onednn_isa())}")
     print("\n| side | CPU s/step per round | median | wall s/step median |\n|---|---|---:|---:|")
     med = {}
     for name, runs in times.items():

@@ -146,3 +146,38 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_shape_on_the_cpu(tmp_path: Path) -
     table = (tmp_path / "gpu_train.md").read_text()
     assert "| nf4 | loractl |" in table and "unsloth.ai/docs/basics/unsloth-benchmarks" in table
     assert table.strip() in done.stdout
+
+
+AVX512_BF16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else False
+
+
+@pytest.mark.skipif(not AVX512_BF16, reason="the cap to avx512_core_bf16 needs a CPU with avx512_bf16")
+def test_cpu_isa_caps_onednn_in_the_children_and_each_row_says_so(tmp_path: Path) -> None:
+    """--cpu-isa avx512_core_bf16: oneDNN itself (ONEDNN_VERBOSE) reports the capped ISA and runs its avx512_core_bf16
+    bf16 kernel, the child records the cap, and the launcher prints it beside the CPU flags and in the row."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    run = subprocess.run([sys.executable, str(BENCH / "train.py"), *TINY, "--steps", "1", "--variants", "loractl",
+                          "--threads", "1", "--cpu-isa", "avx512_core_bf16", "--base-dtype", "bf16"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    child = json.loads(next(line for line in run.stderr.splitlines() if line.startswith("{")))
+    assert child["isa_cap"] == "AVX512_CORE_BF16"
+    assert child["onednn"]["bf16_matmul"] == "brg_matmul:avx512_core_bf16"
+    assert "bfloat16 support" in child["onednn"]["isa"] and "AMX" not in child["onednn"]["isa"]
+    assert "capped at ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in run.stdout
+    assert "| brg_matmul:avx512_core_bf16 (cap) |" in run.stdout
+
+
+def test_onednn_isa_reads_onednn_s_own_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cap the probe names whatever oneDNN runs here (or None where torch's bf16 matmul bypasses it); a cap
+    cannot be set once torch is imported (oneDNN may have read the variable already)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    import flops
+
+    found = flops.onednn_isa()
+    assert found["cap"] is None
+    assert (found["isa"] is None) == (found["bf16_matmul"] is None)
+    with pytest.raises(RuntimeError, match="before torch is imported"):
+        flops.cap_isa("avx512_core_bf16")

@@ -297,15 +297,110 @@ def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
 def test_fused_blocks_give_the_eager_forward_and_its_gradients() -> None:
     eager = tiny_llama()
     fused = copy.deepcopy(eager)
-    assert fuse(fused) == 7 and fuse(fused) == 0  # 2 layers x (2 norms + MLP) + final norm; once only
+    assert fuse(fused) == 9 and fuse(fused) == 0  # 2 layers x (2 norms + MLP + attention) + final norm; once only
     assert isinstance(fused.model.norm, type(eager.model.norm))
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
-    out, ref = fused(ids).logits, eager(ids).logits
+    out, ref = fused(ids, use_cache=False).logits, eager(ids, use_cache=False).logits
     assert torch.equal(out, ref)  # op for op transformers' forward
     out.square().sum().backward()
     ref.square().sum().backward()
     for (name, p), q in zip(fused.named_parameters(), eager.parameters(), strict=True):
         assert rel(p.grad, q.grad) < 1e-5, name
+
+
+class CountedAttention:
+    """Counts the fused attention node's forwards (the test must know the fused path ran, not a fallback)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from loractl.train import fused_blocks
+
+        self.calls, forward = 0, fused_blocks._CausalAttention.forward
+
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return forward(*args)
+
+        monkeypatch.setattr(fused_blocks._CausalAttention, "forward", staticmethod(counted))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_attention_gives_the_eager_forward_and_gradients_as_near_float64(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grouped-query attention (6 heads, 2 key/value heads): the fused node's output is transformers' bit for bit
+    (the same rotary code, the same flash kernel); its gradients are eager's to float rounding in float32, and in
+    bf16 (the backward run in float32) no farther from a float64 model's than eager's own."""
+    counted = CountedAttention(monkeypatch)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
+    eager = transformers.LlamaForCausalLM(config).to(dtype)
+    fused, exact = copy.deepcopy(eager), copy.deepcopy(eager).double()
+    fuse(fused)
+    ids = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(0))
+    out, ref, ref64 = (m(ids, use_cache=False).logits for m in (fused, eager, exact))
+    assert counted.calls == 2 and torch.equal(out, ref)
+    for logits in (out, ref, ref64):
+        logits.double().square().sum().backward()
+    pairs = list(zip(fused.named_parameters(), eager.parameters(), exact.parameters(), strict=True))
+    if dtype == torch.float32:
+        for (name, p), q, _ in pairs:
+            assert rel(p.grad, q.grad) < 1e-5, name
+    else:  # every other op rounds to bf16 alike: over all gradients, the two are as far from float64
+        grads = [
+            torch.cat([m.grad.double().flatten() for m in side])
+            for side in zip(*[(p, q, x) for (_, p), q, x in pairs], strict=True)
+        ]
+        assert rel(grads[0], grads[2]) <= 1.1 * rel(grads[1], grads[2])
+        assert not torch.equal(grads[0], grads[1])  # the float32 backward did run
+
+
+def test_fused_attention_node_backward_in_float32_is_nearer_float64_than_sdpa_s_bf16_one() -> None:
+    """The node alone in bf16 against transformers' rotary + SDPA in bf16, both against float64: the same output,
+    and q, k, v gradients at most as far from float64's (its backward runs in float32, SDPA's rounds in bf16)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from loractl.train.fused_blocks import _CausalAttention
+
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 6, 33, 16), (2, 2, 33, 16), (2, 2, 33, 16))
+    q, k, v = (torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in shapes)
+    angle = torch.arange(33.0)[:, None] * torch.rand(8, generator=g)[None, :]
+    cos, sin = (f(torch.cat([angle, angle], -1))[None].expand(2, 33, 16) for f in (torch.cos, torch.sin))
+    upstream = torch.randn(2, 6, 33, 16, generator=g)
+
+    def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rq, rk = apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        return nn.functional.scaled_dot_product_attention(rq, rk, v, is_causal=True, scale=0.25, enable_gqa=True)
+
+    ours = _CausalAttention.apply(q, k, v, cos.bfloat16(), sin.bfloat16(), 0.25, apply_rotary_pos_emb)
+    assert torch.equal(ours, eager(q, k, v))
+    fused_grads = torch.autograd.grad(ours.double().mul(upstream).sum(), (q, k, v))
+    sdpa_grads = torch.autograd.grad(eager(q, k, v).double().mul(upstream).sum(), (q, k, v))
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_grads = torch.autograd.grad(eager(*exact).mul(upstream).sum(), exact)
+    for name, mine, sdpa, want in zip("qkv", fused_grads, sdpa_grads, exact_grads, strict=True):
+        assert rel(mine, want) <= rel(sdpa, want), name
+        assert rel(mine, want) < 1e-2, name
+
+
+def test_fused_attention_leaves_a_mask_or_a_cache_to_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding (an attention mask), packed rows (restarting positions) and a key/value cache take transformers' own
+    forward: the same logits."""
+    counted = CountedAttention(monkeypatch)
+    eager = tiny_llama()
+    fused = copy.deepcopy(eager)
+    fuse(fused)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    assert torch.equal(fused(ids, attention_mask=mask, use_cache=False).logits,
+                       eager(ids, attention_mask=mask, use_cache=False).logits)  # fmt: skip
+    assert torch.equal(fused(ids).logits, eager(ids).logits)  # use_cache defaults to True: a cache is built
+    packed = torch.tensor([list(range(4)) + list(range(7))] * 2)  # two examples per row: transformers masks them
+    assert torch.equal(fused(ids, position_ids=packed, use_cache=False).logits,
+                       eager(ids, position_ids=packed, use_cache=False).logits)  # fmt: skip
+    assert counted.calls == 0
 
 
 def test_fused_norm_and_gate_gradients_match_a_float64_reference() -> None:
