@@ -1,7 +1,7 @@
 """Issue 25's time goal: a rewritten base's fingerprint is hashed beside the merge, not before it.
 
 The provenance record goes into the output's header (written first) with a placeholder of the fingerprint's
-length, and the digest is written over it once hashed (`io.placeholders`). What the user gets must not depend on
+length, and the digest is written over it once hashed (`bases.placeholders`). What the user gets must not depend on
 it: the output of a merge into a fresh base (hashed beside) is byte for byte the output of the same merge with the
 fingerprint remembered (nothing hashed), and its record holds the fingerprint hashed afresh.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import loractl.ops.merge_placed as placed
-from loractl.bases import open_base
+from loractl.bases import open_base, placeholders
 from loractl.bases.sd_single_file import RECORD_KEY
-from loractl.io import fingerprint_cache, placeholders
+from loractl.io import fingerprint_cache
 from loractl.io.safetensors_writer import save_tensors
 from loractl.ops.merge import merge
 from tests.helpers import save

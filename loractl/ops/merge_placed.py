@@ -9,7 +9,7 @@ the tensor; its rounding loss is summed over the blocks, measured on what is sto
 
 The base fingerprint in the record is hashed on a thread beside the merge (a second read of the base, GBs of
 SHA-256), not before it: the header goes out with a placeholder and the digest is written over it before the
-output is committed (`io.placeholders`). Only an adapter that records its base has it hashed first, to refuse a
+output is committed (`bases.placeholders`). Only an adapter that records its base has it hashed first, to refuse a
 wrong base before a byte is written.
 """
 
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._version import __version__
+from ..bases import placeholders
 from ..bases.protocol import RewritableBase, RowsInto, RowsOf
 from ..errors import NumericError
 from ..formats.options import ReadOptions
-from ..io import interrupt, placeholders
+from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
@@ -120,7 +121,7 @@ def execute_placed_merge(
 def _fingerprints_due(base: RewritableBase, plan: PlacedPlan) -> tuple[str | None, ...]:
     """Per adapter, its base fingerprint where it is due before a byte is written (the adapter records one to check)
     or costs nothing (remembered, or None where the stored values cannot say); '' where it is to be hashed beside
-    the merge (`_late_fingerprints`) and written into the record last (`io.placeholders`)."""
+    the merge (`_late_fingerprints`) and written into the record last (`bases.placeholders`)."""
     return tuple(
         base.fingerprint(list(i.modules), None if recorded_fingerprint(i) else _remembered_only) for i in plan.infos
     )

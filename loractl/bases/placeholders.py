@@ -49,7 +49,7 @@ def _header_extent(path: Path) -> int:
     with path.open("rb") as f:
         head = f.read(9)
     if head[:4] == b"GGUF":
-        from ..bases.gguf_header import read_header
+        from .gguf_header import read_header
 
         return read_header(path).data_offset
     if len(head) == 9 and head[8:] == b"{" and (n := int.from_bytes(head[:8], "little")) <= size - 8:
