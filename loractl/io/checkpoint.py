@@ -13,6 +13,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Container, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -30,7 +31,6 @@ RECORD_NAME = "loractl_merge.json"  # the provenance a loractl merge writes besi
 SINGLE_NAME = "model.safetensors"
 # Weight files that must not travel to a merge's output: they would hold the unmerged weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
-FINGERPRINT_CHUNK = 1 << 24
 HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time where a base hashes it in row blocks
 
 
@@ -184,23 +184,11 @@ class Checkpoint:
         return remembered("safetensors", files, names, lambda: self._hash(names, stop), fresh=fresh)
 
     def _hash(self, names: list[str], stop: Callable[[], bool] | None) -> str:
-        h = hashlib.sha256()
-        chunk = memoryview(bytearray(FINGERPRINT_CHUNK))
-        for name in sorted(names):
-            shard, info = self._where[name], self.info(name)
-            feed_fingerprint(h, name, info, b"")
-            f = self._file(shard)
-            f.seek(self.headers[shard].data_start + info.offsets[0])
-            left = info.nbytes
-            while left:
-                if stop is not None and stop():
-                    return ""
-                n = f.readinto(chunk[: min(left, len(chunk))])  # type: ignore[attr-defined]
-                if not n:
-                    raise FormatError(f"unexpected end of file in tensor {name!r} (truncated?)", path=shard)
-                h.update(chunk[:n])
-                left -= n
-        return "sha256:" + h.hexdigest()
+        infos = {name: self.info(name) for name in sorted(names)}
+        rows = {name: info.shape[0] if info.shape else 1 for name, info in infos.items()}  # a 0-d tensor: one row
+        return fingerprint_of(
+            ((n, i.dtype, i.shape, partial(self.row_chunks, n, 0, rows[n])) for n, i in infos.items()), stop
+        )
 
     def fingerprint_views(self, names: list[str]) -> dict[str, str]:
         """The fingerprints the named tensors would have if stored in each of `VIEW_DTYPES` (see
@@ -320,8 +308,8 @@ def fingerprint_of(
     stop: Callable[[], bool] | None = None,
 ) -> str:
     """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand: whole,
-    or in chunks, which hash the same) in the order given (sorted by name); '' once `stop` returns true. For bases
-    that store tensors otherwise."""
+    or in chunks, which hash the same) in the order given (sorted by name); '' once `stop` returns true (asked
+    before each tensor and each chunk)."""
     h = hashlib.sha256()
     for name, dtype, shape, read in tensors:
         if stop is not None and stop():
@@ -332,6 +320,8 @@ def fingerprint_of(
             continue
         feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype])), b"")
         for chunk in raw:
+            if stop is not None and stop():
+                return ""
             h.update(chunk)
     return "sha256:" + h.hexdigest()
 
