@@ -233,13 +233,13 @@ def _base_findings(info: AdapterInfo, base: Path) -> list[Finding]:
     from contextlib import closing
 
     from .bases import detect_base, open_base
-    from .io.checkpoint import Checkpoint, other_base, same_base
+    from .io.checkpoint import Checkpoint, other_base, same_base, scheme_of
 
     if detect_base(base) in ("bnb", "fp8"):  # quantized weights are checked as the tensors they stand for
         with closing(open_base(base)) as b:
 
             def other_quantized(recorded: str, views: dict[str, str]) -> str | None:
-                actual = b.fingerprint(list(info.modules))  # None: quantized weights cannot say
+                actual = b.fingerprint(list(info.modules), scheme=scheme_of(recorded))  # None: quantized: cannot say
                 same = actual is None or same_base(recorded, views, actual, lambda: b.fingerprint_views(info.modules))
                 return None if same else actual
 

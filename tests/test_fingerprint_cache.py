@@ -27,9 +27,9 @@ def hashes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     calls: list[list[str]] = []
     real = Checkpoint._hash
 
-    def counting(self: Checkpoint, names: list[str], stop: object) -> str:
+    def counting(self: Checkpoint, names: list[str], stop: object, scheme: str) -> str:
         calls.append(sorted(names))
-        return real(self, names, stop)  # type: ignore[arg-type]
+        return real(self, names, stop, scheme)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Checkpoint, "_hash", counting)
     monkeypatch.setenv("LORACTL_CACHE_DIR", str(Path(os.environ["LORACTL_CACHE_DIR"]) / "own"))

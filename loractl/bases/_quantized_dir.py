@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import RECORD_NAME, WEIGHT_SUFFIXES, Checkpoint
+from ..io.checkpoint import RECORD_NAME, STREAM, WEIGHT_SUFFIXES, Checkpoint
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES
 from ..io.safetensors_writer import FileRange, TensorSpec
 from ._placement import Placement
@@ -160,11 +160,12 @@ class QuantizedCheckpoint:
         return QuantizedWeights(self)
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
         """`Checkpoint.fingerprint` of the touched weights; None when one is quantized (no stored float bytes)."""
         names = self._touched(modules)
-        return None if names is None else self.ckpt.fingerprint(names, stop, fresh=fresh)
+        return None if names is None else self.ckpt.fingerprint(names, stop, fresh=fresh, scheme=scheme)
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         return self.ckpt.fingerprint_views(self._touched(modules) or [])
@@ -384,9 +385,11 @@ class QuantizedWeights:
     def merge_record(self) -> Any:
         return self.base.ckpt.merge_record()
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
         plain = [n for n in names if n in self.base.plain]
-        return "" if len(plain) < len(names) else self.base.ckpt.fingerprint(plain, stop, fresh=fresh)
+        return "" if len(plain) < len(names) else self.base.ckpt.fingerprint(plain, stop, fresh=fresh, scheme=scheme)
 
 
 def quant_method(path: Path) -> str | None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AdapterError, LoractlError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..formats._dit import COMPONENT, Layout, recognise
-from ..io.checkpoint import Checkpoint, FingerprintViews, fingerprint_of
+from ..io.checkpoint import STREAM, Checkpoint, FingerprintViews, cache_kind, fingerprint_of, hash_order
 from ._placement import Placement
 from .protocol import BaseTensor, TensorSink
 from .sd_single_file import RECORD_KEY
@@ -274,19 +274,26 @@ class DitBase:
         return sorted(out.items())
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
         """`Checkpoint.fingerprint` of the weights in diffusers' terms, whatever the file's layout: remembered per
         file identity (`io.fingerprint_cache`) unless `fresh`."""
         from ..io.fingerprint_cache import remembered
 
         sources = self.canonical(modules)
         names = [n for n, _ in sources]
-        return remembered("dit", self.ckpt.files, names, lambda: self._hash(sources, stop), fresh=fresh)
+        kind = cache_kind("dit", scheme)
+        return remembered(kind, self.ckpt.files, names, lambda: self._hash(sources, stop, scheme), fresh=fresh)
 
-    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None) -> str:
-        items = [(n, self.ckpt.info(s.key).dtype, s.shape, partial(self._bytes, s)) for n, s in sources]
-        return fingerprint_of(items, stop)
+    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None, scheme: str) -> str:
+        src = dict(sources)
+        items = [(n, self.ckpt.info(src[n].key).dtype, src[n].shape, partial(self._bytes, src[n]))
+                 for n in hash_order(src, lambda n: self._position(src[n]), scheme)]  # fmt: skip
+        return fingerprint_of(items, stop, scheme)
+
+    def _position(self, src: _Src) -> tuple[int, int, int]:
+        return *self.ckpt.position(src.key), src.rows[0] if src.rows else 0
 
     def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src` (its rows, its row halves exchanged), ~16 MB at a time: a fused weight is read once
@@ -433,8 +440,10 @@ class DitWeights:
     def config(self) -> dict[str, Any]:
         return {}
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
-        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh, scheme=scheme) or ""
 
     def merge_record(self) -> Any:
         return self.base.merge_record()

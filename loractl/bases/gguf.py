@@ -32,6 +32,7 @@ from ..errors import FormatError
 from ..findings import Finding, error
 from ..formats._rope import RopeHeads, is_rope_module
 from ..formats.gguf import names as gguf_names
+from ..io.checkpoint import STREAM, cache_kind
 from . import ggml_quant
 from ._placement import Placement
 from .gguf_header import GgufHeader, TensorEntry, read_header, read_range
@@ -187,8 +188,9 @@ class GgufBase:
         return Placement(key, rope_heads=heads)
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
         """`Checkpoint.fingerprint` of the Hugging Face checkpoint this file was converted from, when its
         tensors are stored unquantized (F32, F16, BF16: q/k rows put back in Hugging Face's order); else None.
         Remembered per file identity (`io.fingerprint_cache`) unless `fresh`."""
@@ -197,13 +199,16 @@ class GgufBase:
         placed = self._placed(modules)
         if placed is None:
             return None
-        return remembered("gguf", self.paths, [n for n, _ in placed], lambda: self._hash(placed, stop), fresh=fresh)
+        names, kind = [n for n, _ in placed], cache_kind("gguf", scheme)
+        return remembered(kind, self.paths, names, lambda: self._hash(placed, stop, scheme), fresh=fresh)
 
-    def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None) -> str:
-        from ..io.checkpoint import fingerprint_of
+    def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None, scheme: str) -> str:
+        from ..io.checkpoint import fingerprint_of, hash_order
 
-        tensors = [(n, self.type_name(p.key), self.shape(p.key), partial(self._hf_bytes, p)) for n, p in placed]
-        return fingerprint_of(tensors, stop)
+        at = dict(placed)
+        order = hash_order(at, lambda n: (self.shard_of[at[n].key], self.tensors_by_name[at[n].key].offset), scheme)
+        tensors = [(n, self.type_name(at[n].key), self.shape(at[n].key), partial(self._hf_bytes, at[n])) for n in order]
+        return fingerprint_of(tensors, stop, scheme)
 
     def _hf_bytes(self, p: Placement) -> Iterator[bytes]:
         """The stored bytes of `p.key` in Hugging Face's row order, ~16 MB at a time (q/k rows are permuted
@@ -432,8 +437,10 @@ class GgufWeights:
     def config(self) -> dict[str, Any]:
         return self.base.config()
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
-        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh, scheme=scheme) or ""
 
     def merge_record(self) -> Any:
         return _json_or_none(self.base.fields.get(RECORD_KEY))

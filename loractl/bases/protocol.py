@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..io.checkpoint import STREAM
+
 if TYPE_CHECKING:
     import torch
 
@@ -110,7 +112,9 @@ class Weights(Protocol):
 
     def config(self) -> dict[str, Any]: ...
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
         """`Checkpoint.fingerprint` of the named tensors ('' when the stored values cannot say)."""
         ...
 
@@ -143,11 +147,13 @@ class Base(Protocol):
     def read_float32(self, name: str) -> torch.Tensor: ...
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
         """The fingerprint of the weights `modules` apply to, in the adapter's terms (`<module>.weight`
-        as a Hugging Face checkpoint stores it); None when the stored values cannot say (quantized).
-        Remembered per file identity (`io.fingerprint_cache`); `fresh` hashes again."""
+        as a Hugging Face checkpoint stores it) by `scheme` (`io.checkpoint.fingerprint_of`); None when the
+        stored values cannot say (quantized). Remembered per file identity (`io.fingerprint_cache`); `fresh`
+        hashes again."""
         ...
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:

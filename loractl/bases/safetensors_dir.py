@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..findings import Finding, error
-from ..io.checkpoint import Checkpoint, touched_weight_names
+from ..io.checkpoint import STREAM, Checkpoint, touched_weight_names
 from ._placement import Placement
 from .protocol import BaseTensor
 
@@ -64,9 +64,10 @@ class CheckpointBase:
         return self.ckpt
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
-        return self.ckpt.fingerprint(touched_weight_names(modules, self.ckpt), stop, fresh=fresh)
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
+        return self.ckpt.fingerprint(touched_weight_names(modules, self.ckpt), stop, fresh=fresh, scheme=scheme)
 
     def fingerprint_views(self, modules: Iterable[str]) -> dict[str, str]:
         return self.ckpt.fingerprint_views(touched_weight_names(modules, self.ckpt))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
 from ..findings import Finding, error
-from ..io.checkpoint import FingerprintViews, fingerprint_of
+from ..io.checkpoint import STREAM, FingerprintViews, cache_kind, fingerprint_of, hash_order
 from ._placement import Placement
 from .protocol import TensorSink
 from .safetensors_dir import CheckpointBase
@@ -134,8 +134,9 @@ class SingleFileBase:
         return SdWeights(self)
 
     def fingerprint(
-        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False
-    ) -> str | None:
+        self, modules: Iterable[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False,
+        scheme: str = STREAM,
+    ) -> str | None:  # fmt: skip
         """`Checkpoint.fingerprint` of the weights in diffusers' terms (`unet.….weight`, the fused q/k/v's rows);
         None when one is stored transposed. Remembered per file identity (`io.fingerprint_cache`) unless `fresh`."""
         from ..io.fingerprint_cache import remembered
@@ -144,11 +145,17 @@ class SingleFileBase:
         if sources is None:
             return None
         names = [n for n, _ in sources]
-        return remembered("sd", [self.path], names, lambda: self._hash(sources, stop), fresh=fresh)
+        kind = cache_kind("sd", scheme)
+        return remembered(kind, [self.path], names, lambda: self._hash(sources, stop, scheme), fresh=fresh)
 
-    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None) -> str:
-        dtypes = {name: self.ckpt.info(src.key).dtype for name, src in sources}
-        return fingerprint_of([(n, dtypes[n], s.shape, partial(self._bytes, s)) for n, s in sources], stop)
+    def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None, scheme: str) -> str:
+        src = dict(sources)
+        items = [(n, self.ckpt.info(src[n].key).dtype, src[n].shape, partial(self._bytes, src[n]))
+                 for n in hash_order(src, lambda n: self._position(src[n]), scheme)]  # fmt: skip
+        return fingerprint_of(items, stop, scheme)
+
+    def _position(self, src: _Src) -> tuple[int, int, int]:
+        return *self.ckpt.position(src.key), src.rows[0] if src.rows else 0
 
     def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src`'s rows, ~16 MB at a time (a weight is never read whole to be hashed)."""
@@ -234,8 +241,10 @@ class SdWeights:
     def config(self) -> dict[str, Any]:
         return {}
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
-        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh) or ""
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
+        return self.base.fingerprint([n.removesuffix(".weight") for n in names], stop, fresh=fresh, scheme=scheme) or ""
 
     def merge_record(self) -> Any:
         header = next(iter(self.base.ckpt.headers.values()))

@@ -32,6 +32,9 @@ SINGLE_NAME = "model.safetensors"
 # Weight files that must not travel to a merge's output: they would hold the unmerged weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".index.json")
 HASH_BLOCK = 1 << 24  # bytes of a tensor read at a time where a base hashes it in row blocks
+# The two definitions of a base fingerprint, told apart by their prefix (`fingerprint_of`):
+STREAM = "sha256:"  # one SHA-256 over each tensor's (name, dtype, shape, bytes), in name order
+PER_TENSOR = "sha256t:"  # one SHA-256 over each tensor's (name, dtype, shape, SHA-256 of its bytes), in name order
 
 
 class Checkpoint:
@@ -169,8 +172,10 @@ class Checkpoint:
         f.seek(header.data_start + info.offsets[0])
         return f.read(info.nbytes)
 
-    def fingerprint(self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False) -> str:
-        """sha256 over the named tensors (name, dtype, shape, bytes) in sorted order.
+    def fingerprint(
+        self, names: list[str], stop: Callable[[], bool] | None = None, *, fresh: bool = False, scheme: str = STREAM
+    ) -> str:
+        """The named tensors' fingerprint by `scheme` (`fingerprint_of`).
 
         Remembered per file identity (`fingerprint_cache`): a second call on unchanged files hashes
         nothing; `fresh` hashes anyway (to confirm a mismatch). Read in chunks into one small buffer:
@@ -181,14 +186,20 @@ class Checkpoint:
         from .fingerprint_cache import remembered
 
         files = {self._where[n] for n in names}
-        return remembered("safetensors", files, names, lambda: self._hash(names, stop), fresh=fresh)
+        kind = cache_kind("safetensors", scheme)
+        return remembered(kind, files, names, lambda: self._hash(names, stop, scheme), fresh=fresh)
 
-    def _hash(self, names: list[str], stop: Callable[[], bool] | None) -> str:
-        infos = {name: self.info(name) for name in sorted(names)}
+    def _hash(self, names: list[str], stop: Callable[[], bool] | None, scheme: str) -> str:
+        infos = {name: self.info(name) for name in hash_order(names, self.position, scheme)}
         rows = {name: info.shape[0] if info.shape else 1 for name, info in infos.items()}  # a 0-d tensor: one row
         return fingerprint_of(
-            ((n, i.dtype, i.shape, partial(self.row_chunks, n, 0, rows[n])) for n, i in infos.items()), stop
+            ((n, i.dtype, i.shape, partial(self.row_chunks, n, 0, rows[n])) for n, i in infos.items()), stop, scheme
         )
+
+    def position(self, name: str) -> tuple[int, int]:
+        """Where the tensor is stored: its shard's place among the files, its first byte's offset."""
+        shard, _, at, _ = self._rows_at(name)
+        return self.files.index(shard), at
 
     def fingerprint_views(self, names: list[str]) -> dict[str, str]:
         """The fingerprints the named tensors would have if stored in each of `VIEW_DTYPES` (see
@@ -306,10 +317,18 @@ def _check_index(index: Path, where: dict[str, Path]) -> None:
 def fingerprint_of(
     tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes | memoryview]]]],
     stop: Callable[[], bool] | None = None,
+    scheme: str = STREAM,
 ) -> str:
-    """The fingerprint `Checkpoint.fingerprint` takes, over (name, dtype code, shape, bytes read on demand: whole,
-    or in chunks, which hash the same) in the order given (sorted by name); '' once `stop` returns true (asked
-    before each tensor and each chunk)."""
+    """A base fingerprint over (name, dtype code, shape, bytes read on demand: whole, or in chunks, which hash the
+    same); '' once `stop` returns true (asked before each tensor and each chunk).
+
+    `STREAM` hashes the tensors as one stream and needs them in name order; `PER_TENSOR` hashes each tensor on its
+    own and then their digests in name order, so the tensors may come in any order: a base hashes them in the
+    order it stores them, right behind (or ahead of) a merge reading the same bytes, which then come from the page
+    cache rather than from the disk a second time. A record's prefix says which it is (`scheme_of`).
+    """
+    if scheme == PER_TENSOR:
+        return _per_tensor(tensors, stop)
     h = hashlib.sha256()
     for name, dtype, shape, read in tensors:
         if stop is not None and stop():
@@ -323,7 +342,41 @@ def fingerprint_of(
             if stop is not None and stop():
                 return ""
             h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return STREAM + h.hexdigest()
+
+
+def _per_tensor(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes | memoryview]]]],
+    stop: Callable[[], bool] | None,
+) -> str:
+    lines: dict[str, str] = {}
+    for name, dtype, shape, read in tensors:
+        if stop is not None and stop():
+            return ""
+        raw = read()
+        h = hashlib.sha256()
+        for chunk in [raw] if isinstance(raw, bytes | bytearray | memoryview) else raw:
+            if stop is not None and stop():
+                return ""
+            h.update(chunk)
+        lines[name] = json.dumps([name, dtype, list(shape), h.hexdigest()]) + "\n"  # any name: JSON-quoted
+    return PER_TENSOR + hashlib.sha256("".join(lines[n] for n in sorted(lines)).encode()).hexdigest()
+
+
+def scheme_of(fingerprint: str) -> str:
+    """The definition a recorded fingerprint was taken by, from its prefix (anything else is read as `STREAM`'s
+    and then matches nothing)."""
+    return PER_TENSOR if fingerprint.startswith(PER_TENSOR) else STREAM
+
+
+def hash_order(names: Iterable[str], position: Callable[[str], Any], scheme: str) -> list[str]:
+    """The order to hash `names` in: by name for `STREAM`, by where they are stored for `PER_TENSOR`."""
+    return sorted(names) if scheme == STREAM else sorted(names, key=position)
+
+
+def cache_kind(kind: str, scheme: str) -> str:
+    """`fingerprint_cache`'s kind of a fingerprint taken by `scheme` (`STREAM`'s keeps its old keys)."""
+    return kind if scheme == STREAM else f"{kind} {scheme}"
 
 
 def feed_fingerprint(h: Any, name: str, info: TensorInfo, data: bytes | memoryview) -> None:
@@ -378,7 +431,7 @@ def other_base(ckpt: Checkpoint, modules: Iterable[str], recorded: str, recorded
     """This base's fingerprint over the weights `modules` adapt when it is not the `recorded` base's
     (in any floating dtype, `same_base`); None when it is."""
     names = touched_weight_names(modules, ckpt)
-    actual = ckpt.fingerprint(names)
+    actual = ckpt.fingerprint(names, scheme=scheme_of(recorded))
     return None if same_base(recorded, recorded_views, actual, lambda: ckpt.fingerprint_views(names)) else actual
 
 

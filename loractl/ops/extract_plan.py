@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ShapeMismatchError, UsageError
 from ..info import ModuleKind
-from ..io.checkpoint import touched_weight_names
+from ..io.checkpoint import scheme_of, touched_weight_names
 from ..io.dtypes import FLOAT_CODES
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def check_order(base: Weights, finetuned: Weights) -> None:
     """
     for fingerprint, modules in _merged_into(base):
         names = touched_weight_names(modules, finetuned)
-        if names and finetuned.fingerprint(names) == fingerprint:
+        if names and finetuned.fingerprint(names, scheme=scheme_of(fingerprint)) == fingerprint:
             raise UsageError(
                 f"{base.path} is a merge into {finetuned.path} (its loractl merge record says so): "
                 "did you swap BASE and FINETUNED?",

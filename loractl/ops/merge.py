@@ -35,7 +35,7 @@ from .merge_placed_plan import PlacedPlan
 from .merge_plan import MergePlan, TensorPlan, Update, plan_merge
 from .merge_report import ROUNDING_WARN as ROUNDING_WARN  # the public name, re-exported
 from .merge_report import MergedModule, MergeReport, round_figure
-from .merge_shared import MergeProgress, check_base_fingerprints, recorded_fingerprint
+from .merge_shared import MergeProgress, check_base_fingerprints, record_scheme, recorded_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +278,8 @@ def _fingerprints(plan: MergePlan, stop: threading.Event) -> tuple[str | None, .
     """Per adapter, the fingerprint of the base weights it touches (`Base.fingerprint`);
     abandoned once `stop` is set (the merge failed)."""
     with closing(open_base(plan.base)) as base:
-        return tuple(base.fingerprint(list(a.info.modules), stop.is_set) for a in plan.adapters)
+        return tuple(base.fingerprint(list(a.info.modules), stop.is_set, scheme=record_scheme(a.info))
+                     for a in plan.adapters)  # fmt: skip
 
 
 def _copy_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:

@@ -7,10 +7,12 @@ the base's own metadata. Each adapted tensor is read, merged (`merge_kernel`, on
 back to the base to store a block of rows at a time (`bases.TensorSink`), so memory does not grow with
 the tensor; its rounding loss is summed over the blocks, measured on what is stored.
 
-The base fingerprint in the record is hashed on a thread beside the merge (a second read of the base, GBs of
-SHA-256), not before it: the header goes out with a placeholder and the digest is written over it before the
-output is committed (`bases.placeholders`). Only an adapter that records its base has it hashed first, to refuse a
-wrong base before a byte is written.
+The base fingerprint in the record is hashed on a thread beside the merge (GBs of SHA-256), not before it: the
+header goes out with a placeholder and the digest is written over it before the output is committed
+(`bases.placeholders`). It is taken tensor by tensor in the order the base stores them (`io.checkpoint.PER_TENSOR`),
+the merge's own order, so the two read the same bytes at about the same time and the disk serves them once.
+Only an adapter that records its base has it hashed first (by its record's definition), to refuse a wrong base
+before a byte is written.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct, io_errors
+from ..io.checkpoint import PER_TENSOR
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
-from .merge_shared import check_base_fingerprints, recorded_fingerprint
+from .merge_shared import check_base_fingerprints, record_scheme, recorded_fingerprint
 
 T = TypeVar("T")
 WORKERS = 2  # pool threads merging blocks and taking their figures, beside the reading and storing one
 BLOCK = 1 << 19  # float32 elements per row block (2 MB): fewer Python steps than 1 MB (Flux.1-dev: 13% less CPU)
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
-DIGEST = "sha256:"  # what a base fingerprint starts with; the hex digits after it are written last
 IN_FLIGHT = 3 * WORKERS  # blocks read, merged and stored ahead of the one yielded, where the base allows it (`into`)
 
 if TYPE_CHECKING:
@@ -106,7 +108,7 @@ def execute_placed_merge(
             sink = _Sink(plan, loaded, resolve_device(device), progress, pool)
             steady_heap()  # block temporaries never from a fragmenting heap
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
-            written = tuple(DIGEST + late[k] if k in late else fp for k, fp in enumerate(prints))
+            written = tuple(PER_TENSOR + late[k] if k in late else fp for k, fp in enumerate(prints))
             _write(base, tmps, _record(plan, hashes, written), list(plan.updates), sink)
             hashed = hashing.result()
             placeholders.fill(tmps, {late[k]: _digest(fp) for k, fp in hashed.items()})
@@ -123,7 +125,10 @@ def _fingerprints_due(base: RewritableBase, plan: PlacedPlan) -> tuple[str | Non
     or costs nothing (remembered, or None where the stored values cannot say); '' where it is to be hashed beside
     the merge (`_late_fingerprints`) and written into the record last (`bases.placeholders`)."""
     return tuple(
-        base.fingerprint(list(i.modules), None if recorded_fingerprint(i) else _remembered_only) for i in plan.infos
+        base.fingerprint(
+            list(i.modules), None if recorded_fingerprint(i) else _remembered_only, scheme=record_scheme(i)
+        )
+        for i in plan.infos
     )
 
 
@@ -138,14 +143,16 @@ def _late_fingerprints(plan: PlacedPlan, adapters: list[int], stop: threading.Ev
     if not adapters:
         return {}
     with closing(open_rewritable(plan.base, plan.output)) as base:
-        return {k: base.fingerprint(list(plan.infos[k].modules), stop.is_set) or "" for k in adapters}
+        return {
+            k: base.fingerprint(list(plan.infos[k].modules), stop.is_set, scheme=PER_TENSOR) or "" for k in adapters
+        }
 
 
 def _digest(fingerprint: str) -> str:
-    """The hex digits a placeholder stands for (`DIGEST` + 64 of them)."""
-    if not fingerprint.startswith(DIGEST) or len(fingerprint) != len(DIGEST) + placeholders.TOKEN_LENGTH:
-        raise RuntimeError(f"a base fingerprint of an unexpected form: {fingerprint[:19]!r}")
-    return fingerprint[len(DIGEST) :]
+    """The hex digits a placeholder stands for (`PER_TENSOR` + 64 of them)."""
+    if not fingerprint.startswith(PER_TENSOR) or len(fingerprint) != len(PER_TENSOR) + placeholders.TOKEN_LENGTH:
+        raise RuntimeError(f"a base fingerprint of an unexpected form: {fingerprint[:20]!r}")
+    return fingerprint[len(PER_TENSOR) :]
 
 
 class _Sink:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
-from ..io.checkpoint import same_base
+from ..io.checkpoint import PER_TENSOR, same_base, scheme_of
 
 if TYPE_CHECKING:
     from ..bases.protocol import Base
@@ -36,6 +36,14 @@ def recorded_fingerprint(info: AdapterInfo) -> str | None:
     return info.record.base_fingerprint if info.record else None
 
 
+def record_scheme(info: AdapterInfo) -> str:
+    """How a merge takes the adapter's base fingerprint for its record: as the adapter's own record was taken (the
+    two are compared), else `PER_TENSOR` (hashed in the order the base stores its tensors, beside the merge's own
+    reads of them: `io.checkpoint.fingerprint_of`)."""
+    recorded = recorded_fingerprint(info)
+    return scheme_of(recorded) if recorded else PER_TENSOR
+
+
 def check_base_fingerprints(
     base: Base, adapters: Sequence[tuple[Path, AdapterInfo]], fingerprints: Sequence[str | None], allow_mismatch: bool
 ) -> tuple[str, ...]:
@@ -47,7 +55,7 @@ def check_base_fingerprints(
         if info.record is None or not recorded or recorded == actual:
             continue
         if actual is not None:  # a remembered fingerprint is confirmed before it refuses anything
-            actual = base.fingerprint(list(info.modules), fresh=True)
+            actual = base.fingerprint(list(info.modules), fresh=True, scheme=scheme_of(recorded))
             if recorded == actual:
                 continue
         if actual is None:
