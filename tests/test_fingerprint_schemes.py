@@ -134,3 +134,11 @@ def test_a_record_is_checked_by_its_own_definition(tmp_path: Path) -> None:
     assert fresh.fingerprints[0] and scheme_of(fresh.fingerprints[0]) == PER_TENSOR
     with pytest.raises(UsageError, match="did you swap BASE and FINETUNED"):
         extract_adapter(tmp_path / "m3.safetensors", single, ExtractConfig(rank=2))
+
+
+def test_text_output_shows_twelve_digits_of_either_kind() -> None:
+    from loractl.cli._text import short_hash
+
+    digest = "0123456789abcdef" * 4
+    assert short_hash(STREAM + digest) == "sha256:0123456789ab"
+    assert short_hash(PER_TENSOR + digest) == "sha256t:0123456789ab"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ..ops.budget import Allocation
 
-HASH_PREFIX = 19  # "sha256:" and 12 hex digits: unique in any realistic set of versions
+HASH_DIGITS = 12  # after "sha256:": unique in any realistic set of versions
 SHA_PREFIX = 12  # git commit shas, as git itself abbreviates them
 LONGEST_SEGMENT = 40  # wider than any module segment; only a long directory name is folded inside
 _SEGMENT = re.compile(r"(?:\{[^}]*\}|[^./{])+[./]?|[./]")
@@ -84,8 +84,9 @@ def human_size(n: float) -> str:
 
 
 def short_hash(content_hash: str | None) -> str:
-    """A content hash as its fixed prefix (`sha256:` + 12 hex digits); `--json` carries the whole hash."""
-    return content_hash[:HASH_PREFIX] if content_hash else "-"
+    """A content hash as its fixed prefix (`sha256:` or a per-tensor fingerprint's `sha256t:`, then 12 hex
+    digits); `--json` carries the whole hash."""
+    return content_hash[: content_hash.find(":") + 1 + HASH_DIGITS] if content_hash else "-"
 
 
 def short_sha(sha: str | None) -> str:
