@@ -24,14 +24,13 @@ import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, LoractlError, ShapeMismatchError, UsageError
 from ..findings import Finding, error
 from ..formats._dit import COMPONENT, Layout, recognise
-from ..io.checkpoint import STREAM, Checkpoint, FingerprintViews, cache_kind, fingerprint_of, hash_order
+from ..io.checkpoint import STREAM, Checkpoint, FingerprintViews, cache_kind, fingerprint_of_rows
 from ._placement import Placement
 from .protocol import BaseTensor, TensorSink
 from .sd_single_file import RECORD_KEY
@@ -287,13 +286,7 @@ class DitBase:
         return remembered(kind, self.ckpt.files, names, lambda: self._hash(sources, stop, scheme), fresh=fresh)
 
     def _hash(self, sources: list[tuple[str, _Src]], stop: Callable[[], bool] | None, scheme: str) -> str:
-        src = dict(sources)
-        items = [(n, self.ckpt.info(src[n].key).dtype, src[n].shape, partial(self._bytes, src[n]))
-                 for n in hash_order(src, lambda n: self._position(src[n]), scheme)]  # fmt: skip
-        return fingerprint_of(items, stop, scheme)
-
-    def _position(self, src: _Src) -> tuple[int, int, int]:
-        return *self.ckpt.position(src.key), src.rows[0] if src.rows else 0
+        return fingerprint_of_rows(self.ckpt, sources, self._bytes, stop, scheme)
 
     def _bytes(self, src: _Src) -> Iterator[memoryview]:
         """The bytes of `src` (its rows, its row halves exchanged), ~16 MB at a time: a fused weight is read once

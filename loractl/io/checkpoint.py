@@ -12,10 +12,10 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from ..errors import FormatError, InputNotFoundError
 from .safetensors_header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header
@@ -361,6 +361,37 @@ def _per_tensor(
             h.update(chunk)
         lines[name] = json.dumps([name, dtype, list(shape), h.hexdigest()]) + "\n"  # any name: JSON-quoted
     return PER_TENSOR + hashlib.sha256("".join(lines[n] for n in sorted(lines)).encode()).hexdigest()
+
+
+class RowSource(Protocol):
+    """A weight stored as some rows of a stored tensor (a fused projection's part), or all of it."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # the weight's own
+        ...
+
+    @property
+    def rows(self) -> tuple[int, int] | None: ...
+
+
+def fingerprint_of_rows(
+    ckpt: Checkpoint, sources: Sequence[tuple[str, RowSource]], read: Callable[[Any], Iterable[memoryview]],
+    stop: Callable[[], bool] | None, scheme: str,
+) -> str:  # fmt: skip
+    """`fingerprint_of` the weights `sources` names (name, where `ckpt` stores it), each read by `read` (a base's
+    own: it may turn the rows); a `PER_TENSOR` one in the order `ckpt` stores them."""
+    src = dict(sources)
+
+    def position(name: str) -> tuple[int, int, int]:
+        rows = src[name].rows
+        return *ckpt.position(src[name].key), rows[0] if rows else 0
+
+    order = hash_order(src, position, scheme)
+    return fingerprint_of([(n, ckpt.info(src[n].key).dtype, src[n].shape, partial(read, src[n])) for n in order],
+                          stop, scheme)  # fmt: skip
 
 
 def scheme_of(fingerprint: str) -> str:
