@@ -325,7 +325,8 @@ def fingerprint_of(
     `STREAM` hashes the tensors as one stream and needs them in name order; `PER_TENSOR` hashes each tensor on its
     own and then their digests in name order, so the tensors may come in any order: a base hashes them in the
     order it stores them, right behind (or ahead of) a merge reading the same bytes, which then come from the page
-    cache rather than from the disk a second time. A record's prefix says which it is (`scheme_of`).
+    cache (as far as it holds them) rather than from the disk a second time. A record's prefix says which it is
+    (`scheme_of`).
     """
     if scheme == PER_TENSOR:
         return _per_tensor(tensors, stop)

@@ -10,7 +10,8 @@ the tensor; its rounding loss is summed over the blocks, measured on what is sto
 The base fingerprint in the record is hashed on a thread beside the merge (GBs of SHA-256), not before it: the
 header goes out with a placeholder and the digest is written over it before the output is committed
 (`bases.placeholders`). It is taken tensor by tensor in the order the base stores them (`io.checkpoint.PER_TENSOR`),
-the merge's own order, so the two read the same bytes at about the same time and the disk serves them once.
+the merge's own order, so the one that reads a byte second finds it in the page cache (the hash, faster, runs
+ahead: it is not paced, so where the base is much larger than the free memory part of it may be read twice).
 Only an adapter that records its base has it hashed first (by its record's definition), to refuse a wrong base
 before a byte is written.
 """
