@@ -113,11 +113,11 @@ def test_a_failed_merge_abandons_the_hash(tmp_path: Path, monkeypatch: pytest.Mo
     started, abandoned = threading.Event(), threading.Event()
     real = placed._late_fingerprints
 
-    def slow(plan: object, adapters: list[int], stop: threading.Event) -> dict[int, str]:
+    def slow(plan: object, adapters: list[int], stop: threading.Event, pace: object) -> dict[int, str]:
         started.set()
         assert stop.wait(30)  # the hash "runs" until the merge fails
         abandoned.set()
-        return real(plan, adapters, stop)  # type: ignore[arg-type]
+        return real(plan, adapters, stop, pace)  # type: ignore[arg-type]
 
     def failing(*args: object) -> None:
         assert started.wait(30)
@@ -130,6 +130,54 @@ def test_a_failed_merge_abandons_the_hash(tmp_path: Path, monkeypatch: pytest.Mo
     assert abandoned.is_set()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["base.gguf", "lora"]
     assert not [p for p in fingerprint_cache.cache_dir().rglob("*") if p.is_file()]
+
+
+def test_the_hash_reads_a_tensor_only_once_the_merge_has_started_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paced (`io.read_pace`): the hash beside a merge into a fresh Flux single file never reads a stored tensor
+    before the merge has started on it, though the merge is slowed here and the hash could run far ahead; a merge
+    that fails before it starts any releases the waiting hash (it ends at once, abandoned)."""
+    import time
+
+    from loractl.errors import LoractlError
+    from loractl.formats import save_adapter
+    from loractl.io.read_pace import ReadPace
+    from tests.test_merge_dit import _adapter
+    from tests.test_merge_row_blocks import _flux_single_file
+
+    base = _flux_single_file(tmp_path)
+    lora = save_adapter(_adapter(), tmp_path / "lora.safetensors", format="kohya")
+    events: list[tuple[str, str]] = []
+    real_started, real_wait = ReadPace.started, ReadPace.wait_for
+
+    def started(self: ReadPace, key: str) -> None:
+        time.sleep(0.01)
+        events.append(("merge", key))
+        real_started(self, key)
+
+    def wait_for(self: ReadPace, key: str) -> None:
+        real_wait(self, key)
+        events.append(("hash", key))
+
+    monkeypatch.setattr(ReadPace, "started", started)
+    monkeypatch.setattr(ReadPace, "wait_for", wait_for)
+    merge(base, [lora], tmp_path / "out.safetensors")
+    hashed = [k for who, k in events if who == "hash"]
+    assert len(hashed) > 20
+    for i, (who, key) in enumerate(events):
+        if who == "hash":
+            assert ("merge", key) in events[:i], key
+
+    def failing(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(placed, "_write", failing)
+    monkeypatch.setenv("LORACTL_CACHE_DIR", str(tmp_path / "cache2"))  # not remembered: the hash waits again
+    begun = time.perf_counter()
+    with pytest.raises((OSError, LoractlError)):
+        merge(base, [lora], tmp_path / "again.safetensors")
+    assert time.perf_counter() - begun < 20 and not (tmp_path / "again.safetensors").exists()
 
 
 def test_fill_overwrites_the_header_only_and_refuses_what_it_cannot_do(tmp_path: Path) -> None:

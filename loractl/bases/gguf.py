@@ -204,10 +204,12 @@ class GgufBase:
 
     def _hash(self, placed: list[tuple[str, Placement]], stop: Callable[[], bool] | None, scheme: str) -> str:
         from ..io.checkpoint import fingerprint_of, hash_order
+        from ..io.read_pace import when_allowed
 
         at = dict(placed)
         order = hash_order(at, lambda n: (self.shard_of[at[n].key], self.tensors_by_name[at[n].key].offset), scheme)
-        tensors = [(n, self.type_name(at[n].key), self.shape(at[n].key), partial(self._hf_bytes, at[n])) for n in order]
+        tensors = [(n, self.type_name(at[n].key), self.shape(at[n].key),
+                    when_allowed(at[n].key, partial(self._hf_bytes, at[n]))) for n in order]  # fmt: skip
         return fingerprint_of(tensors, stop, scheme)
 
     def _hf_bytes(self, p: Placement) -> Iterator[bytes]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from ..errors import FormatError, InputNotFoundError
+from .read_pace import when_allowed
 from .safetensors_header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -193,7 +194,9 @@ class Checkpoint:
         infos = {name: self.info(name) for name in hash_order(names, self.position, scheme)}
         rows = {name: info.shape[0] if info.shape else 1 for name, info in infos.items()}  # a 0-d tensor: one row
         return fingerprint_of(
-            ((n, i.dtype, i.shape, partial(self.row_chunks, n, 0, rows[n])) for n, i in infos.items()), stop, scheme
+            ((n, i.dtype, i.shape, when_allowed(n, partial(self.row_chunks, n, 0, rows[n]))) for n, i in infos.items()),
+            stop,
+            scheme,
         )
 
     def position(self, name: str) -> tuple[int, int]:
@@ -391,8 +394,9 @@ def fingerprint_of_rows(
         return *ckpt.position(src[name].key), rows[0] if rows else 0
 
     order = hash_order(src, position, scheme)
-    return fingerprint_of([(n, ckpt.info(src[n].key).dtype, src[n].shape, partial(read, src[n])) for n in order],
-                          stop, scheme)  # fmt: skip
+    items = [(n, ckpt.info(src[n].key).dtype, src[n].shape, when_allowed(src[n].key, partial(read, src[n])))
+             for n in order]  # fmt: skip
+    return fingerprint_of(items, stop, scheme)
 
 
 def scheme_of(fingerprint: str) -> str:

@@ -10,8 +10,8 @@ the tensor; its rounding loss is summed over the blocks, measured on what is sto
 The base fingerprint in the record is hashed on a thread beside the merge (GBs of SHA-256), not before it: the
 header goes out with a placeholder and the digest is written over it before the output is committed
 (`bases.placeholders`). It is taken tensor by tensor in the order the base stores them (`io.checkpoint.PER_TENSOR`),
-the merge's own order, so the one that reads a byte second finds it in the page cache (the hash, faster, runs
-ahead: it is not paced, so where the base is much larger than the free memory part of it may be read twice).
+the merge's own order, and a stored tensor only once the merge has started on it (`io.read_pace`): the two read
+each tensor together, so the disk serves its bytes once even where the base is larger than the free memory.
 Only an adapter that records its base has it hashed first (by its record's definition), to refuse a wrong base
 before a byte is written.
 """
@@ -37,6 +37,7 @@ from ..formats.options import ReadOptions
 from ..io import interrupt
 from ..io.atomic import atomic_output, ensure_distinct, io_errors
 from ..io.checkpoint import PER_TENSOR
+from ..io.read_pace import ReadPace, paced
 from .merge_placed_plan import PlacedPlan, PlacedUpdate, open_rewritable, use_imatrix
 from .merge_report import MergedModule, MergeReport
 from .merge_shared import check_base_fingerprints, record_scheme, recorded_fingerprint
@@ -98,19 +99,21 @@ def execute_placed_merge(
         prints = _fingerprints_due(base, plan)
         notes = check_base_fingerprints(base, [(Path(i.path), i) for i in plan.infos], prints, allow_mismatch)
         hashes = tuple(a.content_hash() for a in loaded)
-        stop_hash = threading.Event()
+        stop_hash, pace = threading.Event(), ReadPace()
         with ExitStack() as outputs:  # every shard under a temporary name, renamed once all are written
             aside = outputs.enter_context(ThreadPoolExecutor(1, thread_name_prefix="fingerprint"))
             outputs.callback(stop_hash.set)  # a failure does not wait for the rest of the hash
+            outputs.callback(pace.release)
             late = {k: placeholders.token() for k, fp in enumerate(prints) if fp == ""}
-            hashing = aside.submit(_late_fingerprints, plan, sorted(late), stop_hash)
+            hashing = aside.submit(_late_fingerprints, plan, sorted(late), stop_hash, pace)
             outputs.enter_context(kernel_threads())  # one torch thread per op, as the checkpoint merge (`merge_kernel`)
             pool = outputs.enter_context(ThreadPoolExecutor(WORKERS, thread_name_prefix="loractl-merge"))
-            sink = _Sink(plan, loaded, resolve_device(device), progress, pool)
+            sink = _Sink(plan, loaded, resolve_device(device), progress, pool, pace)
             steady_heap()  # block temporaries never from a fragmenting heap
             tmps = [outputs.enter_context(atomic_output(f, force=force)) for f in files]
             written = tuple(PER_TENSOR + late[k] if k in late else fp for k, fp in enumerate(prints))
             _write(base, tmps, _record(plan, hashes, written), list(plan.updates), sink)
+            pace.release()  # what the hash still waits for, the merge will not read now
             hashed = hashing.result()
             placeholders.fill(tmps, {late[k]: _digest(fp) for k, fp in hashed.items()})
             prints = tuple(hashed.get(k, fp) for k, fp in enumerate(prints))
@@ -138,12 +141,13 @@ def _remembered_only() -> bool:
     return True
 
 
-def _late_fingerprints(plan: PlacedPlan, adapters: list[int], stop: threading.Event) -> dict[int, str]:
+def _late_fingerprints(plan: PlacedPlan, adapters: list[int], stop: threading.Event, pace: ReadPace) -> dict[int, str]:
     """The fingerprints `_fingerprints_due` left for later, hashed on a thread beside the merge (a base of its
-    own: its own file handles); abandoned once `stop` is set (the merge failed)."""
+    own: its own file handles), each stored tensor once the merge has started on it (`io.read_pace`); abandoned
+    once `stop` is set (the merge failed)."""
     if not adapters:
         return {}
-    with closing(open_rewritable(plan.base, plan.output)) as base:
+    with closing(open_rewritable(plan.base, plan.output)) as base, paced(pace):
         return {
             k: base.fingerprint(list(plan.infos[k].modules), stop.is_set, scheme=PER_TENSOR) or "" for k in adapters
         }
@@ -167,9 +171,10 @@ class _Sink:
         device: torch.device,
         progress: Callable[[MergeProgress], None] | None,
         pool: ThreadPoolExecutor,
+        pace: ReadPace,
     ) -> None:
         self.plan, self.adapters, self.device, self.progress = plan, adapters, device, progress
-        self.pool, self._buffers = pool, _Buffers()
+        self.pool, self.pace, self._buffers = pool, pace, _Buffers()
         self._uses = Counter((u.adapter, u.module) for us in plan.updates.values() for u in us)
         self.rows: list[MergedModule] = []
         self._done = self._bytes = 0
@@ -196,6 +201,7 @@ class _Sink:
         from .merge_placed_plan import TensorFigures, placed_delta
 
         interrupt.check()  # Ctrl-C stops the merge at the next tensor, as the checkpoint merge does
+        self.pace.started(name)  # the fingerprint's hash may read it now (`io.read_pace`)
         tensor, updates = self.plan.stored[name], self.plan.updates[name]
         rows, cols = matrix_shape(tensor.shape)
         deltas = [placed_delta(self.adapters[u.adapter].modules[u.module], u.weight, u.placement, rows)
