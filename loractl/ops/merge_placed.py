@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._version import __version__
 from ..bases import placeholders
-from ..bases.protocol import RewritableBase, RowsInto, RowsOf
+from ..bases.protocol import CastRows, RewritableBase, RowsOf
 from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
@@ -45,6 +45,7 @@ WORKERS = 2  # pool threads merging blocks and taking their figures, beside the 
 BLOCK = 1 << 19  # float32 elements per row block (2 MB): fewer Python steps than 1 MB (Flux.1-dev: 13% less CPU)
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
 IN_FLIGHT = 3 * WORKERS  # blocks read, merged and stored ahead of the one yielded, where the base allows it (`into`)
+CHUNK = 1 << 16  # float32 values per row chunk of a block cast into its target (`_Block.cast`): in a core's L2
 
 if TYPE_CHECKING:
     import torch
@@ -187,7 +188,7 @@ class _Sink:
         rows_of: RowsOf,
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
-        into: RowsInto | None = None,
+        into: CastRows[T] | None = None,
     ) -> Iterator[T]:
         from ..io.safetensors_header import DTYPE_SIZES
         from .merge_io import matrix_shape
@@ -207,7 +208,7 @@ class _Sink:
         if into is None:
             yield from self._staged(block, bounds, rows_of, store, figures)
         else:
-            yield from self._concurrent(block, bounds, into, store, figures)
+            yield from self._concurrent(block, bounds, into, figures)
         modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
         self.rows += _module_rows(name, tensor.stored_type, updates, modules, figures, tensor.quantized)
         self._release(updates)
@@ -225,27 +226,26 @@ class _Sink:
         self,
         block: _Block,
         bounds: list[tuple[int, int]],
-        into: RowsInto,
-        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        into: CastRows[T],
         figures: TensorFigures,
     ) -> Iterator[T]:
-        """Each block read, merged, stored and figured on a pool thread, up to `IN_FLIGHT` at a time (a pool thread
-        never waits for this one to take a result; under load it can wake late); yielded in row order."""
-        jobs: deque[tuple[Future[tuple[T, BlockFigures, bool]], torch.Tensor]] = deque()
+        """Each block read, merged, cast into its target and figured on a pool thread, up to `IN_FLIGHT` at a time
+        (a pool thread never waits for this one to take a result; under load it can wake late); yielded in row
+        order."""
+        jobs: deque[tuple[Future[tuple[T, BlockFigures]], torch.Tensor]] = deque()
 
         def done() -> T:
             job, buffers = jobs.popleft()
-            out, figured, reusable = job.result()
+            out, figured = job.result()
             figures.add(figured)
-            if reusable:
-                self._buffers.give(buffers)
+            self._buffers.give(buffers)
             return out
 
         try:
             for start, stop in bounds:
                 interrupt.check()
                 buffers = self._buffers.take((stop - start) * block.cols, block.quantized)
-                jobs.append((self.pool.submit(block.whole, start, stop, into, store, buffers), buffers))
+                jobs.append((self.pool.submit(block.whole, start, stop, into, buffers), buffers))
                 if len(jobs) >= IN_FLIGHT:
                     yield done()
             while jobs:
@@ -336,24 +336,52 @@ class _Block:
         delta_sq = kernel.rows_sq(delta)
         # NaN or Inf in W + ΔW (a float32 row norm can also overflow): checked before the base stores it
         if not math.isfinite(delta_sq) and not kernel.all_finite(merged):
-            raise NumericError(f"merged tensor {self.name!r} contains NaN or Inf; nothing was written",
-                               hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
+            raise self.non_finite()
         return _Merged(merged, before, delta, weight_sq, delta_sq, buffers)
 
-    def whole(
-        self, start: int, stop: int, into: RowsInto, store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
-        buffers: torch.Tensor,
-    ) -> tuple[T, BlockFigures, bool]:  # fmt: skip
-        """One block read (into `buffers`' first row), merged, stored and figured, on a pool thread; and whether
-        `buffers` may be reused (not when the store holds on to W + ΔW itself)."""
+    def whole(self, start: int, stop: int, into: CastRows[T], buffers: torch.Tensor) -> tuple[T, BlockFigures]:
+        """One block read (into `buffers`' first row), merged, cast into its target and figured, on a pool thread."""
         import torch
 
         raw, nbytes = buffers[0].view(torch.uint8), (stop - start) * self.cols * self.itemsize
-        w = into(start, stop, raw if nbytes <= raw.numel() else torch.empty(nbytes, dtype=torch.uint8))
-        m = self.merge(w, buffers, start)
-        out, values = store(start, m.merged)
-        back = m.stored(values)
-        return out, m.figures(back, self.quantized), back is not None
+        w = into.read(start, stop, raw if nbytes <= raw.numel() else torch.empty(nbytes, dtype=torch.uint8))
+        out, target = into.target(start, (stop - start) * self.cols)
+        return out, self.cast(w.reshape(stop - start, -1), target.view(stop - start, -1), buffers, start)
+
+    def cast(self, w: torch.Tensor, target: torch.Tensor, buffers: torch.Tensor, start: int) -> BlockFigures:
+        """`merge` of rows `w` (as (rows, cols)), cast into `target` (a float type: the store's buffer), and the
+        block's figures, a chunk of `CHUNK` values at a time in `buffers`' second and third rows: a chunk's
+        passes (convert, ‖W‖, merge, ΔW, ‖ΔW‖, cast, read back, ‖stored − merged‖) find it in the core's L2,
+        where the block's float32 buffers did not fit (a third less CPU per block). The same float32 operations
+        on each row as `merge`, whose row blocks these chunks are (`MIN_ROWS` rows or more), per-row norms
+        gathered and summed over the block as `rows_sq` sums them: the same bytes and figures."""
+        import torch
+
+        from . import merge_kernel as kernel
+        from .merge_placed_plan import BlockFigures
+
+        rows, norm = w.shape[0], torch.linalg.vector_norm
+        weight, delta, error = torch.empty(3, rows)  # per row: ‖W‖, ‖ΔW‖, ‖stored − merged‖
+        whole = self.device.type != "cpu" or any(d.magnitude is not None and d.per_column for d in self.deltas)
+        for a, b in pairwise([0, rows] if whole else kernel.block_bounds(rows, self.cols, CHUNK)):
+            n = (b - a) * self.cols
+            merged, moved = buffers[1][:n].view(b - a, -1), buffers[2][:n].view(b - a, -1)
+            norm(merged.copy_(w[a:b]), dim=1, out=weight[a:b])
+            moved.copy_(merged)
+            merged = kernel.merge_rows(merged, self.deltas, start + a, self.device)
+            norm(torch.sub(merged, moved, out=moved), dim=1, out=delta[a:b])
+            stored = target[a:b]
+            stored.copy_(merged)
+            norm(moved.copy_(stored).sub_(merged), dim=1, out=error[a:b])  # exact: within a rounding of each other
+        delta_sq = kernel.sum_sq(delta)
+        # NaN or Inf in W + ΔW (a float32 row norm can also overflow): merged again to tell them apart
+        if not math.isfinite(delta_sq) and not kernel.all_finite(kernel.merge_rows(w, self.deltas, start, self.device)):
+            raise self.non_finite()
+        return BlockFigures(kernel.sum_sq(weight), delta_sq, 0.0, kernel.sum_sq(error))
+
+    def non_finite(self) -> NumericError:
+        return NumericError(f"merged tensor {self.name!r} contains NaN or Inf; nothing was written",
+                            hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
 
 
 @dataclass(frozen=True)
