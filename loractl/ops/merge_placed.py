@@ -45,7 +45,7 @@ WORKERS = 2  # pool threads merging blocks and taking their figures, beside the 
 BLOCK = 1 << 19  # float32 elements per row block (2 MB): fewer Python steps than 1 MB (Flux.1-dev: 13% less CPU)
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
 IN_FLIGHT = 3 * WORKERS  # blocks read, merged and stored ahead of the one yielded, where the base allows it (`into`)
-CHUNK = 1 << 16  # float32 values per row chunk of a block cast into its target (`_Block.cast`): in a core's L2
+CHUNK = 1 << 17  # float32 values per row chunk of a block cast into its target (`_Block.cast`): in a core's L2
 
 if TYPE_CHECKING:
     import torch
