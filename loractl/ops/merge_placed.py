@@ -412,10 +412,11 @@ class _Merged:
 
 class _Buffers:
     """Float32 buffers of `BLOCK` values for the blocks in flight, reused: the stored rows read, then what is stored
-    read back; W + ΔW; W, then ΔW; and where the stored type is block-quantized (W is needed to the end), ΔW. A fresh
-    allocation costs a page fault for every 4 KB of it, and heap ones from several threads fragment the heap. A store
-    that hands back W + ΔW itself as what it stores (a float32 cast) may still be writing it: those buffers are not
-    reused. Main thread only."""
+    read back; W + ΔW; W, then ΔW; and where the stored type is block-quantized (W is needed to the end), ΔW (a block
+    cast into its target, `_Block.cast`, uses the last two for one row chunk at a time). A fresh allocation costs a
+    page fault for every 4 KB of it, and heap ones from several threads fragment the heap. A store that hands back
+    W + ΔW itself as what it stores (a float32 cast) may still be writing it: those buffers are not reused. Main
+    thread only."""
 
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {3: [], 4: []}
