@@ -40,7 +40,6 @@ def _both(base: Path, lora: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, na
     with monkeypatch.context() as m:
         m.setattr(kernel, "BLOCK_ELEMENTS", 2048)
         m.setattr(placed, "BLOCK", 2048)
-        m.setattr(placed, "CHUNK", 64)  # a single file's blocks cast in chunks of 4 rows (`_Block.cast`)
         m.setattr(kernel, "merge_rows", counted)
         blocks = merge(base, [lora], tmp / f"blocks{name}", **kw)
     assert len(calls) > 2 * len(whole.modules) // 3 + 1, calls  # several blocks per tensor, not one each
@@ -230,7 +229,6 @@ def test_a_non_finite_block_of_a_single_file_writes_nothing(tmp_path: Path, monk
     lora = save_adapter(broken, tmp_path / "lora.safetensors", format="kohya")
     monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 256)
     monkeypatch.setattr(placed, "BLOCK", 256)  # 8 rows a block: many blocks of each tensor in flight
-    monkeypatch.setattr(placed, "CHUNK", 64)  # cast 4 rows at a time
     with pytest.raises(NumericError, match=r"'single_blocks\.1\.linear1\.weight' contains NaN or Inf"):
         merge(_flux_single_file(tmp_path), [lora], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()

@@ -53,8 +53,8 @@ class CastRows(Generic[T]):
     """How a base whose rows read positionally and whose store is a plain cast into a buffer of its own (thread-safe:
     `_rewrite`'s, into a write queue's buffer) lets the merge read and store on its own threads (`TensorSink.blocks`):
     `read` rows start:stop, and `target(start, numel)`: where the block from row `start` goes, a flat tensor of
-    the stored float dtype (`numel` values) the merge casts W + ΔW into, a row chunk at a time, and what to yield
-    for the block (what the output gets)."""
+    the stored float dtype (`numel` values) the merge casts W + ΔW into, and what to yield for the block (what the
+    output gets)."""
 
     read: RowsInto
     target: Callable[[int, int], tuple[T, torch.Tensor]]
@@ -90,8 +90,7 @@ class TensorSink(Protocol):
 
         `into` (`CastRows`), from a base whose rows read positionally and whose store is a plain cast into a
         buffer of its own: the sink may then read each block with `into.read` into a buffer it reuses and cast it
-        into `into.target` on its own threads, several blocks at once, in row chunks that stay in cache; what it
-        yields is still in row order. Otherwise `rows_of` and `store` are called on the caller's thread only."""
+        into `into.target` on its own threads, several blocks at once; what it yields is still in row order. Otherwise `rows_of` and `store` are called on the caller's thread only."""
         ...
 
 

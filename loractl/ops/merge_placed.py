@@ -45,7 +45,6 @@ WORKERS = 2  # pool threads merging blocks and taking their figures, beside the 
 BLOCK = 1 << 19  # float32 elements per row block (2 MB): fewer Python steps than 1 MB (Flux.1-dev: 13% less CPU)
 AHEAD = 1  # blocks merged (or figured) ahead of the one being stored: memory is a few blocks
 IN_FLIGHT = 3 * WORKERS  # blocks read, merged and stored ahead of the one yielded, where the base allows it (`into`)
-CHUNK = 1 << 17  # float32 values per row chunk of a block cast into its target (`_Block.cast`): in a core's L2
 
 if TYPE_CHECKING:
     import torch
@@ -349,34 +348,27 @@ class _Block:
         return out, self.cast(w.reshape(stop - start, -1), target.view(stop - start, -1), buffers, start)
 
     def cast(self, w: torch.Tensor, target: torch.Tensor, buffers: torch.Tensor, start: int) -> BlockFigures:
-        """`merge` of rows `w` (as (rows, cols)), cast into `target` (a float type: the store's buffer), and the
-        block's figures, a chunk of `CHUNK` values at a time in `buffers`' second and third rows: a chunk's
-        passes (convert, ‖W‖, merge, ΔW, ‖ΔW‖, cast, read back, ‖stored − merged‖) find it in the core's L2,
-        where the block's float32 buffers did not fit (a third less CPU per block). The same float32 operations
-        on each row as `merge`, whose row blocks these chunks are (`MIN_ROWS` rows or more), per-row norms
-        gathered and summed over the block as `rows_sq` sums them: the same bytes and figures."""
+        """`merge` of rows `w` (as (rows, cols)) cast straight into `target` (the store's buffer, a float type), and
+        the block's figures: `merge`'s and `_Merged.figures`' float32 operations, with what is stored read back into
+        ΔW's buffer once its norm is taken, and the row norms written into one tensor and summed as `rows_sq` sums
+        them (the same bytes and figures)."""
         import torch
 
         from . import merge_kernel as kernel
         from .merge_placed_plan import BlockFigures
 
-        rows, norm = w.shape[0], torch.linalg.vector_norm
+        rows, n, norm = w.shape[0], w.numel(), torch.linalg.vector_norm
         weight, delta, error = torch.empty(3, rows)  # per row: ‖W‖, ‖ΔW‖, ‖stored − merged‖
-        whole = self.device.type != "cpu" or any(d.magnitude is not None and d.per_column for d in self.deltas)
-        for a, b in pairwise([0, rows] if whole else kernel.block_bounds(rows, self.cols, CHUNK)):
-            n = (b - a) * self.cols
-            merged, moved = buffers[1][:n].view(b - a, -1), buffers[2][:n].view(b - a, -1)
-            norm(merged.copy_(w[a:b]), dim=1, out=weight[a:b])
-            moved.copy_(merged)
-            merged = kernel.merge_rows(merged, self.deltas, start + a, self.device)
-            norm(torch.sub(merged, moved, out=moved), dim=1, out=delta[a:b])
-            stored = target[a:b]
-            stored.copy_(merged)
-            norm(moved.copy_(stored).sub_(merged), dim=1, out=error[a:b])  # exact: within a rounding of each other
+        merged, moved = buffers[1][:n].view(rows, -1), buffers[2][:n].view(rows, -1)
+        norm(merged.copy_(w), dim=1, out=weight)
+        moved.copy_(w)  # converted again: half the bytes of a float32 copy when `w` is 16-bit
+        merged = kernel.merge_rows(merged, self.deltas, start, self.device)
+        norm(torch.sub(merged, moved, out=moved), dim=1, out=delta)
         delta_sq = kernel.sum_sq(delta)
-        # NaN or Inf in W + ΔW (a float32 row norm can also overflow): merged again to tell them apart
-        if not math.isfinite(delta_sq) and not kernel.all_finite(kernel.merge_rows(w, self.deltas, start, self.device)):
+        if not math.isfinite(delta_sq) and not kernel.all_finite(merged):  # as in `merge`: before it is stored
             raise self.non_finite()
+        target.copy_(merged)
+        norm(moved.copy_(target).sub_(merged), dim=1, out=error)  # exact: within a rounding of each other
         return BlockFigures(kernel.sum_sq(weight), delta_sq, 0.0, kernel.sum_sq(error))
 
     def non_finite(self) -> NumericError:
@@ -412,11 +404,10 @@ class _Merged:
 
 class _Buffers:
     """Float32 buffers of `BLOCK` values for the blocks in flight, reused: the stored rows read, then what is stored
-    read back; W + ΔW; W, then ΔW; and where the stored type is block-quantized (W is needed to the end), ΔW (a block
-    cast into its target, `_Block.cast`, uses the last two for one row chunk at a time). A fresh allocation costs a
-    page fault for every 4 KB of it, and heap ones from several threads fragment the heap. A store that hands back
-    W + ΔW itself as what it stores (a float32 cast) may still be writing it: those buffers are not reused. Main
-    thread only."""
+    read back (a block cast into its target, `_Block.cast`: into ΔW's); W + ΔW; W, then ΔW; and where the stored type
+    is block-quantized (W is needed to the end), ΔW. A fresh allocation costs a page fault for every 4 KB of it, and
+    heap ones from several threads fragment the heap. A store that hands back W + ΔW itself as what it stores (a
+    float32 cast) may still be writing it: those buffers are not reused. Main thread only."""
 
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {3: [], 4: []}
