@@ -8,7 +8,7 @@ provenance added.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from ..io.safetensors_writer import Block, StreamWriter
     from ..io.write_queue import WriteQueue
     from .protocol import TensorSink
+
+    Target = Callable[[int, int], tuple[Block, torch.Tensor]]
 
 
 def rewrite_file(
@@ -42,6 +44,7 @@ def _write_all(
     ckpt: Checkpoint, writer: StreamWriter, merged: Collection[str], sink: TensorSink, queue: WriteQueue
 ) -> None:
     from ..io.tensor_bytes import torch_dtype
+    from .protocol import CastRows
 
     try:
         for spec in writer.order:
@@ -51,15 +54,19 @@ def _write_all(
 
             dtype = torch_dtype(spec.dtype)
 
-            def store(_: int, rows: torch.Tensor, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
-                """A cast into a buffer of the queue's (back to its pool once written): thread-safe."""
-                nbytes = rows.numel() * dtype.itemsize
-                owner = queue.buffer(nbytes)
-                out = owner[:nbytes].view(dtype).view(rows.shape).copy_(rows)
+            def target(_: int, numel: int, dtype: torch.dtype = dtype) -> tuple[Block, torch.Tensor]:
+                """A buffer of the queue's for `numel` values to cast into (back to its pool once written)."""
+                owner = queue.buffer(numel * dtype.itemsize)
+                out = owner[: numel * dtype.itemsize].view(dtype)
                 return (out, owner), out
 
-            rows = partial(ckpt.get_rows, spec.name)
-            writer.write(spec.name, sink.blocks(spec.name, rows, store, into=partial(ckpt.read_rows_into, spec.name)))
+            def store(start: int, rows: torch.Tensor, target: Target = target) -> tuple[Block, torch.Tensor]:
+                """A cast into a buffer of the queue's: thread-safe."""
+                block, out = target(start, rows.numel())
+                return block, out.view(rows.shape).copy_(rows)
+
+            rows, into = partial(ckpt.get_rows, spec.name), CastRows(partial(ckpt.read_rows_into, spec.name), target)
+            writer.write(spec.name, sink.blocks(spec.name, rows, store, into=into))
     except BaseException:
         writer.abort()
         raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..io.checkpoint import STREAM
 
@@ -48,6 +48,18 @@ RowsInto = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
 that any thread may call it, several at once."""
 
 
+@dataclass(frozen=True)
+class CastRows(Generic[T]):
+    """How a base whose rows read positionally and whose store is a plain cast into a buffer of its own (thread-safe:
+    `_rewrite`'s, into a write queue's buffer) lets the merge read and store on its own threads (`TensorSink.blocks`):
+    `read` rows start:stop, and `target(start, numel)`: where the block from row `start` goes, a flat tensor of
+    the stored float dtype (`numel` values) the merge casts W + ΔW into, and what to yield for the block (what the
+    output gets)."""
+
+    read: RowsInto
+    target: Callable[[int, int], tuple[T, torch.Tensor]]
+
+
 class TensorSink(Protocol):
     """The merge, as a base writing itself calls it for each tensor that changes: a block of rows at a time,
     so that memory is a few blocks whatever the tensor's size."""
@@ -69,17 +81,16 @@ class TensorSink(Protocol):
         rows_of: RowsOf,
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
-        into: RowsInto | None = None,
+        into: CastRows[T] | None = None,
     ) -> Iterator[T]:
         """Tensor `name` merged block by block, in row order: for each block start:stop (every bound but the
         last a multiple of `multiple`: the rows the stored type quantizes together), W's rows from
         `rows_of(start, stop)`, W + ΔW (float32) handed to `store(start, merged)`, which answers what the
         output gets (yielded: bytes, a tensor) and what that holds, read back as float32.
 
-        `into`, from a base whose rows read positionally and whose `store` only fills a buffer of its own
-        (thread-safe, as a plain cast into a write queue's buffer): the sink then reads each block with it into
-        a buffer it reuses and calls `store` on its own threads, several blocks at once; what it yields is
-        still in row order. Without it, both are called on the caller's thread only."""
+        `into` (`CastRows`), from a base whose rows read positionally and whose store is a plain cast into a
+        buffer of its own: the sink may then read each block with `into.read` into a buffer it reuses and cast it
+        into `into.target` on its own threads, several blocks at once; what it yields is still in row order. Otherwise `rows_of` and `store` are called on the caller's thread only."""
         ...
 
 

@@ -290,7 +290,12 @@ def merged_float32(
 
 def rows_sq(block: torch.Tensor) -> float:
     """Σ of squared row norms: float32 rows (exact to ~1e-7 each), summed in float64."""
-    return float(torch.linalg.vector_norm(block, dim=1).cpu().double().square().sum())
+    return sum_sq(torch.linalg.vector_norm(block, dim=1).cpu())
+
+
+def sum_sq(norms: torch.Tensor) -> float:
+    """Σ of squared float32 row norms, in float64: `rows_sq`'s sum, of norms taken a few rows at a time."""
+    return float(norms.double().square().sum())
 
 
 def _to(d: Delta, device: torch.device) -> Delta:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._version import __version__
 from ..bases import placeholders
-from ..bases.protocol import RewritableBase, RowsInto, RowsOf
+from ..bases.protocol import CastRows, RewritableBase, RowsOf
 from ..errors import NumericError
 from ..formats.options import ReadOptions
 from ..io import interrupt
@@ -193,7 +193,7 @@ class _Sink:
         rows_of: RowsOf,
         store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
         multiple: int = 1,
-        into: RowsInto | None = None,
+        into: CastRows[T] | None = None,
     ) -> Iterator[T]:
         from ..io.safetensors_header import DTYPE_SIZES
         from .merge_io import matrix_shape
@@ -214,7 +214,7 @@ class _Sink:
         if into is None:
             yield from self._staged(block, bounds, rows_of, store, figures)
         else:
-            yield from self._concurrent(block, bounds, into, store, figures)
+            yield from self._concurrent(block, bounds, into, figures)
         modules = [self.adapters[u.adapter].modules[u.module] for u in updates]
         self.rows += _module_rows(name, tensor.stored_type, updates, modules, figures, tensor.quantized)
         self._release(updates)
@@ -232,27 +232,26 @@ class _Sink:
         self,
         block: _Block,
         bounds: list[tuple[int, int]],
-        into: RowsInto,
-        store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
+        into: CastRows[T],
         figures: TensorFigures,
     ) -> Iterator[T]:
-        """Each block read, merged, stored and figured on a pool thread, up to `IN_FLIGHT` at a time (a pool thread
-        never waits for this one to take a result; under load it can wake late); yielded in row order."""
-        jobs: deque[tuple[Future[tuple[T, BlockFigures, bool]], torch.Tensor]] = deque()
+        """Each block read, merged, cast into its target and figured on a pool thread, up to `IN_FLIGHT` at a time
+        (a pool thread never waits for this one to take a result; under load it can wake late); yielded in row
+        order."""
+        jobs: deque[tuple[Future[tuple[T, BlockFigures]], torch.Tensor]] = deque()
 
         def done() -> T:
             job, buffers = jobs.popleft()
-            out, figured, reusable = job.result()
+            out, figured = job.result()
             figures.add(figured)
-            if reusable:
-                self._buffers.give(buffers)
+            self._buffers.give(buffers)
             return out
 
         try:
             for start, stop in bounds:
                 interrupt.check()
                 buffers = self._buffers.take((stop - start) * block.cols, block.quantized)
-                jobs.append((self.pool.submit(block.whole, start, stop, into, store, buffers), buffers))
+                jobs.append((self.pool.submit(block.whole, start, stop, into, buffers), buffers))
                 if len(jobs) >= IN_FLIGHT:
                     yield done()
             while jobs:
@@ -343,24 +342,45 @@ class _Block:
         delta_sq = kernel.rows_sq(delta)
         # NaN or Inf in W + ΔW (a float32 row norm can also overflow): checked before the base stores it
         if not math.isfinite(delta_sq) and not kernel.all_finite(merged):
-            raise NumericError(f"merged tensor {self.name!r} contains NaN or Inf; nothing was written",
-                               hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
+            raise self.non_finite()
         return _Merged(merged, before, delta, weight_sq, delta_sq, buffers)
 
-    def whole(
-        self, start: int, stop: int, into: RowsInto, store: Callable[[int, torch.Tensor], tuple[T, torch.Tensor]],
-        buffers: torch.Tensor,
-    ) -> tuple[T, BlockFigures, bool]:  # fmt: skip
-        """One block read (into `buffers`' first row), merged, stored and figured, on a pool thread; and whether
-        `buffers` may be reused (not when the store holds on to W + ΔW itself)."""
+    def whole(self, start: int, stop: int, into: CastRows[T], buffers: torch.Tensor) -> tuple[T, BlockFigures]:
+        """One block read (into `buffers`' first row), merged, cast into its target and figured, on a pool thread."""
         import torch
 
         raw, nbytes = buffers[0].view(torch.uint8), (stop - start) * self.cols * self.itemsize
-        w = into(start, stop, raw if nbytes <= raw.numel() else torch.empty(nbytes, dtype=torch.uint8))
-        m = self.merge(w, buffers, start)
-        out, values = store(start, m.merged)
-        back = m.stored(values)
-        return out, m.figures(back, self.quantized), back is not None
+        w = into.read(start, stop, raw if nbytes <= raw.numel() else torch.empty(nbytes, dtype=torch.uint8))
+        out, target = into.target(start, (stop - start) * self.cols)
+        return out, self.cast(w.reshape(stop - start, -1), target.view(stop - start, -1), buffers, start)
+
+    def cast(self, w: torch.Tensor, target: torch.Tensor, buffers: torch.Tensor, start: int) -> BlockFigures:
+        """`merge` of rows `w` (as (rows, cols)) cast straight into `target` (the store's buffer, a float type), and
+        the block's figures: `merge`'s and `_Merged.figures`' float32 operations, with what is stored read back into
+        ΔW's buffer once its norm is taken, and the row norms written into one tensor and summed as `rows_sq` sums
+        them (the same bytes and figures)."""
+        import torch
+
+        from . import merge_kernel as kernel
+        from .merge_placed_plan import BlockFigures
+
+        rows, n, norm = w.shape[0], w.numel(), torch.linalg.vector_norm
+        weight, delta, error = torch.empty(3, rows)  # per row: ‖W‖, ‖ΔW‖, ‖stored − merged‖
+        merged, moved = buffers[1][:n].view(rows, -1), buffers[2][:n].view(rows, -1)
+        norm(merged.copy_(w), dim=1, out=weight)
+        moved.copy_(w)  # converted again: half the bytes of a float32 copy when `w` is 16-bit
+        merged = kernel.merge_rows(merged, self.deltas, start, self.device)
+        norm(torch.sub(merged, moved, out=moved), dim=1, out=delta)
+        delta_sq = kernel.sum_sq(delta)
+        if not math.isfinite(delta_sq) and not kernel.all_finite(merged):  # as in `merge`: before it is stored
+            raise self.non_finite()
+        target.copy_(merged)
+        norm(moved.copy_(target).sub_(merged), dim=1, out=error)  # exact: within a rounding of each other
+        return BlockFigures(kernel.sum_sq(weight), delta_sq, 0.0, kernel.sum_sq(error))
+
+    def non_finite(self) -> NumericError:
+        return NumericError(f"merged tensor {self.name!r} contains NaN or Inf; nothing was written",
+                            hint="check the inputs with 'loractl inspect --stats ADAPTER'")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -391,10 +411,10 @@ class _Merged:
 
 class _Buffers:
     """Float32 buffers of `BLOCK` values for the blocks in flight, reused: the stored rows read, then what is stored
-    read back; W + ΔW; W, then ΔW; and where the stored type is block-quantized (W is needed to the end), ΔW. A fresh
-    allocation costs a page fault for every 4 KB of it, and heap ones from several threads fragment the heap. A store
-    that hands back W + ΔW itself as what it stores (a float32 cast) may still be writing it: those buffers are not
-    reused. Main thread only."""
+    read back (a block cast into its target, `_Block.cast`: into ΔW's); W + ΔW; W, then ΔW; and where the stored type
+    is block-quantized (W is needed to the end), ΔW. A fresh allocation costs a page fault for every 4 KB of it, and
+    heap ones from several threads fragment the heap. A store that hands back W + ΔW itself as what it stores (a
+    float32 cast) may still be writing it: those buffers are not reused. Main thread only."""
 
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {3: [], 4: []}
