@@ -327,43 +327,26 @@ def fingerprint_of(
 
     `STREAM` hashes the tensors as one stream and needs them in name order; `PER_TENSOR` hashes each tensor on its
     own and then their digests in name order, so the tensors may come in any order: a base hashes them in the
-    order it stores them, right behind (or ahead of) a merge reading the same bytes, which then come from the page
-    cache (as far as it holds them) rather than from the disk a second time. A record's prefix says which it is
-    (`scheme_of`).
+    order it stores them, paced behind a merge reading the same bytes (`read_pace`), so the disk serves them once.
+    A record's prefix says which it is (`scheme_of`).
     """
-    if scheme == PER_TENSOR:
-        return _per_tensor(tensors, stop)
-    h = hashlib.sha256()
+    whole, lines = hashlib.sha256(), {}
     for name, dtype, shape, read in tensors:
         if stop is not None and stop():
             return ""
         raw = read()
-        if isinstance(raw, bytes | bytearray | memoryview):
-            feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, len(raw))), raw)
-            continue
-        feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype])), b"")
-        for chunk in raw:
+        chunks = [raw] if isinstance(raw, bytes | bytearray | memoryview) else raw
+        h = whole if scheme == STREAM else hashlib.sha256()
+        if scheme == STREAM:
+            feed_fingerprint(h, name, TensorInfo(dtype, shape, (0, math.prod(shape) * DTYPE_SIZES[dtype])), b"")
+        for chunk in chunks:
             if stop is not None and stop():
                 return ""
             h.update(chunk)
-    return STREAM + h.hexdigest()
-
-
-def _per_tensor(
-    tensors: Iterable[tuple[str, str, tuple[int, ...], Callable[[], bytes | Iterable[bytes | memoryview]]]],
-    stop: Callable[[], bool] | None,
-) -> str:
-    lines: dict[str, str] = {}
-    for name, dtype, shape, read in tensors:
-        if stop is not None and stop():
-            return ""
-        raw = read()
-        h = hashlib.sha256()
-        for chunk in [raw] if isinstance(raw, bytes | bytearray | memoryview) else raw:
-            if stop is not None and stop():
-                return ""
-            h.update(chunk)
-        lines[name] = json.dumps([name, dtype, list(shape), h.hexdigest()]) + "\n"  # any name: JSON-quoted
+        if scheme == PER_TENSOR:
+            lines[name] = json.dumps([name, dtype, list(shape), h.hexdigest()]) + "\n"  # any name: JSON-quoted
+    if scheme == STREAM:
+        return STREAM + whole.hexdigest()
     return PER_TENSOR + hashlib.sha256("".join(lines[n] for n in sorted(lines)).encode()).hexdigest()
 
 
