@@ -90,7 +90,8 @@ class TensorSink(Protocol):
 
         `into` (`CastRows`), from a base whose rows read positionally and whose store is a plain cast into a
         buffer of its own: the sink may then read each block with `into.read` into a buffer it reuses and cast it
-        into `into.target` on its own threads, several blocks at once; what it yields is still in row order. Otherwise `rows_of` and `store` are called on the caller's thread only."""
+        into `into.target` on its own threads, several blocks at once; what it yields is still in row order.
+        Otherwise `rows_of` and `store` are called on the caller's thread only."""
         ...
 
 
