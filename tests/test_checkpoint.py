@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -278,3 +279,28 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects_nonsense(text: str) -> None:
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+def test_row_chunks_keep_a_read_ahead_window_beyond_the_small_hashed_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash reads chunks small enough to stay in cache, but asks the kernel for `READ_AHEAD` bytes beyond the
+    chunk it reads (a cold file streams): each byte after the first chunk asked for once, in order, and when a
+    chunk is read the window beyond it is asked for already."""
+    from loractl.io import checkpoint
+
+    weight = torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8)  # 32-byte rows
+    save_file({"w": weight}, str(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(checkpoint, "HASH_BLOCK", 2 * 32)
+    monkeypatch.setattr(checkpoint, "READ_AHEAD", 10 * 32)
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(checkpoint, "will_need", lambda fd, offset, nbytes: asked.append((offset, nbytes)))
+    with Checkpoint(tmp_path / "m.safetensors") as ckpt:
+        at, read = ckpt.file_range("w").offset, b""
+        for chunk in ckpt.row_chunks("w", 0, 64):
+            read += bytes(chunk)
+            end = asked[-1][0] + asked[-1][1] - at  # bytes asked for so far
+            assert end == min(64 * 32, len(read) + 10 * 32), len(read)
+    assert read == _bits(weight)
+    assert asked[0][0] == at + 2 * 32  # the first chunk is read at once
+    assert all(o + n == nxt for (o, n), (nxt, _) in itertools.pairwise(asked))  # in order, once each

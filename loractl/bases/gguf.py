@@ -213,7 +213,7 @@ class GgufBase:
         return fingerprint_of(tensors, stop, scheme)
 
     def _hf_bytes(self, p: Placement) -> Iterator[bytes]:
-        """The stored bytes of `p.key` in Hugging Face's row order, ~16 MB at a time (q/k rows are permuted
+        """The stored bytes of `p.key` in Hugging Face's row order, `HASH_BLOCK` bytes at a time (q/k rows are permuted
         within each head, so a block of whole heads is its own permutation)."""
         import numpy as np
 
