@@ -358,7 +358,8 @@ class _Block:
         """`merge` of rows `w` (as (rows, cols)) cast straight into `target` (the store's buffer, a float type), and
         the block's figures: `merge`'s and `_Merged.figures`' float32 operations, with what is stored read back into
         ΔW's buffer once its norm is taken, and the row norms written into one tensor and summed as `rows_sq` sums
-        them (the same bytes and figures)."""
+        them (the same bytes and figures). Not `merge` followed by the figures: that cost 1.04× the wall and 1.07-1.11×
+        the user CPU on a 2.6 GB Flux-shaped base (`bench/merge_ab.py`, 2026-12-08), so these lines stay apart."""
         import torch
 
         from . import merge_kernel as kernel
@@ -413,8 +414,8 @@ class _Buffers:
     """Float32 buffers of `BLOCK` values for the blocks in flight, reused: the stored rows read, then what is stored
     read back (a block cast into its target, `_Block.cast`: into ΔW's); W + ΔW; W, then ΔW; and where the stored type
     is block-quantized (W is needed to the end), ΔW. A fresh allocation costs a page fault for every 4 KB of it, and
-    heap ones from several threads fragment the heap. A store that hands back W + ΔW itself as what it stores (a
-    float32 cast) may still be writing it: those buffers are not reused. Main thread only."""
+    heap ones from several threads fragment the heap. A staged store that hands back W + ΔW itself as what it stores
+    (a float32 cast) may still be writing it: those buffers are not reused. Main thread only."""
 
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {3: [], 4: []}
