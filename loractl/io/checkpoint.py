@@ -164,9 +164,10 @@ class Checkpoint:
         chunk = memoryview(bytearray(min(stop - start, step) * row_bytes))  # one buffer: no page faults per chunk
         asked = start  # rows up to here asked of the kernel: `READ_AHEAD` bytes beyond the chunk hashed
         for a in range(start, stop, step):
-            b, c = min(stop, a + step), min(stop, a + step + lead)
-            if c > max(asked, b):
-                will_need(fd, at + max(asked, b) * row_bytes, (c - max(asked, b)) * row_bytes)
+            b = min(stop, a + step)
+            asked, c = max(asked, b), min(stop, b + lead)
+            if c > asked:
+                will_need(fd, at + asked * row_bytes, (c - asked) * row_bytes)
                 asked = c
             read_at(fd, chunk[: (b - a) * row_bytes], at + a * row_bytes, shard)
             yield chunk[: (b - a) * row_bytes]
