@@ -69,6 +69,25 @@ def test_push_tag_push_pull_by_branch_tag_and_short_sha(registry: Registry, tmp_
     assert listed.versions[0].title == "second version"
 
 
+def test_the_tokenizer_saved_beside_an_adapter_travels_with_it(registry: Registry, tmp_path: Path) -> None:
+    """An adapter that adds tokens is saved with its tokenizer (train, PEFT users): push sends it, pull brings it,
+    and the content hash stays the adapter's own."""
+    import shutil
+
+    adapter = tmp_path / "with-tokenizer"
+    shutil.copytree(V1, adapter)
+    tokenizer = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    for name in tokenizer:
+        shutil.copy(ROOT / "fixtures" / "tiny-llama" / name, adapter / name)
+    (adapter / "notes.txt").write_text("not the adapter's, not a tokenizer's")
+    pushed = push(adapter, registry.uri(REPO), create=True, **registry.auth)
+    assert set(tokenizer) <= set(pushed.files) and "notes.txt" not in pushed.files
+    assert pushed.content_hash == load_adapter(V1).content_hash()
+    pull(registry.uri(REPO), tmp_path / "out", **registry.auth)
+    for name in tokenizer:
+        assert (tmp_path / "out" / name).read_bytes() == (adapter / name).read_bytes(), name
+
+
 def test_pull_records_the_resolved_commit(registry: Registry, tmp_path: Path) -> None:
     pushed = push(V1, registry.uri(REPO), tag="v1", create=True, **registry.auth)
     pull(registry.uri(REPO, "v1"), tmp_path / "out", **registry.auth)

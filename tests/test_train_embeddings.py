@@ -158,6 +158,7 @@ def assert_merge_grows_the_vocabulary_as_peft_does(adapter: Path, base: Path, ou
 def test_merge_grows_a_tied_base_s_vocabulary_as_peft_does(tmp_path: Path, tied: Path) -> None:
     from loractl.io.checkpoint import Checkpoint
     from loractl.ops.merge import merge
+    from loractl.ops.merge_plan import MergePlanError
 
     rows = [{"text": f"<|tool|> call {i} done"} for i in range(4)]
     (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -175,6 +176,16 @@ def test_merge_grows_a_tied_base_s_vocabulary_as_peft_does(tmp_path: Path, tied:
             torch.testing.assert_close(merged.get(name), ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
     doc = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert (doc["vocab_size"], doc["tie_word_embeddings"]) == (vocab, False)
+
+    # The same adapter without its tokenizer (pulled from a registry that lost it, copied by hand): the merged
+    # model would carry the base's tokenizer, which lacks the new token: refused, nothing written.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "out" / name, bare / name)
+    with pytest.raises(MergePlanError, match=f"grows the vocabulary to {vocab} rows but no tokenizer is saved"):
+        merge(tied, [bare], tmp_path / "merged-bare")
+    assert not (tmp_path / "merged-bare").exists()
 
 
 def test_merge_refuses_a_vocabulary_grown_in_half(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from ..io.checkpoint_writer import parse_size
 from ..io.config_json import read_config
 from ..io.dtypes import CONFIG_NAMES, FLOAT_CODES, parse_dtype
 from .merge_shared import stored_shape
-from .merge_vocab import grows, vocab_config, vocab_findings, with_adapter_tokenizer
+from .merge_vocab import grows, tokenizer_findings, vocab_config, vocab_findings, with_adapter_tokenizer
 from .weights import check_weights
 
 if TYPE_CHECKING:
@@ -140,12 +140,16 @@ class MergePlanError(ShapeMismatchError):
 
     def __init__(self, plan: MergePlan) -> None:
         self.plan = plan
-        lines = [f"  {p.path}: {p.render()}" for p in plan.problems]
+        lines = [f"  {p.path}: {p.render()}" if p.path else f"  {p.render()}" for p in plan.problems]
         n = len(plan.problems)
+        hints = {p.hint for p in plan.problems}
         super().__init__(
             f"the merge plan has {n} problem{'s' * (n != 1)}; nothing was written:\n" + "\n".join(lines),
-            hint="the adapters must be made for this base; see 'loractl merge --dry-run' and 'loractl inspect ADAPTER'",
+            hint=hints.pop() if len(hints) == 1 and None not in hints else _PLAN_HINT,
         )
+
+
+_PLAN_HINT = "the adapters must be made for this base; see 'loractl merge --dry-run' and 'loractl inspect ADAPTER'"
 
 
 def plan_merge(
@@ -224,7 +228,11 @@ def _plan_checkpoint_merge(
             base=base,
             adapters=tuple(plans),
             tensors=tensors,
-            problems=(*planner.problems, *vocab_findings(resized, planner.vocab_tensors(), config)),
+            problems=(
+                *planner.problems,
+                *vocab_findings(resized, planner.vocab_tensors(), config),
+                *tokenizer_findings(resized, files, adapters),
+            ),
             max_shard_bytes=_shard_bytes(ckpt, max_shard_size),
             dtype=code,
             files=tuple(p for p in copied if not p.name.endswith(WEIGHT_SUFFIXES)),

@@ -61,6 +61,22 @@ def tokenizer_files(directory: Path) -> list[Path]:
     return [p for p in sorted(directory.iterdir()) if p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)]
 
 
+def tokenizer_findings(
+    resized: Mapping[str, tuple[int, ...]], files: Sequence[Path], adapters: Sequence[str | Path]
+) -> list[Finding]:
+    """A grown vocabulary with no tokenizer saved beside any adapter, while the base's would be copied: the merged
+    model would ship a tokenizer that knows none of the new tokens (an adapter pulled without its tokenizer)."""
+    if not resized or any(tokenizer_files(Path(a)) for a in adapters):
+        return []
+    if not any(_TOKENIZER_FILE.fullmatch(p.name) for p in files):
+        return []  # a base without a tokenizer: the merged model has none either, and claims nothing
+    rows = next(iter(resized.values()))[0]
+    message = (f"the adapter grows the vocabulary to {rows} rows but no tokenizer is saved beside it: the base's "
+               "tokenizer, which lacks the new tokens, would be copied into the merged model")  # fmt: skip
+    hint = "save the tokenizer the adapter was trained with into the adapter's directory (train writes it there)"
+    return [Finding("vocab-tokenizer", "error", message, path=", ".join(map(str, adapters)), hint=hint)]
+
+
 def with_adapter_tokenizer(files: Sequence[Path], adapters: Sequence[str | Path]) -> list[Path]:
     """The base's files to copy, its tokenizer files replaced by those saved beside the adapters."""
     saved = {p.name: p for a in adapters for p in tokenizer_files(Path(a))}

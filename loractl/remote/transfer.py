@@ -105,7 +105,8 @@ def push(
     format: str | None = None,
     read_options: ReadOptions | None = None,
 ) -> PushResult:
-    """Publish `adapter` as one commit on `branch` (default main), optionally tagged; no-op when unchanged.
+    """Publish `adapter` (its files, the tokenizer saved beside it, a model card) as one commit on `branch`
+    (default main), optionally tagged; no-op when unchanged.
 
     `format` and `read_options` say how to read the adapter (`--from`, `--allow-pickle`, ...).
     A tag that exists elsewhere is refused, unless `force_tag` moves it on purpose.
@@ -256,15 +257,18 @@ def versions(
 def _artifact(
     adapter: Path, repo_id: str, format: str | None, options: ReadOptions | None
 ) -> tuple[list[LocalFile], str]:
-    """The adapter's files plus its generated card, and its content hash."""
+    """The adapter's files, the tokenizer saved beside it (new tokens, a chat template: what `merge` and `eval`
+    read there), and its generated card; and its content hash."""
     from ..formats import describe_adapter, load_adapter
+    from ..ops.merge_vocab import tokenizer_files
 
     info = describe_adapter(adapter, format=format, options=options)
     if info.errors:
         raise AdapterError(info.errors[0].render(), path=adapter, hint="run 'loractl validate' before pushing")
     recorded = info.record.content_hash if info.record else None
     content_hash = recorded or load_adapter(adapter, format=format, options=options).content_hash()
-    files = [local_file(p.relative_to(info.path).as_posix(), p) for p in info.files]
+    paths = [*info.files, *(p for p in tokenizer_files(info.path) if p not in info.files)]
+    files = [local_file(p.relative_to(info.path).as_posix(), p) for p in paths]
     return [*files, local_file(CARD, data=model_card(info, repo_id, content_hash).encode())], content_hash
 
 
