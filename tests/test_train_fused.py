@@ -308,6 +308,27 @@ def test_fused_blocks_give_the_eager_forward_and_its_gradients() -> None:
         assert rel(p.grad, q.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])  # fmt: skip
+def test_silu_gate_node_is_eager_bit_for_bit_in_any_dtypes(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """The node writes its products into buffers it made, except where eager's product would promote the dtype."""
+    import torch.nn.functional as F
+
+    from loractl.train.fused_blocks import _SiluGate
+
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(4, 6, 10, generator=g).to(d) for d in dtypes)
+    grad = torch.randn(4, 6, 10, generator=g)
+    sides = []
+    for run in (lambda a, b: _SiluGate.apply(a, b), lambda a, b: F.silu(a) * b):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = run(a, b)
+        out.backward(grad.to(out.dtype))
+        sides.append((out, a.grad, b.grad))
+    for ours, eager in zip(*sides, strict=True):
+        assert ours.dtype == eager.dtype and torch.equal(ours, eager)
+
+
 class CountedAttention:
     """Counts the fused attention node's forwards (the test must know the fused path ran, not a fallback)."""
 

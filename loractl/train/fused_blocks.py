@@ -115,17 +115,22 @@ class _SiluGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        return _product(F.silu(gate), up)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         gate, up = ctx.saved_tensors
-        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
+        grad_up = _product(F.silu(gate), grad) if ctx.needs_input_grad[1] else None
         grad_gate = None
         if ctx.needs_input_grad[0]:
-            through_up = grad * up
+            through_up = (grad * up).to(gate.dtype)  # the gradient of silu(gate), in its dtype as autograd casts it
             grad_gate = torch.ops.aten.silu_backward.grad_input(through_up, gate, grad_input=through_up)
         return grad_gate, grad_up
+
+
+def _product(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh · other, written into `fresh` (a tensor the caller just made) unless the product promotes its dtype."""
+    return fresh.mul_(other) if fresh.dtype == torch.result_type(fresh, other) else fresh * other
 
 
 def _attention_forward(
@@ -220,7 +225,7 @@ class _CausalAttention(torch.autograd.Function):
 
 
 def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(Overwrites `grad`.) The gradient through x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]: g·cos + [(g·sin)₂, -(g·sin)₁]."""
+    """The gradient through x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]: g·cos + [(g·sin)₂, -(g·sin)₁]."""
     half = grad.shape[-1] // 2
     turned = grad * sin
     grad = grad * cos
