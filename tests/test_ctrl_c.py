@@ -79,8 +79,10 @@ def _sigint_default() -> None:
 
 
 def _merge(out: Path, hook: str) -> subprocess.Popen[str]:
-    """`loractl merge` in a child that runs `hook` first (cwd and PYTHONPATH: this checkout's loractl)."""
-    code = f"{hook}\nfrom loractl.cli import main\nmain(['merge', {str(BASE)!r}, {str(ADAPTER)!r}, '-o', {str(out)!r}])"
+    """`loractl merge` in a child that runs `hook` first, then the CLI as its console script does (`main()`, the
+    arguments in sys.argv; cwd and PYTHONPATH: this checkout's loractl)."""
+    argv = ["loractl", "merge", str(BASE), str(ADAPTER), "-o", str(out)]
+    code = f"{hook}\nimport sys\nsys.argv = {argv!r}\nfrom loractl.cli import main\nmain()"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, preexec_fn=_sigint_default)  # fmt: skip
 

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> Any:
         _fail(_click_error(e), argv)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
+        if argv is None:  # this process is the CLI: it ends here
+            _end_interrupted()
         sys.exit(130)
     except LoractlError as e:
         _fail(e, argv)
@@ -146,6 +148,17 @@ def _click_error(e: click.ClickException) -> LoractlError:
     error.hint = f"see '{ctx.command_path if ctx else 'loractl'} --help'"
     error.exit_code = e.exit_code
     return error
+
+
+def _end_interrupted() -> NoReturn:
+    """Exit 130 at once, without the interpreter's teardown. Once, after a Ctrl-C during `import torch` was held
+    and raised, a C++ library's teardown aborted the process after "aborted" was printed ("terminate called
+    without an active exception": SIGABRT, not 130). Nothing is left to do by then: `atomic_output` has removed
+    the partial output while the KeyboardInterrupt unwound."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _fail(e: LoractlError, argv: list[str] | None) -> NoReturn:
