@@ -8,7 +8,10 @@ side injects its own copy of the same random base (bench/random_llama.py, SmolLM
 all-linear), and the rounds alternate the sides (the order flips each round) so a burst of other jobs' load hits
 both alike. Each round runs `train` for two steps per side and keeps the second (the first pays the optimizer's
 creation); the figure is each side's CPU seconds of that step (one thread: the step's own work) and wall seconds,
-medians over rounds, and their ratio. `--cpu-isa` caps oneDNN as bench/train.py's does.
+medians over rounds, and their ratio. `--cpu-isa` caps oneDNN as bench/train.py's does; `--label-share` and
+`--ragged` give chat-like rows as its options of those names do:
+
+    python bench/train_ab.py --before /tmp/before --layers 30 --seq 256 --label-share 0.33 --ragged --threads 2
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     parser.add_argument("--cpu-isa", choices=ISA_CAPS, help="cap oneDNN at this ISA (bench/train.py) [none]")
+    parser.add_argument("--label-share", type=float, default=1.0, help="share of each row that takes a loss [1]")
+    parser.add_argument("--ragged", action="store_true", help="rows of --seq down to seq/4 tokens, padded by collate")
     args = parser.parse_args()
     if args.cpu_isa:
         cap_isa(args.cpu_isa)
-    args.base, args.quantize, args.label_share, args.ragged, args.device = None, None, 1.0, False, "cpu"
+    args.base, args.quantize, args.device = None, None, "cpu"
 
     scratch = Path(tempfile.mkdtemp(prefix="train-ab-"))
     shutil.copytree(Path(args.before) / "loractl", scratch / "loractl_before")
@@ -86,7 +91,9 @@ def main() -> None:
             wall, cpu = times[name][-1]
             print(f"round {round_ + 1} {name}: {wall:.2f} s wall, {cpu:.2f} CPU s", file=sys.stderr, flush=True)
     shutil.rmtree(scratch)
-    print(f"{args.base_dtype} base, {args.layers} layers, seq {args.seq}, batch {args.batch}, {args.threads} threads; "
+    rows_text = f", {args.label_share:.0%} labelled" + (", ragged" if args.ragged else "")
+    print(f"{args.base_dtype} base, {args.layers} layers, seq {args.seq}, batch {args.batch}{rows_text}, "
+          f"{args.threads} threads; "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(f"oneDNN: {isa_text(onednn_isa())}")
     print("\n| side | CPU s/step per round | median | wall s/step median |\n|---|---|---:|---:|")
