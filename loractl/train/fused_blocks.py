@@ -95,15 +95,17 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight, rstd = ctx.saved_tensors
-        normed = x.to(torch.float32) * rstd
+        xf = x.to(torch.float32)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # a trainable norm (inject freezes them)
-            grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+            grad_weight = (grad * (xf * rstd).to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
         if not ctx.needs_input_grad[0]:
             return None, grad_weight, None
         g = (grad * weight).to(torch.float32)
-        mean = (g * normed).mean(-1, keepdim=True)
-        grad_x = g.sub_(normed.mul_(mean)).mul_(rstd)  # rstd · (g - x̂ · mean(g · x̂))
+        # rstd · (g − x̂ · mean(g · x̂)) with x̂ = x · rstd, as rstd · g − x · rstd³ · mean(g · x): no x̂ tensor, two
+        # passes fewer over (tokens, hidden) float32 (the float32 backward ≈ 1.5x faster alone)
+        coef = (g * xf).mean(-1, keepdim=True).mul_(rstd.pow(3))
+        grad_x = g.mul_(rstd).addcmul_(xf, coef, value=-1)
         return grad_x.to(x.dtype), grad_weight, None
 
 
