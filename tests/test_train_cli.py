@@ -76,6 +76,56 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path: Path, caps
     assert exit_info.value.code == 2 and "past the 1 steps of this run" in err and "hint: resume with --steps 2" in err
 
 
+HOLD_THE_RUN_LOCK = """
+import fcntl, os, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write(f"{os.getpid()}\\n")
+lock.flush()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_busy_output_stops_and_writes_nothing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Two trains into one OUTPUT shared OUTPUT.train/: one metrics.jsonl, each other's checkpoints."""
+    import subprocess
+    import sys
+
+    out, run_dir = tmp_path / "out", tmp_path / "out.train"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN_LOCK, str(run_dir / "lock")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    argv = ["train", "--base", BASE, "--data", DATA, "-o", str(out), "--steps", "2", "--batch-size", "2"]
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert f"error: {run_dir} is in use by another train run (pid {holder.pid})" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lock"] and not out.exists()
+    assert CliRunner().invoke(cli, argv).exit_code == 0  # the holder is gone: the kernel dropped its lock
+    assert (run_dir / "metrics.jsonl").is_file() and out.is_dir()
+
+
+def test_force_starts_the_run_directory_afresh(tmp_path: Path) -> None:
+    out, run_dir = tmp_path / "out", tmp_path / "out.train"
+    common = ["train", "--base", BASE, "--data", DATA, "-o", str(out), "--batch-size", "2", "--save-every", "1"]
+    assert CliRunner().invoke(cli, [*common, "--steps", "2"]).exit_code == 0
+    again = CliRunner().invoke(cli, [*common, "--steps", "1"])
+    assert "already exists" in str(again.exception)
+    assert CliRunner().invoke(cli, [*common, "--steps", "1", "--force"]).exit_code == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1]  # the earlier run's lines went with it
+    assert (run_dir / "lock").is_file()
+
+
 def test_config_file_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"rank": 2, "targets": ["o_proj"], "steps": 1, "lr": 0.5}))

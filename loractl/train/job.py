@@ -1,13 +1,13 @@
 """`train_adapter`: base directory + JSONL files → a trained PEFT-format adapter with lineage.
 
 Everything a user can get wrong (paths, config, data, targets) is checked before the first
-step. Checkpoints and `metrics.jsonl` go to `OUTPUT.train/` beside the adapter.
+step. Checkpoints and `metrics.jsonl` go to `OUTPUT.train/` beside the adapter, one run at a time (`run_lock`).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from .export import adapter_from_model
 from .inject import Injection, inject
 from .loop import TrainResult, train
 from .reporting import check_available, reporters
+from .run_lock import clear_run_dir, run_lock
 from .saved_modules import add_tokens, save_tokenizer, template_tokens
 
 
@@ -95,46 +96,51 @@ def train_adapter(
     eval_options = replace(data_options, split=eval_split)
     eval_set = load_dataset(eval_data, tokenizer, config.max_len, options=eval_options) if eval_data else None
     injection = inject(model, config)
-    if force and resume is None and world.is_main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    distributed.barrier(world)
-    run_config = {"base": str(base), "data": str(data), "eval_data": str(eval_data) if eval_data else None,
-                  **config.to_dict()}  # fmt: skip
-    reports = reporters(report_to, run_dir, run_config) if world.is_main else []
-    try:
-        result = train(
-            model,
-            train_set.examples,
-            config,
-            eval_data=eval_set.examples if eval_set else None,
-            pad_id=tokenizer.pad_token_id or 0,
-            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *reports, *callbacks],
-            checkpoint_dir=run_dir / "checkpoints",
-            resume=Path(resume) if resume else None,
-            world=world,
-        )
-    finally:
-        for report in reports:
-            report.close()
-    summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
-    if result.interrupted or result.finished_before:
-        return summary
-    adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
-    content_hash = None
-    if adapter is not None:
-        meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
-        if (_loaded_differently(config) or resized) and (from_files := _file_fingerprint(base, adapter)) is not None:
-            meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
-        adapter = replace(adapter, meta=meta)
-        adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result, data, data_options))
-        content_hash = adapter.content_hash()
-    if world.is_main and adapter is not None:
-        from ..formats import save_adapter
+    with ExitStack() as held:
+        if world.is_main:  # OUTPUT.train/ is one run's until it ends: a second run into it stops here
+            held.enter_context(run_lock(run_dir))
+            if force and resume is None:
+                clear_run_dir(run_dir)
+        distributed.barrier(world)
+        run_config = {"base": str(base), "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+                      **config.to_dict()}  # fmt: skip
+        reports = reporters(report_to, run_dir, run_config) if world.is_main else []
+        try:
+            result = train(
+                model,
+                train_set.examples,
+                config,
+                eval_data=eval_set.examples if eval_set else None,
+                pad_id=tokenizer.pad_token_id or 0,
+                callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *reports, *callbacks],
+                checkpoint_dir=run_dir / "checkpoints",
+                resume=Path(resume) if resume else None,
+                world=world,
+            )
+        finally:
+            for report in reports:
+                report.close()
+        summary = TrainSummary(None, run_dir, result, injection, len(train_set), train_set.dropped, None)
+        if result.interrupted or result.finished_before:
+            return summary
+        adapter = result.adapter if config.fsdp else adapter_from_model(model)  # FSDP: gathered on rank 0 only
+        content_hash = None
+        if adapter is not None:
+            meta = replace(adapter.meta, base_model=str(base), task_type="CAUSAL_LM")
+            if (_loaded_differently(config) or resized) and (
+                from_files := _file_fingerprint(base, adapter)
+            ) is not None:
+                meta = replace(meta, base_fingerprint=from_files[0], base_views=from_files[1])
+            adapter = replace(adapter, meta=meta)
+            adapter = adapter.with_lineage(_lineage(base, config, train_set, eval_set, result, data, data_options))
+            content_hash = adapter.content_hash()
+        if world.is_main and adapter is not None:
+            from ..formats import save_adapter
 
-        save_adapter(adapter, output, force=force or resume is not None)
-        if resized or config.chat_template:  # the tokenizer the adapter needs, beside it (as PEFT users save it)
-            save_tokenizer(tokenizer, output)
-    distributed.barrier(world)
+            save_adapter(adapter, output, force=force or resume is not None)
+            if resized or config.chat_template:  # the tokenizer the adapter needs, beside it (as PEFT users save it)
+                save_tokenizer(tokenizer, output)
+        distributed.barrier(world)
     return TrainSummary(output, run_dir, result, injection, len(train_set), train_set.dropped, content_hash)
 
 
