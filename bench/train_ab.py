@@ -8,8 +8,9 @@ side injects its own copy of the same random base (bench/random_llama.py, SmolLM
 all-linear), and the rounds alternate the sides (the order flips each round) so a burst of other jobs' load hits
 both alike. Each round runs `train` for two steps per side and keeps the second (the first pays the optimizer's
 creation); the figure is each side's CPU seconds of that step (one thread: the step's own work) and wall seconds,
-medians over rounds, and their ratio. `--cpu-isa` caps oneDNN as bench/train.py's does; `--label-share` and
-`--ragged` give chat-like rows as its options of those names do:
+medians over rounds, and their ratio, and how far apart the two sides' losses came out step for step.
+`--cpu-isa` caps oneDNN as bench/train.py's does; `--label-share` and `--ragged` give chat-like rows as its
+options of those names do:
 
     python bench/train_ab.py --before /tmp/before --layers 30 --seq 256 --label-share 0.33 --ragged --threads 2
 """
@@ -34,22 +35,24 @@ from train import PRESETS, SHAPE, build_model, isa_text, labels, lengths
 
 def side_runner(package: str, model: Any, rows: list[tuple[list[int], list[int]]], args: argparse.Namespace) -> Any:
     """A function running one two-step `train` of `package` on `model` (injected once), returning the second
-    step's (wall, CPU) seconds."""
+    step's (wall, CPU) seconds and both steps' losses."""
     api = import_module(f"{package}.train")
     config = api.TrainConfig(rank=args.rank, alpha=2 * args.rank, targets="all-linear", steps=2,
                              batch_size=args.batch, max_len=args.seq, lr=1e-4)  # fmt: skip
     api.inject(model, config)
     data = [api.Example(tuple(r), tuple(t)) for r, t in rows]
 
-    def run() -> tuple[float, float]:
+    def run() -> tuple[float, float, list[float]]:
         marks: list[tuple[float, float]] = []
+        losses: list[float] = []
 
         class Clock(api.Callback):  # type: ignore[misc,name-defined]
             def on_step(self, metrics: dict[str, float]) -> None:
                 marks.append((time.perf_counter(), time.process_time()))
+                losses.append(metrics["loss"])
 
         api.train(model, data, config, callbacks=[Clock()])
-        return marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
+        return marks[1][0] - marks[0][0], marks[1][1] - marks[0][1], losses
 
     return run
 
@@ -85,9 +88,12 @@ def main() -> None:
     del base
     load = os.getloadavg()[0]
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    losses: dict[str, list[float]] = {name: [] for name in sides}
     for round_ in range(args.rounds):
         for name in sides if round_ % 2 == 0 else reversed(sides):
-            times[name].append(sides[name]())
+            *timed, step_losses = sides[name]()
+            times[name].append((timed[0], timed[1]))
+            losses[name] += step_losses
             wall, cpu = times[name][-1]
             print(f"round {round_ + 1} {name}: {wall:.2f} s wall, {cpu:.2f} CPU s", file=sys.stderr, flush=True)
     shutil.rmtree(scratch)
@@ -106,6 +112,9 @@ def main() -> None:
         f"\nafter / before, CPU s: {med['after'][0] / med['before'][0]:.2f}x of the medians "
         f"(round by round {', '.join(f'{r:.2f}' for r in ratios)}); wall: {med['after'][1] / med['before'][1]:.2f}x"
     )
+    # each side trains its own copy of the base from the same start, round after round: step k is the same step
+    apart = max(abs(a - b) / abs(b) for a, b in zip(losses["after"], losses["before"], strict=True))
+    print(f"losses: {len(losses['after'])} steps a side, at most {apart:.1e} apart (relative)")
 
 
 if __name__ == "__main__":
